@@ -1,0 +1,36 @@
+"""The only exceptions parsers raise: `ParseError` and its subclasses, each with a direction and a reason."""
+
+from __future__ import annotations
+
+from parsers.events import Direction, Reason
+
+
+class ParseError(Exception):
+    """The byte stream cannot be read as the protocol says. The connection's parser is unusable after it."""
+
+    reason: Reason = Reason.MALFORMED
+
+    def __init__(self, message: str, *, direction: Direction, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.direction = direction
+        self.offset = offset  # byte offset into the stream where the problem was seen, when known
+
+    def __str__(self) -> str:
+        where = f" at byte {self.offset}" if self.offset is not None else ""
+        return f"{self.direction.value}: {self.args[0]}{where}"
+
+
+class MalformedMessage(ParseError):
+    reason = Reason.MALFORMED
+
+
+class MessageTooLarge(ParseError):
+    """A limit was crossed (header block, line, frame size). Never a reason to grow a buffer."""
+
+    reason = Reason.TOO_LARGE
+
+
+class ProtocolViolation(ParseError):
+    """Well-formed bytes in an order the state machine does not allow."""
+
+    reason = Reason.MALFORMED
