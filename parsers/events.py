@@ -113,6 +113,8 @@ class GrpcCall:
     authority: str | None = None
     headers: Headers = ()
     stream_id: int | None = None
+    has_body: bool = True  # False when the HEADERS frame carried END_STREAM (no request messages follow)
+    scheme: str | None = None  # :scheme as received
 
 
 # --- DNS ------------------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class KafkaRequest:
     topics_known: bool = True
     size: int = 0  # frame size in bytes, without the 4-byte length prefix
     raw: bytes = field(default=b"", repr=False, compare=False)  # the whole frame, length prefix included
+    expects_response: bool = True  # False only for Produce with acks=0: the broker never answers it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,610 @@
+"""Membrane's L7 proxy against its baselines, in one run: what `make bench` runs.
+
+Rows: HTTP/1.1 keep-alive throughput and latency (wrk), added latency at one connection (wrk -c1) and at a fixed
+1,000 req/s, memory per idle proxied connection, HTTP/2 and gRPC (h2load), DNS at 1,000 q/s and at saturation
+(dnsperf), Kafka produce MB/s. Each proxied run sits between two runs of the direct baseline and its ratio is
+taken against their mean, so drift on a shared machine hits both sides. Everything listens on 127.0.0.1, every
+process is stopped on the way out (also on Ctrl-C), and nothing is a pass/fail assertion: it prints numbers.
+
+    .venv/bin/python bench/run_all.py [--quick] [--only 'http1/*'] [--duration 10] [--rounds 1]
+
+Prints a table per section with the command behind each row; writes bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fnmatch
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dns_bench
+import http_bench
+import kafka_bench
+import peers
+from http_bench import Result
+from peers import PORTS, Proc, Stack, Unavailable
+
+RESULTS_DIR = peers.BENCH_DIR / "results"
+CORES = os.cpu_count() or 1
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    duration_s: float  # wrk/h2load/dnsperf throughput runs
+    latency_s: float  # wrk -c1 and the fixed-rate runs
+    connections: int
+    rate: int  # fixed-rate HTTP requests per second
+    dns_qps: int
+    idle_conns: int
+    rounds: int
+    workers: int  # "one per core" row
+    warmup_s: float
+    only: tuple[str, ...]
+
+    def wants(self, row_id: str) -> bool:
+        return not self.only or any(fnmatch.fnmatch(row_id, pat) or row_id.startswith(pat) for pat in self.only)
+
+
+# --- rows --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table: a target measured in a section, or why it could not be."""
+
+    id: str
+    section: str
+    target: str
+    status: str = "ok"  # ok | not available | error
+    values: dict[str, float] = field(default_factory=dict)
+    derived: dict[str, float] = field(default_factory=dict)  # ratios and added latencies
+    runs: list[dict[str, float]] = field(default_factory=list)
+    command: str = ""
+    proxy_command: str = ""
+    reproduce: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str  # in values or derived
+    fmt: str  # "rate", "us", "ratio", "int", "kib", "mbs", "added"
+
+
+@dataclass(frozen=True)
+class Section:
+    id: str
+    title: str
+    columns: tuple[Column, ...]
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    match fmt:
+        case "rate":
+            return f"{value:,.0f}"
+        case "us":
+            return f"{value:,.0f} us" if value < 10_000 else f"{value / 1000:,.1f} ms"
+        case "added":
+            return f"{value:+,.0f} us" if abs(value) < 10_000 else f"{value / 1000:+,.1f} ms"
+        case "ratio":
+            return f"{value:.3f}x" if value < 0.1 else f"{value:.2f}x"
+        case "int":
+            return f"{value:,.0f}"
+        case "kib":
+            return f"{value:,.1f} KiB"
+        case "mbs":
+            return f"{value:,.1f} MB/s"
+        case _:
+            return str(value)
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    """A note as one table cell: whitespace collapsed, long tracebacks cut to their end."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else "..." + flat[-limit:]
+
+
+def print_section(section: Section, rows: list[Row]) -> None:
+    headers = ["target", *(c.header for c in section.columns), "note"]
+    table: list[list[str]] = []
+    for row in rows:
+        if row.status != "ok":
+            table.append([row.target, *("-" for _ in section.columns), f"{row.status.upper()}: {one_line(row.note)}"])
+            continue
+        cells = [_fmt(row.values.get(c.key, row.derived.get(c.key)), c.fmt) for c in section.columns]
+        table.append([row.target, *cells, one_line(row.note)])
+    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(headers)]
+    print(f"\n## {section.title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in table:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    print("commands:")
+    for row in rows:
+        if row.status == "ok":
+            print(f"  [{row.id}] load:  {row.command}")
+            if row.proxy_command:
+                print(f"  [{row.id}] proxy: {row.proxy_command}")
+        print(f"  [{row.id}] again: {row.reproduce}")
+    sys.stdout.flush()
+
+
+# --- targets: lazily started proxies -----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Something a load generator can be pointed at: a port, and the process behind it (None = direct)."""
+
+    name: str
+    start: Callable[[Stack], tuple[int, Proc | None]]
+    port: int = 0
+    proc: Proc | None = None
+    failure: tuple[str, str] | None = None  # (status, reason) once starting failed
+    started: bool = False
+
+    def ensure(self, stack: Stack) -> int:
+        if self.failure:
+            raise _TargetFailed(*self.failure)
+        if not self.started:
+            try:
+                self.port, self.proc = self.start(stack)
+            except Unavailable as exc:
+                self.failure = ("not available", str(exc))
+                raise _TargetFailed(*self.failure) from exc
+            except Exception as exc:
+                self.failure = ("error", f"could not start: {exc}")
+                raise _TargetFailed(*self.failure) from exc
+            self.started = True
+        return self.port
+
+    @property
+    def proxy_command(self) -> str:
+        return self.proc.command if self.proc else ""
+
+
+class _TargetFailed(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _fixed(port: int) -> Callable[[Stack], tuple[int, Proc | None]]:
+    return lambda stack: (port, None)
+
+
+def _membrane(upstream: str, dst: str, *, workers: int, src: str = "bench/client",
+              udp: bool = False) -> Callable[[Stack], tuple[int, Proc | None]]:
+    def start(stack: Stack) -> tuple[int, Proc | None]:
+        port = peers.free_port()
+        proc = peers.start_membrane(stack, listen_port=port, upstream_port=PORTS[upstream], dst=dst, src=src,
+                                    workers=workers, udp=udp)
+        return port, proc
+    return start
+
+
+def _peer(starter: Callable[[Stack, int, int], Proc], upstream: str) -> Callable[[Stack], tuple[int, Proc | None]]:
+    def start(stack: Stack) -> tuple[int, Proc | None]:
+        port = peers.free_port()
+        return port, starter(stack, port, PORTS[upstream])
+    return start
+
+
+# --- the interleaved runner --------------------------------------------------------------------------------------
+
+
+def _median_values(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = runs[0].keys() if runs else []
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+def interleaved(cfg: Config, stack: Stack, section: str, direct: Target, targets: list[Target],
+                measure: Callable[[int], Result], *, compare: Callable[[Result, list[Result]], dict[str, float]],
+                warmup: Callable[[int], object] | None = None, check: Callable[[int], str] | None = None,
+                ) -> list[Row]:
+    """direct, t1, direct, t2, direct, ... (per round); compare() derives ratios from a run and its neighbours."""
+    ids = {t.name: f"{section}/{t.name}" for t in [direct, *targets]}
+    wanted = [t for t in targets if cfg.wants(ids[t.name])]
+    rows = {t.name: Row(id=ids[t.name], section=section, target=t.name,
+                        reproduce=f".venv/bin/python bench/run_all.py --only {ids[t.name]}") for t in [direct, *wanted]}
+    if not wanted and not cfg.wants(ids[direct.name]):
+        return []
+    try:
+        direct_port = direct.ensure(stack)
+    except _TargetFailed as exc:
+        for row in rows.values():
+            row.status, row.note = exc.status, f"direct baseline unavailable: {exc.reason}"
+        return list(rows.values())
+    if warmup:
+        warmup(direct_port)
+    notes: dict[str, set[str]] = {name: set() for name in rows}
+    direct_runs: list[Result] = []
+    per_target: dict[str, list[Result]] = {t.name: [] for t in wanted}
+    derived_runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in wanted}
+
+    def run(target: Target, port: int) -> Result | None:
+        try:
+            res = measure(port)
+        except Exception as exc:
+            rows[target.name].status, rows[target.name].note = "error", f"{type(exc).__name__}: {exc}"
+            return None
+        if res.note:
+            notes[target.name].add(res.note)
+        rows[target.name].command = res.command
+        return res
+
+    first = run(direct, direct_port)
+    if first is None:
+        for row in rows.values():
+            row.status = row.status if row.id == ids[direct.name] else "error"
+            row.note = row.note or "direct baseline failed"
+        return list(rows.values())
+    direct_runs.append(first)
+    for _ in range(cfg.rounds):
+        for target in wanted:
+            row = rows[target.name]
+            if row.status != "ok":
+                continue
+            try:
+                port = target.ensure(stack)
+            except _TargetFailed as exc:
+                row.status, row.note = exc.status, exc.reason
+                continue
+            row.proxy_command = _display_proxy(target.proxy_command, stack)
+            if check and (problem := check(port)):
+                notes[target.name].add(problem)
+            if warmup:
+                warmup(port)
+            before = direct_runs[-1]
+            res = run(target, port)
+            after = run(direct, direct_port)
+            if after is not None:
+                direct_runs.append(after)
+            if res is None:
+                continue
+            per_target[target.name].append(res)
+            derived_runs[target.name].append(compare(res, [before, after] if after else [before]))
+    rows[direct.name].values = _median_values([r.values for r in direct_runs])
+    rows[direct.name].runs = [r.values for r in direct_runs]
+    for target in wanted:
+        row = rows[target.name]
+        if per_target[target.name]:
+            row.values = _median_values([r.values for r in per_target[target.name]])
+            row.runs = [r.values for r in per_target[target.name]]
+            row.derived = _median_values(derived_runs[target.name])
+    for name, row in rows.items():
+        if notes[name] and row.status == "ok":
+            row.note = "; ".join(sorted(notes[name]))
+    return list(rows.values())
+
+
+def _display_proxy(command: str, stack: Stack) -> str:
+    return command.replace(str(stack.workdir), "bench/results/run").replace(str(peers.REPO_DIR) + "/", "")
+
+
+def ratio_of(key: str, *, higher_is_better: bool = True) -> Callable[[Result, list[Result]], dict[str, float]]:
+    def compare(res: Result, neighbours: list[Result]) -> dict[str, float]:
+        base = statistics.mean(n.values[key] for n in neighbours)
+        return {"x_direct": res.values[key] / base if base else float("nan")}
+    return compare
+
+
+def added(*keys: str) -> Callable[[Result, list[Result]], dict[str, float]]:
+    def compare(res: Result, neighbours: list[Result]) -> dict[str, float]:
+        return {f"added_{k}": res.values[k] - statistics.mean(n.values[k] for n in neighbours) for k in keys}
+    return compare
+
+
+def add_vs_haproxy(rows: list[Row]) -> None:
+    """Membrane / HAProxy, as the ratio of their ratios to direct (each against its own neighbouring baseline)."""
+    haproxy = next((r for r in rows if r.target == "haproxy" and r.status == "ok"), None)
+    if not haproxy or not haproxy.derived.get("x_direct"):
+        return
+    for row in rows:
+        if row.target.startswith("membrane") and row.status == "ok" and "x_direct" in row.derived:
+            row.derived["x_haproxy"] = row.derived["x_direct"] / haproxy.derived["x_direct"]
+
+
+# --- sections ----------------------------------------------------------------------------------------------------
+
+THROUGHPUT_COLS = (Column("req/s", "req_s", "rate"), Column("p50", "p50_us", "us"), Column("p99", "p99_us", "us"),
+                   Column("vs direct", "x_direct", "ratio"), Column("Membrane/HAProxy", "x_haproxy", "ratio"))
+
+
+def http_targets(cfg: Config) -> tuple[Target, list[Target]]:
+    direct = Target("direct", _fixed(PORTS["http"]))
+    return direct, [
+        Target("membrane-1w", _membrane("http", "bench/backend", workers=1)),
+        Target(f"membrane-{cfg.workers}w", _membrane("http", "bench/backend", workers=cfg.workers)),
+        Target("haproxy", _peer(peers.start_haproxy, "http")),
+        Target("mitmproxy", _peer(peers.start_mitm, "http")),
+    ]
+
+
+def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> None:
+    direct, targets = http_targets(cfg)
+    warm = (lambda port: http_bench.wrk(port, connections=cfg.connections, duration_s=cfg.warmup_s)) \
+        if cfg.warmup_s else None
+    dur = cfg.duration_s
+
+    sec = Section("http1", f"HTTP/1.1 keep-alive throughput: wrk -t1 -c{cfg.connections} -d{dur:g}s, GET /api/bench "
+                  "(nginx returns 200 'ok'; every proxy enforces allow GET /api...)", THROUGHPUT_COLS)
+    rows = interleaved(cfg, stack, sec.id, direct, targets,
+                       lambda port: http_bench.wrk(port, connections=cfg.connections, duration_s=dur),
+                       compare=ratio_of("req_s"), warmup=warm, check=http_bench.acl_check)
+    add_vs_haproxy(rows)
+    _emit(out, sec, rows)
+
+    sec = Section("http1-c1", f"HTTP/1.1 latency at one connection: wrk -t1 -c1 -d{cfg.latency_s:g}s",
+                  (Column("req/s", "req_s", "rate"), Column("p50", "p50_us", "us"), Column("p99", "p99_us", "us"),
+                   Column("added p50", "added_p50_us", "added"), Column("added p99", "added_p99_us", "added")))
+    rows = interleaved(cfg, stack, sec.id, direct, targets,
+                       lambda port: http_bench.wrk(port, connections=1, duration_s=cfg.latency_s),
+                       compare=added("p50_us", "p99_us"))
+    _emit(out, sec, rows)
+
+    sec = Section("http1-rate", f"HTTP/1.1 latency at a fixed {cfg.rate:,} req/s for {cfg.latency_s:g}s "
+                  "(open-loop Python generator over 16 keep-alive connections; see bench/http_bench.py)",
+                  (Column("p50", "p50_us", "us"), Column("p99", "p99_us", "us"), Column("p99.9", "p999_us", "us"),
+                   Column("added p99", "added_p99_us", "added"), Column("unanswered", "lost", "int")))
+    no_mitm = [t for t in targets if t.name != "mitmproxy"]  # it cannot sustain the rate (~0.01x of direct)
+    rows = interleaved(cfg, stack, sec.id, direct, no_mitm,
+                       lambda port: http_bench.fixed_rate(port, rate=cfg.rate, duration_s=cfg.latency_s),
+                       compare=added("p50_us", "p99_us"))
+    _emit(out, sec, rows)
+
+    sec = Section("http1-memory", f"Memory per idle proxied connection pair: {cfg.idle_conns:,} keep-alive "
+                  "connections, one request each, then idle; VmRSS of the proxy's process tree before/after",
+                  (Column("connections", "connections", "int"), Column("RSS before", "rss_before_kib", "kib"),
+                   Column("RSS after", "rss_after_kib", "kib"), Column("per connection", "kib_per_conn", "kib")))
+    rows = []
+    for target in targets:
+        row_id = f"{sec.id}/{target.name}"
+        if not cfg.wants(row_id):
+            continue
+        row = Row(id=row_id, section=sec.id, target=target.name,
+                  reproduce=f".venv/bin/python bench/run_all.py --only {row_id}")
+        try:
+            port = target.ensure(stack)
+            assert target.proc is not None
+            count = min(cfg.idle_conns, 200) if target.name == "mitmproxy" else cfg.idle_conns
+            res = http_bench.idle_memory(target.proc.pid, port, count=count)
+            row.values, row.command = res.values, res.command.replace("PID", str(target.proc.pid))
+            row.proxy_command = _display_proxy(target.proxy_command, stack)
+            if target.name == "haproxy":
+                row.note = "HAProxy frees idle buffers and may pool server connections"
+        except _TargetFailed as exc:
+            row.status, row.note = exc.status, exc.reason
+        except Exception as exc:
+            row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    _emit(out, sec, rows)
+
+
+def run_h2(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> None:
+    cols = (Column("req/s", "req_s", "rate"), Column("mean", "mean_us", "us"), Column("max", "max_us", "us"),
+            Column("vs direct", "x_direct", "ratio"))
+    for sid, upstream, path, grpc, label in (
+        ("http2", "h2", http_bench.BENCH_PATH, False, "HTTP/2 (h2c): GET /api/bench"),
+        ("grpc", "grpc", "/bench.Echo/Call", True, "gRPC-shaped unary call: POST /bench.Echo/Call, application/grpc"),
+    ):
+        direct = Target("direct", _fixed(PORTS[upstream]))
+        targets = [Target("membrane-1w", _membrane(upstream, "bench/backend", workers=1)),
+                   Target(f"membrane-{cfg.workers}w", _membrane(upstream, "bench/backend", workers=cfg.workers))]
+        sec = Section(sid, f"{label}: h2load -c10 -m10 -D{cfg.duration_s:g} (10 connections x 10 streams)", cols)
+
+        def measure(port: int, path: str = path, grpc: bool = grpc) -> Result:
+            return http_bench.h2load(port, path=path, grpc=grpc, duration_s=cfg.duration_s)
+
+        def warm(port: int, path: str = path, grpc: bool = grpc) -> Result:
+            return http_bench.h2load(port, path=path, grpc=grpc, duration_s=cfg.warmup_s)
+
+        rows = interleaved(cfg, stack, sec.id, direct, targets, measure, compare=ratio_of("req_s"),
+                           warmup=warm if cfg.warmup_s else None)
+        _emit(out, sec, rows)
+
+
+def run_dns(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> None:
+    direct = Target("direct", lambda s: (PORTS["dns"], peers.start_nsd(s)))
+    targets = [
+        Target("membrane-1w", _membrane("dns", "bench/dns", src="bench/dns-client", workers=1, udp=True)),
+        Target(f"membrane-{cfg.workers}w", _membrane("dns", "bench/dns", src="bench/dns-client", workers=cfg.workers,
+                                                     udp=True)),
+        Target("dnsdist", _peer(peers.start_dnsdist, "dns")),
+    ]
+    sec = Section("dns-rate", f"DNS over UDP at a fixed {cfg.dns_qps:,} q/s for {cfg.latency_s:g}s: dnsperf -Q "
+                  f"(nsd authoritative for bench.test; proxies allow *.bench.test)",
+                  (Column("q/s", "qps", "rate"), Column("lost", "lost", "int"), Column("p50", "p50_us", "us"),
+                   Column("p99", "p99_us", "us"), Column("added p99", "added_p99_us", "added")))
+    rows = interleaved(cfg, stack, sec.id, direct, targets,
+                       lambda port: dns_bench.fixed_qps(port, qps=cfg.dns_qps, duration_s=cfg.latency_s),
+                       compare=added("p50_us", "p99_us"), check=dns_bench.rule_check)
+    _emit(out, sec, rows)
+    sec = Section("dns-max", f"DNS over UDP at saturation: dnsperf -c4 -q100 -l{cfg.duration_s:g}",
+                  (Column("q/s", "qps", "rate"), Column("lost", "lost", "int"), Column("mean", "mean_us", "us"),
+                   Column("vs direct", "x_direct", "ratio")))
+    rows = interleaved(cfg, stack, sec.id, direct, targets,
+                       lambda port: dns_bench.saturation(port, duration_s=cfg.duration_s),
+                       compare=ratio_of("qps"))
+    _emit(out, sec, rows)
+
+
+def run_kafka(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> None:
+    def direct_start(stack: Stack) -> tuple[int, Proc | None]:
+        kafka_bench.require_broker()
+        return PORTS["kafka"], None
+
+    direct = Target("direct", direct_start)
+    targets = [Target("membrane-1w", _membrane("kafka", "bench/kafka", workers=1)),
+               Target(f"membrane-{cfg.workers}w", _membrane("kafka", "bench/kafka", workers=cfg.workers))]
+    sec = Section("kafka", f"Kafka produce: kafka-python, {kafka_bench.MESSAGE_BYTES} B messages to topic 'bench', "
+                  f"acks=1, {cfg.duration_s:g}s (the test suite's Kafka-protocol broker, restarted per run)",
+                  (Column("MB/s", "mb_s", "mbs"), Column("msgs/s", "msgs_s", "rate"),
+                   Column("vs direct", "x_direct", "ratio")))
+    rows = interleaved(cfg, stack, sec.id, direct, targets,
+                       lambda port: kafka_bench.produce(port, duration_s=cfg.duration_s), compare=ratio_of("mb_s"))
+    _emit(out, sec, rows)
+
+
+def _emit(out: list[tuple[Section, list[Row]]], section: Section, rows: list[Row]) -> None:
+    if rows:
+        out.append((section, rows))
+        print_section(section, rows)
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+SECTIONS: dict[str, Callable[[Config, Stack, list[tuple[Section, list[Row]]]], None]] = {
+    "http1": run_http1, "h2": run_h2, "dns": run_dns, "kafka": run_kafka,
+}
+SECTION_PREFIXES = {"http1": ("http1",), "h2": ("http2", "grpc"), "dns": ("dns",), "kafka": ("kafka",)}
+
+
+def section_wanted(prefixes: tuple[str, ...], only: tuple[str, ...]) -> bool:
+    """Whether any --only pattern can select a row of a section whose row ids start with one of prefixes."""
+    if not only:
+        return True
+    heads = [pat.split("/")[0] for pat in only]
+    return any(fnmatch.fnmatch(pre, head) or pre.startswith(head) or head.startswith(pre)
+               for head in heads for pre in prefixes)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so `finally` blocks stop every peer."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="self-check: about 1 s per row")
+    p.add_argument("--duration", type=float, help="seconds per throughput run (default 10; --quick 1)")
+    p.add_argument("--latency-duration", type=float, help="seconds per latency run (default 5; --quick 1)")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument("--rate", type=int, default=1000, help="fixed HTTP request rate (default 1000/s)")
+    p.add_argument("--dns-qps", type=int, default=1000, help="fixed DNS query rate (default 1000/s)")
+    p.add_argument("--idle-conns", type=int, help="idle connections for the memory rows (default 1000; --quick 200)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat each interleaved sequence; medians are reported")
+    p.add_argument("--workers", type=int, default=CORES, help=f"the 'one per core' Membrane row (default {CORES})")
+    p.add_argument("--only", action="append", default=[],
+                   help="row id glob or prefix, e.g. 'http1/*', 'dns', 'http1-c1/haproxy' (repeatable)")
+    p.add_argument("--json", type=Path, default=RESULTS_DIR / "latest.json", help="where to write the results")
+    a = p.parse_args(argv)
+    return Config(
+        quick=a.quick,
+        duration_s=a.duration or (1.0 if a.quick else 10.0),
+        latency_s=a.latency_duration or (1.0 if a.quick else 5.0),
+        connections=a.connections, rate=a.rate, dns_qps=a.dns_qps,
+        idle_conns=a.idle_conns or (200 if a.quick else 1000),
+        rounds=max(1, a.rounds), workers=a.workers,
+        warmup_s=0.0 if a.quick else 1.0,
+        only=tuple(a.only),
+    ), a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, json_path = parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    started = dt.datetime.now(dt.UTC)
+    print(f"# Membrane bench, {started:%Y-%m-%d %H:%M} UTC, {CORES} cores shared by load generators, servers and "
+          f"proxies; {platform.platform()}")
+    try:
+        membrane = "available"
+        peers.membrane_gateway_help()
+    except Unavailable as exc:
+        membrane = f"not available: {exc}"
+    print(f"# membrane gateway: {membrane}")
+    out: list[tuple[Section, list[Row]]] = []
+    status = 0
+    with _terminate_as_interrupt(), Stack() as stack:
+        try:
+            nginx: Proc | None = None
+            for name, runner in SECTIONS.items():
+                if not section_wanted(SECTION_PREFIXES[name], cfg.only):
+                    continue
+                if name in ("http1", "h2") and nginx is None:
+                    try:
+                        nginx = peers.start_nginx(stack)
+                    except (Unavailable, RuntimeError) as exc:
+                        print(f"\n## {name}: backend unavailable: {exc}")
+                        status = 1
+                        continue
+                try:
+                    runner(cfg, stack, out)
+                except KeyboardInterrupt:
+                    raise
+                except Exception:
+                    status = 1
+                    print(f"\n## {name}: harness error\n{traceback.format_exc()}")
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping peers", file=sys.stderr)
+            status = 130
+        finally:
+            _keep_configs(stack)
+    _write_json(json_path, cfg, started, out)
+    print(f"\nresults: {json_path}")
+    return status
+
+
+def _keep_configs(stack: Stack) -> None:
+    """Copies the rendered peer configs to bench/results/run/ so that the printed proxy commands can be re-run."""
+    dest = RESULTS_DIR / "run"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in stack.workdir.iterdir():
+        if path.is_file() and path.suffix in (".conf", ".cfg"):
+            shutil.copy2(path, dest / path.name)
+            text = (dest / path.name).read_text().replace(str(stack.workdir), str(dest))
+            (dest / path.name).write_text(text)
+
+
+def _write_json(path: Path, cfg: Config, started: dt.datetime, out: list[tuple[Section, list[Row]]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": {"cores": CORES, "platform": platform.platform()},
+        "config": {k: v for k, v in asdict(cfg).items()},
+        "sections": [{"id": s.id, "title": s.title, "rows": [asdict(r) for r in rows]} for s, rows in out],
+    }
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    code = main()
+    print(f"# done in {time.monotonic() - t0:.0f} s")
+    sys.exit(code)

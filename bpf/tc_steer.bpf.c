@@ -1,0 +1,498 @@
+/* Membrane tc steering: L3/L4 policy, stateful conntrack and redirection to the transparent proxy.
+ *
+ * Theory of operation
+ * -------------------
+ * Attached at tc ingress (clsact, direct-action) on the host side of every pod veth, and optionally
+ * on a node device. Every packet that comes FROM a pod is judged here, for both the source pod's
+ * egress policy and (when the destination is a local endpoint) the destination pod's ingress policy:
+ * bpf_sk_assign only works on ingress, so we never use the egress hook.
+ *
+ *   1. Parse IPv4/IPv6 + TCP/UDP. Anything else (ARP, ICMP, extension headers, fragments) passes.
+ *   2. Conntrack, keyed by the originator's 5-tuple:
+ *        hit in the forward direction  -> the flow was allowed before: PASS, or steer to the proxy;
+ *        hit in the reverse direction  -> a reply: PASS, or deliver to the proxy's upstream socket.
+ *   3. A new flow whose exact tuple already has a local (host netns) socket is a proxy upstream
+ *      connection's reply (the proxy may use its own source port): mark + assign it.
+ *   4. Otherwise evaluate policy: the source endpoint's egress map, then the destination endpoint's
+ *      ingress map. Each lookup tries, first match wins:
+ *        (id, port, proto) (id, 0, proto) (id, 0, ANY) (ANY, port, proto) (ANY, 0, proto) (ANY, 0, ANY)
+ *      no match -> DROP when that direction is enforced; unenforced direction -> PASS.
+ *      DROP wins over REDIRECT wins over PASS; the egress redirect's proxy port wins.
+ *   5. Redirect (TCP): look the tuple up; a non-listening socket -> assign it; the proxy's own listener
+ *      (a handshake ACK maps to its listener through the request socket) -> mark only, never assign
+ *      (assigning the listener again makes the kernel answer with RST); nothing -> assign the proxy's
+ *      listener (found by the packet's daddr and the proxy port). UDP forward packets always go to the
+ *      proxy's listener; UDP replies go to the connected upstream socket of that tuple.
+ *      Every steered packet carries MBR_MARK so that the fwmark rule routes it locally.
+ *
+ * Policy entries live in two generations (key.gen); the active one is read once per packet from the
+ * config map, so a whole-policy swap is one atomic write (see bpf/maps.py).
+ * Compile-time knobs: -DMBR_CT_SIZE, -DMBR_POLICY_SIZE, -DMBR_IPCACHE_SIZE, -DMBR_EP_SIZE,
+ * -DMBR_WORLD_ID, -DMBR_RINGBUF_PAGES.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#ifndef MBR_CT_SIZE
+#define MBR_CT_SIZE 65536
+#endif
+#ifndef MBR_POLICY_SIZE
+#define MBR_POLICY_SIZE 16384
+#endif
+#ifndef MBR_IPCACHE_SIZE
+#define MBR_IPCACHE_SIZE 16384
+#endif
+#ifndef MBR_EP_SIZE
+#define MBR_EP_SIZE 1024
+#endif
+#ifndef MBR_WORLD_ID
+#define MBR_WORLD_ID 2
+#endif
+#ifndef MBR_RINGBUF_PAGES
+#define MBR_RINGBUF_PAGES 16
+#endif
+
+#define VERDICT_NONE 0
+#define VERDICT_PASS 1
+#define VERDICT_DROP 2
+#define VERDICT_REDIRECT 3
+
+#define ENFORCE_INGRESS 1
+#define ENFORCE_EGRESS 2
+
+#define REASON_EGRESS_DENIED 1
+#define REASON_INGRESS_DENIED 2
+#define REASON_PROXY_UNAVAILABLE 3
+#define REASON_MAX 8
+
+#define CFG_MARK 0
+#define CFG_GEN 1
+#define CFG_TCP4_PORT 2
+#define CFG_TCP6_PORT 3
+#define CFG_UDP4_PORT 4
+#define CFG_UDP6_PORT 5
+#define CFG_MAX 8
+
+#define TCP_LISTEN_STATE 10
+
+struct ipc4_key {
+    u32 prefixlen;
+    u32 addr;
+};
+struct ipc6_key {
+    u32 prefixlen;
+    u8 addr[16];
+};
+struct ipc_val {
+    u32 identity;
+    u32 ifindex;   /* host-side ifindex of a local endpoint, 0 = not local */
+};
+struct ep_val {
+    u32 ep_id;
+    u32 identity;
+    u32 flags;     /* ENFORCE_INGRESS | ENFORCE_EGRESS; 0 = no policy selects it: allow all */
+};
+struct pol_key {
+    u32 ep_id;
+    u32 identity;  /* 0 = any identity */
+    u16 dport;     /* host order, 0 = any port */
+    u8 proto;      /* IPPROTO_TCP/UDP, 0 = any */
+    u8 gen;        /* policy generation 0/1 */
+};
+struct pol_val {
+    u16 proxy_port; /* host order; 0 = the configured default listener */
+    u8 verdict;
+    u8 pad;
+};
+struct ct_key {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;     /* network order */
+    u16 dport;
+    u8 proto;
+    u8 family;
+    u16 pad;
+};
+struct ct_val {
+    u64 created_ns;
+    u32 src_id;
+    u32 dst_id;
+    u16 proxy_port;
+    u8 verdict;
+    u8 pad;
+    u32 pad2;
+};
+struct drop_event {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;     /* host order */
+    u16 dport;
+    u8 proto;
+    u8 family;
+    u8 reason;
+    u8 pad;
+    u32 src_id;
+    u32 dst_id;
+    u32 ifindex;
+};
+
+BPF_LPM_TRIE(mbr_ipc4, struct ipc4_key, struct ipc_val, MBR_IPCACHE_SIZE);
+BPF_LPM_TRIE(mbr_ipc6, struct ipc6_key, struct ipc_val, MBR_IPCACHE_SIZE);
+BPF_HASH(mbr_endpoints, u32, struct ep_val, MBR_EP_SIZE);
+BPF_HASH(mbr_pol_egr, struct pol_key, struct pol_val, MBR_POLICY_SIZE);
+BPF_HASH(mbr_pol_ing, struct pol_key, struct pol_val, MBR_POLICY_SIZE);
+BPF_TABLE("lru_hash", struct ct_key, struct ct_val, mbr_ct, MBR_CT_SIZE);
+BPF_PERCPU_ARRAY(mbr_drops, u64, REASON_MAX);
+BPF_ARRAY(mbr_config, u32, CFG_MAX);
+BPF_RINGBUF_OUTPUT(mbr_events, MBR_RINGBUF_PAGES);
+
+struct pkt {
+    struct ct_key key;        /* as seen on the wire: saddr/sport = sender */
+    struct bpf_sock_tuple tuple;
+    u8 tcp_flags;
+};
+
+static __always_inline u32 cfg(u32 idx)
+{
+    u32 *v = mbr_config.lookup(&idx);
+    return v ? *v : 0;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+    u32 l4off;
+    __builtin_memset(p, 0, sizeof(*p));
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+            return -1;
+        if (ip.frag_off & bpf_htons(0x1fff))  /* non-first fragment: no L4 header */
+            return -1;
+        if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+            return -1;
+        p->key.family = 4;
+        p->key.proto = ip.protocol;
+        __builtin_memcpy(p->key.saddr, &ip.saddr, 4);
+        __builtin_memcpy(p->key.daddr, &ip.daddr, 4);
+        p->tuple.ipv4.saddr = ip.saddr;
+        p->tuple.ipv4.daddr = ip.daddr;
+        l4off = ETH_HLEN + ip.ihl * 4;
+    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+            return -1;
+        if (ip6.nexthdr != IPPROTO_TCP && ip6.nexthdr != IPPROTO_UDP)
+            return -1;  /* extension headers and ICMPv6 (neighbour discovery) pass */
+        p->key.family = 6;
+        p->key.proto = ip6.nexthdr;
+        __builtin_memcpy(p->key.saddr, &ip6.saddr, 16);
+        __builtin_memcpy(p->key.daddr, &ip6.daddr, 16);
+        __builtin_memcpy(p->tuple.ipv6.saddr, &ip6.saddr, 16);
+        __builtin_memcpy(p->tuple.ipv6.daddr, &ip6.daddr, 16);
+        l4off = ETH_HLEN + sizeof(ip6);
+    } else {
+        return -1;
+    }
+    u16 ports[2];
+    if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) < 0)
+        return -1;
+    p->key.sport = ports[0];
+    p->key.dport = ports[1];
+    if (p->key.family == 4) {
+        p->tuple.ipv4.sport = ports[0];
+        p->tuple.ipv4.dport = ports[1];
+    } else {
+        p->tuple.ipv6.sport = ports[0];
+        p->tuple.ipv6.dport = ports[1];
+    }
+    if (p->key.proto == IPPROTO_TCP) {
+        u8 flags;
+        if (bpf_skb_load_bytes(skb, l4off + 13, &flags, 1) < 0)
+            return -1;
+        p->tcp_flags = flags;
+    }
+    return 0;
+}
+
+static __always_inline void reverse_key(const struct ct_key *k, struct ct_key *r)
+{
+    __builtin_memcpy(r->saddr, k->daddr, 16);
+    __builtin_memcpy(r->daddr, k->saddr, 16);
+    r->sport = k->dport;
+    r->dport = k->sport;
+    r->proto = k->proto;
+    r->family = k->family;
+    r->pad = 0;
+}
+
+static __always_inline struct ipc_val *ipcache(const struct ct_key *k, int dst)
+{
+    const u8 *a = dst ? k->daddr : k->saddr;
+    if (k->family == 4) {
+        struct ipc4_key key = {.prefixlen = 32};
+        __builtin_memcpy(&key.addr, a, 4);
+        return mbr_ipc4.lookup(&key);
+    }
+    struct ipc6_key key6 = {.prefixlen = 128};
+    __builtin_memcpy(key6.addr, a, 16);
+    return mbr_ipc6.lookup(&key6);
+}
+
+static __always_inline struct pol_val *pol_get(struct pol_key *k, int egress)
+{
+    if (egress)
+        return mbr_pol_egr.lookup(k);
+    return mbr_pol_ing.lookup(k);
+}
+
+/* First match wins: (id,port,proto) (id,0,proto) (id,0,0) (0,port,proto) (0,0,proto) (0,0,0). */
+static __always_inline struct pol_val *policy_lookup(u32 ep_id, u32 identity, u16 dport,
+                                                      u8 proto, u8 gen, int egress)
+{
+    struct pol_key k = {.ep_id = ep_id, .identity = identity, .dport = dport, .proto = proto, .gen = gen};
+    struct pol_val *v;
+#define TRY(ID, PORT, PROTO)                                                              \
+    k.identity = ID;                                                                      \
+    k.dport = PORT;                                                                       \
+    k.proto = PROTO;                                                                      \
+    v = pol_get(&k, egress);                                                              \
+    if (v)                                                                                \
+        return v;
+    TRY(identity, dport, proto)
+    TRY(identity, 0, proto)
+    TRY(identity, 0, 0)
+    TRY(0, dport, proto)
+    TRY(0, 0, proto)
+    TRY(0, 0, 0)
+#undef TRY
+    return NULL;
+}
+
+static __always_inline void count_drop(u32 reason)
+{
+    u64 *c = mbr_drops.lookup(&reason);
+    if (c)
+        *c += 1;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, const struct pkt *p, u32 reason, u32 src_id,
+                                u32 dst_id)
+{
+    count_drop(reason);
+    struct drop_event *e = mbr_events.ringbuf_reserve(sizeof(struct drop_event));
+    if (e) {
+        __builtin_memcpy(e->saddr, p->key.saddr, 16);
+        __builtin_memcpy(e->daddr, p->key.daddr, 16);
+        e->sport = bpf_ntohs(p->key.sport);
+        e->dport = bpf_ntohs(p->key.dport);
+        e->proto = p->key.proto;
+        e->family = p->key.family;
+        e->reason = reason;
+        e->pad = 0;
+        e->src_id = src_id;
+        e->dst_id = dst_id;
+        e->ifindex = skb->ifindex;
+        mbr_events.ringbuf_submit(e, 0);
+    }
+    return TC_ACT_SHOT;
+}
+
+/* The helpers need a constant tuple size, so every lookup branches on the family. */
+static __always_inline struct bpf_sock *sk_tcp(struct __sk_buff *skb, struct bpf_sock_tuple *t, u8 family)
+{
+    if (family == 4)
+        return bpf_sk_lookup_tcp(skb, t, sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
+    return bpf_sk_lookup_tcp(skb, t, sizeof(t->ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
+static __always_inline struct bpf_sock *sk_udp(struct __sk_buff *skb, struct bpf_sock_tuple *t, u8 family)
+{
+    if (family == 4)
+        return bpf_sk_lookup_udp(skb, t, sizeof(t->ipv4), BPF_F_CURRENT_NETNS, 0);
+    return bpf_sk_lookup_udp(skb, t, sizeof(t->ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
+static __always_inline struct bpf_sock *lookup_sock(struct __sk_buff *skb, struct pkt *p)
+{
+    if (p->key.proto == IPPROTO_TCP)
+        return sk_tcp(skb, &p->tuple, p->key.family);
+    return sk_udp(skb, &p->tuple, p->key.family);
+}
+
+static __always_inline u16 default_proxy_port(const struct pkt *p)
+{
+    if (p->key.proto == IPPROTO_TCP)
+        return cfg(p->key.family == 4 ? CFG_TCP4_PORT : CFG_TCP6_PORT);
+    return cfg(p->key.family == 4 ? CFG_UDP4_PORT : CFG_UDP6_PORT);
+}
+
+/* Assign the proxy's listener on `port` (found through the packet's own daddr). */
+static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p, u16 port, u32 src_id,
+                                           u32 dst_id)
+{
+    struct bpf_sock_tuple t = p->tuple;
+    if (p->key.family == 4)
+        t.ipv4.dport = bpf_htons(port);
+    else
+        t.ipv6.dport = bpf_htons(port);
+    struct bpf_sock *sk;
+    if (p->key.proto == IPPROTO_TCP)
+        sk = sk_tcp(skb, &t, p->key.family);
+    else
+        sk = sk_udp(skb, &t, p->key.family);
+    if (!sk)
+        return drop(skb, p, REASON_PROXY_UNAVAILABLE, src_id, dst_id);
+    if (sk->src_port != port || (p->key.proto == IPPROTO_TCP && sk->state != TCP_LISTEN_STATE)) {
+        bpf_sk_release(sk);
+        return drop(skb, p, REASON_PROXY_UNAVAILABLE, src_id, dst_id);
+    }
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return drop(skb, p, REASON_PROXY_UNAVAILABLE, src_id, dst_id);
+    skb->mark = cfg(CFG_MARK);
+    return TC_ACT_OK;
+}
+
+/* A packet of a redirected flow in the originator's direction. */
+static __always_inline int steer_forward(struct __sk_buff *skb, struct pkt *p, u16 port, u32 src_id,
+                                         u32 dst_id)
+{
+    if (!port)
+        port = default_proxy_port(p);
+    if (p->key.proto == IPPROTO_TCP) {
+        struct bpf_sock *sk = sk_tcp(skb, &p->tuple, p->key.family);
+        if (sk) {
+            if (sk->state != TCP_LISTEN_STATE) {
+                /* the proxy's accepted socket for this connection */
+                bpf_sk_assign(skb, sk, 0);
+                bpf_sk_release(sk);
+                skb->mark = cfg(CFG_MARK);
+                return TC_ACT_OK;
+            }
+            if (sk->src_port == port) {
+                /* handshake ACK / SYN retransmit: the request socket's listener. Never re-assign. */
+                bpf_sk_release(sk);
+                skb->mark = cfg(CFG_MARK);
+                return TC_ACT_OK;
+            }
+            bpf_sk_release(sk);  /* some other wildcard listener: not ours */
+        }
+    }
+    return assign_listener(skb, p, port, src_id, dst_id);
+}
+
+/* A reply of a redirected flow: goes to the proxy's upstream socket for this tuple, if any. */
+static __always_inline int steer_reply(struct __sk_buff *skb, struct pkt *p)
+{
+    struct bpf_sock *sk = lookup_sock(skb, p);
+    if (sk) {
+        if (p->key.proto != IPPROTO_TCP || sk->state != TCP_LISTEN_STATE)
+            bpf_sk_assign(skb, sk, 0);
+        bpf_sk_release(sk);
+    }
+    /* Without a socket the local stack answers (RST / port unreachable): the flow fails closed. */
+    skb->mark = cfg(CFG_MARK);
+    return TC_ACT_OK;
+}
+
+/* Returns 1 and assigns when the exact tuple has a connected host socket (a proxy upstream reply). */
+static __always_inline int owned_by_local_socket(struct __sk_buff *skb, struct pkt *p)
+{
+    struct bpf_sock *sk = lookup_sock(skb, p);
+    if (!sk)
+        return 0;
+    int ours = sk->dst_port != 0 && (p->key.proto != IPPROTO_TCP || sk->state != TCP_LISTEN_STATE);
+    if (ours)
+        bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (ours)
+        skb->mark = cfg(CFG_MARK);
+    return ours;
+}
+
+int mbr_tc_steer(struct __sk_buff *skb)
+{
+    struct pkt p;
+    if (parse(skb, &p) < 0)
+        return TC_ACT_OK;
+
+    struct ct_val *ct = mbr_ct.lookup(&p.key);
+    if (ct) {
+        if (ct->verdict == VERDICT_REDIRECT)
+            return steer_forward(skb, &p, ct->proxy_port, ct->src_id, ct->dst_id);
+        return TC_ACT_OK;
+    }
+    struct ct_key rkey;
+    reverse_key(&p.key, &rkey);
+    ct = mbr_ct.lookup(&rkey);
+    if (ct) {
+        if (ct->verdict == VERDICT_REDIRECT)
+            return steer_reply(skb, &p);
+        return TC_ACT_OK;
+    }
+
+    /* New flow. */
+    u32 ifindex = skb->ifindex;
+    struct ep_val *src_ep = mbr_endpoints.lookup(&ifindex);
+    u32 src_id = MBR_WORLD_ID, dst_id = MBR_WORLD_ID;
+    struct ipc_val *sip = ipcache(&p.key, 0);
+    if (src_ep)
+        src_id = src_ep->identity;
+    else if (sip)
+        src_id = sip->identity;
+    struct ipc_val *dip = ipcache(&p.key, 1);
+    struct ep_val *dst_ep = NULL;
+    if (dip) {
+        dst_id = dip->identity;
+        if (dip->ifindex) {
+            u32 didx = dip->ifindex;
+            dst_ep = mbr_endpoints.lookup(&didx);
+        }
+    }
+    if (!src_ep && !dst_ep)
+        return TC_ACT_OK;  /* neither side is a local endpoint: not ours to judge */
+
+    if (owned_by_local_socket(skb, &p))
+        return TC_ACT_OK;
+
+    u8 gen = cfg(CFG_GEN) & 1;
+    u16 dport = bpf_ntohs(p.key.dport);
+    u8 verdict = VERDICT_PASS;
+    u16 proxy_port = 0;
+    if (src_ep && (src_ep->flags & ENFORCE_EGRESS)) {
+        struct pol_val *v = policy_lookup(src_ep->ep_id, dst_id, dport, p.key.proto, gen, 1);
+        if (!v || v->verdict == VERDICT_DROP)
+            return drop(skb, &p, REASON_EGRESS_DENIED, src_id, dst_id);
+        if (v->verdict == VERDICT_REDIRECT) {
+            verdict = VERDICT_REDIRECT;
+            proxy_port = v->proxy_port;
+        }
+    }
+    if (dst_ep && (dst_ep->flags & ENFORCE_INGRESS)) {
+        struct pol_val *v = policy_lookup(dst_ep->ep_id, src_id, dport, p.key.proto, gen, 0);
+        if (!v || v->verdict == VERDICT_DROP)
+            return drop(skb, &p, REASON_INGRESS_DENIED, src_id, dst_id);
+        if (v->verdict == VERDICT_REDIRECT && verdict != VERDICT_REDIRECT) {
+            verdict = VERDICT_REDIRECT;
+            proxy_port = v->proxy_port;
+        }
+    }
+
+    struct ct_val nv = {};
+    nv.created_ns = bpf_ktime_get_ns();
+    nv.src_id = src_id;
+    nv.dst_id = dst_id;
+    nv.proxy_port = proxy_port;
+    nv.verdict = verdict;
+    mbr_ct.update(&p.key, &nv);
+    if (verdict == VERDICT_REDIRECT)
+        return steer_forward(skb, &p, proxy_port, src_id, dst_id);
+    return TC_ACT_OK;
+}

@@ -1,0 +1,111 @@
+# Invariant: for any bytes, Http2ServerSide (mode byte even: bytes after a client preface) and
+# Http2ClientSide (mode byte odd: the upstream's bytes, after requests on streams 1-7) return events
+# or raise ParseError, never anything else; feeding whole and byte by byte gives the same events (or
+# both raise); driving the proxy API on the events (refuse, acknowledge, send_*) never raises anything
+# but ParseError; outbound buffers stay within the windows the peer can have granted.
+"""Fuzz target for parsers/http2.py. `python fuzz/http2_frames.py [libFuzzer args]` fuzzes with atheris;
+`python fuzz/http2_frames.py --capture DIR` re-captures the real-client seeds (httpx[http2] and grpcio
+over loopback through tests' LoopbackBridge) into DIR."""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from parsers.errors import ParseError
+    from parsers.events import Data, EndOfMessage, GrpcCall, HttpRequest, HttpResponse, Reason, Trailers
+    from parsers.http2 import Http2ClientSide, Http2ServerSide
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_REASONS = list(Reason)
+_MAX_BUFFER = 16 * 1024 * 1024  # no outbound buffer may exceed what any window could have allowed
+
+
+def _side(mode: int) -> Http2ServerSide | Http2ClientSide:
+    if mode % 2 == 0:
+        return Http2ServerSide()
+    side = Http2ClientSide()
+    for sid in (1, 3, 5, 7):
+        side.send_request(HttpRequest(method="POST", target="/x", path="/x", host="a", stream_id=sid,
+                                      http_version="2", has_body=sid != 7))
+        side.send_data(sid, b"q" * 100 * sid)
+    return side
+
+
+def _observe(mode: int, chunks: list[bytes]) -> tuple[list[object], bool]:
+    side = _side(mode)
+    events: list[object] = []
+    try:
+        for chunk in chunks:
+            events.extend(side.feed(chunk))
+    except ParseError:
+        return events, True
+    return events, False
+
+
+def _drive(mode: int, chunks: list[bytes]) -> None:
+    side = _side(mode)
+    count = 0
+    try:
+        for chunk in chunks:
+            for event in side.feed(chunk):
+                count += 1
+                sid = getattr(event, "stream_id", None) or 0
+                if isinstance(side, Http2ServerSide) and isinstance(event, HttpRequest | GrpcCall):
+                    if count % 3 == 0:
+                        side.refuse(sid, _REASONS[count % len(_REASONS)])
+                    else:
+                        side.send_response(HttpResponse(status=200, stream_id=sid, has_body=True, http_version="2"))
+                        side.send_data(sid, b"r" * 40_000)
+                elif isinstance(event, Data):
+                    side.acknowledge(sid, len(event.data))
+                    if count % 5 == 0:
+                        side.reset_stream(sid)
+                elif isinstance(event, Trailers | EndOfMessage) and isinstance(side, Http2ServerSide):
+                    side.send_trailers(sid, (("grpc-status", "0"),))
+                elif isinstance(event, HttpResponse) and count % 4 == 0 and isinstance(side, Http2ClientSide):
+                    side.end_stream(sid)
+            side.pop_delivered()
+            side.data_to_send()
+            assert side.buffered_bytes() <= _MAX_BUFFER
+    except ParseError:
+        side.data_to_send()
+
+
+def check(data: bytes) -> None:
+    if not data:
+        return
+    mode, body = data[0], data[1:]
+    wire = PREFACE + body if mode % 2 == 0 and not body.startswith(PREFACE[:4]) else body
+    whole, whole_failed = _observe(mode, [wire])
+    step = 1 if len(wire) <= 1024 else 61
+    pieces, pieces_failed = _observe(mode, [wire[i : i + step] for i in range(0, len(wire), step)])
+    assert whole_failed == pieces_failed, (whole_failed, pieces_failed)
+    if not whole_failed:
+        assert whole == pieces, (whole, pieces)
+    chunk = 1 + (mode >> 1) * 97
+    _drive(mode, [wire[i : i + chunk] for i in range(0, len(wire), chunk)])
+
+
+def _capture(directory: str) -> None:
+    """Capture real clients' bytes through the tests' LoopbackBridge (loopback only) as seeds."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.parsers.test_http2 import capture_real_clients
+
+    capture_real_clients(Path(directory))
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
+    check(data)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--capture":
+        _capture(sys.argv[2])
+    else:
+        atheris.Setup(sys.argv, TestOneInput)
+        atheris.Fuzz()

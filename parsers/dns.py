@@ -1,0 +1,614 @@
+"""DNS messages (RFC 1035) over UDP and TCP: a hand-written reader for the proxy's hot path, TCP framing, refusals.
+
+Owns reading queries and responses into `DnsQuery` / `DnsResponse`, the 2-byte TCP length framing
+(RFC 1035 §4.2.2, RFC 7766 §8) and the bytes of synthetic refusals. Never decides policy, never
+does I/O. Invariant: any bytes give an event or a `MalformedMessage` / `MessageTooLarge` naming
+the byte offset; nothing else escapes, and the message bytes go upstream unchanged (`raw`).
+
+Rules / Theory of operation
+---------------------------
+The reader is checked against dnslib by `fuzz/dns_differential.py`: when it accepts a message,
+dnslib's own header, name and rdata decoders read the same values from it. It may reject more than
+dnslib, never accept what dnslib reads differently. It is stricter in these ways (each an error):
+
+* Names (RFC 1035 §3.1, §4.1.4): a label is 1-63 bytes (length bytes 0x40-0xBF are the reserved
+  extended label types, RFC 6891 §5); a name is at most 255 bytes in wire form after
+  decompression; a compression pointer points into the message body (not the 12-byte header) and
+  strictly below the start of the segment being read, so every jump goes lower and no loop can
+  exist. Each pointer target is decoded once per message (cached), so a pointer chain costs O(n).
+* Counts are exact: every counted record is present and nothing follows the last one; the only
+  exception is a response with TC set (RFC 2181 §9), where a record cut off by the end of the
+  message ends the walk.
+* Queries have QR=0 and QDCOUNT=1; responses have QR=1 and QDCOUNT 0 or 1 (0: a FORMERR-style
+  reply with no question; `name` is then "" and `qtype` 0).
+* At most one OPT record, only in the additional section, owned by the root (RFC 6891 §6.1.1).
+* A/AAAA of class IN have RDLENGTH 4/16; a CNAME of class IN holds exactly one name that ends at
+  RDLENGTH. Other RR types are skipped by RDLENGTH, not interpreted (the client reads them).
+
+Names are returned in presentation form with a trailing dot, case as received, escaped as
+miekg/dns (and so Cilium) prints them: `\\.`, `\\\\`, `\\ ` etc. for specials, `\\DDD` for bytes
+outside 0x21-0x7E. `normalized_name` is that, lower-cased (ASCII only, RFC 4343), as Cilium matches.
+
+From a response, toFQDNs learns A/AAAA addresses and CNAME targets of class IN in the answer
+section whose owner is the question name or a CNAME target seen earlier in the answer section;
+other records are skipped. `min_ttl` is the smallest TTL of those records (a TTL with the top bit
+set counts as 0, RFC 2181 §8). `rcode` includes the EDNS extended bits (RFC 6891 §6.1.3).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import assert_never
+
+from parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
+from parsers.events import Direction, DnsQuery, DnsResponse, Reason
+
+__all__ = [
+    "FORMERR",
+    "NOERROR",
+    "NOTIMP",
+    "NXDOMAIN",
+    "REFUSED",
+    "SERVFAIL",
+    "DnsMessage",
+    "DnsTcpFramer",
+    "DnsTcpParser",
+    "dns_rcode",
+    "error_reply",
+    "frame_tcp",
+    "read_message",
+    "read_query",
+    "read_response",
+    "refusal",
+]
+
+# RCODEs (RFC 1035 §4.1.1, RFC 6895 §2.3).
+NOERROR = 0
+FORMERR = 1
+SERVFAIL = 2
+NXDOMAIN = 3
+NOTIMP = 4
+REFUSED = 5
+
+TYPE_A = 1
+TYPE_CNAME = 5
+TYPE_AAAA = 28
+TYPE_OPT = 41
+CLASS_IN = 1
+
+HEADER_BYTES = 12
+MAX_NAME_BYTES = 255  # RFC 1035 §2.3.4, wire form including length bytes and the root label
+MAX_TCP_MESSAGE_BYTES = 65535  # the 2-byte length prefix cannot say more (RFC 1035 §4.2.2)
+REFUSAL_UDP_PAYLOAD = 1232  # EDNS payload size advertised in our replies (DNS flag day 2020 default)
+
+DnsMessage = DnsQuery | DnsResponse
+
+_HEADER = struct.Struct(">HHHHHH")
+_U16 = struct.Struct(">H")
+_U16U16 = struct.Struct(">HH")
+_RR_FIXED = struct.Struct(">HHIH")  # TYPE, CLASS, TTL, RDLENGTH
+_QR = 0x8000
+_OPCODE = 0x7800
+_TC = 0x0200
+_RD = 0x0100
+_RA = 0x0080
+_CD = 0x0010
+_EDNS_DO = 0x8000
+
+# Label bytes printed as they are; everything else is escaped (see the module docstring).
+_PLAIN = bytes(b for b in range(0x21, 0x7F) if b not in b".'@;()\"\\")
+_PLAIN_AND_DOT = _PLAIN + b"."
+_SPECIAL = frozenset(b".'@;()\"\\ ")
+
+NameCache = dict[int, tuple[tuple[bytes, ...], int]]
+
+
+class _WireError(Exception):
+    """Internal: what is wrong and where; public functions turn it into MalformedMessage."""
+
+    def __init__(self, message: str, offset: int, *, truncated: bool = False) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.truncated = truncated  # the message ended inside an item (vs. a wrong value)
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def _read_name(data: bytes, pos: int, cache: NameCache) -> tuple[list[bytes], int]:
+    """Decode the name at `pos`. Returns (labels, offset just after the name as stored at `pos`)."""
+    n = len(data)
+    labels: list[bytes] = []
+    wire = 1  # the root label's zero byte
+    end = -1
+    floor = pos
+    jumps: list[tuple[int, int, int]] | None = None
+    while True:
+        if pos >= n:
+            raise _WireError("name runs past the end of the message", pos, truncated=True)
+        length = data[pos]
+        if length == 0:
+            if end < 0:
+                end = pos + 1
+            break
+        if length < 64:
+            wire += length + 1
+            if wire > MAX_NAME_BYTES:
+                raise _WireError("name longer than 255 bytes", pos)
+            stop = pos + 1 + length
+            if stop > n:
+                raise _WireError("label runs past the end of the message", pos, truncated=True)
+            labels.append(data[pos + 1 : stop])
+            pos = stop
+            continue
+        if length < 0xC0:
+            raise _WireError(f"label length byte 0x{length:02x}: over 63 (reserved label type)", pos)
+        if pos + 1 >= n:
+            raise _WireError("compression pointer cut off", pos, truncated=True)
+        target = ((length & 0x3F) << 8) | data[pos + 1]
+        if end < 0:
+            end = pos + 2
+        if target >= floor:
+            raise _WireError(f"compression pointer to {target} does not point backwards", pos)
+        if target < HEADER_BYTES:
+            raise _WireError(f"compression pointer to {target} points into the header", pos)
+        cached = cache.get(target)
+        if cached is not None:
+            suffix, suffix_wire = cached
+            wire += suffix_wire - 1
+            if wire > MAX_NAME_BYTES:
+                raise _WireError("name longer than 255 bytes", pos)
+            labels.extend(suffix)
+            break
+        if jumps is None:
+            jumps = []
+        jumps.append((target, len(labels), wire))
+        pos = floor = target
+    if jumps is not None:
+        for target, index, wire_before in jumps:
+            cache[target] = (tuple(labels[index:]), wire - wire_before + 1)
+    return labels, end
+
+
+def _escape_label(label: bytes) -> str:
+    out = []
+    for b in label:
+        if b in _SPECIAL:
+            out.append("\\" + chr(b))
+        elif b < 0x21 or b > 0x7E:
+            out.append(f"\\{b:03d}")
+        else:
+            out.append(chr(b))
+    return "".join(out)
+
+
+def name_text(labels: list[bytes] | tuple[bytes, ...]) -> str:
+    """Presentation form of a name with a trailing dot, case kept, escaped as miekg/dns does ("." for the root)."""
+    if not labels:
+        return "."
+    joined = b".".join(labels)
+    if not joined.translate(None, _PLAIN_AND_DOT) and joined.count(b".") == len(labels) - 1:
+        return joined.decode("ascii") + "."
+    return ".".join(_escape_label(label) for label in labels) + "."
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+def _skip_records(
+    data: bytes, pos: int, count: int, additional_from: int, tc: bool, cache: NameCache
+) -> tuple[int, int, bool]:
+    """Walk `count` records from `pos` without interpreting rdata.
+
+    Records with index >= `additional_from` are in the additional section. Returns (end offset,
+    OPT record offset or -1, whether a record was cut off by the end of a TC message).
+    """
+    n = len(data)
+    opt = -1
+    for i in range(count):
+        start = pos
+        try:
+            labels, pos = _read_name(data, pos, cache)
+            if pos + 10 > n:
+                raise _WireError("record header runs past the end of the message", pos, truncated=True)
+            rtype, _rclass, _ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
+            pos += 10
+            if pos + rdlength > n:
+                raise _WireError("record data runs past the end of the message", pos, truncated=True)
+        except _WireError as e:
+            if tc and e.truncated:
+                return start, opt, True
+            raise
+        if rtype == TYPE_OPT:
+            if i < additional_from:
+                raise _WireError("OPT record outside the additional section", start)
+            if opt >= 0:
+                raise _WireError("more than one OPT record", start)
+            if labels:
+                raise _WireError("OPT record not owned by the root", start)
+            opt = start
+        pos += rdlength
+    return pos, opt, False
+
+
+def _read_header(data: bytes) -> tuple[int, int, int, int, int, int]:
+    if len(data) < HEADER_BYTES:
+        raise _WireError("message shorter than the 12-byte header", len(data), truncated=True)
+    return _HEADER.unpack_from(data)
+
+
+def _scan_query(data: bytes) -> tuple[int, int, list[bytes], int, int, int, int]:
+    """Validate a whole query. Returns (id, flags, qname labels, qtype, qclass, question end, OPT offset or -1)."""
+    qid, flags, qdcount, ancount, nscount, arcount = _read_header(data)
+    if flags & _QR:
+        raise _WireError("QR is set: a response where a query was expected", 2)
+    if qdcount != 1:
+        raise _WireError(f"QDCOUNT is {qdcount}, a query asks exactly one question", 4)
+    cache: NameCache = {}
+    labels, pos = _read_name(data, HEADER_BYTES, cache)
+    if pos + 4 > len(data):
+        raise _WireError("question runs past the end of the message", pos, truncated=True)
+    qtype, qclass = _U16U16.unpack_from(data, pos)
+    qend = pos + 4
+    opt = -1
+    pos = qend
+    if ancount or nscount or arcount:
+        pos, opt, _cut = _skip_records(data, pos, ancount + nscount + arcount, ancount + nscount, False, cache)
+    if pos != len(data):
+        raise _WireError(f"{len(data) - pos} bytes after the last record (counts too low?)", pos)
+    return qid, flags, labels, qtype, qclass, qend, opt
+
+
+# --- public: reading -----------------------------------------------------------------------------
+
+
+def read_query(data: bytes) -> DnsQuery:
+    """Read one DNS query (a UDP datagram, or a TCP message without its length prefix).
+
+    Returns a `DnsQuery` whose `raw` is `data` itself: forward exactly those bytes upstream.
+    Raises `MalformedMessage` (direction CLIENT_TO_SERVER, `offset` into `data`) for anything that
+    is not a well-formed query; answer it with `error_reply(data, FORMERR)` or drop it.
+    """
+    try:
+        qid, flags, labels, qtype, qclass, _qend, _opt = _scan_query(data)
+    except _WireError as e:
+        raise MalformedMessage(str(e), direction=Direction.CLIENT_TO_SERVER, offset=e.offset) from e
+    name = name_text(labels)
+    return DnsQuery(
+        id=qid,
+        name=name,
+        normalized_name=name.lower(),
+        qtype=qtype,
+        qclass=qclass,
+        opcode=(flags & _OPCODE) >> 11,
+        rd=bool(flags & _RD),
+        cd=bool(flags & _CD),
+        raw=data,
+    )
+
+
+def _address(data: bytes, rtype: int, start: int, rdlength: int) -> str:
+    if rtype == TYPE_A:
+        if rdlength != 4:
+            raise _WireError(f"A record with RDLENGTH {rdlength}, not 4", start - 2)
+        return f"{data[start]}.{data[start + 1]}.{data[start + 2]}.{data[start + 3]}"
+    if rdlength != 16:
+        raise _WireError(f"AAAA record with RDLENGTH {rdlength}, not 16", start - 2)
+    return str(ipaddress.IPv6Address(int.from_bytes(data[start : start + 16], "big")))
+
+
+def read_response(data: bytes) -> DnsResponse:
+    """Read one DNS response: rcode, and the addresses, CNAME chain and minimum TTL toFQDNs learns.
+
+    Returns a `DnsResponse` whose `raw` is `data`: relay exactly those bytes to the client.
+    Raises `MalformedMessage` (direction SERVER_TO_CLIENT, `offset` into `data`) when the message is
+    not a well-formed response; answer the client with SERVFAIL (`refusal(query.raw, SERVFAIL)`).
+    """
+    try:
+        return _read_response(data)
+    except _WireError as e:
+        raise MalformedMessage(str(e), direction=Direction.SERVER_TO_CLIENT, offset=e.offset) from e
+
+
+def _read_response(data: bytes) -> DnsResponse:
+    qid, flags, qdcount, ancount, nscount, arcount = _read_header(data)
+    if not flags & _QR:
+        raise _WireError("QR is clear: a query where a response was expected", 2)
+    if qdcount > 1:
+        raise _WireError(f"QDCOUNT is {qdcount}, a response repeats at most one question", 4)
+    n = len(data)
+    tc = bool(flags & _TC)
+    cache: NameCache = {}
+    pos = HEADER_BYTES
+    name = ""
+    qtype = 0
+    chain: set[str] = set()
+    if qdcount:
+        labels, pos = _read_name(data, pos, cache)
+        if pos + 4 > n:
+            raise _WireError("question runs past the end of the message", pos, truncated=True)
+        qtype = _U16.unpack_from(data, pos)[0]
+        pos += 4
+        name = name_text(labels)
+        chain.add(name.lower())
+    addresses: list[str] = []
+    cnames: list[str] = []
+    min_ttl: int | None = None
+    cut = False
+    for _ in range(ancount):
+        start = pos
+        try:
+            labels, pos = _read_name(data, pos, cache)
+            if pos + 10 > n:
+                raise _WireError("record header runs past the end of the message", pos, truncated=True)
+            rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
+            pos += 10
+            if pos + rdlength > n:
+                raise _WireError("record data runs past the end of the message", pos, truncated=True)
+        except _WireError as e:
+            if tc and e.truncated:
+                pos, cut = start, True
+                break
+            raise
+        rdstart, pos = pos, pos + rdlength
+        if rtype == TYPE_OPT:
+            raise _WireError("OPT record outside the additional section", start)
+        if rclass != CLASS_IN or rtype not in (TYPE_A, TYPE_AAAA, TYPE_CNAME):
+            continue
+        if rtype == TYPE_CNAME:
+            target_labels, target_end = _read_name(data, rdstart, cache)
+            if target_end != pos:
+                raise _WireError("CNAME target does not end at RDLENGTH", rdstart)
+            if name_text(labels).lower() not in chain:
+                continue
+            target = name_text(target_labels).lower()
+            chain.add(target)
+            cnames.append(target)
+        else:
+            address = _address(data, rtype, rdstart, rdlength)
+            if name_text(labels).lower() not in chain:
+                continue
+            addresses.append(address)
+        if ttl & 0x80000000:
+            ttl = 0  # RFC 2181 §8
+        if min_ttl is None or ttl < min_ttl:
+            min_ttl = ttl
+    opt = -1
+    if not cut and (nscount or arcount):
+        pos, opt, cut = _skip_records(data, pos, nscount + arcount, nscount, tc, cache)
+    if pos != n and not cut:
+        raise _WireError(f"{n - pos} bytes after the last record (counts too low?)", pos)
+    rcode = flags & 0x000F
+    if opt >= 0:
+        rcode |= data[opt + 5] << 4  # the TTL's top byte is the extended RCODE (RFC 6891 §6.1.3)
+    return DnsResponse(
+        id=qid,
+        name=name,
+        normalized_name=name.lower(),
+        qtype=qtype,
+        rcode=rcode,
+        addresses=tuple(addresses),
+        cnames=tuple(cnames),
+        min_ttl=min_ttl,
+        raw=data,
+    )
+
+
+def read_message(direction: Direction, data: bytes) -> DnsMessage:
+    """`read_query` for CLIENT_TO_SERVER, `read_response` for SERVER_TO_CLIENT (same Returns/Raises)."""
+    if direction is Direction.CLIENT_TO_SERVER:
+        return read_query(data)
+    return read_response(data)
+
+
+# --- public: replies -----------------------------------------------------------------------------
+
+
+def dns_rcode(reason: Reason) -> int:
+    """The RCODE that answers a query refused for `reason` (STYLE.md §3.4)."""
+    match reason:
+        case Reason.POLICY_DENIED:
+            return REFUSED
+        case Reason.MALFORMED:
+            return FORMERR
+        case Reason.TOO_LARGE:
+            return FORMERR
+        case Reason.UPSTREAM_FAILED:
+            return SERVFAIL
+        case Reason.UPSTREAM_TIMEOUT:
+            return SERVFAIL
+        case _:
+            assert_never(reason)
+
+
+def refusal(query_raw: bytes, rcode: int = REFUSED) -> bytes:
+    """The reply that refuses a query, built from its bytes (`DnsQuery.raw`).
+
+    Same ID, opcode, RD and CD bits and question (bytes as sent, so case kept); QR set; RA set when
+    RD was (we answer for the pod's recursive resolver, so `dig` does not warn); AA, TC, AD clear;
+    no answers. If the query had an EDNS OPT record, the reply carries one (version 0, the DO bit
+    echoed, payload size 1232, no options). `rcode` is REFUSED (default), NXDOMAIN, SERVFAIL, ...
+    Returns the message bytes (add `frame_tcp` over TCP).
+    Raises `MalformedMessage` if `query_raw` is not a well-formed query (use `error_reply` then),
+    `ValueError` if `rcode` does not fit the header's 4 bits.
+    """
+    if not 0 <= rcode <= 15:
+        raise ValueError(f"rcode {rcode} needs the EDNS extended RCODE; only 0-15 are supported")
+    try:
+        qid, flags, _labels, _qtype, _qclass, qend, opt = _scan_query(query_raw)
+    except _WireError as e:
+        raise MalformedMessage(str(e), direction=Direction.CLIENT_TO_SERVER, offset=e.offset) from e
+    reply_flags = _QR | (flags & (_OPCODE | _RD | _CD)) | rcode
+    if flags & _RD:
+        reply_flags |= _RA
+    head = _HEADER.pack(qid, reply_flags, 1, 0, 0, 1 if opt >= 0 else 0)
+    question = query_raw[HEADER_BYTES:qend]
+    if opt < 0:
+        return head + question
+    do = _U16.unpack_from(query_raw, opt + 7)[0] & _EDNS_DO  # OPT: root(1) TYPE(2) CLASS(2) TTL(4)
+    return head + question + b"\x00" + _RR_FIXED.pack(TYPE_OPT, REFUSAL_UDP_PAYLOAD, do, 0)
+
+
+def error_reply(data: bytes, rcode: int = FORMERR) -> bytes | None:
+    """A header-only reply (no question) for a message that `read_query` rejected.
+
+    Same ID and opcode, RD copied, QR set, counts zero. Returns None when there is nothing to
+    answer: fewer than 12 bytes, or QR already set (answering a response invites reply loops).
+    Raises `ValueError` if `rcode` does not fit the header's 4 bits.
+    """
+    if not 0 <= rcode <= 15:
+        raise ValueError(f"rcode {rcode} needs the EDNS extended RCODE; only 0-15 are supported")
+    if len(data) < HEADER_BYTES:
+        return None
+    qid, flags = _U16U16.unpack_from(data)
+    if flags & _QR:
+        return None
+    return _HEADER.pack(qid, _QR | (flags & (_OPCODE | _RD)) | rcode, 0, 0, 0, 0)
+
+
+# --- TCP framing ---------------------------------------------------------------------------------
+
+
+def frame_tcp(message: bytes) -> bytes:
+    """`message` with its 2-byte big-endian length prefix, for DNS over TCP (RFC 1035 §4.2.2).
+
+    Raises `ValueError` for a message over 65535 bytes (no such message can be framed).
+    """
+    if len(message) > MAX_TCP_MESSAGE_BYTES:
+        raise ValueError(f"a {len(message)}-byte message cannot be framed for TCP (max 65535)")
+    return _U16.pack(len(message)) + message
+
+
+class DnsTcpFramer:
+    """Splits one direction of a DNS-over-TCP stream into messages (RFC 7766 §8: several per connection).
+
+    Buffers at most one message (`max_message_bytes` + 2 bytes). A length under 12 cannot hold a
+    header and is an error as soon as the prefix is read; a length over the limit is
+    `MessageTooLarge` before any of it is buffered. After an error every call raises
+    `ProtocolViolation`: the stream cannot be resynchronised.
+    """
+
+    def __init__(self, direction: Direction, max_message_bytes: int = MAX_TCP_MESSAGE_BYTES) -> None:
+        if not HEADER_BYTES <= max_message_bytes <= MAX_TCP_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must be in 12..65535, not {max_message_bytes}")
+        self.direction = direction
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+        self._offset = 0  # stream offset of self._buffer[0]
+        self._failed = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for an incomplete message (0 at a message boundary)."""
+        return len(self._buffer)
+
+    @property
+    def stream_offset(self) -> int:
+        """Stream offset of the first byte not yet returned as part of a message."""
+        return self._offset
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes from the stream; returns every message now complete (without prefixes), in order.
+
+        Returns [] when more data is needed. Raises `MalformedMessage` (length under 12),
+        `MessageTooLarge` (length over the limit) or `ProtocolViolation` (fed after an error),
+        with `offset` counted from the start of the stream; messages completed earlier in the same
+        call are not returned then (the connection is to be closed).
+        """
+        self.push(data)
+        messages = []
+        while (message := self.next_message()) is not None:
+            messages.append(message)
+        return messages
+
+    def push(self, data: bytes) -> None:
+        """Add bytes without taking messages out (use `next_message`). Raises as `feed` does after an error."""
+        if self._failed:
+            raise ProtocolViolation("DNS TCP stream already failed", direction=self.direction, offset=self._offset)
+        self._buffer += data
+
+    def next_message(self) -> bytes | None:
+        """The next complete message (without its prefix), or None until more bytes arrive. Raises as `feed`."""
+        if self._failed:
+            raise ProtocolViolation("DNS TCP stream already failed", direction=self.direction, offset=self._offset)
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        length = (buf[0] << 8) | buf[1]
+        if length < HEADER_BYTES:
+            self._failed = True
+            raise MalformedMessage(
+                f"TCP length prefix {length} is shorter than a DNS header", direction=self.direction, offset=self._offset
+            )
+        if length > self.max_message_bytes:
+            self._failed = True
+            raise MessageTooLarge(
+                f"TCP message of {length} bytes is over the {self.max_message_bytes}-byte limit",
+                direction=self.direction,
+                offset=self._offset,
+            )
+        stop = 2 + length
+        if len(buf) < stop:
+            return None
+        message = bytes(buf[2:stop])
+        del buf[:stop]  # O(1) amortised: bytearray keeps an offset for deletions at the front
+        self._offset += stop
+        return message
+
+    def fail(self) -> None:
+        """Mark the stream unusable (the caller found a message it cannot read); later calls raise."""
+        self._failed = True
+
+    def end_of_stream(self) -> None:
+        """The peer closed its side. Raises `MalformedMessage` if a message was cut off, else returns."""
+        if self._buffer and not self._failed:
+            self._failed = True
+            raise MalformedMessage(
+                f"stream ended {len(self._buffer)} bytes into a message", direction=self.direction, offset=self._offset
+            )
+
+
+class DnsTcpParser:
+    """One direction of DNS over TCP, framed and read: `feed()` returns `DnsQuery` or `DnsResponse` events.
+
+    CLIENT_TO_SERVER reads queries, SERVER_TO_CLIENT responses. Error offsets count from the start
+    of the stream (the message's own offset plus where its bytes began).
+    """
+
+    def __init__(self, direction: Direction, max_message_bytes: int = MAX_TCP_MESSAGE_BYTES) -> None:
+        self.direction = direction
+        self._framer = DnsTcpFramer(direction, max_message_bytes)
+        self._read = read_query if direction is Direction.CLIENT_TO_SERVER else read_response
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._framer.buffered_bytes
+
+    def feed(self, data: bytes) -> list[DnsMessage]:
+        """Add stream bytes; returns the events of every message now complete ([] = need more data).
+
+        Raises `MalformedMessage`, `MessageTooLarge` or `ProtocolViolation` as `DnsTcpFramer.feed`
+        and `read_query` / `read_response` do, for the first bad item in stream order whatever the
+        read boundaries; events of earlier messages in the same call are not returned then, and the
+        stream is unusable: close the connection.
+        """
+        framer = self._framer
+        framer.push(data)
+        events: list[DnsMessage] = []
+        while True:
+            base = framer.stream_offset
+            message = framer.next_message()
+            if message is None:
+                return events
+            try:
+                events.append(self._read(message))
+            except MalformedMessage as e:
+                framer.fail()
+                if e.offset is not None:
+                    e.offset += base + 2
+                raise
+
+    def end_of_stream(self) -> None:
+        """The peer closed its side. Raises `MalformedMessage` if a message was cut off."""
+        self._framer.end_of_stream()

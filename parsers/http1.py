@@ -1,0 +1,1021 @@
+"""HTTP/1.1 for both directions of one connection, sans-I/O: bytes in, events out; plus the bytes to send on.
+
+Owns message framing (where a message starts and ends), head limits, the refusal responses and the
+re-serialisation of forwarded messages. Never touches sockets, clocks or policy. Invariant: every byte
+is either part of an event, held (bounded) for the next call, or the reason for a `ParseError`.
+
+Theory of operation
+-------------------
+llhttp (through httptools) tokenises and validates each *head*; this module does the framing. A head
+is located with one `find(b"\\r\\n\\r\\n")` (at most `max_header_bytes`, buffered only when it is split
+across reads), handed whole to a fresh llhttp parser (0.8 µs to make), and the body is then sliced
+out of the stream here: Content-Length bodies by counting, chunked bodies by a small chunk reader
+that works per chunk, never per byte. Doing the framing here, not in llhttp, gives:
+* exact limits: httptools would otherwise accumulate a header value without bound;
+* HEAD responses and 2xx answers to CONNECT, which llhttp cannot frame (it never sees the request);
+* keep-alive computed from the head itself (RFC 9112 §9.3), so the httptools trap
+  (`should_keep_alive()` is only meaningful inside `on_message_complete`) cannot bite;
+* whole-input and byte-at-a-time feeding give identical events (the fuzz targets check it).
+
+Framing rules (each violation raises `MalformedMessage`, i.e. 400 for a request, 502 for a response):
+1. RFC 9112 §2.2: CR and LF only as the CRLF pair (bare CR or LF rejected by llhttp's strict mode);
+   no empty line before the request line (llhttp would skip it; h11 and this parser refuse it).
+2. RFC 9112 §3: request line is exactly `method SP target SP HTTP/1.x` (llhttp tolerates a double SP).
+   Only HTTP/1.0 and HTTP/1.1. The target must pass `normalize_target` (origin, absolute or `*` for
+   OPTIONS); CONNECT takes authority form `host:port`.
+3. RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; more than one is rejected in any version.
+4. RFC 9112 §5.1: no whitespace between field name and colon. §5.2: no obs-fold (line folding).
+5. RFC 9112 §6.1: Transfer-Encoding only as the single value `chunked` (any other coding, a list or
+   a repeated field is rejected: only a final `chunked` frames safely, and we accept only that);
+   Transfer-Encoding in an HTTP/1.0 message is rejected.
+6. RFC 9112 §6.3 (3): Content-Length together with Transfer-Encoding is rejected (requests and responses).
+7. RFC 9112 §6.3 (5): Content-Length must be one field of 1-18 ASCII digits; repeated fields or lists
+   (even equal ones) are rejected.
+8. RFC 9112 §7.1: chunk-size is 1-16 hex digits, no whitespace, optional well-formed extensions; the
+   line ends in CRLF; chunk data is followed by exactly CRLF. §7.1.2: trailer fields follow the
+   field syntax; Content-Length, Transfer-Encoding and Host are refused as trailers.
+9. RFC 9112 §6.3 (1)/(2), RFC 9110 §9.3.6/§15.2: responses to HEAD, 1xx, 204 and 304 have no body
+   whatever their headers say; a 2xx to CONNECT and a 101 to an Upgrade request end HTTP/1.1 on the
+   connection (`ConnectionUpgraded`, then opaque `Data` both ways). A 101 that was not asked for, or
+   a response with no request in flight, is a `ProtocolViolation`.
+10. RFC 9112 §6.3 (8): a request without Content-Length or chunked has no body; a response without
+   them is read until the server closes (`feed_eof`) and ends keep-alive.
+11. RFC 9112 §9.3: HTTP/1.1 persists unless `Connection: close`; HTTP/1.0 never persists here (a
+   proxy must not keep an HTTP/1.0 client's connection alive, §9.3). After the last message of a
+   closing connection, more bytes are a `ProtocolViolation` (h11 does the same).
+Limits (`MessageTooLarge`, 431): the head (`max_header_bytes`, 16 KiB as IIS; RFC 6585 §5), the field
+count (100, as Apache's LimitRequestFields), one line (8 KiB, as Apache's LimitRequestLine), a
+chunk-size line (1 KiB, as h11 caps chunk headers) and the bytes held while a protocol switch is pending.
+
+Directions: each `Direction` has a reader with the state table `_TRANSITIONS`; the transitions
+written as code are the three ends of a message (`_end_message`: next IDLE, MUST_CLOSE or PAUSED)
+and a switch (`_switch`: both readers to TUNNEL). After a request that proposes a switch (Upgrade
+with `Connection: upgrade`, or CONNECT) the client reader PAUSES and holds further bytes until the
+answer: a 101 / 2xx-to-CONNECT turns them into tunnel `Data`, anything else (or `refuse()`) resumes
+HTTP parsing; call `feed(CLIENT_TO_SERVER, b"")` when `has_held_input()` says so.
+
+Forwarding (decided here, the proxy just writes what `forward()` returns): heads are re-serialised
+(normalised target, header actions applied, framing headers owned by this module: any
+Content-Length/Transfer-Encoding in supplied headers is replaced by the parsed framing); bodies are
+re-framed, not passed through: Content-Length bodies go out as the same bytes, chunked bodies are
+re-chunked one chunk per `Data` with trailers re-serialised. The upstream therefore only ever sees
+the framing this parser read, so chunk extensions or other framing quirks cannot reach it.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, assert_never
+
+import httptools
+
+from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from parsers.events import (
+    ConnectionUpgraded,
+    Data,
+    Direction,
+    EndOfMessage,
+    Headers,
+    HttpRequest,
+    HttpResponse,
+    Reason,
+    Trailers,
+)
+from parsers.http_target import normalize_target, split_target
+
+Http1Event = HttpRequest | HttpResponse | Data | Trailers | EndOfMessage | ConnectionUpgraded
+
+C2S: Final = Direction.CLIENT_TO_SERVER
+S2C: Final = Direction.SERVER_TO_CLIENT
+
+DEFAULT_MAX_HEADER_BYTES: Final = 16384
+ACCESS_DENIED: Final = b"Access denied\r\n"  # Cilium's default 403 body
+
+_EOM: Final = EndOfMessage()
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:;"
+    + _TOKEN
+    + rb"(?:=(?:"
+    + _TOKEN
+    + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*)\r\n'
+)
+_FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[!-~\x80-\xff](?:[ \t]*[!-~\x80-\xff])*)?)[ \t]*\r\n")
+_TOKEN_STR = re.compile(_TOKEN.decode())
+_FIELD_VALUE_STR = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_AUTHORITY = re.compile(r"[^\s/?#@\\]+:[0-9]{1,5}")
+_FRAMING_NAMES: Final = frozenset({"content-length", "transfer-encoding"})
+_TRAILER_FORBIDDEN: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
+class State(enum.Enum):
+    """Where one direction's reader is. UPPER_CASE per STYLE.md §2."""
+
+    IDLE = "idle"  # between messages
+    HEAD = "head"  # part of a head buffered
+    BODY_LENGTH = "body_length"  # Content-Length body, `remaining` bytes to go
+    CHUNK_SIZE = "chunk_size"  # expecting a chunk-size line
+    CHUNK_DATA = "chunk_data"  # inside a chunk
+    CHUNK_END = "chunk_end"  # expecting the CRLF after chunk data
+    TRAILERS = "trailers"  # after the last chunk: trailer fields until an empty line
+    BODY_UNTIL_CLOSE = "body_until_close"  # response without framing: body ends at EOF
+    DONE = "done"  # a message just ended; decides what follows
+    PAUSED = "paused"  # client proposed a switch; holding bytes until the answer
+    MUST_CLOSE = "must_close"  # last message said close; only EOF may follow
+    TUNNEL = "tunnel"  # upgraded: opaque bytes
+    CLOSED = "closed"  # EOF seen
+    ERROR = "error"  # a ParseError was raised; the reader is unusable
+
+
+class Input(enum.Enum):
+    """What a reader saw or was told; the keys of `_TRANSITIONS` with `State`."""
+
+    HEAD_START = "head_start"
+    HEAD_NO_BODY = "head_no_body"
+    HEAD_LENGTH = "head_length"
+    HEAD_CHUNKED = "head_chunked"
+    HEAD_UNTIL_CLOSE = "head_until_close"
+    HEAD_INTERIM = "head_interim"  # 1xx other than 101: the final response still follows
+    HEAD_SWITCH = "head_switch"  # 101, or 2xx to CONNECT
+    BODY_COMPLETE = "body_complete"
+    CHUNK_HEADER = "chunk_header"
+    LAST_CHUNK = "last_chunk"
+    CHUNK_DATA_COMPLETE = "chunk_data_complete"
+    CHUNK_CRLF = "chunk_crlf"
+    TRAILERS_COMPLETE = "trailers_complete"
+    NEXT = "next"  # keep-alive: another message may follow
+    CLOSE = "close"  # the message ended the connection
+    PAUSE = "pause"  # the request proposed a protocol switch
+    RESUME = "resume"  # the switch was declined (or refused by the proxy)
+    SWITCH = "switch"  # the switch was accepted
+    EOF = "eof"
+
+
+_S, _I = State, Input
+_TRANSITIONS: Final[dict[tuple[State, Input], State]] = {
+    (_S.IDLE, _I.HEAD_START): _S.HEAD,
+    (_S.HEAD, _I.HEAD_NO_BODY): _S.DONE,
+    (_S.HEAD, _I.HEAD_LENGTH): _S.BODY_LENGTH,
+    (_S.HEAD, _I.HEAD_CHUNKED): _S.CHUNK_SIZE,
+    (_S.HEAD, _I.HEAD_UNTIL_CLOSE): _S.BODY_UNTIL_CLOSE,
+    (_S.HEAD, _I.HEAD_INTERIM): _S.IDLE,
+    (_S.HEAD, _I.HEAD_SWITCH): _S.TUNNEL,
+    (_S.BODY_LENGTH, _I.BODY_COMPLETE): _S.DONE,
+    (_S.CHUNK_SIZE, _I.CHUNK_HEADER): _S.CHUNK_DATA,
+    (_S.CHUNK_SIZE, _I.LAST_CHUNK): _S.TRAILERS,
+    (_S.CHUNK_DATA, _I.CHUNK_DATA_COMPLETE): _S.CHUNK_END,
+    (_S.CHUNK_END, _I.CHUNK_CRLF): _S.CHUNK_SIZE,
+    (_S.TRAILERS, _I.TRAILERS_COMPLETE): _S.DONE,
+    (_S.BODY_UNTIL_CLOSE, _I.EOF): _S.CLOSED,
+    (_S.DONE, _I.NEXT): _S.IDLE,
+    (_S.DONE, _I.CLOSE): _S.MUST_CLOSE,
+    (_S.DONE, _I.PAUSE): _S.PAUSED,
+    (_S.PAUSED, _I.RESUME): _S.IDLE,
+    (_S.PAUSED, _I.SWITCH): _S.TUNNEL,
+    (_S.IDLE, _I.EOF): _S.CLOSED,
+    (_S.MUST_CLOSE, _I.EOF): _S.CLOSED,
+    (_S.PAUSED, _I.EOF): _S.CLOSED,
+    (_S.TUNNEL, _I.EOF): _S.CLOSED,
+    (_S.CLOSED, _I.EOF): _S.CLOSED,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Per-connection ceilings; each crossing raises `MessageTooLarge`."""
+
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # whole head incl. request/status line and final CRLF
+    max_headers: int = 100  # fields in one head (and in one trailer section)
+    max_line_bytes: int = 8192  # request/status line, one field line, one trailer line
+    max_chunk_line_bytes: int = 1024  # chunk-size line incl. extensions and CRLF
+    max_held_bytes: int = 65536  # client bytes held while a protocol switch is pending
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A response the proxy writes instead of forwarding; `close` says the connection must close after it."""
+
+    data: bytes
+    close: bool
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One request's framing facts, from its head until its response is complete."""
+
+    method: str
+    keep_alive: bool
+    switch: str | None  # Upgrade token, "CONNECT", or None
+    expect_continue: bool
+    has_body: bool
+    complete: bool = False  # the request's EndOfMessage was read
+    answered: bool = False  # its final response arrived, or the proxy refused it
+
+
+class _HeadCallbacks:
+    """httptools callbacks for one head; `headers` are raw (name, value) pairs."""
+
+    __slots__ = ("complete", "count", "headers", "limits", "reason", "url")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.url = b""
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.count = 0
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_line_bytes:
+            raise _LimitHit(f"request target longer than {self.limits.max_line_bytes} bytes")
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        if self.count > self.limits.max_headers:
+            raise _LimitHit(f"more than {self.limits.max_headers} header fields")
+        if len(name) + len(value) + 4 > self.limits.max_line_bytes:
+            raise _LimitHit(f"header field line longer than {self.limits.max_line_bytes} bytes")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+_LlhttpParser = httptools.HttpRequestParser | httptools.HttpResponseParser
+
+
+class _LimitHit(Exception):
+    """Raised inside an httptools callback; translated to MessageTooLarge."""
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",")}
+
+
+class _Reader:
+    """One direction's framing state machine."""
+
+    __slots__ = (
+        "_buf",
+        "_chunked_trailers",
+        "_conn",
+        "_head_is_request",
+        "_held",
+        "_probe",
+        "_remaining",
+        "_response_keep_alive",
+        "_trailer_bytes",
+        "direction",
+        "state",
+    )
+
+    def __init__(self, conn: Http1Connection, direction: Direction) -> None:
+        self._conn = conn
+        self.direction = direction
+        self._head_is_request = direction is C2S
+        self.state = State.IDLE
+        self._buf = bytearray()  # a partial head / chunk line / trailer line
+        self._held = bytearray()  # bytes received while PAUSED
+        self._remaining = 0
+        self._chunked_trailers: list[tuple[str, str]] = []
+        self._trailer_bytes = 0
+        self._response_keep_alive = True
+        self._probe: tuple[_LlhttpParser, _HeadCallbacks] | None = None  # llhttp on a split head
+
+    # -- state table -------------------------------------------------------------------------------
+
+    def move(self, event: Input) -> None:
+        """Apply one transition of `_TRANSITIONS`; a missing pair is a ProtocolViolation and ERROR."""
+        new = _TRANSITIONS.get((self.state, event))
+        if new is None:
+            old = self.state
+            self.state = State.ERROR
+            raise ProtocolViolation(f"{event.value} is not allowed in state {old.value}", direction=self.direction)
+        self.state = new
+
+    def _error(self, cls: type[ParseError], message: str) -> ParseError:
+        self.state = State.ERROR
+        return cls(message, direction=self.direction)
+
+    # -- feeding -----------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Http1Event]:
+        if self.state is State.ERROR:
+            raise ProtocolViolation("parser already failed", direction=self.direction)
+        if self._held and self.state is not State.PAUSED:
+            data = bytes(self._held) + data
+            self._held.clear()
+        events: list[Http1Event] = []
+        try:
+            self._run(data, events)
+        except ParseError:
+            self.state = State.ERROR
+            raise
+        return events
+
+    def _run(self, data: bytes, events: list[Http1Event]) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            st = self.state
+            if st is State.BODY_LENGTH:
+                remaining = self._remaining
+                if n - pos < remaining:
+                    events.append(Data(data=data[pos:] if pos else data))
+                    self._remaining = remaining - (n - pos)
+                    return
+                events.append(Data(data=data[pos : pos + remaining]))
+                pos += remaining
+                self._remaining = 0
+                self.move(Input.BODY_COMPLETE)
+                self._end_message(events)
+            elif st is State.IDLE or st is State.HEAD:
+                pos = self._read_head(data, pos, events)
+            elif st is State.CHUNK_DATA:
+                remaining = self._remaining
+                if n - pos < remaining:
+                    events.append(Data(data=data[pos:] if pos else data))
+                    self._remaining = remaining - (n - pos)
+                    return
+                events.append(Data(data=data[pos : pos + remaining]))
+                pos += remaining
+                self._remaining = 2
+                self.move(Input.CHUNK_DATA_COMPLETE)
+            elif st is State.CHUNK_END:
+                # Exactly CRLF after chunk data (RFC 9112 §7.1); `_remaining` counts what is still due.
+                want = b"\r\n"[2 - self._remaining :]
+                got = data[pos : pos + len(want)]
+                if not want.startswith(got):
+                    raise self._error(MalformedMessage, "chunk data not followed by CRLF (RFC 9112 §7.1)")
+                pos += len(got)
+                self._remaining -= len(got)
+                if self._remaining == 0:
+                    self.move(Input.CHUNK_CRLF)
+            elif st is State.CHUNK_SIZE:
+                pos = self._read_chunk_size(data, pos)
+            elif st is State.TRAILERS:
+                pos = self._read_trailer_line(data, pos, events)
+            elif st is State.BODY_UNTIL_CLOSE or st is State.TUNNEL:
+                events.append(Data(data=data[pos:] if pos else data))
+                return
+            elif st is State.PAUSED:
+                if len(self._held) + n - pos > self._conn.limits.max_held_bytes:
+                    raise self._error(MessageTooLarge, "too many bytes sent while a protocol switch is pending")
+                self._held += data[pos:]
+                return
+            elif st is State.MUST_CLOSE or st is State.CLOSED:
+                raise self._error(ProtocolViolation, f"data after the last message ({st.value})")
+            else:  # DONE is transient and ERROR is caught in feed()
+                raise self._error(ProtocolViolation, f"cannot read in state {st.value}")
+
+    def _take(self, data: bytes, pos: int, term: bytes, limit: int, what: str) -> tuple[bytes | None, int]:
+        """Bytes from `pos` through the first `term` (at most `limit` in all), buffering a partial one."""
+        buf = self._buf
+        if not buf:
+            end = data.find(term, pos, pos + limit)
+            if end >= 0:
+                end += len(term)
+                return data[pos:end], end
+            if len(data) - pos >= limit:
+                raise self._error(MessageTooLarge, f"{what} longer than {limit} bytes")
+            buf += data[pos:]
+            return None, len(data)
+        old = len(buf)
+        buf += data[pos : pos + limit - old]
+        end = buf.find(term, max(0, old - len(term) + 1))
+        if end >= 0:
+            end += len(term)
+            block = bytes(buf[:end])
+            buf.clear()
+            return block, pos + end - old
+        if len(buf) >= limit:
+            raise self._error(MessageTooLarge, f"{what} longer than {limit} bytes")
+        return None, len(data)
+
+    # -- heads -------------------------------------------------------------------------------------
+
+    def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        if self.state is State.IDLE:
+            if data[pos] in b"\r\n":
+                raise self._error(MalformedMessage, "empty line or bare CR/LF before the start line (RFC 9112 §2.2)")
+            self.move(Input.HEAD_START)
+        start = pos
+        head, pos = self._take(data, pos, b"\r\n\r\n", self._conn.limits.max_header_bytes, "header block")
+        if head is None:
+            self._probe_head(data[start:] if start else data)
+        else:
+            self._probe = None
+            if self._head_is_request:
+                self._request_head(head, events)
+            else:
+                self._response_head(head, events)
+        return pos
+
+    def _probe_head(self, piece: bytes) -> None:
+        """Feed an incomplete head to llhttp so that a malformed one (bare LF, bad token) fails now,
+        not when the limit is reached. Only split heads pay for it; the complete head is parsed afresh."""
+        if self._probe is None:
+            callbacks = _HeadCallbacks(self._conn.limits)
+            parser: _LlhttpParser = (
+                httptools.HttpRequestParser(callbacks)
+                if self._head_is_request
+                else httptools.HttpResponseParser(callbacks)
+            )
+            self._probe = (parser, callbacks)
+        parser, callbacks = self._probe
+        try:
+            parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as e:
+            if not callbacks.complete:
+                cause = e.__context__
+                if isinstance(cause, _LimitHit):
+                    raise self._error(MessageTooLarge, str(cause)) from e
+                raise self._error(MalformedMessage, f"invalid head: {e}") from e
+        if callbacks.complete:
+            raise self._error(MalformedMessage, "head does not end at the first CRLF CRLF (RFC 9112 §2.2)")
+
+    def _llhttp(self, head: bytes, parser: _LlhttpParser, callbacks: _HeadCallbacks) -> None:
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass  # llhttp stops at the end of an Upgrade/CONNECT/101 head; the framing is decided here
+        except httptools.HttpParserError as e:
+            if callbacks.complete and str(e) == "Pause on CONNECT/Upgrade":
+                return  # the same stop, reported as an error when llhttp's upgrade flag is unset
+            cause = e.__context__
+            if isinstance(cause, _LimitHit):
+                raise self._error(MessageTooLarge, str(cause)) from e
+            raise self._error(MalformedMessage, f"invalid head: {e}") from e
+        if not callbacks.complete:
+            raise self._error(MalformedMessage, "head does not end at the first CRLF CRLF (RFC 9112 §2.2)")
+
+    def _fields(
+        self, raw: list[tuple[bytes, bytes]], version: str
+    ) -> tuple[Headers, int | None, bool, str | None, int, str | None, set[str], str | None]:
+        """Decode fields and pull out the ones that frame: (headers, content_length, chunked, host,
+        host_count, upgrade, connection tokens, expect)."""
+        headers: list[tuple[str, str]] = []
+        content_length: int | None = None
+        chunked = False
+        te_seen = False
+        host: str | None = None
+        host_count = 0
+        upgrade: str | None = None
+        connection: set[str] = set()
+        expect: str | None = None
+        for bname, bvalue in raw:
+            name = bname.decode("latin-1")
+            value = bvalue.strip(b" \t").decode("latin-1")
+            headers.append((name, value))
+            lname = name.lower()
+            if lname == "content-length":
+                if content_length is not None:
+                    raise self._error(MalformedMessage, "repeated Content-Length (RFC 9112 §6.3)")
+                if not (value.isascii() and value.isdigit() and len(value) <= 18):
+                    raise self._error(MalformedMessage, f"invalid Content-Length {value[:32]!r} (RFC 9112 §6.3)")
+                content_length = int(value)
+            elif lname == "transfer-encoding":
+                if te_seen or value.lower() != "chunked":
+                    raise self._error(
+                        MalformedMessage, "Transfer-Encoding other than one final 'chunked' (RFC 9112 §6.1)"
+                    )
+                te_seen = chunked = True
+            elif lname == "host":
+                host_count += 1
+                host = value
+            elif lname == "connection":
+                connection |= _tokens(value)
+            elif lname == "upgrade":
+                upgrade = value
+            elif lname == "expect":
+                expect = value.lower()
+        if chunked:
+            if content_length is not None:
+                raise self._error(MalformedMessage, "both Content-Length and Transfer-Encoding (RFC 9112 §6.3)")
+            if version == "1.0":
+                raise self._error(MalformedMessage, "Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)")
+        return tuple(headers), content_length, chunked, host, host_count, upgrade, connection, expect
+
+    def _request_head(self, head: bytes, events: list[Http1Event]) -> None:
+        callbacks = _HeadCallbacks(self._conn.limits)
+        parser = httptools.HttpRequestParser(callbacks)
+        self._llhttp(head, parser, callbacks)
+        method_b = parser.get_method()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise self._error(MalformedMessage, f"unsupported HTTP version {version} (RFC 9112 §2.3)")
+        url = callbacks.url
+        if not head.startswith(b"%s %s HTTP/%s\r\n" % (method_b, url, version.encode())):
+            raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
+        method = method_b.decode("ascii")
+        fields = self._fields(callbacks.headers, version)
+        headers, content_length, chunked, host, host_count, upgrade, connection, expect = fields
+        if host_count > 1 or (host_count == 0 and version == "1.1"):
+            raise self._error(MalformedMessage, f"{host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
+        raw_target = url.decode("latin-1")
+        if method == "CONNECT":
+            if not _AUTHORITY.fullmatch(raw_target):
+                raise self._error(MalformedMessage, "CONNECT target is not host:port (RFC 9112 §3.2.3)")
+            if chunked or content_length:
+                raise self._error(MalformedMessage, "CONNECT with a body (RFC 9110 §9.3.6)")
+            target = path = raw_target
+            query = ""
+        elif raw_target == "*":
+            if method != "OPTIONS":
+                raise self._error(MalformedMessage, "asterisk-form target outside OPTIONS (RFC 9112 §3.2.4)")
+            target = path = "*"
+            query = ""
+        else:
+            try:
+                target = normalize_target(raw_target, direction=self.direction)
+            except ParseError:
+                self.state = State.ERROR
+                raise
+            path, query = split_target(target)
+        keep_alive = version == "1.1" and "close" not in connection
+        switch: str | None = None
+        if method == "CONNECT":
+            switch = "CONNECT"
+        elif upgrade is not None and "upgrade" in connection:
+            switch = upgrade.split(",")[0].strip()
+        has_body = chunked or bool(content_length)
+        events.append(
+            HttpRequest(
+                method=method,
+                target=target,
+                path=path,
+                query=query,
+                host=host,
+                headers=headers,
+                http_version=version,
+                has_body=has_body,
+                content_length=content_length,
+                keep_alive=keep_alive,
+            )
+        )
+        exchange = _Exchange(
+            method=method,
+            keep_alive=keep_alive,
+            switch=switch,
+            expect_continue=expect == "100-continue" and version == "1.1",
+            has_body=has_body,
+        )
+        self._conn._parsed(exchange)
+        if chunked:
+            self.move(Input.HEAD_CHUNKED)
+        elif content_length:
+            self.move(Input.HEAD_LENGTH)
+            self._remaining = content_length
+        else:
+            self.move(Input.HEAD_NO_BODY)
+            self._end_message(events)
+
+    def _response_head(self, head: bytes, events: list[Http1Event]) -> None:
+        callbacks = _HeadCallbacks(self._conn.limits)
+        parser = httptools.HttpResponseParser(callbacks)
+        self._llhttp(head, parser, callbacks)
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise self._error(MalformedMessage, f"unsupported HTTP version {version} (RFC 9112 §2.3)")
+        line = b"HTTP/%s %03d" % (version.encode(), status)
+        if not head.startswith(line) or head[len(line)] not in b" \r":
+            raise self._error(MalformedMessage, "status line is not 'version SP status SP reason' (RFC 9112 §4)")
+        headers, content_length, chunked, _, _, upgrade, connection, _ = self._fields(callbacks.headers, version)
+        exchange = self._conn._answering()
+        if exchange is None:
+            raise self._error(ProtocolViolation, "response with no request in flight")
+        reason = callbacks.reason.decode("latin-1")
+        keep_alive = exchange.keep_alive and version == "1.1" and "close" not in connection
+        no_body = exchange.method == "HEAD" or status < 200 or status in (204, 304)
+        if status == 101:
+            if exchange.switch is None or exchange.switch == "CONNECT":
+                raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
+            events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
+            self.move(Input.HEAD_SWITCH)
+            self._conn._switched(events, upgrade or exchange.switch)
+            return
+        if exchange.switch == "CONNECT" and 200 <= status < 300:
+            events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
+            self.move(Input.HEAD_SWITCH)
+            self._conn._switched(events, "CONNECT")
+            return
+        if status < 200:
+            events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
+            self.move(Input.HEAD_INTERIM)
+            return
+        self._conn._answered(exchange)
+        if no_body:
+            framing = Input.HEAD_NO_BODY
+        elif chunked:
+            framing = Input.HEAD_CHUNKED
+        elif content_length is not None:
+            framing = Input.HEAD_LENGTH if content_length else Input.HEAD_NO_BODY
+        else:
+            framing = Input.HEAD_UNTIL_CLOSE
+            keep_alive = False
+        events.append(
+            HttpResponse(
+                status=status,
+                reason=reason,
+                headers=headers,
+                http_version=version,
+                has_body=framing is not Input.HEAD_NO_BODY,
+                content_length=None if no_body else content_length,
+                keep_alive=keep_alive,
+            )
+        )
+        self._response_keep_alive = keep_alive
+        self.move(framing)
+        if framing is Input.HEAD_LENGTH:
+            self._remaining = content_length or 0
+        elif framing is Input.HEAD_NO_BODY:
+            self._end_message(events)
+
+    # -- chunked bodies ----------------------------------------------------------------------------
+
+    def _read_chunk_size(self, data: bytes, pos: int) -> int:
+        line, pos = self._take(data, pos, b"\r\n", self._conn.limits.max_chunk_line_bytes, "chunk-size line")
+        if line is None:
+            return pos
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise self._error(MalformedMessage, f"invalid chunk-size line {line[:32]!r} (RFC 9112 §7.1)")
+        size = int(match.group(1), 16)
+        if size:
+            self._remaining = size
+            self.move(Input.CHUNK_HEADER)
+        else:
+            self._chunked_trailers = []
+            self._trailer_bytes = 0
+            self.move(Input.LAST_CHUNK)
+        return pos
+
+    def _read_trailer_line(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        limits = self._conn.limits
+        line, pos = self._take(data, pos, b"\r\n", limits.max_line_bytes, "trailer line")
+        if line is None:
+            return pos
+        self._trailer_bytes += len(line)
+        if self._trailer_bytes > limits.max_header_bytes:
+            raise self._error(MessageTooLarge, f"trailer section longer than {limits.max_header_bytes} bytes")
+        if line == b"\r\n":
+            if self._chunked_trailers:
+                events.append(Trailers(headers=tuple(self._chunked_trailers)))
+            self.move(Input.TRAILERS_COMPLETE)
+            self._end_message(events)
+            return pos
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise self._error(MalformedMessage, f"invalid trailer field {line[:32]!r} (RFC 9112 §7.1.2)")
+        if match.group(1).lower() in _TRAILER_FORBIDDEN:
+            raise self._error(MalformedMessage, "framing or routing field in trailers (RFC 9110 §6.5.1)")
+        if len(self._chunked_trailers) >= limits.max_headers:
+            raise self._error(MessageTooLarge, f"more than {limits.max_headers} trailer fields")
+        self._chunked_trailers.append((match.group(1).decode("latin-1"), match.group(2).decode("latin-1")))
+        return pos
+
+    # -- message ends ------------------------------------------------------------------------------
+
+    def _end_message(self, events: list[Http1Event]) -> None:
+        events.append(_EOM)
+        if self._head_is_request:
+            exchange = self._conn._request_done()
+            if exchange.switch is not None and not exchange.answered:
+                self.move(Input.PAUSE)
+            elif exchange.keep_alive:
+                self.move(Input.NEXT)
+            else:
+                self.move(Input.CLOSE)
+        else:
+            self.move(Input.NEXT if self._response_keep_alive else Input.CLOSE)
+
+    def feed_eof(self) -> list[Http1Event]:
+        st = self.state
+        if st is State.BODY_UNTIL_CLOSE:
+            self.move(Input.EOF)
+            return [_EOM]
+        if st is State.ERROR:
+            raise ProtocolViolation("parser already failed", direction=self.direction)
+        if (st, Input.EOF) not in _TRANSITIONS:
+            self.state = State.ERROR
+            raise MalformedMessage(
+                f"connection closed in the middle of a message ({st.value})", direction=self.direction
+            )
+        self.move(Input.EOF)
+        return []
+
+
+class Http1Connection:
+    """Both directions of one HTTP/1.1 connection, as the proxy sees them.
+
+    Protocol with the proxy (all calls synchronous, no I/O):
+    * `feed(direction, data)` returns the events in `data`; `feed_eof(direction)` when that peer closed.
+    * Every `HttpRequest` that `feed` returns must be answered, in order, by exactly one of
+      `forward(C2S, request)` (it goes upstream; its response will be framed by its method) or
+      `refuse(...)` (the proxy answers it). The body events of a refused request are just dropped.
+    * `forward(direction, event)` returns the bytes to write to the other peer for any event.
+    * When `has_held_input(C2S)` is true after a response or a refusal, call `feed(C2S, b"")`.
+    """
+
+    __slots__ = (
+        "_current",
+        "_in_flight",
+        "_out_chunked",
+        "_out_trailers",
+        "_readers",
+        "_undecided",
+        "limits",
+        "upgraded",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> None:
+        self.limits = Limits(
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        self._readers = {C2S: _Reader(self, C2S), S2C: _Reader(self, S2C)}
+        self._undecided: deque[_Exchange] = deque()  # parsed requests the proxy has not yet forwarded/refused
+        self._in_flight: deque[_Exchange] = deque()  # forwarded requests awaiting their final response
+        self._out_chunked = {C2S: False, S2C: False}
+        self._out_trailers: dict[Direction, Headers] = {C2S: (), S2C: ()}
+        self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
+        self._current: _Exchange | None = None  # the request being read
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def feed(self, direction: Direction, data: bytes) -> list[Http1Event]:
+        """Parse `data` received from the peer on `direction` (b"" processes held input only).
+
+        Returns:
+            The events, in order; [] when more bytes are needed.
+        Raises:
+            MalformedMessage: the bytes break the framing rules (module docstring); answer with
+                `refusal(http_status(e.reason, e.direction), keep_alive=False)` and close.
+            MessageTooLarge: a limit was crossed; same as above (431 for a request).
+            ProtocolViolation: bytes in an order HTTP/1.1 forbids; close the connection.
+            The connection is unusable after any of them.
+        """
+        return self._readers[direction].feed(data)
+
+    def feed_eof(self, direction: Direction) -> list[Http1Event]:
+        """The peer on `direction` closed its side.
+
+        Returns:
+            [EndOfMessage] when that ends a response read until close, else [].
+        Raises:
+            MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
+        """
+        return self._readers[direction].feed_eof()
+
+    def state(self, direction: Direction) -> State:
+        """The reader state of one direction (for tests and diagnostics)."""
+        return self._readers[direction].state
+
+    def has_held_input(self, direction: Direction) -> bool:
+        """True when bytes received during a pending switch can now be parsed: call feed(direction, b"")."""
+        reader = self._readers[direction]
+        return bool(reader._held) and reader.state is not State.PAUSED
+
+    # -- bookkeeping shared by the readers -----------------------------------------------------------
+
+    def _parsed(self, exchange: _Exchange) -> None:
+        self._undecided.append(exchange)
+        self._current = exchange
+
+    def _request_done(self) -> _Exchange:
+        exchange = self._current
+        assert exchange is not None  # a request's EndOfMessage always follows its head
+        exchange.complete = True
+        return exchange
+
+    def _answering(self) -> _Exchange | None:
+        return self._in_flight[0] if self._in_flight else None
+
+    def _answered(self, exchange: _Exchange) -> None:
+        self._in_flight.popleft()
+        exchange.answered = True
+        if exchange.switch is not None:
+            self._resume_client()
+
+    def _resume_client(self) -> None:
+        client = self._readers[C2S]
+        if client.state is State.PAUSED:
+            client.move(Input.RESUME)
+
+    def _switched(self, events: list[Http1Event], protocol: str) -> None:
+        self._in_flight.popleft().answered = True
+        client = self._readers[C2S]
+        if client.state is not State.PAUSED:
+            raise ProtocolViolation("protocol switch before the request was complete", direction=S2C)
+        client.move(Input.SWITCH)
+        self.upgraded = protocol
+        events.append(ConnectionUpgraded(protocol=protocol))
+
+    # -- decisions and writing ---------------------------------------------------------------------
+
+    def forward(self, direction: Direction, event: Http1Event, *, headers: Headers | None = None) -> bytes:
+        """Bytes to write to the other peer for `event` read on `direction` (re-framed, see module doc).
+
+        `headers` replaces the head's fields (header actions applied); the framing fields are always
+        this parser's. For an HttpRequest this also records it as forwarded, so its response is framed
+        by its method; call it in the order the requests were read.
+
+        Raises:
+            ValueError: `headers` holds a name that is not a token or a value with CR, LF or NUL.
+        """
+        if type(event) is Data:
+            if self._out_chunked[direction]:
+                return b"%x\r\n%b\r\n" % (len(event.data), event.data) if event.data else b""
+            return event.data
+        if type(event) is EndOfMessage:
+            if self._out_chunked[direction]:
+                self._out_chunked[direction] = False
+                trailers = self._out_trailers[direction]
+                self._out_trailers[direction] = ()
+                return b"0\r\n" + _fields_bytes(trailers) + b"\r\n"
+            return b""
+        if type(event) is HttpRequest:
+            if not self._undecided:
+                raise ValueError("forward() of a request that was not read, or was already decided")
+            self._in_flight.append(self._undecided.popleft())
+            chunked = event.has_body and event.content_length is None
+            self._out_chunked[direction] = chunked
+            return serialize_request_head(event, headers)
+        if type(event) is HttpResponse:
+            chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
+            if event.status >= 200:
+                self._out_chunked[direction] = chunked
+            return serialize_response_head(event, headers)
+        if type(event) is Trailers:
+            self._out_trailers[direction] = event.headers
+            return b""
+        return b""  # ConnectionUpgraded: nothing on the wire
+
+    def refuse(self, *, status: int = 403, body: bytes | None = None) -> Refusal:
+        """The proxy answers the oldest undecided request itself (policy denial) instead of forwarding it.
+
+        The connection stays open unless the request asked to close, is HTTP/1.0, expects
+        100-continue with its body not yet read (the client may never send it), or proposed a
+        protocol switch whose bytes the proxy will not read as HTTP. A refused switch proposal
+        resumes HTTP parsing of what the client sent after it (see `has_held_input`).
+
+        Returns:
+            The response bytes (no body for HEAD) and whether to close after writing them; write
+            them after the responses of the requests forwarded before this one.
+        Raises:
+            ValueError: no request is waiting for a decision, or `status` has no refusal text.
+        """
+        if not self._undecided:
+            raise ValueError("refuse() with no request waiting for a decision")
+        exchange = self._undecided.popleft()
+        exchange.answered = True
+        close = not exchange.keep_alive or (exchange.expect_continue and exchange.has_body and not exchange.complete)
+        if exchange.switch is not None:
+            if exchange.complete:
+                self._resume_client()
+            else:
+                close = True
+        data = refusal(status, keep_alive=not close, body=body, head_request=exchange.method == "HEAD")
+        return Refusal(data=data, close=close)
+
+
+def _is_chunked(headers: Headers) -> bool:
+    return any(name.lower() == "transfer-encoding" for name, _ in headers)
+
+
+def _check_fields(headers: Headers) -> None:
+    for name, value in headers:
+        if not _TOKEN_STR.fullmatch(name) or not _FIELD_VALUE_STR.fullmatch(value):
+            raise ValueError(f"header field {name[:32]!r} cannot be serialised safely")
+
+
+def _fields_bytes(headers: Headers) -> bytes:
+    return "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
+
+
+def _reframe(headers: Headers, content_length: int | None, chunked: bool) -> Headers:
+    _check_fields(headers)
+    kept = tuple((n, v) for n, v in headers if n.lower() not in _FRAMING_NAMES)
+    if chunked:
+        return (*kept, ("Transfer-Encoding", "chunked"))
+    if content_length is not None:
+        return (*kept, ("Content-Length", str(content_length)))
+    return kept
+
+
+def serialize_request_head(req: HttpRequest, headers: Headers | None = None) -> bytes:
+    """The head to send upstream: `req.target` (already normalised) and `headers` (default: req.headers).
+
+    Supplied `headers` are validated and their Content-Length / Transfer-Encoding replaced by the
+    request's own framing, so header actions can never change where the body ends.
+
+    Raises:
+        ValueError: a supplied header name is not a token or a value holds CR, LF or NUL.
+    """
+    if headers is None:
+        headers = req.headers
+    else:
+        headers = _reframe(headers, req.content_length, req.has_body and req.content_length is None)
+    line = f"{req.method} {req.target} HTTP/{req.http_version}\r\n"
+    return (line + "".join([f"{n}: {v}\r\n" for n, v in headers]) + "\r\n").encode("latin-1")
+
+
+def serialize_response_head(resp: HttpResponse, headers: Headers | None = None) -> bytes:
+    """The head to send to the client for `resp` (same status, reason and fields unless `headers` given).
+
+    Raises:
+        ValueError: a supplied header name is not a token or a value holds CR, LF or NUL.
+    """
+    if headers is None:
+        headers = resp.headers
+    else:
+        chunked = resp.has_body and resp.content_length is None and _is_chunked(resp.headers)
+        headers = _reframe(headers, resp.content_length, chunked)
+    line = f"HTTP/{resp.http_version} {resp.status} {resp.reason}\r\n"
+    return (line + "".join([f"{n}: {v}\r\n" for n, v in headers]) + "\r\n").encode("latin-1")
+
+
+_REASON_PHRASES: Final = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+@functools.lru_cache(maxsize=256)
+def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_request: bool = False) -> bytes:
+    """A complete response the proxy sends instead of forwarding (403 by policy, 400/431/502/503/504 on errors).
+
+    The body defaults to `Access denied\\r\\n` for 403 (Cilium's text) and the reason phrase plus CRLF
+    otherwise; Content-Length is always exact, `Connection: close` when `keep_alive` is False and
+    `Connection: keep-alive` otherwise. `head_request` leaves the body out (RFC 9110 §9.3.2) but keeps
+    its Content-Length. Cached: repeated refusals cost a dictionary lookup.
+
+    Raises:
+        ValueError: `status` is not one this module has a reason phrase for.
+    """
+    reason = _REASON_PHRASES.get(status)
+    if reason is None:
+        raise ValueError(f"no refusal for status {status}")
+    if body is None:
+        body = ACCESS_DENIED if status == 403 else f"{reason}\r\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode()
+    return head if head_request else head + body
+
+
+def http_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SERVER) -> int:
+    """The status code that answers `reason`; a broken response from upstream is 502 whatever the reason.
+
+    Returns:
+        403 policy denial, 400 malformed request, 431 request over a limit, 503 upstream
+        unreachable, 504 upstream timed out; 502 for MALFORMED/TOO_LARGE read from the server.
+    """
+    match reason:
+        case Reason.POLICY_DENIED:
+            return 403
+        case Reason.MALFORMED:
+            return 400 if direction is Direction.CLIENT_TO_SERVER else 502
+        case Reason.TOO_LARGE:
+            return 431 if direction is Direction.CLIENT_TO_SERVER else 502
+        case Reason.UPSTREAM_FAILED:
+            return 503
+        case Reason.UPSTREAM_TIMEOUT:
+            return 504
+        case _:
+            assert_never(reason)

@@ -1,0 +1,530 @@
+"""Compile policies + endpoints (+ learned DNS names) into a `PolicyMap`: per endpoint and direction,
+`(peer identity, port, protocol) -> DROP | ALLOW | REDIRECT(parser, L7 rule set)`.
+
+Rules (Cilium 1.19 pkg/policy):
+1. A rule selects endpoints by its (namespace-scoped) endpointSelector. A direction is enforced
+   (default deny) for an endpoint once a selecting rule has entries for it (allow or deny) and does
+   not set `enableDefaultDeny.<direction>: false`.
+2. Allows are a union. A deny entry covering (peer, port, protocol) wins over every allow.
+3. Without a matching allow: DROP when enforced, ALLOW when not.
+4. Matching allows with L7 rules put the port under the proxy (REDIRECT); the rule set is the union
+   of those allows' L7 rules. An L3-only or L4-only allow for the same peer on that port adds an
+   allow-all entry (wildcarding), so it voids the L7 constraints for that peer.
+5. Two L7 parsers on overlapping ports of one endpoint/direction are a conflict: a
+   `PolicyConflictError` in `PolicyMap.errors`, and a peer that both apply to is dropped (fail closed).
+Identities: see policies.identity. Pure: no I/O; recompile when policies, endpoints or learned
+names change (compiling is fast; see bench/policy_bench.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from policies import dnsmatch
+from policies.crd import (
+    CONCRETE_PROTOS,
+    CidrRule,
+    DnsRule,
+    Entity,
+    FqdnSelector,
+    HttpRule,
+    IPNetwork,
+    KafkaRule,
+    L4Proto,
+    ParserType,
+    PeerRule,
+    Policy,
+    Rule,
+    compile_regex,
+)
+from policies.endpoints import Endpoint, Endpoints
+from policies.errors import PolicyConflictError, PolicyError
+from policies.identity import (
+    Identity,
+    IdentityKind,
+    IpCache,
+    ReservedIdentity,
+    allocate_cidr_identities,
+    allocate_endpoint_identities,
+    reserved_identities,
+)
+from policies.l7 import L7RuleSet
+from policies.labels import Label, LabelIndex, LabelSet, iter_bits
+
+
+class PolicyDirection(enum.Enum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class VerdictKind(enum.Enum):
+    DROP = "drop"
+    ALLOW = "allow"
+    REDIRECT = "redirect"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """The L3/L4 answer for one (endpoint, direction, peer identity, port, protocol).
+
+    `rules` is set iff REDIRECT. `matched` names the rules that decided: the deny entries for a
+    DROP by deny, the allow entries for ALLOW/REDIRECT, () for default deny or no enforcement.
+    """
+
+    kind: VerdictKind
+    enforced: bool
+    parser: ParserType | None = None
+    rules: L7RuleSet | None = None
+    matched: tuple[str, ...] = ()
+    conflict: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MapEntry:
+    """One resolved entry for the BPF policy map: this identity, protocol and inclusive port range.
+
+    Identities and ports not listed get the direction's default (`DirectionPolicy.default`).
+    """
+
+    identity: int
+    proto: L4Proto
+    port: int
+    end_port: int
+    verdict: VerdictKind
+    parser: ParserType | None = None
+
+
+L7Rule = HttpRule | DnsRule | KafkaRule
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Contribution:
+    """One (peer set, protocols, port range) piece of an allow or deny entry."""
+
+    peers: int  # bitmap over PolicyMap.identities
+    all_peers: bool  # selects every identity, also ones unknown at compile time
+    protos: frozenset[L4Proto]
+    lo: int
+    hi: int
+    deny: bool
+    parser: ParserType | None
+    l7: tuple[tuple[L7Rule, str], ...]
+    ref: str
+    uid: int
+
+
+_ALL_PROTOS = frozenset(CONCRETE_PROTOS)
+_MAX_CACHE = 100_000
+
+
+class DirectionPolicy:
+    """The compiled policy of one endpoint identity in one direction."""
+
+    def __init__(self, pmap: PolicyMap, direction: PolicyDirection, enforced: bool, contributions: Sequence[Contribution]) -> None:
+        self._pmap = pmap
+        self.direction = direction
+        self.enforced = enforced
+        self.contributions = tuple(contributions)
+        self._cache: dict[tuple[int, int, L4Proto], Verdict] = {}
+
+    @property
+    def default(self) -> VerdictKind:
+        return VerdictKind.DROP if self.enforced else VerdictKind.ALLOW
+
+    def lookup(self, peer_identity: int, port: int, proto: L4Proto) -> Verdict:
+        """Never raises; an identity unknown to the map is matched only by wildcard peers."""
+        key = (peer_identity, port, proto)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        verdict = self._resolve(peer_identity, port, proto)
+        if len(self._cache) >= _MAX_CACHE:
+            self._cache.clear()
+        self._cache[key] = verdict
+        return verdict
+
+    def _resolve(self, peer_identity: int, port: int, proto: L4Proto) -> Verdict:
+        idx = self._pmap.identity_index.get(peer_identity)
+        bit = 0 if idx is None else 1 << idx
+        denies: list[str] = []
+        l7: list[Contribution] = []
+        plain: list[Contribution] = []
+        for c in self.contributions:
+            if not (c.all_peers or c.peers & bit) or proto not in c.protos or not c.lo <= port <= c.hi:
+                continue
+            if c.deny:
+                denies.append(c.ref)
+            elif c.parser is not None:
+                l7.append(c)
+            else:
+                plain.append(c)
+        if denies:
+            return Verdict(kind=VerdictKind.DROP, enforced=self.enforced, matched=tuple(dict.fromkeys(denies)))
+        if not l7 and not plain:
+            return Verdict(kind=self.default, enforced=self.enforced)
+        if not l7:
+            return Verdict(kind=VerdictKind.ALLOW, enforced=self.enforced, matched=tuple(dict.fromkeys(c.ref for c in plain)))
+        parsers = {c.parser for c in l7}
+        refs = tuple(dict.fromkeys(itertools.chain((c.ref for c in l7), (c.ref for c in plain))))
+        if len(parsers) > 1:
+            return Verdict(kind=VerdictKind.DROP, enforced=self.enforced, matched=refs, conflict=True)
+        parser = l7[0].parser
+        assert parser is not None
+        rules = self._pmap.rule_set(parser, l7, plain)
+        return Verdict(kind=VerdictKind.REDIRECT, enforced=self.enforced, parser=parser, rules=rules, matched=refs)
+
+    def entries(self) -> list[MapEntry]:
+        """Resolved, non-overlapping entries that differ from `default`, for the BPF policy map."""
+        out: list[MapEntry] = []
+        selected = 0
+        for c in self.contributions:
+            selected |= self._pmap.all_bits if c.all_peers else c.peers
+        for idx in iter_bits(selected):
+            ident = self._pmap.identities[idx].id
+            bit = 1 << idx
+            mine = [c for c in self.contributions if c.all_peers or c.peers & bit]
+            for proto in CONCRETE_PROTOS:
+                points = {0, 65536}
+                for c in mine:
+                    if proto in c.protos:
+                        points.update((c.lo, c.hi + 1))
+                bounds = sorted(points)
+                run: tuple[int, VerdictKind, ParserType | None] | None = None
+                for lo in bounds[:-1]:
+                    v = self.lookup(ident, lo, proto)
+                    if run is not None and (run[1], run[2]) == (v.kind, v.parser):
+                        continue
+                    if run is not None:
+                        self._emit(out, ident, proto, run, lo - 1)
+                    run = (lo, v.kind, v.parser)
+                if run is not None:
+                    self._emit(out, ident, proto, run, 65535)
+        return out
+
+    def _emit(self, out: list[MapEntry], ident: int, proto: L4Proto, run: tuple[int, VerdictKind, ParserType | None], end: int) -> None:
+        if run[1] is self.default:
+            return
+        out.append(MapEntry(identity=ident, proto=proto, port=run[0], end_port=end, verdict=run[1], parser=run[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One side of a flow: its identity and, when it is a local endpoint, its `ns/name`."""
+
+    identity: int
+    endpoint: str | None = None
+    ip: str | None = None
+
+
+class PolicyMap:
+    """The compiled form the proxy (issue 4) and the BPF data path (issue 5) read.
+
+    - `direction(endpoint_key, direction)` -> DirectionPolicy (lookup, entries, enforced)
+    - `lookup(endpoint_key, direction, peer_identity, port, proto)` -> Verdict
+    - `identities`, `identity_of(endpoint_key)`, `ipcache` (IP/CIDR -> identity), `errors`
+    """
+
+    def __init__(self) -> None:
+        self.identities: list[Identity] = []
+        self.identity_index: dict[int, int] = {}
+        self.all_bits = 0
+        self.ipcache = IpCache(())
+        self.endpoints: dict[str, Endpoint] = {}
+        self.endpoint_identity: dict[str, int] = {}
+        self.errors: list[PolicyError] = []
+        self._policies: dict[tuple[int, PolicyDirection], DirectionPolicy] = {}
+        self._rule_sets: dict[tuple[ParserType, tuple[int, ...], tuple[str, ...]], L7RuleSet] = {}
+        self._empty: dict[PolicyDirection, DirectionPolicy] = {}
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def identity(self, identity: int) -> Identity | None:
+        idx = self.identity_index.get(identity)
+        return None if idx is None else self.identities[idx]
+
+    def identity_of(self, endpoint_key: str) -> int | None:
+        return self.endpoint_identity.get(endpoint_key)
+
+    def direction(self, endpoint_key: str, direction: PolicyDirection) -> DirectionPolicy:
+        """The endpoint's compiled policy; an unknown endpoint gets an unenforced, empty policy."""
+        ident = self.endpoint_identity.get(endpoint_key)
+        if ident is None:
+            return self._empty[direction]
+        return self._policies.get((ident, direction)) or self._empty[direction]
+
+    def lookup(self, endpoint_key: str, direction: PolicyDirection, peer_identity: int, port: int, proto: L4Proto) -> Verdict:
+        return self.direction(endpoint_key, direction).lookup(peer_identity, port, proto)
+
+    def peer_from_endpoint(self, endpoint_key: str) -> Peer:
+        """Raises KeyError for an unknown endpoint."""
+        ep = self.endpoints[endpoint_key]
+        return Peer(self.endpoint_identity[endpoint_key], endpoint_key, ep.ips[0] if ep.ips else None)
+
+    def peer_from_ip(self, ip: str) -> Peer:
+        """The identity the ipcache gives `ip`, and the endpoint owning it (if any). Raises ValueError."""
+        addr = ipaddress.ip_address(ip)
+        for key, ep in self.endpoints.items():
+            if any(ipaddress.ip_address(x) == addr for x in ep.ips):
+                return Peer(self.endpoint_identity[key], key, str(addr))
+        return Peer(self.ipcache.lookup(addr), None, str(addr))
+
+    def rule_set(self, parser: ParserType, l7: Sequence[Contribution], plain: Sequence[Contribution]) -> L7RuleSet:
+        key = (parser, tuple(c.uid for c in l7), tuple(dict.fromkeys(c.ref for c in plain)))
+        hit = self._rule_sets.get(key)
+        if hit is None:
+            entries: list[tuple[L7Rule | None, str]] = [(None, ref) for ref in key[2]]
+            for c in l7:
+                entries.extend(c.l7)
+            hit = self._rule_sets[key] = L7RuleSet(parser, entries)
+        return hit
+
+
+# --- compilation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Compiler:
+    policies: Sequence[Policy]
+    endpoints: Endpoints
+    learned: Mapping[str, Iterable[str]]
+    pmap: PolicyMap = field(default_factory=PolicyMap)
+    uids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def run(self) -> PolicyMap:
+        pmap = self.pmap
+        self._identities()
+        index = LabelIndex([i.labels for i in pmap.identities])
+        self._label_index = index
+        self._entity_bits = self._entities()
+        self._cidr_cache: dict[CidrRule, int] = {}
+        self._fqdn_cache: dict[FqdnSelector, int] = {}
+        pmap._empty = {d: DirectionPolicy(pmap, d, False, ()) for d in PolicyDirection}
+        # Subjects: endpoint identities only.
+        ep_idents = [i for i in pmap.identities if i.kind is IdentityKind.ENDPOINT]
+        subject_index = LabelIndex([i.labels for i in ep_idents])
+        per_subject: dict[int, list[tuple[Policy, Rule]]] = {}
+        for policy in self.policies:
+            for rule in policy.rules:
+                if rule.endpoint_selector is None:
+                    continue  # nodeSelector: host policy, selects no pod
+                for pos in iter_bits(subject_index.select(rule.endpoint_selector)):
+                    per_subject.setdefault(pos, []).append((policy, rule))
+        contrib_cache: dict[int, list[Contribution]] = {}
+        for pos, rules in per_subject.items():
+            ident = ep_idents[pos]
+            for direction in PolicyDirection:
+                enforced = False
+                contributions: list[Contribution] = []
+                for policy, rule in rules:
+                    allow, deny = (rule.ingress, rule.ingress_deny) if direction is PolicyDirection.INGRESS else (rule.egress, rule.egress_deny)
+                    dd = rule.default_deny_ingress if direction is PolicyDirection.INGRESS else rule.default_deny_egress
+                    if (allow or deny) and dd:
+                        enforced = True
+                    for entry in (*deny, *allow):
+                        got = contrib_cache.get(id(entry))
+                        if got is None:
+                            got = contrib_cache[id(entry)] = self._contributions(policy, entry)
+                        contributions.extend(got)
+                dp = DirectionPolicy(pmap, direction, enforced, contributions)
+                pmap._policies[(ident.id, direction)] = dp
+                self._check_conflicts(ident, dp)
+        return pmap
+
+    # identities and ipcache
+    def _identities(self) -> None:
+        pmap = self.pmap
+        idents = reserved_identities()
+        label_sets = {e.label_set for e in self.endpoints.endpoints}
+        ep_numbers = allocate_endpoint_identities(label_sets)
+        members: dict[LabelSet, list[str]] = {}
+        for e in self.endpoints.endpoints:
+            members.setdefault(e.label_set, []).append(e.key)
+        for ls, n in sorted(ep_numbers.items(), key=lambda kv: kv[1]):
+            idents.append(Identity(id=n, kind=IdentityKind.ENDPOINT, labels=ls, endpoints=tuple(members[ls])))
+        endpoint_ips = {ipaddress.ip_address(ip): e.key for e in self.endpoints.endpoints for ip in e.ips}
+        prefixes: set[IPNetwork] = set()
+        for policy in self.policies:
+            for rule in policy.rules:
+                for entry in (*rule.ingress, *rule.ingress_deny, *rule.egress, *rule.egress_deny):
+                    for c in entry.cidrs or ():
+                        prefixes.add(c.cidr)
+                        prefixes.update(c.except_)
+        names: dict[IPNetwork, set[str]] = {}
+        for name, ips in self.learned.items():
+            for ip in ips:
+                try:
+                    addr = ipaddress.ip_address(ip)
+                except ValueError:
+                    continue
+                if addr in endpoint_ips:
+                    continue  # toFQDNs never selects cluster endpoints
+                net = ipaddress.ip_network(addr)
+                prefixes.add(net)
+                names.setdefault(net, set()).add(dnsmatch.fqdn(name))
+        prefixes = {p for p in prefixes if p.prefixlen > 0}
+        world = {4: ReservedIdentity.WORLD_IPV4, 6: ReservedIdentity.WORLD_IPV6}
+        for net, n in sorted(allocate_cidr_identities(prefixes).items(), key=lambda kv: kv[1]):
+            labels = LabelSet.of([Label("cidr", str(net)), Label("reserved", world[net.version].label_name)])
+            idents.append(Identity(id=n, kind=IdentityKind.CIDR, labels=labels, prefix=net, names=frozenset(names.get(net, ()))))
+        pmap.identities = idents
+        pmap.identity_index = {ident.id: i for i, ident in enumerate(idents)}
+        pmap.all_bits = (1 << len(idents)) - 1
+        ipc: list[tuple[IPNetwork, int]] = [
+            (ipaddress.ip_network("0.0.0.0/0"), int(ReservedIdentity.WORLD_IPV4)),
+            (ipaddress.ip_network("::/0"), int(ReservedIdentity.WORLD_IPV6)),
+        ]
+        ipc.extend((i.prefix, i.id) for i in idents if i.kind is IdentityKind.CIDR and i.prefix is not None)
+        for e in self.endpoints.endpoints:
+            n = ep_numbers[e.label_set]
+            pmap.endpoints[e.key] = e
+            pmap.endpoint_identity[e.key] = n
+            ipc.extend((ipaddress.ip_network(ip), n) for ip in e.ips)
+        pmap.ipcache = IpCache(ipc)
+
+    def _entities(self) -> dict[Entity, int]:
+        bits: dict[Entity, int] = {e: 0 for e in Entity}
+        by_reserved = {r: 1 << self.pmap.identity_index[int(r)] for r in ReservedIdentity}
+        for i, ident in enumerate(self.pmap.identities):
+            b = 1 << i
+            if ident.kind is IdentityKind.ENDPOINT:
+                bits[Entity.CLUSTER] |= b
+            elif ident.kind is IdentityKind.CIDR and ident.prefix is not None:
+                bits[Entity.WORLD] |= b
+                bits[Entity.WORLD_IPV4 if ident.prefix.version == 4 else Entity.WORLD_IPV6] |= b
+        R = ReservedIdentity
+        bits[Entity.WORLD] |= by_reserved[R.WORLD] | by_reserved[R.WORLD_IPV4] | by_reserved[R.WORLD_IPV6]
+        bits[Entity.WORLD_IPV4] |= by_reserved[R.WORLD_IPV4]
+        bits[Entity.WORLD_IPV6] |= by_reserved[R.WORLD_IPV6]
+        for r in (R.HOST, R.REMOTE_NODE, R.KUBE_APISERVER, R.INIT, R.HEALTH, R.UNMANAGED, R.INGRESS):
+            bits[Entity.CLUSTER] |= by_reserved[r]
+        bits[Entity.HOST] = by_reserved[R.HOST]
+        bits[Entity.REMOTE_NODE] = by_reserved[R.REMOTE_NODE]
+        bits[Entity.KUBE_APISERVER] = by_reserved[R.KUBE_APISERVER]
+        bits[Entity.INIT] = by_reserved[R.INIT]
+        bits[Entity.HEALTH] = by_reserved[R.HEALTH]
+        bits[Entity.UNMANAGED] = by_reserved[R.UNMANAGED]
+        bits[Entity.INGRESS] = by_reserved[R.INGRESS]
+        bits[Entity.ALL] = self.pmap.all_bits
+        bits[Entity.NONE] = 0
+        return bits
+
+    def _cidr_bits(self, rule: CidrRule) -> int:
+        hit = self._cidr_cache.get(rule)
+        if hit is not None:
+            return hit
+        bits = 0
+        for i, ident in enumerate(self.pmap.identities):
+            p = ident.prefix
+            if p is None or p.version != rule.cidr.version or not p.subnet_of(rule.cidr):  # type: ignore[arg-type]
+                continue
+            if any(p.subnet_of(x) for x in rule.except_):  # type: ignore[arg-type]
+                continue
+            bits |= 1 << i
+        self._cidr_cache[rule] = bits
+        return bits
+
+    def _fqdn_bits(self, sel: FqdnSelector) -> int:
+        hit = self._fqdn_cache.get(sel)
+        if hit is not None:
+            return hit
+        if sel.match_name is not None:
+            want = dnsmatch.fqdn(sel.match_name)
+
+            def ok(name: str) -> bool:
+                return name == want
+
+        else:
+            regex = compile_regex(dnsmatch.pattern_to_regex(sel.match_pattern or "*"))
+
+            def ok(name: str) -> bool:
+                return regex.search(name) is not None
+
+        bits = 0
+        for i, ident in enumerate(self.pmap.identities):
+            if ident.names and any(ok(n) for n in ident.names):
+                bits |= 1 << i
+        self._fqdn_cache[sel] = bits
+        return bits
+
+    def _peer_bits(self, entry: PeerRule) -> tuple[int, bool]:
+        if entry.selects_nothing:
+            return 0, False
+        if entry.is_wildcard_peer:
+            return self.pmap.all_bits, True
+        bits = 0
+        all_peers = False
+        for sel in entry.endpoints or ():
+            bits |= self._label_index.select(sel)
+        for ent in entry.entities or ():
+            bits |= self._entity_bits[ent]
+            all_peers = all_peers or ent is Entity.ALL
+        for c in entry.cidrs or ():
+            bits |= self._cidr_bits(c)
+        for f in entry.fqdns or ():
+            bits |= self._fqdn_bits(f)
+        return bits, all_peers
+
+    def _contributions(self, policy: Policy, entry: PeerRule) -> list[Contribution]:
+        peers, all_peers = self._peer_bits(entry)
+        if not peers and not all_peers:
+            return []
+        prefix = f"{policy.key}: "
+        out: list[Contribution] = []
+        if not entry.to_ports:
+            if entry.has_icmps:
+                return []  # ICMP only: no TCP/UDP/SCTP port
+            out.append(Contribution(peers, all_peers, _ALL_PROTOS, 0, 65535, entry.deny, None, (), prefix + entry.path, next(self.uids)))
+            return out
+        for pr in entry.to_ports:
+            parser = pr.rules.parser if pr.rules is not None else None
+            l7: tuple[tuple[L7Rule, str], ...] = ()
+            if pr.rules is not None and parser is not None:
+                kind = parser.value
+                rules: tuple[L7Rule, ...] = {
+                    ParserType.HTTP: pr.rules.http,
+                    ParserType.DNS: pr.rules.dns,
+                    ParserType.KAFKA: pr.rules.kafka,
+                }[parser] or ()
+                l7 = tuple((r, f"{prefix}{pr.path}.rules.{kind}[{i}]") for i, r in enumerate(rules))
+            for pp in pr.ports:
+                protos = _ALL_PROTOS if pp.protocol is L4Proto.ANY else frozenset({pp.protocol})
+                if parser is ParserType.DNS:
+                    protos = protos & {L4Proto.TCP, L4Proto.UDP}
+                lo, hi = pp.range
+                out.append(Contribution(peers, all_peers, protos, lo, hi, entry.deny, parser, l7, prefix + pr.path, next(self.uids)))
+        return out
+
+    def _check_conflicts(self, ident: Identity, dp: DirectionPolicy) -> None:
+        l7 = [c for c in dp.contributions if c.parser is not None and not c.deny]
+        if len({c.parser for c in l7}) < 2:
+            return
+        for a, b in itertools.combinations(l7, 2):
+            if a.parser is not b.parser and a.protos & b.protos and a.lo <= b.hi and b.lo <= a.hi and (a.all_peers or b.all_peers or a.peers & b.peers):
+                assert a.parser is not None and b.parser is not None
+                self.pmap.errors.append(
+                    PolicyConflictError(
+                        f"cannot merge conflicting L7 parsers ({a.parser.value} from {a.ref}, {b.parser.value} from {b.ref})",
+                        obj=", ".join(ident.endpoints),
+                        path=dp.direction.value,
+                    )
+                )
+                return
+
+
+def compile_policy(
+    policies: Iterable[Policy],
+    endpoints: Endpoints,
+    learned: Mapping[str, Iterable[str]] | None = None,
+) -> PolicyMap:
+    """Compile validated policies for `endpoints`.
+
+    `learned` maps DNS names to the IPs DNS answers gave for them (FqdnCache.snapshot()); toFQDNs
+    selectors select those addresses' identities.
+    Returns: the PolicyMap. Conflicts between rules are in `PolicyMap.errors` (the affected peers
+        are dropped); compilation itself does not raise for valid policies.
+    """
+    return _Compiler(list(policies), endpoints, learned or {}).run()

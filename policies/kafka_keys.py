@@ -1,0 +1,65 @@
+"""Kafka API keys by Cilium's names, and the api-key sets that Cilium's `role` shorthand expands to.
+
+Cilium 1.19 (pkg/policy/api/kafka.go): `produce` = Produce, Metadata, ApiVersions;
+`consume` = Fetch, ListOffsets, Metadata, OffsetCommit, OffsetFetch, FindCoordinator, JoinGroup,
+Heartbeat, LeaveGroup, SyncGroup, ApiVersions.
+"""
+
+from __future__ import annotations
+
+API_KEYS: dict[str, int] = {
+    "produce": 0,
+    "fetch": 1,
+    "offsets": 2,
+    "metadata": 3,
+    "leaderandisr": 4,
+    "stopreplica": 5,
+    "updatemetadata": 6,
+    "controlledshutdown": 7,
+    "offsetcommit": 8,
+    "offsetfetch": 9,
+    "findcoordinator": 10,
+    "joingroup": 11,
+    "heartbeat": 12,
+    "leavegroup": 13,
+    "syncgroup": 14,
+    "describegroups": 15,
+    "listgroups": 16,
+    "saslhandshake": 17,
+    "apiversions": 18,
+    "createtopics": 19,
+    "deletetopics": 20,
+    "deleterecords": 21,
+    "initproducerid": 22,
+    "offsetforleaderepoch": 23,
+    "addpartitionstotxn": 24,
+    "addoffsetstotxn": 25,
+    "endtxn": 26,
+    "writetxnmarkers": 27,
+    "txnoffsetcommit": 28,
+    "describeacls": 29,
+    "createacls": 30,
+    "deleteacls": 31,
+    "describeconfigs": 32,
+    "alterconfigs": 33,
+}
+API_KEY_NAMES: dict[int, str] = {v: k for k, v in API_KEYS.items()}
+
+ROLE_PRODUCE = "produce"
+ROLE_CONSUME = "consume"
+ROLE_API_KEYS: dict[str, frozenset[int]] = {
+    ROLE_PRODUCE: frozenset({0, 3, 18}),
+    ROLE_CONSUME: frozenset({1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18}),
+}
+
+TOPIC_AUTHORIZATION_FAILED = 29  # Kafka error code the proxy answers a denied request with
+
+
+def parse_api_key(text: str) -> int | None:
+    """A Cilium api-key name (case-insensitive) or a decimal number -> the numeric key; None if unknown."""
+    key = API_KEYS.get(text.strip().lower())
+    if key is not None:
+        return key
+    if text.strip().isdigit():
+        return int(text.strip())
+    return None

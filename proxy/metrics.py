@@ -1,0 +1,179 @@
+"""Prometheus metrics named `membrane_*`, kept in process, exposed as text format 0.0.4.
+
+Owns counters and histograms and their exposition; `serve_metrics` runs a tiny asyncio HTTP endpoint
+that answers any GET with the exposition. No dependency: the text format is written by hand. Label
+values are escaped; a metric never raises into the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import bisect
+from collections.abc import Sequence
+
+_DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+LabelValues = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.label_names = tuple(label_names)
+        self.values: dict[LabelValues, float] = {}
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(labels, 0.0)
+
+    def expose(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        if not self.values and not self.label_names:
+            lines.append(f"{self.name} 0")
+        for labels, value in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(self.label_names, labels)} {value:g}")
+        return lines
+
+
+class Gauge(Counter):
+    def set(self, value: float, *labels: str) -> None:
+        self.values[labels] = value
+
+    def expose(self) -> list[str]:
+        lines = super().expose()
+        lines[1] = f"# TYPE {self.name} gauge"
+        return lines
+
+
+class Histogram:
+    def __init__(
+        self, name: str, help_text: str, label_names: Sequence[str] = (), buckets: Sequence[float] = _DEFAULT_BUCKETS
+    ) -> None:
+        self.name = name
+        self.help = help_text
+        self.label_names = tuple(label_names)
+        self.buckets = tuple(buckets)
+        self.counts: dict[LabelValues, list[int]] = {}
+        self.sums: dict[LabelValues, float] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        counts = self.counts.get(labels)
+        if counts is None:
+            counts = self.counts[labels] = [0] * (len(self.buckets) + 1)
+            self.sums[labels] = 0.0
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sums[labels] += value
+
+    def count(self, *labels: str) -> int:
+        return sum(self.counts.get(labels, ()))
+
+    def expose(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for labels, counts in sorted(self.counts.items()):
+            running = 0
+            for bound, n in zip((*self.buckets, float("inf")), counts, strict=True):
+                running += n
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                le_label = 'le="' + le + '"'
+                lines.append(f"{self.name}_bucket{_labels(self.label_names, labels, le_label)} {running}")
+            lines.append(f"{self.name}_sum{_labels(self.label_names, labels)} {self.sums[labels]:g}")
+            lines.append(f"{self.name}_count{_labels(self.label_names, labels)} {running}")
+        return lines
+
+
+class Metrics:
+    """Every metric the proxy exports. One instance per worker process."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "membrane_proxy_requests_total", "L7 requests judged, by protocol and verdict.", ("protocol", "verdict")
+        )
+        self.request_duration = Histogram(
+            "membrane_proxy_request_duration_seconds",
+            "Time from a request to its response head, by protocol.",
+            ("protocol",),
+        )
+        self.internal_errors = Counter(
+            "membrane_proxy_internal_errors_total", "Connections closed because of a bug in the proxy."
+        )
+        self.connections = Counter(
+            "membrane_proxy_connections_total", "Client connections accepted, by listener kind.", ("kind",)
+        )
+        self.connections_rejected = Counter(
+            "membrane_proxy_connections_rejected_total", "Client connections refused, by reason.", ("reason",)
+        )
+        self.active_connections = Gauge("membrane_proxy_active_connections", "Client connections open now.")
+        self.timeouts = Counter("membrane_proxy_timeouts_total", "Connections closed by a timeout, by kind.", ("kind",))
+        self.upstream_failures = Counter(
+            "membrane_proxy_upstream_failures_total", "Upstream connects that failed, by reason.", ("reason",)
+        )
+        self.parse_errors = Counter(
+            "membrane_proxy_parse_errors_total", "Messages refused as unparsable, by protocol and reason.",
+            ("protocol", "reason"),
+        )
+        self.flows_dropped = Counter("membrane_flows_write_errors_total", "Flow records that a sink failed to write.")
+
+    def all(self) -> list[Counter | Histogram]:
+        return [
+            self.requests,
+            self.request_duration,
+            self.internal_errors,
+            self.connections,
+            self.connections_rejected,
+            self.active_connections,
+            self.timeouts,
+            self.upstream_failures,
+            self.parse_errors,
+            self.flows_dropped,
+        ]
+
+    def exposition(self) -> str:
+        return "\n".join(line for metric in self.all() for line in metric.expose()) + "\n"
+
+
+class _MetricsHttp(asyncio.Protocol):
+    """Answers every request with the exposition and closes (one request per connection is enough for Prometheus)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\r\n\r\n" not in self._buffer and b"\n\n" not in self._buffer:
+            if len(self._buffer) > 8192 and self._transport is not None:
+                self._transport.close()
+            return
+        body = self._metrics.exposition().encode()
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        assert self._transport is not None
+        self._transport.write(head + body)
+        self._transport.close()
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
+    """Start the `/metrics` endpoint. Returns the server (close it to stop). Raises OSError if it cannot bind."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _MetricsHttp(metrics), host, port, reuse_address=True, reuse_port=True)

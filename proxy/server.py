@@ -1,0 +1,524 @@
+"""The proxy's I/O: listeners, client and upstream connections, timers, drain. The only module that awaits.
+
+Owns sockets (transparent or gateway), backpressure, timeouts and limits, and carries out the actions a
+`Session` returns; it never parses bytes or decides a verdict. Each connection runs its callbacks under
+one `except Exception` (`Connection._internal_error`): the traceback is logged with the connection id,
+`membrane_proxy_internal_errors_total` is bumped and only that connection is closed.
+
+Rules: reading from one side pauses while the other side's write buffer is above `max_buffer_bytes`
+(asyncio's pause_writing/resume_writing), and before the upstream is connected at most
+`max_buffer_bytes` are held. One upstream connection per client connection (transparent semantics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import contextlib
+import errno
+import itertools
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from parsers.events import Direction, Reason
+from proxy.flows import REQUEST, RESPONSE, FlowSink
+from proxy.metrics import Metrics
+from proxy.session import (
+    Action,
+    Close,
+    DataReceived,
+    Forward,
+    Log,
+    PeerClosed,
+    Reply,
+    Session,
+    TimedOut,
+    TimeoutKind,
+    UpstreamFailed,
+)
+
+log = logging.getLogger("membrane.proxy")
+
+C2S = Direction.CLIENT_TO_SERVER
+S2C = Direction.SERVER_TO_CLIENT
+
+# Linux values (not all exported by the socket module).
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IP_ORIGDSTADDR = IP_RECVORIGDSTADDR
+IPV6_TRANSPARENT = 75
+IPV6_RECVORIGDSTADDR = 74
+SOL_IPV6 = socket.IPPROTO_IPV6
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    """Timeouts and limits; every one is configurable from the command line."""
+
+    header_timeout_s: float = 10.0  # whole request head (nginx client_header_timeout: 60 s; Envoy: none)
+    idle_timeout_s: float = 300.0  # nothing moved either way (Envoy's idle_timeout default is 1 h)
+    connect_timeout_s: float = 5.0  # upstream TCP connect (Envoy's default)
+    dns_timeout_s: float = 5.0  # a forwarded UDP DNS query without an answer gets SERVFAIL
+    max_connections: int = 10_000  # per worker; beyond it new connections are closed at once
+    max_buffer_bytes: int = 1 << 20  # per direction per connection: write-buffer high-water mark
+    drain_timeout_s: float = 10.0  # on SIGTERM: how long in-flight requests may finish
+    transparent: bool = False  # IP_TRANSPARENT listeners; upstream = original dst, bound to the client's IP
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionInfo:
+    """What the session factory needs to look up policy for one connection or datagram."""
+
+    client: Address  # the peer's address (a pod, in transparent mode)
+    original_dst: Address  # getsockname() in transparent mode; the listener's address in gateway mode
+    transport: str = "TCP"
+
+
+SessionFactory = Callable[[ConnectionInfo], Session]
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class _Upstream(asyncio.Protocol):
+    """The proxy's connection to the server; every callback is forwarded to its `Connection`."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return self.conn.upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.set_client_reading(False, "upstream_buffer")
+
+    def resume_writing(self) -> None:
+        self.conn.set_client_reading(True, "upstream_buffer")
+
+
+class Connection(asyncio.Protocol):
+    """One client connection, its upstream connection and its session."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.cid = next(Connection._ids)
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.upstream_eof_pending = False
+        self.closed = False
+        self.counted = False
+        self.last_activity = _now()
+        self.head_started: float | None = None
+        self._client_pauses: set[str] = set()
+        self._upstream_pauses: set[str] = set()
+        self._connect_task: asyncio.Task[None] | None = None
+
+    # --- client side ------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        proxy = self.proxy
+        if proxy.draining or len(proxy.connections) >= proxy.config.max_connections:
+            proxy.metrics.connections_rejected.inc("draining" if proxy.draining else "max_connections")
+            self.closed = True
+            transport.abort()
+            return
+        self.counted = True
+        proxy.connections.add(self)
+        proxy.metrics.connections.inc("tcp")
+        proxy.metrics.active_connections.set(len(proxy.connections))
+        try:
+            transport.set_write_buffer_limits(high=proxy.config.max_buffer_bytes)
+            peer = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
+            info = ConnectionInfo(client=(peer[0], peer[1]), original_dst=(local[0], local[1]))
+            self.session = proxy.factory(info)
+            if self.session.reading_head:
+                self.head_started = self.last_activity
+            self.apply(self.session.start())
+            if not self.closed:
+                upstream = proxy.upstream or info.original_dst
+                self._connect_task = asyncio.get_running_loop().create_task(self._connect(info.client, upstream))
+        except Exception:
+            self._internal_error()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.closed:
+            return
+        try:
+            self.last_activity = now = _now()
+            self.apply(session.handle(DataReceived(C2S, data)))
+            if session.reading_head:
+                if self.head_started is None:
+                    self.head_started = now
+            else:
+                self.head_started = None
+        except Exception:
+            self._internal_error()
+
+    def eof_received(self) -> bool:
+        if self.session is None or self.closed:
+            return False
+        try:
+            self.apply(self.session.handle(PeerClosed(C2S)))
+        except Exception:
+            self._internal_error()
+        return not self.closed  # keep our sending side open until the session closes it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown()
+
+    def pause_writing(self) -> None:
+        self.set_upstream_reading(False, "client_buffer")
+
+    def resume_writing(self) -> None:
+        self.set_upstream_reading(True, "client_buffer")
+
+    # --- upstream side ----------------------------------------------------------------------------
+    async def _connect(self, client: Address, upstream: Address) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.proxy.config
+        try:
+            try:
+                if config.transparent:
+                    sock = _transparent_upstream_socket(client[0], upstream[0])
+                    try:
+                        await asyncio.wait_for(loop.sock_connect(sock, upstream), config.connect_timeout_s)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    transport, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
+                else:
+                    transport, _ = await asyncio.wait_for(
+                        loop.create_connection(lambda: _Upstream(self), upstream[0], upstream[1]),
+                        config.connect_timeout_s,
+                    )
+            except TimeoutError:
+                self._upstream_failed(Reason.UPSTREAM_TIMEOUT, "timeout")
+                return
+            except OSError as e:
+                self._upstream_failed(Reason.UPSTREAM_FAILED, errno.errorcode.get(e.errno or 0, "oserror"))
+                return
+            transport = cast(asyncio.Transport, transport)
+            if self.closed:
+                transport.close()
+                return
+            self.upstream = transport
+            transport.set_write_buffer_limits(high=config.max_buffer_bytes)
+            if self.pending:
+                transport.writelines(self.pending)
+                self.pending.clear()
+                self.pending_bytes = 0
+            if self.upstream_eof_pending and transport.can_write_eof():
+                transport.write_eof()
+            self.set_client_reading(True, "pending")
+            if self._upstream_pauses:
+                transport.pause_reading()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._internal_error()
+
+    def _upstream_failed(self, reason: Reason, label: str) -> None:
+        self.proxy.metrics.upstream_failures.inc(label)
+        if self.session is not None and not self.closed:
+            self.apply(self.session.handle(UpstreamFailed(reason)))
+
+    def upstream_data(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.closed:
+            return
+        try:
+            self.last_activity = _now()
+            self.apply(session.handle(DataReceived(S2C, data)))
+        except Exception:
+            self._internal_error()
+
+    def upstream_eof(self) -> bool:
+        if self.session is None or self.closed:
+            return False
+        try:
+            self.apply(self.session.handle(PeerClosed(S2C)))
+        except Exception:
+            self._internal_error()
+        return not self.closed
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            # A reset from the upstream: the client sees its connection end too.
+            self.close(abort=exc is not None)
+
+    # --- actions ----------------------------------------------------------------------------------
+    def apply(self, actions: Iterable[Action]) -> None:
+        """Carry out a session's actions in order."""
+        for action in actions:
+            kind = type(action)
+            if kind is Forward:
+                assert isinstance(action, Forward)
+                if action.direction is C2S:
+                    self._to_upstream(action.data)
+                elif self.client is not None:
+                    self.client.write(action.data)
+            elif kind is Reply:
+                assert isinstance(action, Reply)
+                if self.client is not None:
+                    self.client.write(action.data)
+            elif kind is Log:
+                assert isinstance(action, Log)
+                self.proxy.record(action)
+            elif kind is Close:
+                assert isinstance(action, Close)
+                if action.direction is None:
+                    self.close()
+                    return
+                if action.direction is C2S:
+                    if self.upstream is None:
+                        self.upstream_eof_pending = True
+                    elif self.upstream.can_write_eof():
+                        self.upstream.write_eof()
+                elif self.client is not None and self.client.can_write_eof():
+                    self.client.write_eof()
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.write(data)
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > self.proxy.config.max_buffer_bytes:
+            self.set_client_reading(False, "pending")
+
+    def set_client_reading(self, on: bool, why: str) -> None:
+        _set_reading(self.client, self._client_pauses, on, why)
+
+    def set_upstream_reading(self, on: bool, why: str) -> None:
+        _set_reading(self.upstream, self._upstream_pauses, on, why)
+        if not on and self.upstream is None:
+            self._upstream_pauses.add(why)
+
+    def timeout(self, kind: TimeoutKind) -> None:
+        if self.session is None or self.closed:
+            return
+        self.proxy.metrics.timeouts.inc(kind.value)
+        try:
+            self.apply(self.session.handle(TimedOut(kind)))
+        except Exception:
+            self._internal_error()
+
+    def close(self, abort: bool = False) -> None:
+        """End both connections (flushing what is buffered unless `abort`)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if not self.closed:
+            self.close()
+            return
+        if self.counted:
+            self.counted = False
+            self.proxy.connections.discard(self)
+            self.proxy.metrics.active_connections.set(len(self.proxy.connections))
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.close()
+
+    def _internal_error(self) -> None:
+        log.exception("internal error on connection %d; closing it", self.cid)
+        self.proxy.metrics.internal_errors.inc()
+        self.close(abort=True)
+
+
+def _set_reading(transport: asyncio.Transport | None, pauses: set[str], on: bool, why: str) -> None:
+    if on:
+        if why not in pauses:
+            return
+        pauses.discard(why)
+        if not pauses and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+    else:
+        if why in pauses:
+            return
+        pauses.add(why)
+        if len(pauses) == 1 and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+
+def _transparent_upstream_socket(client_ip: str, upstream_ip: str) -> socket.socket:
+    """A socket bound to the client's own IP (source preserved), ready to connect to the original destination."""
+    family = socket.AF_INET6 if ":" in upstream_ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((client_ip, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listening_socket(
+    host: str, port: int, *, udp: bool = False, transparent: bool = False, reuse_port: bool = True, backlog: int = 1024
+) -> socket.socket:
+    """A bound (and, for TCP, listening) socket with SO_REUSEPORT so that workers can share the port.
+
+    Raises OSError if the address cannot be bound (or IP_TRANSPARENT is not permitted).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            if family == socket.AF_INET6:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        if udp and transparent:
+            if family == socket.AF_INET6:
+                sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        if not udp:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        if not udp:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Address | None:
+    """The original destination from IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control data, if present."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
+            port = struct.unpack("!H", data[2:4])[0]
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), port
+        if level == SOL_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            port = struct.unpack("!H", data[2:4])[0]
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), port
+    return None
+
+
+@dataclass
+class Proxy:
+    """One worker's listeners and connections."""
+
+    config: ProxyConfig
+    factory: SessionFactory
+    upstream: Address | None  # gateway mode: the fixed upstream; None in transparent mode
+    flows: FlowSink = field(default_factory=FlowSink)
+    metrics: Metrics = field(default_factory=Metrics)
+    datagram_factory: Callable[[Proxy], asyncio.DatagramProtocol] | None = None
+
+    def __post_init__(self) -> None:
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._udp: list[asyncio.BaseTransport] = []
+        self._udp_closers: list[Callable[[], None]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def record(self, action: Log) -> None:
+        flow = action.flow
+        if flow.l7_type == REQUEST:
+            self.metrics.requests.inc(flow.context.transport.lower() if not flow.l7 else next(iter(flow.l7)), flow.verdict)
+        elif flow.l7_type == RESPONSE and flow.latency_ns:
+            self.metrics.request_duration.observe(flow.latency_ns / 1e9, next(iter(flow.l7), "tcp"))
+        self.flows.emit(flow)
+
+    async def start(self, tcp_sockets: Iterable[socket.socket], udp_sockets: Iterable[socket.socket] = ()) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in tcp_sockets:
+            self._servers.append(await loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
+        for sock in udp_sockets:
+            if self.datagram_factory is None:
+                raise ValueError("a UDP listener needs a datagram handler")
+            start_udp = getattr(self.datagram_factory(self), "start", None)
+            if start_udp is None:
+                raise ValueError("datagram handler has no start()")
+            self._udp_closers.append(start_udp(sock))
+        self._sweeper = loop.create_task(self._sweep())
+
+    def _tick_s(self) -> float:
+        c = self.config
+        return max(0.02, min(1.0, c.header_timeout_s / 4, c.idle_timeout_s / 4))
+
+    async def _sweep(self) -> None:
+        """One timer per worker: header, idle and drain deadlines are checked here, not per connection."""
+        config = self.config
+        tick = self._tick_s()
+        while True:
+            await asyncio.sleep(tick)
+            now = _now()
+            for conn in list(self.connections):
+                session = conn.session
+                if conn.closed or session is None:
+                    continue
+                if self.draining and session.is_idle:
+                    conn.timeout(TimeoutKind.DRAIN)
+                elif conn.head_started is not None and now - conn.head_started > config.header_timeout_s:
+                    conn.timeout(TimeoutKind.HEADER)
+                elif now - conn.last_activity > config.idle_timeout_s:
+                    conn.timeout(TimeoutKind.IDLE)
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout_s), then close everything."""
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for closer in self._udp_closers:
+            closer()
+        deadline = _now() + self.config.drain_timeout_s
+        while self.connections and _now() < deadline:
+            for conn in list(self.connections):
+                if conn.session is not None and conn.session.is_idle:
+                    conn.timeout(TimeoutKind.DRAIN)
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self.flows.close()

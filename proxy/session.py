@@ -1,0 +1,197 @@
+"""Sans-I/O session glue: inputs in (`DataReceived`, `PeerClosed`, `TimedOut`, `UpstreamFailed`), actions out.
+
+Owns the per-connection enforcement step: feed bytes to the protocol's parser, ask the policy for a
+verdict on every request, and answer with actions (`Forward`, `Reply`, `Close`, `Log`) that
+`proxy/server.py` carries out. Never awaits, never touches a socket, never parses bytes itself or
+decides a verdict itself (parsers/ and policies/ do). Time is injected (`clock`), so tests replay
+a session with a Playbook.
+
+Theory of operation: a `Session` is created per accepted connection after the policy lookup.
+`start()` returns the first actions (a session for a port that denies at L3/L4 returns a DROPPED
+`Log` and `Close()` at once: fail closed). Every later input goes through `handle()`.
+`Close(direction)` half-closes one way (the peer sent FIN); `Close()` ends the whole connection.
+The server keeps `reading_head` (a request head is being read: the header-timeout clock runs) and
+`is_idle` (no request in flight: drain may close it now) in step with these properties.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from parsers.events import Direction, Reason
+from proxy.flows import DROPPED, REQUEST, Flow, FlowContext
+
+C2S = Direction.CLIENT_TO_SERVER
+S2C = Direction.SERVER_TO_CLIENT
+
+
+class TimeoutKind(enum.Enum):
+    HEADER = "header"  # a request head took longer than header_timeout_s (slowloris)
+    IDLE = "idle"  # nothing moved either way for idle_timeout_s
+    DRAIN = "drain"  # the proxy is shutting down and this connection is idle, or drain time ran out
+    UPSTREAM = "upstream"  # a forwarded DNS query got no answer in time
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    direction: Direction  # CLIENT_TO_SERVER: bytes from the client; SERVER_TO_CLIENT: from the upstream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    direction: Direction  # CLIENT_TO_SERVER: the client sent FIN; SERVER_TO_CLIENT: the upstream did
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    kind: TimeoutKind
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The upstream connection could not be made: refused/unreachable or timed out."""
+
+    reason: Reason  # UPSTREAM_FAILED or UPSTREAM_TIMEOUT
+
+
+Input = DataReceived | PeerClosed | TimedOut | UpstreamFailed
+
+
+# --- actions --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    direction: Direction  # CLIENT_TO_SERVER: send to the upstream; SERVER_TO_CLIENT: send to the client
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Bytes the proxy itself answers to the client (a refusal)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """None: end the connection both ways. A direction: half-close that way (send FIN onwards)."""
+
+    direction: Direction | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    flow: Flow
+
+
+Action = Forward | Reply | Close | Log
+
+
+def wall_clock_ns() -> int:
+    return time.time_ns()
+
+
+class Session:
+    """Base class: bytes pass through unchanged, FIN is relayed, timeouts close. Subclasses judge requests."""
+
+    protocol = "tcp"
+
+    def __init__(self, *, context: FlowContext, clock: Callable[[], int] = wall_clock_ns) -> None:
+        self.context = context
+        self.clock = clock
+        self.closed = False
+        self._eof = {C2S: False, S2C: False}
+
+    # --- state the server reads -------------------------------------------------------------------
+    @property
+    def reading_head(self) -> bool:
+        """True while a request head is being read (the header timeout applies)."""
+        return False
+
+    @property
+    def is_idle(self) -> bool:
+        """True when no request is in flight, so closing now loses nothing (graceful drain)."""
+        return False
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def start(self) -> list[Action]:
+        """Actions to run as soon as the connection is accepted."""
+        return []
+
+    def handle(self, event: Input) -> list[Action]:
+        """Advance the session by one input and return what to do. Never raises ParseError."""
+        if self.closed:
+            return []
+        match event:
+            case DataReceived(direction, data):
+                return self.on_data(direction, data)
+            case PeerClosed(direction):
+                return self.on_peer_closed(direction)
+            case TimedOut(kind):
+                return self.on_timeout(kind)
+            case UpstreamFailed(reason):
+                return self.on_upstream_failed(reason)
+        raise TypeError(f"unknown session input {event!r}")  # pragma: no cover
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        return [Forward(direction, data)]
+
+    def on_peer_closed(self, direction: Direction) -> list[Action]:
+        self._eof[direction] = True
+        if all(self._eof.values()):
+            return self.close()
+        return [Close(direction)]
+
+    def on_timeout(self, kind: TimeoutKind) -> list[Action]:
+        return self.close()
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        return self.close()
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def close(self) -> list[Action]:
+        self.closed = True
+        return [Close()]
+
+
+class PassThroughSession(Session):
+    """A port that policy allows at L3/L4 with no L7 rules: bytes are relayed untouched, nothing is judged."""
+
+    protocol = "tcp"
+
+
+class DeniedSession(Session):
+    """A port whose rule set is missing or denies at L3/L4: the connection is closed at once (fail closed)."""
+
+    protocol = "tcp"
+
+    def __init__(
+        self, *, context: FlowContext, reason: str, rule: str | None = None, clock: Callable[[], int] = wall_clock_ns
+    ) -> None:
+        super().__init__(context=context, clock=clock)
+        self.reason = reason
+        self.rule = rule
+
+    def start(self) -> list[Action]:
+        flow = Flow(
+            context=self.context,
+            verdict=DROPPED,
+            l7_type=REQUEST,
+            l7={},
+            summary=f"{self.context.transport} connection refused: {self.reason}",
+            time_ns=self.clock(),
+            rule=self.rule,
+            reason=self.reason,
+        )
+        return [Log(flow), *self.close()]
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        return self.close()

@@ -1,0 +1,910 @@
+"""parsers/http2: per-stream events, refusals on one stream, flow control end to end, h2c upgrade (RFC 9113, RFC 7540 §3.2).
+
+Peers are real h2 state machines (python-hyper `h2`): a client facing `Http2ServerSide` and a server
+behind `Http2ClientSide`, bridged in memory by `Bridge`, which does what the proxy will do.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from parsers.events import (
+    Data,
+    Direction,
+    EndOfMessage,
+    GrpcCall,
+    HttpRequest,
+    HttpResponse,
+    Reason,
+    StreamReset,
+    Trailers,
+)
+from parsers.http2 import (
+    ErrorCode,
+    Event,
+    GoAway,
+    Http2ClientSide,
+    Http2ServerSide,
+    RequestRejected,
+    http_status,
+    is_h2c_upgrade,
+)
+from tests.helpers.feed import all_chunkings, feed_all
+from tests.helpers.frames import (
+    PREFACE,
+    FrameBuilder,
+    client_preface,
+    frame_specs,
+    grpc_headers,
+    grpc_message,
+    render,
+    request_headers,
+)
+
+CORPUS = Path(__file__).resolve().parents[2] / "fuzz" / "corpus" / "http2_frames"
+
+
+def _peer(client_side: bool, **settings: int) -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8"))
+    if settings:
+        conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
+            getattr(h2.settings.SettingCodes, k.upper()): v for k, v in settings.items()})
+    conn.initiate_connection()
+    return conn
+
+
+def _events(events: list[h2.events.Event], kind: type) -> list[h2.events.Event]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def _request_bytes(path: str = "/v1/pets", *, end_stream: bool = True, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    b = FrameBuilder()
+    return client_preface(b) + b.headers(1, request_headers(path, extra=extra), end_stream=end_stream)
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunks", all_chunkings(_request_bytes(), trailing=FrameBuilder().ping()))
+def test_request_survives_any_chunking(chunks: list[bytes]) -> None:
+    """A prior-knowledge request split at any byte boundary yields one HttpRequest and its end (RFC 9113 §3.4, §8.3.1)."""
+    side = Http2ServerSide()
+    events = feed_all(side.feed, chunks)
+    assert events == [
+        HttpRequest(method="GET", target="/v1/pets", path="/v1/pets", host="svc.local", scheme="http",
+                    http_version="2", stream_id=1, has_body=False),
+        EndOfMessage(stream_id=1),
+    ]
+
+
+def test_request_body_and_trailers_are_streamed() -> None:
+    """DATA becomes Data events as it arrives and a trailing HEADERS block becomes Trailers (RFC 9113 §8.1)."""
+    b = FrameBuilder()
+    wire = (client_preface(b)
+            + b.headers(1, request_headers("/up?x=1", method="POST", extra=[("content-length", "6")]))
+            + b.data(1, b"abc") + b.data(1, b"def", padding=5)
+            + b.headers(1, [("x-checksum", "1")], end_stream=True))
+    for chunks in all_chunkings(wire)[:3]:
+        events = feed_all(Http2ServerSide().feed, chunks)
+        assert events == [
+            HttpRequest(method="POST", target="/up?x=1", path="/up", query="x=1", host="svc.local",
+                        headers=(("content-length", "6"),), scheme="http", http_version="2", stream_id=1,
+                        has_body=True, content_length=6),
+            Data(data=b"abc", stream_id=1), Data(data=b"def", stream_id=1),
+            Trailers(headers=(("x-checksum", "1"),), stream_id=1), EndOfMessage(stream_id=1),
+        ]
+
+
+def test_header_block_split_over_continuation_frames() -> None:
+    """HEADERS + CONTINUATION frames form one header block (RFC 9113 §6.10)."""
+    b = FrameBuilder()
+    wire = client_preface(b) + b.headers_split(1, request_headers("/c", extra=[("x-long", "v" * 300)]), pieces=3,
+                                                end_stream=True)
+    events = Http2ServerSide().feed(wire)
+    assert isinstance(events[0], HttpRequest) and events[0].headers == (("x-long", "v" * 300),)
+
+
+def test_path_is_normalised_before_it_is_reported() -> None:
+    """:path is normalised like an HTTP/1.1 target (dot segments, repeated slashes) so proxy and server judge one path."""
+    events = Http2ServerSide().feed(_request_bytes("/a/./b/../c//d?q=%2F"))
+    assert isinstance(events[0], HttpRequest)
+    assert (events[0].target, events[0].path, events[0].query) == ("/a/c/d?q=%2F", "/a/c/d", "q=%2F")
+
+
+def _client_reads(server_bytes: bytes, client: h2.connection.H2Connection) -> dict[int, dict[str, object]]:
+    """Decode what the server side sent, per stream: headers, body, trailers, ended, reset."""
+    streams: dict[int, dict[str, object]] = {}
+    for ev in client.receive_data(server_bytes):
+        sid = getattr(ev, "stream_id", None)
+        if not sid:
+            continue
+        s = streams.setdefault(sid, {"headers": None, "body": b"", "trailers": None, "ended": False, "reset": None})
+        if isinstance(ev, h2.events.ResponseReceived):
+            s["headers"] = dict(ev.headers or [])
+        elif isinstance(ev, h2.events.DataReceived):
+            s["body"] = bytes(s["body"]) + bytes(ev.data or b"")  # type: ignore[arg-type]
+            client.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+        elif isinstance(ev, h2.events.TrailersReceived):
+            s["trailers"] = dict(ev.headers or [])
+        elif isinstance(ev, h2.events.StreamEnded):
+            s["ended"] = True
+        elif isinstance(ev, h2.events.StreamReset):
+            s["reset"] = ev.error_code
+    return streams
+
+
+@pytest.mark.parametrize("path", ["/%2F..%2Fadmin", "/a\\b", "/x%zz", "relative"])
+def test_bad_path_is_refused_with_400_on_its_stream_only(path: str) -> None:
+    """A :path servers read differently gets 400 on its own stream; the next stream is reported (RFC 9113 §8.1.1)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", path)],
+                        end_stream=True)
+    client.send_headers(3, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/ok")],
+                        end_stream=True)
+    events = side.feed(client.data_to_send())
+    assert [type(e) for e in events] == [RequestRejected, HttpRequest, EndOfMessage]
+    assert events[0] == RequestRejected(stream_id=1, reason=Reason.MALFORMED, detail=events[0].detail)  # type: ignore[union-attr]
+    seen = _client_reads(side.data_to_send(), client)
+    assert seen[1]["headers"][":status"] == "400" and seen[1]["ended"]  # type: ignore[index]
+    assert 3 not in seen  # untouched: waiting for the proxy's forwarded response
+
+
+def test_connect_is_refused() -> None:
+    """CONNECT would open a tunnel that escapes L7 rules, so it is refused with 400 (RFC 9113 §8.5)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", "db:5432")])
+    events = side.feed(client.data_to_send())
+    assert [type(e) for e in events] == [RequestRejected]
+    assert _client_reads(side.data_to_send(), client)[1]["headers"][":status"] == "400"  # type: ignore[index]
+
+
+# --- gRPC --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", ["application/grpc", "application/grpc+proto", "application/grpc+json",
+                                          "Application/GRPC; charset=utf-8"])
+def test_grpc_call_is_recognised(content_type: str) -> None:
+    """POST with content-type application/grpc[+proto|+json] is a GrpcCall split into service and method."""
+    b = FrameBuilder()
+    events = Http2ServerSide().feed(client_preface(b) + b.headers(1, grpc_headers(content_type=content_type)))
+    assert events == [GrpcCall(service="demo.Greeter", method="SayHello", path="/demo.Greeter/SayHello",
+                               authority="svc.local", headers=(("content-type", content_type), ("te", "trailers")),
+                               stream_id=1, has_body=True, scheme="http")]
+
+
+def test_grpc_web_and_get_are_plain_http() -> None:
+    """application/grpc-web, or a GET, is not gRPC over HTTP/2: it is judged as a plain request."""
+    b = FrameBuilder()
+    wire = (client_preface(b) + b.headers(1, grpc_headers(content_type="application/grpc-web"))
+            + b.headers(3, request_headers("/x", extra=[("content-type", "application/grpc")]), end_stream=True))
+    events = Http2ServerSide().feed(wire)
+    assert [type(e) for e in events] == [HttpRequest, HttpRequest, EndOfMessage]
+
+
+def test_malformed_grpc_path_gets_grpc_internal() -> None:
+    """A gRPC call whose :path is not /package.Service/Method is refused with grpc-status 13 (our MALFORMED mapping)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, grpc_headers("/demo.Greeter/Say/Hello"))
+    events = side.feed(client.data_to_send())
+    assert [type(e) for e in events] == [RequestRejected] and events[0].grpc  # type: ignore[union-attr]
+    seen = _client_reads(side.data_to_send(), client)[1]
+    assert seen["headers"] == {":status": "200", "content-type": "application/grpc", "grpc-status": "13",
+                               "grpc-message": "Malformed request"}
+    assert seen["ended"] and seen["body"] == b""
+
+
+def test_multiplexed_streams_one_refused_others_continue() -> None:
+    """Refusing one stream (403 / gRPC 7) leaves the connection and the other streams working (RFC 9113 §5.1)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, request_headers("/allowed", method="POST"))
+    client.send_headers(3, request_headers("/denied", method="POST"))
+    client.send_headers(5, grpc_headers("/demo.Admin/Drop"))
+    for sid in (1, 3, 5):
+        client.send_data(sid, b"payload-%d" % sid)
+    events = side.feed(client.data_to_send())
+    assert [(type(e), e.stream_id) for e in events] == [
+        (HttpRequest, 1), (HttpRequest, 3), (GrpcCall, 5), (Data, 1), (Data, 3), (Data, 5)]
+    side.refuse(3, Reason.POLICY_DENIED)
+    side.refuse(5, Reason.POLICY_DENIED)
+    side.acknowledge(1, len(b"payload-1"))
+    # The client keeps streaming on every stream; refused streams' bytes are dropped.
+    for sid in (1, 3, 5):
+        client.send_data(sid, b"more", end_stream=True)
+    later = side.feed(client.data_to_send())
+    assert later == [Data(data=b"more", stream_id=1), EndOfMessage(stream_id=1)]
+    side.send_response(HttpResponse(status=200, headers=(("content-type", "text/plain"),), stream_id=1,
+                                    has_body=True, http_version="2"))
+    side.send_data(1, b"ok", end_stream=True)
+    seen = _client_reads(side.data_to_send(), client)
+    assert seen[3]["headers"][":status"] == "403" and seen[3]["body"] == b"Access denied\r\n"  # type: ignore[index]
+    assert seen[3]["headers"]["content-length"] == "15"  # type: ignore[index]
+    assert seen[5]["headers"] == {":status": "200", "content-type": "application/grpc", "grpc-status": "7",
+                                  "grpc-message": "Access denied"}
+    assert seen[5]["body"] == b"" and seen[5]["ended"]
+    assert seen[1]["headers"][":status"] == "200" and seen[1]["body"] == b"ok" and seen[1]["ended"]  # type: ignore[index]
+    assert all(s["reset"] is None for s in seen.values())
+
+
+@pytest.mark.parametrize(("reason", "status", "grpc_status"), [
+    (Reason.POLICY_DENIED, 403, "7"), (Reason.MALFORMED, 400, "13"), (Reason.TOO_LARGE, 431, "8"),
+    (Reason.UPSTREAM_FAILED, 503, "14"), (Reason.UPSTREAM_TIMEOUT, 504, "4")])
+def test_every_reason_has_an_http_and_a_grpc_refusal(reason: Reason, status: int, grpc_status: str) -> None:
+    """Each Reason maps to one HTTP status and one grpc-status (STYLE.md §3.4)."""
+    assert http_status(reason) == status
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, request_headers("/x"), end_stream=True)
+    client.send_headers(3, grpc_headers())
+    side.feed(client.data_to_send())
+    side.refuse(1, reason)
+    side.refuse(3, reason)
+    seen = _client_reads(side.data_to_send(), client)
+    assert seen[1]["headers"][":status"] == str(status) and seen[1]["ended"]  # type: ignore[index]
+    assert seen[3]["headers"]["grpc-status"] == grpc_status  # type: ignore[index]
+
+
+def test_refusal_after_grpc_response_started_ends_with_status_trailers() -> None:
+    """Once response headers went out, a gRPC refusal is a trailers block carrying grpc-status (PROTOCOL-HTTP2.md)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, grpc_headers())
+    side.feed(client.data_to_send())
+    side.send_response(HttpResponse(status=200, headers=(("content-type", "application/grpc"),), stream_id=1,
+                                    has_body=True, http_version="2"))
+    side.send_data(1, grpc_message(b"partial"))
+    side.refuse(1, Reason.TOO_LARGE, message="too big: 100%")
+    seen = _client_reads(side.data_to_send(), client)[1]
+    assert seen["trailers"] == {"grpc-status": "8", "grpc-message": "too big: 100%25"}
+    assert seen["ended"]
+
+
+def test_refusal_after_plain_response_started_resets() -> None:
+    """A plain stream whose response already started cannot get a new status line: it is reset (RFC 9113 §8.1)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.send_headers(1, request_headers("/x"), end_stream=True)
+    side.feed(client.data_to_send())
+    side.send_response(HttpResponse(status=200, stream_id=1, has_body=True, http_version="2"))
+    side.refuse(1, Reason.UPSTREAM_FAILED)
+    assert _client_reads(side.data_to_send(), client)[1]["reset"] == ErrorCode.INTERNAL_ERROR
+
+
+def test_refused_stream_body_does_not_stall_the_connection() -> None:
+    """DATA on a refused stream is acknowledged at once, so the connection window never closes (RFC 9113 §6.9)."""
+    client = _peer(True)
+    side = Http2ServerSide(initial_window_size=65_535, connection_window_size=65_535)
+    client.send_headers(1, request_headers("/denied", method="POST"))
+    side.feed(client.data_to_send())
+    side.refuse(1, Reason.POLICY_DENIED)
+    _client_reads(side.data_to_send(), client)
+    sent = 0
+    while sent < 300_000:  # far beyond every window: only works if the proxy keeps opening them
+        n = min(client.local_flow_control_window(1), 16_384)
+        assert n > 0, f"client blocked after {sent} bytes"
+        client.send_data(1, b"x" * n)
+        sent += n
+        assert side.feed(client.data_to_send()) == []
+        _client_reads(side.data_to_send(), client)
+
+
+# --- the proxy's bridge -----------------------------------------------------------------------------
+
+
+class Bridge:
+    """Downstream h2 client <-> Http2ServerSide | proxy glue | Http2ClientSide <-> upstream h2 server."""
+
+    def __init__(self, *, upstream_settings: dict[str, int] | None = None, **windows: int) -> None:
+        self.client = _peer(True)
+        self.server = _peer(False, **(upstream_settings or {}))
+        self.down = Http2ServerSide(**windows)
+        self.up = Http2ClientSide(**windows)
+        self.client_streams: dict[int, dict[str, object]] = {}
+        self.server_events: list[h2.events.Event] = []
+        self.server_body: dict[int, bytes] = {}
+        self.server_acks = True  # the upstream reads (and acknowledges) what it receives
+        self.client_acks = True
+        self.down_events: list[Event] = []
+        self.up_events: list[Event] = []
+
+    def pump(self, rounds: int = 50) -> None:
+        for _ in range(rounds):
+            moved = False
+            data = self.client.data_to_send()
+            if data:
+                moved = True
+                for e in self.down.feed(data):
+                    self.down_events.append(e)
+                    if isinstance(e, HttpRequest | GrpcCall):
+                        assert self.up.send_request(e)
+                    elif isinstance(e, Data):
+                        self.up.send_data(e.stream_id or 0, e.data)
+                    elif isinstance(e, Trailers):
+                        self.up.send_trailers(e.stream_id or 0, e.headers)
+                    elif isinstance(e, EndOfMessage):
+                        self.up.end_stream(e.stream_id or 0)
+                    elif isinstance(e, StreamReset):
+                        self.up.reset_stream(e.stream_id)
+            data = self.server.data_to_send()
+            if data:
+                moved = True
+                for e in self.up.feed(data):
+                    self.up_events.append(e)
+                    if isinstance(e, HttpResponse):
+                        self.down.send_response(e)
+                    elif isinstance(e, Data):
+                        self.down.send_data(e.stream_id or 0, e.data)
+                    elif isinstance(e, Trailers):
+                        self.down.send_trailers(e.stream_id or 0, e.headers)
+                    elif isinstance(e, EndOfMessage):
+                        self.down.end_stream(e.stream_id or 0)
+                    elif isinstance(e, StreamReset):
+                        self.down.refuse(e.stream_id, Reason.UPSTREAM_FAILED)
+            for sid, n in self.up.pop_delivered():
+                self.down.acknowledge(sid, n)
+            for sid, n in self.down.pop_delivered():
+                self.up.acknowledge(sid, n)
+            data = self.up.data_to_send()
+            if data:
+                moved = True
+                for ev in self.server.receive_data(data):
+                    self.server_events.append(ev)
+                    if isinstance(ev, h2.events.DataReceived):
+                        sid = ev.stream_id or 0
+                        self.server_body[sid] = self.server_body.get(sid, b"") + bytes(ev.data or b"")
+                        if self.server_acks:
+                            self.server.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+            data = self.down.data_to_send()
+            if data:
+                moved = True
+                for ev in self.client.receive_data(data):
+                    sid = getattr(ev, "stream_id", None)
+                    if not sid:
+                        continue
+                    s = self.client_streams.setdefault(sid, {"headers": None, "body": b"", "trailers": None,
+                                                             "ended": False, "reset": None})
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        s["headers"] = dict(ev.headers or [])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        s["body"] = bytes(s["body"]) + bytes(ev.data or b"")  # type: ignore[arg-type]
+                        if self.client_acks:
+                            self.client.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        s["trailers"] = dict(ev.headers or [])
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        s["ended"] = True
+                    elif isinstance(ev, h2.events.StreamReset):
+                        s["reset"] = ev.error_code
+            if not moved:
+                return
+
+    def send_body(self, conn: h2.connection.H2Connection, sid: int, body: bytes, sent: int, end: bool) -> int:
+        """Send as much of body[sent:] as the peer's windows allow; returns the new offset."""
+        while sent < len(body):
+            n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(body) - sent)
+            if n <= 0:
+                break
+            conn.send_data(sid, body[sent : sent + n], end_stream=end and sent + n == len(body))
+            sent += n
+        return sent
+
+
+@pytest.mark.parametrize("windows", [{}, {"initial_window_size": 65_535, "connection_window_size": 65_535},
+                                     {"initial_window_size": 1_000, "connection_window_size": 70_000}])
+def test_large_bodies_flow_both_ways_end_to_end(windows: dict[str, int]) -> None:
+    """Bodies far larger than 65,535 bytes cross the proxy both ways, byte-exact, within every window (RFC 9113 §5.2)."""
+    bridge = Bridge(**windows)
+    upload = bytes(range(256)) * 2_000  # 512,000 bytes
+    download = bytes(reversed(range(256))) * 1_500  # 384,000 bytes
+    bridge.client.send_headers(1, request_headers("/upload", method="POST"))
+    sent = 0
+    for _ in range(500):
+        sent = bridge.send_body(bridge.client, 1, upload, sent, end=True)
+        bridge.pump()
+        if sent == len(upload):
+            break
+    bridge.pump()
+    assert bridge.server_body[1] == upload
+    assert _events(bridge.server_events, h2.events.StreamEnded)
+    bridge.server.send_headers(1, [(":status", "200")])
+    sent = 0
+    for _ in range(500):
+        sent = bridge.send_body(bridge.server, 1, download, sent, end=False)
+        if sent == len(download):
+            bridge.server.send_headers(1, [("x-done", "1")], end_stream=True)
+        bridge.pump()
+        if sent == len(download):
+            break
+    bridge.pump()
+    got = bridge.client_streams[1]
+    assert got["body"] == download and got["trailers"] == {"x-done": "1"} and got["ended"]
+    assert bridge.down.open_stream_ids == () and bridge.up.open_stream_ids == ()
+
+
+def test_slow_upstream_reader_applies_backpressure_to_the_client() -> None:
+    """An upstream that stops reading stalls the client at the proxy's windows; nothing grows beyond them (RFC 9113 §5.2.2)."""
+    bridge = Bridge(initial_window_size=65_535, connection_window_size=65_535)
+    bridge.server_acks = False
+    bridge.client.send_headers(1, request_headers("/upload", method="POST"))
+    upload = b"u" * 1_000_000
+    sent = 0
+    for _ in range(100):
+        sent = bridge.send_body(bridge.client, 1, upload, sent, end=True)
+        bridge.pump()
+    # upstream window (65,535) + the proxy's own window (65,535) is all that could move.
+    assert sent <= 2 * 65_535
+    assert bridge.up.buffered_bytes() <= 65_535
+    assert len(bridge.server_body[1]) <= 65_535
+    bridge.server_acks = True
+    bridge.server.acknowledge_received_data(len(bridge.server_body[1]), 1)
+    for _ in range(200):
+        sent = bridge.send_body(bridge.client, 1, upload, sent, end=True)
+        bridge.pump()
+        if sent == len(upload) and len(bridge.server_body[1]) == len(upload):
+            break
+    assert bridge.server_body[1] == upload
+
+
+def test_upstream_max_concurrent_streams_queues_opens_in_order() -> None:
+    """With upstream MAX_CONCURRENT_STREAMS=1 the next stream opens only after the first closes (RFC 9113 §5.1.2)."""
+    bridge = Bridge(upstream_settings={"max_concurrent_streams": 1})
+    bridge.pump()  # exchange SETTINGS first
+    bridge.client.send_headers(1, request_headers("/one"), end_stream=True)
+    bridge.client.send_headers(3, request_headers("/two", method="POST"))
+    bridge.client.send_data(3, b"queued-body", end_stream=True)
+    bridge.pump()
+    requests = _events(bridge.server_events, h2.events.RequestReceived)
+    assert [dict(r.headers or [])[":path"] for r in requests] == ["/one"]
+    assert bridge.up.buffered_bytes(3) == len(b"queued-body")
+    bridge.server.send_headers(1, [(":status", "204")], end_stream=True)
+    bridge.pump()
+    requests = _events(bridge.server_events, h2.events.RequestReceived)
+    assert [dict(r.headers or [])[":path"] for r in requests] == ["/one", "/two"]
+    assert bridge.server_body[3] == b"queued-body"
+    assert bridge.client_streams[1]["headers"] == {":status": "204"}
+
+
+def test_upstream_reset_reaches_the_client_and_releases_windows() -> None:
+    """RST_STREAM from upstream becomes StreamReset; buffered bytes count as delivered so the client is not starved."""
+    bridge = Bridge(initial_window_size=65_535, connection_window_size=65_535)
+    bridge.server_acks = False
+    bridge.client.send_headers(1, request_headers("/a", method="POST"))
+    bridge.send_body(bridge.client, 1, b"q" * 200_000, 0, end=False)
+    bridge.pump()
+    bridge.server.reset_stream(1, ErrorCode.INTERNAL_ERROR)
+    bridge.pump()
+    assert StreamReset(stream_id=1, error_code=ErrorCode.INTERNAL_ERROR) in bridge.up_events
+    assert bridge.client_streams[1]["headers"][":status"] == "503"  # type: ignore[index]
+    assert bridge.up.buffered_bytes() == 0
+    bridge.client.send_headers(3, request_headers("/b"), end_stream=True)
+    bridge.pump()
+    assert bridge.client.outbound_flow_control_window >= 65_535 - 16_384  # connection window came back
+
+
+def test_upstream_goaway_refuses_unprocessed_streams() -> None:
+    """GOAWAY: streams above last_stream_id get StreamReset(REFUSED_STREAM) and no new stream opens (RFC 9113 §6.8)."""
+    up = Http2ClientSide()
+    server = _peer(False)
+    server.receive_data(up.data_to_send())
+    for sid in (1, 3):
+        assert up.send_request(HttpRequest(method="GET", target="/", path="/", host="a", stream_id=sid,
+                                           http_version="2"))
+    server.receive_data(up.data_to_send())
+    server.close_connection(last_stream_id=1)
+    events = up.feed(server.data_to_send())
+    assert GoAway(error_code=0, last_stream_id=1) in events
+    assert StreamReset(stream_id=3, error_code=ErrorCode.REFUSED_STREAM) in events
+    assert not up.allows_new_streams
+    assert not up.send_request(HttpRequest(method="GET", target="/", path="/", stream_id=5, http_version="2"))
+
+
+def test_client_side_reports_interim_final_response_and_trailers() -> None:
+    """1xx, the final response, DATA and trailers each become an event on the upstream side (RFC 9113 §8.1)."""
+    up = Http2ClientSide()
+    server = _peer(False)
+    server.receive_data(up.data_to_send())
+    up.send_request(GrpcCall(service="a.B", method="C", path="/a.B/C", authority="x", stream_id=1,
+                             headers=(("content-type", "application/grpc"),)))
+    up.send_data(1, grpc_message(b"hi"), end_stream=True)
+    server.receive_data(up.data_to_send())
+    server.send_headers(1, [(":status", "100")])
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
+    server.send_data(1, grpc_message(b"yo"))
+    server.send_headers(1, [("grpc-status", "0")], end_stream=True)
+    events = up.feed(server.data_to_send())
+    assert events == [
+        HttpResponse(status=100, http_version="2", stream_id=1),
+        HttpResponse(status=200, headers=(("content-type", "application/grpc"),), http_version="2", stream_id=1,
+                     has_body=True),
+        Data(data=grpc_message(b"yo"), stream_id=1),
+        Trailers(headers=(("grpc-status", "0"),), stream_id=1),
+        EndOfMessage(stream_id=1),
+    ]
+
+
+def test_push_promise_from_upstream_is_a_protocol_error() -> None:
+    """The client side disables push (SETTINGS_ENABLE_PUSH=0); a PUSH_PROMISE is then a connection error (RFC 9113 §8.4)."""
+    up = Http2ClientSide()
+    up.send_request(HttpRequest(method="GET", target="/", path="/", host="a", stream_id=1, http_version="2"))
+    b = FrameBuilder()
+    wire = b.settings() + b.push_promise(1, 2, request_headers("/pushed"))
+    with pytest.raises(ProtocolViolation) as info:
+        up.feed(wire)
+    assert info.value.direction is Direction.SERVER_TO_CLIENT
+
+
+# --- connection-level behaviour and errors ----------------------------------------------------------
+
+
+def test_ping_and_settings_are_answered_by_the_side_itself() -> None:
+    """PING gets a PING ACK and SETTINGS a SETTINGS ACK without any event for the proxy (RFC 9113 §6.5, §6.7)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.receive_data(side.data_to_send())
+    client.ping(b"pingpong")
+    assert side.feed(client.data_to_send()) == []
+    acks = client.receive_data(side.data_to_send())
+    assert any(isinstance(e, h2.events.PingAckReceived) and e.ping_data == b"pingpong" for e in acks)
+    assert any(isinstance(e, h2.events.SettingsAcknowledged) for e in acks)
+
+
+def test_client_goaway_and_reset_become_events() -> None:
+    """RST_STREAM from the client is a StreamReset and GOAWAY a GoAway, so the proxy can mirror them upstream."""
+    b = FrameBuilder()
+    wire = client_preface(b) + b.headers(1, request_headers("/a", method="POST")) + b.rst_stream(1, 8) + b.goaway(1)
+    assert Http2ServerSide().feed(wire)[1:] == [StreamReset(stream_id=1, error_code=8),
+                                                GoAway(error_code=0, last_stream_id=1)]
+
+
+@pytest.mark.parametrize(("wire", "error", "goaway"), [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", ProtocolViolation, False),  # not HTTP/2: nothing to say in HTTP/2
+    (PREFACE + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00", ProtocolViolation, True),  # WINDOW_UPDATE 0
+    (PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x01", ProtocolViolation, True),  # SETTINGS on a stream
+    (PREFACE + b"\x00\x40\x01\x00\x00\x00\x00\x00\x01" + b"\x00" * 16_385, MessageTooLarge, True),  # DATA too big
+])
+def test_broken_connections_raise_parse_errors(wire: bytes, error: type[ParseError], goaway: bool) -> None:
+    """Connection errors are typed ParseErrors, a GOAWAY is queued, and the side stays failed (RFC 9113 §5.4.1)."""
+    side = Http2ServerSide()
+    side.data_to_send()
+    with pytest.raises(error) as info:
+        feed_all(side.feed, [wire])
+    assert info.value.direction is Direction.CLIENT_TO_SERVER
+    assert (side.data_to_send()[3:4] == b"\x07") is goaway  # a GOAWAY frame
+    with pytest.raises(ProtocolViolation):
+        side.feed(b"")
+
+
+def test_hpack_garbage_is_malformed() -> None:
+    """An undecodable header block is a COMPRESSION_ERROR, reported as a ParseError (RFC 9113 §4.3)."""
+    wire = client_preface() + b"\x00\x00\x01\x01\x05\x00\x00\x00\x01" + b"\xff"
+    with pytest.raises(ParseError):
+        Http2ServerSide().feed(wire)
+
+
+def test_header_list_over_the_limit_is_too_large() -> None:
+    """A header list beyond max_header_list_bytes is refused as MessageTooLarge (RFC 9113 §6.5.2, CVE-2016-6581)."""
+    b = FrameBuilder()
+    wire = client_preface(b) + b.headers_split(1, request_headers("/", extra=[("x-big", "v" * 9_000)]), pieces=2)
+    with pytest.raises(MessageTooLarge):
+        Http2ServerSide(max_header_list_bytes=8_192).feed(wire)
+
+
+def test_uppercase_header_name_is_rejected() -> None:
+    """Field names must be lower case in HTTP/2 (RFC 9113 §8.2.1)."""
+    b = FrameBuilder()
+    with pytest.raises(ProtocolViolation):
+        Http2ServerSide().feed(client_preface(b) + b.headers(1, request_headers("/", extra=[("X-Up", "1")])))
+
+
+@given(st.lists(frame_specs(), max_size=12), st.booleans())
+def test_any_frame_sequence_yields_events_or_parse_error(specs: list[tuple[object, ...]], server: bool) -> None:
+    """Every frame type × stream state: feed() returns events or raises ParseError, nothing else (RFC 9113 §5.1)."""
+    side: Http2ServerSide | Http2ClientSide = Http2ServerSide() if server else Http2ClientSide()
+    if not server:
+        side.send_request(HttpRequest(method="POST", target="/", path="/", host="a", stream_id=1, http_version="2",
+                                      has_body=True))
+    wire = (client_preface() if server else FrameBuilder().settings()) + render(specs)
+    try:
+        for event in side.feed(wire):
+            # Drive the API as the proxy would, so refusals and acknowledgements run in every state.
+            if isinstance(event, HttpRequest | GrpcCall) and isinstance(side, Http2ServerSide):
+                side.refuse(event.stream_id or 0, Reason.POLICY_DENIED)
+            elif isinstance(event, Data):
+                side.acknowledge(event.stream_id or 0, len(event.data))
+        side.data_to_send()
+    except ParseError as e:
+        assert isinstance(e.reason, Reason)
+
+
+# --- h2c upgrade ------------------------------------------------------------------------------------
+
+
+def _upgrade_request(settings: str, *, has_body: bool = False) -> HttpRequest:
+    return HttpRequest(method="GET", target="/up", path="/up", host="svc", has_body=has_body, headers=(
+        ("Host", "svc"), ("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
+        ("HTTP2-Settings", settings), ("Accept", "*/*")))
+
+
+def test_h2c_upgrade_turns_the_request_into_stream_1() -> None:
+    """Upgrade: h2c answers 101, then the server preface, and the upgrading request is stream 1 (RFC 7540 §3.2)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    settings = client.initiate_upgrade_connection().decode()  # type: ignore[union-attr]
+    request = _upgrade_request(settings.rstrip("="))  # token68 without padding, as curl sends it
+    assert is_h2c_upgrade(request)
+    side, events = Http2ServerSide.from_h2c_upgrade(request)
+    assert events == [HttpRequest(method="GET", target="/up", path="/up", host="svc", headers=(("accept", "*/*"),),
+                                  scheme="http", http_version="2", stream_id=1), EndOfMessage(stream_id=1)]
+    out = side.data_to_send()
+    assert out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    preface_after_101 = out.split(b"\r\n\r\n", 1)[1]
+    client.receive_data(preface_after_101)
+    assert side.feed(client.data_to_send()) == []
+    side.send_response(HttpResponse(status=200, stream_id=1, has_body=True, http_version="2"))
+    side.send_data(1, b"upgraded", end_stream=True)
+    seen = _client_reads(side.data_to_send(), client)[1]
+    assert seen["headers"] == {":status": "200"} and seen["body"] == b"upgraded" and seen["ended"]
+
+
+def test_h2c_upgrade_with_bad_path_is_refused_on_stream_1() -> None:
+    """The upgraded request is judged like any stream: a path servers read differently is refused (400)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    settings = client.initiate_upgrade_connection().decode()  # type: ignore[union-attr]
+    request = _upgrade_request(settings)
+    bad = HttpRequest(method=request.method, target="/a%2fb", path="/a%2fb", host="svc", headers=request.headers)
+    side, events = Http2ServerSide.from_h2c_upgrade(bad)
+    assert [type(e) for e in events] == [RequestRejected]
+    client.receive_data(side.data_to_send().split(b"\r\n\r\n", 1)[1])
+    assert _client_reads(side.data_to_send(), client) == {}  # the 400 went out with the preface
+    assert side.open_stream_ids == ()
+
+
+@pytest.mark.parametrize(("request_", "error"), [
+    (_upgrade_request("AAMAAABkAAQAAP__", has_body=True), ProtocolViolation),
+    (_upgrade_request("!!notbase64!!"), MalformedMessage),
+    (_upgrade_request("AAMAAAB"), MalformedMessage),  # truncated setting
+    (HttpRequest(method="GET", target="/", path="/", headers=(("Upgrade", "h2c"),)), MalformedMessage),
+])
+def test_h2c_upgrade_refusals(request_: HttpRequest, error: type[ParseError]) -> None:
+    """An upgrade with a body is not taken (strip it, as Envoy does); a missing or bad HTTP2-Settings is malformed (RFC 7540 §3.2.1)."""
+    with pytest.raises(error):
+        Http2ServerSide.from_h2c_upgrade(request_)
+
+
+# --- real clients -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capture", sorted(CORPUS.glob("client_*")), ids=lambda p: p.name)
+def test_captured_real_client_connections_parse(capture: Path) -> None:
+    """Bytes captured from httpx[http2] and grpcio over loopback parse into requests, whole and in 7-byte reads."""
+    data = capture.read_bytes()[1:]  # first byte: fuzz target's mode selector
+    whole = Http2ServerSide().feed(data)
+    requests = [e for e in whole if isinstance(e, HttpRequest | GrpcCall)]
+    assert requests, "a captured connection holds at least one request"
+    if "grpc" in capture.name:
+        assert all(isinstance(r, GrpcCall) and r.service == "membrane.test.Echo" for r in requests)
+    side = Http2ServerSide()
+    assert feed_all(side.feed, [data[i : i + 7] for i in range(0, len(data), 7)]) == whole
+
+
+# --- real clients and servers over loopback, bridged by a minimal proxy loop ------------------------
+
+
+class LoopbackBridge:
+    """A minimal threaded proxy on 127.0.0.1: Http2ServerSide <-> Http2ClientSide per connection.
+
+    Does what proxy/ will do, with blocking sockets: refuse requests `deny(event)` selects, forward
+    the rest with the same stream id, relay acknowledgements. Records both directions' bytes.
+    """
+
+    def __init__(self, upstream: tuple[str, int], deny: Callable[[HttpRequest | GrpcCall], bool]) -> None:
+        self.upstream, self.deny = upstream, deny
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.records: list[tuple[bytearray, bytearray]] = []
+        self.errors: list[BaseException] = []
+        self.upstream_paths: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        c2s, s2c = bytearray(), bytearray()
+        self.records.append((c2s, s2c))
+        server = socket.create_connection(self.upstream)
+        down, up = Http2ServerSide(), Http2ClientSide()
+        denied: set[int] = set()
+        sel = selectors.DefaultSelector()
+        sel.register(client, selectors.EVENT_READ, "down")
+        sel.register(server, selectors.EVENT_READ, "up")
+        try:
+            client.sendall(down.data_to_send())
+            server.sendall(up.data_to_send())
+            while True:
+                for key, _ in sel.select(timeout=10):
+                    data = key.fileobj.recv(65_536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    if key.data == "down":
+                        c2s.extend(data)
+                        for e in down.feed(data):
+                            sid = getattr(e, "stream_id", None) or 0
+                            if isinstance(e, HttpRequest | GrpcCall):
+                                if self.deny(e):
+                                    denied.add(sid)
+                                    down.refuse(sid, Reason.POLICY_DENIED)
+                                else:
+                                    self.upstream_paths.append(e.target if isinstance(e, HttpRequest) else e.path)
+                                    up.send_request(e)
+                            elif sid in denied:
+                                continue
+                            elif isinstance(e, Data):
+                                up.send_data(sid, e.data)
+                            elif isinstance(e, Trailers):
+                                up.send_trailers(sid, e.headers)
+                            elif isinstance(e, EndOfMessage):
+                                up.end_stream(sid)
+                            elif isinstance(e, StreamReset):
+                                up.reset_stream(sid)
+                    else:
+                        s2c.extend(data)
+                        for e in up.feed(data):
+                            sid = getattr(e, "stream_id", None) or 0
+                            if isinstance(e, HttpResponse):
+                                down.send_response(e)
+                            elif isinstance(e, Data):
+                                down.send_data(sid, e.data)
+                            elif isinstance(e, Trailers):
+                                down.send_trailers(sid, e.headers)
+                            elif isinstance(e, EndOfMessage):
+                                down.end_stream(sid)
+                            elif isinstance(e, StreamReset):
+                                down.refuse(sid, Reason.UPSTREAM_FAILED)
+                    for sid, n in up.pop_delivered():
+                        down.acknowledge(sid, n)
+                    for sid, n in down.pop_delivered():
+                        up.acknowledge(sid, n)
+                    server.sendall(up.data_to_send())
+                    client.sendall(down.data_to_send())
+        except BaseException as e:  # surfaced by the test through self.errors
+            self.errors.append(e)
+        finally:
+            sel.close()
+            client.close()
+            server.close()
+
+
+def _grpc_echo_server() -> tuple[grpc.Server, int]:
+    def say(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request[::-1]
+
+    def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for r in requests:
+            yield r.upper()
+
+    handler = grpc.method_handlers_generic_handler("membrane.test.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Stream": grpc.stream_stream_rpc_method_handler(stream),
+        "Drop": grpc.unary_unary_rpc_method_handler(say),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_real_grpcio_client_and_server_through_the_bridge() -> None:
+    """grpcio unary (200 kB, past every window) and streaming calls pass byte-exact; a denied call is PERMISSION_DENIED."""
+    server, port = _grpc_echo_server()
+    bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, GrpcCall) and e.method == "Drop")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{bridge.port}") as channel:
+            big = bytes(range(256)) * 800
+            assert channel.unary_unary("/membrane.test.Echo/Say")(big, timeout=10) == big[::-1]
+            replies = list(channel.stream_stream("/membrane.test.Echo/Stream")(iter([b"a", b"bb" * 40_000]),
+                                                                              timeout=10))
+            assert replies == [b"A", b"BB" * 40_000]
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/membrane.test.Echo/Drop")(b"x", timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+            assert info.value.details() == "Access denied"  # type: ignore[attr-defined]
+            # The connection lives on after the refusal.
+            assert channel.unary_unary("/membrane.test.Echo/Say")(b"again", timeout=10) == b"niaga"
+        assert "/membrane.test.Echo/Drop" not in bridge.upstream_paths
+        assert not bridge.errors, bridge.errors
+    finally:
+        bridge.close()
+        server.stop(0)
+
+
+def test_real_httpx_client_through_the_bridge() -> None:
+    """httpx (prior-knowledge h2c) gets 403 `Access denied` for a denied path and normal answers otherwise."""
+    server, port = _grpc_echo_server()  # any HTTP/2 server: grpcio answers plain requests itself
+    bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, HttpRequest) and e.path == "/admin")
+    try:
+        with httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{bridge.port}", timeout=10) as c:
+            denied = c.get("/admin")
+            assert (denied.status_code, denied.text, denied.http_version) == (403, "Access denied\r\n", "HTTP/2")
+            other = c.post("/membrane.test.Echo/Say", content=b"z" * 100_000,
+                           headers={"content-type": "text/plain"})
+            assert other.status_code != 403  # reached grpcio, which answers a non-gRPC POST itself
+            assert c.get("/a/../admin").status_code == 403  # judged after normalisation
+        assert "/admin" not in bridge.upstream_paths
+        assert not bridge.errors, bridge.errors
+    finally:
+        bridge.close()
+        server.stop(0)
+
+
+def capture_real_clients(directory: Path) -> None:
+    """Record grpcio and httpx[http2] connections through LoopbackBridge as fuzz seeds (loopback only).
+
+    Files: client_<case>.bin (mode byte 0 + client bytes) and server_<case>.bin (mode byte 1 +
+    upstream bytes). Run with `python fuzz/http2_frames.py --capture fuzz/corpus/http2_frames`.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    server, port = _grpc_echo_server()
+
+    def unary(channel: grpc.Channel) -> None:
+        assert channel.unary_unary("/membrane.test.Echo/Say")(b"x" * 20_000, timeout=10) == b"x" * 20_000
+
+    def streaming(channel: grpc.Channel) -> None:
+        call = channel.stream_stream("/membrane.test.Echo/Stream")
+        assert list(call(iter([b"a", b"bb", b"ccc" * 1000]), timeout=10)) == [b"A", b"BB", b"CCC" * 1000]
+
+    def denied(channel: grpc.Channel) -> None:
+        with pytest.raises(grpc.RpcError):
+            channel.unary_unary("/membrane.test.Echo/Drop")(b"x", timeout=10)
+
+    def save(name: str, bridge: LoopbackBridge) -> None:
+        time.sleep(0.3)  # let the bridge thread see the close
+        bridge.close()
+        assert not bridge.errors, bridge.errors
+        c2s, s2c = bridge.records[0]
+        (directory / f"client_{name}.bin").write_bytes(b"\x00" + bytes(c2s))
+        (directory / f"server_{name}.bin").write_bytes(b"\x01" + bytes(s2c))
+
+    try:
+        for name, case in (("grpcio_unary", unary), ("grpcio_streaming", streaming), ("grpcio_denied", denied)):
+            bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, GrpcCall) and e.method == "Drop")
+            with grpc.insecure_channel(f"127.0.0.1:{bridge.port}") as channel:
+                case(channel)
+            save(name, bridge)
+        bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, HttpRequest) and e.path == "/admin")
+        with httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{bridge.port}", timeout=10) as c:
+            assert c.get("/admin").status_code == 403
+            c.get("/v1/pets?limit=10", headers={"x-trace": "abc"})
+            c.post("/v1/upload", content=b"u" * 20_000)
+            c.delete("/v1/pets/7")
+        save("httpx_requests", bridge)
+    finally:
+        server.stop(0)

@@ -1,0 +1,379 @@
+"""proxy/server.py on loopback sockets: relaying, backpressure, limits, timeouts, internal errors, drain."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import uvloop
+
+from parsers.events import Direction, Reason
+from proxy.flows import FlowContext, Peer
+from proxy.server import ConnectionInfo, Proxy, ProxyConfig, listening_socket
+from proxy.session import Action, Close, DeniedSession, PassThroughSession, Reply, Session, TimeoutKind
+
+C2S = Direction.CLIENT_TO_SERVER
+
+
+def _ctx(info: ConnectionInfo) -> FlowContext:
+    return FlowContext(
+        source=Peer(ip=info.client[0], port=info.client[1]), destination=Peer(ip=info.original_dst[0], port=info.original_dst[1])
+    )
+
+
+def passthrough(info: ConnectionInfo) -> Session:
+    return PassThroughSession(context=_ctx(info))
+
+
+class EchoServer(asyncio.Protocol):
+    received: list[bytes]
+
+    def __init__(self, received: list[bytes]) -> None:
+        self.received = received
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+        self.transport.write(data)
+
+
+@asynccontextmanager
+async def running_proxy(
+    factory: Callable[[ConnectionInfo], Session], upstream: tuple[str, int], config: ProxyConfig | None = None
+) -> AsyncIterator[tuple[Proxy, int]]:
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    proxy = Proxy(config=config or ProxyConfig(drain_timeout_s=0.5), factory=factory, upstream=upstream)
+    await proxy.start([sock])
+    try:
+        yield proxy, port
+    finally:
+        await proxy.drain()
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[tuple[int, list[bytes]]]:
+    received: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: EchoServer(received), "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], received
+    finally:
+        server.close()
+
+
+def run(coro: Callable[[], object]) -> None:
+    uvloop.run(coro())  # type: ignore[arg-type]
+
+
+def test_bytes_pass_through_both_ways() -> None:
+    """A port allowed at L3/L4 without L7 rules relays bytes untouched in both directions."""
+
+    async def main() -> None:
+        async with echo_server() as (eport, received), running_proxy(passthrough, ("127.0.0.1", eport)) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            writer.write(b"x" * 100_000)
+            assert await reader.readexactly(100_000) == b"x" * 100_000
+            writer.close()
+            assert b"".join(received) == b"hello" + b"x" * 100_000
+
+    run(main)
+
+
+def test_half_close_is_relayed() -> None:
+    """A client FIN reaches the upstream as a FIN; the upstream's answer still reaches the client."""
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+
+        def eof_received(self) -> bool:
+            self.transport.write(self.buf.upper())
+            self.transport.close()
+            return True
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Upper, "127.0.0.1", 0)
+        eport = server.sockets[0].getsockname()[1]
+        async with running_proxy(passthrough, ("127.0.0.1", eport)) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"abc")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b"ABC"
+            writer.close()
+        server.close()
+
+    run(main)
+
+
+def test_denied_port_closes_without_reaching_upstream() -> None:
+    """A port without a rule set fails closed: the client is disconnected and the upstream sees nothing."""
+
+    def deny(info: ConnectionInfo) -> Session:
+        return DeniedSession(context=_ctx(info), reason="no_policy")
+
+    async def main() -> None:
+        async with echo_server() as (eport, received), running_proxy(deny, ("127.0.0.1", eport)) as (proxy, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"secret")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert received == []
+            assert proxy.flows.recent()[-1]["verdict"] == "DROPPED"
+            assert proxy.metrics.requests.get("tcp", "DROPPED") == 1
+
+    run(main)
+
+
+def test_backpressure_bounds_buffering() -> None:
+    """A client that does not read makes the proxy stop reading the upstream (no unbounded buffer)."""
+
+    class Firehose(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+            self.sent = 0
+            self.paused = False
+            asyncio.get_running_loop().call_soon(self.pump)
+
+        def pump(self) -> None:
+            while not self.paused and self.sent < 64 << 20:
+                self.transport.write(b"z" * 65536)
+                self.sent += 65536
+
+        def pause_writing(self) -> None:
+            self.paused = True
+
+        def resume_writing(self) -> None:
+            self.paused = False
+            self.pump()
+
+    async def main() -> None:
+        hoses: list[Firehose] = []
+        loop = asyncio.get_running_loop()
+
+        def make() -> Firehose:
+            hoses.append(Firehose())
+            return hoses[-1]
+
+        server = await loop.create_server(make, "127.0.0.1", 0)
+        eport = server.sockets[0].getsockname()[1]
+        config = ProxyConfig(max_buffer_bytes=256 * 1024, drain_timeout_s=0.5)
+        async with running_proxy(passthrough, ("127.0.0.1", eport), config) as (proxy, port):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            await asyncio.sleep(1.0)
+            # The upstream could push 64 MiB; the proxy must have stopped long before.
+            assert hoses and hoses[0].sent < 16 << 20
+            (conn,) = proxy.connections
+            assert conn.client is not None and conn.client.get_write_buffer_size() <= 2 * config.max_buffer_bytes + 65536
+            # Reading resumes the flow.
+            sock.setblocking(False)
+            got = 0
+            for _ in range(200):
+                try:
+                    got += len(sock.recv(1 << 20))
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            assert got > 0
+            sock.close()
+        server.close()
+
+    run(main)
+
+
+def test_max_connections() -> None:
+    """Connections beyond max_connections are closed at once; the others keep working."""
+
+    async def main() -> None:
+        config = ProxyConfig(max_connections=2, drain_timeout_s=0.5)
+        async with echo_server() as (eport, _), running_proxy(passthrough, ("127.0.0.1", eport), config) as (proxy, port):
+            conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            for r, w in conns:
+                w.write(b"a")
+                assert await r.readexactly(1) == b"a"
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            w3.write(b"b")
+            assert await asyncio.wait_for(r3.read(), 5) == b""
+            assert proxy.metrics.connections_rejected.get("max_connections") == 1
+            r, w = conns[0]
+            w.write(b"c")
+            assert await r.readexactly(1) == b"c"
+
+    run(main)
+
+
+class _HeadSession(PassThroughSession):
+    """A stand-in protocol session: a 'head' is everything up to a newline; a timeout answers 408."""
+
+    def __init__(self, info: ConnectionInfo) -> None:
+        super().__init__(context=_ctx(info))
+        self.buf = b""
+        self.seen_head = False
+
+    @property
+    def reading_head(self) -> bool:
+        return not self.seen_head
+
+    @property
+    def is_idle(self) -> bool:
+        return self.seen_head
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        if direction is C2S and not self.seen_head:
+            self.buf += data
+            if b"\n" in self.buf:
+                self.seen_head = True
+        return super().on_data(direction, data)
+
+    def on_timeout(self, kind: TimeoutKind) -> list[Action]:
+        self.closed = True
+        return [Reply(f"timeout {kind.value}\n".encode()), Close()]
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        self.closed = True
+        return [Reply(f"upstream {reason.value}\n".encode()), Close()]
+
+
+def test_header_timeout_closes_slowloris() -> None:
+    """A client that trickles a request head slower than header_timeout_s is answered and closed."""
+
+    async def main() -> None:
+        config = ProxyConfig(header_timeout_s=0.3)
+        async with echo_server() as (eport, _), running_proxy(_HeadSession, ("127.0.0.1", eport), config) as (proxy, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for _ in range(4):  # bytes keep arriving, but the head never completes
+                writer.write(b"x")
+                await asyncio.sleep(0.05)
+            data = await asyncio.wait_for(reader.read(), 5)
+            assert data.endswith(b"timeout header\n")
+            assert 0.25 < loop.time() - start < 1.5
+            assert proxy.metrics.timeouts.get("header") == 1
+
+    run(main)
+
+
+def test_idle_timeout() -> None:
+    """A connection where nothing moves for idle_timeout_s is closed; an active one is not."""
+
+    async def main() -> None:
+        config = ProxyConfig(idle_timeout_s=0.3, drain_timeout_s=0.5)
+        async with echo_server() as (eport, _), running_proxy(passthrough, ("127.0.0.1", eport), config) as (proxy, port):
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(8):
+                w2.write(b"k")
+                assert await r2.readexactly(1) == b"k"
+                await asyncio.sleep(0.1)
+            assert await asyncio.wait_for(r1.read(), 5) == b""
+            w2.write(b"k")
+            assert await r2.readexactly(1) == b"k"
+            assert proxy.metrics.timeouts.get("idle") == 1
+
+    run(main)
+
+
+def test_upstream_connect_timeout_and_refusal() -> None:
+    """An upstream that never accepts gives UpstreamFailed(UPSTREAM_TIMEOUT); a closed port UPSTREAM_FAILED."""
+
+    async def main() -> None:
+        # A listener with a full accept queue drops SYNs: connects to it hang (loopback only).
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fport = full.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", fport))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        config = ProxyConfig(connect_timeout_s=0.3)
+        async with running_proxy(_HeadSession, ("127.0.0.1", fport), config) as (proxy, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b"upstream upstream_timeout\n"
+            assert proxy.metrics.upstream_failures.get("timeout") == 1
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        cport = closed.getsockname()[1]
+        closed.close()
+        async with running_proxy(_HeadSession, ("127.0.0.1", cport), config) as (proxy, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(reader.read(), 5) == b"upstream upstream_failed\n"
+        for s in fillers:
+            s.close()
+        full.close()
+
+    run(main)
+
+
+def test_internal_error_closes_only_that_connection() -> None:
+    """A bug in a session closes its own connection and bumps the error counter; others are unaffected."""
+
+    class Buggy(PassThroughSession):
+        def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+            if data == b"boom":
+                raise RuntimeError("bug")
+            return super().on_data(direction, data)
+
+    def factory(info: ConnectionInfo) -> Session:
+        return Buggy(context=_ctx(info))
+
+    async def main() -> None:
+        async with echo_server() as (eport, _), running_proxy(factory, ("127.0.0.1", eport)) as (proxy, port):
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w1.write(b"boom")
+            assert await asyncio.wait_for(r1.read(), 5) == b""
+            w2.write(b"fine")
+            assert await r2.readexactly(4) == b"fine"
+            assert proxy.metrics.internal_errors.get() == 1
+
+    run(main)
+
+
+def test_drain_waits_for_busy_connections_and_closes_idle_ones() -> None:
+    """On drain, idle connections close at once, listeners stop, and a request in flight completes."""
+
+    async def main() -> None:
+        async with echo_server() as (eport, _):
+            sock = listening_socket("127.0.0.1", 0)
+            port = sock.getsockname()[1]
+            proxy = Proxy(config=ProxyConfig(drain_timeout_s=2.0), factory=_HeadSession, upstream=("127.0.0.1", eport))
+            await proxy.start([sock])
+            r_idle, w_idle = await asyncio.open_connection("127.0.0.1", port)
+            w_idle.write(b"done\n")
+            assert await r_idle.readexactly(5) == b"done\n"
+            r_busy, w_busy = await asyncio.open_connection("127.0.0.1", port)
+            w_busy.write(b"partial")
+            assert await r_busy.readexactly(7) == b"partial"
+            drain = asyncio.get_running_loop().create_task(proxy.drain())
+            assert (await asyncio.wait_for(r_idle.read(), 1)).endswith(b"timeout drain\n")
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+            w_busy.write(b" more\n")
+            assert await r_busy.readexactly(6) == b" more\n"
+            await asyncio.wait_for(drain, 3)
+            assert not proxy.connections
+
+    run(main)
