@@ -31,7 +31,7 @@ from peers import HOST, PEERS_DIR, require_tool, rss_kib
 
 WRK_SCRIPT = PEERS_DIR / "wrk_report.lua"
 GRPC_BODY = PEERS_DIR / "grpc_reply.bin"
-BENCH_PATH = "/api/bench"
+BENCH_PATH = "/api"
 
 
 @dataclass
@@ -106,6 +106,9 @@ def h2load(port: int, *, path: str = BENCH_PATH, clients: int = 10, streams: int
         "errors": int(r.group(4)) + int(r.group(5)) + int(r.group(6)),
         "non_2xx": int(s.group(2)) + int(s.group(3)) + int(s.group(4)),
     }
+    if not int(s.group(1)):
+        raise RuntimeError(f"no request succeeded ({r.group(2)} done, {r.group(4)} failed, {r.group(5)} errored, "
+                           f"{s.group(3)} 4xx, {s.group(4)} 5xx)")
     note = ""
     if values["non_2xx"] or values["errors"]:
         note = f"{values['non_2xx']:.0f} non-2xx, {values['errors']:.0f} failed/errored"
@@ -237,7 +240,7 @@ def http_status(port: int, method: str, path: str, timeout_s: float = 5.0) -> in
 
 
 def acl_check(port: int) -> str:
-    """'' when the proxy on port allows GET /api... and answers 403 to POST /api and GET /private; else a note."""
+    """'' when the proxy on port allows GET /api and answers 403 to POST /api and GET /private; else a note."""
     try:
         got = (http_status(port, "GET", BENCH_PATH), http_status(port, "POST", BENCH_PATH),
                http_status(port, "GET", "/private"))
@@ -246,8 +249,22 @@ def acl_check(port: int) -> str:
     return "" if got == (200, 403, 403) else f"RULE NOT ENFORCED: GET/POST /api, GET /private -> {got}"
 
 
-def idle_memory(pid: int, port: int, *, count: int, settle_s: float = 1.0) -> Result:
-    """RSS growth of pid's process tree per idle keep-alive connection pair (each made one request first)."""
+def established_to(port: int) -> int:
+    """Established TCP connections whose local port is `port` on 127.0.0.1 (the backend's side of each pair)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and int(fields[1].split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def idle_memory(pid: int, port: int, *, count: int, settle_s: float = 1.0, upstream_port: int | None = None) -> Result:
+    """RSS growth of pid's process tree per idle keep-alive connection pair (each made one request first).
+
+    With upstream_port, also counts the established connections the backend holds while the clients idle,
+    which shows whether the proxy really keeps one upstream connection per client (a "pair").
+    """
     request = f"GET {BENCH_PATH} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
 
     def open_one() -> socket.socket:
@@ -271,11 +288,12 @@ def idle_memory(pid: int, port: int, *, count: int, settle_s: float = 1.0) -> Re
             socks.append(open_one())
         time.sleep(settle_s)
         after = rss_kib(pid)
+        upstream = established_to(upstream_port) if upstream_port else -1
     finally:
         for sock in socks:
             sock.close()
     values = {"connections": count, "rss_before_kib": before, "rss_after_kib": after,
-              "kib_per_conn": (after - before) / count}
+              "kib_per_conn": (after - before) / count, "upstream_conns": upstream}
     command = f".venv/bin/python bench/http_bench.py idle-memory --pid PID --port {port} --count {count}"
     return Result(command=command, values=values)
 

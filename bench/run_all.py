@@ -252,6 +252,13 @@ def interleaved(cfg: Config, stack: Stack, section: str, direct: Target, targets
             res = measure(port)
         except Exception as exc:
             rows[target.name].status, rows[target.name].note = "error", f"{type(exc).__name__}: {exc}"
+            res = None
+        if target.proc is not None and not target.proc.is_alive():
+            reason = f"{target.name} exited ({target.proc.popen.returncode}) during the run: {target.proc.log_tail(5)}"
+            target.failure = ("error", reason)
+            rows[target.name].status, rows[target.name].note = "error", reason
+            return None
+        if res is None:
             return None
         if res.note:
             notes[target.name].add(res.note)
@@ -352,8 +359,9 @@ def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
         if cfg.warmup_s else None
     dur = cfg.duration_s
 
-    sec = Section("http1", f"HTTP/1.1 keep-alive throughput: wrk -t1 -c{cfg.connections} -d{dur:g}s, GET /api/bench "
-                  "(nginx returns 200 'ok'; every proxy enforces allow GET /api...)", THROUGHPUT_COLS)
+    sec = Section("http1", f"HTTP/1.1 keep-alive throughput: wrk -t1 -c{cfg.connections} -d{dur:g}s, GET /api "
+                  "(nginx returns 200 'ok'; every proxy allows only GET /api, as examples/http.yaml)",
+                  THROUGHPUT_COLS)
     rows = interleaved(cfg, stack, sec.id, direct, targets,
                        lambda port: http_bench.wrk(port, connections=cfg.connections, duration_s=dur),
                        compare=ratio_of("req_s"), warmup=warm, check=http_bench.acl_check)
@@ -381,7 +389,8 @@ def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
     sec = Section("http1-memory", f"Memory per idle proxied connection pair: {cfg.idle_conns:,} keep-alive "
                   "connections, one request each, then idle; VmRSS of the proxy's process tree before/after",
                   (Column("connections", "connections", "int"), Column("RSS before", "rss_before_kib", "kib"),
-                   Column("RSS after", "rss_after_kib", "kib"), Column("per connection", "kib_per_conn", "kib")))
+                   Column("RSS after", "rss_after_kib", "kib"), Column("per connection", "kib_per_conn", "kib"),
+                   Column("backend conns", "upstream_conns", "int")))
     rows = []
     for target in targets:
         row_id = f"{sec.id}/{target.name}"
@@ -393,11 +402,12 @@ def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
             port = target.ensure(stack)
             assert target.proc is not None
             count = min(cfg.idle_conns, 200) if target.name == "mitmproxy" else cfg.idle_conns
-            res = http_bench.idle_memory(target.proc.pid, port, count=count)
+            res = http_bench.idle_memory(target.proc.pid, port, count=count, upstream_port=PORTS["http"])
             row.values, row.command = res.values, res.command.replace("PID", str(target.proc.pid))
             row.proxy_command = _display_proxy(target.proxy_command, stack)
-            if target.name == "haproxy":
-                row.note = "HAProxy frees idle buffers and may pool server connections"
+            if 0 <= res.values["upstream_conns"] < 0.9 * count:
+                row.note = (f"the backend held only {res.values['upstream_conns']:.0f} connections: this proxy "
+                            "shares upstream connections, so this is per client connection, not per pair")
         except _TargetFailed as exc:
             row.status, row.note = exc.status, exc.reason
         except Exception as exc:
@@ -410,7 +420,7 @@ def run_h2(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> N
     cols = (Column("req/s", "req_s", "rate"), Column("mean", "mean_us", "us"), Column("max", "max_us", "us"),
             Column("vs direct", "x_direct", "ratio"))
     for sid, upstream, path, grpc, label in (
-        ("http2", "h2", http_bench.BENCH_PATH, False, "HTTP/2 (h2c): GET /api/bench"),
+        ("http2", "h2", http_bench.BENCH_PATH, False, "HTTP/2 (h2c): GET /api"),
         ("grpc", "grpc", "/bench.Echo/Call", True, "gRPC-shaped unary call: POST /bench.Echo/Call, application/grpc"),
     ):
         direct = Target("direct", _fixed(PORTS[upstream]))

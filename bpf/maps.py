@@ -47,6 +47,7 @@ class DropReason(enum.IntEnum):
     EGRESS_DENIED = 1
     INGRESS_DENIED = 2
     PROXY_UNAVAILABLE = 3
+    SPOOFED = 4  # a source address the ipcache does not map to the veth the packet came from
 
 
 class PolicyDirection(enum.Enum):
@@ -140,6 +141,7 @@ class FlowEntry:
     proxy_port: int
     src_identity: int
     dst_identity: int
+    closing: bool = False  # a FIN or RST was seen; the entry dies after the close lifetime
 
 
 class _DropEventC(ctypes.Structure):
@@ -274,8 +276,10 @@ class BpfMaps:
     def set_endpoint(self, ifindex: int, endpoint: Endpoint) -> None:
         """Register (or change) the endpoint behind a host-side ifindex. One atomic update.
 
-        Order for a new endpoint: write its policy and ipcache entries first, then this, so that
-        enforcement starts with the policy already in place.
+        Order for a new endpoint: write its policy and its addresses' ipcache entries (with this
+        ifindex) first, then this, so that enforcement starts with everything in place. Once an
+        ifindex is an endpoint, every TCP/UDP packet from it whose source address is not mapped to
+        that ifindex in the ipcache is dropped as SPOOFED.
         """
         if endpoint.endpoint_id == 0:
             raise ValueError("endpoint_id 0 is reserved")
@@ -394,6 +398,7 @@ class BpfMaps:
                     proxy_port=int(v.proxy_port),
                     src_identity=int(v.src_id),
                     dst_identity=int(v.dst_id),
+                    closing=bool(v.closing),
                 )
             )
         return out

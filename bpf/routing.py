@@ -21,7 +21,7 @@ RULE_PRIORITY = 77  # before main (32766), after local (0)
 MARK = 0x0E00  # what tc_steer writes into skb->mark for steered packets
 MARK_MASK = 0x0F00
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
-_DEFAULT = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "default"}
+_DEFAULT: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "default"}
 
 
 def _ignore(e: NetlinkError, *codes: int) -> None:

@@ -92,7 +92,7 @@ class Sockmap:
         wanted = set(ports)
         for port in wanted:
             table[ctypes.c_uint32(port)] = ctypes.c_uint32(1)
-        for key in [k.value for k in table.keys() if k.value not in wanted]:
+        for key in [k.value for k in table if k.value not in wanted]:
             del table[ctypes.c_uint32(key)]
         self._ports = wanted
 

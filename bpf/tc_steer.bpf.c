@@ -8,9 +8,13 @@
  * bpf_sk_assign only works on ingress, so we never use the egress hook.
  *
  *   1. Parse IPv4/IPv6 + TCP/UDP. Anything else (ARP, ICMP, extension headers, fragments) passes.
+ *      A packet from an endpoint's veth whose source address the ipcache does not map to that same
+ *      ifindex is dropped (SPOOFED): conntrack and identities rely on the source being the pod's own.
  *   2. Conntrack, keyed by the originator's 5-tuple:
  *        hit in the forward direction  -> the flow was allowed before: PASS, or steer to the proxy;
  *        hit in the reverse direction  -> a reply: PASS, or deliver to the proxy's upstream socket.
+ *      An entry idle longer than its lifetime (TCP 6 h, UDP 60 s, TCP after FIN/RST 10 s) is
+ *      deleted and the packet judged again; the LRU map also evicts the oldest when full.
  *   3. A new flow whose exact tuple already has a local (host netns) socket is a proxy upstream
  *      connection's reply (the proxy may use its own source port): mark + assign it.
  *   4. Otherwise evaluate policy: the source endpoint's egress map, then the destination endpoint's
@@ -27,7 +31,7 @@
  *
  * Policy entries live in two generations (key.gen); the active one is read once per packet from the
  * config map, so a whole-policy swap is one atomic write (see bpf/maps.py).
- * Compile-time knobs: -DMBR_CT_SIZE, -DMBR_POLICY_SIZE, -DMBR_IPCACHE_SIZE, -DMBR_EP_SIZE,
+ * Compile-time knobs: -DMBR_CT_TCP_LIFETIME_S, -DMBR_CT_UDP_LIFETIME_S, -DMBR_CT_CLOSE_LIFETIME_S, -DMBR_CT_SIZE, -DMBR_POLICY_SIZE, -DMBR_IPCACHE_SIZE, -DMBR_EP_SIZE,
  * -DMBR_WORLD_ID, -DMBR_RINGBUF_PAGES.
  */
 #include <uapi/linux/bpf.h>
@@ -54,6 +58,15 @@
 #ifndef MBR_WORLD_ID
 #define MBR_WORLD_ID 2
 #endif
+#ifndef MBR_CT_TCP_LIFETIME_S
+#define MBR_CT_TCP_LIFETIME_S 21600
+#endif
+#ifndef MBR_CT_UDP_LIFETIME_S
+#define MBR_CT_UDP_LIFETIME_S 60
+#endif
+#ifndef MBR_CT_CLOSE_LIFETIME_S
+#define MBR_CT_CLOSE_LIFETIME_S 10
+#endif
 #ifndef MBR_RINGBUF_PAGES
 #define MBR_RINGBUF_PAGES 16
 #endif
@@ -69,6 +82,7 @@
 #define REASON_EGRESS_DENIED 1
 #define REASON_INGRESS_DENIED 2
 #define REASON_PROXY_UNAVAILABLE 3
+#define REASON_SPOOFED 4
 #define REASON_MAX 8
 
 #define CFG_MARK 0
@@ -121,12 +135,13 @@ struct ct_key {
 };
 struct ct_val {
     u64 created_ns;
+    u64 last_seen_ns;  /* refreshed at most once a second */
     u32 src_id;
     u32 dst_id;
     u16 proxy_port;
     u8 verdict;
-    u8 pad;
-    u32 pad2;
+    u8 closing;        /* a FIN or RST was seen: the short close lifetime applies */
+    u32 pad;
 };
 struct drop_event {
     u8 saddr[16];
@@ -218,6 +233,28 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
         p->tcp_flags = flags;
     }
     return 0;
+}
+
+#define NSEC 1000000000ULL
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
+
+/* An entry idle longer than its lifetime is dead: the packet is judged again as a new flow. */
+static __always_inline int ct_alive(struct ct_val *ct, const struct pkt *p, u64 now)
+{
+    u64 life = MBR_CT_UDP_LIFETIME_S * NSEC;
+    if (p->key.proto == IPPROTO_TCP)
+        life = ct->closing ? MBR_CT_CLOSE_LIFETIME_S * NSEC : MBR_CT_TCP_LIFETIME_S * NSEC;
+    u64 idle = now > ct->last_seen_ns ? now - ct->last_seen_ns : 0;
+    if (idle > life)
+        return 0;
+    if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FIN | TCP_RST)) && !ct->closing) {
+        ct->closing = 1;
+        ct->last_seen_ns = now;
+    } else if (idle > NSEC) {
+        ct->last_seen_ns = now;
+    }
+    return 1;
 }
 
 static __always_inline void reverse_key(const struct ct_key *k, struct ct_key *r)
@@ -423,26 +460,36 @@ int mbr_tc_steer(struct __sk_buff *skb)
     if (parse(skb, &p) < 0)
         return TC_ACT_OK;
 
+    u32 ifindex = skb->ifindex;
+    struct ep_val *src_ep = mbr_endpoints.lookup(&ifindex);
+    struct ipc_val *sip = ipcache(&p.key, 0);
+    if (src_ep && (!sip || sip->ifindex != ifindex))
+        return drop(skb, &p, REASON_SPOOFED, src_ep->identity, MBR_WORLD_ID);
+
+    u64 now = bpf_ktime_get_ns();
     struct ct_val *ct = mbr_ct.lookup(&p.key);
     if (ct) {
-        if (ct->verdict == VERDICT_REDIRECT)
-            return steer_forward(skb, &p, ct->proxy_port, ct->src_id, ct->dst_id);
-        return TC_ACT_OK;
+        if (ct_alive(ct, &p, now)) {
+            if (ct->verdict == VERDICT_REDIRECT)
+                return steer_forward(skb, &p, ct->proxy_port, ct->src_id, ct->dst_id);
+            return TC_ACT_OK;
+        }
+        mbr_ct.delete(&p.key);
     }
     struct ct_key rkey;
     reverse_key(&p.key, &rkey);
     ct = mbr_ct.lookup(&rkey);
     if (ct) {
-        if (ct->verdict == VERDICT_REDIRECT)
-            return steer_reply(skb, &p);
-        return TC_ACT_OK;
+        if (ct_alive(ct, &p, now)) {
+            if (ct->verdict == VERDICT_REDIRECT)
+                return steer_reply(skb, &p);
+            return TC_ACT_OK;
+        }
+        mbr_ct.delete(&rkey);
     }
 
     /* New flow. */
-    u32 ifindex = skb->ifindex;
-    struct ep_val *src_ep = mbr_endpoints.lookup(&ifindex);
     u32 src_id = MBR_WORLD_ID, dst_id = MBR_WORLD_ID;
-    struct ipc_val *sip = ipcache(&p.key, 0);
     if (src_ep)
         src_id = src_ep->identity;
     else if (sip)
@@ -486,7 +533,8 @@ int mbr_tc_steer(struct __sk_buff *skb)
     }
 
     struct ct_val nv = {};
-    nv.created_ns = bpf_ktime_get_ns();
+    nv.created_ns = now;
+    nv.last_seen_ns = now;
     nv.src_id = src_id;
     nv.dst_id = dst_id;
     nv.proxy_port = proxy_port;

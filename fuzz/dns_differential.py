@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,13 +74,15 @@ class RefReject(Exception):
     pass
 
 
-@dataclass
 class Ref:
-    header: DNSHeader
-    questions: list[tuple[tuple[bytes, ...], int, int]] = field(default_factory=list)
-    # (section 0/1/2, owner labels, type, class, ttl, value: address text or CNAME target labels or None)
-    records: list[tuple[int, tuple[bytes, ...], int, int, int, object]] = field(default_factory=list)
-    cut: bool = False
+    """What the reference walk read (a plain class: test_replay loads targets outside sys.modules)."""
+
+    def __init__(self, header: DNSHeader) -> None:
+        self.header = header
+        self.questions: list[tuple[tuple[bytes, ...], int, int]] = []
+        # (section 0/1/2, owner labels, type, class, ttl, value: address text, CNAME target labels or None)
+        self.records: list[tuple[int, tuple[bytes, ...], int, int, int, object]] = []
+        self.cut = False
 
 
 def reference(data: bytes, *, response: bool) -> Ref:

@@ -47,7 +47,7 @@ def check(data: bytes) -> None:
     assert all(m.length <= LIMIT for m in ones)  # type: ignore[attr-defined]
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
+def TestOneInput(data: bytes) -> None:
     check(data)
 
 

@@ -30,7 +30,7 @@ def check(data: bytes) -> None:
     percent_decode_message(text)
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
+def TestOneInput(data: bytes) -> None:
     check(data)
 
 

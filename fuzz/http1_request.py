@@ -59,16 +59,29 @@ def _run(chunks: list[bytes], small: bool = True) -> tuple[list[Http1Event], boo
     return _merge(events), failed, conn
 
 
+def _same_outcome(whole: list[Http1Event], failed: bool, events: list[Http1Event], chunk_failed: bool) -> None:
+    """Equal events and outcome; a ParseError drops the events of the call that raised, so when the input
+    fails, the whole-input events are a prefix of the chunked ones (which failed too)."""
+    assert chunk_failed == failed, (failed, whole, events)
+    if not failed:
+        assert events == whole, (events, whole)
+    else:
+        prefix = events[: len(whole)]
+        if whole and isinstance(whole[-1], Data) and isinstance(prefix[-1], Data):
+            assert prefix[-1].data.startswith(whole[-1].data)
+            prefix, whole = prefix[:-1], whole[:-1]
+        assert prefix == whole, (events, whole)
+
+
 def check(data: bytes) -> None:
     whole, failed, conn = _run([data])
     for chunks in ([data[i : i + 1] for i in range(len(data))], [data[: len(data) // 2], data[len(data) // 2 :]]):
         events, chunk_failed, _ = _run(chunks)
-        assert (events, chunk_failed) == (whole, failed), (events, chunk_failed, whole, failed)
+        _same_outcome(whole, failed, events, chunk_failed)
     wire = b""
     for event in whole:
-        if isinstance(event, HttpRequest):
-            if event.method != "CONNECT":
-                assert normalize_target(event.target) == event.target, event.target
+        if isinstance(event, HttpRequest) and event.method != "CONNECT":
+            assert normalize_target(event.target) == event.target, event.target
         wire += conn.forward(C2S, event)
     if wire:
         again, again_failed, _ = _run([wire], small=False)
@@ -76,7 +89,7 @@ def check(data: bytes) -> None:
         assert again == whole, (again, whole)
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
+def TestOneInput(data: bytes) -> None:
     check(data)
 
 

@@ -64,7 +64,9 @@ def connection(selector: int, small: bool = True) -> tuple[Http1Connection, list
     return conn, methods
 
 
-def _run(selector: int, chunks: list[bytes], eof: bool, small: bool = True) -> tuple[list[Http1Event], bool, Http1Connection]:
+def _run(
+    selector: int, chunks: list[bytes], eof: bool, small: bool = True
+) -> tuple[list[Http1Event], bool, Http1Connection]:
     conn, _ = connection(selector, small)
     events: list[Http1Event] = []
     reader = conn._readers[S2C]
@@ -79,6 +81,20 @@ def _run(selector: int, chunks: list[bytes], eof: bool, small: bool = True) -> t
     return _merge(events), False, conn
 
 
+def _same_outcome(whole: list[Http1Event], failed: bool, events: list[Http1Event], chunk_failed: bool) -> None:
+    """Equal events and outcome; a ParseError drops the events of the call that raised, so when the input
+    fails, the whole-input events are a prefix of the chunked ones (which failed too)."""
+    assert chunk_failed == failed, (failed, whole, events)
+    if not failed:
+        assert events == whole, (events, whole)
+    else:
+        prefix = events[: len(whole)]
+        if whole and isinstance(whole[-1], Data) and isinstance(prefix[-1], Data):
+            assert prefix[-1].data.startswith(whole[-1].data)
+            prefix, whole = prefix[:-1], whole[:-1]
+        assert prefix == whole, (events, whole)
+
+
 def check(data: bytes) -> None:
     if not data:
         return
@@ -86,7 +102,7 @@ def check(data: bytes) -> None:
     whole, failed, conn = _run(selector, [body], eof)
     for chunks in ([body[i : i + 1] for i in range(len(body))], [body[: len(body) // 2], body[len(body) // 2 :]]):
         events, chunk_failed, _ = _run(selector, chunks, eof)
-        assert (events, chunk_failed) == (whole, failed), (events, chunk_failed, whole, failed)
+        _same_outcome(whole, failed, events, chunk_failed)
     _, methods = connection(selector)
     bodiless = False
     tunnel = False
@@ -109,7 +125,7 @@ def check(data: bytes) -> None:
         assert not again_failed and again == whole, (again, whole)
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
+def TestOneInput(data: bytes) -> None:
     check(data)
 
 

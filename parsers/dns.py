@@ -8,8 +8,10 @@ the byte offset; nothing else escapes, and the message bytes go upstream unchang
 Rules / Theory of operation
 ---------------------------
 The reader is checked against dnslib by `fuzz/dns_differential.py`: when it accepts a message,
-dnslib's own header, name and rdata decoders read the same values from it. It may reject more than
-dnslib, never accept what dnslib reads differently. It is stricter in these ways (each an error):
+dnslib's own header, name and rdata decoders, walking records by RDLENGTH (RFC 1035 §4.1.3), read
+the same values from it. (dnslib's whole-message parse ignores RDLENGTH for the types it knows and
+rejects non-UTF-8 labels, which RFC 2181 §11 allows; the reference fixes both.) The reader may
+reject more, never accept what dnslib reads differently. It is stricter in these ways (each an error):
 
 * Names (RFC 1035 §3.1, §4.1.4): a label is 1-63 bytes (length bytes 0x40-0xBF are the reserved
   extended label types, RFC 6891 §5); a name is at most 255 bytes in wire form after
@@ -57,6 +59,7 @@ __all__ = [
     "dns_rcode",
     "error_reply",
     "frame_tcp",
+    "name_text",
     "read_message",
     "read_query",
     "read_response",
@@ -325,21 +328,34 @@ def _read_response(data: bytes) -> DnsResponse:
     qtype = 0
     chain: set[str] = set()
     if qdcount:
-        labels, pos = _read_name(data, pos, cache)
+        qlabels, pos = _read_name(data, pos, cache)
         if pos + 4 > n:
             raise _WireError("question runs past the end of the message", pos, truncated=True)
         qtype = _U16.unpack_from(data, pos)[0]
         pos += 4
-        name = name_text(labels)
+        name = name_text(qlabels)
         chain.add(name.lower())
     addresses: list[str] = []
     cnames: list[str] = []
     min_ttl: int | None = None
     cut = False
+    # Normalised text of names already decoded, by the offset they start at: an owner that is just a
+    # pointer to one of them (what compressors write) costs a dict lookup, not a decode.
+    texts: dict[int, str] = {}
+    if qdcount:
+        texts[HEADER_BYTES] = name.lower()
     for _ in range(ancount):
         start = pos
+        owner: str | None = None
+        labels: list[bytes] | None = None
         try:
-            labels, pos = _read_name(data, pos, cache)
+            if pos + 1 < n and data[pos] >= 0xC0:
+                target = ((data[pos] & 0x3F) << 8) | data[pos + 1]
+                owner = texts.get(target)  # every key is an earlier name, so target < pos holds
+            if owner is not None:
+                pos += 2
+            else:
+                labels, pos = _read_name(data, pos, cache)
             if pos + 10 > n:
                 raise _WireError("record header runs past the end of the message", pos, truncated=True)
             rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, pos)
@@ -356,18 +372,21 @@ def _read_response(data: bytes) -> DnsResponse:
             raise _WireError("OPT record outside the additional section", start)
         if rclass != CLASS_IN or rtype not in (TYPE_A, TYPE_AAAA, TYPE_CNAME):
             continue
+        if owner is None:
+            assert labels is not None
+            owner = texts[start] = name_text(labels).lower()
         if rtype == TYPE_CNAME:
             target_labels, target_end = _read_name(data, rdstart, cache)
             if target_end != pos:
                 raise _WireError("CNAME target does not end at RDLENGTH", rdstart)
-            if name_text(labels).lower() not in chain:
+            target_name = texts[rdstart] = name_text(target_labels).lower()
+            if owner not in chain:
                 continue
-            target = name_text(target_labels).lower()
-            chain.add(target)
-            cnames.append(target)
+            chain.add(target_name)
+            cnames.append(target_name)
         else:
             address = _address(data, rtype, rdstart, rdlength)
-            if name_text(labels).lower() not in chain:
+            if owner not in chain:
                 continue
             addresses.append(address)
         if ttl & 0x80000000:

@@ -6,11 +6,14 @@ is either part of an event, held (bounded) for the next call, or the reason for 
 
 Theory of operation
 -------------------
-llhttp (through httptools) tokenises and validates each *head*; this module does the framing. A head
-is located with one `find(b"\\r\\n\\r\\n")` (at most `max_header_bytes`, buffered only when it is split
-across reads), handed whole to a fresh llhttp parser (0.8 µs to make), and the body is then sliced
-out of the stream here: Content-Length bodies by counting, chunked bodies by a small chunk reader
-that works per chunk, never per byte. Doing the framing here, not in llhttp, gives:
+llhttp (through httptools) validates each *head* in C; this module does the framing. A head is
+located with one `find(b"\\r\\n\\r\\n")` (at most `max_header_bytes`, buffered only when it is split
+across reads); llhttp is fed exactly the head's bytes as they arrive (so a malformed head fails at
+once) with no per-field callbacks, and the fields are then split from the complete head with str
+methods. The body is sliced out of the stream here: Content-Length bodies by counting, chunked bodies
+by a small chunk reader that works per chunk, never per byte. llhttp is reused for the next head
+when it finished the message itself (no body, keep-alive), else a fresh one (0.8 µs) is made.
+Doing the framing here, not in llhttp, gives:
 * exact limits: httptools would otherwise accumulate a header value without bound;
 * HEAD responses and 2xx answers to CONNECT, which llhttp cannot frame (it never sees the request);
 * keep-alive computed from the head itself (RFC 9112 §9.3), so the httptools trap
@@ -68,7 +71,7 @@ import enum
 import functools
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, assert_never
 
 import httptools
@@ -85,7 +88,7 @@ from parsers.events import (
     Reason,
     Trailers,
 )
-from parsers.http_target import normalize_target, split_target
+from parsers.http_target import normalize_target
 
 Http1Event = HttpRequest | HttpResponse | Data | Trailers | EndOfMessage | ConnectionUpgraded
 
@@ -105,6 +108,7 @@ _CHUNK_LINE = re.compile(
     + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"))?)*)\r\n'
 )
 _FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[!-~\x80-\xff](?:[ \t]*[!-~\x80-\xff])*)?)[ \t]*\r\n")
+_CTL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN_STR = re.compile(_TOKEN.decode())
 _FIELD_VALUE_STR = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _AUTHORITY = re.compile(r"[^\s/?#@\\]+:[0-9]{1,5}")
@@ -114,6 +118,8 @@ _TRAILER_FORBIDDEN: Final = frozenset({b"content-length", b"transfer-encoding", 
 
 class State(enum.Enum):
     """Where one direction's reader is. UPPER_CASE per STYLE.md §2."""
+
+    __hash__ = object.__hash__  # identity hash: Enum's own __hash__ is Python code, on the per-message path
 
     IDLE = "idle"  # between messages
     HEAD = "head"  # part of a head buffered
@@ -133,6 +139,8 @@ class State(enum.Enum):
 
 class Input(enum.Enum):
     """What a reader saw or was told; the keys of `_TRANSITIONS` with `State`."""
+
+    __hash__ = object.__hash__
 
     HEAD_START = "head_start"
     HEAD_NO_BODY = "head_no_body"
@@ -216,44 +224,50 @@ class _Exchange:
     answered: bool = False  # its final response arrived, or the proxy refused it
 
 
-class _HeadCallbacks:
-    """httptools callbacks for one head; `headers` are raw (name, value) pairs."""
+class _HeadDone:
+    """The only httptools callbacks used: llhttp saw the end of the head / of a (bodiless) message.
 
-    __slots__ = ("complete", "count", "headers", "limits", "reason", "url")
+    Field callbacks are deliberately not registered: httptools would accumulate each field value
+    without bound and call into Python per field. llhttp validates the head in C; the fields are then
+    split here from the complete head (bounded by `max_header_bytes`)."""
 
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.url = b""
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.count = 0
+    __slots__ = ("complete", "message_complete")
+
+    def __init__(self) -> None:
         self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > self.limits.max_line_bytes:
-            raise _LimitHit(f"request target longer than {self.limits.max_line_bytes} bytes")
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        if self.count > self.limits.max_headers:
-            raise _LimitHit(f"more than {self.limits.max_headers} header fields")
-        if len(name) + len(value) + 4 > self.limits.max_line_bytes:
-            raise _LimitHit(f"header field line longer than {self.limits.max_line_bytes} bytes")
-        self.headers.append((name, value))
+        self.message_complete = False
 
     def on_headers_complete(self) -> None:
         self.complete = True
+
+    def on_message_complete(self) -> None:
+        self.message_complete = True
 
 
 _LlhttpParser = httptools.HttpRequestParser | httptools.HttpResponseParser
 
 
-class _LimitHit(Exception):
-    """Raised inside an httptools callback; translated to MessageTooLarge."""
+@dataclass(slots=True)
+class _Fields:
+    """What one head's fields say about framing and routing."""
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_length: int | None = None
+    chunked: bool = False
+    host: str | None = None
+    host_count: int = 0
+    upgrade: str | None = None
+    connection: set[str] = field(default_factory=set)
+    expect: str | None = None
+
+
+_SPECIAL: Final = {"content-length": 0, "transfer-encoding": 1, "host": 2, "connection": 3, "upgrade": 4, "expect": 5}
+_VERSIONS: Final = {"HTTP/1.1": "1.1", "HTTP/1.0": "1.0"}
+# Targets normalize_target returns unchanged: '/'-separated segments of pchar without '%', none empty or
+# starting with '.', then an optional query without CTL, space, '#' or backslash. Anything else takes the
+# full normalize_target (tests/parsers/test_http1.py checks the two agree).
+_SEG = r"A-Za-z0-9\-_~!$&'()*+,;=:@"
+_NORMAL_TARGET = re.compile(rf"/(?:[{_SEG}][{_SEG}.]*(?:/[{_SEG}][{_SEG}.]*)*/?)?(?:\?[^\x00-\x20\x7f#\\]*)?")
 
 
 def _tokens(value: str) -> set[str]:
@@ -267,9 +281,10 @@ class _Reader:
         "_buf",
         "_chunked_trailers",
         "_conn",
+        "_done",
         "_head_is_request",
         "_held",
-        "_probe",
+        "_parser",
         "_remaining",
         "_response_keep_alive",
         "_trailer_bytes",
@@ -288,7 +303,8 @@ class _Reader:
         self._chunked_trailers: list[tuple[str, str]] = []
         self._trailer_bytes = 0
         self._response_keep_alive = True
-        self._probe: tuple[_LlhttpParser, _HeadCallbacks] | None = None  # llhttp on a split head
+        self._done = _HeadDone()
+        self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
 
     # -- state table -------------------------------------------------------------------------------
 
@@ -403,126 +419,104 @@ class _Reader:
     # -- heads -------------------------------------------------------------------------------------
 
     def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        done = self._done
         if self.state is State.IDLE:
             if data[pos] in b"\r\n":
                 raise self._error(MalformedMessage, "empty line or bare CR/LF before the start line (RFC 9112 §2.2)")
             self.move(Input.HEAD_START)
+            done.complete = done.message_complete = False
+            if self._parser is None:
+                self._parser = (
+                    httptools.HttpRequestParser(done) if self._head_is_request else httptools.HttpResponseParser(done)
+                )
         start = pos
         head, pos = self._take(data, pos, b"\r\n\r\n", self._conn.limits.max_header_bytes, "header block")
-        if head is None:
-            self._probe_head(data[start:] if start else data)
-        else:
-            self._probe = None
-            if self._head_is_request:
-                self._request_head(head, events)
-            else:
-                self._response_head(head, events)
-        return pos
-
-    def _probe_head(self, piece: bytes) -> None:
-        """Feed an incomplete head to llhttp so that a malformed one (bare LF, bad token) fails now,
-        not when the limit is reached. Only split heads pay for it; the complete head is parsed afresh."""
-        if self._probe is None:
-            callbacks = _HeadCallbacks(self._conn.limits)
-            parser: _LlhttpParser = (
-                httptools.HttpRequestParser(callbacks)
-                if self._head_is_request
-                else httptools.HttpResponseParser(callbacks)
-            )
-            self._probe = (parser, callbacks)
-        parser, callbacks = self._probe
+        # llhttp sees every head byte once, as it arrives: a malformed head fails at once, not at the limit.
+        piece = data[start:pos] if start or pos != len(data) else data
+        parser = self._parser
+        assert parser is not None
+        stopped = False
         try:
             parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
-            pass
+            stopped = True  # llhttp stops at the end of an Upgrade/CONNECT/101 head; the framing is decided here
         except httptools.HttpParserError as e:
-            if not callbacks.complete:
-                cause = e.__context__
-                if isinstance(cause, _LimitHit):
-                    raise self._error(MessageTooLarge, str(cause)) from e
+            # The same stop is reported as an error when llhttp's upgrade flag is unset (a 101 without Upgrade).
+            if not (done.complete and head is not None and str(e) == "Pause on CONNECT/Upgrade"):
                 raise self._error(MalformedMessage, f"invalid head: {e}") from e
-        if callbacks.complete:
+            stopped = True
+        if done.complete is (head is None):
             raise self._error(MalformedMessage, "head does not end at the first CRLF CRLF (RFC 9112 §2.2)")
+        if head is not None:
+            reusable = self._request_head(head, events) if self._head_is_request else self._response_head(head, events)
+            if stopped or not (reusable and done.message_complete):
+                self._parser = None  # llhttp expects a body we slice ourselves, or stopped: start afresh
+        return pos
 
-    def _llhttp(self, head: bytes, parser: _LlhttpParser, callbacks: _HeadCallbacks) -> None:
-        try:
-            parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            pass  # llhttp stops at the end of an Upgrade/CONNECT/101 head; the framing is decided here
-        except httptools.HttpParserError as e:
-            if callbacks.complete and str(e) == "Pause on CONNECT/Upgrade":
-                return  # the same stop, reported as an error when llhttp's upgrade flag is unset
-            cause = e.__context__
-            if isinstance(cause, _LimitHit):
-                raise self._error(MessageTooLarge, str(cause)) from e
-            raise self._error(MalformedMessage, f"invalid head: {e}") from e
-        if not callbacks.complete:
-            raise self._error(MalformedMessage, "head does not end at the first CRLF CRLF (RFC 9112 §2.2)")
+    def _lines(self, head: bytes) -> list[str]:
+        """The head's lines (start line first), checked against the line and field-count limits."""
+        limits = self._conn.limits
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        if len(lines) > limits.max_headers + 1:
+            raise self._error(MessageTooLarge, f"more than {limits.max_headers} header fields")
+        if max(map(len, lines)) > limits.max_line_bytes:
+            raise self._error(MessageTooLarge, f"a head line is longer than {limits.max_line_bytes} bytes")
+        return lines
 
-    def _fields(
-        self, raw: list[tuple[bytes, bytes]], version: str
-    ) -> tuple[Headers, int | None, bool, str | None, int, str | None, set[str], str | None]:
-        """Decode fields and pull out the ones that frame: (headers, content_length, chunked, host,
-        host_count, upgrade, connection tokens, expect)."""
-        headers: list[tuple[str, str]] = []
-        content_length: int | None = None
-        chunked = False
-        te_seen = False
-        host: str | None = None
-        host_count = 0
-        upgrade: str | None = None
-        connection: set[str] = set()
-        expect: str | None = None
-        for bname, bvalue in raw:
-            name = bname.decode("latin-1")
-            value = bvalue.strip(b" \t").decode("latin-1")
+    def _fields(self, lines: list[str], version: str) -> _Fields:
+        """Decode the field lines (llhttp already checked their syntax) and pull out the ones that frame."""
+        f = _Fields()
+        headers = f.headers
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            value = value.strip(" \t")
             headers.append((name, value))
-            lname = name.lower()
-            if lname == "content-length":
-                if content_length is not None:
+            special = _SPECIAL.get(name.lower())
+            if special is None:
+                continue
+            if special == 0:  # content-length
+                if f.content_length is not None:
                     raise self._error(MalformedMessage, "repeated Content-Length (RFC 9112 §6.3)")
                 if not (value.isascii() and value.isdigit() and len(value) <= 18):
                     raise self._error(MalformedMessage, f"invalid Content-Length {value[:32]!r} (RFC 9112 §6.3)")
-                content_length = int(value)
-            elif lname == "transfer-encoding":
-                if te_seen or value.lower() != "chunked":
+                f.content_length = int(value)
+            elif special == 1:  # transfer-encoding
+                if f.chunked or value.lower() != "chunked":
                     raise self._error(
                         MalformedMessage, "Transfer-Encoding other than one final 'chunked' (RFC 9112 §6.1)"
                     )
-                te_seen = chunked = True
-            elif lname == "host":
-                host_count += 1
-                host = value
-            elif lname == "connection":
-                connection |= _tokens(value)
-            elif lname == "upgrade":
-                upgrade = value
-            elif lname == "expect":
-                expect = value.lower()
-        if chunked:
-            if content_length is not None:
+                f.chunked = True
+            elif special == 2:  # host
+                f.host_count += 1
+                f.host = value
+            elif special == 3:  # connection
+                f.connection |= _tokens(value)
+            elif special == 4:  # upgrade
+                f.upgrade = value
+            else:  # expect
+                f.expect = value.lower()
+        if f.chunked:
+            if f.content_length is not None:
                 raise self._error(MalformedMessage, "both Content-Length and Transfer-Encoding (RFC 9112 §6.3)")
             if version == "1.0":
                 raise self._error(MalformedMessage, "Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)")
-        return tuple(headers), content_length, chunked, host, host_count, upgrade, connection, expect
+        return f
 
-    def _request_head(self, head: bytes, events: list[Http1Event]) -> None:
-        callbacks = _HeadCallbacks(self._conn.limits)
-        parser = httptools.HttpRequestParser(callbacks)
-        self._llhttp(head, parser, callbacks)
-        method_b = parser.get_method()
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise self._error(MalformedMessage, f"unsupported HTTP version {version} (RFC 9112 §2.3)")
-        url = callbacks.url
-        if not head.startswith(b"%s %s HTTP/%s\r\n" % (method_b, url, version.encode())):
+    def _request_head(self, head: bytes, events: list[Http1Event]) -> bool:
+        """Emit the request; returns whether llhttp may read the next head (keep-alive, no switch)."""
+        lines = self._lines(head)
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
             raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
-        method = method_b.decode("ascii")
-        fields = self._fields(callbacks.headers, version)
-        headers, content_length, chunked, host, host_count, upgrade, connection, expect = fields
-        if host_count > 1 or (host_count == 0 and version == "1.1"):
-            raise self._error(MalformedMessage, f"{host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
-        raw_target = url.decode("latin-1")
+        method, raw_target, proto = parts
+        version = _VERSIONS.get(proto)
+        if version is None:
+            raise self._error(MalformedMessage, f"unsupported version {proto[:16]!r} (RFC 9112 §2.3)")
+        f = self._fields(lines, version)
+        if f.host_count > 1 or (f.host_count == 0 and version == "1.1"):
+            raise self._error(MalformedMessage, f"{f.host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
+        content_length = f.content_length
+        chunked = f.chunked
         if method == "CONNECT":
             if not _AUTHORITY.fullmatch(raw_target):
                 raise self._error(MalformedMessage, "CONNECT target is not host:port (RFC 9112 §3.2.3)")
@@ -536,18 +530,22 @@ class _Reader:
             target = path = "*"
             query = ""
         else:
-            try:
-                target = normalize_target(raw_target, direction=self.direction)
-            except ParseError:
-                self.state = State.ERROR
-                raise
-            path, query = split_target(target)
+            if _NORMAL_TARGET.fullmatch(raw_target):
+                target = raw_target  # already normal: normalize_target would return it unchanged
+            else:
+                try:
+                    target = normalize_target(raw_target, direction=self.direction)
+                except ParseError:
+                    self.state = State.ERROR
+                    raise
+            path, _, query = target.partition("?")
+        connection = f.connection
         keep_alive = version == "1.1" and "close" not in connection
         switch: str | None = None
         if method == "CONNECT":
             switch = "CONNECT"
-        elif upgrade is not None and "upgrade" in connection:
-            switch = upgrade.split(",")[0].strip()
+        elif f.upgrade is not None and "upgrade" in connection:
+            switch = f.upgrade.split(",")[0].strip()
         has_body = chunked or bool(content_length)
         events.append(
             HttpRequest(
@@ -555,8 +553,8 @@ class _Reader:
                 target=target,
                 path=path,
                 query=query,
-                host=host,
-                headers=headers,
+                host=f.host,
+                headers=tuple(f.headers),
                 http_version=version,
                 has_body=has_body,
                 content_length=content_length,
@@ -567,7 +565,7 @@ class _Reader:
             method=method,
             keep_alive=keep_alive,
             switch=switch,
-            expect_continue=expect == "100-continue" and version == "1.1",
+            expect_continue=f.expect == "100-continue" and version == "1.1",
             has_body=has_body,
         )
         self._conn._parsed(exchange)
@@ -579,45 +577,50 @@ class _Reader:
         else:
             self.move(Input.HEAD_NO_BODY)
             self._end_message(events)
+        return keep_alive and switch is None
 
-    def _response_head(self, head: bytes, events: list[Http1Event]) -> None:
-        callbacks = _HeadCallbacks(self._conn.limits)
-        parser = httptools.HttpResponseParser(callbacks)
-        self._llhttp(head, parser, callbacks)
-        status = parser.get_status_code()
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise self._error(MalformedMessage, f"unsupported HTTP version {version} (RFC 9112 §2.3)")
-        line = b"HTTP/%s %03d" % (version.encode(), status)
-        if not head.startswith(line) or head[len(line)] not in b" \r":
-            raise self._error(MalformedMessage, "status line is not 'version SP status SP reason' (RFC 9112 §4)")
-        headers, content_length, chunked, _, _, upgrade, connection, _ = self._fields(callbacks.headers, version)
+    def _response_head(self, head: bytes, events: list[Http1Event]) -> bool:
+        """Emit the response (framed by its request's method); returns whether llhttp may be reused."""
+        lines = self._lines(head)
+        parts = lines[0].split(" ", 2)
+        version = _VERSIONS.get(parts[0])
+        if version is None:
+            raise self._error(MalformedMessage, f"unsupported version {parts[0][:16]!r} (RFC 9112 §2.3)")
+        code = parts[1] if len(parts) > 1 else ""
+        if not (len(code) == 3 and code.isascii() and code.isdigit()) or code[0] == "0":
+            raise self._error(MalformedMessage, f"status code {code[:8]!r} is not 100-999 (RFC 9112 §4)")
+        status = int(code)
+        reason = parts[2] if len(parts) > 2 else ""
+        if _CTL.search(reason):
+            raise self._error(MalformedMessage, "control character in the reason phrase (RFC 9112 §4)")
+        f = self._fields(lines, version)
         exchange = self._conn._answering()
         if exchange is None:
             raise self._error(ProtocolViolation, "response with no request in flight")
-        reason = callbacks.reason.decode("latin-1")
-        keep_alive = exchange.keep_alive and version == "1.1" and "close" not in connection
-        no_body = exchange.method == "HEAD" or status < 200 or status in (204, 304)
+        headers = tuple(f.headers)
         if status == 101:
             if exchange.switch is None or exchange.switch == "CONNECT":
                 raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
             events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
             self.move(Input.HEAD_SWITCH)
-            self._conn._switched(events, upgrade or exchange.switch)
-            return
+            self._conn._switched(events, f.upgrade or exchange.switch)
+            return False
         if exchange.switch == "CONNECT" and 200 <= status < 300:
             events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
             self.move(Input.HEAD_SWITCH)
             self._conn._switched(events, "CONNECT")
-            return
+            return False
         if status < 200:
             events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
             self.move(Input.HEAD_INTERIM)
-            return
+            return True
         self._conn._answered(exchange)
+        keep_alive = exchange.keep_alive and version == "1.1" and "close" not in f.connection
+        no_body = exchange.method == "HEAD" or status in (204, 304)
+        content_length = f.content_length
         if no_body:
             framing = Input.HEAD_NO_BODY
-        elif chunked:
+        elif f.chunked:
             framing = Input.HEAD_CHUNKED
         elif content_length is not None:
             framing = Input.HEAD_LENGTH if content_length else Input.HEAD_NO_BODY
@@ -641,6 +644,7 @@ class _Reader:
             self._remaining = content_length or 0
         elif framing is Input.HEAD_NO_BODY:
             self._end_message(events)
+        return keep_alive and not no_body
 
     # -- chunked bodies ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ Theory of operation
   MAX_CONCURRENT_STREAMS is honoured by queueing opens in id order.
 * Flow control (RFC 9113 §5.2): received DATA is never acknowledged on arrival. Each `Data` event
   is "owed"; the proxy hands it to the other side with `send_data`, which frames it as the peer's
-  windows allow and buffers the rest. Bytes leave that buffer (framed, or dropped because the stream
+  windows allow and buffers the rest. Bytes that leave that buffer (framed, or dropped because the stream
   died) are reported by `pop_delivered()`; the proxy passes each `(stream_id, n)` to
   `acknowledge()` on the side the bytes came from, which only then opens the sender's windows.
   A slow reader therefore stalls its sender. Padding is acknowledged at once (never relayed).
@@ -26,12 +26,22 @@ Theory of operation
   would escape L7 policy) are refused here and reported as `RequestRejected`.
 * h2c: prior knowledge on both sides; `Http2ServerSide.from_h2c_upgrade()` takes the HTTP/1.1
   `Upgrade: h2c` request as stream 1 (RFC 7540 §3.2) and emits the 101 itself.
+* Rapid reset (CVE-2023-44487): after 500 streams, a client that reset at least half of them before
+  their answer gets GOAWAY(ENHANCE_YOUR_CALM) and a ProtocolViolation (Envoy's rule).
 * After a `ParseError` from `feed()`, h2 has queued a GOAWAY: send `data_to_send()`, then close.
+
+The proxy loop (tests/parsers/test_http2.py `LoopbackBridge` runs exactly this against grpcio/httpx):
+    down.feed(b): HttpRequest|GrpcCall -> judge -> up.send_request(e) | down.refuse(sid, reason);
+                  Data -> up.send_data; Trailers -> up.send_trailers; EndOfMessage -> up.end_stream;
+                  StreamReset -> up.reset_stream   (skip later events of refused streams)
+    up.feed(b):   HttpResponse -> down.send_response; Data/Trailers/EndOfMessage likewise;
+                  StreamReset -> down.refuse(sid, Reason.UPSTREAM_FAILED); GoAway -> stop new streams
+    then: for sid, n in up.pop_delivered(): down.acknowledge(sid, n)  (and the mirror),
+          write down.data_to_send() and up.data_to_send().
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 from collections import deque
@@ -85,6 +95,7 @@ DEFAULT_CONNECTION_WINDOW = 1024 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS = 100  # h2's and nginx's default (RFC 9113 §6.5.2 recommends >= 100)
 DEFAULT_MAX_HEADER_LIST_BYTES = 64 * 1024  # h2's default; a header block past it is ENHANCE_YOUR_CALM
 DENIED_BODY = b"Access denied\r\n"  # Cilium's default text
+_RAPID_RESET_MIN_STREAMS = 500  # Envoy's premature_reset_total_stream_count
 
 ErrorCode = h2.errors.ErrorCodes
 
@@ -347,6 +358,8 @@ class _Http2Side:
             stream = self._streams.get(stream_id)
             if stream is not None and not stream.reset:
                 relaying = stream.is_relaying
+                if not stream.local_ended:
+                    self._on_premature_reset()
                 self._drop(stream_id, stream)
                 if relaying:
                         out.append(StreamReset(stream_id=stream_id, error_code=int(event.error_code or 0)))
@@ -355,6 +368,9 @@ class _Http2Side:
             self._on_goaway(event, out)
         else:
             self._handle_side(event, out)
+
+    def _on_premature_reset(self) -> None:
+        """The peer reset a stream before its answer completed (a hook for the server side's limit)."""
 
     def _handle_side(self, event: h2.events.Event, out: list[Event]) -> None:
         """Side-specific events (requests / responses); everything else (PING, SETTINGS ack,
@@ -450,12 +466,16 @@ class _Http2Side:
         stream = self._streams.get(stream_id)
         if stream is None or stream.reset:
             return
-        opened = stream.pending_headers is None
         self._drop(stream_id, stream)
-        if opened and not (stream.local_ended and stream.remote_ended):
+        self._reset_h2(stream_id, error_code)
+        self._forget_if_finished(stream_id)
+
+    def _reset_h2(self, stream_id: int, error_code: int) -> None:
+        """RST_STREAM if h2 still has the stream open (never for one never opened or already closed)."""
+        h2_stream = self._conn.streams.get(stream_id)
+        if h2_stream is not None and not h2_stream.closed:
             with _h2_errors(self._outbound):
                 self._conn.reset_stream(stream_id, error_code)
-        self._forget_if_finished(stream_id)
 
     def close(self, error_code: int = ErrorCode.NO_ERROR) -> None:
         """Queue GOAWAY (graceful when NO_ERROR: streams already open may finish)."""
@@ -558,6 +578,8 @@ class Http2ServerSide(_Http2Side):
         super().__init__(initial_window_size=initial_window_size, connection_window_size=connection_window_size,
                          max_concurrent_streams=max_concurrent_streams, max_header_list_bytes=max_header_list_bytes)
         self.denied_body = denied_body
+        self.streams_opened = 0
+        self.premature_resets = 0
         if _upgrade_settings is None:
             self._start()
             return
@@ -631,6 +653,7 @@ class Http2ServerSide(_Http2Side):
         is_grpc = method == "POST" and grpc.is_grpc_content_type(_header(regular, "content-type"))
         stream = _Stream(kind=_Kind.GRPC if is_grpc else _Kind.HTTP)
         self._streams[stream_id] = stream
+        self.streams_opened += 1
         try:
             if method == "CONNECT":
                 raise MalformedMessage("CONNECT tunnels are not relayed (they would escape L7 policy)",
@@ -652,6 +675,17 @@ class Http2ServerSide(_Http2Side):
             scheme=pseudo.get(":scheme"), http_version="2", stream_id=stream_id, has_body=not ended,
             content_length=_content_length(regular),
         ))
+
+    def _on_premature_reset(self) -> None:
+        # HTTP/2 "Rapid Reset" (CVE-2023-44487): a client that opens streams and resets them before
+        # the answer makes the upstream work for free. Envoy's rule: once 500 streams were opened,
+        # close the connection when at least half of them were reset prematurely.
+        self.premature_resets += 1
+        if self.streams_opened >= _RAPID_RESET_MIN_STREAMS and 2 * self.premature_resets >= self.streams_opened:
+            self._conn.close_connection(ErrorCode.ENHANCE_YOUR_CALM)
+            raise ProtocolViolation(
+                f"{self.premature_resets} of {self.streams_opened} streams reset before their response "
+                "(HTTP/2 rapid reset)", direction=self._inbound)
 
     # --- responses and refusals -------------------------------------------------------------------
 
@@ -815,15 +849,23 @@ class Http2ClientSide(_Http2Side):
             if stream is None or stream.reset:
                 return
             pseudo, regular = _text(list(event.headers or []))
+            status = pseudo.get(":status", "")
+            if not (len(status) == 3 and status.isascii() and status.isdigit()) or status == "101":
+                # Malformed response (RFC 9113 §8.3.2, §8.6): a stream error, reported like a reset.
+                self._drop(stream_id, stream)
+                self._reset_h2(stream_id, ErrorCode.PROTOCOL_ERROR)
+                out.append(StreamReset(stream_id=stream_id, error_code=int(ErrorCode.PROTOCOL_ERROR)))
+                self._forget_if_finished(stream_id)
+                return
             informational = isinstance(event, h2.events.InformationalResponseReceived)
             ended = not informational and event.stream_ended is not None  # type: ignore[union-attr]
             out.append(HttpResponse(
-                status=int(pseudo.get(":status", "0")), headers=regular, http_version="2", stream_id=stream_id,
+                status=int(status), headers=regular, http_version="2", stream_id=stream_id,
                 has_body=not informational and not ended, content_length=_content_length(regular),
             ))
         elif isinstance(event, h2.events.PushedStreamReceived):  # push is disabled; refuse it anyway
             with _h2_errors(self._inbound):
-                self._conn.reset_stream(event.pushed_stream_id or 0, ErrorCode.REFUSED_STREAM)
+                self._reset_h2(event.pushed_stream_id or 0, ErrorCode.REFUSED_STREAM)
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
         super()._on_goaway(event, out)

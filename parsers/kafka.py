@@ -45,12 +45,13 @@ authorisation error that the client surfaces:
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections import deque
 from typing import Any, assert_never
 
-from parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
 from parsers._kafka_schema import Found as _Found
+from parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
 from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from parsers.events import Direction, KafkaRequest, KafkaResponse, Reason
 
@@ -64,6 +65,7 @@ __all__ = [
     "kafka_error_code",
     "metadata_topic_ids",
     "parse_request",
+    "resolve_topic_ids",
 ]
 
 # Kafka's own default for socket.request.max.bytes (100 MiB): a broker refuses bigger requests too.
@@ -231,14 +233,12 @@ def parse_request(frame: bytes, *, offset: int | None = None) -> KafkaRequest:
             return KafkaRequest(api_key=api_key, api_version=version, correlation_id=correlation_id,
                                 client_id=client_id, topics_known=schema is not None and not schema.names_topics,
                                 size=size, raw=frame)
-        body = frame[4:]
-        pos -= 4
         found = _Found()
         if schema.is_flexible(version):  # request header v2: tagged fields after the client id
-            pos = skip_tagged(body, pos)
-        pos = reader(body, pos, found)
-        if pos != len(body):
-            raise MalformedMessage(f"{len(body) - pos} bytes after the request body", direction=d, offset=offset)
+            pos = skip_tagged(frame, pos)
+        pos = reader(frame, pos, found)  # positions are frame offsets: no copy of the body
+        if pos != len(frame):
+            raise MalformedMessage(f"{len(frame) - pos} bytes after the request body", direction=d, offset=offset)
     except SchemaError as e:
         raise MalformedMessage(f"api key {api_key} v{version}: {e}", direction=d, offset=offset) from e
     except (struct.error, IndexError, ValueError) as e:  # belt and braces: the readers check bounds
@@ -556,7 +556,7 @@ def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED) 
     try:
         decoded = req_cls.decode(request.raw, version=version, header=True, framed=True)
         req_dict = decoded.to_dict(json=False)
-    except Exception:  # noqa: BLE001  kafka-python raises many types; any failure means "cannot refuse"
+    except Exception:
         return None
     per_topic = kafka_error_code(reason)
     if reason is Reason.POLICY_DENIED:
@@ -582,8 +582,23 @@ def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED) 
         response = resp_cls(version=version, **values)
         response.with_header(correlation_id=request.correlation_id)
         return bytes(response.encode(header=True, framed=True))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
+
+
+def resolve_topic_ids(request: KafkaRequest, names_by_id: dict[str, str]) -> KafkaRequest:
+    """`request` with the topic ids it names translated through `names_by_id` (learned by `metadata_topic_ids`).
+
+    Returns: a copy whose `topics` gain the resolved names and whose `topics_known` is True only if every
+    id resolved (unresolved ids stay in `topic_ids`); `request` itself when it names no ids.
+    Raises: nothing.
+    """
+    if not request.topic_ids:
+        return request
+    resolved = [names_by_id[i] for i in request.topic_ids if i in names_by_id]
+    left = tuple(i for i in request.topic_ids if i not in names_by_id)
+    return dataclasses.replace(request, topics=tuple(dict.fromkeys((*request.topics, *resolved))), topic_ids=left,
+                               topics_known=not left)
 
 
 def metadata_topic_ids(response: KafkaResponse) -> dict[str, str]:
@@ -604,5 +619,5 @@ def metadata_topic_ids(response: KafkaResponse) -> dict[str, str]:
                 if hexid != _ZERO_UUID:
                     out[hexid] = t.name
         return out
-    except Exception:  # noqa: BLE001
+    except Exception:
         return {}

@@ -96,8 +96,10 @@ class _FieldSet:
         bits = self._any
         if self._set is None or value is None:
             return bits
-        for i in self._set.Match(value):
-            bits |= self._masks[i]
+        hits = self._set.Match(value)  # None when nothing matches
+        if hits:
+            for i in hits:
+                bits |= self._masks[i]
         return bits
 
 

@@ -8,9 +8,9 @@ values are escaped; a metric never raises into the data path.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import bisect
 from collections.abc import Sequence
+from typing import cast
 
 _DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

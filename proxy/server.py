@@ -13,7 +13,6 @@ Rules: reading from one side pauses while the other side's write buffer is above
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import contextlib
 import errno
 import itertools
@@ -23,6 +22,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from parsers.events import Direction, Reason
 from proxy.flows import REQUEST, RESPONSE, FlowSink
@@ -30,6 +30,7 @@ from proxy.metrics import Metrics
 from proxy.session import (
     Action,
     Close,
+    DatagramSession,
     DataReceived,
     Forward,
     Log,
@@ -81,6 +82,7 @@ class ConnectionInfo:
 
 
 SessionFactory = Callable[[ConnectionInfo], Session]
+DatagramFactory = Callable[[ConnectionInfo], DatagramSession | None]  # None: dropped at L3/L4
 
 
 def _now() -> float:
@@ -134,8 +136,8 @@ class Connection(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
 
     # --- client side ------------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = self.client = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
         proxy = self.proxy
         if proxy.draining or len(proxy.connections) >= proxy.config.max_connections:
             proxy.metrics.connections_rejected.inc("draining" if proxy.draining else "max_connections")
@@ -219,7 +221,6 @@ class Connection(asyncio.Protocol):
             except OSError as e:
                 self._upstream_failed(Reason.UPSTREAM_FAILED, errno.errorcode.get(e.errno or 0, "oserror"))
                 return
-            transport = cast(asyncio.Transport, transport)
             if self.closed:
                 transport.close()
                 return
@@ -446,14 +447,13 @@ class Proxy:
     upstream: Address | None  # gateway mode: the fixed upstream; None in transparent mode
     flows: FlowSink = field(default_factory=FlowSink)
     metrics: Metrics = field(default_factory=Metrics)
-    datagram_factory: Callable[[Proxy], asyncio.DatagramProtocol] | None = None
+    datagram_factory: DatagramFactory | None = None
 
     def __post_init__(self) -> None:
         self.connections: set[Connection] = set()
         self.draining = False
         self._servers: list[asyncio.AbstractServer] = []
-        self._udp: list[asyncio.BaseTransport] = []
-        self._udp_closers: list[Callable[[], None]] = []
+        self._udp: list[UdpListener] = []
         self._sweeper: asyncio.Task[None] | None = None
 
     def record(self, action: Log) -> None:
@@ -470,11 +470,10 @@ class Proxy:
             self._servers.append(await loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
         for sock in udp_sockets:
             if self.datagram_factory is None:
-                raise ValueError("a UDP listener needs a datagram handler")
-            start_udp = getattr(self.datagram_factory(self), "start", None)
-            if start_udp is None:
-                raise ValueError("datagram handler has no start()")
-            self._udp_closers.append(start_udp(sock))
+                raise ValueError("a UDP listener needs a datagram factory")
+            listener = UdpListener(self, sock, self.datagram_factory)
+            listener.start()
+            self._udp.append(listener)
         self._sweeper = loop.create_task(self._sweep())
 
     def _tick_s(self) -> float:
@@ -488,6 +487,8 @@ class Proxy:
         while True:
             await asyncio.sleep(tick)
             now = _now()
+            for listener in self._udp:
+                listener.sweep()
             for conn in list(self.connections):
                 session = conn.session
                 if conn.closed or session is None:
@@ -504,16 +505,16 @@ class Proxy:
         self.draining = True
         for server in self._servers:
             server.close()
-        for closer in self._udp_closers:
-            closer()
         deadline = _now() + self.config.drain_timeout_s
-        while self.connections and _now() < deadline:
+        while (self.connections or any(u.has_outstanding for u in self._udp)) and _now() < deadline:
             for conn in list(self.connections):
                 if conn.session is not None and conn.session.is_idle:
                     conn.timeout(TimeoutKind.DRAIN)
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.close()
+        for listener in self._udp:
+            listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -522,3 +523,185 @@ class Proxy:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self.flows.close()
+
+
+@dataclass(eq=False)
+class _UdpPeer:
+    """One (client address, original destination) pair: its session and its connected upstream socket."""
+
+    client: Address
+    original_dst: Address
+    session: DatagramSession
+    upstream: socket.socket | None = None
+
+
+class UdpListener:
+    """A UDP listener (DNS): datagrams read with recvmsg (for IP_ORIGDSTADDR), one upstream socket per peer pair.
+
+    In transparent mode each reply leaves from a transparent socket bound to the original
+    destination, so the client sees the answer come from the server it asked; the upstream socket
+    is bound to the client's own IP. In gateway mode replies leave from the listener itself.
+    """
+
+    MAX_DATAGRAM = 65535
+    BATCH = 64  # datagrams per wakeup, so one busy client cannot starve the loop
+
+    def __init__(self, proxy: Proxy, sock: socket.socket, factory: DatagramFactory) -> None:
+        self.proxy = proxy
+        self.sock = sock
+        self.factory = factory
+        self.peers: dict[tuple[Address, Address], _UdpPeer] = {}
+        self._reply_socks: dict[Address, socket.socket] = {}
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+
+    @property
+    def has_outstanding(self) -> bool:
+        return any(p.session.has_outstanding for p in self.peers.values())
+
+    def start(self) -> None:
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(self.BATCH):
+            try:
+                data, ancdata, _flags, addr = self.sock.recvmsg(self.MAX_DATAGRAM, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                log.exception("UDP listener receive failed")
+                return
+            try:
+                self._datagram(data, ancdata, (addr[0], addr[1]))
+            except Exception:
+                log.exception("internal error on a UDP datagram from %s:%d", addr[0], addr[1])
+                self.proxy.metrics.internal_errors.inc()
+
+    def _datagram(self, data: bytes, ancdata: list[tuple[int, int, bytes]], client: Address) -> None:
+        if self.proxy.draining:
+            return
+        local = self.sock.getsockname()
+        original_dst = (parse_origdst(ancdata) if self.proxy.config.transparent else None) or (local[0], local[1])
+        key = (client, original_dst)
+        peer = self.peers.get(key)
+        if peer is None:
+            session = self.factory(ConnectionInfo(client=client, original_dst=original_dst, transport="UDP"))
+            if session is None:
+                self.proxy.metrics.connections_rejected.inc("udp_denied")
+                return
+            peer = _UdpPeer(client=client, original_dst=original_dst, session=session)
+            self.peers[key] = peer
+            self.proxy.metrics.connections.inc("udp")
+        self._apply(peer, peer.session.on_query(data))
+
+    def _upstream(self, peer: _UdpPeer) -> socket.socket | None:
+        if peer.upstream is not None:
+            return peer.upstream
+        target = self.proxy.upstream or peer.original_dst
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if self.proxy.config.transparent:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((peer.client[0], 0))
+            sock.setblocking(False)
+            sock.connect(target)
+        except OSError:
+            sock.close()
+            self.proxy.metrics.upstream_failures.inc("udp")
+            self._apply(peer, peer.session.on_upstream_failed(Reason.UPSTREAM_FAILED))
+            return None
+        peer.upstream = sock
+        self._loop.add_reader(sock.fileno(), self._answers, peer)
+        return sock
+
+    def _answers(self, peer: _UdpPeer) -> None:
+        sock = peer.upstream
+        if sock is None:
+            return
+        for _ in range(self.BATCH):
+            try:
+                data = sock.recv(self.MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ECONNREFUSED from an ICMP port unreachable: the upstream is not there
+                self.proxy.metrics.upstream_failures.inc("udp")
+                self._apply(peer, peer.session.on_upstream_failed(Reason.UPSTREAM_FAILED))
+                return
+            try:
+                self._apply(peer, peer.session.on_answer(data))
+            except Exception:
+                log.exception("internal error on a UDP answer for %s:%d", *peer.client)
+                self.proxy.metrics.internal_errors.inc()
+
+    def _reply_socket(self, peer: _UdpPeer) -> socket.socket:
+        if not self.proxy.config.transparent:
+            return self.sock
+        sock = self._reply_socks.get(peer.original_dst)
+        if sock is None:
+            family = socket.AF_INET6 if ":" in peer.original_dst[0] else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(peer.original_dst)
+            sock.setblocking(False)
+            self._reply_socks[peer.original_dst] = sock
+        return sock
+
+    def _apply(self, peer: _UdpPeer, actions: Iterable[Action]) -> None:
+        for action in actions:
+            if type(action) is Forward:
+                assert isinstance(action, Forward)
+                if action.direction is C2S:
+                    sock = self._upstream(peer)
+                    if sock is not None:
+                        with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                            sock.send(action.data)
+                    continue
+                data = action.data
+            elif type(action) is Reply:
+                assert isinstance(action, Reply)
+                data = action.data
+            elif type(action) is Log:
+                assert isinstance(action, Log)
+                self.proxy.record(action)
+                continue
+            else:
+                continue
+            with contextlib.suppress(BlockingIOError):
+                self._reply_socket(peer).sendto(data, peer.client)
+
+    def sweep(self) -> None:
+        """SERVFAIL for unanswered queries past dns_timeout_s; forget peers idle for idle_timeout_s."""
+        config = self.proxy.config
+        timeout_ns = int(config.dns_timeout_s * 1e9)
+        idle_ns = int(min(config.idle_timeout_s, 60.0) * 1e9)
+        now = time.time_ns()
+        for key, peer in list(self.peers.items()):
+            self._apply(peer, peer.session.expire(timeout_ns))
+            if not peer.session.has_outstanding and now - peer.session.last_activity_ns > idle_ns:
+                self._forget(key, peer)
+
+    def _forget(self, key: tuple[Address, Address], peer: _UdpPeer) -> None:
+        self.peers.pop(key, None)
+        if peer.upstream is not None:
+            self._loop.remove_reader(peer.upstream.fileno())
+            peer.upstream.close()
+            peer.upstream = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        for key, peer in list(self.peers.items()):
+            self._forget(key, peer)
+        for sock in self._reply_socks.values():
+            sock.close()
+        self.sock.close()

@@ -20,9 +20,13 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from parsers.events import Direction, Reason
-from proxy.flows import DROPPED, REQUEST, Flow, FlowContext
+from parsers.events import Direction, DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
+from policies import FlowResult, FlowVerdict, ParserType, Verdict, VerdictKind, evaluate_request
+from proxy.flows import DROPPED, ERROR, FORWARDED, REQUEST, Flow, FlowContext
+
+L7Request = HttpRequest | GrpcCall | DnsQuery | KafkaRequest
 
 C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
@@ -99,6 +103,68 @@ def wall_clock_ns() -> int:
     return time.time_ns()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionPolicy:
+    """The two L3/L4 verdicts of one connection (looked up once), judging each of its requests.
+
+    `egress` is the source endpoint's verdict, `ingress` the destination's; None = that side is not
+    a local endpoint, so it has no policy of its own.
+    """
+
+    egress: Verdict | None
+    ingress: Verdict | None
+    src_endpoint: str | None = None
+    dst_endpoint: str | None = None
+
+    @property
+    def is_dropped(self) -> bool:
+        """Either side drops this connection at L3/L4 (or has conflicting L7 parsers: fail closed)."""
+        return any(v is not None and v.kind is VerdictKind.DROP for v in (self.egress, self.ingress))
+
+    @property
+    def parser(self) -> ParserType | None:
+        """The L7 parser the policy puts on this port; None = plain L4 (bytes pass through).
+
+        Raises:
+            ValueError: the two sides redirect to different parsers (the caller fails closed).
+        """
+        kinds = {v.parser for v in (self.egress, self.ingress) if v is not None and v.kind is VerdictKind.REDIRECT}
+        if len(kinds) > 1:
+            raise ValueError(f"conflicting L7 parsers {sorted(str(k) for k in kinds)}")
+        return next(iter(kinds), None)
+
+    @property
+    def matched(self) -> str | None:
+        refs = [r for v in (self.egress, self.ingress) if v is not None for r in v.matched]
+        return refs[0] if refs else None
+
+    def judge(self, request: L7Request | None, error: Reason | None = None) -> FlowResult:
+        """The verdict on one request (or on an unparsable one, with `error`). Never raises."""
+        return evaluate_request(
+            self.egress,
+            self.ingress,
+            request,
+            src_endpoint=self.src_endpoint,
+            dst_endpoint=self.dst_endpoint,
+            request_error=error,
+        )
+
+
+def verdict_of(result: FlowResult) -> tuple[bool, str, Reason | None, str | None]:
+    """(allowed, flow verdict, reason, deciding rule) of a FlowResult."""
+    decision = result.decision
+    rule = decision.rule if decision is not None else None
+    if rule is None:
+        for side in (result.egress, result.ingress):
+            if side.matched:
+                rule = side.matched[0]
+                break
+    if result.verdict is FlowVerdict.ALLOWED:
+        return True, FORWARDED, None, rule
+    reason = decision.reason if decision is not None and decision.reason is not None else Reason.POLICY_DENIED
+    return False, DROPPED if reason is Reason.POLICY_DENIED else ERROR, reason, rule
+
+
 class Session:
     """Base class: bytes pass through unchanged, FIN is relayed, timeouts close. Subclasses judge requests."""
 
@@ -160,6 +226,26 @@ class Session:
     def close(self) -> list[Action]:
         self.closed = True
         return [Close()]
+
+
+class DatagramSession(Protocol):
+    """One UDP peer pair (client address, original destination): each datagram is one message.
+
+    `Forward(CLIENT_TO_SERVER)` goes to the upstream; `Reply` and `Forward(SERVER_TO_CLIENT)` to the client.
+    """
+
+    last_activity_ns: int
+
+    def on_query(self, datagram: bytes) -> list[Action]: ...
+
+    def on_answer(self, datagram: bytes) -> list[Action]: ...
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]: ...
+
+    def expire(self, timeout_ns: int) -> list[Action]: ...
+
+    @property
+    def has_outstanding(self) -> bool: ...
 
 
 class PassThroughSession(Session):

@@ -34,11 +34,14 @@ class _TestRunOpts(ctypes.Structure):
     ]
 
 
-def packet(src: str, dst: str, sport: int, dport: int, proto: int = socket.IPPROTO_TCP, *, syn: bool = True) -> bytes:
-    """An Ethernet frame carrying one IPv4/IPv6 TCP (SYN or ACK) or UDP packet; checksums are not needed."""
+SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
+
+
+def packet(src: str, dst: str, sport: int, dport: int, proto: int = socket.IPPROTO_TCP, *, flags: int = SYN) -> bytes:
+    """An Ethernet frame carrying one IPv4/IPv6 TCP (with `flags`) or UDP packet; checksums are not needed."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     if proto == socket.IPPROTO_TCP:
-        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02 if syn else 0x10, 65535, 0, 0)
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
     else:
         l4 = struct.pack("!HHHH", sport, dport, 8, 0)
     if s.version == 4:

@@ -38,7 +38,7 @@ from bpf.maps import (
     Verdict,
 )
 from bpf.steer import Steering
-from tests.bpf.prog_run import TC_ACT_OK, TC_ACT_SHOT, packet, run
+from tests.bpf.prog_run import ACK, RST, TC_ACT_OK, TC_ACT_SHOT, packet, run
 
 pytestmark = pytest.mark.bpf
 
@@ -82,15 +82,24 @@ def st(loaded: Steering) -> Iterator[Steering]:
     yield loaded
 
 
-def outcome(st: Steering, dst: str, dport: int, proto: int, src: str = SRC, sport: int | None = None) -> str:
+def outcome(
+    st: Steering, dst: str, dport: int, proto: int, src: str = SRC, sport: int | None = None, flags: int = 0x02
+) -> str:
     """Run one packet; "pass", or "drop:<reason>"."""
-    rc = run(st.prog_fd, packet(src, dst, sport or next(_ports), dport, proto))
+    rc = run(st.prog_fd, packet(src, dst, sport or next(_ports), dport, proto, flags=flags))
     if rc == TC_ACT_OK:
         return "pass"
     assert rc == TC_ACT_SHOT
     events = st.read_drop_events()
     assert len(events) == 1
     return f"drop:{events[0].reason.name}"
+
+
+def source_endpoint(st: Steering, *, egress: bool = True, ingress: bool = False, identity: int = 100) -> None:
+    """Register loopback (ifindex 1, where test runs come from) as endpoint EP owning SRC."""
+    st.maps.set_identity(f"{SRC}/32", identity, ifindex=1)
+    st.maps.set_identity("fd00:10:244:1::1/128", identity, ifindex=1)
+    st.maps.set_endpoint(1, Endpoint(endpoint_id=EP, identity=identity, enforce_egress=egress, enforce_ingress=ingress))
 
 
 def k(identity: int, port: int = 0, proto: int = 0, ep: int = EP) -> PolicyKey:
@@ -124,7 +133,7 @@ def test_wildcard_lookup_order(st: Steering, dst: str, port: int, proto: int, ex
     st.maps.set_identity("10.2.0.0/16", 300)
     st.maps.set_identity("10.2.0.2/32", 200)
     st.maps.set_policy(egress=TABLE, ingress={})
-    st.maps.set_endpoint(1, Endpoint(endpoint_id=EP, identity=100, enforce_egress=True))
+    source_endpoint(st)
     assert outcome(st, dst, port, proto) == expected
 
 
@@ -133,7 +142,7 @@ def test_ipcache_longest_prefix_and_world(st: Steering) -> None:
     st.maps.set_identity("10.2.0.0/16", 300)
     st.maps.set_identity("10.2.0.2/32", 200)
     st.maps.set_identity("fd00:10:244::/48", 400)
-    st.maps.set_endpoint(1, Endpoint(endpoint_id=EP, identity=100, enforce_egress=True))
+    source_endpoint(st)
     for dst, identity in (("10.2.0.2", 200), ("10.2.7.7", 300), ("10.9.0.1", WORLD_IDENTITY)):
         run(st.prog_fd, packet(SRC, dst, next(_ports), 80))
         assert st.read_drop_events()[0].dst_identity == identity
@@ -157,14 +166,15 @@ def test_ingress_policy_of_local_destination(st: Steering) -> None:
 
 def test_unenforced_endpoint_allows_all(st: Steering) -> None:
     """No enforcement flag means no policy selects the endpoint: everything passes, even with DROP entries."""
-    st.maps.set_endpoint(1, Endpoint(endpoint_id=EP, identity=100))
+    source_endpoint(st, egress=False)
     st.maps.set_policy(egress={k(ANY_IDENTITY): DROP}, ingress={})
     assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP) == "pass"
 
 
 def test_conntrack_passes_replies_and_established(st: Steering) -> None:
     """A flow allowed once is tracked: its later packets and its replies pass although policy denies them now."""
-    st.maps.set_endpoint(1, Endpoint(endpoint_id=EP, identity=100, enforce_egress=True))
+    source_endpoint(st)
+    st.maps.set_identity("10.2.0.2/32", 200, ifindex=1)  # the peer's replies also come from ifindex 1 here
     st.maps.set_policy(egress={k(ANY_IDENTITY, 80, IPPROTO_TCP): PASS}, ingress={})
     assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, sport=40000) == "pass"
     st.maps.set_policy(egress={}, ingress={})
@@ -175,9 +185,28 @@ def test_conntrack_passes_replies_and_established(st: Steering) -> None:
     assert outcome(st, SRC, 40002, IPPROTO_TCP, src="10.2.0.2", sport=80) == "drop:EGRESS_DENIED"
     (flow,) = st.maps.conntrack()
     assert (str(flow.src), str(flow.dst), flow.sport, flow.dport, flow.verdict) == (SRC, "10.2.0.2", 40000, 80, Verdict.PASS)
-    assert (flow.src_identity, flow.dst_identity) == (100, WORLD_IDENTITY)
+    assert (flow.src_identity, flow.dst_identity) == (100, 200)
     st.maps.flush_conntrack()
     assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, sport=40000) == "drop:EGRESS_DENIED"
+
+
+def test_conntrack_lifetimes() -> None:
+    """An idle entry past its lifetime is judged again: UDP after MBR_CT_UDP_LIFETIME_S, TCP after FIN/RST after MBR_CT_CLOSE_LIFETIME_S."""
+    with Steering(with_routing=False, defines={"MBR_CT_UDP_LIFETIME_S": 0, "MBR_CT_CLOSE_LIFETIME_S": 0}) as st:
+        source_endpoint(st)
+        allow = {k(ANY_IDENTITY, 80, IPPROTO_TCP): PASS, k(ANY_IDENTITY, 53, IPPROTO_UDP): PASS}
+        st.maps.set_policy(egress=allow, ingress={})
+        assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, sport=41000) == "pass"
+        assert outcome(st, "10.2.0.2", 53, IPPROTO_UDP, sport=41000) == "pass"
+        st.maps.set_policy(egress={}, ingress={})
+        # TCP: established survives the policy change (6 h lifetime) until a RST; then it is judged again
+        assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, sport=41000, flags=ACK) == "pass"
+        assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, sport=41000, flags=RST) == "pass"
+        assert [f.closing for f in st.maps.conntrack() if f.proto == IPPROTO_TCP] == [True]
+        assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, sport=41000, flags=ACK) == "drop:EGRESS_DENIED"
+        # UDP with a zero lifetime: the next datagram is a new flow
+        assert outcome(st, "10.2.0.2", 53, IPPROTO_UDP, sport=41000) == "drop:EGRESS_DENIED"
+        assert st.maps.conntrack() == []
 
 
 def test_generation_swap_writes_only_differences(st: Steering) -> None:
@@ -199,11 +228,21 @@ def test_generation_swap_writes_only_differences(st: Steering) -> None:
 def test_inactive_generation_has_no_effect(st: Steering) -> None:
     """Entries of the inactive generation are never consulted: a PASS there does not open anything."""
     m = st.maps
-    m.set_endpoint(1, Endpoint(endpoint_id=EP, identity=100, enforce_egress=True))
+    source_endpoint(st)
     m.set_policy(egress={k(ANY_IDENTITY): PASS}, ingress={})
     m.set_policy(egress={}, ingress={})  # the PASS now sits in the inactive generation
     assert any(key == k(ANY_IDENTITY) for (_g, key) in m.raw_policy(PolicyDirection.EGRESS))
     assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP) == "drop:EGRESS_DENIED"
+
+
+def test_spoofed_source_is_dropped(st: Steering) -> None:
+    """From an endpoint's device, a source the ipcache does not map to that device is dropped as SPOOFED."""
+    source_endpoint(st, egress=False)
+    assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP) == "pass"
+    assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, src="10.1.0.9") == "drop:SPOOFED"
+    st.maps.set_identity("10.1.0.9/32", 100, ifindex=77)  # known, but another endpoint's address
+    assert outcome(st, "10.2.0.2", 80, IPPROTO_TCP, src="10.1.0.9") == "drop:SPOOFED"
+    assert st.maps.drop_counts()[DropReason.SPOOFED] == 2
 
 
 def test_endpoint_and_config_round_trip(st: Steering) -> None:

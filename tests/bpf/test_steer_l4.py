@@ -125,3 +125,47 @@ def test_ipv6_pass_and_drop(pods: Topology) -> None:
         ev = st.read_drop_events(timeout_ms=500)[0]
         assert isinstance(ev.src, ipaddress.IPv6Address)
         assert (ev.src, ev.dst, ev.dport, ev.proto) == (a.ipv6, b.ipv6, PORT, IPPROTO_UDP)
+
+
+def test_spoofed_source_dropped(pods: Topology) -> None:
+    """A pod sending from an address that is not its own (per the ipcache) is dropped as SPOOFED."""
+    a, b = pods.pods["a"], pods.pods["b"]
+    start_server(pods, b, PORT)
+    fake = f"10.244.{pods.subnet}.200"
+    a.run(["ip", "addr", "add", f"{fake}/32", "dev", "eth0"])
+    with Steering() as st:
+        register(st, pods)  # no enforcement at all: only the spoof check applies
+        assert call(a, b.ipv4, PORT) == f"from {a.ipv4} got hi"
+        out = a.python(
+            f"""
+            import socket
+            s = socket.socket(); s.settimeout(1); s.bind(("{fake}", 0))
+            try:
+                s.connect(("{b.ipv4}", {PORT})); print("CONNECTED")
+            except OSError:
+                print("TIMEOUT")
+            """
+        )
+        assert out.stdout.strip() == "TIMEOUT"
+        ev = st.read_drop_events(timeout_ms=500)[0]
+        assert (str(ev.src), ev.reason, ev.src_identity) == (fake, DropReason.SPOOFED, ID_A)
+
+
+def test_from_non_endpoint_device_judged_by_ingress(pods: Topology) -> None:
+    """Traffic entering on a device that is not an endpoint (like the node device) meets the destination's ingress policy."""
+    a, b = pods.pods["a"], pods.pods["b"]
+    node = pods.add_pod("node")  # stands in for another node: attached, but not an endpoint
+    start_server(pods, b, PORT)
+    with Steering() as st:
+        st.maps.set_identity(f"{node.ipv4}/32", 5000)  # a remote pod's identity, learned from the cluster
+        st.maps.set_policy(
+            ingress={PolicyKey(endpoint_id=EP_B, identity=5000, port=PORT, proto=IPPROTO_TCP): PolicyEntry(verdict=Verdict.PASS)},
+            egress={},
+        )
+        register(st, pods, b_ingress=True)
+        st.attach(node.host_if)
+        assert call(node, b.ipv4, PORT) == f"from {node.ipv4} got hi"
+        assert call(node, b.ipv4, PORT, proto="udp", timeout_s=1) == "TIMEOUT"
+        assert call(a, b.ipv4, PORT, timeout_s=1) == "TIMEOUT"  # identity 1001 is not allowed in
+        reasons = [(e.src_identity, e.reason) for e in st.read_drop_events(timeout_ms=300)]
+        assert (5000, DropReason.INGRESS_DENIED) in reasons and (ID_A, DropReason.INGRESS_DENIED) in reasons

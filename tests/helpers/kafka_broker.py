@@ -29,8 +29,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka.protocol.api_header import RequestHeader
-
 from parsers.kafka import message_classes
 
 # What this broker answers, (min, max) per api key. Capped below kafka-python's schema maxima only

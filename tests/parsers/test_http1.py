@@ -391,6 +391,9 @@ def test_unsolicited_101_is_a_violation() -> None:
         b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n",
         b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
         b"HTTP/2 200\r\n\r\n",
+        b"HTTP/1.1 407 \x00Proxy\xa5 Auth\r\nContent-Length: 0\r\n\r\n",  # fuzz/corpus/http1_differential/crash_reason_nul
+        b"HTTP/1.1 000 Continue\r\n\r\n",  # fuzz/corpus/http1_differential/crash_status_000
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 def test_malformed_responses_are_rejected(response: bytes) -> None:
@@ -650,3 +653,17 @@ def test_any_pipeline_at_any_split_reads_back_the_same_messages(
             got[-1] = (method, path, body + event.data)
     assert got == expected
     assert conn.state(C2S) is State.IDLE
+
+
+_TARGET_CHARS = st.sampled_from([*list("/abcAZ09-._~!$&'()*+,;=:@%2F?#\\ "), "%2e", "%41", "//", "/./", "/../", "\x00"])
+
+
+@given(st.lists(_TARGET_CHARS, max_size=24).map("".join))
+def test_fast_target_path_agrees_with_normalize_target(tail: str) -> None:
+    """The parser's fast check for already-normal targets never accepts one normalize_target would change or refuse."""
+    from parsers.http1 import _NORMAL_TARGET
+    from parsers.http_target import normalize_target
+
+    target = "/" + tail
+    if _NORMAL_TARGET.fullmatch(target):
+        assert normalize_target(target) == target

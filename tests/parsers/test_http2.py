@@ -542,6 +542,24 @@ def test_client_side_reports_interim_final_response_and_trailers() -> None:
     ]
 
 
+@pytest.mark.parametrize("status", ["11b", "20", "2000", "101", "+20"])
+def test_malformed_response_status_resets_only_that_stream(status: str) -> None:
+    """A :status that is not three digits (or 101) is a stream error: RST_STREAM + StreamReset, not a crash (RFC 9113 §8.3.2).
+
+    Found by fuzz/http2_frames (corpus crash_status_not_three_digits.bin): h2 does not check it.
+    """
+    up = Http2ClientSide()
+    for sid in (1, 3):
+        up.send_request(HttpRequest(method="GET", target="/", path="/", host="a", stream_id=sid, http_version="2"))
+    up.data_to_send()
+    b = FrameBuilder()
+    headers = [(":status", status)]
+    events = up.feed(b.settings() + b.headers(1, headers) + b.headers(3, [(":status", "204")], end_stream=True))
+    assert events == [StreamReset(stream_id=1, error_code=ErrorCode.PROTOCOL_ERROR),
+                      HttpResponse(status=204, http_version="2", stream_id=3), EndOfMessage(stream_id=3)]
+    assert b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x01" in up.data_to_send()  # RST_STREAM(1, PROTOCOL_ERROR)
+
+
 def test_push_promise_from_upstream_is_a_protocol_error() -> None:
     """The client side disables push (SETTINGS_ENABLE_PUSH=0); a PUSH_PROMISE is then a connection error (RFC 9113 §8.4)."""
     up = Http2ClientSide()
@@ -618,7 +636,7 @@ def test_uppercase_header_name_is_rejected() -> None:
 
 @given(st.lists(frame_specs(), max_size=12), st.booleans())
 def test_any_frame_sequence_yields_events_or_parse_error(specs: list[tuple[object, ...]], server: bool) -> None:
-    """Every frame type × stream state: feed() returns events or raises ParseError, nothing else (RFC 9113 §5.1)."""
+    """Every frame type x stream state: feed() returns events or raises ParseError, nothing else (RFC 9113 §5.1)."""
     side: Http2ServerSide | Http2ClientSide = Http2ServerSide() if server else Http2ClientSide()
     if not server:
         side.send_request(HttpRequest(method="POST", target="/", path="/", host="a", stream_id=1, http_version="2",
@@ -875,7 +893,7 @@ def capture_real_clients(directory: Path) -> None:
     server, port = _grpc_echo_server()
 
     def unary(channel: grpc.Channel) -> None:
-        assert channel.unary_unary("/membrane.test.Echo/Say")(b"x" * 20_000, timeout=10) == b"x" * 20_000
+        assert channel.unary_unary("/membrane.test.Echo/Say")(b"x" * 9_000, timeout=10) == b"x" * 9_000
 
     def streaming(channel: grpc.Channel) -> None:
         call = channel.stream_stream("/membrane.test.Echo/Stream")
@@ -903,8 +921,37 @@ def capture_real_clients(directory: Path) -> None:
         with httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{bridge.port}", timeout=10) as c:
             assert c.get("/admin").status_code == 403
             c.get("/v1/pets?limit=10", headers={"x-trace": "abc"})
-            c.post("/v1/upload", content=b"u" * 20_000)
+            c.post("/v1/upload", content=b"u" * 9_000)
             c.delete("/v1/pets/7")
         save("httpx_requests", bridge)
     finally:
         server.stop(0)
+
+
+def test_rapid_reset_closes_the_connection() -> None:
+    """A client resetting most of its streams before an answer is cut off with ENHANCE_YOUR_CALM (CVE-2023-44487, Envoy's rule)."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.receive_data(side.data_to_send())
+    with pytest.raises(ProtocolViolation, match="rapid reset"):
+        for i in range(600):
+            client.send_headers(2 * i + 1, request_headers("/x"), end_stream=True)
+            client.reset_stream(2 * i + 1)
+            side.feed(client.data_to_send())
+    assert side.streams_opened == 500 and side.premature_resets == 500
+    assert any(isinstance(e, h2.events.ConnectionTerminated) and e.error_code == ErrorCode.ENHANCE_YOUR_CALM
+               for e in client.receive_data(side.data_to_send()))
+
+
+def test_many_answered_streams_are_not_rapid_reset() -> None:
+    """Streams answered before the client resets them do not count as premature resets."""
+    client = _peer(True)
+    side = Http2ServerSide()
+    client.receive_data(side.data_to_send())
+    for i in range(600):
+        sid = 2 * i + 1
+        client.send_headers(sid, request_headers("/x"), end_stream=True)
+        side.feed(client.data_to_send())
+        side.send_response(HttpResponse(status=204, stream_id=sid, http_version="2"))
+        client.receive_data(side.data_to_send())
+    assert side.streams_opened == 600 and side.premature_resets == 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 import uvloop
@@ -274,7 +274,7 @@ def test_idle_timeout() -> None:
     async def main() -> None:
         config = ProxyConfig(idle_timeout_s=0.3, drain_timeout_s=0.5)
         async with echo_server() as (eport, _), running_proxy(passthrough, ("127.0.0.1", eport), config) as (proxy, port):
-            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            r1, _w1 = await asyncio.open_connection("127.0.0.1", port)
             r2, w2 = await asyncio.open_connection("127.0.0.1", port)
             for _ in range(8):
                 w2.write(b"k")

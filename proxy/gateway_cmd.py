@@ -1,0 +1,242 @@
+"""`membrane gateway`: the proxy in front of one service, without eBPF (also how the proxy is tested alone).
+
+Owns the command line, worker processes (`--workers N`, each with its own SO_REUSEPORT listeners),
+signal handling (SIGTERM/SIGINT: stop accepting, drain, exit 0) and the `listening` readiness line.
+Exit status: 0 after a clean drain, 1 when a policy or the endpoints file is invalid, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import IO, Any
+
+import uvloop
+
+from policies import EndpointsError, compile_policy
+from proxy.flows import FlowSink
+from proxy.gateway import GatewayPolicy, datagram_factory, session_factory
+from proxy.metrics import Metrics, serve_metrics
+from proxy.policy_files import PathProblem, read_endpoints, read_policies
+from proxy.server import Proxy, ProxyConfig, listening_socket
+
+log = logging.getLogger("membrane.gateway")
+
+
+def _addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not ADDR:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _endpoint_key(value: str) -> str:
+    ns, sep, name = value.partition("/")
+    if not sep or not ns or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NS/NAME")
+    return value
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "gateway",
+        help="run the L7 proxy in front of one upstream (no eBPF)",
+        description="Proxy every connection on --listen to --upstream, enforcing the policy of --dst.",
+    )
+    p.add_argument("--policies", action="append", required=True, metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--endpoints", required=True, metavar="FILE", help="endpoints file (pods and namespaces)")
+    p.add_argument("--listen", required=True, type=_addr, metavar="ADDR:PORT", help="where clients connect (port 0: any)")
+    p.add_argument("--udp", action="store_true", help="also listen for DNS over UDP on the same ADDR:PORT")
+    p.add_argument("--upstream", required=True, type=_addr, metavar="ADDR:PORT", help="the service behind the proxy")
+    p.add_argument("--dst", required=True, type=_endpoint_key, metavar="NS/NAME", help="endpoint the upstream is")
+    p.add_argument("--src", type=_endpoint_key, metavar="NS/NAME", help="treat every client as this endpoint")
+    p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S", help="whole request head (slowloris)")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="nothing moved either way")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="upstream connect (then 503/504)")
+    p.add_argument("--dns-timeout", type=float, default=5.0, metavar="S", help="UDP DNS answer (then SERVFAIL)")
+    p.add_argument("--max-connections", type=int, default=10_000, help="per worker")
+    p.add_argument("--max-buffer-bytes", type=int, default=1 << 20, help="per direction per connection")
+    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S", help="on SIGTERM, for requests in flight")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class _Plan:
+    gw: GatewayPolicy
+    upstream: tuple[str, int]
+    config: ProxyConfig
+    flows: list[str]
+    metrics: tuple[str, int] | None
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.workers < 1:
+        print("membrane gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        loaded = read_policies(args.policies)
+        endpoints = read_endpoints(args.endpoints)
+    except PathProblem as e:
+        print(f"membrane gateway: {e}", file=sys.stderr)
+        return 2
+    except EndpointsError as e:
+        print(f"membrane gateway: {e}", file=sys.stderr)
+        return 1
+    if loaded.errors:
+        for err in loaded.errors:
+            print(f"membrane gateway: {err}", file=sys.stderr)
+        return 1
+    pmap = compile_policy(loaded.policies, endpoints)
+    for err in pmap.errors:
+        print(f"membrane gateway: warning: {err}", file=sys.stderr)
+    try:
+        gw = GatewayPolicy(pmap=pmap, dst=args.dst, port=args.upstream[1], src=args.src)
+    except ValueError as e:
+        print(f"membrane gateway: {e}", file=sys.stderr)
+        return 2
+    config = ProxyConfig(
+        header_timeout_s=args.header_timeout,
+        idle_timeout_s=args.idle_timeout,
+        connect_timeout_s=args.connect_timeout,
+        dns_timeout_s=args.dns_timeout,
+        max_connections=args.max_connections,
+        max_buffer_bytes=args.max_buffer_bytes,
+        drain_timeout_s=args.drain_timeout,
+    )
+    plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics)
+    host, port = args.listen
+    try:
+        first_tcp = listening_socket(host, port)
+        port = first_tcp.getsockname()[1]
+        tcp = [first_tcp] + [listening_socket(host, port) for _ in range(args.workers - 1)]
+        udp = [listening_socket(host, port, udp=True) for _ in range(args.workers)] if args.udp else []
+    except OSError as e:
+        print(f"membrane gateway: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        return 2
+    ready = (
+        f"membrane gateway listening on {host}:{port}{' tcp+udp' if args.udp else ''} -> "
+        f"{args.upstream[0]}:{args.upstream[1]} as {args.dst} ({args.workers} worker{'s' if args.workers > 1 else ''})"
+    )
+    if args.workers == 1:
+        return uvloop.run(_worker(plan, [tcp[0]], udp[:1], ready_line=ready, worker=0))
+    return _supervise(plan, tcp, udp, ready)
+
+
+def _supervise(plan: _Plan, tcp: list[socket.socket], udp: list[socket.socket], ready: str) -> int:
+    """Fork one worker per listener set; forward SIGTERM/SIGINT; exit 0 when every worker drained cleanly."""
+    read_fd, write_fd = os.pipe()
+    children: list[int] = []
+    for i in range(len(tcp)):
+        pid = os.fork()
+        if pid == 0:  # child: keep only its own sockets
+            os.close(read_fd)
+            for _j, s in enumerate(tcp + udp):
+                if s not in (tcp[i], *(udp[i : i + 1])):
+                    s.close()
+            status = 1
+            try:
+                status = uvloop.run(_worker(plan, [tcp[i]], udp[i : i + 1], ready_fd=write_fd, worker=i))
+            finally:
+                os._exit(status)
+        children.append(pid)
+    os.close(write_fd)
+    for s in tcp + udp:
+        s.close()
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    got = 0
+    with os.fdopen(read_fd, "rb") as ready_pipe:
+        while got < len(children):
+            chunk = ready_pipe.read(1)
+            if not chunk:
+                break
+            got += 1
+    if got == len(children):
+        print(ready, flush=True)
+    worst = 0
+    for pid in children:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not (stopping and code == -signal.SIGTERM):
+            worst = max(worst, 1)
+    return worst
+
+
+def _open_flow_streams(paths: list[str]) -> list[IO[str]]:
+    streams: list[IO[str]] = []
+    for path in paths:
+        if path == "-":
+            streams.append(sys.stdout)
+        else:
+            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed at drain
+    return streams
+
+
+async def _worker(
+    plan: _Plan,
+    tcp: list[socket.socket],
+    udp: list[socket.socket],
+    *,
+    worker: int,
+    ready_line: str | None = None,
+    ready_fd: int | None = None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    streams = _open_flow_streams(plan.flows)
+    metrics = Metrics()
+    sink = FlowSink(streams)
+    proxy = Proxy(
+        config=plan.config,
+        factory=session_factory(plan.gw, plan.upstream[0]),
+        upstream=plan.upstream,
+        flows=sink,
+        metrics=metrics,
+        datagram_factory=datagram_factory(plan.gw, plan.upstream[0], sink),
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await proxy.start(tcp, udp)
+    metrics_server = None
+    if plan.metrics is not None:
+        metrics_server = await serve_metrics(metrics, *plan.metrics)
+    if ready_line is not None:
+        print(ready_line, flush=True)
+    if ready_fd is not None:
+        os.write(ready_fd, b"r")
+        os.close(ready_fd)
+    await stop.wait()
+    log.info("worker %d draining %d connections", worker, len(proxy.connections))
+    await proxy.drain()
+    if metrics_server is not None:
+        metrics_server.close()
+    for stream in streams:
+        if stream is not sys.stdout:
+            stream.close()
+    return 0

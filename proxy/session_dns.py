@@ -1,0 +1,270 @@
+"""DNS sessions: queries over TCP (`DnsTcpSession`) and UDP datagrams (`DnsDatagramSession`), judged per query.
+
+Owns the wiring of `parsers.dns` to the policy: an allowed query goes upstream byte for byte over
+the transport the client used; a denied one is answered REFUSED by the proxy (never forwarded); an
+unreadable one FORMERR; an upstream that fails or stays silent gives SERVFAIL. Every answer relayed
+is recorded (name, IPs, TTL) in an optional `FqdnCache` for toFQDNs. Never parses bytes itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from parsers import dns
+from parsers.errors import ParseError
+from parsers.events import Direction, DnsQuery, DnsResponse, Reason
+from policies import FqdnCache
+from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_dns
+from proxy.session import (
+    C2S,
+    S2C,
+    Action,
+    ConnectionPolicy,
+    Forward,
+    Log,
+    Reply,
+    Session,
+    TimeoutKind,
+    verdict_of,
+    wall_clock_ns,
+)
+
+_QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 65: "HTTPS", 255: "ANY"}
+
+
+def qtype_name(qtype: int) -> str:
+    return _QTYPES.get(qtype, f"TYPE{qtype}")
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    query: DnsQuery
+    started_ns: int
+
+
+class DnsJudge:
+    """The per-query logic both transports share; `frame` wraps a message for the transport."""
+
+    def __init__(
+        self,
+        *,
+        context: FlowContext,
+        policy: ConnectionPolicy,
+        clock: Callable[[], int],
+        frame: Callable[[bytes], bytes],
+        fqdn: FqdnCache | None = None,
+    ) -> None:
+        self.context = context
+        self.policy = policy
+        self.clock = clock
+        self.frame = frame
+        self.fqdn = fqdn
+        self.outstanding: dict[int, _Outstanding] = {}
+        self.upstream_failed: Reason | None = None
+
+    def query(self, raw: bytes, actions: list[Action]) -> None:
+        now = self.clock()
+        try:
+            query = dns.read_query(raw)
+        except ParseError as e:
+            reply = dns.error_reply(raw, dns.FORMERR)
+            if reply is not None:
+                actions.append(Reply(self.frame(reply)))
+            actions.append(self._flow(None, REQUEST, ERROR, now, reason=e.reason, summary=f"DNS query unreadable: {e}"))
+            return
+        allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
+        if allowed and self.upstream_failed is not None:
+            allowed, verdict, reason = False, ERROR, self.upstream_failed
+        if allowed:
+            actions.append(Forward(C2S, self.frame(raw)))
+            self.outstanding[query.id] = _Outstanding(query, now)
+            actions.append(self._flow(query, REQUEST, FORWARDED, now, rule=rule))
+            return
+        assert reason is not None
+        rcode = dns.dns_rcode(reason)
+        actions.append(Reply(self.frame(dns.refusal(raw, rcode))))
+        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode))
+
+    def response(self, raw: bytes, actions: list[Action]) -> bool:
+        """Relay one answer. Returns False when it cannot be read (the caller decides: drop or close)."""
+        try:
+            response = dns.read_response(raw)
+        except ParseError:
+            return False
+        pending = self.outstanding.pop(response.id, None)
+        actions.append(Forward(S2C, self.frame(raw)))
+        now = self.clock()
+        if self.fqdn is not None and response.addresses:
+            self.fqdn.observe(response, now=time.monotonic())
+        started = pending.started_ns if pending is not None else now
+        actions.append(self._response_flow(response, now, now - started))
+        return True
+
+    def fail_outstanding(self, reason: Reason, actions: list[Action]) -> None:
+        """Answer every forwarded, unanswered query with SERVFAIL (upstream failed or timed out)."""
+        rcode = dns.dns_rcode(reason)
+        for item in self.outstanding.values():
+            actions.append(Reply(self.frame(dns.refusal(item.query.raw, rcode))))
+            actions.append(
+                self._flow(item.query, RESPONSE, ERROR, self.clock(), reason=reason, rcode=rcode,
+                           latency_ns=self.clock() - item.started_ns)
+            )
+        self.outstanding.clear()
+
+    def _flow(
+        self,
+        query: DnsQuery | None,
+        l7_type: str,
+        verdict: str,
+        time_ns: int,
+        *,
+        rule: str | None = None,
+        reason: Reason | None = None,
+        rcode: int | None = None,
+        latency_ns: int = 0,
+        summary: str | None = None,
+    ) -> Log:
+        name = query.normalized_name if query is not None else ""
+        qtypes = [qtype_name(query.qtype)] if query is not None else []
+        if summary is None:
+            summary = f"DNS Query {name} {' '.join(qtypes)}"
+            if rcode is not None:
+                summary += f" rcode={rcode}"
+        return Log(
+            Flow(
+                context=self.context,
+                verdict=verdict,
+                l7_type=l7_type,
+                l7=l7_dns(query=name, qtypes=qtypes, rcode=rcode),
+                summary=summary,
+                time_ns=time_ns,
+                latency_ns=latency_ns,
+                rule=rule,
+                reason=reason.value if reason is not None else None,
+            )
+        )
+
+    def _response_flow(self, response: DnsResponse, time_ns: int, latency_ns: int) -> Log:
+        qtypes = [qtype_name(response.qtype)] if response.qtype else []
+        return Log(
+            Flow(
+                context=self.context,
+                verdict=FORWARDED,
+                l7_type=RESPONSE,
+                l7=l7_dns(
+                    query=response.normalized_name, qtypes=qtypes, rcode=response.rcode, ips=response.addresses,
+                    ttl=response.min_ttl,
+                ),
+                summary=f"DNS Answer {' '.join(response.addresses)} TTL: {response.min_ttl} "
+                f"(Query {response.normalized_name} {' '.join(qtypes)})",
+                time_ns=time_ns,
+                latency_ns=latency_ns,
+            )
+        )
+
+
+class DnsTcpSession(Session):
+    """DNS over TCP (RFC 7766): several length-framed queries per connection, answered in any order."""
+
+    protocol = "dns"
+
+    def __init__(
+        self,
+        *,
+        context: FlowContext,
+        policy: ConnectionPolicy,
+        clock: Callable[[], int] = wall_clock_ns,
+        fqdn: FqdnCache | None = None,
+    ) -> None:
+        super().__init__(context=context, clock=clock)
+        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp, fqdn=fqdn)
+        self.client = dns.DnsTcpFramer(C2S)
+        self.server = dns.DnsTcpFramer(S2C)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.judge.outstanding and self.client.buffered_bytes == 0
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        actions: list[Action] = []
+        framer = self.client if direction is C2S else self.server
+        try:
+            messages = framer.feed(data)
+        except ParseError:
+            return self.close()
+        for message in messages:
+            if direction is C2S:
+                self.judge.query(message, actions)
+            elif not self.judge.response(message, actions):
+                actions.extend(self.close())
+                return actions
+        return actions
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        self.judge.upstream_failed = reason
+        actions: list[Action] = []
+        self.judge.fail_outstanding(reason, actions)
+        return actions  # later queries on this connection are answered SERVFAIL too
+
+    def on_timeout(self, kind: TimeoutKind) -> list[Action]:
+        return self.close()
+
+
+class DnsDatagramSession:
+    """DNS over UDP between one client address and the upstream: each datagram is one message.
+
+    Same actions as a Session: `Forward(C2S)` sends to the upstream, `Reply`/`Forward(S2C)` to the
+    client. `expire(now_ns, timeout_ns)` answers SERVFAIL to queries without an answer in time.
+    """
+
+    protocol = "dns"
+
+    def __init__(
+        self,
+        *,
+        context: FlowContext,
+        policy: ConnectionPolicy,
+        clock: Callable[[], int] = wall_clock_ns,
+        fqdn: FqdnCache | None = None,
+    ) -> None:
+        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=lambda m: m, fqdn=fqdn)
+        self.last_activity_ns = clock()
+        self.clock = clock
+
+    def on_query(self, datagram: bytes) -> list[Action]:
+        self.last_activity_ns = self.clock()
+        actions: list[Action] = []
+        self.judge.query(datagram, actions)
+        return actions
+
+    def on_answer(self, datagram: bytes) -> list[Action]:
+        """An answer from the upstream; unreadable or unasked-for answers are dropped (UDP has no stream to close)."""
+        actions: list[Action] = []
+        if len(datagram) >= 2 and int.from_bytes(datagram[:2], "big") not in self.judge.outstanding:
+            return actions
+        self.judge.response(datagram, actions)
+        return actions
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        actions: list[Action] = []
+        self.judge.fail_outstanding(reason, actions)
+        return actions
+
+    def expire(self, timeout_ns: int) -> list[Action]:
+        """SERVFAIL for each query older than `timeout_ns` that has no answer yet."""
+        now = self.clock()
+        late = {qid: o for qid, o in self.judge.outstanding.items() if now - o.started_ns > timeout_ns}
+        if not late:
+            return []
+        actions: list[Action] = []
+        keep = self.judge.outstanding
+        self.judge.outstanding = late
+        self.judge.fail_outstanding(Reason.UPSTREAM_TIMEOUT, actions)
+        self.judge.outstanding = {qid: o for qid, o in keep.items() if qid not in late}
+        return actions
+
+    @property
+    def has_outstanding(self) -> bool:
+        return bool(self.judge.outstanding)

@@ -1,0 +1,386 @@
+"""HTTP/1.1 session: every request of a keep-alive or pipelined connection judged on its own.
+
+Owns the wiring of `parsers.http1.Http1Connection` to the policy: an allowed request goes upstream
+re-serialised by the parser (normalised target, header actions applied); a denied one is answered
+by the proxy (403 `Access denied`) and never reaches the upstream, and the connection lives on.
+Never parses bytes itself. Invariant: answers reach the client in request order, so a refusal of a
+pipelined request waits behind the responses of the requests forwarded before it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from parsers import http1, http2
+from parsers.errors import ParseError
+from parsers.events import (
+    ConnectionUpgraded,
+    Data,
+    Direction,
+    EndOfMessage,
+    Headers,
+    HttpRequest,
+    HttpResponse,
+    Reason,
+    Trailers,
+)
+from policies import HeaderAction
+from policies.crd import MismatchAction
+from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_http
+from proxy.session import (
+    C2S,
+    S2C,
+    Action,
+    Close,
+    ConnectionPolicy,
+    Forward,
+    Log,
+    Reply,
+    Session,
+    TimeoutKind,
+    verdict_of,
+    wall_clock_ns,
+)
+
+
+def apply_header_actions(headers: Headers, actions: tuple[HeaderAction, ...]) -> Headers:
+    """The request's fields after `headerMatches` mismatch actions (ADD, DELETE, REPLACE; LOG changes nothing).
+
+    A value that lives in a Kubernetes secret (`value` None) cannot be read here: ADD/REPLACE of it
+    is skipped (the flow still records the action).
+    """
+    out = list(headers)
+    for action in actions:
+        lname = action.name.lower()
+        match action.action:
+            case MismatchAction.LOG:
+                pass
+            case MismatchAction.DELETE:
+                out = [(n, v) for n, v in out if n.lower() != lname]
+            case MismatchAction.ADD:
+                if action.value is not None:
+                    out.append((action.name, action.value))
+            case MismatchAction.REPLACE:
+                if action.value is not None:
+                    out = [(n, v) for n, v in out if n.lower() != lname]
+                    out.append((action.name, action.value))
+    return tuple(out)
+
+
+def strip_h2c_upgrade(headers: Headers) -> Headers:
+    """The fields without `Upgrade: h2c`, `HTTP2-Settings` and their `Connection` options (RFC 7540 §3.2)."""
+    out: list[tuple[str, str]] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in ("upgrade", "http2-settings"):
+            continue
+        if lname == "connection":
+            tokens = [t.strip() for t in value.split(",") if t.strip().lower() not in ("upgrade", "http2-settings", "")]
+            if not tokens:
+                continue
+            value = ", ".join(tokens)
+        out.append((name, value))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One request in answer order: forwarded (awaiting its response) or refused (its reply waiting its turn)."""
+
+    method: str
+    url: str
+    headers: Headers
+    started_ns: int
+    refusal: bytes | None = None  # set when the proxy answers it
+    close_after: bool = False
+    response_started: bool = False
+    status: int = 0
+
+
+@dataclass(slots=True)
+class _Stats:
+    forwarded: int = 0
+    refused: int = 0
+    errors: int = 0
+    statuses: list[int] = field(default_factory=list)
+
+
+class Http1Session(Session):
+    """HTTP/1.1 between one client and its upstream, judged per request."""
+
+    protocol = "http"
+
+    def __init__(
+        self,
+        *,
+        context: FlowContext,
+        policy: ConnectionPolicy,
+        clock: Callable[[], int] = wall_clock_ns,
+        max_header_bytes: int = http1.DEFAULT_MAX_HEADER_BYTES,
+    ) -> None:
+        super().__init__(context=context, clock=clock)
+        self.policy = policy
+        self.conn = http1.Http1Connection(max_header_bytes=max_header_bytes)
+        self._order: deque[_Pending] = deque()  # requests in the order their answers are due
+        self._current: _Pending | None = None  # the request whose body is being read
+        self._current_allowed = False
+        self._seen_request = False
+        self._upstream_failed: Reason | None = None
+        self._tunnel = False
+        self._client_broken = False  # the client's stream could not be parsed; its later bytes are ignored
+        self.stats = _Stats()
+
+    # --- state for the server ---------------------------------------------------------------------
+    @property
+    def reading_head(self) -> bool:
+        if self._tunnel:
+            return False
+        state = self.conn.state(C2S)
+        return state is http1.State.HEAD or (state is http1.State.IDLE and not self._seen_request)
+
+    @property
+    def is_idle(self) -> bool:
+        return not self._tunnel and not self._order and self.conn.state(C2S) is http1.State.IDLE
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        if direction is C2S:
+            return self._client_data(data)
+        return self._server_data(data)
+
+    def on_peer_closed(self, direction: Direction) -> list[Action]:
+        try:
+            events = self.conn.feed_eof(direction)
+        except ParseError:
+            return self.close()
+        actions: list[Action] = []
+        if direction is S2C:
+            self._server_events(events, actions)
+            # Whatever is still due gets no response now: refusals queued behind it are sent, then FIN.
+            while self._order and self._order[0].refusal is not None:
+                pending = self._order.popleft()
+                assert pending.refusal is not None
+                actions.append(Reply(pending.refusal))
+        if self.closed:
+            return actions
+        actions.extend(super().on_peer_closed(direction))
+        return actions
+
+    def on_timeout(self, kind: TimeoutKind) -> list[Action]:
+        if kind is TimeoutKind.HEADER and self.conn.state(C2S) is http1.State.HEAD and not self._order:
+            self.closed = True
+            return [Reply(http1.refusal(408, keep_alive=False)), Close()]
+        return self.close()
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        self._upstream_failed = reason
+        actions: list[Action] = []
+        answered = False
+        for pending in self._order:
+            if pending.refusal is None and not pending.response_started:
+                # The first forwarded request without a response gets 503/504; nothing after it can follow.
+                actions.append(Reply(http1.refusal(http1.http_status(reason), keep_alive=False)))
+                actions.append(self._response_flow(pending, http1.http_status(reason), ERROR, reason))
+                answered = True
+                break
+            if pending.refusal is not None:
+                actions.append(Reply(pending.refusal))
+        if answered or self._order:
+            actions.extend(self.close())
+        return actions
+
+    # --- client -> server -------------------------------------------------------------------------
+    def _client_data(self, data: bytes) -> list[Action]:
+        if self._client_broken:
+            return []
+        actions: list[Action] = []
+        try:
+            events = self.conn.feed(C2S, data)
+            self._client_events(events, actions)
+            while not self.closed and self.conn.has_held_input(C2S):
+                self._client_events(self.conn.feed(C2S, b""), actions)
+        except ParseError as e:
+            self._refuse_error(e, actions)
+        return actions
+
+    def _client_events(self, events: list[http1.Http1Event], actions: list[Action]) -> None:
+        for event in events:
+            if self.closed:
+                return
+            kind = type(event)
+            if kind is HttpRequest:
+                assert isinstance(event, HttpRequest)
+                self._request(event, actions)
+            elif kind is Data or kind is Trailers or kind is EndOfMessage:
+                if self._tunnel:
+                    assert isinstance(event, Data)
+                    if event.data:
+                        actions.append(Forward(C2S, event.data))
+                elif self._current_allowed:
+                    out = self.conn.forward(C2S, event)  # type: ignore[arg-type]
+                    if out:
+                        actions.append(Forward(C2S, out))
+                if kind is EndOfMessage:
+                    self._current = None
+                    self._current_allowed = False
+
+    def _request(self, req: HttpRequest, actions: list[Action]) -> None:
+        self._seen_request = True
+        started = self.clock()
+        url = f"http://{req.host or self.context.destination.ip}{req.target}"
+        pending = _Pending(method=req.method, url=url, headers=req.headers, started_ns=started)
+        result = self.policy.judge(req)
+        allowed, verdict, reason, rule = verdict_of(result)
+        self._current = pending
+        self._current_allowed = allowed
+        flow_l7 = l7_http(method=req.method, url=url, protocol=f"HTTP/{req.http_version}", headers=req.headers)
+        if allowed and self._upstream_failed is not None:
+            allowed, reason = False, self._upstream_failed
+            self._current_allowed = False
+        if allowed:
+            headers = apply_header_actions(req.headers, result.header_actions) if result.header_actions else None
+            if http2.is_h2c_upgrade(req):
+                # Never an opaque relay after `Upgrade: h2c`: strip the upgrade, as Envoy does, and go on in HTTP/1.1.
+                headers = strip_h2c_upgrade(req.headers if headers is None else headers)
+            actions.append(Forward(C2S, self.conn.forward(C2S, req, headers=headers)))
+            self._order.append(pending)
+            self.stats.forwarded += 1
+            actions.append(self._flow(REQUEST, FORWARDED, flow_l7, rule=rule, time_ns=started))
+            return
+        assert reason is not None
+        status = http1.http_status(reason)
+        refusal = self.conn.refuse(status=status)
+        pending.refusal = refusal.data
+        pending.close_after = refusal.close or self._upstream_failed is not None
+        pending.status = status
+        self.stats.refused += 1
+        actions.append(self._flow(REQUEST, verdict, flow_l7, rule=rule, reason=reason, time_ns=started))
+        self._order.append(pending)
+        self._flush(actions)
+
+    def _refuse_error(self, e: ParseError, actions: list[Action]) -> None:
+        """A request the parser cannot read: 400/431 in its turn, then close (the stream is unusable)."""
+        self.stats.errors += 1
+        status = http1.http_status(e.reason, e.direction)
+        now = self.clock()
+        flow_l7 = l7_http(method="", url="", protocol="HTTP/1.1", code=status)
+        actions.append(self._flow(REQUEST, ERROR, flow_l7, reason=e.reason, time_ns=now, summary=f"HTTP/1.1 {status} {e}"))
+        if self._current is not None and self._current_allowed:
+            # The body of a forwarded request broke off: the upstream cannot be told; just close.
+            actions.extend(self.close())
+            return
+        self._order.append(_Pending(method="", url="", headers=(), started_ns=now,
+                                    refusal=http1.refusal(status, keep_alive=False), close_after=True, status=status))
+        self._client_broken = True  # earlier responses may still be due; the refusal closes after them
+        self._flush(actions)
+
+    # --- server -> client -------------------------------------------------------------------------
+    def _server_data(self, data: bytes) -> list[Action]:
+        actions: list[Action] = []
+        try:
+            self._server_events(self.conn.feed(S2C, data), actions)
+            while not self.closed and self.conn.has_held_input(C2S):
+                self._client_events(self.conn.feed(C2S, b""), actions)
+        except ParseError as e:
+            front = self._order[0] if self._order else None
+            if front is not None and front.refusal is None and not front.response_started:
+                actions.append(Reply(http1.refusal(502, keep_alive=False)))
+                actions.append(self._response_flow(front, 502, ERROR, e.reason))
+            actions.extend(self.close())
+        return actions
+
+    def _server_events(self, events: list[http1.Http1Event], actions: list[Action]) -> None:
+        for event in events:
+            if self.closed:
+                return
+            kind = type(event)
+            if self._tunnel:
+                if kind is Data:
+                    assert isinstance(event, Data)
+                    if event.data:
+                        actions.append(Forward(S2C, event.data))
+                continue
+            if kind is HttpResponse:
+                assert isinstance(event, HttpResponse)
+                actions.append(Forward(S2C, self.conn.forward(S2C, event)))
+                if event.status >= 200 or event.status == 101:
+                    front = self._front_forwarded()
+                    if front is not None:
+                        front.response_started = True
+                        front.status = event.status
+                        actions.append(self._response_flow(front, event.status, FORWARDED, None, event.headers))
+            elif kind is ConnectionUpgraded:
+                self._tunnel = True
+                if self._order:
+                    self._order.popleft()
+            elif kind is Data or kind is Trailers:
+                out = self.conn.forward(S2C, event)  # type: ignore[arg-type]
+                if out:
+                    actions.append(Forward(S2C, out))
+            elif kind is EndOfMessage:
+                out = self.conn.forward(S2C, event)  # type: ignore[arg-type]
+                if out:
+                    actions.append(Forward(S2C, out))
+                front = self._front_forwarded()
+                if front is not None and front.response_started:
+                    self._order.popleft()
+                    self._flush(actions)
+
+    def _front_forwarded(self) -> _Pending | None:
+        if self._order and self._order[0].refusal is None:
+            return self._order[0]
+        return None
+
+    def _flush(self, actions: list[Action]) -> None:
+        """Send the refusals whose turn has come (no forwarded request still owes its response)."""
+        while self._order and self._order[0].refusal is not None:
+            pending = self._order.popleft()
+            assert pending.refusal is not None
+            actions.append(Reply(pending.refusal))
+            if pending.close_after:
+                actions.extend(self.close())
+                return
+
+    # --- flows ------------------------------------------------------------------------------------
+    def _flow(
+        self,
+        l7_type: str,
+        verdict: str,
+        l7: dict[str, object],
+        *,
+        time_ns: int,
+        rule: str | None = None,
+        reason: Reason | None = None,
+        latency_ns: int = 0,
+        summary: str | None = None,
+    ) -> Log:
+        http = l7.get("http", {})
+        assert isinstance(http, dict)
+        if summary is None:
+            if l7_type == REQUEST:
+                summary = f"{http.get('protocol')} {http.get('method')} {http.get('url')}"
+            else:
+                summary = f"{http.get('protocol')} {http.get('code')} {latency_ns // 1_000_000}ms ({http.get('method')} {http.get('url')})"
+        return Log(
+            Flow(
+                context=self.context,
+                verdict=verdict,
+                l7_type=l7_type,
+                l7=l7,
+                summary=summary,
+                time_ns=time_ns,
+                latency_ns=latency_ns,
+                rule=rule,
+                reason=reason.value if reason is not None else None,
+            )
+        )
+
+    def _response_flow(
+        self, pending: _Pending, status: int, verdict: str, reason: Reason | None, headers: Headers = ()
+    ) -> Log:
+        now = self.clock()
+        self.stats.statuses.append(status)
+        l7 = l7_http(method=pending.method, url=pending.url, protocol="HTTP/1.1", code=status, headers=headers)
+        return self._flow(RESPONSE, verdict, l7, time_ns=now, latency_ns=max(0, now - pending.started_ns), reason=reason)

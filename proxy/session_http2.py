@@ -1,0 +1,320 @@
+"""HTTP/2 (h2c prior knowledge) and gRPC session, plus the sniffing session that picks HTTP/1.1 or HTTP/2.
+
+Owns the bridging of `parsers.http2`'s two sides stream by stream: every request (or gRPC call) is
+judged on its own; an allowed one is opened upstream with the same stream id, a denied one is
+answered on its stream (403, or gRPC trailers-only PERMISSION_DENIED) while other streams go on.
+Flow control: bytes are acknowledged to their sender only once the other side framed them
+(`pop_delivered` -> `acknowledge`), so a slow reader stalls its writer. Never parses bytes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from parsers import http2
+from parsers.errors import ParseError
+from parsers.events import (
+    Data,
+    Direction,
+    EndOfMessage,
+    GrpcCall,
+    HttpRequest,
+    HttpResponse,
+    Reason,
+    StreamReset,
+    Trailers,
+)
+from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_http
+from proxy.session import (
+    C2S,
+    S2C,
+    Action,
+    ConnectionPolicy,
+    DataReceived,
+    Forward,
+    Input,
+    Log,
+    Session,
+    TimeoutKind,
+    verdict_of,
+    wall_clock_ns,
+)
+from proxy.session_http1 import Http1Session, apply_header_actions
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@dataclass(slots=True)
+class _StreamInfo:
+    method: str
+    url: str
+    grpc: bool
+    started_ns: int
+
+
+class Http2Session(Session):
+    """HTTP/2 with prior knowledge on both sides (h2c), judged per stream."""
+
+    protocol = "http"
+
+    def __init__(self, *, context: FlowContext, policy: ConnectionPolicy, clock: Callable[[], int] = wall_clock_ns) -> None:
+        super().__init__(context=context, clock=clock)
+        self.policy = policy
+        self.server = http2.Http2ServerSide()
+        self.client = http2.Http2ClientSide()
+        self.streams: dict[int, _StreamInfo] = {}
+        self._client_done = False
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.streams
+
+    def start(self) -> list[Action]:
+        actions: list[Action] = []
+        self._pump(actions)
+        return actions
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        actions: list[Action] = []
+        side = self.server if direction is C2S else self.client
+        try:
+            events = side.feed(data)
+        except ParseError as e:
+            self._pump(actions)  # the GOAWAY h2 queued
+            actions.append(self._error_flow(e))
+            actions.extend(self.close())
+            return actions
+        for event in events:
+            if direction is C2S:
+                self._client_event(event, actions)
+            else:
+                self._server_event(event, actions)
+        self._pump(actions)
+        return actions
+
+    def on_peer_closed(self, direction: Direction) -> list[Action]:
+        if direction is S2C:
+            for stream_id in list(self.streams):
+                self.server.refuse(stream_id, Reason.UPSTREAM_FAILED)
+                self.streams.pop(stream_id, None)
+            actions: list[Action] = []
+            self._pump(actions)
+            actions.extend(self.close())
+            return actions
+        return super().on_peer_closed(direction)
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        actions: list[Action] = []
+        for stream_id in list(self.streams):
+            self.server.refuse(stream_id, reason)
+            self.streams.pop(stream_id, None)
+        self.server.close(http2.ErrorCode.NO_ERROR)
+        self._pump(actions)
+        actions.extend(self.close())
+        return actions
+
+    def on_timeout(self, kind: TimeoutKind) -> list[Action]:
+        actions: list[Action] = []
+        try:
+            self.server.close(http2.ErrorCode.NO_ERROR)
+        except ParseError:
+            pass
+        self._pump(actions)
+        actions.extend(self.close())
+        return actions
+
+    # --- client -> upstream -----------------------------------------------------------------------
+    def _client_event(self, event: http2.Event, actions: list[Action]) -> None:
+        kind = type(event)
+        if kind is HttpRequest or kind is GrpcCall:
+            assert isinstance(event, HttpRequest | GrpcCall)
+            self._request(event, actions)
+        elif kind is Data:
+            assert isinstance(event, Data)
+            self.client.send_data(event.stream_id or 0, event.data)
+        elif kind is Trailers:
+            assert isinstance(event, Trailers)
+            self.client.send_trailers(event.stream_id or 0, event.headers)
+        elif kind is EndOfMessage:
+            assert isinstance(event, EndOfMessage)
+            self.client.end_stream(event.stream_id or 0)
+        elif kind is StreamReset:
+            assert isinstance(event, StreamReset)
+            self.client.reset_stream(event.stream_id, event.error_code)
+            self.streams.pop(event.stream_id, None)
+        elif kind is http2.RequestRejected:
+            assert isinstance(event, http2.RequestRejected)
+            actions.append(self._log(REQUEST, ERROR, "", event.detail, grpc=event.grpc, reason=event.reason))
+        elif kind is http2.GoAway:
+            self._client_done = True
+
+    def _request(self, request: HttpRequest | GrpcCall, actions: list[Action]) -> None:
+        stream_id = request.stream_id or 0
+        now = self.clock()
+        is_grpc = isinstance(request, GrpcCall)
+        method = "POST" if is_grpc else request.method  # type: ignore[union-attr]
+        target = request.path if is_grpc else request.target  # type: ignore[union-attr]
+        host = request.authority if is_grpc else request.host  # type: ignore[union-attr]
+        url = f"http://{host or self.context.destination.ip}{target}"
+        result = self.policy.judge(request)
+        allowed, verdict, reason, rule = verdict_of(result)
+        if allowed:
+            if result.header_actions:
+                headers = apply_header_actions(request.headers, result.header_actions)
+                request = dataclasses.replace(request, headers=headers)
+            if self.client.send_request(request):
+                self.streams[stream_id] = _StreamInfo(method=method, url=url, grpc=is_grpc, started_ns=now)
+                actions.append(self._log(REQUEST, FORWARDED, method, url, grpc=is_grpc, rule=rule, time_ns=now))
+                return
+            allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
+        assert reason is not None
+        self.server.refuse(stream_id, reason)
+        actions.append(self._log(REQUEST, verdict, method, url, grpc=is_grpc, rule=rule, reason=reason, time_ns=now))
+
+    # --- upstream -> client -----------------------------------------------------------------------
+    def _server_event(self, event: http2.Event, actions: list[Action]) -> None:
+        kind = type(event)
+        if kind is HttpResponse:
+            assert isinstance(event, HttpResponse)
+            self.server.send_response(event)
+            info = self.streams.get(event.stream_id or 0)
+            if info is not None and event.status >= 200:
+                now = self.clock()
+                actions.append(
+                    self._log(RESPONSE, FORWARDED, info.method, info.url, grpc=info.grpc, code=event.status,
+                              time_ns=now, latency_ns=now - info.started_ns)
+                )
+                if not event.has_body:
+                    self.streams.pop(event.stream_id or 0, None)
+        elif kind is Data:
+            assert isinstance(event, Data)
+            self.server.send_data(event.stream_id or 0, event.data)
+        elif kind is Trailers:
+            assert isinstance(event, Trailers)
+            self.server.send_trailers(event.stream_id or 0, event.headers)
+            self.streams.pop(event.stream_id or 0, None)
+        elif kind is EndOfMessage:
+            assert isinstance(event, EndOfMessage)
+            self.server.end_stream(event.stream_id or 0)
+            self.streams.pop(event.stream_id or 0, None)
+        elif kind is StreamReset:
+            assert isinstance(event, StreamReset)
+            self.server.reset_stream(event.stream_id, event.error_code)
+            self.streams.pop(event.stream_id, None)
+        elif kind is http2.GoAway:
+            self.server.close(http2.ErrorCode.NO_ERROR)
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def _pump(self, actions: list[Action]) -> None:
+        """Move flow-control acknowledgements across and collect the bytes each side has to send."""
+        for _ in range(8):
+            moved = False
+            for stream_id, n in self.client.pop_delivered():
+                self.server.acknowledge(stream_id, n)
+                moved = True
+            for stream_id, n in self.server.pop_delivered():
+                self.client.acknowledge(stream_id, n)
+                moved = True
+            if not moved:
+                break
+        upstream = self.client.data_to_send()
+        if upstream:
+            actions.append(Forward(C2S, upstream))
+        downstream = self.server.data_to_send()
+        if downstream:
+            actions.append(Forward(S2C, downstream))
+
+    def _log(
+        self,
+        l7_type: str,
+        verdict: str,
+        method: str,
+        url: str,
+        *,
+        grpc: bool,
+        rule: str | None = None,
+        reason: Reason | None = None,
+        code: int = 0,
+        time_ns: int | None = None,
+        latency_ns: int = 0,
+    ) -> Log:
+        l7 = l7_http(method=method, url=url, protocol="HTTP/2", code=code)
+        what = "gRPC" if grpc else "HTTP/2"
+        summary = f"{what} {method} {url}" if l7_type == REQUEST else f"{what} {code} {latency_ns // 1_000_000}ms ({method} {url})"
+        return Log(
+            Flow(
+                context=self.context,
+                verdict=verdict,
+                l7_type=l7_type,
+                l7=l7,
+                summary=summary,
+                time_ns=self.clock() if time_ns is None else time_ns,
+                latency_ns=latency_ns,
+                rule=rule,
+                reason=reason.value if reason is not None else None,
+            )
+        )
+
+    def _error_flow(self, e: ParseError) -> Log:
+        return self._log(REQUEST, ERROR, "", str(e), grpc=False, reason=e.reason)
+
+
+class HttpSession(Session):
+    """An HTTP port: the first bytes say HTTP/2 (the h2c connection preface) or HTTP/1.1; then delegate."""
+
+    protocol = "http"
+
+    def __init__(self, *, context: FlowContext, policy: ConnectionPolicy, clock: Callable[[], int] = wall_clock_ns) -> None:
+        super().__init__(context=context, clock=clock)
+        self.policy = policy
+        self.inner: Session | None = None
+        self._buffer = b""
+        self._early = b""  # upstream bytes that arrived before the client's first bytes
+
+    @property
+    def reading_head(self) -> bool:
+        return True if self.inner is None else self.inner.reading_head
+
+    @property
+    def is_idle(self) -> bool:
+        return (self.inner is None and not self._buffer) or (self.inner is not None and self.inner.is_idle)
+
+    def handle(self, event: Input) -> list[Action]:
+        if self.inner is not None:
+            actions = self.inner.handle(event)
+            self.closed = self.inner.closed
+            return actions
+        return super().handle(event)
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        if direction is S2C:  # an HTTP/2 server sends its SETTINGS at once: hold them until the client speaks
+            self._early += data
+            if len(self._early) > 65536:
+                return self.close()
+            return []
+        self._buffer += data
+        n = min(len(self._buffer), len(PREFACE))
+        if self._buffer[:n] == PREFACE[:n] and n < len(PREFACE):
+            return []  # could still be the preface
+        if self._buffer.startswith(PREFACE):
+            inner: Session = Http2Session(context=self.context, policy=self.policy, clock=self.clock)
+        else:
+            inner = Http1Session(context=self.context, policy=self.policy, clock=self.clock)
+        self.inner = inner
+        buffered, self._buffer = self._buffer, b""
+        actions = inner.start()
+        actions.extend(inner.handle(DataReceived(C2S, buffered)))
+        if self._early and not inner.closed:
+            early, self._early = self._early, b""
+            actions.extend(inner.handle(DataReceived(S2C, early)))
+        self.closed = inner.closed
+        return actions
+
+    def on_peer_closed(self, direction: Direction) -> list[Action]:
+        return self.close()
+
+    def on_timeout(self, kind: TimeoutKind) -> list[Action]:
+        return self.close()
+

@@ -1,0 +1,126 @@
+"""DNS over UDP and TCP through `membrane gateway --udp` with dig and dnspython against a local DNS server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+
+from tests.helpers.dns_server import DnsServer
+from tests.integration.gateway_util import gateway
+
+pytestmark = pytest.mark.integration
+
+ZONE = """
+www.cilium.io. 120 IN A 192.0.2.10
+www.cilium.io. 120 IN A 192.0.2.11
+api.github.com. 30 IN A 192.0.2.20
+evil.example. 60 IN A 192.0.2.66
+"""
+
+
+def dns_policy(port: int) -> str:
+    """The crawler may resolve only *.cilium.io and api.github.com through kube-dns on `port`."""
+    return f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: crawler-dns
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: crawler
+  egress:
+    - toEndpoints:
+        - matchLabels:
+            "k8s:io.kubernetes.pod.namespace": kube-system
+            "k8s:k8s-app": kube-dns
+      toPorts:
+        - ports:
+            - port: "{port}"
+              protocol: ANY
+          rules:
+            dns:
+              - matchPattern: "*.cilium.io"
+              - matchName: "api.github.com"
+"""
+
+
+def _dig(port: int, name: str, *extra: str) -> str:
+    out = subprocess.run(
+        ["dig", "@127.0.0.1", "-p", str(port), name, "A", "+tries=1", "+time=3", *extra],
+        capture_output=True, text=True, timeout=20,
+    )
+    return out.stdout
+
+
+def test_dig_udp_and_tcp_allowed_and_refused(tmp_path: Path) -> None:
+    """An allowed name is answered by the server; a denied one gets REFUSED from the proxy and never reaches the server."""
+    with DnsServer(ZONE) as server, gateway(
+        tmp_path, dns_policy(server.port), upstream_port=server.port, dst="kube-system/coredns", src="default/crawler", udp=True
+    ) as gw:
+        for extra in ((), ("+tcp",)):
+            out = _dig(gw.port, "www.cilium.io", *extra)
+            assert "status: NOERROR" in out and "192.0.2.10" in out, out
+            out = _dig(gw.port, "evil.example", *extra)
+            assert "status: REFUSED" in out, out
+        names = [(q.transport, q.name.lower()) for q in server.queries]
+        assert names == [("udp", "www.cilium.io."), ("tcp", "www.cilium.io.")]
+        flows = gw.wait_flows(6)
+        answers = [f for f in flows if f["l7"]["type"] == "RESPONSE"]
+        assert answers and sorted(answers[0]["l7"]["dns"]["ips"]) == ["192.0.2.10", "192.0.2.11"]
+        assert answers[0]["l7"]["dns"]["ttl"] == 120
+        refused = [f for f in flows if f["verdict"] == "DROPPED"]
+        assert {f["l7"]["dns"]["query"] for f in refused} == {"evil.example."}
+        assert {f["l4"].get("UDP") is not None for f in refused} == {True, False}
+
+
+def test_tcp_denied_then_allowed_on_the_same_connection(tmp_path: Path) -> None:
+    """Over one TCP connection (RFC 7766 §6.2.1) a REFUSED query is followed by an answered one."""
+    with DnsServer(ZONE) as server, gateway(
+        tmp_path, dns_policy(server.port), upstream_port=server.port, dst="kube-system/coredns", src="default/crawler"
+    ) as gw:
+        sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+        try:
+            denied = dns.query.tcp(dns.message.make_query("evil.example", "A"), "127.0.0.1", port=gw.port, sock=sock, timeout=5)
+            assert denied.rcode() == dns.rcode.REFUSED
+            allowed = dns.query.tcp(dns.message.make_query("API.GitHub.com", "A"), "127.0.0.1", port=gw.port, sock=sock, timeout=5)
+            assert allowed.rcode() == dns.rcode.NOERROR
+            assert [rr.to_text() for rrset in allowed.answer for rr in rrset] == ["192.0.2.20"]
+        finally:
+            sock.close()
+        # The forwarded query keeps the client's case; the denied one never reached the server.
+        assert [q.name for q in server.queries] == ["API.GitHub.com."]
+
+
+def test_dnspython_udp_many_queries(tmp_path: Path) -> None:
+    """Every UDP datagram is judged on its own; answers go back to the asking socket."""
+    with DnsServer(ZONE) as server, gateway(
+        tmp_path, dns_policy(server.port), upstream_port=server.port, dst="kube-system/coredns", src="default/crawler", udp=True
+    ) as gw:
+        for i in range(20):
+            name = "www.cilium.io" if i % 2 else "evil.example"
+            reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=gw.port, timeout=5)
+            assert reply.rcode() == (dns.rcode.NOERROR if i % 2 else dns.rcode.REFUSED)
+        assert len(server.queries) == 10
+
+
+def test_upstream_down_gives_servfail(tmp_path: Path) -> None:
+    """An upstream that cannot be reached answers SERVFAIL, over TCP (connect refused) and UDP (no answer in time)."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with gateway(
+        tmp_path, dns_policy(port), upstream_port=port, dst="kube-system/coredns", src="default/crawler", udp=True,
+        extra=["--dns-timeout", "0.5"],
+    ) as gw:
+        tcp = dns.query.tcp(dns.message.make_query("www.cilium.io", "A"), "127.0.0.1", port=gw.port, timeout=5)
+        assert tcp.rcode() == dns.rcode.SERVFAIL
+        udp = dns.query.udp(dns.message.make_query("www.cilium.io", "A"), "127.0.0.1", port=gw.port, timeout=5)
+        assert udp.rcode() == dns.rcode.SERVFAIL

@@ -1,0 +1,290 @@
+"""CRD model and validation: every error Cilium (or kubectl) would raise is a located PolicyError.
+
+| case                               | where (path)                                    | message contains                         |
+|------------------------------------|-------------------------------------------------|------------------------------------------|
+| unknown field (typo toPort)        | spec.ingress[0].toPort                          | unknown field "toPort" (did you mean ...) |
+| wrong type                         | spec.ingress                                    | expected a list                          |
+| bad regex (look-around, backref)   | ...rules.http[0].path                           | invalid regex                            |
+| L7 without protocol TCP            | spec.ingress[0].toPorts[0]                      | L7 rules require protocol TCP            |
+| L7 on port 0                       | ...toPorts[0].ports[0]                          | port is 0                                |
+| two L7 kinds in one port rule      | ...toPorts[0].rules                             | multiple L7 protocol rule types          |
+| DNS rules on ingress               | ...rules.dns                                    | not allowed on ingress                   |
+| Kafka role with apiKey             | ...rules.kafka[0]                               | both role                                |
+| ...and the rest of the table below  |                                                 |                                          |
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from policies import (
+    Entity,
+    L4Proto,
+    ParserType,
+    PolicyValidationError,
+    PolicyYamlError,
+    load_policies,
+    parse_policy,
+)
+from policies.labels import Operator, Requirement
+from tests.policies.util import ccnp, cnp, policies
+
+
+def _errors(text: str) -> list[str]:
+    result = load_policies(textwrap.dedent(text), "web.yaml")
+    return [str(e) for e in result.errors]
+
+
+def _port_rule(rule: str, ingress: bool = True, port: str = '"80"', proto: str = "TCP") -> str:
+    section = "ingress" if ingress else "egress"
+    return f"""
+        endpointSelector: {{}}
+        {section}:
+          - toPorts:
+              - ports: [{{port: {port}, protocol: {proto}}}]
+                rules: {rule}
+        """
+
+
+ERROR_CASES = [
+    # (id, spec, expected path, expected message fragment)
+    ("unknown-field", "endpointSelector: {}\ningress: [{toPort: []}]", "spec.ingress[0].toPort", 'unknown field "toPort" (did you mean "toPorts"?)'),
+    ("unknown-top-field", "endpointSelector: {}\ningres: []", "spec.ingres", 'unknown field "ingres"'),
+    ("wrong-type-list", "endpointSelector: {}\ningress: {fromEndpoints: []}", "spec.ingress", "expected a list, got a mapping"),
+    ("wrong-type-string", "endpointSelector: {matchLabels: {app: [x]}}", "spec.endpointSelector.matchLabels.app", "expected a string"),
+    ("lookahead", _port_rule('{http: [{path: "/a(?=b)"}]}'), "spec.ingress[0].toPorts[0].rules.http[0].path", "invalid regex"),
+    ("lookbehind", _port_rule('{http: [{method: "(?<!P)GET"}]}'), "spec.ingress[0].toPorts[0].rules.http[0].method", "invalid regex"),
+    ("backreference", _port_rule(r'{http: [{host: "(a)\\1"}]}'), "spec.ingress[0].toPorts[0].rules.http[0].host", "invalid regex"),
+    ("unbalanced", _port_rule('{http: [{path: "/a("}]}'), "spec.ingress[0].toPorts[0].rules.http[0].path", "invalid regex"),
+    ("l7-udp", _port_rule("{http: [{}]}", proto="UDP"), "spec.ingress[0].toPorts[0]", "L7 rules require protocol TCP"),
+    ("l7-any", _port_rule("{http: [{}]}", proto="ANY"), "spec.ingress[0].toPorts[0]", "L7 rules require protocol TCP"),
+    ("kafka-udp", _port_rule("{kafka: [{topic: t}]}", proto="UDP"), "spec.ingress[0].toPorts[0]", "L7 rules require protocol TCP"),
+    ("l7-port-0", _port_rule("{http: [{}]}", port='"0"'), "spec.ingress[0].toPorts[0].ports[0]", "L7 rules cannot be used when a port is 0"),
+    ("two-l7-kinds", _port_rule("{http: [{}], kafka: [{}]}"), "spec.ingress[0].toPorts[0].rules", "multiple L7 protocol rule types"),
+    ("dns-on-ingress", _port_rule('{dns: [{matchName: "a.com"}]}', proto="UDP"), "spec.ingress[0].toPorts[0].rules.dns", "DNS rules are not allowed on ingress"),
+    ("role-and-apikey", _port_rule("{kafka: [{role: produce, apiKey: produce}]}"), "spec.ingress[0].toPorts[0].rules.kafka[0]", "cannot set both role"),
+    ("bad-role", _port_rule("{kafka: [{role: admin}]}"), "spec.ingress[0].toPorts[0].rules.kafka[0].role", "invalid Kafka role"),
+    ("bad-apikey", _port_rule("{kafka: [{apiKey: frobnicate}]}"), "spec.ingress[0].toPorts[0].rules.kafka[0].apiKey", "unknown Kafka API key"),
+    ("bad-topic", _port_rule('{kafka: [{topic: "a b"}]}'), "spec.ingress[0].toPorts[0].rules.kafka[0].topic", "invalid Kafka topic"),
+    ("bad-apiversion", _port_rule('{kafka: [{apiVersion: "x"}]}'), "spec.ingress[0].toPorts[0].rules.kafka[0].apiVersion", "invalid Kafka API version"),
+    ("bad-mismatch", _port_rule("{http: [{headerMatches: [{name: X, mismatch: DROP}]}]}"), "spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].mismatch", "invalid header action"),
+    ("header-name-missing", _port_rule("{http: [{headerMatches: [{value: v}]}]}"), "spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].name", "header name missing"),
+    ("dns-pattern-chars", _port_rule('{dns: [{matchPattern: "a[b].com"}]}', ingress=False, proto="UDP"), "spec.egress[0].toPorts[0].rules.dns[0].matchPattern", "invalid characters"),
+    ("dns-name-and-pattern", _port_rule('{dns: [{matchName: a.com, matchPattern: "*.a.com"}]}', ingress=False, proto="UDP"), "spec.egress[0].toPorts[0].rules.dns[0]", "only one of matchName or matchPattern"),
+    ("dns-port-range", """
+        endpointSelector: {}
+        egress:
+          - toPorts: [{ports: [{port: "53", endPort: 60, protocol: UDP}], rules: {dns: [{matchPattern: "*"}]}}]
+        """, "spec.egress[0].toPorts[0].ports[0]", "DNS rules do not support port ranges"),
+    ("bad-protocol", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: '80', protocol: ICMPX}]}]}]", "spec.ingress[0].toPorts[0].ports[0].protocol", "unsupported protocol"),
+    ("bad-port", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: '70000'}]}]}]", "spec.ingress[0].toPorts[0].ports[0].port", "out of range"),
+    ("named-port", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: http}]}]}]", "spec.ingress[0].toPorts[0].ports[0].port", "named port"),
+    ("bad-entity", "endpointSelector: {}\ningress: [{fromEntities: [wrld]}]", "spec.ingress[0].fromEntities[0]", "unknown entity"),
+    ("bad-cidr", "endpointSelector: {}\negress: [{toCIDR: [10.0.0.0/33]}]", "spec.egress[0].toCIDR[0]", "invalid CIDR"),
+    ("except-outside", "endpointSelector: {}\negress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}]}]", "spec.egress[0].toCIDRSet[0].except[0]", "does not contain"),
+    ("bad-operator", "endpointSelector: {matchExpressions: [{key: app, operator: Has}]}", "spec.endpointSelector.matchExpressions[0].operator", "unknown operator"),
+    ("in-without-values", "endpointSelector: {matchExpressions: [{key: app, operator: In}]}", "spec.endpointSelector.matchExpressions[0].values", "must be non-empty"),
+    ("exists-with-values", "endpointSelector: {matchExpressions: [{key: app, operator: Exists, values: [a]}]}", "spec.endpointSelector.matchExpressions[0].values", "must be empty"),
+    ("no-selector", "ingress: []", "spec", "needs endpointSelector or nodeSelector"),
+    ("both-selectors", "endpointSelector: {}\nnodeSelector: {}", "spec", "cannot have both"),
+    ("cnp-node-selector", "nodeSelector: {}", "spec.nodeSelector", "cannot have nodeSelector"),
+    ("fqdn-on-deny", "endpointSelector: {}\negressDeny: [{toFQDNs: [{matchName: a.com}]}]", "spec.egressDeny[0].toFQDNs", 'unknown field "toFQDNs"'),
+    ("l7-on-deny", "endpointSelector: {}\ningressDeny: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{}]}}]}]", "spec.ingressDeny[0].toPorts[0].rules", 'unknown field "rules"'),
+    ("icmps-with-ports", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: 8}]}], toPorts: [{ports: [{port: '80'}]}]}]", "spec.ingress[0]", "icmps block"),
+    ("unsupported", "endpointSelector: {}\negress: [{toServices: []}]", "spec.egress[0].toServices", "not supported by membrane"),
+    ("default-deny-type", "endpointSelector: {}\nenableDefaultDeny: {ingress: 'no'}", "spec.enableDefaultDeny.ingress", "expected true or false"),
+]
+
+
+@pytest.mark.parametrize(("spec", "path", "message"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_invalid_field_is_a_located_error(spec: str, path: str, message: str) -> None:
+    """Each invalid field is one error naming file, document line, object and field path (issue 2 "Errors")."""
+    errors = _errors(cnp("web", spec))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"web.yaml:1: default/web: {path}: "), errors[0]
+    assert message in errors[0]
+
+
+def test_issue_example_line_is_exact() -> None:
+    """The validate line of the issue's example: `file:line: ns/name: specs[0].ingress[0].toPorts[0]: L7 rules require protocol TCP`."""
+    text = """\
+        ---
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: web, namespace: default}
+        specs:
+          - endpointSelector: {}
+            ingress:
+              - toPorts:
+                  - ports: [{port: "80", protocol: UDP}]
+                    rules: {http: [{method: GET}]}
+        """
+    result = load_policies(textwrap.dedent(text), "policies/web.yaml")
+    assert [str(e) for e in result.errors] == [
+        "policies/web.yaml:2: default/web: specs[0].ingress[0].toPorts[0]: L7 rules require protocol TCP"
+    ]
+
+
+def test_invalid_object_does_not_stop_the_others() -> None:
+    """One invalid rule rejects its whole object; the other objects in the file still load (Cilium)."""
+    good = cnp("good", "endpointSelector: {}\ningress: [{fromEntities: [world]}]")
+    bad = cnp("bad", "endpointSelector: {}\ningress: [{fromEntities: [world]}, {toPort: []}]")
+    result = load_policies(good + "---\n" + bad + "---\n" + good.replace("good", "good2"), "f.yaml")
+    assert [p.key for p in result.policies] == ["default/good", "default/good2"]
+    assert len(result.errors) == 1 and "default/bad" in str(result.errors[0])
+
+
+def test_yaml_syntax_error_names_the_line_and_document() -> None:
+    """A malformed YAML document is an error with its line; the documents around it still load."""
+    good = cnp("good", "endpointSelector: {}")
+    text = good + "---\nkind: [unclosed\n---\n" + good.replace("good", "later")
+    result = load_policies(text, "f.yaml")
+    assert [p.name for p in result.policies] == ["good", "later"]
+    (err,) = result.errors
+    assert isinstance(err, PolicyYamlError)
+    assert str(err).startswith("f.yaml:") and "document 2" in str(err) and "YAML syntax error" in str(err)
+    assert err.line is not None and err.line >= good.count("\n") + 2
+
+
+def test_duplicate_key_is_an_error() -> None:
+    """A mapping key given twice is an error (kubectl refuses it), not last-one-wins."""
+    errors = _errors("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\nspec: {endpointSelector: {}}\nspec: {}\n")
+    assert len(errors) == 1 and "duplicate mapping key 'spec'" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        ("kind: Deployment\napiVersion: apps/v1\nmetadata: {name: x}", "unsupported kind 'Deployment'"),
+        ("apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}", "unsupported apiVersion"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}", "metadata.name: metadata.name is required"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}", "a policy needs spec or specs"),
+        ("[1, 2]", "expected a mapping, got a list"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad_Name}\nspec: {endpointSelector: {}}", "invalid object name"),
+    ],
+)
+def test_object_level_errors(doc: str, fragment: str) -> None:
+    """Wrong kinds, versions and missing names are located errors, never tracebacks."""
+    errors = _errors(doc)
+    assert len(errors) == 1 and fragment in errors[0], errors
+
+
+def test_duplicate_object_names_are_errors() -> None:
+    """Two objects with the same kind scope and name: the second is rejected."""
+    doc = cnp("same", "endpointSelector: {}")
+    result = load_policies(doc + "---\n" + doc, "f.yaml")
+    assert len(result.policies) == 1 and "duplicate" in str(result.errors[0])
+
+
+def test_cnp_model_and_scoping() -> None:
+    """CNP: subject and peers scoped to the policy namespace; unless the peer names a namespace (Cilium getEndpointSelector)."""
+    (p,) = policies(
+        cnp(
+            "web",
+            """
+            endpointSelector: {matchLabels: {app: web, "k8s:io.kubernetes.pod.namespace": elsewhere}}
+            ingress:
+              - fromEndpoints:
+                  - {matchLabels: {app: a}}
+                  - {matchLabels: {app: b, "k8s:io.kubernetes.pod.namespace": other}}
+                  - {matchLabels: {"k8s:io.cilium.k8s.namespace.labels.team": data}}
+                  - {matchLabels: {"reserved:host": ""}}
+                  - {}
+            """,
+            namespace="prod",
+        )
+    )
+    assert p.key == "prod/web" and not p.cluster_wide
+    rule = p.rules[0]
+    ns_prod = Requirement("k8s", "io.kubernetes.pod.namespace", Operator.IN, frozenset({"prod"}))
+    assert rule.endpoint_selector is not None
+    assert ns_prod in rule.endpoint_selector.requirements
+    assert not any("elsewhere" in r.values for r in rule.endpoint_selector.requirements)
+    sels = rule.ingress[0].endpoints
+    assert sels is not None
+    assert ns_prod in sels[0].requirements
+    assert ns_prod not in sels[1].requirements
+    assert ns_prod not in sels[2].requirements
+    assert sels[3].requirements == (Requirement("reserved", "host", Operator.IN, frozenset({""})),)
+    assert sels[4].requirements == (ns_prod,)
+
+
+def test_ccnp_scoping() -> None:
+    """CCNP: the subject is cluster-wide; a peer selector without namespace selects pods of every namespace."""
+    (p,) = policies(ccnp("cw", "endpointSelector: {}\ningress: [{fromEndpoints: [{}]}]"))
+    assert p.key == "cw" and p.cluster_wide
+    assert p.rules[0].endpoint_selector is not None and p.rules[0].endpoint_selector.requirements == ()
+    sels = p.rules[0].ingress[0].endpoints
+    assert sels is not None
+    assert sels[0].requirements == (Requirement("k8s", "io.kubernetes.pod.namespace", Operator.EXISTS),)
+
+
+def test_ports_and_rules_model() -> None:
+    """Ports parse as Cilium does: strings or numbers, default protocol ANY, endPort ranges, L7 kinds."""
+    (p,) = policies(
+        cnp(
+            "m",
+            """
+            endpointSelector: {}
+            egress:
+              - toPorts:
+                  - ports: [{port: "8000", endPort: 8080, protocol: tcp}, {port: 53}]
+                  - ports: [{port: "80", protocol: TCP}]
+                    rules: {http: []}
+                  - ports: [{port: "9092", protocol: TCP}]
+                    rules: {kafka: [{role: consume, topic: t}]}
+              - toEntities: [world, cluster]
+            """,
+        )
+    )
+    e0 = p.rules[0].egress[0]
+    assert e0.to_ports[0].ports[0].range == (8000, 8080) and e0.to_ports[0].ports[0].protocol is L4Proto.TCP
+    assert e0.to_ports[0].ports[1].protocol is L4Proto.ANY and e0.to_ports[0].ports[1].range == (53, 53)
+    assert e0.to_ports[1].rules is not None and e0.to_ports[1].rules.parser is None  # http: [] = plain L4
+    kafka = e0.to_ports[2].rules
+    assert kafka is not None and kafka.parser is ParserType.KAFKA
+    assert kafka.kafka is not None and kafka.kafka[0].api_keys == frozenset({1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18})
+    assert p.rules[0].egress[1].entities == (Entity.WORLD, Entity.CLUSTER)
+
+
+def test_explicit_empty_peer_list_selects_nothing() -> None:
+    """`fromEndpoints: []` selects nothing, `[{}]` everything in scope, absent + toPorts = every peer."""
+    (p,) = policies(
+        cnp(
+            "e",
+            """
+            endpointSelector: {}
+            ingress:
+              - {fromEndpoints: [], toPorts: [{ports: [{port: "80"}]}]}
+              - {fromEndpoints: [{}]}
+              - {toPorts: [{ports: [{port: "80"}]}]}
+              - {}
+            """,
+        )
+    )
+    ing = p.rules[0].ingress
+    assert ing[0].selects_nothing
+    assert not ing[1].selects_nothing and not ing[1].is_wildcard_peer
+    assert ing[2].is_wildcard_peer and not ing[2].selects_nothing
+    assert ing[3].selects_nothing  # `ingress: [{}]` only turns on default deny
+
+
+def test_parse_policy_rejects_non_mapping_without_traceback() -> None:
+    """parse_policy on arbitrary data raises only PolicyValidationError."""
+    for data in (None, 3, "x", [], {"kind": None}, {1: 2}):
+        with pytest.raises(PolicyValidationError):
+            parse_policy(data)
+
+
+def test_list_kind_contributes_items() -> None:
+    """A `kind: List` document (kubectl get -o yaml) contributes each item."""
+    item = cnp("a", "endpointSelector: {}")
+    text = "apiVersion: v1\nkind: List\nitems:\n" + textwrap.indent(item, "  - ", lambda line: line.startswith("apiVersion"))
+    text = text.replace("\nkind: CiliumNetworkPolicy", "\n    kind: CiliumNetworkPolicy").replace("\nmetadata:", "\n    metadata:")
+    text = text.replace("\n  name: a", "\n      name: a").replace("\n  namespace: default", "\n      namespace: default")
+    text = text.replace("\nspec:\n  endpointSelector", "\n    spec:\n      endpointSelector")
+    result = load_policies(text, "list.yaml")
+    assert not result.errors, [str(e) for e in result.errors]
+    assert [p.key for p in result.policies] == ["default/a"]

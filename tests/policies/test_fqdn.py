@@ -1,0 +1,49 @@
+"""The DNS-learned name -> IP cache behind toFQDNs: TTLs with injected time, CNAME chains, min TTL."""
+
+from __future__ import annotations
+
+from parsers.events import DnsResponse
+from policies import FqdnCache, L4Proto, PolicyDirection, VerdictKind, compile_policy, parse_endpoints
+from tests.policies.util import ENDPOINTS, cnp, policies
+
+
+def _answer(name: str, *ips: str, ttl: int = 30, cnames: tuple[str, ...] = (), rcode: int = 0) -> DnsResponse:
+    return DnsResponse(id=1, name=name, normalized_name=name.lower().rstrip(".") + ".", qtype=1, rcode=rcode, addresses=ips, cnames=cnames, min_ttl=ttl)
+
+
+def test_entries_expire_after_ttl() -> None:
+    """An address is selectable until its TTL passes (time is injected, never read)."""
+    cache = FqdnCache()
+    cache.observe(_answer("API.example.com", "192.0.2.1", ttl=30), now=100.0)
+    assert cache.lookup("api.example.com.", now=129.9) == {"192.0.2.1"}
+    assert cache.lookup("api.example.com", now=130.0) == frozenset()
+    cache.expire(now=130.0)
+    assert cache.snapshot(now=130.0) == {}
+
+
+def test_min_ttl_and_cnames() -> None:
+    """min_ttl_s raises short TTLs; addresses belong to the query name and every CNAME in the chain."""
+    cache = FqdnCache(min_ttl_s=3600)
+    cache.observe(_answer("www.example.com", "192.0.2.2", ttl=5, cnames=("edge.cdn.net.",)), now=0.0)
+    assert cache.snapshot(now=3599.0) == {"www.example.com.": {"192.0.2.2"}, "edge.cdn.net.": {"192.0.2.2"}}
+
+
+def test_failed_answers_teach_nothing() -> None:
+    """NXDOMAIN/SERVFAIL answers and answers without addresses are ignored."""
+    cache = FqdnCache()
+    cache.observe(_answer("a.com", "192.0.2.3", rcode=3), now=0.0)
+    cache.observe(_answer("b.com"), now=0.0)
+    assert cache.snapshot(now=0.0) == {}
+
+
+def test_snapshot_feeds_compile() -> None:
+    """A cache snapshot makes toFQDNs select the learned address after recompiling."""
+    cache = FqdnCache()
+    pol = policies(cnp("f", "endpointSelector: {matchLabels: {app: frontend}}\negress: [{toFQDNs: [{matchPattern: '*.example.com'}]}]"))
+    eps = parse_endpoints(ENDPOINTS)
+    before = compile_policy(pol, eps, cache.snapshot(now=0.0))
+    cache.observe(_answer("api.example.com", "192.0.2.9"), now=0.0)
+    after = compile_policy(pol, eps, cache.snapshot(now=1.0))
+    for pmap, expected in ((before, VerdictKind.DROP), (after, VerdictKind.ALLOW)):
+        ident = pmap.ipcache.lookup("192.0.2.9")
+        assert pmap.lookup("default/frontend", PolicyDirection.EGRESS, ident, 443, L4Proto.TCP).kind is expected
