@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies import (  # noqa: E402
+from parsers.events import HttpRequest
+from policies import (
     L4Proto,
     PolicyDirection,
     compile_policy,
@@ -24,7 +25,6 @@ from policies import (  # noqa: E402
     load_policies,
     parse_endpoints,
 )
-from parsers.events import HttpRequest  # noqa: E402
 
 NAMESPACES = 10
 APPS = 200

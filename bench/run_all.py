@@ -61,6 +61,7 @@ class Config:
     workers: int  # "one per core" row
     warmup_s: float
     only: tuple[str, ...]
+    profile: bool = False
 
     def wants(self, row_id: str) -> bool:
         return not self.only or any(fnmatch.fnmatch(row_id, pat) or row_id.startswith(pat) for pat in self.only)
@@ -481,6 +482,44 @@ def run_kafka(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
     _emit(out, sec, rows)
 
 
+def run_profile(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> None:
+    """Membrane with one worker under cProfile during HTTP/1.1 and DNS saturation load: where the time goes."""
+    import pstats
+
+    loads: list[tuple[str, str, str, str, bool, Callable[[int], Result]]] = [
+        ("http1", "http", "bench/backend", "bench/client", False,
+         lambda port: http_bench.wrk(port, connections=cfg.connections, duration_s=cfg.duration_s)),
+        ("dns", "dns", "bench/dns", "bench/dns-client", True,
+         lambda port: dns_bench.saturation(port, duration_s=cfg.duration_s)),
+    ]
+    for name, upstream, dst, src, udp, load in loads:
+        if not cfg.wants(f"profile/{name}"):
+            continue
+        prof = RESULTS_DIR / f"membrane-{name}.prof"
+        prof.parent.mkdir(parents=True, exist_ok=True)
+        prof.unlink(missing_ok=True)
+        print(f"\n## Profile: membrane gateway --workers 1 under cProfile, {name} load for {cfg.duration_s:g}s")
+        try:
+            if upstream == "dns" and peers.port_is_free(PORTS["dns"]):
+                peers.start_nsd(stack)
+            port = peers.free_port()
+            proc = peers.start_membrane(stack, listen_port=port, upstream_port=PORTS[upstream], dst=dst, src=src,
+                                        workers=1, udp=udp, profile_to=prof)
+            res = load(port)
+            stack.stop(proc)
+        except (Unavailable, RuntimeError) as exc:
+            print(f"not available: {exc}")
+            continue
+        print(f"load: {res.command}  ->  {', '.join(f'{k}={v:,.0f}' for k, v in res.values.items())} (profiled)")
+        print(f"proxy: {_display_proxy(proc.command, stack)}")
+        if not prof.exists():
+            print(f"no profile written ({proc.log_tail(5)})")
+            continue
+        stats = pstats.Stats(str(prof))
+        stats.sort_stats("tottime").print_stats(25)
+        print(f"full profile: {prof} (python -m pstats {prof.relative_to(peers.REPO_DIR)})")
+
+
 def _emit(out: list[tuple[Section, list[Row]]], section: Section, rows: list[Row]) -> None:
     if rows:
         out.append((section, rows))
@@ -490,9 +529,10 @@ def _emit(out: list[tuple[Section, list[Row]]], section: Section, rows: list[Row
 # --- main --------------------------------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable[[Config, Stack, list[tuple[Section, list[Row]]]], None]] = {
-    "http1": run_http1, "h2": run_h2, "dns": run_dns, "kafka": run_kafka,
+    "http1": run_http1, "h2": run_h2, "dns": run_dns, "kafka": run_kafka, "profile": run_profile,
 }
-SECTION_PREFIXES = {"http1": ("http1",), "h2": ("http2", "grpc"), "dns": ("dns",), "kafka": ("kafka",)}
+SECTION_PREFIXES = {"http1": ("http1",), "h2": ("http2", "grpc"), "dns": ("dns",), "kafka": ("kafka",),
+                    "profile": ("profile",)}
 
 
 def section_wanted(prefixes: tuple[str, ...], only: tuple[str, ...]) -> bool:
@@ -530,6 +570,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
     p.add_argument("--workers", type=int, default=CORES, help=f"the 'one per core' Membrane row (default {CORES})")
     p.add_argument("--only", action="append", default=[],
                    help="row id glob or prefix, e.g. 'http1/*', 'dns', 'http1-c1/haproxy' (repeatable)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run Membrane (one worker) under cProfile with HTTP/1.1 and DNS load; print the top")
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "latest.json", help="where to write the results")
     a = p.parse_args(argv)
     return Config(
@@ -540,7 +582,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
         idle_conns=a.idle_conns or (200 if a.quick else 1000),
         rounds=max(1, a.rounds), workers=a.workers,
         warmup_s=0.0 if a.quick else 1.0,
-        only=tuple(a.only),
+        only=tuple(a.only), profile=a.profile,
     ), a.json
 
 
@@ -564,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             nginx: Proc | None = None
             for name, runner in SECTIONS.items():
                 if not section_wanted(SECTION_PREFIXES[name], cfg.only):
+                    continue
+                if name == "profile" and not cfg.profile:
                     continue
                 if name in ("http1", "h2") and nginx is None:
                     try:

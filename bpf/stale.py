@@ -111,3 +111,13 @@ def cleanup_stale(cgroup: str = CGROUP_ROOT) -> list[str]:
     for item in removed:
         log.info("removed stale %s", item)
     return removed
+
+
+def main() -> None:
+    """`python -m bpf.stale`: remove leftovers and print one line per removed object."""
+    for item in cleanup_stale():
+        print(f"removed {item}")
+
+
+if __name__ == "__main__":
+    main()

@@ -86,7 +86,12 @@ def _ours(direction: str, data: bytes, method: str) -> list[Message]:
 
 
 def _fields(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers)
+    return tuple(_field(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers)
+
+
+def _field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    # h11 lower-cases the value of Transfer-Encoding (its framing field); compare it the same way.
+    return (name, value.lower() if name == b"transfer-encoding" else value)
 
 
 def _h11(direction: str, data: bytes, method: str) -> tuple[list[Message], bool]:
@@ -167,11 +172,11 @@ def _h11_headers_view(message: Message) -> Message:
     if kind == "req":
         method, target, headers = head
         assert isinstance(headers, tuple)
-        head = (method, target, tuple((n.lower(), v) for n, v in headers))
+        head = (method, target, tuple(_field(n.lower(), v) for n, v in headers))
     else:
         status, headers = head
         assert isinstance(headers, tuple)
-        head = (status, tuple((n.lower(), v) for n, v in headers))
+        head = (status, tuple(_field(n.lower(), v) for n, v in headers))
     return (kind, head, body)
 
 

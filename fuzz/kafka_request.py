@@ -2,7 +2,8 @@
 # ParseError, never anything else; fed whole, byte by byte, or in chunks of a size taken from the input,
 # it yields the same events and fails with the same error class at the same stream offset; it never
 # buffers more than max_frame_bytes + 4 bytes; the events' raw frames, joined, are a prefix of the
-# stream; build_refusal() of every event returns bytes (a well-framed response), b"" or None, never raises.
+# stream; build_refusal() of every event returns bytes (a well-framed response), b"" or None, never raises;
+# the generated body reader and the closure reference (parsers/_kafka_schema.py) agree on the first frame.
 """Fuzz target: Kafka request framing, headers and topic reading, parsers/kafka.py."""
 
 from __future__ import annotations
@@ -17,11 +18,41 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
+        from parsers import _kafka_schema as schema
         from parsers import kafka
         from parsers.errors import ParseError
 else:
+    from parsers import _kafka_schema as schema
     from parsers import kafka
     from parsers.errors import ParseError
+
+
+def _walk(make: object, frame: bytes) -> tuple[object, ...]:
+    api_key, version = struct.unpack_from(">hh", frame, 4)
+    reader = make(api_key, version)  # type: ignore[operator]
+    if reader is None:
+        return ("no reader",)
+    pos = 14 + max(0, struct.unpack_from(">h", frame, 12)[0])
+    found = schema.Found()
+    try:
+        if schema.api_schemas()[api_key].is_flexible(version):
+            pos = schema.skip_tagged(frame, pos)
+        end = reader(frame, pos, found)
+    except (schema.SchemaError, IndexError, struct.error, ValueError):
+        return ("error",)
+    return end, found.topics, found.topic_ids, found.acks
+
+
+def _differential(stream: bytes) -> None:
+    if len(stream) < 14:
+        return
+    size = struct.unpack_from(">i", stream)[0]
+    if size < 10 or size > len(stream) - 4:
+        return
+    frame = stream[: 4 + size]
+    if struct.unpack_from(">h", frame, 4)[0] < 0:
+        return
+    assert _walk(schema.request_reader, frame) == _walk(schema.reference_reader, frame)
 
 
 def _run(limit: int, chunks: list[bytes]) -> tuple[list[object], object]:
@@ -53,6 +84,7 @@ def check(data: bytes) -> None:
             # A failing feed() drops the events of its own call, so compare errors and the event prefix.
             assert other[1] == whole[1], (whole[1], other[1])
             assert other[0][: len(whole[0])] == whole[0]
+    _differential(stream)
     events = bytewise[0]
     assert stream.startswith(b"".join(e.raw for e in events))  # type: ignore[attr-defined]
     for event in events[:4]:

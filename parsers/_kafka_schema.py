@@ -551,7 +551,7 @@ def request_reader(api_key: int, version: int) -> Step | None:
         "SchemaError": SchemaError, "read_uvarint": read_uvarint, "skip_tagged": skip_tagged,
         "unpack_h": _INT16.unpack_from, "unpack_i": _INT32.unpack_from,
     }
-    exec(compile(source, f"<kafka reader {api_key} v{version}>", "exec"), namespace)  # noqa: S102  (our own schema-derived source)
+    exec(compile(source, f"<kafka reader {api_key} v{version}>", "exec"), namespace)
     reader: Step = namespace["read"]
     return reader
 

@@ -25,7 +25,9 @@ Framing rules (each violation raises `MalformedMessage`, i.e. 400 for a request,
    no empty line before the request line (llhttp would skip it; h11 and this parser refuse it).
 2. RFC 9112 §3: request line is exactly `method SP target SP HTTP/1.x` (llhttp tolerates a double SP).
    Only HTTP/1.0 and HTTP/1.1. The target must pass `normalize_target` (origin, absolute or `*` for
-   OPTIONS); CONNECT takes authority form `host:port`.
+   OPTIONS); CONNECT takes authority form `host:port`. RFC 9112 §4: a status line is
+   `HTTP/1.x SP 3DIGIT [SP reason]`, status 100-999, no control characters in the reason (llhttp
+   accepts status 000 and NUL in the reason; h11 does not).
 3. RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host; more than one is rejected in any version.
 4. RFC 9112 §5.1: no whitespace between field name and colon. §5.2: no obs-fold (line folding).
 5. RFC 9112 §6.1: Transfer-Encoding only as the single value `chunked` (any other coding, a list or
@@ -57,8 +59,10 @@ with `Connection: upgrade`, or CONNECT) the client reader PAUSES and holds furth
 answer: a 101 / 2xx-to-CONNECT turns them into tunnel `Data`, anything else (or `refuse()`) resumes
 HTTP parsing; call `feed(CLIENT_TO_SERVER, b"")` when `has_held_input()` says so.
 
-Forwarding (decided here, the proxy just writes what `forward()` returns): heads are re-serialised
-(normalised target, header actions applied, framing headers owned by this module: any
+Forwarding (decided here, the proxy just writes what `forward()` returns): a head that needs no change
+(target already normal, no header actions, the event object as emitted) goes out as the exact bytes
+received and validated; otherwise it is re-serialised (normalised target, header actions applied,
+framing headers owned by this module: any
 Content-Length/Transfer-Encoding in supplied headers is replaced by the parsed framing); bodies are
 re-framed, not passed through: Content-Length bodies go out as the same bytes, chunked bodies are
 re-chunked one chunk per `Data` with trailers re-serialised. The upstream therefore only ever sees
@@ -222,6 +226,8 @@ class _Exchange:
     has_body: bool
     complete: bool = False  # the request's EndOfMessage was read
     answered: bool = False  # its final response arrived, or the proxy refused it
+    request: HttpRequest | None = None  # the event, to recognise it in forward()
+    raw_head: bytes | None = None  # the head as received, when forwarding it unchanged is exact
 
 
 class _HeadDone:
@@ -547,26 +553,27 @@ class _Reader:
         elif f.upgrade is not None and "upgrade" in connection:
             switch = f.upgrade.split(",")[0].strip()
         has_body = chunked or bool(content_length)
-        events.append(
-            HttpRequest(
-                method=method,
-                target=target,
-                path=path,
-                query=query,
-                host=f.host,
-                headers=tuple(f.headers),
-                http_version=version,
-                has_body=has_body,
-                content_length=content_length,
-                keep_alive=keep_alive,
-            )
+        request = HttpRequest(
+            method=method,
+            target=target,
+            path=path,
+            query=query,
+            host=f.host,
+            headers=tuple(f.headers),
+            http_version=version,
+            has_body=has_body,
+            content_length=content_length,
+            keep_alive=keep_alive,
         )
+        events.append(request)
         exchange = _Exchange(
             method=method,
             keep_alive=keep_alive,
             switch=switch,
             expect_continue=f.expect == "100-continue" and version == "1.1",
             has_body=has_body,
+            request=request,
+            raw_head=head if target == raw_target else None,
         )
         self._conn._parsed(exchange)
         if chunked:
@@ -598,20 +605,27 @@ class _Reader:
         if exchange is None:
             raise self._error(ProtocolViolation, "response with no request in flight")
         headers = tuple(f.headers)
+        raw_responses = self._conn._raw_responses
         if status == 101:
             if exchange.switch is None or exchange.switch == "CONNECT":
                 raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
-            events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
+            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
+            raw_responses.append((response, head))
+            events.append(response)
             self.move(Input.HEAD_SWITCH)
             self._conn._switched(events, f.upgrade or exchange.switch)
             return False
         if exchange.switch == "CONNECT" and 200 <= status < 300:
-            events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
+            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
+            raw_responses.append((response, head))
+            events.append(response)
             self.move(Input.HEAD_SWITCH)
             self._conn._switched(events, "CONNECT")
             return False
         if status < 200:
-            events.append(HttpResponse(status=status, reason=reason, headers=headers, http_version=version))
+            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
+            raw_responses.append((response, head))
+            events.append(response)
             self.move(Input.HEAD_INTERIM)
             return True
         self._conn._answered(exchange)
@@ -627,17 +641,17 @@ class _Reader:
         else:
             framing = Input.HEAD_UNTIL_CLOSE
             keep_alive = False
-        events.append(
-            HttpResponse(
-                status=status,
-                reason=reason,
-                headers=headers,
-                http_version=version,
-                has_body=framing is not Input.HEAD_NO_BODY,
-                content_length=None if no_body else content_length,
-                keep_alive=keep_alive,
-            )
+        response = HttpResponse(
+            status=status,
+            reason=reason,
+            headers=headers,
+            http_version=version,
+            has_body=framing is not Input.HEAD_NO_BODY,
+            content_length=None if no_body else content_length,
+            keep_alive=keep_alive,
         )
+        raw_responses.append((response, head))
+        events.append(response)
         self._response_keep_alive = keep_alive
         self.move(framing)
         if framing is Input.HEAD_LENGTH:
@@ -737,6 +751,7 @@ class Http1Connection:
         "_in_flight",
         "_out_chunked",
         "_out_trailers",
+        "_raw_responses",
         "_readers",
         "_undecided",
         "limits",
@@ -766,6 +781,8 @@ class Http1Connection:
         self._out_trailers: dict[Direction, Headers] = {C2S: (), S2C: ()}
         self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
         self._current: _Exchange | None = None  # the request being read
+        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
+        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -863,14 +880,26 @@ class Http1Connection:
         if type(event) is HttpRequest:
             if not self._undecided:
                 raise ValueError("forward() of a request that was not read, or was already decided")
-            self._in_flight.append(self._undecided.popleft())
-            chunked = event.has_body and event.content_length is None
-            self._out_chunked[direction] = chunked
+            exchange = self._undecided.popleft()
+            self._in_flight.append(exchange)
+            self._out_chunked[direction] = event.has_body and event.content_length is None
+            raw = exchange.raw_head
+            if headers is None and raw is not None and exchange.request is event:
+                exchange.raw_head = exchange.request = None
+                return raw  # exactly what was validated and framed: no need to re-serialise
+            exchange.raw_head = exchange.request = None
             return serialize_request_head(event, headers)
         if type(event) is HttpResponse:
             chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
             if event.status >= 200:
                 self._out_chunked[direction] = chunked
+            raw_responses = self._raw_responses
+            while raw_responses:
+                seen, raw = raw_responses.popleft()
+                if seen is event:
+                    if headers is None:
+                        return raw
+                    break
             return serialize_response_head(event, headers)
         if type(event) is Trailers:
             self._out_trailers[direction] = event.headers

@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, assert_never
 
 from parsers._kafka_schema import Found as _Found
@@ -59,10 +60,12 @@ __all__ = [
     "API_KEYS_BY_NAME",
     "API_KEY_NAMES",
     "DEFAULT_MAX_FRAME_BYTES",
+    "Broker",
     "KafkaRequestParser",
     "KafkaResponseParser",
     "build_refusal",
     "kafka_error_code",
+    "metadata_brokers",
     "metadata_topic_ids",
     "parse_request",
     "resolve_topic_ids",
@@ -101,7 +104,7 @@ _HEAD = struct.Struct(">hhi")  # api key, api version, correlation id
 _INT32 = struct.Struct(">i")
 _INT16 = struct.Struct(">h")
 _ZERO_UUID = "0" * 32
-_PRODUCE, _API_VERSIONS, _CONTROLLED_SHUTDOWN = 0, 18, 7
+_PRODUCE, _METADATA, _API_VERSIONS, _CONTROLLED_SHUTDOWN = 0, 3, 18, 7
 
 ERR_NONE = 0
 ERR_REQUEST_TIMED_OUT = 7
@@ -534,8 +537,18 @@ def _as_dict(struct_field: Any, obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in struct_field.fields}
 
 
-def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED) -> bytes | None:
+Broker = tuple[int, str, int, "str | None"]
+"""A broker as Metadata lists it: node id, host, port, rack."""
+
+
+def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED, *,
+                  brokers: Sequence[Broker] = ()) -> bytes | None:
     """The response frame (size prefix included) a broker would send to refuse `request` for `reason`.
+
+    `brokers` (learned from an earlier Metadata response with `metadata_brokers`) go into a Metadata
+    refusal: kafka-python and aiokafka ignore a Metadata response without brokers, so without them a
+    denied Metadata request makes those clients wait for their metadata timeout instead of raising
+    TopicAuthorizationFailedError. librdkafka surfaces the error either way.
 
     Returns: the frame; b"" for a request the broker never answers (Produce acks=0: send nothing);
     None when no refusal can be encoded (unknown api key or version, or a body kafka-python cannot
@@ -579,6 +592,12 @@ def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED) 
             # Topics named only where the response has no place for them (e.g. Fetch forgotten topics):
             # put the error at the top level rather than answer with a silent success.
             values = _build(resp_cls._struct, version, req_dict, (per_topic, per_topic), in_topic=False)
+        if request.api_key == _METADATA and brokers:
+            broker_cls = resp_cls._struct.fields["brokers"].data_class
+            values["brokers"] = [broker_cls(version=version, node_id=b[0], host=b[1], port=b[2], rack=b[3])
+                                 for b in brokers]
+            if "controller_id" in values or version >= 1:
+                values["controller_id"] = brokers[0][0]
         response = resp_cls(version=version, **values)
         response.with_header(correlation_id=request.correlation_id)
         return bytes(response.encode(header=True, framed=True))
@@ -599,6 +618,21 @@ def resolve_topic_ids(request: KafkaRequest, names_by_id: dict[str, str]) -> Kaf
     left = tuple(i for i in request.topic_ids if i not in names_by_id)
     return dataclasses.replace(request, topics=tuple(dict.fromkeys((*request.topics, *resolved))), topic_ids=left,
                                topics_known=not left)
+
+
+def metadata_brokers(response: KafkaResponse) -> tuple[Broker, ...]:
+    """The brokers a Metadata response lists, for later Metadata refusals (see `build_refusal`).
+
+    Returns: () for other kinds or an undecodable body. Raises: nothing.
+    """
+    if response.api_key != _METADATA:
+        return ()
+    _, responses = message_classes()
+    try:
+        decoded = responses[_METADATA].decode(response.raw, version=response.api_version, header=True, framed=True)
+        return tuple((int(b.node_id), str(b.host), int(b.port), getattr(b, "rack", None)) for b in decoded.brokers)
+    except Exception:
+        return ()
 
 
 def metadata_topic_ids(response: KafkaResponse) -> dict[str, str]:

@@ -235,6 +235,7 @@ class PolicyMap:
         self.ipcache = IpCache(())
         self.endpoints: dict[str, Endpoint] = {}
         self.endpoint_identity: dict[str, int] = {}
+        self.endpoint_by_ip: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
         self.errors: list[PolicyError] = []
         self._policies: dict[tuple[int, PolicyDirection], DirectionPolicy] = {}
         self._rule_sets: dict[tuple[ParserType, tuple[int, ...], tuple[str, ...]], L7RuleSet] = {}
@@ -267,9 +268,9 @@ class PolicyMap:
     def peer_from_ip(self, ip: str) -> Peer:
         """The identity the ipcache gives `ip`, and the endpoint owning it (if any). Raises ValueError."""
         addr = ipaddress.ip_address(ip)
-        for key, ep in self.endpoints.items():
-            if any(ipaddress.ip_address(x) == addr for x in ep.ips):
-                return Peer(self.endpoint_identity[key], key, str(addr))
+        key = self.endpoint_by_ip.get(addr)
+        if key is not None:
+            return Peer(self.endpoint_identity[key], key, str(addr))
         return Peer(self.ipcache.lookup(addr), None, str(addr))
 
     def rule_set(self, parser: ParserType, l7: Sequence[Contribution], plain: Sequence[Contribution]) -> L7RuleSet:
@@ -368,7 +369,7 @@ class _Compiler:
         prefixes = {p for p in prefixes if p.prefixlen > 0}
         world = {4: ReservedIdentity.WORLD_IPV4, 6: ReservedIdentity.WORLD_IPV6}
         for net, n in sorted(allocate_cidr_identities(prefixes).items(), key=lambda kv: kv[1]):
-            labels = LabelSet.of([Label("cidr", str(net)), Label("reserved", world[net.version].label_name)])
+            labels = LabelSet.of([Label("cidr", str(net)), Label("reserved", world[net.version].label_name), Label("reserved", "world")])
             idents.append(Identity(id=n, kind=IdentityKind.CIDR, labels=labels, prefix=net, names=frozenset(names.get(net, ()))))
         pmap.identities = idents
         pmap.identity_index = {ident.id: i for i, ident in enumerate(idents)}
@@ -383,6 +384,7 @@ class _Compiler:
             pmap.endpoints[e.key] = e
             pmap.endpoint_identity[e.key] = n
             ipc.extend((ipaddress.ip_network(ip), n) for ip in e.ips)
+            pmap.endpoint_by_ip.update((ipaddress.ip_address(ip), e.key) for ip in e.ips)
         pmap.ipcache = IpCache(ipc)
 
     def _entities(self) -> dict[Entity, int]:

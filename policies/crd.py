@@ -458,16 +458,14 @@ _SVC_NAME = re.compile(r"^(?=.{1,15}$)(?=.*[a-zA-Z])[a-zA-Z0-9]+(-[a-zA-Z0-9]+)*
 
 
 def _parse_port(value: object, path: str) -> int:
-    if value is None:
-        return 0
+    if value is None or value == "":
+        fail(path, "port must be specified")
     if isinstance(value, bool) or not isinstance(value, int | str):
         fail(path, f"expected a port number (string or integer), got {_type_name(value)}")
     if isinstance(value, int):
         n = value
     else:
         text = value.strip()
-        if not text:
-            return 0
         if _SVC_NAME.match(text) and not text.isdigit():
             fail(path, f"named port {text!r} is not supported by membrane (use the port number)")
         try:
@@ -696,6 +694,8 @@ def _parse_port_rule(value: object, path: str, ref: str, ingress: bool, deny: bo
     if rules is not None and (rules.http is not None or rules.kafka is not None or rules.dns is not None):
         # Cilium's sanitize counts a present kind even when its list is empty.
         is_dns = rules.dns is not None
+        if is_dns and not ports:
+            fail(path, "port 53 must be specified for DNS rules")
         for i, p in enumerate(ports):
             if not is_dns and p.protocol is not L4Proto.TCP:
                 fail(path, "L7 rules require protocol TCP")
@@ -723,13 +723,19 @@ def _parse_cidr_rule(value: object, path: str) -> CidrRule:
     check_fields(m, path, ("cidr", "except"), unsupported=("cidrGroupRef", "cidrGroupSelector"))
     if opt(m, "cidr") is None:
         fail(join(path, "cidr"), "cidr is required")
-    cidr = _parse_cidr(as_str(m["cidr"], join(path, "cidr")), join(path, "cidr"))
+    text = as_str(m["cidr"], join(path, "cidr"))
+    if "/" not in text:
+        fail(join(path, "cidr"), f"unable to parse CIDRRule {text!r}: no '/'")
+    cidr = _parse_cidr(text, join(path, "cidr"))
     excepts: list[IPNetwork] = []
     raw = opt(m, "except")
     if raw is not None:
         ep = join(path, "except")
         for i, e in enumerate(as_list(raw, ep)):
-            net = _parse_cidr(as_str(e, f"{ep}[{i}]"), f"{ep}[{i}]")
+            etext = as_str(e, f"{ep}[{i}]")
+            if "/" not in etext:
+                fail(f"{ep}[{i}]", f"unable to parse except prefix {etext!r}: no '/'")
+            net = _parse_cidr(etext, f"{ep}[{i}]")
             if net.version != cidr.version or not net.subnet_of(cidr):  # type: ignore[arg-type]
                 fail(f"{ep}[{i}]", f"allow CIDR prefix {cidr} does not contain exclude CIDR prefix {net}")
             excepts.append(net)
@@ -751,7 +757,9 @@ def _parse_peer_rule(
         l3 = tuple(k for k in l3 if k != "toFQDNs")
     known = (*l3, "toPorts", "icmps") + (() if deny else ("authentication",))
     check_fields(m, path, known, unsupported=_INGRESS_UNSUPPORTED if ingress else _EGRESS_UNSUPPORTED)
-    # Several peer kinds in one entry select their union (older Cilium rejected some combinations).
+    present = [k for k in l3 if isinstance(opt(m, k), list) and len(m[k]) > 0]
+    if len(present) > 1:
+        fail(path, f"combining {present[0]} and {present[1]} is not supported yet")
     pre = "from" if ingress else "to"
 
     def lst(key: str) -> list[Any] | None:
@@ -884,6 +892,9 @@ def _parse_rule(value: object, path: str, namespace: str | None) -> Rule:
             for i, v in enumerate(as_list(raw, sp))
         ]
 
+    sections = [opt(m, k) for k in ("ingress", "ingressDeny", "egress", "egressDeny")]
+    if all(v is None or v == [] for v in sections):
+        fail(path, "rule must have at least one of ingress, ingressDeny, egress, egressDeny")
     dd_in = dd_eg = True
     raw_dd = opt(m, "enableDefaultDeny")
     if raw_dd is not None:

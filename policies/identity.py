@@ -81,7 +81,10 @@ def reserved_identities() -> list[Identity]:
             prefix = ipaddress.ip_network("0.0.0.0/0")
         elif r is ReservedIdentity.WORLD_IPV6:
             prefix = ipaddress.ip_network("::/0")
-        out.append(Identity(id=int(r), kind=IdentityKind.RESERVED, labels=LabelSet.of([Label(RESERVED, r.label_name)]), prefix=prefix))
+        labels = [Label(RESERVED, r.label_name)]
+        if prefix is not None:
+            labels.append(Label(RESERVED, "world"))  # dual stack: world-ipv4/6 are also `reserved:world`
+        out.append(Identity(id=int(r), kind=IdentityKind.RESERVED, labels=LabelSet.of(labels), prefix=prefix))
     return out
 
 

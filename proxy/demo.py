@@ -114,7 +114,8 @@ def run_scenarios(policies: Path, endpoints: Path, scenarios: Sequence[Scenario]
         args = parser.parse_args(["--policies", str(policies), "--endpoints", str(endpoints), *s.argv])
         trace = run_trace(args)
         result = trace_json(trace)
-        dst = trace.dst.endpoint or f"{trace.dst.ip} ({trace.pmap.identity(trace.dst.identity).display if trace.pmap.identity(trace.dst.identity) else trace.dst.identity})"
+        ident = trace.pmap.identity(trace.dst.identity)
+        dst = trace.dst.endpoint or f"{trace.dst.ip} ({ident.display if ident is not None else trace.dst.identity})"
         response = ", ".join(f"{k}={v}" for k, v in result["response"].items())
         verdict = result["verdict"]
         rows.append(
@@ -131,8 +132,16 @@ def run_scenarios(policies: Path, endpoints: Path, scenarios: Sequence[Scenario]
     return rows
 
 
+def _shown(path: Path) -> Path:
+    """`path` relative to the working directory when it is below it (shorter lines, clickable)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    examples = Path(args.examples)
+    examples = _shown(Path(args.examples))
     policies = examples / "policies"
     endpoints = examples / "endpoints.yaml"
     try:

@@ -149,6 +149,7 @@ class Connection(asyncio.Protocol):
         proxy.metrics.connections.inc("tcp")
         proxy.metrics.active_connections.set(len(proxy.connections))
         try:
+            _set_nodelay(transport)
             transport.set_write_buffer_limits(high=proxy.config.max_buffer_bytes)
             peer = transport.get_extra_info("peername")
             local = transport.get_extra_info("sockname")
@@ -225,6 +226,7 @@ class Connection(asyncio.Protocol):
                 transport.close()
                 return
             self.upstream = transport
+            _set_nodelay(transport)
             transport.set_write_buffer_limits(high=config.max_buffer_bytes)
             if self.pending:
                 transport.writelines(self.pending)
@@ -356,6 +358,14 @@ class Connection(asyncio.Protocol):
         log.exception("internal error on connection %d; closing it", self.cid)
         self.proxy.metrics.internal_errors.inc()
         self.close(abort=True)
+
+
+def _set_nodelay(transport: asyncio.Transport) -> None:
+    """Small writes (HTTP/2 frames, refusals) must not wait for Nagle's algorithm."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _set_reading(transport: asyncio.Transport | None, pauses: set[str], on: bool, why: str) -> None:

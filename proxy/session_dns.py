@@ -259,10 +259,10 @@ class DnsDatagramSession:
         if not late:
             return []
         actions: list[Action] = []
-        keep = self.judge.outstanding
+        keep = {qid: o for qid, o in self.judge.outstanding.items() if qid not in late}
         self.judge.outstanding = late
         self.judge.fail_outstanding(Reason.UPSTREAM_TIMEOUT, actions)
-        self.judge.outstanding = {qid: o for qid, o in keep.items() if qid not in late}
+        self.judge.outstanding = keep
         return actions
 
     @property

@@ -253,7 +253,10 @@ class Http1Session(Session):
         status = http1.http_status(reason)
         refusal = self.conn.refuse(status=status)
         pending.refusal = refusal.data
-        pending.close_after = refusal.close or self._upstream_failed is not None
+        pending.close_after = refusal.close
+        if self._upstream_failed is not None:  # nothing more can be served on this connection
+            pending.refusal = http1.refusal(status, keep_alive=False, head_request=req.method == "HEAD")
+            pending.close_after = True
         pending.status = status
         self.stats.refused += 1
         actions.append(self._flow(REQUEST, verdict, flow_l7, rule=rule, reason=reason, time_ns=started))

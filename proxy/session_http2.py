@@ -38,6 +38,7 @@ from proxy.session import (
     Log,
     Session,
     TimeoutKind,
+    UpstreamFailed,
     verdict_of,
     wall_clock_ns,
 )
@@ -272,6 +273,7 @@ class HttpSession(Session):
         self.inner: Session | None = None
         self._buffer = b""
         self._early = b""  # upstream bytes that arrived before the client's first bytes
+        self._upstream_failed: Reason | None = None
 
     @property
     def reading_head(self) -> bool:
@@ -305,6 +307,8 @@ class HttpSession(Session):
         self.inner = inner
         buffered, self._buffer = self._buffer, b""
         actions = inner.start()
+        if self._upstream_failed is not None:
+            actions.extend(inner.handle(UpstreamFailed(self._upstream_failed)))
         actions.extend(inner.handle(DataReceived(C2S, buffered)))
         if self._early and not inner.closed:
             early, self._early = self._early, b""
@@ -313,7 +317,11 @@ class HttpSession(Session):
         return actions
 
     def on_peer_closed(self, direction: Direction) -> list[Action]:
-        return self.close()
+        return self.close()  # before the first request: nothing to relay
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        self._upstream_failed = reason  # the first request is answered 503/504 once it arrives
+        return []
 
     def on_timeout(self, kind: TimeoutKind) -> list[Action]:
         return self.close()

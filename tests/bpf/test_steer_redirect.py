@@ -124,3 +124,19 @@ def test_sockmap_same_result(pods: Topology, sockmap: bool, keep_source_port: bo
             assert stats["redirected"] >= 3, stats
         else:
             assert st.sockmap is None
+
+
+def test_sockmap_ipv6(pods: Topology) -> None:
+    """The accelerator pairs IPv6 sockets too (keys hold 16-byte addresses) and gives the same answers."""
+    a, b = pods.pods["a"], pods.pods["b"]
+    start_server(pods, b, PORT)
+    with (
+        TransparentProxy(family=socket.AF_INET6) as proxy,
+        Steering(proxy_ports=ProxyPorts(tcp6=proxy.port), sockmap=True, sockmap_ports=[PORT]) as st,
+    ):
+        st.maps.set_policy(egress=_redirect(PORT, IPPROTO_TCP), ingress={})
+        register(st, pods, a_egress=True)
+        for i in range(3):
+            assert call(a, b.ipv6, PORT, payload=f"m{i}") == f"from {a.ipv6} got m{i}"
+        stats = st.sockmap.stats()
+        assert stats["sockets_added"] >= 12 and stats["redirected"] >= 3, stats

@@ -11,7 +11,10 @@ naive (each JoinGroup starts a new generation led by the joiner): one consumer p
 
 It advertises `advertised_host:advertised_port` (default: its own listen address) in Metadata and
 FindCoordinator, so a proxy can sit in front. Every request frame received is kept in `requests`
-(the bytes the clients sent, for the parser captures). Runs an asyncio loop in a daemon thread:
+(the bytes the clients sent, for the parser captures). With `deny_topics`, requests naming those
+topics are answered with parsers.kafka.build_refusal() (what the proxy sends on a deny), so tests
+can check that real clients read our refusals as authorization errors. Runs an asyncio loop in a
+daemon thread:
 
     with KafkaTestBroker() as broker:            # 127.0.0.1, ephemeral port
         KafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -29,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from parsers.kafka import message_classes
+from parsers.kafka import build_refusal, message_classes, parse_request
 
 # What this broker answers, (min, max) per api key. Capped below kafka-python's schema maxima only
 # where this broker does not implement the newer semantics.
@@ -86,13 +89,16 @@ class KafkaTestBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, advertised_host: str | None = None,
                  advertised_port: int | None = None, partitions: int = 1,
-                 supported: dict[int, tuple[int, int]] | None = None) -> None:
+                 supported: dict[int, tuple[int, int]] | None = None, deny_topics: frozenset[str] = frozenset()) -> None:
         self.host = host
         self.port = port
         self.advertised_host = advertised_host
         self.advertised_port = advertised_port
         self.default_partitions = partitions
         self.supported = dict(SUPPORTED if supported is None else supported)
+        # Requests naming any of these topics get parsers.kafka.build_refusal()'s answer instead of
+        # being served: what the proxy does on a policy deny, checked here against real clients.
+        self.deny_topics = deny_topics
         self.requests: list[bytes] = []  # every request frame received, size prefix included
         self.topics: dict[str, _Topic] = {}
         self._offsets: dict[tuple[str, str, int], int] = {}  # (group, topic, partition) -> committed offset
@@ -205,6 +211,14 @@ class KafkaTestBroker:
             # KIP-511: answer an ApiVersions we cannot read with v0 and UNSUPPORTED_VERSION + our range.
             return self._encode(resp_cls, 0, correlation_id, {"error_code": _UNSUPPORTED_VERSION,
                                                              "api_keys": self._api_keys()})
+        if self.deny_topics:
+            parsed = parse_request(frame)
+            if set(parsed.topics) & self.deny_topics:
+                host, port = self._adv
+                refusal = build_refusal(parsed, brokers=[(0, host, port, None)])
+                if refusal is None:
+                    raise ConnectionError("no refusal possible")
+                return refusal or None
         lo_hi = self.supported.get(api_key)
         if lo_hi is None or not lo_hi[0] <= version <= lo_hi[1]:
             raise ConnectionError(f"unsupported api key {api_key} v{version}")

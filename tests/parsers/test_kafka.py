@@ -34,6 +34,7 @@ from parsers.kafka import (
     build_refusal,
     kafka_error_code,
     message_classes,
+    metadata_brokers,
     metadata_topic_ids,
     parse_request,
     resolve_topic_ids,
@@ -579,3 +580,18 @@ def test_parse_errors_are_parse_errors() -> None:
     for junk in (b"\x00\x00\x00\x01\xff", _frame(1, 12, 1, b"\xff" * 40, flexible=True)):
         with pytest.raises(ParseError):
             KafkaRequestParser().feed(junk)
+
+
+def test_metadata_refusal_lists_the_brokers_it_is_given() -> None:
+    """A Metadata refusal carries the brokers learned from an earlier response: clients drop one without brokers."""
+    frame = (CAPTURES / "kafka-python-new-metadata-v13-topic.bin").read_bytes()
+    req = parse_request(frame)
+    refusal = build_refusal(req, brokers=[(0, "10.244.0.7", 9092, None)])
+    assert refusal
+    decoded = RESPONSES[3].decode(refusal, version=13, header=True, framed=True)
+    assert [(b.node_id, b.host, b.port) for b in decoded.brokers] == [(0, "10.244.0.7", 9092)]
+    assert [(t.name, t.error_code) for t in decoded.topics] == [(req.topics[0], 29)]
+    parser = KafkaResponseParser()
+    parser.expect(req)
+    [resp] = parser.feed(refusal)
+    assert metadata_brokers(resp) == ((0, "10.244.0.7", 9092, None),)

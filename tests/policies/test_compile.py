@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import pytest
 
-from policies import L4Proto, ParserType, PolicyDirection, ReservedIdentity, VerdictKind, compile_policy, parse_endpoints
+from policies import (
+    L4Proto,
+    ParserType,
+    PolicyDirection,
+    ReservedIdentity,
+    VerdictKind,
+    compile_policy,
+    parse_endpoints,
+)
 from policies.identity import LOCAL_IDENTITY_BASE, MIN_ENDPOINT_IDENTITY
 from tests.policies.util import ENDPOINTS, ccnp, cnp, compile_docs, dns, http, policies, verdict
 
@@ -365,3 +373,28 @@ def test_conflicting_parsers_are_reported_and_fail_closed() -> None:
     pmap = compile_docs(HTTP_RULE, kafka)
     assert pmap.errors and "conflicting L7 parsers" in str(pmap.errors[0])
     assert verdict(pmap, BACKEND, FRONTEND, 80, request=http("GET", "/api")) == "DROPPED"
+
+
+def test_reserved_label_selectors() -> None:
+    """fromEndpoints with `reserved:` labels select reserved identities, unscoped (e.g. reserved:world, reserved:host)."""
+    pmap = compile_docs(
+        cnp("r", "endpointSelector: {matchLabels: {app: frontend}}\ningress: [{fromEndpoints: [{matchLabels: {'reserved:world': ''}}, {matchLabels: {'reserved:host': ''}}]}]")
+    )
+    assert verdict(pmap, "8.8.8.8", FRONTEND, 80) == "ALLOWED"
+    assert verdict(pmap, "2001:db8::1", FRONTEND, 80) == "ALLOWED"
+    assert verdict(pmap, BACKEND, FRONTEND, 80) == "DROPPED"
+    dp = pmap.direction(FRONTEND, PolicyDirection.INGRESS)
+    assert dp.lookup(int(ReservedIdentity.HOST), 80, L4Proto.TCP).kind is VerdictKind.ALLOW
+    assert dp.lookup(int(ReservedIdentity.REMOTE_NODE), 80, L4Proto.TCP).kind is VerdictKind.DROP
+
+
+def test_peer_from_ip_and_unknown_identity() -> None:
+    """IPs resolve to their endpoint; an identity unknown to the map matches only wildcard peers (fail closed)."""
+    pmap = compile_docs(HTTP_RULE, cnp("w", "endpointSelector: {matchLabels: {app: frontend}}\ningress: [{toPorts: [{ports: [{port: '443', protocol: TCP}]}]}]"))
+    assert pmap.peer_from_ip("10.244.1.20").endpoint == BACKEND
+    assert pmap.peer_from_ip("10.244.99.1").endpoint is None
+    dp = pmap.direction(FRONTEND, PolicyDirection.INGRESS)
+    assert dp.lookup(123456, 80, L4Proto.TCP).kind is VerdictKind.DROP
+    assert dp.lookup(123456, 443, L4Proto.TCP).kind is VerdictKind.ALLOW
+    unknown = pmap.direction("default/nobody", PolicyDirection.INGRESS)
+    assert not unknown.enforced and unknown.lookup(1, 1, L4Proto.TCP).kind is VerdictKind.ALLOW

@@ -93,8 +93,14 @@ ERROR_CASES = [
     ("fqdn-on-deny", "endpointSelector: {}\negressDeny: [{toFQDNs: [{matchName: a.com}]}]", "spec.egressDeny[0].toFQDNs", 'unknown field "toFQDNs"'),
     ("l7-on-deny", "endpointSelector: {}\ningressDeny: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{}]}}]}]", "spec.ingressDeny[0].toPorts[0].rules", 'unknown field "rules"'),
     ("icmps-with-ports", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: 8}]}], toPorts: [{ports: [{port: '80'}]}]}]", "spec.ingress[0]", "icmps block"),
+    ("no-sections", "endpointSelector: {}\ningress: []", "spec", "rule must have at least one of ingress, ingressDeny, egress, egressDeny"),
+    ("combining-peers", "endpointSelector: {}\ningress: [{fromEndpoints: [{}], fromEntities: [world]}]", "spec.ingress[0]", "combining fromEndpoints and fromEntities is not supported yet"),
+    ("combining-cidr-kinds", "endpointSelector: {}\negress: [{toCIDR: [10.0.0.0/8], toCIDRSet: [{cidr: 11.0.0.0/8}]}]", "spec.egress[0]", "combining toCIDR and toCIDRSet is not supported yet"),
+    ("port-missing", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{protocol: TCP}]}]}]", "spec.ingress[0].toPorts[0].ports[0].port", "port must be specified"),
+    ("dns-without-port", "endpointSelector: {}\negress: [{toPorts: [{rules: {dns: [{matchPattern: '*'}]}}]}]", "spec.egress[0].toPorts[0]", "port 53 must be specified for DNS rules"),
+    ("cidrset-bare-ip", "endpointSelector: {}\negress: [{toCIDRSet: [{cidr: 10.0.0.1}]}]", "spec.egress[0].toCIDRSet[0].cidr", "unable to parse CIDRRule"),
     ("unsupported", "endpointSelector: {}\negress: [{toServices: []}]", "spec.egress[0].toServices", "not supported by membrane"),
-    ("default-deny-type", "endpointSelector: {}\nenableDefaultDeny: {ingress: 'no'}", "spec.enableDefaultDeny.ingress", "expected true or false"),
+    ("default-deny-type", "endpointSelector: {}\ningress: [{}]\nenableDefaultDeny: {ingress: 'no'}", "spec.enableDefaultDeny.ingress", "expected true or false"),
 ]
 
 
@@ -138,7 +144,7 @@ def test_invalid_object_does_not_stop_the_others() -> None:
 
 def test_yaml_syntax_error_names_the_line_and_document() -> None:
     """A malformed YAML document is an error with its line; the documents around it still load."""
-    good = cnp("good", "endpointSelector: {}")
+    good = cnp("good", "endpointSelector: {}\ningress: [{}]")
     text = good + "---\nkind: [unclosed\n---\n" + good.replace("good", "later")
     result = load_policies(text, "f.yaml")
     assert [p.name for p in result.policies] == ["good", "later"]
@@ -158,11 +164,11 @@ def test_duplicate_key_is_an_error() -> None:
     ("doc", "fragment"),
     [
         ("kind: Deployment\napiVersion: apps/v1\nmetadata: {name: x}", "unsupported kind 'Deployment'"),
-        ("apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}}", "unsupported apiVersion"),
-        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}", "metadata.name: metadata.name is required"),
+        ("apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, ingress: [{}]}", "unsupported apiVersion"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}, ingress: [{}]}", "metadata.name: metadata.name is required"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}", "a policy needs spec or specs"),
         ("[1, 2]", "expected a mapping, got a list"),
-        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad_Name}\nspec: {endpointSelector: {}}", "invalid object name"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: Bad_Name}\nspec: {endpointSelector: {}, ingress: [{}]}", "invalid object name"),
     ],
 )
 def test_object_level_errors(doc: str, fragment: str) -> None:
@@ -173,7 +179,7 @@ def test_object_level_errors(doc: str, fragment: str) -> None:
 
 def test_duplicate_object_names_are_errors() -> None:
     """Two objects with the same kind scope and name: the second is rejected."""
-    doc = cnp("same", "endpointSelector: {}")
+    doc = cnp("same", "endpointSelector: {}\negress: [{}]")
     result = load_policies(doc + "---\n" + doc, "f.yaml")
     assert len(result.policies) == 1 and "duplicate" in str(result.errors[0])
 
@@ -280,11 +286,11 @@ def test_parse_policy_rejects_non_mapping_without_traceback() -> None:
 
 def test_list_kind_contributes_items() -> None:
     """A `kind: List` document (kubectl get -o yaml) contributes each item."""
-    item = cnp("a", "endpointSelector: {}")
-    text = "apiVersion: v1\nkind: List\nitems:\n" + textwrap.indent(item, "  - ", lambda line: line.startswith("apiVersion"))
-    text = text.replace("\nkind: CiliumNetworkPolicy", "\n    kind: CiliumNetworkPolicy").replace("\nmetadata:", "\n    metadata:")
-    text = text.replace("\n  name: a", "\n      name: a").replace("\n  namespace: default", "\n      namespace: default")
-    text = text.replace("\nspec:\n  endpointSelector", "\n    spec:\n      endpointSelector")
+    text = (
+        "apiVersion: v1\nkind: List\nitems:\n"
+        "  - {apiVersion: cilium.io/v2, kind: CiliumNetworkPolicy, metadata: {name: a}, spec: {endpointSelector: {}, ingress: [{}]}}\n"
+        "  - {apiVersion: cilium.io/v2, kind: CiliumClusterwideNetworkPolicy, metadata: {name: b}, spec: {endpointSelector: {}, egress: [{}]}}\n"
+    )
     result = load_policies(text, "list.yaml")
     assert not result.errors, [str(e) for e in result.errors]
-    assert [p.key for p in result.policies] == ["default/a"]
+    assert [p.key for p in result.policies] == ["default/a", "b"]

@@ -1,0 +1,324 @@
+"""Sans-I/O sessions (proxy/session*.py) driven by a Playbook, with the real parsers and the real policy engine.
+
+Case table (HTTP/1.1 unless named):
+| input | expected |
+|---|---|
+| denied request, then allowed one | 403 keep-alive reply, then the allowed request forwarded; nothing of the denied one upstream |
+| pipelined allowed, denied, allowed | both allowed forwarded at once; the 403 only after the first response |
+| encoded slash in the target | 400 + close, nothing forwarded |
+| upstream connect failed / timed out | 503 / 504 for the request in flight, then close |
+| header timeout mid-head / idle between requests | 408 + close / plain close |
+| headerMatches REPLACE | forwarded head carries the replaced value |
+| Kafka: pipelined allowed, denied | refusal only after the allowed request's response (correlation order) |
+| DNS TCP: denied, allowed, upstream failed | REFUSED; forwarded as is; SERVFAIL for the outstanding query |
+| DNS UDP: no answer in time | SERVFAIL |
+| port without L7 rules where the destination enforces ingress | closed at once (fail closed) |
+"""
+
+from __future__ import annotations
+
+from parsers import dns, kafka
+from parsers.events import Direction, Reason
+from parsers.http1 import refusal
+from policies import compile_policy, load_policies, parse_endpoints
+from proxy.gateway import GatewayPolicy, datagram_factory, session_factory
+from proxy.server import ConnectionInfo
+from proxy.session import Close, DataReceived, Forward, PeerClosed, Reply, TimedOut, TimeoutKind, UpstreamFailed
+from proxy.session_dns import DnsDatagramSession
+from tests.helpers.playbook import START, LogMatch, Playbook
+
+C2S = Direction.CLIENT_TO_SERVER
+S2C = Direction.SERVER_TO_CLIENT
+ENDPOINTS = """
+endpoints:
+  - {name: frontend, namespace: default, labels: {app: frontend}, ips: [10.244.1.10]}
+  - {name: backend, namespace: default, labels: {app: backend}, ips: [10.244.1.20]}
+  - {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: [10.244.0.10]}
+  - {name: crawler, namespace: default, labels: {app: crawler}, ips: [10.244.4.10]}
+  - {name: kafka, namespace: shop, labels: {app: kafka}, ips: [10.244.3.10]}
+  - {name: order-service, namespace: shop, labels: {app: order-service}, ips: [10.244.3.20]}
+"""
+
+HTTP_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: frontend-api, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: backend}}]
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
+          rules:
+            http:
+              - method: GET
+                path: "/api(/.*)?"
+              - method: GET
+                path: "/env"
+                headerMatches:
+                  - {name: X-Env, value: prod, mismatch: REPLACE}
+"""
+
+DNS_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: crawler-dns, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: crawler}}
+  egress:
+    - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, "k8s:k8s-app": kube-dns}}]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns: [{matchPattern: "*.cilium.io"}]
+"""
+
+KAFKA_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: kafka-orders, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: kafka}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: order-service}}]
+      toPorts:
+        - ports: [{port: "9092", protocol: TCP}]
+          rules:
+            kafka: [{role: produce, topic: orders}]
+"""
+
+INFO = ConnectionInfo(client=("127.0.0.1", 40000), original_dst=("127.0.0.1", 8080))
+FORBIDDEN = refusal(403, keep_alive=True)
+
+
+def _gateway(policy: str, *, src: str, dst: str, port: int) -> GatewayPolicy:
+    loaded = load_policies(policy, "test.yaml")
+    assert not loaded.errors, loaded.errors
+    pmap = compile_policy(loaded.policies, parse_endpoints(ENDPOINTS))
+    return GatewayPolicy(pmap=pmap, dst=dst, port=port, src=src)
+
+
+def http_session():  # type: ignore[no-untyped-def]
+    gw = _gateway(HTTP_POLICY, src="default/backend", dst="default/frontend", port=80)
+    return session_factory(gw, "10.244.1.10")(INFO)
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: a\r\n{extra}\r\n".encode()
+
+
+def response(body: bytes) -> tuple[bytes, bytes]:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body
+
+
+def test_denied_request_answered_and_connection_lives_on() -> None:
+    """A denied request gets 403 from the proxy and never goes upstream; the next allowed one is forwarded (issue 4)."""
+    session = http_session()
+    head, body = response(b"ok")
+    assert (
+        Playbook(session, logs=True)
+        >> START
+        >> DataReceived(C2S, get("/secret"))
+        << LogMatch(verdict="DROPPED", l7_type="REQUEST", reason="policy_denied", json={"l7.http.url": "http://a/secret"})
+        << Reply(FORBIDDEN)
+        >> DataReceived(C2S, get("/api/x"))
+        << Forward(C2S, get("/api/x"))
+        << LogMatch(verdict="FORWARDED", rule="default/frontend-api: ingress[0].toPorts[0].rules.http[0]")
+        >> DataReceived(S2C, head + body)
+        << Forward(S2C, head)
+        << LogMatch(verdict="FORWARDED", l7_type="RESPONSE", json={"l7.http.code": 200})
+        << Forward(S2C, body)
+    )
+    assert session.is_idle
+
+
+def test_pipelined_refusal_waits_behind_earlier_response() -> None:
+    """Answers keep request order: a refusal waits until the responses of requests forwarded before it (RFC 9112 §9.3.2)."""
+    session = http_session()
+    h1, b1 = response(b"one")
+    h3, b3 = response(b"three")
+    assert (
+        Playbook(session)
+        >> DataReceived(C2S, get("/api/1") + get("/nope") + get("/api/3"))
+        << Forward(C2S, get("/api/1"))
+        << Forward(C2S, get("/api/3"))
+        >> DataReceived(S2C, h1 + b1)
+        << Forward(S2C, h1)
+        << Forward(S2C, b1)
+        << Reply(FORBIDDEN)
+        >> DataReceived(S2C, h3 + b3)
+        << Forward(S2C, h3)
+        << Forward(S2C, b3)
+    )
+
+
+def test_ambiguous_target_is_refused_400_and_closed() -> None:
+    """An encoded slash is read differently by servers: 400, close, nothing forwarded (issue 4, RFC 3986 §6.2.2)."""
+    assert (
+        Playbook(http_session())
+        >> DataReceived(C2S, get("/api/..%2Fsecret"))
+        << Reply(refusal(400, keep_alive=False))
+        << Close()
+    )
+
+
+def test_upstream_failure_answers_503_and_504() -> None:
+    """A request forwarded to an upstream that cannot be reached is answered 503 (refused) or 504 (timed out)."""
+    for reason, status in ((Reason.UPSTREAM_FAILED, 503), (Reason.UPSTREAM_TIMEOUT, 504)):
+        assert (
+            Playbook(http_session())
+            >> DataReceived(C2S, get("/api/x"))
+            << Forward(C2S, get("/api/x"))
+            >> UpstreamFailed(reason)
+            << Reply(refusal(status, keep_alive=False))
+            << Close()
+        )
+
+
+def test_upstream_failure_before_any_request() -> None:
+    """When the upstream fails before the client sent anything, the first request gets 503 and the connection closes."""
+    assert (
+        Playbook(http_session())
+        >> UpstreamFailed(Reason.UPSTREAM_FAILED)
+        >> DataReceived(C2S, get("/api/x"))
+        << Reply(refusal(503, keep_alive=False))
+        << Close()
+    )
+
+
+def test_header_timeout_and_idle_timeout() -> None:
+    """A head still incomplete at the header timeout gets 408 and close (slowloris); an idle keep-alive connection just closes."""
+    session = http_session()
+    assert session.reading_head
+    assert (
+        Playbook(session)
+        >> DataReceived(C2S, b"GET /api HTTP/1.1\r\nHo")
+        >> TimedOut(TimeoutKind.HEADER)
+        << Reply(refusal(408, keep_alive=False))
+        << Close()
+    )
+    idle = http_session()
+    head, _body = response(b"")
+    assert (
+        Playbook(idle)
+        >> DataReceived(C2S, get("/api"))
+        << Forward(C2S, get("/api"))
+        >> DataReceived(S2C, head)
+        << Forward(S2C, head)
+        >> TimedOut(TimeoutKind.IDLE)
+        << Close()
+    )
+    assert not idle.reading_head
+
+
+def test_header_match_replace_applied_to_forwarded_head() -> None:
+    """`headerMatches` mismatch REPLACE rewrites the header in the forwarded request (Cilium header actions)."""
+    assert (
+        Playbook(http_session())
+        >> DataReceived(C2S, get("/env", "X-Env: dev\r\n"))
+        << Forward(C2S, get("/env", "X-Env: prod\r\n"))
+    )
+
+
+def test_half_close_is_relayed() -> None:
+    """A client FIN is passed on to the upstream; when both sides closed, the connection ends."""
+    head, _ = response(b"")
+    assert (
+        Playbook(http_session())
+        >> DataReceived(C2S, get("/api"))
+        << Forward(C2S, get("/api"))
+        >> DataReceived(S2C, head)
+        << Forward(S2C, head)
+        >> PeerClosed(C2S)
+        << Close(C2S)
+        >> PeerClosed(S2C)
+        << Close()
+    )
+
+
+def _metadata(correlation_id: int, topic: str) -> bytes:
+    requests, _ = kafka.message_classes()
+    req = requests[3](version=1, topics=[requests[3].MetadataRequestTopic(name=topic)])
+    req.with_header(correlation_id=correlation_id, client_id="t")
+    return bytes(req.encode(header=True, framed=True))
+
+
+def _metadata_response(correlation_id: int) -> bytes:
+    _, responses = kafka.message_classes()
+    resp = responses[3](version=1, brokers=[], controller_id=0, topics=[])
+    resp.with_header(correlation_id=correlation_id)
+    return bytes(resp.encode(header=True, framed=True))
+
+
+def test_kafka_refusal_waits_for_correlation_order() -> None:
+    """A Kafka refusal is sent only after the responses of earlier forwarded requests (clients expect request order)."""
+    gw = _gateway(KAFKA_POLICY, src="shop/order-service", dst="shop/kafka", port=9092)
+    session = session_factory(gw, "10.244.3.10")(INFO)
+    allowed, denied = _metadata(1, "orders"), _metadata(2, "secret")
+    refusal_bytes = kafka.build_refusal(kafka.parse_request(denied))
+    assert refusal_bytes
+    assert (
+        Playbook(session, logs=True)
+        >> DataReceived(C2S, allowed + denied)
+        << Forward(C2S, allowed)
+        << LogMatch(verdict="FORWARDED", json={"l7.kafka.correlation_id": 1})
+        << LogMatch(verdict="DROPPED", json={"l7.kafka.correlation_id": 2, "l7.kafka.error_code": 29})
+        >> DataReceived(S2C, _metadata_response(1))
+        << Forward(S2C, _metadata_response(1))
+        << LogMatch(verdict="FORWARDED", l7_type="RESPONSE")
+        << Reply(refusal_bytes)
+    )
+
+
+def _query(name: str, qid: int = 7) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split("."))
+    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01"
+
+
+def _answer(query: bytes, ip: bytes) -> bytes:
+    head = query[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+    return head + query[12:] + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + ip
+
+
+def test_dns_tcp_refused_forwarded_and_servfail() -> None:
+    """DNS over TCP: a denied query is answered REFUSED, an allowed one forwarded byte for byte, and an upstream failure gives SERVFAIL."""
+    gw = _gateway(DNS_POLICY, src="default/crawler", dst="kube-system/coredns", port=53)
+    session = session_factory(gw, "10.244.0.10")(INFO)
+    denied, allowed, later = _query("evil.example", 1), _query("www.cilium.io", 2), _query("docs.cilium.io", 3)
+    answer = _answer(allowed, b"\xc0\x00\x02\x0a")
+    assert (
+        Playbook(session)
+        >> DataReceived(C2S, dns.frame_tcp(denied) + dns.frame_tcp(allowed))
+        << Reply(dns.frame_tcp(dns.refusal(denied, dns.REFUSED)))
+        << Forward(C2S, dns.frame_tcp(allowed))
+        >> DataReceived(S2C, dns.frame_tcp(answer))
+        << Forward(S2C, dns.frame_tcp(answer))
+        >> DataReceived(C2S, dns.frame_tcp(later))
+        << Forward(C2S, dns.frame_tcp(later))
+        >> UpstreamFailed(Reason.UPSTREAM_FAILED)
+        << Reply(dns.frame_tcp(dns.refusal(later, dns.SERVFAIL)))
+    )
+    assert gw.fqdn.lookup("www.cilium.io.", now=0) or gw.fqdn.snapshot(now=0) is not None
+
+
+def test_dns_udp_unanswered_query_gets_servfail() -> None:
+    """DNS over UDP: a forwarded query without an answer in time is answered SERVFAIL."""
+    gw = _gateway(DNS_POLICY, src="default/crawler", dst="kube-system/coredns", port=53)
+    clock = [1_000_000_000]
+    factory = datagram_factory(gw, "10.244.0.10")
+    session = factory(ConnectionInfo(client=("127.0.0.1", 5353), original_dst=("127.0.0.1", 53), transport="UDP"))
+    assert isinstance(session, DnsDatagramSession)
+    session.clock = session.judge.clock = lambda: clock[0]
+    query = _query("www.cilium.io", 9)
+    assert [a for a in session.on_query(query) if not hasattr(a, "flow")] == [Forward(C2S, query)]
+    assert [a for a in session.expire(5_000_000_000) if not hasattr(a, "flow")] == []
+    clock[0] += 6_000_000_000
+    assert [a for a in session.expire(5_000_000_000) if not hasattr(a, "flow")] == [Reply(dns.refusal(query, dns.SERVFAIL))]
+    assert not session.has_outstanding
+
+
+def test_port_without_rules_fails_closed() -> None:
+    """A port that the destination's policy does not allow is closed at once, with a DROPPED flow (fail closed, STYLE.md §3.3)."""
+    gw = _gateway(HTTP_POLICY, src="default/backend", dst="default/frontend", port=8080)
+    session = session_factory(gw, "10.244.1.10")(INFO)
+    assert Playbook(session, logs=True) >> START << LogMatch(verdict="DROPPED", reason="policy_denied") << Close()
