@@ -14,6 +14,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "parsers"
+# The protocol modules name their columns in slightly different ways; one name per quantity here.
+_ALIASES = {
+    "messages/s": "msg_per_s", "messages_per_s": "msg_per_s",
+    "MB/s": "MB_per_s", "mb_per_s": "MB_per_s",
+    "us/message": "us_per_msg",
+}
 
 
 def main() -> int:
@@ -29,7 +35,7 @@ def main() -> int:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for row in module.run():
-            rows.append({"protocol": module_path.stem, **row})
+            rows.append({"protocol": module_path.stem, **{_ALIASES.get(k, k): v for k, v in row.items()}})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

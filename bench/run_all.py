@@ -242,7 +242,8 @@ def interleaved(cfg: Config, stack: Stack, section: str, direct: Target, targets
             row.status, row.note = exc.status, f"direct baseline unavailable: {exc.reason}"
         return list(rows.values())
     if warmup:
-        warmup(direct_port)
+        with contextlib.suppress(Exception):  # a failing direct run is reported by the measured run below
+            warmup(direct_port)
     notes: dict[str, set[str]] = {name: set() for name in rows}
     direct_runs: list[Result] = []
     per_target: dict[str, list[Result]] = {t.name: [] for t in wanted}
@@ -284,10 +285,14 @@ def interleaved(cfg: Config, stack: Stack, section: str, direct: Target, targets
                 row.status, row.note = exc.status, exc.reason
                 continue
             row.proxy_command = _display_proxy(target.proxy_command, stack)
-            if check and (problem := check(port)):
-                notes[target.name].add(problem)
-            if warmup:
-                warmup(port)
+            try:
+                if check and (problem := check(port)):
+                    notes[target.name].add(problem)
+                if warmup:
+                    warmup(port)
+            except Exception as exc:
+                row.status, row.note = "error", f"warm-up failed: {type(exc).__name__}: {exc}"
+                continue
             before = direct_runs[-1]
             res = run(target, port)
             after = run(direct, direct_port)
@@ -315,7 +320,7 @@ def _display_proxy(command: str, stack: Stack) -> str:
     return command.replace(str(stack.workdir), "bench/results/run").replace(str(peers.REPO_DIR) + "/", "")
 
 
-def ratio_of(key: str, *, higher_is_better: bool = True) -> Callable[[Result, list[Result]], dict[str, float]]:
+def ratio_of(key: str) -> Callable[[Result, list[Result]], dict[str, float]]:
     def compare(res: Result, neighbours: list[Result]) -> dict[str, float]:
         base = statistics.mean(n.values[key] for n in neighbours)
         return {"x_direct": res.values[key] / base if base else float("nan")}
@@ -498,7 +503,8 @@ def run_profile(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]])
         prof = RESULTS_DIR / f"membrane-{name}.prof"
         prof.parent.mkdir(parents=True, exist_ok=True)
         prof.unlink(missing_ok=True)
-        print(f"\n## Profile: membrane gateway --workers 1 under cProfile, {name} load for {cfg.duration_s:g}s")
+        print(f"\n## Profile: membrane gateway --workers 1 under cProfile (CPU time), {name} load for "
+              f"{cfg.duration_s:g}s")
         try:
             if upstream == "dns" and peers.port_is_free(PORTS["dns"]):
                 peers.start_nsd(stack)
@@ -510,7 +516,8 @@ def run_profile(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]])
         except (Unavailable, RuntimeError) as exc:
             print(f"not available: {exc}")
             continue
-        print(f"load: {res.command}  ->  {', '.join(f'{k}={v:,.0f}' for k, v in res.values.items())} (profiled)")
+        print(f"load: {res.command}  ->  {', '.join(f'{k}={v:,.0f}' for k, v in res.values.items())} (profiled: "
+              f"the CPU-time clock slows the proxy several times){'; ' + res.note if res.note else ''}")
         print(f"proxy: {_display_proxy(proc.command, stack)}")
         if not prof.exists():
             print(f"no profile written ({proc.log_tail(5)})")

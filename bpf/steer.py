@@ -108,7 +108,7 @@ class Steering:
                     routing.add_routing(self._mark, routing.MARK_MASK)
                 except NetlinkError as e:
                     raise AttachError("routing", f"table {routing.TABLE}", e.code) from e
-                stack.callback(routing.remove_routing)
+                stack.callback(self._release_routing)
             if self._sockmap:
                 from bpf.sockmap import Sockmap
 
@@ -119,6 +119,23 @@ class Steering:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _prog_id(self) -> int:
+        for line in Path(f"/proc/self/fdinfo/{self._fd}").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "prog_id":
+                return int(value)
+        return -1
+
+    def _release_routing(self) -> None:
+        """Remove the host-wide routing unless another live Steering (another agent, a test) still needs it."""
+        from bpf.stale import live_steering_prog_ids
+
+        others = live_steering_prog_ids(exclude={self._prog_id()})
+        if others:
+            log.info("routing kept: %d other live steering program(s)", len(others))
+            return
+        routing.remove_routing()
 
     def close(self) -> None:
         """Detach every interface, remove routing, unload programs and maps. Idempotent."""

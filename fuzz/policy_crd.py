@@ -1,7 +1,7 @@
 # Invariant: for any bytes, load_policies() returns a LoadResult and never raises; every error is a
 # PolicyError with a location (source and line); parse_endpoints() returns Endpoints or raises only
 # EndpointsError; and compiling the valid policies, then looking up and evaluating a request, never
-# raises. Whole-input and per-document (split at '---') loads agree on the set of valid policy names.
+# raises (lookups, L7 evaluation of HTTP/DNS/Kafka requests, BPF entry enumeration).
 """Fuzz target for the policy loader (CNP/CCNP YAML -> model -> compile -> evaluate)."""
 
 from __future__ import annotations

@@ -374,12 +374,14 @@ def compile_fields(fields: list[JsonObj], version: int, flexible: bool, *, top: 
     return _struct_step(steps)
 
 
-@functools.cache
 def reference_reader(api_key: int, version: int) -> Step | None:
     """The walk as composed closures: slower, kept as the reference the generated reader is checked against."""
-    schema = api_schemas().get(api_key)
-    if schema is None or not schema.min_version <= version <= schema.max_version:
-        return None
+    return _reference_reader(api_key, version) if _has_schema(api_key, version) else None
+
+
+@functools.cache
+def _reference_reader(api_key: int, version: int) -> Step:
+    schema = api_schemas()[api_key]
     return compile_fields(schema.request["fields"], version, schema.is_flexible(version), top=True, api_key=api_key)
 
 
@@ -537,16 +539,25 @@ def generate_source(api_key: int, version: int) -> str | None:
     return "\n".join(g.lines) + "\n"
 
 
-@functools.cache
+def _has_schema(api_key: int, version: int) -> bool:
+    schema = api_schemas().get(api_key)
+    return schema is not None and schema.min_version <= version <= schema.max_version
+
+
 def request_reader(api_key: int, version: int) -> Step | None:
     """The generated walk of one request body, or None when this api key/version has no schema here.
 
     The reader returns the position after the body; it raises SchemaError, IndexError, struct.error or
-    UnicodeDecodeError on a body that does not follow the schema.
+    UnicodeDecodeError on a body that does not follow the schema. Only known pairs reach the cache,
+    so hostile api keys and versions cannot grow it.
     """
+    return _generated_reader(api_key, version) if _has_schema(api_key, version) else None
+
+
+@functools.cache
+def _generated_reader(api_key: int, version: int) -> Step:
     source = generate_source(api_key, version)
-    if source is None:
-        return None
+    assert source is not None
     namespace: dict[str, Any] = {
         "SchemaError": SchemaError, "read_uvarint": read_uvarint, "skip_tagged": skip_tagged,
         "unpack_h": _INT16.unpack_from, "unpack_i": _INT32.unpack_from,

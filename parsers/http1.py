@@ -436,9 +436,16 @@ class _Reader:
                     httptools.HttpRequestParser(done) if self._head_is_request else httptools.HttpResponseParser(done)
                 )
         start = pos
-        head, pos = self._take(data, pos, b"\r\n\r\n", self._conn.limits.max_header_bytes, "header block")
-        # llhttp sees every head byte once, as it arrives: a malformed head fails at once, not at the limit.
-        piece = data[start:pos] if start or pos != len(data) else data
+        limit = self._conn.limits.max_header_bytes
+        end = -1 if self._buf else data.find(b"\r\n\r\n", pos, pos + limit)
+        if end >= 0:  # the common case: a whole head in one read
+            pos = end + 4
+            piece = data if not start and pos == len(data) else data[start:pos]
+            head: bytes | None = piece
+        else:
+            head, pos = self._take(data, pos, b"\r\n\r\n", limit, "header block")
+            # llhttp sees every head byte once, as it arrives: a malformed head fails at once, not at the limit.
+            piece = data[start:pos] if start or pos != len(data) else data
         parser = self._parser
         assert parser is not None
         stopped = False
@@ -708,7 +715,9 @@ class _Reader:
     def _end_message(self, events: list[Http1Event]) -> None:
         events.append(_EOM)
         if self._head_is_request:
-            exchange = self._conn._request_done()
+            exchange = self._conn._current
+            assert exchange is not None  # a request's EndOfMessage always follows its head
+            exchange.complete = True
             if exchange.switch is not None and not exchange.answered:
                 self.move(Input.PAUSE)
             elif exchange.keep_alive:
@@ -824,12 +833,6 @@ class Http1Connection:
     def _parsed(self, exchange: _Exchange) -> None:
         self._undecided.append(exchange)
         self._current = exchange
-
-    def _request_done(self) -> _Exchange:
-        exchange = self._current
-        assert exchange is not None  # a request's EndOfMessage always follows its head
-        exchange.complete = True
-        return exchange
 
     def _answering(self) -> _Exchange | None:
         return self._in_flight[0] if self._in_flight else None

@@ -293,6 +293,8 @@ class _Http2Side:
         self._streams: dict[int, _Stream] = {}
         self._delivered: dict[int, int] = {}
         self._prefix = b""
+        self._inbuf = bytearray()
+        self._preface_left = 0 if client else 24  # the client magic (RFC 9113 §3.4), checked by h2
         self._failed = False
         self._goaway_received = False
 
@@ -319,16 +321,16 @@ class _Http2Side:
         """
         if self._failed:
             raise ProtocolViolation("HTTP/2 connection already failed", direction=self._inbound)
+        out: list[Event] = []
+        reflow = False
         try:
             with _h2_errors(self._inbound):
-                received = self._conn.receive_data(data)
-                out: list[Event] = []
-                reflow = False
-                for event in received:
-                    if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-                        reflow = True
-                    else:
-                        self._handle(event, out)
+                for unit in self._units(data):
+                    for event in self._conn.receive_data(unit):
+                        if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                            reflow = True
+                        else:
+                            self._handle(event, out)
                 if reflow:
                     for stream_id in list(self._streams):
                         self._flush(stream_id)
@@ -337,6 +339,42 @@ class _Http2Side:
             self._failed = True
             raise
         return out
+
+    def _units(self, data: bytes) -> Iterator[bytes]:
+        """Cut the input at frame boundaries (the preface counts as one unit) and yield whole units.
+
+        h2 acts on every complete frame it holds before returning its events, so a stream this module
+        resets or refuses on frame N would still see frames N+1.. of the same read processed as if it
+        were open. One frame per receive_data() call makes every decision take effect at once, and
+        the outcome independent of how the bytes were split. Holds at most one frame: a length over
+        SETTINGS_MAX_FRAME_SIZE is refused from the 9-byte header, before its payload is awaited.
+        """
+        buf = self._inbuf
+        buf += data
+        pos = 0
+        while True:
+            if self._preface_left:
+                unit = self._preface_left
+            elif len(buf) - pos < 9:
+                break
+            else:
+                length = int.from_bytes(buf[pos : pos + 3], "big")
+                if length > self._conn.max_inbound_frame_size:  # RFC 9113 §4.2: FRAME_SIZE_ERROR
+                    self._conn.close_connection(ErrorCode.FRAME_SIZE_ERROR)
+                    raise MessageTooLarge(f"HTTP/2 frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE "
+                                          f"{self._conn.max_inbound_frame_size}", direction=self._inbound)
+                unit = 9 + length
+            if len(buf) - pos < unit and not self._preface_left:
+                break
+            take = min(unit, len(buf) - pos)
+            if take == 0:
+                break
+            chunk = bytes(buf[pos : pos + take])
+            pos += take
+            if self._preface_left:
+                self._preface_left -= take
+            yield chunk
+        del buf[:pos]
 
     def _handle(self, event: h2.events.Event, out: list[Event]) -> None:
         if isinstance(event, h2.events.DataReceived):

@@ -24,6 +24,9 @@ Rules / theory of operation
   that expects an answer (not Produce acks=0); each response frame must carry the correlation id
   at the head of that queue, else ProtocolViolation (Kafka answers strictly in request order).
 * Parser states: OPEN --frame--> OPEN; OPEN --ParseError--> ERROR; ERROR --any--> ProtocolViolation.
+* A refusal answers the whole request (as Cilium does): a Metadata request naming an allowed and a
+  denied topic gets 29 for both. Metadata refusals need the broker list (`brokers=`, learned with
+  `metadata_brokers`): kafka-python and aiokafka drop a Metadata response without brokers.
 
 Refusals (`build_refusal`): same api key, version and correlation id, error code 29
 TOPIC_AUTHORIZATION_FAILED on every topic/partition the request named, encoded by kafka-python's
@@ -38,7 +41,7 @@ authorisation error that the client surfaces:
 | FindCoordinator (group key), JoinGroup, Heartbeat, LeaveGroup, SyncGroup, DescribeGroups, DeleteGroups, OffsetFetch/OffsetCommit/OffsetDelete without topics | 30 GROUP_AUTHORIZATION_FAILED |
 | FindCoordinator (transaction key), InitProducerId with a transactional id, AddOffsetsToTxn, EndTxn, DescribeTransactions | 53 TRANSACTIONAL_ID_AUTHORIZATION_FAILED |
 | SaslHandshake | 33 UNSUPPORTED_SASL_MECHANISM; SaslAuthenticate: 58 SASL_AUTHENTICATION_FAILED |
-| everything else (ApiVersions, ListGroups, InitProducerId without transactional id, ACL/quota/SCRAM/cluster admin kinds) | 31 CLUSTER_AUTHORIZATION_FAILED |
+| everything else (ApiVersions (answered as v0, which clients read on error), ListGroups, InitProducerId without transactional id, ACL/quota/SCRAM/cluster admin kinds) | 31 CLUSTER_AUTHORIZATION_FAILED |
 | Produce with acks=0 | nothing: the client never reads an answer (`b""`) |
 | unknown api key or version | no refusal possible (`None`): close the connection |
 """
@@ -233,9 +236,12 @@ def parse_request(frame: bytes, *, offset: int | None = None) -> KafkaRequest:
         reader = request_reader(api_key, version)
         if schema is None or reader is None:
             # Unknown kind or version: framed and reported, topics undecidable unless the kind never names any.
+            # Produce v0-2 (removed in Kafka 4) start with Acks: read it, or an acks=0 request would leave
+            # the response tracker waiting for an answer that never comes.
+            acks0 = api_key == _PRODUCE and version <= 2 and frame[pos : pos + 2] == b"\x00\x00"
             return KafkaRequest(api_key=api_key, api_version=version, correlation_id=correlation_id,
                                 client_id=client_id, topics_known=schema is not None and not schema.names_topics,
-                                size=size, raw=frame)
+                                size=size, raw=frame, expects_response=not acks0)
         found = _Found()
         if schema.is_flexible(version):  # request header v2: tagged fields after the client id
             pos = skip_tagged(frame, pos)

@@ -6,7 +6,7 @@ object and field path) only at load or compile time; evaluation is total.
 Public API
 ----------
 Loading (text in, objects + errors out; one invalid object never stops the others):
-    load_policies(text, source="<input>", *, default_namespace="default") -> LoadResult
+    load_policies(text, source="<input>", *, default_namespace="default", skip_endpoints_documents=False) -> LoadResult
         LoadResult.policies: tuple[Policy, ...]; LoadResult.errors: tuple[PolicyError, ...]
     merge_results(results: list[LoadResult]) -> LoadResult        # several files; duplicate names are errors
     parse_policy(mapping, *, source="", line=0) -> Policy          # raises PolicyValidationError
@@ -23,6 +23,9 @@ Compiling:
     PolicyMap.identities: list[Identity]; .identity_of(endpoint_key); .peer_from_endpoint(key); .peer_from_ip(ip)
     PolicyMap.errors: list[PolicyError]   # L7 parser conflicts (those peers are dropped)
     FqdnCache(min_ttl_s=0).observe(DnsResponse, now=...) / .add(name, ips, ttl_s=, now=) / .snapshot(now=)
+
+Semantics: see policies.compile (enforcement, union, deny wins, wildcarding, conflicts),
+policies.l7 (per-request matching), policies.crd (validation, CNP/CCNP scoping), policies.identity.
 
 Evaluating (never raises):
     L7RuleSet.evaluate(HttpRequest | GrpcCall | DnsQuery | KafkaRequest) -> Decision

@@ -52,6 +52,11 @@ ROLE_API_KEYS: dict[str, frozenset[int]] = {
     ROLE_CONSUME: frozenset({1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18}),
 }
 
+# Requests whose body names topics (Cilium's isTopicAPIKey), and the ones Cilium parses: for those an
+# empty topic list (e.g. Metadata for all topics) is not constrained by a topic rule.
+TOPIC_API_KEYS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 19, 20, 21, 23, 24, 27, 28, 34, 35, 37})
+PARSED_TOPIC_API_KEYS = frozenset({0, 1, 2, 3, 8, 9})
+
 TOPIC_AUTHORIZATION_FAILED = 29  # Kafka error code the proxy answers a denied request with
 
 

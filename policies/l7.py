@@ -22,6 +22,7 @@ import re2
 from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from policies import dnsmatch
 from policies.crd import DnsRule, HttpRule, KafkaRule, MismatchAction, ParserType, re2_options
+from policies.kafka_keys import PARSED_TOPIC_API_KEYS, TOPIC_API_KEYS
 
 L7Request = HttpRequest | GrpcCall | DnsQuery | KafkaRequest
 _OPTIONS = re2_options()
@@ -252,8 +253,11 @@ class KafkaRuleSet:
             return True
         if not req.topics_known:
             return False  # topics named by id only: a topic rule cannot be decided, fail closed
-        # A request that names no topic is not constrained by a topic rule (Cilium).
-        return not req.topics or rule.topic in req.topics
+        if not req.topics:
+            # Cilium: a request without topics is not constrained by a topic rule, unless its kind
+            # carries topics that were not parsed (then the topic cannot be checked: no match).
+            return req.api_key not in TOPIC_API_KEYS or req.api_key in PARSED_TOPIC_API_KEYS
+        return rule.topic in req.topics
 
     def evaluate(self, req: KafkaRequest) -> Decision:
         """Allowed iff one rule without topic matches, or the matching topic rules cover every topic."""

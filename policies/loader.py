@@ -8,6 +8,7 @@ line is where its content starts (1-based).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,14 +133,20 @@ def iter_documents(text: str | bytes, source: str) -> Iterator[Document | Policy
         else:
             continue  # blank or comment-only: not a document
         index += 1
+        if body.lstrip().startswith("{"):
+            parsed = _try_json(body)
+            if parsed is not None:
+                yield Document(source=source, index=index, line=content_line, data=parsed[0])
+                continue
         loader = _Loader(body)
         try:
             data = loader.get_single_data()
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             err_line = first + mark.line if mark is not None else content_line
+            kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
             yield PolicyYamlError(
-                f"YAML syntax error: {e.problem or e.context}", source=source, line=err_line, obj=f"document {index}"
+                f"{kind}: {e.problem or e.context}", source=source, line=err_line, obj=f"document {index}"
             )
             continue
         except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as e:
@@ -157,6 +164,30 @@ def iter_documents(text: str | bytes, source: str) -> Iterator[Document | Policy
         yield Document(source=source, index=index, line=content_line, data=data)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _try_json(body: str) -> tuple[Any] | None:
+    """Fast path for JSON documents (`kubectl get -o json`); None when the text is not plain JSON.
+
+    Any failure (including a duplicate key) falls back to the YAML loader, which reports it.
+    """
+    try:
+        return (json.loads(body, object_pairs_hook=_pairs),)
+    except (ValueError, RecursionError):
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class LoadResult:
     """Everything one or more texts yielded: the valid policies and one error per rejected object."""
@@ -168,8 +199,24 @@ class LoadResult:
         return LoadResult(self.policies + other.policies, self.errors + other.errors)
 
 
-def load_policies(text: str | bytes, source: str = "<input>", *, default_namespace: str = "default") -> LoadResult:
+ENDPOINTS_KEYS = frozenset({"namespaces", "endpoints"})
+
+
+def is_endpoints_document(data: Any) -> bool:
+    """True for a document shaped like membrane's endpoints file (no `kind`, only namespaces/endpoints)."""
+    return isinstance(data, dict) and bool(data) and set(data) <= ENDPOINTS_KEYS
+
+
+def load_policies(
+    text: str | bytes,
+    source: str = "<input>",
+    *,
+    default_namespace: str = "default",
+    skip_endpoints_documents: bool = False,
+) -> LoadResult:
     """Parse every CNP/CCNP document in `text`.
+
+    `skip_endpoints_documents` lets a directory hold the endpoints file next to the policies.
 
     Returns: the valid policies and the errors (each with source, line, object and field path);
         one invalid document never stops the others. Empty documents are skipped. `List` objects
@@ -183,7 +230,7 @@ def load_policies(text: str | bytes, source: str = "<input>", *, default_namespa
         if isinstance(doc, PolicyError):
             errors.append(doc)
             continue
-        if doc.data is None:
+        if doc.data is None or (skip_endpoints_documents and is_endpoints_document(doc.data)):
             continue
         items: list[Any] = [doc.data]
         if isinstance(doc.data, dict) and isinstance(doc.data.get("kind"), str) and doc.data["kind"].endswith("List"):

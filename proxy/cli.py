@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 # Each module exposes `register(subparsers)`, which adds its parser(s) and sets `func` on them:
 # `func(args) -> int` is the command's exit status.
-_COMMAND_MODULES = ("proxy.policy_cmd", "proxy.demo", "proxy.gateway_cmd")
+_COMMAND_MODULES = ("proxy.policy_cmd", "proxy.demo", "proxy.gateway_cmd", "proxy.agent_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from parsers.events import Headers
@@ -76,9 +76,11 @@ class Flow:
     latency_ns: int = 0  # for RESPONSE: time since the request was seen
     rule: str | None = None  # the policy rule that decided, when one did
     reason: str | None = None  # why DROPPED/ERROR: policy_denied, malformed, too_large, upstream_failed, ...
-    flow_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    flow_id: str = ""  # the uuid; made on first to_json() (records are often never serialised)
 
     def to_json(self) -> dict[str, Any]:
+        if not self.flow_id:
+            object.__setattr__(self, "flow_id", str(uuid.uuid4()))
         ctx = self.context
         ip_version = "IPv6" if ":" in ctx.source.ip else "IPv4"
         stamp = datetime.datetime.fromtimestamp(self.time_ns / 1e9, tz=datetime.UTC)
@@ -91,7 +93,7 @@ class Flow:
             "source": ctx.source.to_json(),
             "destination": ctx.destination.to_json(),
             "Type": "L7",
-            "l7": {"type": self.l7_type, "latency_ns": str(self.latency_ns), **self.l7},
+            "l7": {"type": self.l7_type, "latency_ns": str(self.latency_ns), **_render_l7(self.l7)},
             "traffic_direction": ctx.traffic_direction,
             "is_reply": self.l7_type == RESPONSE,
             "Summary": self.summary,
@@ -101,6 +103,14 @@ class Flow:
         if self.reason is not None:
             out["drop_reason_desc"] = self.reason.upper()
         return out
+
+
+def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:
+    """Header tuples are kept raw in the record until it is serialised (most records never are)."""
+    http = l7.get("http")
+    if http is not None and isinstance(http.get("headers"), tuple):
+        return {**l7, "http": {**http, "headers": json_headers(http["headers"])}}
+    return l7
 
 
 def json_headers(headers: Headers) -> list[dict[str, str]]:
@@ -114,7 +124,7 @@ def json_headers(headers: Headers) -> list[dict[str, str]]:
 def l7_http(
     *, method: str, url: str, protocol: str, code: int = 0, headers: Headers = ()
 ) -> dict[str, Any]:
-    http: dict[str, Any] = {"method": method, "url": url, "protocol": protocol, "headers": json_headers(headers)}
+    http: dict[str, Any] = {"method": method, "url": url, "protocol": protocol, "headers": headers}
     if code:
         http["code"] = code
     return {"http": http}
@@ -154,19 +164,18 @@ class FlowSink:
 
     def __init__(self, streams: Iterable[IO[str]] = (), ring_size: int = 10_000) -> None:
         self._streams = list(streams)
-        self._ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=ring_size)
+        self._ring: collections.deque[Flow] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()
         self.write_errors = 0
         self.written = 0
 
     def emit(self, flow: Flow) -> None:
         """Record one flow. Never raises: a stream that fails is counted in `write_errors`."""
-        record = flow.to_json()
-        self._ring.append(record)
+        self._ring.append(flow)
         self.written += 1
         if not self._streams:
             return
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = json.dumps(flow.to_json(), separators=(",", ":")) + "\n"
         for stream in self._streams:
             try:
                 stream.write(line)
@@ -177,10 +186,12 @@ class FlowSink:
     def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The most recent records, oldest first (at most `limit`)."""
         items = list(self._ring)
-        return items if limit is None else items[-limit:]
+        if limit is not None:
+            items = items[-limit:]
+        return [flow.to_json() for flow in items]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(list(self._ring))
+        return iter(self.recent())
 
     def close(self) -> None:
         for stream in self._streams:

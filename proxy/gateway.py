@@ -19,21 +19,21 @@ from proxy.server import ConnectionInfo
 from proxy.session import ConnectionPolicy, DatagramSession, DeniedSession, PassThroughSession, Session, wall_clock_ns
 from proxy.session_dns import DnsDatagramSession, DnsTcpSession
 from proxy.session_http2 import HttpSession
-from proxy.session_kafka import KafkaSession
+from proxy.session_kafka import KafkaLearned, KafkaSession
 
-SessionBuilder = Callable[[FlowContext, ConnectionPolicy, FqdnCache], Session]
+SessionBuilder = Callable[[FlowContext, ConnectionPolicy, "GatewayPolicy"], Session]
 
 
-def _http(context: FlowContext, policy: ConnectionPolicy, fqdn: FqdnCache) -> Session:
+def _http(context: FlowContext, policy: ConnectionPolicy, gw: GatewayPolicy) -> Session:
     return HttpSession(context=context, policy=policy)
 
 
-def _dns(context: FlowContext, policy: ConnectionPolicy, fqdn: FqdnCache) -> Session:
-    return DnsTcpSession(context=context, policy=policy, fqdn=fqdn)
+def _dns(context: FlowContext, policy: ConnectionPolicy, gw: GatewayPolicy) -> Session:
+    return DnsTcpSession(context=context, policy=policy, fqdn=gw.fqdn)
 
 
-def _kafka(context: FlowContext, policy: ConnectionPolicy, fqdn: FqdnCache) -> Session:
-    return KafkaSession(context=context, policy=policy)
+def _kafka(context: FlowContext, policy: ConnectionPolicy, gw: GatewayPolicy) -> Session:
+    return KafkaSession(context=context, policy=policy, learned=gw.kafka)
 
 
 # The session class for each L7 parser. A parser missing here fails closed (DeniedSession).
@@ -49,6 +49,7 @@ class GatewayPolicy:
     port: int  # the upstream's port: the port the policy is looked up for
     src: str | None = None  # "ns/name"; None = the endpoint owning the client's IP, else the ipcache identity
     fqdn: FqdnCache = field(default_factory=FqdnCache)  # names and IPs learned from relayed DNS answers
+    kafka: KafkaLearned = field(default_factory=KafkaLearned)  # topic ids and brokers of the upstream cluster
 
     def __post_init__(self) -> None:
         if self.dst not in self.pmap.endpoints:
@@ -107,7 +108,7 @@ def session_factory(gw: GatewayPolicy, upstream_ip: str) -> Callable[[Connection
         builder = SESSIONS.get(parser)
         if builder is None:
             return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
-        return builder(context, policy, gw.fqdn)
+        return builder(context, policy, gw)
 
     return factory
 

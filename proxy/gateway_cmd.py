@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
     p.add_argument("--src", type=_endpoint_key, metavar="NS/NAME", help="treat every client as this endpoint")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
-    p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics here (worker 0's counters)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="S", help="whole request head (slowloris)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="nothing moved either way")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="upstream connect (then 503/504)")
@@ -117,11 +117,18 @@ def run(args: argparse.Namespace) -> int:
     )
     plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics)
     host, port = args.listen
+    # One worker needs no SO_REUSEPORT; several share the port through it. For port 0, a port is picked
+    # by a plain bind first: an ephemeral bind with SO_REUSEPORT could join another process's group.
+    shared = args.workers > 1
     try:
-        first_tcp = listening_socket(host, port)
+        if port == 0 and shared:
+            probe = listening_socket(host, 0, reuse_port=False)
+            port = probe.getsockname()[1]
+            probe.close()
+        first_tcp = listening_socket(host, port, reuse_port=shared)
         port = first_tcp.getsockname()[1]
         tcp = [first_tcp] + [listening_socket(host, port) for _ in range(args.workers - 1)]
-        udp = [listening_socket(host, port, udp=True) for _ in range(args.workers)] if args.udp else []
+        udp = [listening_socket(host, port, udp=True, reuse_port=shared) for _ in range(args.workers)] if args.udp else []
     except OSError as e:
         print(f"membrane gateway: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         return 2
@@ -224,7 +231,8 @@ async def _worker(
         loop.add_signal_handler(signum, stop.set)
     await proxy.start(tcp, udp)
     metrics_server = None
-    if plan.metrics is not None:
+    if plan.metrics is not None and worker == 0:
+        # TODO(proxy, #4): with --workers > 1 this shows worker 0's counters only; aggregate across workers.
         metrics_server = await serve_metrics(metrics, *plan.metrics)
     if ready_line is not None:
         print(ready_line, flush=True)

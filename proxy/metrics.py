@@ -176,4 +176,4 @@ class _MetricsHttp(asyncio.Protocol):
 async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
     """Start the `/metrics` endpoint. Returns the server (close it to stop). Raises OSError if it cannot bind."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _MetricsHttp(metrics), host, port, reuse_address=True, reuse_port=True)
+    return await loop.create_server(lambda: _MetricsHttp(metrics), host, port, reuse_address=True)

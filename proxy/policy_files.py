@@ -2,7 +2,8 @@
 
 The only place policy files touch the disk. A directory contributes its `*.yaml`, `*.yml` and
 `*.json` files (recursively, sorted); each file's source name is its path as the user wrote it
-joined with the relative name, so error lines point at files the user can open.
+joined with the relative name, so error lines point at files the user can open. A document shaped
+like the endpoints file is skipped, so `examples/` (policies + endpoints.yaml) validates as a whole.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def read_policies(paths: Sequence[str]) -> LoadResult:
             data = path.read_bytes()
         except OSError as e:
             raise PathProblem(f"{source}: {e.strerror}") from None
-        results.append(load_policies(data, source))
+        results.append(load_policies(data, source, skip_endpoints_documents=True))
     return merge_results(results)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from parsers import kafka
 from parsers.errors import MessageTooLarge, ParseError
@@ -27,6 +27,18 @@ from proxy.session import (
     verdict_of,
     wall_clock_ns,
 )
+
+_METADATA = 3
+
+
+@dataclass(slots=True)
+class KafkaLearned:
+    """What Metadata responses taught about one upstream cluster, shared by its connections: the topic
+    names of topic ids (so requests naming topics by id only can be judged by topic) and the brokers
+    (which Metadata refusals must list, or kafka-python and aiokafka ignore them and time out)."""
+
+    names_by_id: dict[str, str] = field(default_factory=dict)
+    brokers: tuple[kafka.Broker, ...] = ()
 
 
 @dataclass(slots=True)
@@ -50,6 +62,7 @@ class KafkaSession(Session):
         policy: ConnectionPolicy,
         clock: Callable[[], int] = wall_clock_ns,
         max_frame_bytes: int = kafka.DEFAULT_MAX_FRAME_BYTES,
+        learned: KafkaLearned | None = None,
     ) -> None:
         super().__init__(context=context, clock=clock)
         self.policy = policy
@@ -57,6 +70,7 @@ class KafkaSession(Session):
         self.responses = kafka.KafkaResponseParser(max_frame_bytes=max_frame_bytes)
         self._due: deque[_Due] = deque()
         self._forwarded_due = 0  # entries of _due that wait for the broker
+        self.learned = learned if learned is not None else KafkaLearned()
 
     @property
     def is_idle(self) -> bool:
@@ -82,6 +96,9 @@ class KafkaSession(Session):
             return actions
         for response in responses:
             actions.append(Forward(direction, response.raw))
+            if response.api_key == _METADATA:
+                self.learned.names_by_id.update(kafka.metadata_topic_ids(response))
+                self.learned.brokers = kafka.metadata_brokers(response) or self.learned.brokers
             due = self._due.popleft()
             self._forwarded_due -= 1
             now = self.clock()
@@ -96,6 +113,8 @@ class KafkaSession(Session):
 
     def _request(self, request: KafkaRequest, actions: list[Action]) -> None:
         now = self.clock()
+        if request.topic_ids and self.learned.names_by_id:
+            request = kafka.resolve_topic_ids(request, self.learned.names_by_id)
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(request))
         if allowed:
             actions.append(Forward(C2S, request.raw))
@@ -106,7 +125,7 @@ class KafkaSession(Session):
             actions.append(self._flow(request, REQUEST, FORWARDED, now, rule=rule))
             return
         assert reason is not None
-        refusal = kafka.build_refusal(request, reason)
+        refusal = kafka.build_refusal(request, reason, brokers=self.learned.brokers)
         actions.append(
             self._flow(request, REQUEST, verdict, now, rule=rule, reason=reason, error_code=kafka.kafka_error_code(reason))
         )

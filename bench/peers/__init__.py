@@ -331,14 +331,14 @@ def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: s
                    workers: int | None = 1, udp: bool = False, profile_to: Path | None = None) -> Proc:
     """`membrane gateway` on 127.0.0.1:listen_port in front of 127.0.0.1:upstream_port, with bench/peers/policy.yaml.
 
-    profile_to: run it (one worker, in-process) under cProfile, which writes its stats there when it exits.
+    profile_to: run it (one worker, in-process) under cProfile with a CPU-time clock (peers/cpu_profile.py), which
+    writes its stats there when it exits.
     """
     help_text = membrane_gateway_help()
     exe = [membrane_bin()]
     if profile_to is not None:
         python = REPO_DIR / ".venv" / "bin" / "python"
-        exe = [str(python if python.exists() else sys.executable), "-m", "cProfile", "-o", str(profile_to),
-               "-m", "proxy.cli"]
+        exe = [str(python if python.exists() else sys.executable), str(PEERS_DIR / "cpu_profile.py"), str(profile_to)]
     argv = [*exe, "gateway", "--policies", str(POLICY_FILE), "--endpoints", str(ENDPOINTS_FILE),
             "--listen", f"{HOST}:{listen_port}", "--upstream", f"{HOST}:{upstream_port}", "--dst", dst, "--src", src]
     if udp:

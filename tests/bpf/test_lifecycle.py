@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
+from bpf import routing
 from bpf.errors import AttachError
+from bpf.maps import Endpoint
 from bpf.stale import cleanup_stale
 from bpf.steer import Steering
 from tests.bpf.conftest import call, start_server
@@ -57,7 +59,7 @@ time.sleep(600)
 
 
 def test_cleanup_stale_after_sigkill(pods: Topology) -> None:
-    """After SIGKILL the programs stay attached; cleanup_stale() removes exactly ours and traffic flows again."""
+    """After SIGKILL the programs stay attached; cleanup_stale() removes exactly the dead agent's, and traffic flows again."""
     a, b = pods.pods["a"], pods.pods["b"]
     start_server(pods, b, 8080)
     agent = pods.track(
@@ -74,7 +76,7 @@ def test_cleanup_stale_after_sigkill(pods: Topology) -> None:
     left = kernel.leftovers()
     assert any(x.startswith("prog") and "mbr_tc_steer" in x for x in left), left
     assert any(x.startswith("cgroup prog") for x in left), left
-    assert any("rule" in x for x in left), left
+    assert routing.routing_present(), "the dead agent's routing should still be there"
     assert sum("tc filter" in x for x in left) == 2, left
     assert call(a, b.ipv4, 8080) == f"from {a.ipv4} got hi"  # no policy in the orphaned maps: allow
     removed = cleanup_stale()
@@ -91,3 +93,18 @@ def test_cleanup_stale_after_sigkill(pods: Topology) -> None:
     assert ours == []
     assert cleanup_stale() == []
     assert call(a, b.ipv4, 8080) == f"from {a.ipv4} got hi"
+
+
+def test_cleanup_stale_keeps_a_live_steering(pods: Topology) -> None:
+    """cleanup_stale() never touches a live Steering: its filters, program and routing stay and keep working."""
+    a, b = pods.pods["a"], pods.pods["b"]
+    start_server(pods, b, 8080)
+    with Steering() as st:
+        st.maps.set_identity(f"{a.ipv4}/32", 1001, ifindex=a.host_ifindex)
+        st.maps.set_endpoint(a.host_ifindex, Endpoint(endpoint_id=1, identity=1001, enforce_egress=True))
+        st.attach(a.host_if)
+        before = [x for x in kernel.leftovers() if "tc filter" in x]
+        assert cleanup_stale() == []
+        assert [x for x in kernel.leftovers() if "tc filter" in x] == before
+        assert routing.routing_present()
+        assert call(a, b.ipv4, 8080, timeout_s=1) == "TIMEOUT"  # still enforcing: deny-all egress

@@ -190,8 +190,34 @@ _HEADER_SETS = st.one_of(
 FrameSpec = tuple[object, ...]
 
 
-def frame_specs() -> st.SearchStrategy[FrameSpec]:
-    """One abstract frame: every frame type, valid and invalid stream ids, flags and sizes."""
+_OPEN_STREAMS = st.sampled_from([1, 3, 5])
+_VALID_HEADERS = st.one_of(
+    st.builds(lambda p, m: request_headers(p, method=m), st.sampled_from(["/", "/a/b", "/a/../b", "/p?q=1"]),
+              st.sampled_from(["GET", "POST"])),
+    st.just(grpc_headers()),
+    st.just([("x-trailer", "1")]),  # trailers when the stream already has a head
+)
+
+
+def valid_frame_specs() -> st.SearchStrategy[FrameSpec]:
+    """Frames a client sends on the streams it opened ("open" takes the next odd id; "on" frames name
+    an opened stream by index), so sequences reach every stream state, legal moves or not."""
+    opened = st.integers(0, 3)
+    return st.one_of(
+        st.tuples(st.just("open"), _VALID_HEADERS.filter(lambda h: h[0][0] == ":method"), st.booleans()),
+        st.tuples(st.just("on_data"), opened, st.binary(max_size=64), st.booleans(), st.integers(0, 4)),
+        st.tuples(st.just("on_trailers"), opened),
+        st.tuples(st.just("on_rst"), opened, st.sampled_from([0, 8])),
+        st.tuples(st.just("window"), st.just(0), st.integers(1, 65_535)),
+        st.tuples(st.just("on_window"), opened, st.integers(1, 65_535)),
+        st.tuples(st.just("ping"), st.booleans()),
+        st.tuples(st.just("settings"), st.booleans(), st.sampled_from([0, 1, 65_535])),
+        st.tuples(st.just("priority"), _OPEN_STREAMS, st.just(0)),
+    )
+
+
+def any_frame_specs() -> st.SearchStrategy[FrameSpec]:
+    """Any frame: every type, valid and invalid stream ids, flags and sizes."""
     return st.one_of(
         st.tuples(st.just("headers"), _STREAMS, _HEADER_SETS, st.booleans(), st.booleans()),
         st.tuples(st.just("continuation"), _STREAMS, _HEADER_SETS, st.integers(2, 3)),
@@ -208,12 +234,38 @@ def frame_specs() -> st.SearchStrategy[FrameSpec]:
     )
 
 
+def frame_specs() -> st.SearchStrategy[FrameSpec]:
+    """Mostly well-formed frames (so streams reach every state), sometimes anything at all."""
+    return st.one_of(valid_frame_specs(), valid_frame_specs(), valid_frame_specs(), any_frame_specs())
+
+
 def render(specs: Sequence[FrameSpec], builder: FrameBuilder | None = None) -> bytes:
     """Serialise abstract frames in order (one HPACK encoder, like a real peer)."""
     b = builder or FrameBuilder()
     out = bytearray()
+    opened: list[int] = []
     for spec in specs:
         kind, *args = spec
+        if kind == "open":
+            headers, end_stream = args
+            opened.append(2 * len(opened) + 1)
+            out += b.headers(opened[-1], headers, end_stream=bool(end_stream))  # type: ignore[arg-type]
+            continue
+        if kind.startswith("on_"):  # type: ignore[union-attr]
+            if not opened:  # a frame on "an opened stream" opens one first
+                opened.append(1)
+                out += b.headers(1, request_headers("/", method="POST"))
+            sid = opened[int(args[0]) % len(opened)]  # type: ignore[call-overload]
+            if kind == "on_window":
+                out += b.window_update(sid, args[1])  # type: ignore[arg-type]
+            elif kind == "on_data":
+                _, data, end_stream, padding = args
+                out += b.data(sid, data, end_stream=end_stream, padding=padding)  # type: ignore[arg-type]
+            elif kind == "on_trailers":
+                out += b.headers(sid, [("x-trailer", "1")], end_stream=True)
+            else:
+                out += b.rst_stream(sid, args[1])  # type: ignore[arg-type]
+            continue
         if kind == "headers":
             sid, headers, end_stream, end_headers = args
             out += b.headers(sid, headers, end_stream=end_stream, end_headers=end_headers)  # type: ignore[arg-type]

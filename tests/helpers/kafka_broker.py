@@ -4,7 +4,10 @@ No real Kafka broker can be installed on this machine (no JVM, no network for im
 this one: a single node (id 0) speaking enough of the protocol for kafka-python, aiokafka and kcat
 (librdkafka) to produce and consume through it: ApiVersions, Metadata, Produce, Fetch, ListOffsets,
 FindCoordinator, JoinGroup/SyncGroup/Heartbeat/LeaveGroup, OffsetCommit/OffsetFetch,
-OffsetForLeaderEpoch and InitProducerId. The log is in memory, per topic-partition, holding the
+OffsetForLeaderEpoch and InitProducerId, and for admin clients CreateTopics, DeleteTopics,
+CreatePartitions, DeleteRecords and DescribeConfigs (no configs kept), and for transactional
+producers AddPartitionsToTxn, AddOffsetsToTxn, EndTxn and TxnOffsetCommit (accepted, no markers
+written: read_committed consumers see every record). The log is in memory, per topic-partition, holding the
 record batches (magic v2) as produced with their base offsets rewritten. Topics are auto-created on
 first Metadata/Produce; each gets a topic id (Fetch v13+, Metadata v10+ work by id). Groups are
 naive (each JoinGroup starts a new generation led by the joiner): one consumer per group.
@@ -49,8 +52,17 @@ SUPPORTED: dict[int, tuple[int, int]] = {
     13: (0, 5),  # LeaveGroup
     14: (0, 5),  # SyncGroup
     18: (0, 4),  # ApiVersions
+    19: (2, 7),  # CreateTopics
+    20: (1, 6),  # DeleteTopics
+    21: (0, 2),  # DeleteRecords
     22: (0, 5),  # InitProducerId
     23: (2, 4),  # OffsetForLeaderEpoch
+    24: (0, 3),  # AddPartitionsToTxn (client versions; v4+ is broker-to-broker)
+    25: (0, 4),  # AddOffsetsToTxn
+    26: (0, 4),  # EndTxn
+    28: (0, 4),  # TxnOffsetCommit
+    32: (1, 4),  # DescribeConfigs
+    37: (0, 3),  # CreatePartitions
 }
 _UNSUPPORTED_VERSION = 35
 _UNKNOWN_TOPIC = 3
@@ -458,4 +470,74 @@ class KafkaTestBroker:
                 parts.append({"error_code": 0 if end >= 0 else _UNKNOWN_TOPIC, "partition": p.partition,
                               "leader_epoch": 0, "end_offset": end})
             topics.append({"topic": t.topic, "partitions": parts})
+        return {"topics": topics}
+
+    # --- admin APIs --------------------------------------------------------------------------------
+
+    async def _api_19(self, req: Any, version: int) -> dict[str, Any]:
+        results = []
+        for t in req.topics:
+            exists = t.name in self.topics
+            topic = self.create_topic(t.name, t.num_partitions if t.num_partitions > 0 else None)
+            results.append({"name": t.name, "topic_id": topic.topic_id, "error_code": 36 if exists else 0,
+                            "num_partitions": len(topic.partitions), "replication_factor": 1, "configs": []})
+        return {"topics": results}
+
+    async def _api_20(self, req: Any, version: int) -> dict[str, Any]:
+        names = list(req.topic_names) if version < 6 else [
+            (t.name or (self._topic_by(None, t.topic_id).name if self._topic_by(None, t.topic_id) else None))
+            for t in req.topics]
+        results = []
+        for name in names:
+            topic = self.topics.pop(name, None) if name else None
+            results.append({"name": name, "topic_id": topic.topic_id if topic else None,
+                            "error_code": 0 if topic else _UNKNOWN_TOPIC})
+        return {"responses": results}
+
+    async def _api_21(self, req: Any, version: int) -> dict[str, Any]:
+        topics = []
+        for t in req.topics:
+            topic = self.topics.get(t.name)
+            parts = []
+            for p in t.partitions:
+                ok = topic is not None and 0 <= p.partition_index < len(topic.partitions)
+                parts.append({"partition_index": p.partition_index, "low_watermark": p.offset if ok else -1,
+                              "error_code": 0 if ok else _UNKNOWN_TOPIC})
+            topics.append({"name": t.name, "partitions": parts})
+        return {"topics": topics}
+
+    async def _api_32(self, req: Any, version: int) -> dict[str, Any]:
+        return {"results": [{"error_code": 0, "error_message": None, "resource_type": r.resource_type,
+                             "resource_name": r.resource_name, "configs": []} for r in req.resources]}
+
+    async def _api_37(self, req: Any, version: int) -> dict[str, Any]:
+        results = []
+        for t in req.topics:
+            topic = self.topics.get(t.name)
+            if topic is not None:
+                with self._lock:
+                    topic.partitions.extend(_Partition() for _ in range(max(0, t.count - len(topic.partitions))))
+            results.append({"name": t.name, "error_code": 0 if topic else _UNKNOWN_TOPIC, "error_message": None})
+        return {"results": results}
+
+    # --- transactions (accepted; no markers) -------------------------------------------------------
+
+    async def _api_24(self, req: Any, version: int) -> dict[str, Any]:
+        return {"results_by_topic_v3_and_below": [
+            {"name": t.name, "results_by_partition": [{"partition_index": p, "partition_error_code": 0}
+                                                      for p in t.partitions]} for t in req.v3_and_below_topics]}
+
+    async def _api_25(self, req: Any, version: int) -> dict[str, Any]:
+        return {"error_code": 0}
+
+    async def _api_26(self, req: Any, version: int) -> dict[str, Any]:
+        return {"error_code": 0}
+
+    async def _api_28(self, req: Any, version: int) -> dict[str, Any]:
+        topics = []
+        for t in req.topics:
+            for p in t.partitions:
+                self._offsets[(req.group_id, t.name, p.partition_index)] = p.committed_offset
+            topics.append({"name": t.name, "partitions": [{"partition_index": p.partition_index, "error_code": 0}
+                                                          for p in t.partitions]})
         return {"topics": topics}

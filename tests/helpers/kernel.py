@@ -1,5 +1,8 @@
 """Assertions that nothing of ours is left in the kernel: programs, maps, qdiscs, rules, routes, netns.
 
+"Ours" = this process's doing: `mbr_*` programs and maps that no *other* live process holds (a demo or
+agent running beside the tests keeps its own open), namespaces and links of the topologies this
+process created, and our routing unless another live Steering still uses it.
 `leftovers()` lists what it finds; `assert_clean()` waits briefly (maps are freed after an RCU grace
 period once the last fd closes) and fails with that list.
 """
@@ -7,39 +10,53 @@ period once the last fd closes) and fails with that list.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
-from pathlib import Path
+from typing import Any
 
 from bpf import routing
+from bpf.stale import STEER_PROG, held_bpf_ids
+from tests.helpers import netns
 
-PREFIX = "mbr"
 
-
-def _bpftool(*argv: str) -> list[dict[str, object]]:
+def _bpftool(*argv: str) -> list[dict[str, Any]]:
     out = subprocess.run(["bpftool", "-j", *argv], capture_output=True, text=True, check=True).stdout
-    return json.loads(out) if out.strip() else []
+    data = json.loads(out) if out.strip() else []
+    return data if isinstance(data, list) else [data]
 
 
-def leftovers(netns_prefix: str = PREFIX) -> list[str]:
+def leftovers() -> list[str]:
     """Everything of ours that exists now (empty = clean)."""
+    others_progs, others_maps = held_bpf_ids(exclude_pid=os.getpid())
     found: list[str] = []
-    found += [f"prog {p['id']} {p.get('name')}" for p in _bpftool("prog", "show") if str(p.get("name", "")).startswith("mbr_")]
-    found += [f"map {m['id']} {m.get('name')}" for m in _bpftool("map", "show") if str(m.get("name", "")).startswith("mbr_")]
+    progs = _bpftool("prog", "show")
+    found += [
+        f"prog {p['id']} {p.get('name')}"
+        for p in progs
+        if str(p.get("name", "")).startswith("mbr_") and int(p["id"]) not in others_progs
+    ]
+    found += [
+        f"map {m['id']} {m.get('name')}"
+        for m in _bpftool("map", "show")
+        if str(m.get("name", "")).startswith("mbr_") and int(m["id"]) not in others_maps
+    ]
     for cg in _bpftool("cgroup", "show", "/sys/fs/cgroup/unified"):
-        if str(cg.get("name", "")).startswith("mbr_"):
+        if str(cg.get("name", "")).startswith("mbr_") and int(cg["id"]) not in others_progs:
             found.append(f"cgroup prog {cg.get('id')} {cg.get('name')}")
-    for dev in Path("/sys/class/net").iterdir():
-        if dev.name.startswith(PREFIX):
-            found.append(f"link {dev.name}")
-        filters = subprocess.run(
-            ["tc", "filter", "show", "dev", dev.name, "ingress"], capture_output=True, text=True
-        ).stdout
-        if "mbr_" in filters:
-            found.append(f"tc filter on {dev.name}")
-    found += routing.routing_present()
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-    found += [f"netns {line.split()[0]}" for line in netns if line.startswith(netns_prefix)]
+    for net in _bpftool("net", "show"):
+        for t in net.get("tc", []):
+            if str(t.get("name", "")).startswith("mbr_") and int(t.get("prog_id", t.get("id", 0))) not in others_progs:
+                found.append(f"tc filter {t.get('name')} on {t.get('devname')}")
+    names = {int(p["id"]): str(p.get("name", "")) for p in progs}
+    if not any(names.get(i) == STEER_PROG for i in others_progs):
+        found += routing.routing_present()
+    links = set(os.listdir("/sys/class/net"))
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    for tag in netns.CREATED_TAGS:
+        prefix = f"mbr{tag}"
+        found += [f"link {name}" for name in sorted(links) if name.startswith(prefix)]
+        found += [f"netns {line.split()[0]}" for line in spaces if line.startswith(prefix + "-")]
     return found
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GATEWAY4 = "169.254.1.1"
+CREATED_TAGS: set[str] = set()  # every run tag this process used; tests/helpers/kernel.py checks them
 GATEWAY6 = "fe80::1"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,12 +77,20 @@ def popen_in(ns: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str
     )
 
 
+def _free_subnet() -> int:
+    """A random 10.244.<n>.0/24 with no host route yet (another run, or the demo, may be using one)."""
+    routes = sh("ip", "route", "show").stdout
+    used = {int(part.split(".")[2]) for part in routes.split() if part.startswith("10.244.") and part.count(".") == 3}
+    free = [n for n in range(1, 251) if n not in used]
+    return free[secrets.randbelow(len(free))]
+
+
 @dataclass
 class Topology:
     """The pods of one run; `add_pod` creates one, `close` removes everything this run created."""
 
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
-    subnet: int = field(default_factory=lambda: 1 + secrets.randbelow(250))
+    subnet: int = field(default_factory=lambda: _free_subnet())
     pods: dict[str, Pod] = field(default_factory=dict)
     _procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -92,6 +101,7 @@ class Topology:
     def add_pod(self, name: str) -> Pod:
         """Create a pod namespace named `<prefix>-<name>` with the next free address."""
         idx = len(self.pods) + 1
+        CREATED_TAGS.add(self.tag)
         ns = f"{self.prefix}-{name}"
         host_if = f"{self.prefix}h{idx}"
         v4 = ipaddress.IPv4Address(f"10.244.{self.subnet}.{idx}")

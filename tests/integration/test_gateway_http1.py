@@ -185,3 +185,43 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
         assert gw.stop() == 0
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
+
+
+def test_metrics_endpoint_counts_verdicts(tmp_path: Path) -> None:
+    """`--metrics` serves Prometheus text with membrane_proxy_requests_total by protocol and verdict."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    mport = probe.getsockname()[1]
+    probe.close()
+    with http_backend() as backend, gateway(
+        tmp_path, http_policy(backend.port, RULES), upstream_port=backend.port, dst="default/frontend", src="default/backend",
+        extra=["--metrics", f"127.0.0.1:{mport}"],
+    ) as gw, httpx.Client(base_url=f"http://127.0.0.1:{gw.port}") as client:
+        assert client.get("/api/a").status_code == 200
+        assert client.get("/nope").status_code == 403
+        text = httpx.get(f"http://127.0.0.1:{mport}/metrics").text
+        assert 'membrane_proxy_requests_total{protocol="http",verdict="FORWARDED"} 1' in text
+        assert 'membrane_proxy_requests_total{protocol="http",verdict="DROPPED"} 1' in text
+        assert 'membrane_proxy_request_duration_seconds_count{protocol="http"} 1' in text
+        assert "membrane_proxy_internal_errors_total 0" in text
+
+
+def test_cli_exit_statuses(tmp_path: Path) -> None:
+    """`membrane gateway` exits 1 for an invalid policy and 2 for usage errors (unknown --dst, missing file)."""
+    from tests.integration.gateway_util import ENDPOINTS, MEMBRANE, ROOT
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(http_policy(80, RULES).replace("toPorts", "toPort"))
+    good = tmp_path / "good.yaml"
+    good.write_text(http_policy(80, RULES))
+    base = ["gateway", "--endpoints", str(ENDPOINTS), "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:80"]
+    cases = [
+        (["--policies", str(bad), "--dst", "default/frontend"], 1),
+        (["--policies", str(good), "--dst", "default/nobody"], 2),
+        (["--policies", str(tmp_path / "missing.yaml"), "--dst", "default/frontend"], 2),
+        (["--policies", str(good), "--dst", "frontend"], 2),
+    ]
+    for args, status in cases:
+        out = subprocess.run([*MEMBRANE, *base, *args], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert out.returncode == status, (args, out.stderr)
+        assert "Traceback" not in out.stderr

@@ -674,3 +674,30 @@ def test_transfer_coding_names_are_case_insensitive(chunks: list[bytes]) -> None
     """`Chunked` frames like `chunked`: coding names are case-insensitive (RFC 9112 §7; fuzz/corpus/http1_differential/crash_te_value_case)."""
     events = read(S2C, chunks, conversation(GET))
     assert events[1:] == [Data(data=b"abc"), EOM]
+
+
+def test_unchanged_heads_are_forwarded_byte_for_byte() -> None:
+    """A head needing no change goes out exactly as received; a normalised target or header actions re-serialise it."""
+    raw = b"GET /ok?x=1 HTTP/1.1\r\nHost: h\r\nX-Odd:   spaced  \r\n\r\n"
+    conn = Http1Connection()
+    request = conn.feed(C2S, raw)[0]
+    assert conn.forward(C2S, request) == raw
+    response_head = b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\nX-Y:z\r\n\r\n"
+    response = conn.feed(S2C, response_head)[0]
+    assert conn.forward(S2C, response) == response_head
+
+    conn = Http1Connection()
+    request = conn.feed(C2S, b"GET /a//b HTTP/1.1\r\nHost: h\r\n\r\n")[0]
+    assert conn.forward(C2S, request) == b"GET /a/b HTTP/1.1\r\nHost: h\r\n\r\n"
+    conn = Http1Connection()
+    request = conn.feed(C2S, raw)[0]
+    assert conn.forward(C2S, request, headers=(("Host", "h"),)) == b"GET /ok?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_101_without_upgrade_field_uses_the_requested_protocol() -> None:
+    """A 101 that omits Upgrade still switches to what the request asked for (RFC 9110 §7.8), and EOF ends the tunnel."""
+    conn = Http1Connection()
+    conn.forward(C2S, conn.feed(C2S, WS)[0])
+    events = conn.feed(S2C, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    assert events[1] == ConnectionUpgraded(protocol="websocket")
+    assert conn.feed_eof(S2C) == [] and conn.state(S2C) is State.CLOSED

@@ -560,6 +560,27 @@ def test_malformed_response_status_resets_only_that_stream(status: str) -> None:
     assert b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x01" in up.data_to_send()  # RST_STREAM(1, PROTOCOL_ERROR)
 
 
+def test_stream_reset_here_takes_effect_for_the_rest_of_the_same_read() -> None:
+    """Frames after a stream this side reset are handled as on a reset stream however the bytes were split.
+
+    Found by fuzz/http2_frames (corpus crash_reset_stream_then_same_read_frames.bin): h2 processed
+    the whole read before our reset, so a later HEADERS on that stream became bad trailers only when
+    the read was whole. Frames are now fed to h2 one at a time.
+    """
+    b = FrameBuilder()
+    wire = (b.settings() + b.headers(1, [(":status", "2!")]) + b.headers(1, [(":status", "200")])
+            + b.data(1, b"resp") + b.headers(3, [(":status", "204")], end_stream=True))
+    results = []
+    for chunks in all_chunkings(wire):
+        up = Http2ClientSide()
+        for sid in (1, 3):
+            up.send_request(HttpRequest(method="GET", target="/", path="/", host="a", stream_id=sid, http_version="2"))
+        results.append(feed_all(up.feed, chunks))
+    assert all(r == results[0] for r in results)
+    assert results[0] == [StreamReset(stream_id=1, error_code=ErrorCode.PROTOCOL_ERROR),
+                          HttpResponse(status=204, http_version="2", stream_id=3), EndOfMessage(stream_id=3)]
+
+
 def test_push_promise_from_upstream_is_a_protocol_error() -> None:
     """The client side disables push (SETTINGS_ENABLE_PUSH=0); a PUSH_PROMISE is then a connection error (RFC 9113 §8.4)."""
     up = Http2ClientSide()

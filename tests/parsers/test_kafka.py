@@ -86,11 +86,11 @@ def test_captured_request_parses_at_its_version(name: str) -> None:
 
 
 def test_captures_cover_all_three_clients_and_the_main_kinds() -> None:
-    """The capture set holds kafka-python, aiokafka and kcat traffic for produce, fetch, metadata and groups."""
+    """The capture set holds kafka-python, aiokafka and kcat traffic: produce, fetch, metadata, groups, admin, transactions."""
     clients = {n.split("-new-")[0].split("-old-")[0] for n in EXPECTED}
     assert clients == {"kafka-python", "aiokafka", "kcat"}
     kinds = {v["api_key"] for v in EXPECTED.values()}
-    assert {0, 1, 2, 3, 8, 9, 10, 11, 14, 18} <= kinds
+    assert {0, 1, 2, 3, 8, 9, 10, 11, 14, 18, 19, 20, 21, 22, 24, 25, 26, 28, 32, 37} <= kinds
 
 
 @pytest.mark.parametrize("name", sorted(n for n in EXPECTED if EXPECTED[n]["expects_response"]))
@@ -456,7 +456,9 @@ def test_unknown_version_of_topic_free_kind_stays_decidable() -> None:
 def test_removed_version_of_topic_kind_is_undecidable() -> None:
     """Produce v2 (removed in Kafka 4) is framed but its topics are not read: topics_known is False."""
     req = parse_request(_frame(0, 2, 1, b"\x00\x01\x00\x00\x00\x10\x00\x00\x00\x00"))
-    assert req.topics == () and not req.topics_known
+    assert req.topics == () and not req.topics_known and req.expects_response
+    fire = parse_request(_frame(0, 2, 1, b"\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00"))
+    assert not fire.expects_response  # acks=0 is readable even there: nothing will answer it
 
 
 def test_request_header_v2_tagged_fields_are_skipped() -> None:
@@ -595,3 +597,17 @@ def test_metadata_refusal_lists_the_brokers_it_is_given() -> None:
     parser.expect(req)
     [resp] = parser.feed(refusal)
     assert metadata_brokers(resp) == ((0, "10.244.0.7", 9092, None),)
+
+
+def test_hostile_api_keys_and_versions_do_not_grow_caches() -> None:
+    """Only api key/version pairs with a schema are cached: a client cycling through pairs cannot grow memory."""
+    from parsers._kafka_schema import _generated_reader
+
+    before = _generated_reader.cache_info().currsize
+    parser = KafkaRequestParser()
+    for key in range(200, 260):
+        for version in range(0, 50):
+            parser.feed(_frame(key, version, 1, b""))
+    for version in range(100, 300):
+        parser.feed(_frame(0, version, 1, b""))
+    assert _generated_reader.cache_info().currsize == before

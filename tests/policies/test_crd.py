@@ -294,3 +294,12 @@ def test_list_kind_contributes_items() -> None:
     result = load_policies(text, "list.yaml")
     assert not result.errors, [str(e) for e in result.errors]
     assert [p.key for p in result.policies] == ["default/a", "b"]
+
+
+def test_endpoints_documents_are_skipped_only_on_request() -> None:
+    """A directory may hold the endpoints file next to policies: its document is skipped when asked, an error otherwise."""
+    text = "endpoints: [{name: a}]\n---\n" + cnp("p", "endpointSelector: {}\ningress: [{}]")
+    skipped = load_policies(text, "dir.yaml", skip_endpoints_documents=True)
+    assert [p.key for p in skipped.policies] == ["default/p"] and not skipped.errors
+    strict = load_policies(text, "dir.yaml")
+    assert len(strict.errors) == 1 and "unknown field" in str(strict.errors[0])

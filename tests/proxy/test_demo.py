@@ -17,7 +17,7 @@ def test_demo_runs_and_every_scenario_gets_its_verdict() -> None:
     exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "proxy.cli"]
     proc = subprocess.run([*exe, "demo"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(": ok (") == 5
+    assert proc.stdout.count(": ok (") == 6
     assert f"{len(SCENARIOS)}/{len(SCENARIOS)} flows got their expected verdict." in proc.stdout
     for verdict in ("ALLOWED", "DROPPED", "L7_DENIED"):
         assert verdict in proc.stdout

@@ -16,6 +16,7 @@ import asyncio
 import shutil
 import struct
 import subprocess
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
@@ -157,3 +158,75 @@ def test_real_clients_read_our_refusals_as_authorization_errors() -> None:
         kcat = subprocess.run(["kcat", "-b", broker.bootstrap, "-P", "-t", "secret"], input=b"k\n",
                               capture_output=True, timeout=30)
         assert kcat.returncode != 0 and b"Topic authorization failed" in kcat.stderr
+
+
+def test_topic_id_versions_round_trip_and_resolve() -> None:
+    """Produce v13 and Fetch v13 by topic id work against the broker; the parser resolves their ids from Metadata v12 (KIP-516)."""
+    import socket
+
+    from kafka.record.memory_records import MemoryRecordsBuilder
+
+    from parsers.events import KafkaResponse
+    from parsers.kafka import message_classes, metadata_topic_ids, parse_request, resolve_topic_ids
+
+    requests, responses = message_classes()
+
+    def call(sock: socket.socket, msg: Any, version: int, correlation_id: int) -> tuple[bytes, bytes]:
+        msg.with_header(correlation_id=correlation_id, client_id="t")
+        frame = bytes(msg.encode(header=True, framed=True))
+        sock.sendall(frame)
+        head = sock.recv(4, socket.MSG_WAITALL)
+        return frame, head + sock.recv(struct.unpack(">i", head)[0], socket.MSG_WAITALL)
+
+    with KafkaTestBroker() as broker, socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
+        topic = broker.create_topic("by-id")
+        M, P, F = requests[3], requests[0], requests[1]
+        _, raw = call(sock, M(version=12, topics=[M.MetadataRequestTopic(version=12, topic_id=None, name="by-id")],
+                              allow_auto_topic_creation=False, include_topic_authorized_operations=False), 12, 1)
+        names = metadata_topic_ids(KafkaResponse(api_key=3, api_version=12, correlation_id=1, raw=raw))
+        assert names == {topic.topic_id.hex: "by-id"}
+        builder = MemoryRecordsBuilder(magic=2, compression_type=0, batch_size=1 << 20)
+        builder.append(0, b"k", b"v13")
+        builder.close()
+        PD = P.TopicProduceData.PartitionProduceData
+        frame, _ = call(sock, P(version=13, transactional_id=None, acks=1, timeout_ms=1000, topic_data=[
+            P.TopicProduceData(version=13, topic_id=topic.topic_id,
+                               partition_data=[PD(version=13, index=0, records=bytes(builder.buffer()))])]), 13, 2)
+        produce = parse_request(frame)
+        assert not produce.topics_known and resolve_topic_ids(produce, names).topics == ("by-id",)
+        FP = F.FetchTopic.FetchPartition
+        frame, raw = call(sock, F(version=13, replica_id=-1, max_wait_ms=10, min_bytes=1, max_bytes=1 << 20,
+                                  isolation_level=0, session_id=0, session_epoch=-1, topics=[F.FetchTopic(
+                                      version=13, topic_id=topic.topic_id, partitions=[FP(
+                                          version=13, partition=0, current_leader_epoch=-1, fetch_offset=0,
+                                          last_fetched_epoch=-1, log_start_offset=-1, partition_max_bytes=1 << 20)])],
+                                  forgotten_topics_data=[], rack_id=""), 13, 3)
+        fetched = responses[1].decode(raw, version=13, header=True, framed=True).responses[0]
+        assert fetched.topic_id == topic.topic_id and fetched.partitions[0].high_watermark == 1
+        assert resolve_topic_ids(parse_request(frame), names).topics_known
+        assert broker.messages("by-id") == [b"v13"]
+
+
+def test_admin_and_transactional_clients() -> None:
+    """kafka-python's admin client creates, grows, describes, truncates and deletes a topic; a transaction commits."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    with KafkaTestBroker() as broker:
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            admin.create_topics({"adm": {"num_partitions": 1, "replication_factor": 1}})
+            admin.create_partitions({"adm": 2})
+            assert len(broker.topics["adm"].partitions) == 2
+            admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "adm")])
+            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, transactional_id="tx-adm")
+            producer.init_transactions()
+            producer.begin_transaction()
+            producer.send("adm", b"tx", partition=0).get(timeout=10)
+            producer.commit_transaction()
+            producer.close()
+            assert broker.messages("adm") == [b"tx"]
+            admin.delete_records({TopicPartition("adm", 0): 0})
+            admin.delete_topics(["adm"])
+            assert "adm" not in broker.topics
+        finally:
+            admin.close()

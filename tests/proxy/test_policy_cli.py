@@ -46,9 +46,11 @@ def test_validate_ok() -> None:
     proc = run("policy", "validate", "examples/policies")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
     assert any(line.startswith("examples/policies/http.yaml:4: default/frontend-api: ok (CiliumNetworkPolicy") for line in lines)
     assert any(line.startswith("examples/policies/dns-fqdn.yaml:") and "kube-dns-ingress: ok (CiliumClusterwideNetworkPolicy" in line for line in lines)
+    whole = run("policy", "validate", "examples")  # the endpoints file next to the policies is skipped
+    assert whole.returncode == 0 and whole.stdout == proc.stdout.replace("examples/policies", "examples/policies")
 
 
 def test_validate_reports_each_problem(tmp_path: Path) -> None:
@@ -60,7 +62,7 @@ def test_validate_reports_each_problem(tmp_path: Path) -> None:
         "specs:\n  - endpointSelector: {}\n    ingress:\n      - toPorts:\n          - ports: [{port: '80', protocol: UDP}]\n"
         "            rules: {http: [{method: GET}]}\n"
         "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: typo}\nspec:\n  endpointSelector: {}\n  ingress: [{toPort: []}]\n"
-        "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: fine}\nspec: {endpointSelector: {}}\n"
+        "---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: fine}\nspec: {endpointSelector: {}, ingress: [{}]}\n"
     )
     proc = run("policy", "validate", "policies", cwd=tmp_path)
     assert proc.returncode == 1
@@ -95,7 +97,7 @@ def test_trace_json_dropped() -> None:
     """A peer no rule allows is DROPPED at L3/L4 (and by IP: the same endpoint)."""
     out = trace("--src-ip", "10.244.1.30", "--dst", "default/frontend", "--dport", "80/TCP", "--http-method", "GET", "--http-path", "/api")
     assert out["verdict"] == "DROPPED"
-    assert out["ingress"] == {"verdict": "DROPPED", "enforced": True, "l7": None, "matched": []}
+    assert out["ingress"] == {"verdict": "DROPPED", "enforced": True, "l7": None, "matched": ["default/frontend-no-debug: ingressDeny[0]"]}
     assert out["response"] == {}
 
 

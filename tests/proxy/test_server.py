@@ -14,7 +14,7 @@ import uvloop
 from parsers.events import Direction, Reason
 from proxy.flows import FlowContext, Peer
 from proxy.server import ConnectionInfo, Proxy, ProxyConfig, listening_socket
-from proxy.session import Action, Close, DeniedSession, PassThroughSession, Reply, Session, TimeoutKind
+from proxy.session import Action, Close, DeniedSession, Forward, PassThroughSession, Reply, Session, TimeoutKind
 
 C2S = Direction.CLIENT_TO_SERVER
 
@@ -375,5 +375,144 @@ def test_drain_waits_for_busy_connections_and_closes_idle_ones() -> None:
             assert await r_busy.readexactly(6) == b" more\n"
             await asyncio.wait_for(drain, 3)
             assert not proxy.connections
+
+    run(main)
+
+
+def test_transparent_socket_options() -> None:
+    """Transparent listeners carry IP_TRANSPARENT, and the upstream socket can bind a non-local (the pod's) address."""
+    import struct as _struct
+
+    from proxy.server import IP_TRANSPARENT, _transparent_upstream_socket, parse_origdst
+
+    tcp = listening_socket("127.0.0.1", 0, transparent=True)
+    udp = listening_socket("127.0.0.1", 0, udp=True, transparent=True)
+    try:
+        assert tcp.getsockopt(socket.SOL_IP, IP_TRANSPARENT) == 1
+        assert udp.getsockopt(socket.SOL_IP, IP_TRANSPARENT) == 1
+    finally:
+        tcp.close()
+        udp.close()
+    # 10.244.250.7 is not an address of this host: only IP_TRANSPARENT lets a socket bind it (no packet is sent).
+    up = _transparent_upstream_socket("10.244.250.7", "10.244.250.8")
+    try:
+        assert up.getsockname()[0] == "10.244.250.7"
+    finally:
+        up.close()
+    v4 = _struct.pack("!HH4s8x", socket.AF_INET, 53, socket.inet_aton("10.244.0.10"))
+    assert parse_origdst([(socket.SOL_IP, 20, v4)]) == ("10.244.0.10", 53)
+    v6 = _struct.pack("!HHI16sI", socket.AF_INET6, 5353, 0, socket.inet_pton(socket.AF_INET6, "fd00::a"), 0)
+    assert parse_origdst([(socket.IPPROTO_IPV6, 74, v6)]) == ("fd00::a", 5353)
+
+
+class _Relay:
+    """A DatagramSession that relays every datagram both ways (to test the UDP listener's I/O alone)."""
+
+    has_outstanding = False
+
+    def __init__(self) -> None:
+        self.last_activity_ns = 0
+
+    def on_query(self, datagram: bytes) -> list[Action]:
+        return [Forward(C2S, datagram)]
+
+    def on_answer(self, datagram: bytes) -> list[Action]:
+        return [Forward(Direction.SERVER_TO_CLIENT, datagram)]
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        return []
+
+    def expire(self, timeout_ns: int) -> list[Action]:
+        return []
+
+
+def test_transparent_udp_reply_leaves_from_the_original_destination() -> None:
+    """A transparent UDP listener reads the original destination (IP_RECVORIGDSTADDR) and answers from a socket bound to it."""
+
+    async def main() -> None:
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        upstream.bind(("127.0.0.1", 0))
+        upstream.setblocking(False)
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[bytes, tuple[str, int]]] = []
+
+        def echo() -> None:
+            data, addr = upstream.recvfrom(65535)
+            seen.append((data, addr))
+            upstream.sendto(data.upper(), addr)
+
+        loop.add_reader(upstream.fileno(), echo)
+        sock = listening_socket("127.0.0.1", 0, udp=True, transparent=True)
+        port = sock.getsockname()[1]
+        proxy = Proxy(
+            config=ProxyConfig(transparent=True, drain_timeout_s=0.2), factory=passthrough,
+            upstream=upstream.getsockname(), datagram_factory=lambda info: _Relay(),
+        )
+        await proxy.start([], [sock])
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))
+        client.setblocking(False)
+        try:
+            client.sendto(b"query", ("127.0.0.1", port))
+            for _ in range(200):
+                try:
+                    data, addr = client.recvfrom(65535)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("no reply")
+            assert data == b"QUERY"
+            assert addr == ("127.0.0.1", port)  # from the address the client asked
+            assert seen and seen[0][1][0] == "127.0.0.1"  # upstream socket bound to the client's IP
+            (listener,) = proxy._udp
+            (peer,) = listener.peers.values()
+            assert peer.original_dst == ("127.0.0.1", port)
+        finally:
+            client.close()
+            loop.remove_reader(upstream.fileno())
+            upstream.close()
+            await proxy.drain()
+
+    run(main)
+
+
+def test_buffer_ceiling_before_upstream_connects() -> None:
+    """While the upstream connect is pending, at most max_buffer_bytes (plus one read) are held; then reading pauses."""
+
+    async def main() -> None:
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fport = full.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", fport))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        await asyncio.sleep(0.1)
+        config = ProxyConfig(connect_timeout_s=3.0, max_buffer_bytes=64 * 1024, drain_timeout_s=0.2)
+        async with running_proxy(passthrough, ("127.0.0.1", fport), config) as (proxy, port):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.setblocking(False)
+            sent = 0
+            for _ in range(100):
+                try:
+                    sent += client.send(b"p" * 65536)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            (conn,) = proxy.connections
+            assert sent > 1 << 20  # the client pushed far more than the ceiling ...
+            assert conn.pending_bytes <= 64 * 1024 + 256 * 1024  # ... the proxy held at most the ceiling plus one read
+            assert "pending" in conn._client_pauses
+            client.close()
+        for s in fillers:
+            s.close()
+        full.close()
 
     run(main)

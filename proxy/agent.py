@@ -1,0 +1,834 @@
+"""The node agent (`membrane run`): compiled policy -> BPF maps, the transparent proxy, live reload.
+
+Owns the translation of a `PolicyMap` into kernel map writes (`plan_kernel`, pure), the order of
+those writes (identities, then policy, then endpoints; removals last, so no update ever widens
+what is allowed), the transparent proxy's listeners and per-connection policy lookup, the watch on
+policy/endpoint files and learned DNS names, drop events -> flow records, and the status file.
+Never touches bcc or pyroute2 itself (bpf/ does), never parses bytes, never decides a verdict.
+Invariant: everything the agent attached is removed on SIGTERM/SIGINT; after a crash the next
+agent's `cleanup_stale()` removes it before anything new is attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from bpf import maps as bm
+from bpf.stale import cleanup_stale
+from bpf.steer import ProxyPorts, Steering
+from parsers.events import Reason
+from policies import (
+    Endpoints,
+    EndpointsError,
+    FlowResult,
+    FqdnCache,
+    L4Proto,
+    ParserType,
+    Policy,
+    PolicyDirection,
+    PolicyMap,
+    VerdictKind,
+    compile_policy,
+)
+from policies.compile import Peer as PolicyPeer
+from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, Flow, FlowContext, FlowSink, Peer
+from proxy.gateway import SESSIONS
+from proxy.metrics import Metrics
+from proxy.policy_files import PathProblem, policy_files, read_endpoints, read_policies
+from proxy.server import (
+    IPV6_RECVORIGDSTADDR,
+    IPV6_TRANSPARENT,
+    SOL_IPV6,
+    ConnectionInfo,
+    Proxy,
+    ProxyConfig,
+    listening_socket,
+)
+from proxy.session import (
+    ConnectionPolicy,
+    DatagramSession,
+    DeniedSession,
+    L7Request,
+    PassThroughSession,
+    Session,
+    wall_clock_ns,
+)
+from proxy.session_dns import DnsDatagramSession
+
+log = logging.getLogger("membrane.agent")
+T = TypeVar("T")
+
+DEFAULT_STATUS_PATH = Path(os.environ.get("MEMBRANE_STATUS", "/run/membrane/status.json"))
+POLL_S = 1.0  # how often the policy paths and the endpoints file are checked for edits
+EVENTS_S = 0.1  # how often drop events are read from the kernel ring buffer
+MAX_EXPANDED_PORTS = 4096  # per map entry: a wider range than this (not 1-65535) is not expanded
+_PROTOS = {L4Proto.TCP: bm.IPPROTO_TCP, L4Proto.UDP: bm.IPPROTO_UDP}  # SCTP is not judged in the kernel
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """What `membrane run` was asked to do."""
+
+    policies: tuple[str, ...]
+    endpoints: str
+    flows: tuple[str, ...] = ()  # JSON-lines sinks ('-' = stdout)
+    sockmap: bool = False
+    workers: int = 1
+    status_path: Path = DEFAULT_STATUS_PATH
+    drain_timeout_s: float = 2.0
+
+
+# --- pure translation: PolicyMap -> kernel content ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelPlan:
+    """Everything the maps should hold for one compiled policy. Pure data; `apply` writes it."""
+
+    identities: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[int, int]]  # prefix -> (identity, ifindex)
+    ingress: dict[bm.PolicyKey, bm.PolicyEntry]
+    egress: dict[bm.PolicyKey, bm.PolicyEntry]
+    endpoints: dict[int, bm.Endpoint]  # host ifindex -> endpoint
+    redirect_ports: frozenset[int]  # destination ports of L7-redirected flows (for sockmap)
+    problems: tuple[str, ...] = ()  # entries that could not be expressed (their traffic is dropped)
+
+
+def _port_keys(lo: int, hi: int) -> list[int] | None:
+    """The PolicyKey ports for an inclusive range; [ANY_PORT] for every port; None = too wide to expand."""
+    if lo <= 1 and hi >= 65535:
+        return [bm.ANY_PORT]
+    lo = max(lo, 1)
+    if hi - lo + 1 > MAX_EXPANDED_PORTS:
+        return None
+    return list(range(lo, hi + 1))
+
+
+def plan_kernel(pmap: PolicyMap, attached: Mapping[str, int], endpoint_ids: Mapping[str, int]) -> KernelPlan:
+    """Translate a compiled policy into map content.
+
+    `attached`: endpoint key -> host-side ifindex of the endpoints enforced on this node;
+    `endpoint_ids`: endpoint key -> nonzero endpoint id (stable for the agent's lifetime).
+    Returns the plan. Never raises; an entry that cannot be expressed (a range wider than
+    MAX_EXPANDED_PORTS) is left out, so the kernel drops that traffic (fail closed), and is named
+    in `problems`.
+    """
+    identities: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[int, int]] = {}
+    for net, ident in pmap.ipcache.entries().items():
+        identities[net] = (ident, 0)
+    for key, idx in attached.items():
+        ep = pmap.endpoints.get(key)
+        ep_ident = pmap.identity_of(key)
+        if ep is None or ep_ident is None:
+            continue
+        for ip in ep.ips:
+            identities[ipaddress.ip_network(ip)] = (ep_ident, idx)
+    policy: dict[PolicyDirection, dict[bm.PolicyKey, bm.PolicyEntry]] = {d: {} for d in PolicyDirection}
+    endpoints: dict[int, bm.Endpoint] = {}
+    redirect_ports: set[int] = set()
+    problems: list[str] = []
+    for key, idx in sorted(attached.items()):
+        subject = pmap.identity_of(key)
+        if subject is None:
+            continue
+        ep_id = endpoint_ids[key]
+        enforced = {}
+        for direction in PolicyDirection:
+            dp = pmap.direction(key, direction)
+            enforced[direction] = dp.enforced
+            if not dp.enforced:
+                continue  # the kernel passes an unenforced direction without looking at entries
+            for entry in dp.entries():
+                proto = _PROTOS.get(entry.proto)
+                if proto is None or entry.verdict is VerdictKind.DROP:
+                    continue  # SCTP is not judged; DROP is the enforced default (no key = drop)
+                ports = _port_keys(entry.port, entry.end_port)
+                if ports is None:
+                    problems.append(
+                        f"{key} {direction.value}: ports {entry.port}-{entry.end_port}/{entry.proto.value} to identity "
+                        f"{entry.identity} span more than {MAX_EXPANDED_PORTS} ports; that traffic is dropped"
+                    )
+                    continue
+                redirect = entry.verdict is VerdictKind.REDIRECT
+                value = bm.PolicyEntry(verdict=bm.Verdict.REDIRECT if redirect else bm.Verdict.PASS)
+                for port in ports:
+                    pkey = bm.PolicyKey(endpoint_id=ep_id, identity=entry.identity, port=port, proto=proto)
+                    policy[direction][pkey] = value
+                    if redirect and port:
+                        redirect_ports.add(port)
+        endpoints[idx] = bm.Endpoint(
+            endpoint_id=ep_id,
+            identity=subject,
+            enforce_ingress=enforced[PolicyDirection.INGRESS],
+            enforce_egress=enforced[PolicyDirection.EGRESS],
+        )
+    return KernelPlan(
+        identities=identities,
+        ingress=policy[PolicyDirection.INGRESS],
+        egress=policy[PolicyDirection.EGRESS],
+        endpoints=endpoints,
+        redirect_ports=frozenset(redirect_ports),
+        problems=tuple(problems),
+    )
+
+
+# --- the transparent proxy's policy lookup ----------------------------------------------------------
+
+
+class PolicyHolder:
+    """The current compiled policy; replaced as a whole on every successful reload."""
+
+    def __init__(self, pmap: PolicyMap) -> None:
+        self.pmap = pmap
+        self.generation = 0
+
+    def replace(self, pmap: PolicyMap) -> None:
+        self.pmap = pmap
+        self.generation += 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveConnectionPolicy(ConnectionPolicy):
+    """A connection's policy that follows reloads: each request is judged by the policy current then.
+
+    The first lookup (made when the connection is accepted) picks the session; later requests on
+    the same connection re-look the verdicts up once per policy generation.
+    """
+
+    resolve: Callable[[], ConnectionPolicy]
+
+    def judge(self, request: L7Request | None, error: Reason | None = None) -> FlowResult:
+        return self.resolve().judge(request, error)
+
+
+@dataclass
+class TransparentPolicy:
+    """Per connection: source = the endpoint owning the client IP (else its ipcache identity),
+    destination = the original destination's, port = the original destination port."""
+
+    holder: PolicyHolder
+    fqdn: FqdnCache
+    own_ports: frozenset[int] = frozenset()  # the listeners' ports: never a valid original destination
+    flows: FlowSink | None = None
+
+    def _lookup(self, pmap: PolicyMap, src: PolicyPeer, dst: PolicyPeer, port: int, proto: L4Proto) -> ConnectionPolicy:
+        egress = pmap.lookup(src.endpoint, PolicyDirection.EGRESS, dst.identity, port, proto) if src.endpoint else None
+        ingress = pmap.lookup(dst.endpoint, PolicyDirection.INGRESS, src.identity, port, proto) if dst.endpoint else None
+        return ConnectionPolicy(egress=egress, ingress=ingress, src_endpoint=src.endpoint, dst_endpoint=dst.endpoint)
+
+    def connection_policy(self, client_ip: str, dst_ip: str, port: int, proto: L4Proto) -> ConnectionPolicy:
+        """The live policy of one connection (see LiveConnectionPolicy)."""
+        holder = self.holder
+        cache: list[tuple[int, ConnectionPolicy]] = []
+
+        def resolve() -> ConnectionPolicy:
+            gen = holder.generation
+            if cache and cache[0][0] == gen:
+                return cache[0][1]
+            pmap = holder.pmap
+            got = self._lookup(pmap, pmap.peer_from_ip(client_ip), pmap.peer_from_ip(dst_ip), port, proto)
+            cache[:] = [(gen, got)]
+            return got
+
+        first = resolve()
+        return LiveConnectionPolicy(
+            egress=first.egress,
+            ingress=first.ingress,
+            src_endpoint=first.src_endpoint,
+            dst_endpoint=first.dst_endpoint,
+            resolve=resolve,
+        )
+
+    def flow_peer(self, pmap: PolicyMap, peer: PolicyPeer, ip: str, port: int) -> Peer:
+        return flow_peer(pmap, peer, ip, port)
+
+    def context(self, info: ConnectionInfo) -> FlowContext:
+        pmap = self.holder.pmap
+        src = pmap.peer_from_ip(info.client[0])
+        dst = pmap.peer_from_ip(info.original_dst[0])
+        return FlowContext(
+            source=flow_peer(pmap, src, info.client[0], info.client[1]),
+            destination=flow_peer(pmap, dst, info.original_dst[0], info.original_dst[1]),
+            traffic_direction=INGRESS if dst.endpoint is not None else EGRESS,
+            transport=info.transport,
+        )
+
+    def session(self, info: ConnectionInfo) -> Session:
+        """The server's SessionFactory: the session class follows the parser the policy names."""
+        context = self.context(info)
+        dst_ip, port = info.original_dst
+        if port in self.own_ports and context.destination.pod_name == "":
+            # a connection straight to our listener (not steered): proxying it would loop to ourselves
+            return DeniedSession(context=context, reason="proxy_loop")
+        policy = self.connection_policy(info.client[0], dst_ip, port, L4Proto.TCP)
+        if policy.is_dropped:
+            return DeniedSession(context=context, reason="policy_denied", rule=policy.matched)
+        try:
+            parser = policy.parser
+        except ValueError:
+            return DeniedSession(context=context, reason="policy_conflict", rule=policy.matched)
+        if parser is None:
+            return PassThroughSession(context=context)
+        builder = SESSIONS.get(parser)
+        if builder is None:
+            return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
+        return builder(context, policy, self.fqdn)
+
+    def datagram(self, info: ConnectionInfo) -> DatagramSession | None:
+        """The server's DatagramFactory: DNS over UDP judged per query; None = dropped at L3/L4."""
+        context = self.context(info)
+        policy = self.connection_policy(info.client[0], info.original_dst[0], info.original_dst[1], L4Proto.UDP)
+        try:
+            dropped = policy.is_dropped or policy.parser is not ParserType.DNS
+        except ValueError:
+            dropped = True
+        if dropped:
+            if self.flows is not None:
+                self.flows.emit(
+                    Flow(context=context, verdict=DROPPED, l7_type=REQUEST, l7={}, summary="UDP datagram dropped by policy",
+                         time_ns=wall_clock_ns(), rule=policy.matched, reason="policy_denied")
+                )
+            return None
+        return DnsDatagramSession(context=context, policy=policy, fqdn=self.fqdn)
+
+
+def flow_peer(pmap: PolicyMap, peer: PolicyPeer, ip: str, port: int) -> Peer:
+    """A flow record's view of one side: endpoint name and labels, or the identity's display name."""
+    if peer.endpoint is not None and peer.endpoint in pmap.endpoints:
+        ep = pmap.endpoints[peer.endpoint]
+        labels = tuple(f"k8s:{k}={v}" for k, v in sorted(ep.labels.items()))
+        return Peer(ip=ip, port=port, identity=peer.identity, namespace=ep.namespace, pod_name=ep.name, labels=labels)
+    ident = pmap.identity(peer.identity)
+    return Peer(ip=ip, port=port, identity=peer.identity, labels=(ident.display,) if ident is not None else ())
+
+
+# --- drop events as flows ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DropFlow(Flow):
+    """A packet the kernel dropped at L3/L4: Hubble's `Type: L3_L4` record with `drop_reason_desc`."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = Flow.to_json(self)
+        out["Type"] = "L3_L4"
+        out.pop("l7", None)
+        out["is_reply"] = False
+        return out
+
+
+def drop_flow(pmap: PolicyMap, event: bm.DropEvent) -> DropFlow:
+    """The flow record of one kernel drop event."""
+    src, dst = str(event.src), str(event.dst)
+    sp, dp = pmap.peer_from_ip(src), pmap.peer_from_ip(dst)
+    src_peer = flow_peer(pmap, PolicyPeer(event.src_identity, sp.endpoint, src), src, event.sport)
+    dst_peer = flow_peer(pmap, PolicyPeer(event.dst_identity, dp.endpoint, dst), dst, event.dport)
+    transport = {bm.IPPROTO_TCP: "TCP", bm.IPPROTO_UDP: "UDP"}.get(event.proto, str(event.proto))
+    direction = INGRESS if event.reason is bm.DropReason.INGRESS_DENIED else EGRESS
+    reason = event.reason.name.lower()
+    return DropFlow(
+        context=FlowContext(source=src_peer, destination=dst_peer, traffic_direction=direction, transport=transport),
+        verdict=DROPPED,
+        l7_type=REQUEST,
+        l7={},
+        summary=f"{transport} {src}:{event.sport} -> {dst}:{event.dport} dropped ({reason})",
+        time_ns=wall_clock_ns(),
+        reason=reason,
+    )
+
+
+# --- the FQDN cache that pushes learned names into the kernel before the answer is relayed ----------
+
+
+class PushingFqdnCache(FqdnCache):
+    """An FqdnCache that calls `on_learned` synchronously whenever a new (name, IP) pair appears.
+
+    The DNS session records an answer before it relays it, so the kernel knows the IP before the
+    client can use it (Cilium's DNS proxy holds the answer for the same reason).
+    """
+
+    def __init__(self, *, on_learned: Callable[[], None] | None = None, min_ttl_s: int = 0) -> None:
+        super().__init__(min_ttl_s=min_ttl_s)
+        self.on_learned = on_learned
+
+    def add(self, name: str, ips: Iterable[str], *, ttl_s: float, now: float) -> None:
+        before = self.generation
+        super().add(name, ips, ttl_s=ttl_s, now=now)
+        if self.generation != before and self.on_learned is not None:
+            self.on_learned()
+
+
+# --- listeners ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Listeners:
+    """The transparent wildcard listeners (IPv4 and IPv6, TCP and UDP), bound before anything attaches."""
+
+    tcp4: socket.socket
+    tcp6: socket.socket | None
+    udp4: socket.socket
+    udp6: socket.socket | None
+
+    @property
+    def ports(self) -> ProxyPorts:
+        def port(s: socket.socket | None) -> int:
+            return int(s.getsockname()[1]) if s is not None else 0
+
+        return ProxyPorts(tcp4=port(self.tcp4), tcp6=port(self.tcp6), udp4=port(self.udp4), udp6=port(self.udp6))
+
+    def close(self) -> None:
+        for s in (self.tcp4, self.tcp6, self.udp4, self.udp6):
+            if s is not None:
+                s.close()
+
+
+def _v6_listener(port: int, *, udp: bool) -> socket.socket | None:
+    """A transparent `[::]` listener with IPV6_V6ONLY (the v4 one owns IPv4); None without IPv6."""
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        if udp:
+            s.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        try:
+            s.bind(("::", port))
+        except OSError:
+            s.bind(("::", 0))
+        if not udp:
+            s.listen(1024)
+        s.setblocking(False)
+    except OSError as e:
+        s.close()
+        log.warning("no IPv6 %s listener: %s", "UDP" if udp else "TCP", e)
+        return None
+    return s
+
+
+def open_listeners() -> Listeners:
+    """Bind the four transparent listeners on free ports. Raises OSError (e.g. without CAP_NET_ADMIN)."""
+    tcp4 = listening_socket("0.0.0.0", 0, transparent=True, reuse_port=False)
+    try:
+        udp4 = listening_socket("0.0.0.0", 0, udp=True, transparent=True, reuse_port=False)
+    except BaseException:
+        tcp4.close()
+        raise
+    return Listeners(
+        tcp4=tcp4,
+        tcp6=_v6_listener(tcp4.getsockname()[1], udp=False),
+        udp4=udp4,
+        udp6=_v6_listener(udp4.getsockname()[1], udp=True),
+    )
+
+
+# --- the agent --------------------------------------------------------------------------------------
+
+
+class InvalidPolicy(Exception):
+    """The policy paths or the endpoints file hold errors; the message lists them, one per line."""
+
+
+def load(config: AgentConfig) -> tuple[tuple[Policy, ...], Endpoints]:
+    """Read every policy and the endpoints file. Raises InvalidPolicy (with every problem) or PathProblem."""
+    loaded = read_policies(config.policies)
+    try:
+        endpoints = read_endpoints(config.endpoints)
+    except EndpointsError as e:
+        raise InvalidPolicy(str(e)) from None
+    if loaded.errors:
+        raise InvalidPolicy("\n".join(str(e) for e in loaded.errors))
+    return tuple(loaded.policies), endpoints
+
+
+def _ifindex(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def _watched_files(config: AgentConfig) -> dict[str, tuple[float, int]]:
+    """path -> (mtime, size) of every watched file (a directory's file list counts too)."""
+    out: dict[str, tuple[float, int]] = {}
+    paths = [config.endpoints]
+    with contextlib.suppress(PathProblem):
+        paths += [str(p) for _src, p in policy_files(config.policies)]
+    for raw in config.policies:
+        paths.append(raw)  # a directory's own mtime changes when files come and go
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            out[p] = (-1.0, -1)
+            continue
+        out[p] = (st.st_mtime, st.st_size)
+    return out
+
+
+class Agent:
+    """One node agent: owns the Steering, the proxy, the policy state and the status file."""
+
+    def __init__(self, config: AgentConfig, *, out: IO[str] = sys.stdout) -> None:
+        self.config = config
+        self.out = out
+        self.fqdn = PushingFqdnCache(on_learned=self._on_learned)
+        self.holder: PolicyHolder | None = None
+        self.endpoints = Endpoints()
+        self.steering: Steering | None = None
+        self.listeners: Listeners | None = None
+        self.proxy: Proxy | None = None
+        self.sink: FlowSink | None = None
+        self.metrics = Metrics()
+        self.endpoint_ids: dict[str, int] = {}
+        self.attached: dict[str, int] = {}  # endpoint key -> ifindex
+        self.waiting: dict[str, str] = {}  # endpoint key -> why it is not attached
+        self.plan: KernelPlan | None = None
+        self.errors: list[str] = []  # problems of the last reload attempt (the running policy is older)
+        self.warnings: list[str] = []
+        self.ready = False
+        self.reloads = 0
+        self.drops = 0
+        self.started = time.time()
+        self._mtimes: dict[str, tuple[float, int]] = {}
+        self._streams: list[IO[str]] = []
+        self._inputs: tuple[tuple[Policy, ...], Endpoints] = ((), Endpoints())  # the last good policies and endpoints
+        self._compiled_learned: Mapping[str, frozenset[str]] = {}
+        # pyroute2's IPRoute runs an asyncio loop of its own, which cannot nest in ours: every call
+        # into bpf/ happens on this one thread, synchronously (the proxy waits, as it must for toFQDNs).
+        self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbr-kernel")
+
+    def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._kx.submit(fn, *args).result()
+
+    # --- policy -> kernel ---------------------------------------------------------------------
+    def _learned(self) -> Mapping[str, frozenset[str]]:
+        return self.fqdn.snapshot(now=time.monotonic())
+
+    def _resolve_interfaces(self, endpoints: Endpoints) -> dict[str, int]:
+        wanted: dict[str, int] = {}
+        self.waiting = {}
+        for ep in endpoints.endpoints:
+            if ep.interface is None:
+                continue
+            idx = _ifindex(ep.interface)
+            if idx is None:
+                self.waiting[ep.key] = f"interface {ep.interface} not found"
+                continue
+            wanted[ep.key] = idx
+            if ep.key not in self.endpoint_ids:
+                self.endpoint_ids[ep.key] = len(self.endpoint_ids) + 1
+        return wanted
+
+    def apply(self, pmap: PolicyMap, endpoints: Endpoints) -> None:
+        """Write `pmap` into the kernel and attach/detach interfaces, in a never-widening order."""
+        st = self.steering
+        assert st is not None
+        wanted = self._resolve_interfaces(endpoints)
+        plan = plan_kernel(pmap, wanted, self.endpoint_ids)
+        m = st.maps
+        old = self.plan
+        old_ids = old.identities if old is not None else {}
+        old_eps = old.endpoints if old is not None else {}
+        # 1. new and changed identities (an endpoint's addresses gain their ifindex before it is registered)
+        for net, (ident, idx) in plan.identities.items():
+            if old_ids.get(net) != (ident, idx):
+                m.set_identity(net, ident, ifindex=idx)
+        # 2. the whole policy, one atomic flip
+        m.set_policy(ingress=plan.ingress, egress=plan.egress)
+        # 3. endpoints, then attachments
+        for idx, ep in plan.endpoints.items():
+            if old_eps.get(idx) != ep:
+                m.set_endpoint(idx, ep)
+        for key, idx in wanted.items():
+            if self.attached.get(key) != idx:
+                if key in self.attached:
+                    st.detach(self.attached[key])
+                st.attach(idx)
+                self.attached[key] = idx
+        # 4. removals: detach, forget endpoints, then identities nobody uses any more
+        for key in [k for k in self.attached if k not in wanted]:
+            idx = self.attached.pop(key)
+            st.detach(idx)
+        for idx in old_eps:
+            if idx not in plan.endpoints:
+                m.delete_endpoint(idx)
+        for net in old_ids:
+            if net not in plan.identities:
+                m.delete_identity(net)
+        if st.sockmap is not None:
+            st.sockmap.set_ports(plan.redirect_ports)
+        self.plan = plan
+        self.endpoints = endpoints
+        self.warnings = [str(e) for e in pmap.errors] + list(plan.problems)
+        for w in self.warnings:
+            log.warning("%s", w)
+        if self.holder is None:
+            self.holder = PolicyHolder(pmap)
+        else:
+            self.holder.replace(pmap)
+
+    def reload(self, *, reason: str) -> bool:
+        """Re-read and recompile; on success apply it. An invalid edit is reported; the last good policy stays."""
+        try:
+            self._inputs = load(self.config)
+        except (InvalidPolicy, PathProblem) as e:
+            self.errors = str(e).splitlines()
+            for line in self.errors:
+                log.error("policy reload (%s) rejected, keeping the last good policy: %s", reason, line)
+            self.write_status()
+            return False
+        self.errors = []
+        self.recompile(reason=reason)
+        return True
+
+    def recompile(self, *, reason: str) -> None:
+        """Compile the last good inputs with what DNS taught us now, and apply the result."""
+        policies, endpoints = self._inputs
+        learned = self._learned()
+        pmap = compile_policy(policies, endpoints, learned)
+        self._kernel(self.apply, pmap, endpoints)
+        self._compiled_learned = learned
+        self.reloads += 1
+        log.info("policy applied (%s): %d endpoints attached", reason, len(self.attached))
+        self.write_status()
+
+    def _on_learned(self) -> None:
+        """A DNS answer named a new IP: recompile with it and push it (called before the answer is relayed)."""
+        if self.steering is None or self.holder is None:
+            return
+        self.recompile(reason="dns")
+
+    # --- status ---------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The status document `membrane status` and `membrane endpoint list` print."""
+        pmap = self.holder.pmap if self.holder is not None else None
+        rows = []
+        for ep in self.endpoints.endpoints:
+            ident = pmap.identity_of(ep.key) if pmap is not None else None
+            enforced = {
+                d.value: (pmap.direction(ep.key, d).enforced if pmap is not None else False) for d in PolicyDirection
+            }
+            if ep.key in self.attached:
+                state = "ready"
+            elif ep.interface is None:
+                state = "not-local"
+            else:
+                state = "waiting-for-interface"
+            rows.append(
+                {
+                    "id": self.endpoint_ids.get(ep.key, 0),
+                    "name": ep.name,
+                    "namespace": ep.namespace,
+                    "identity": ident,
+                    "labels": [f"k8s:{k}={v}" for k, v in sorted(ep.labels.items())],
+                    "ipv4": [ip for ip in ep.ips if ":" not in ip],
+                    "ipv6": [ip for ip in ep.ips if ":" in ip],
+                    "interface": ep.interface,
+                    "ifindex": self.attached.get(ep.key),
+                    "ingress_enforcement": enforced["ingress"],
+                    "egress_enforcement": enforced["egress"],
+                    "status": state,
+                }
+            )
+        ports = self.listeners.ports if self.listeners is not None else ProxyPorts()
+        drops: dict[str, int] = {}
+        if self.steering is not None and self.ready:
+            counts = self._kernel(self.steering.maps.drop_counts)
+            drops = {r.name.lower(): n for r, n in counts.items()}
+        return {
+            "pid": os.getpid(),
+            "state": "ready" if self.ready else "starting",
+            "started": self.started,
+            "updated": time.time(),
+            "policies": list(self.config.policies),
+            "endpoints_file": self.config.endpoints,
+            "proxy_ports": dataclasses.asdict(ports),
+            "sockmap": self.config.sockmap,
+            "reloads": self.reloads,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "learned_fqdns": {k: sorted(v) for k, v in self._learned().items()},
+            "drops": drops,
+            "flows": self.sink.written if self.sink is not None else 0,
+            "endpoints": rows,
+        }
+
+    def write_status(self) -> None:
+        path = self.config.status_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.status(), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e)
+
+    # --- lifetime ---------------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        for item in self._kernel(cleanup_stale):
+            log.warning("removed stale %s", item)
+        try:
+            self._inputs = load(self.config)
+        except InvalidPolicy as e:
+            for line in str(e).splitlines():
+                print(f"membrane run: {line}", file=sys.stderr)
+            return 1
+        except PathProblem as e:
+            print(f"membrane run: {e}", file=sys.stderr)
+            return 2
+        self._mtimes = _watched_files(self.config)
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._remove_status)
+            self.listeners = open_listeners()
+            stack.callback(self.listeners.close)
+            ports = self.listeners.ports
+            steering = Steering(proxy_ports=ports, sockmap=self.config.sockmap, sockmap_ports=())
+            self.steering = self._kernel(steering.__enter__)
+            stack.callback(self._kernel, steering.close)
+            stack.callback(setattr, self, "steering", None)
+            self._kernel(self.apply, compile_policy(*self._inputs), self._inputs[1])
+            self._streams = _open_streams(self.config.flows)
+            stack.callback(_close_streams, self._streams)
+            self.sink = FlowSink(self._streams)
+            assert self.holder is not None
+            tp = TransparentPolicy(
+                holder=self.holder,
+                fqdn=self.fqdn,
+                own_ports=frozenset({ports.tcp4, ports.tcp6, ports.udp4, ports.udp6}),
+                flows=self.sink,
+            )
+            self.proxy = Proxy(
+                config=ProxyConfig(transparent=True, drain_timeout_s=self.config.drain_timeout_s),
+                factory=tp.session,
+                upstream=None,
+                flows=self.sink,
+                metrics=self.metrics,
+                datagram_factory=tp.datagram,
+            )
+            tcp = [s for s in (self.listeners.tcp4, self.listeners.tcp6) if s is not None]
+            udp = [s for s in (self.listeners.udp4, self.listeners.udp6) if s is not None]
+            await self.proxy.start(tcp, udp)
+            self.ready = True
+            self.write_status()
+            print(
+                f"membrane agent ready: {len(self.attached)} endpoint(s) attached, proxy tcp {ports.tcp4}/{ports.tcp6} "
+                f"udp {ports.udp4}/{ports.udp6}{', sockmap on' if self.config.sockmap else ''}",
+                file=self.out,
+                flush=True,
+            )
+            try:
+                await self._loop(stop)
+            finally:
+                self.ready = False
+                log.info("stopping: draining %d connections", len(self.proxy.connections))
+                await self.proxy.drain()
+                self._read_drops()
+        return 0
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        last_poll = time.monotonic()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), EVENTS_S)
+            if stop.is_set():
+                break
+            try:
+                self._read_drops()
+                now = time.monotonic()
+                if now - last_poll >= POLL_S:
+                    last_poll = now
+                    self._poll_files()
+            except Exception:  # one bad round must not take the node's enforcement down
+                log.exception("agent loop error")
+
+    def _poll_files(self) -> None:
+        mtimes = _watched_files(self.config)
+        changed = mtimes != self._mtimes
+        self._mtimes = mtimes
+        missing = any(
+            ep.interface is not None and (ep.key not in self.attached or _ifindex(ep.interface) != self.attached[ep.key])
+            for ep in self.endpoints.endpoints
+        )
+        if changed:
+            self.reload(reason="file change")
+        elif self._learned() != self._compiled_learned:
+            self.recompile(reason="dns ttl expiry")
+        elif missing and self.holder is not None:
+            self._kernel(self.apply, self.holder.pmap, self.endpoints)  # an interface came or went
+            self.write_status()
+        else:
+            self.write_status()
+
+    def _read_drops(self) -> None:
+        if self.steering is None or self.holder is None or self.sink is None:
+            return
+        for event in self._kernel(self.steering.read_drop_events):
+            self.drops += 1
+            self.sink.emit(drop_flow(self.holder.pmap, event))
+
+    def _remove_status(self) -> None:
+        with contextlib.suppress(OSError):
+            self.config.status_path.unlink()
+
+
+def _open_streams(paths: Sequence[str]) -> list[IO[str]]:
+    streams: list[IO[str]] = []
+    for path in paths:
+        if path == "-":
+            streams.append(sys.stdout)
+        else:
+            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed by _close_streams
+    return streams
+
+
+def _close_streams(streams: list[IO[str]]) -> None:
+    for s in streams:
+        if s is not sys.stdout:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def run_agent(config: AgentConfig) -> int:
+    """`membrane run`: returns 0 after a clean stop, 1 on invalid input, 2 on usage or attach errors."""
+    import uvloop
+
+    from bpf.errors import AttachError, BpfLoadError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if config.workers != 1:
+        # TODO(agent, #5): worker processes need the learned-FQDN push to cross processes first.
+        log.warning("membrane run: --workers %d requested; the agent runs one proxy worker for now", config.workers)
+    agent = Agent(config)
+    try:
+        return uvloop.run(agent.run())
+    except (BpfLoadError, AttachError, OSError) as e:
+        print(f"membrane run: {e}", file=sys.stderr)
+        return 2
+    finally:
+        agent._kx.shutdown(wait=True)

@@ -1,0 +1,176 @@
+"""`membrane run`, `membrane status`, `membrane endpoint list`, `membrane cleanup-stale`: the agent's CLI.
+
+Owns argument parsing and the rendering of the agent's status file (written by proxy/agent.py);
+never touches the kernel itself except through `bpf.stale.cleanup_stale` for `cleanup-stale`.
+Exit status: 0 on success, 1 on invalid input or when no agent is running, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy.agent import DEFAULT_STATUS_PATH, AgentConfig, run_agent
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the node agent: eBPF steering + transparent L7 proxy",
+        description="Enforce the policies for the endpoints on this node until SIGTERM/SIGINT.",
+    )
+    p.add_argument("--policies", action="append", required=True, metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--endpoints", required=True, metavar="FILE", help="endpoints file; `interface:` names each host-side veth")
+    p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
+    p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")
+    p.add_argument("--workers", type=int, default=1, help="proxy worker processes (currently 1)")
+    p.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run)
+
+    s = sub.add_parser("status", help="show the running agent's state")
+    s.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
+    s.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    s.set_defaults(func=_status)
+
+    e = sub.add_parser("endpoint", help="endpoint commands")
+    esub = e.add_subparsers(dest="endpoint_command", metavar="COMMAND")
+    esub.required = True
+    el = esub.add_parser("list", help="list endpoints like `cilium endpoint list`")
+    el.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
+    el.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    el.set_defaults(func=_endpoint_list)
+
+    c = sub.add_parser("cleanup-stale", help="remove kernel objects a crashed agent left behind (mbr_* only)")
+    c.set_defaults(func=_cleanup_stale)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        print("membrane run: --workers must be at least 1", file=sys.stderr)
+        return 2
+    config = AgentConfig(
+        policies=tuple(args.policies),
+        endpoints=args.endpoints,
+        flows=tuple(args.flows),
+        sockmap=args.sockmap,
+        workers=args.workers,
+        status_path=args.status_file,
+    )
+    return run_agent(config)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The running agent's status document, or None when no agent (alive) wrote one."""
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = doc.get("pid")
+    if not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return doc
+
+
+def _no_agent(path: Path) -> int:
+    print(f"membrane: no agent is running (no live status at {path})", file=sys.stderr)
+    return 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    doc = read_status(args.status_file)
+    if doc is None:
+        return _no_agent(args.status_file)
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return 0
+    eps = doc.get("endpoints", [])
+    ready = sum(1 for e in eps if e.get("status") == "ready")
+    ports = doc.get("proxy_ports", {})
+    print(f"Agent:        {'agent ready' if doc.get('state') == 'ready' else doc.get('state')} (pid {doc.get('pid')})")
+    print(f"Policies:     {', '.join(doc.get('policies', []))} ({doc.get('reloads', 0)} applied)")
+    print(f"Endpoints:    {ready}/{len(eps)} ready ({doc.get('endpoints_file')})")
+    print(f"Proxy:        tcp {ports.get('tcp4')}/{ports.get('tcp6')}  udp {ports.get('udp4')}/{ports.get('udp6')}"
+          f"  sockmap {'on' if doc.get('sockmap') else 'off'}")
+    drops = doc.get("drops", {})
+    print(f"Drops:        {', '.join(f'{k}={v}' for k, v in drops.items()) or 'none'}")
+    print(f"Flows:        {doc.get('flows', 0)}")
+    learned = doc.get("learned_fqdns", {})
+    if learned:
+        pairs = [f"{name}={','.join(ips)}" for name, ips in learned.items()]
+        print(f"FQDNs:        {' '.join(pairs)}")
+    for err in doc.get("errors", []):
+        print(f"Error:        {err} (last good policy kept)")
+    for warn in doc.get("warnings", []):
+        print(f"Warning:      {warn}")
+    return 0
+
+
+COLUMNS = (
+    "ENDPOINT",
+    "POLICY (ingress) ENFORCEMENT",
+    "POLICY (egress) ENFORCEMENT",
+    "IDENTITY",
+    "LABELS (source:key[=value])",
+    "IPv6",
+    "IPv4",
+    "STATUS",
+    "INTERFACE",
+)
+
+
+def endpoint_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """One row per endpoint (the first label line of each), in COLUMNS order."""
+    rows = []
+    for e in doc.get("endpoints", []):
+        labels = e.get("labels") or [""]
+        rows.append(
+            [
+                f"{e.get('id') or '-'} {e.get('namespace')}/{e.get('name')}",
+                "Enabled" if e.get("ingress_enforcement") else "Disabled",
+                "Enabled" if e.get("egress_enforcement") else "Disabled",
+                str(e.get("identity") or "-"),
+                labels[0],
+                ",".join(e.get("ipv6", [])),
+                ",".join(e.get("ipv4", [])),
+                str(e.get("status")),
+                str(e.get("interface") or "-"),
+            ]
+        )
+        for extra in labels[1:]:
+            rows.append(["", "", "", "", extra, "", "", "", ""])
+    return rows
+
+
+def _endpoint_list(args: argparse.Namespace) -> int:
+    doc = read_status(args.status_file)
+    if doc is None:
+        return _no_agent(args.status_file)
+    if args.output == "json":
+        print(json.dumps(doc.get("endpoints", []), indent=2))
+        return 0
+    rows = [list(COLUMNS), *endpoint_rows(doc)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    for r in rows:
+        print("   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cleanup_stale(args: argparse.Namespace) -> int:
+    from bpf.stale import cleanup_stale
+
+    removed = cleanup_stale()
+    for item in removed:
+        print(f"removed {item}")
+    if not removed:
+        print("nothing to remove")
+    return 0

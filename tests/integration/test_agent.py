@@ -1,0 +1,277 @@
+"""The node agent end to end: `membrane run` on pods (network namespaces) on the real kernel.
+
+Each test builds its pods, writes an endpoints file with `interface:` per pod, starts the agent as
+a subprocess, drives real clients, and afterwards asserts that nothing of ours is left in the
+kernel (tests/helpers/kernel.py). Root only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxy.live_demo import DNS_SERVER, HTTP_SERVER, TCP_PROBE, AgentProcess, start_agent
+from tests.helpers import kernel
+from tests.helpers.netns import Pod, Topology, topology, wait_for_line
+
+pytestmark = [pytest.mark.integration, pytest.mark.bpf]
+
+ROOT = Path(__file__).resolve().parents[2]
+HTTP_POLICY = ROOT / "examples" / "policies" / "http.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _root_and_clean() -> Iterator[None]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (BPF, netns)")
+    kernel.assert_clean()
+    yield
+    kernel.assert_clean()
+
+
+def endpoints_yaml(topo: Topology, labels: dict[str, str], *, listed: tuple[str, ...] | None = None) -> str:
+    """An endpoints file: pod name -> `app` label, with the pod's IPs and host-side veth."""
+    lines = ["endpoints:"]
+    for name, pod in topo.pods.items():
+        if listed is not None and name not in listed:
+            continue
+        lines += [
+            f"  - name: {name}",
+            f"    labels: {{app: {labels.get(name, name)}}}",
+            f"    ips: [{pod.ipv4}, {pod.ipv6}]",
+            f"    interface: {pod.host_if}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start_server(topo: Topology, pod: Pod, script: str, *args: str) -> None:
+    proc = topo.track(pod.popen([sys.executable, "-u", "-c", script, *args]))
+    wait_for_line(proc, "ready", timeout=20)
+
+
+def curl(pod: Pod, url: str, *, method: str = "GET", timeout_s: float = 3) -> tuple[str, str]:
+    """(HTTP status, body) as curl in `pod` saw them; status "000" when no connection was made."""
+    out = pod.run(["curl", "-s", "-m", str(timeout_s), "-X", method, "-w", "\n%{http_code}", url], check=False, timeout=30)
+    body, _, code = out.stdout.rpartition("\n")
+    return code.strip(), body.strip()
+
+
+def probe(pod: Pod, host: object, port: int, timeout_s: float = 1.5) -> str:
+    return pod.run([sys.executable, "-c", TCP_PROBE, str(host), str(port), str(timeout_s)], timeout=30).stdout.strip()
+
+
+def dig(pod: Pod, server: object, name: str, *, tcp: bool = False) -> str:
+    argv = ["dig", f"@{server}", name, "A", "+time=2", "+tries=1", "+noall", "+comments", "+answer"]
+    if tcp:
+        argv.append("+tcp")
+    return pod.run(argv, check=False).stdout
+
+
+def status_word(dig_output: str) -> str:
+    for line in dig_output.splitlines():
+        if "status:" in line:
+            return line.split("status:")[1].split(",")[0].strip()
+    return "TIMEOUT"
+
+
+@pytest.fixture
+def http_pods(tmp_path: Path) -> Iterator[tuple[Topology, Path]]:
+    """frontend (HTTP :80), backend, debug; the endpoints file of examples/policies/http.yaml."""
+    with topology("frontend", "backend", "debug") as topo:
+        start_server(topo, topo.pods["frontend"], HTTP_SERVER, "80")
+        eps = tmp_path / "endpoints.yaml"
+        eps.write_text(endpoints_yaml(topo, {}))
+        yield topo, eps
+
+
+@pytest.fixture
+def agent_box() -> Iterator[list[AgentProcess]]:
+    """Agents a test started; each is stopped (SIGTERM, exit 0 asserted by the test) or killed at teardown."""
+    agents: list[AgentProcess] = []
+    yield agents
+    for a in agents:
+        if a.proc.poll() is None:
+            a.stop()
+
+
+@pytest.mark.parametrize("sockmap", [False, True], ids=["sockmap-off", "sockmap-on"])
+def test_http_allowed_denied_and_source_preserved(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], sockmap: bool
+) -> None:
+    """Seed example: frontend accepts only GET /api from backend on 80 (403 otherwise, other pods dropped); same with sockmap."""
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    agent = start_agent([HTTP_POLICY], eps, tmp_path, sockmap=sockmap)
+    agent_box.append(agent)
+    code, body = curl(be, f"http://{fe.ipv4}/api")
+    assert (code, body) == ("200", f"hello {be.ipv4} GET /api")  # the server saw the client's own address
+    assert curl(be, f"http://{fe.ipv4}/admin") == ("403", "Access denied")
+    assert curl(be, f"http://{fe.ipv4}/api", method="POST")[0] == "403"
+    assert curl(dbg, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"
+    code6, body6 = curl(be, f"http://[{fe.ipv6}]/api")
+    assert (code6, body6) == ("200", f"hello {be.ipv6} GET /api")
+    time.sleep(0.3)
+    flows = agent.flows()
+    l7 = [(f["verdict"], f["l7"]["http"]["url"]) for f in flows if f.get("Type") == "L7" and not f["is_reply"]]
+    assert ("FORWARDED", f"http://{fe.ipv4}/api") in l7
+    assert ("DROPPED", f"http://{fe.ipv4}/admin") in l7
+    assert all(f["source"]["pod_name"] == "backend" for f in flows if f.get("Type") == "L7")
+    assert agent.stop() == 0
+
+
+def test_l3l4_drop_times_out_and_is_recorded(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """An L3/L4 deny drops the SYN in the kernel (connect times out) and becomes a DROPPED L3_L4 flow record."""
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    agent = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(agent)
+    assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # no allow for debug at all
+    assert probe(be, fe.ipv4, 8080) == "TIMEOUT"  # backend, but another port
+    deadline = time.monotonic() + 3
+    drops: list[dict[str, object]] = []
+    while time.monotonic() < deadline and len({(d["destination"]["port"]) for d in drops}) < 2:  # type: ignore[index]
+        drops = [f for f in agent.flows() if f.get("Type") == "L3_L4"]
+        time.sleep(0.1)
+    seen = {(d["source"]["pod_name"], d["destination"]["port"], d["drop_reason_desc"]) for d in drops}  # type: ignore[index]
+    assert ("debug", 80, "INGRESS_DENIED") in seen
+    assert ("backend", 8080, "INGRESS_DENIED") in seen
+    assert agent.status()["drops"]["ingress_denied"] >= 2
+    assert agent.stop() == 0
+
+
+DNS_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: dns}}]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns: [{matchPattern: "*.allowed.test"}]
+    - toFQDNs: [{matchName: "www.allowed.test"}]
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
+"""
+
+
+def test_dns_steered_refused_and_tofqdns(tmp_path: Path, agent_box: list[AgentProcess]) -> None:
+    """DNS over UDP and TCP goes through the proxy (REFUSED for names the rule lacks); toFQDNs opens the answered IP only after the answer."""
+    with topology("client", "dns", "web") as topo:
+        client, dns, web = topo.pods["client"], topo.pods["dns"], topo.pods["web"]
+        start_server(topo, web, HTTP_SERVER, "80")
+        start_server(topo, dns, DNS_SERVER, str(dns.ipv4), f"www.allowed.test={web.ipv4}", f"www.denied.test={web.ipv4}")
+        eps = tmp_path / "endpoints.yaml"
+        eps.write_text(endpoints_yaml(topo, {}, listed=("client", "dns")))  # web is outside the cluster: `world`
+        pol = tmp_path / "dns.yaml"
+        pol.write_text(DNS_POLICY)
+        agent = start_agent([pol], eps, tmp_path)
+        agent_box.append(agent)
+        assert probe(client, web.ipv4, 80) == "TIMEOUT"  # not learned yet
+        out = dig(client, dns.ipv4, "www.allowed.test")
+        assert status_word(out) == "NOERROR" and str(web.ipv4) in out
+        assert probe(client, web.ipv4, 80) == "CONNECTED"  # learned from the answer
+        assert probe(client, web.ipv4, 81) == "TIMEOUT"  # only the port the rule names
+        assert status_word(dig(client, dns.ipv4, "www.denied.test")) == "REFUSED"
+        assert status_word(dig(client, dns.ipv4, "www.denied.test", tcp=True)) == "REFUSED"
+        assert status_word(dig(client, dns.ipv4, "other.allowed.test", tcp=True)) == "NXDOMAIN"  # allowed, forwarded
+        time.sleep(0.3)
+        dns_flows = [f for f in agent.flows() if "dns" in f.get("l7", {})]
+        queries = {(f["verdict"], f["l7"]["dns"]["query"], f["l4"].get("TCP") is not None) for f in dns_flows if not f["is_reply"]}
+        assert ("DROPPED", "www.denied.test.", False) in queries
+        assert ("DROPPED", "www.denied.test.", True) in queries
+        assert ("FORWARDED", "www.allowed.test.", False) in queries
+        assert agent.status()["learned_fqdns"] == {"www.allowed.test.": [str(web.ipv4)]}
+        assert agent.stop() == 0
+
+
+KEEPALIVE_CLIENT = """
+import http.client, os, sys, time
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=5)
+for i in range(2):
+    c.request("GET", "/api"); r = c.getresponse(); print(r.status, r.read().decode().strip(), flush=True)
+    while i == 0 and not os.path.exists(sys.argv[2]): time.sleep(0.05)
+"""
+
+
+def test_policy_edit_applies_to_live_connection(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """An edited policy file is applied without a restart, to the next request of an open keep-alive connection; an invalid edit keeps the last good policy."""
+    topo, eps = http_pods
+    fe, be = topo.pods["frontend"], topo.pods["backend"]
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(HTTP_POLICY.read_text())
+    agent = start_agent([pol], eps, tmp_path)
+    agent_box.append(agent)
+    go = tmp_path / "go"
+    proc = topo.track(be.popen([sys.executable, "-u", "-c", KEEPALIVE_CLIENT, str(fe.ipv4), str(go)]))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("200 ")
+    reloads = agent.status()["reloads"]
+    pol.write_text(HTTP_POLICY.read_text().replace('path: "/api"', 'path: "/v2/.*"'))
+    assert agent.wait_reloads(reloads + 1)["reloads"] == reloads + 1
+    go.touch()
+    assert proc.stdout.readline().startswith("403 ")  # same connection, new policy
+    assert proc.wait(10) == 0
+    assert curl(be, f"http://{fe.ipv4}/v2/items")[0] == "200"
+    pol.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, ingress: [{toPort: []}]}\n")
+    doc = agent.wait_reloads(reloads + 5, timeout_s=5)
+    assert doc["errors"] and "toPort" in " ".join(doc["errors"])
+    assert curl(be, f"http://{fe.ipv4}/v2/items")[0] == "200"  # last good policy still enforced
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "403"
+    assert agent.stop() == 0
+
+
+def test_sigkill_fails_closed_and_restart_leaves_no_strays(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """After SIGKILL the kernel keeps L3/L4 verdicts and L7 ports fail closed; a new agent replaces the leftovers and leaves nothing after SIGTERM."""
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    first = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(first)
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    assert kernel.leftovers()  # the programs stay attached after a crash
+    assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # L3/L4 still enforced
+    assert curl(be, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # no proxy: the L7 port fails closed
+    second = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(second)
+    filters = subprocess.run(["tc", "filter", "show", "dev", fe.host_if, "ingress"], capture_output=True, text=True).stdout
+    assert filters.count("name mbr_tc_steer") == 1  # the stale filter was replaced, not doubled
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+    assert second.stop() == 0
+    left = [x for x in kernel.leftovers() if "link" not in x and "netns" not in x]
+    assert left == []
+
+
+def test_status_and_endpoint_list(http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]) -> None:
+    """`membrane status` and `membrane endpoint list` report the running agent's endpoints, identities and enforcement."""
+    topo, eps = http_pods
+    agent = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(agent)
+    cli = [sys.executable, "-m", "proxy.cli"]
+    st = subprocess.run([*cli, "status", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
+    assert st.returncode == 0 and "agent ready" in st.stdout and "3/3 ready" in st.stdout
+    el = subprocess.run([*cli, "endpoint", "list", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
+    assert el.returncode == 0
+    rows = {line.split()[1]: line for line in el.stdout.splitlines()[1:] if line.split() and line.split()[0].isdigit()}
+    assert set(rows) == {"default/frontend", "default/backend", "default/debug"}
+    assert "Enabled" in rows["default/frontend"] and topo.pods["frontend"].host_if in rows["default/frontend"]
+    assert rows["default/backend"].count("Disabled") == 2
+    assert agent.stop() == 0
+    gone = subprocess.run([*cli, "status", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
+    assert gone.returncode == 1
