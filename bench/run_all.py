@@ -393,12 +393,17 @@ def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
     _emit(out, sec, rows)
 
     sec = Section("http1-memory", f"Memory per idle proxied connection pair: {cfg.idle_conns:,} keep-alive "
-                  "connections, one request each, then idle; VmRSS of the proxy's process tree before/after",
+                  "connections, one request each, then idle; VmRSS of a freshly started proxy's process tree "
+                  "before/after",
                   (Column("connections", "connections", "int"), Column("RSS before", "rss_before_kib", "kib"),
                    Column("RSS after", "rss_after_kib", "kib"), Column("per connection", "kib_per_conn", "kib"),
                    Column("backend conns", "upstream_conns", "int")))
     rows = []
-    for target in targets:
+    # Fresh processes: memory a proxy freed after the load runs above would otherwise absorb new connections.
+    _, fresh = http_targets(cfg)
+    fresh.insert(3, Target("haproxy-private", _peer(lambda st, port, up: peers.start_haproxy(st, port, up, "never"),
+                                                    "http")))
+    for target in fresh:
         row_id = f"{sec.id}/{target.name}"
         if not cfg.wants(row_id):
             continue
@@ -412,12 +417,17 @@ def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
             row.values, row.command = res.values, res.command.replace("PID", str(target.proc.pid))
             row.proxy_command = _display_proxy(target.proxy_command, stack)
             if 0 <= res.values["upstream_conns"] < 0.9 * count:
-                row.note = (f"the backend held only {res.values['upstream_conns']:.0f} connections: this proxy "
+                row.note = (f"the backend held only {res.values['upstream_conns']:.0f} connection(s): this proxy "
                             "shares upstream connections, so this is per client connection, not per pair")
+            elif target.name == "haproxy-private":
+                row.note = "HAProxy with http-reuse never: one server connection per client, as Membrane"
         except _TargetFailed as exc:
             row.status, row.note = exc.status, exc.reason
         except Exception as exc:
             row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
+        finally:
+            if target.proc is not None:
+                stack.stop(target.proc)
         rows.append(row)
     _emit(out, sec, rows)
 
@@ -466,6 +476,13 @@ def run_dns(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> 
                    Column("vs direct", "x_direct", "ratio")))
     rows = interleaved(cfg, stack, sec.id, direct, targets,
                        lambda port: dns_bench.saturation(port, duration_s=cfg.duration_s),
+                       compare=ratio_of("qps"))
+    _emit(out, sec, rows)
+    sec = Section("dns-tcp", f"DNS over TCP at saturation: dnsperf -m tcp -c4 -q100 -l{cfg.latency_s:g}",
+                  (Column("q/s", "qps", "rate"), Column("lost", "lost", "int"), Column("mean", "mean_us", "us"),
+                   Column("vs direct", "x_direct", "ratio")))
+    rows = interleaved(cfg, stack, sec.id, direct, targets,
+                       lambda port: dns_bench.saturation(port, duration_s=cfg.latency_s, mode="tcp"),
                        compare=ratio_of("qps"))
     _emit(out, sec, rows)
 
@@ -531,6 +548,60 @@ def _emit(out: list[tuple[Section, list[Row]]], section: Section, rows: list[Row
     if rows:
         out.append((section, rows))
         print_section(section, rows)
+
+
+# --- goals (issue 4) ----------------------------------------------------------------------------------------------
+
+# (section, value key, comparison, threshold, how the goal reads, display format)
+GOALS: tuple[tuple[str, str, str, float, str, str], ...] = (
+    ("http1", "x_direct", ">=", 0.35, "HTTP/1.1 keep-alive req/s >= 0.35x direct", "ratio"),
+    ("http1", "x_haproxy", ">=", 0.8, "HTTP/1.1 keep-alive req/s >= 0.8x HAProxy", "ratio"),
+    ("http1-c1", "added_p50_us", "<", 100, "added p50 at one connection < 100 us", "added"),
+    ("http1-rate", "p99_us", "<", 1000, "p99 at 1,000 req/s < 1 ms", "us"),
+    ("dns-rate", "lost", "<=", 0, "DNS at 1,000 q/s: zero lost queries", "int"),
+    ("dns-rate", "added_p99_us", "<", 2000, "DNS at 1,000 q/s: added p99 < 2 ms", "added"),
+    ("dns-max", "qps", ">=", 20000, "DNS at saturation >= 20k q/s", "rate"),
+    ("kafka", "x_direct", ">=", 0.9, "Kafka produce >= 0.9x direct", "ratio"),
+    ("http1-memory", "kib_per_conn", "<", 32, "idle proxied connection pair < 32 KiB", "kib"),
+)
+
+
+def goal_rows(out: list[tuple[Section, list[Row]]]) -> list[dict[str, Any]]:
+    """Each Membrane row measured against the goals of issue 4: met or missed, and by how much."""
+    results: list[dict[str, Any]] = []
+    by_section = {section.id: rows for section, rows in out}
+    for section_id, key, op, threshold, text, fmt in GOALS:
+        for row in by_section.get(section_id, []):
+            if not row.target.startswith("membrane"):
+                continue
+            value = row.values.get(key, row.derived.get(key)) if row.status == "ok" else None
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                verdict = f"not measured ({row.status}{': ' + one_line(row.note, 80) if row.note else ''})"
+            else:
+                met = {">=": value >= threshold, "<": value < threshold, "<=": value <= threshold}[op]
+                if met:
+                    verdict = "met"
+                elif op == ">=":
+                    verdict = f"missed: {value / threshold:.2f}x of the goal" if threshold else "missed"
+                else:
+                    verdict = f"missed by {_fmt(value - threshold, fmt).lstrip('+')}"
+            results.append({"goal": text, "target": row.target, "measured": None if value is None else value,
+                            "shown": _fmt(value, fmt), "verdict": verdict})
+    return results
+
+
+def print_goals(goals: list[dict[str, Any]]) -> None:
+    if not goals:
+        return
+    print("\n## Goals of issue 4 (Membrane rows of this run)")
+    widths = [max(len(h), *(len(str(g[k])) for g in goals)) for h, k in
+              (("goal", "goal"), ("target", "target"), ("measured", "shown"), ("verdict", "verdict"))]
+    headers = ("goal", "target", "measured", "verdict")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for g in goals:
+        cells = (g["goal"], g["target"], g["shown"], g["verdict"])
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |")
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -635,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
             status = 130
         finally:
             _keep_configs(stack)
-    _write_json(json_path, cfg, started, out)
+    goals = goal_rows(out)
+    print_goals(goals)
+    _write_json(json_path, cfg, started, out, goals)
     print(f"\nresults: {json_path}")
     return status
 
@@ -652,7 +725,8 @@ def _keep_configs(stack: Stack) -> None:
             (dest / path.name).write_text(text)
 
 
-def _write_json(path: Path, cfg: Config, started: dt.datetime, out: list[tuple[Section, list[Row]]]) -> None:
+def _write_json(path: Path, cfg: Config, started: dt.datetime, out: list[tuple[Section, list[Row]]],
+                goals: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
@@ -660,6 +734,7 @@ def _write_json(path: Path, cfg: Config, started: dt.datetime, out: list[tuple[S
         "host": {"cores": CORES, "platform": platform.platform()},
         "config": {k: v for k, v in asdict(cfg).items()},
         "sections": [{"id": s.id, "title": s.title, "rows": [asdict(r) for r in rows]} for s, rows in out],
+        "goals": goals,
     }
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 

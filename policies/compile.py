@@ -471,9 +471,9 @@ class _Compiler:
         return bits, all_peers
 
     def _contributions(self, policy: Policy, entry: PeerRule) -> list[Contribution]:
+        # Entries that select no peer right now (e.g. toFQDNs before any DNS answer) are kept: they
+        # match nothing, but `trace` lists them among the rules it considered.
         peers, all_peers = self._peer_bits(entry)
-        if not peers and not all_peers:
-            return []
         prefix = f"{policy.key}: "
         out: list[Contribution] = []
         if not entry.to_ports:

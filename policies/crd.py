@@ -562,7 +562,7 @@ def _parse_http(value: object, path: str) -> HttpRule:
             matches.append(
                 HeaderMatch(
                     name=name,
-                    value=as_str(hv, join(p, "value")) if hv is not None else None,
+                    value=(as_str(hv, join(p, "value")) or None) if hv is not None else None,
                     secret=secret,
                     mismatch=mismatch,
                 )
@@ -892,9 +892,8 @@ def _parse_rule(value: object, path: str, namespace: str | None) -> Rule:
             for i, v in enumerate(as_list(raw, sp))
         ]
 
-    sections = [opt(m, k) for k in ("ingress", "ingressDeny", "egress", "egressDeny")]
-    if all(v is None or v == [] for v in sections):
-        fail(path, "rule must have at least one of ingress, ingressDeny, egress, egressDeny")
+    # A rule with no ingress/egress sections is valid in Cilium (Rule.Sanitize has no such check): it
+    # selects its endpoints and, having no peer rules, enables default deny for neither direction.
     dd_in = dd_eg = True
     raw_dd = opt(m, "enableDefaultDeny")
     if raw_dd is not None:

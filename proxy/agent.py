@@ -20,11 +20,12 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -47,7 +48,6 @@ from policies import (
 )
 from policies.compile import Peer as PolicyPeer
 from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, Flow, FlowContext, FlowSink, Peer
-from proxy.gateway import SESSIONS
 from proxy.metrics import Metrics
 from proxy.policy_files import PathProblem, policy_files, read_endpoints, read_policies
 from proxy.server import (
@@ -68,7 +68,9 @@ from proxy.session import (
     Session,
     wall_clock_ns,
 )
-from proxy.session_dns import DnsDatagramSession
+from proxy.session_dns import DnsDatagramSession, DnsTcpSession
+from proxy.session_http2 import HttpSession
+from proxy.session_kafka import KafkaLearned, KafkaSession
 
 log = logging.getLogger("membrane.agent")
 T = TypeVar("T")
@@ -227,6 +229,20 @@ class TransparentPolicy:
     fqdn: FqdnCache
     own_ports: frozenset[int] = frozenset()  # the listeners' ports: never a valid original destination
     flows: FlowSink | None = None
+    # What Metadata answers taught about each Kafka broker address (topic ids, the broker list that
+    # refusals must carry), shared by that broker's connections.
+    kafka: dict[tuple[str, int], KafkaLearned] = field(default_factory=dict)
+
+    def _build(self, parser: ParserType, context: FlowContext, policy: ConnectionPolicy, dst: tuple[str, int]) -> Session | None:
+        """The session for an L7 parser; None = no session for it here (the caller fails closed)."""
+        match parser:
+            case ParserType.HTTP:
+                return HttpSession(context=context, policy=policy)
+            case ParserType.DNS:
+                return DnsTcpSession(context=context, policy=policy, fqdn=self.fqdn)
+            case ParserType.KAFKA:
+                return KafkaSession(context=context, policy=policy, learned=self.kafka.setdefault(dst, KafkaLearned()))
+        return None
 
     def _lookup(self, pmap: PolicyMap, src: PolicyPeer, dst: PolicyPeer, port: int, proto: L4Proto) -> ConnectionPolicy:
         egress = pmap.lookup(src.endpoint, PolicyDirection.EGRESS, dst.identity, port, proto) if src.endpoint else None
@@ -286,10 +302,10 @@ class TransparentPolicy:
             return DeniedSession(context=context, reason="policy_conflict", rule=policy.matched)
         if parser is None:
             return PassThroughSession(context=context)
-        builder = SESSIONS.get(parser)
-        if builder is None:
+        session = self._build(parser, context, policy, (dst_ip, port))
+        if session is None:
             return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
-        return builder(context, policy, self.fqdn)
+        return session
 
     def datagram(self, info: ConnectionInfo) -> DatagramSession | None:
         """The server's DatagramFactory: DNS over UDP judged per query; None = dropped at L3/L4."""
@@ -514,6 +530,7 @@ class Agent:
         self._streams: list[IO[str]] = []
         self._inputs: tuple[tuple[Policy, ...], Endpoints] = ((), Endpoints())  # the last good policies and endpoints
         self._compiled_learned: Mapping[str, frozenset[str]] = {}
+        self.workers: list[WorkerHandle] = []
         # pyroute2's IPRoute runs an asyncio loop of its own, which cannot nest in ours: every call
         # into bpf/ happens on this one thread, synchronously (the proxy waits, as it must for toFQDNs).
         self._kx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbr-kernel")
@@ -611,7 +628,53 @@ class Agent:
         self._compiled_learned = learned
         self.reloads += 1
         log.info("policy applied (%s): %d endpoints attached", reason, len(self.attached))
+        self._broadcast()
         self.write_status()
+
+    # --- worker processes (--workers N) ---------------------------------------------------------
+    def _broadcast(self) -> None:
+        """Tell every worker to recompile (re-reading the files) with the learned names we hold now."""
+        msg = {"type": "policy", "learned": {k: sorted(v) for k, v in self._compiled_learned.items()}}
+        for w in self.workers:
+            w.send(msg)
+
+    async def _start_workers(self, n: int, ports: ProxyPorts) -> None:
+        assert self.listeners is not None
+        loop = asyncio.get_running_loop()
+        for i in range(1, n):
+            w = WorkerHandle.spawn(i, self.config, self.listeners, ports, self._compiled_learned)
+            self.workers.append(w)
+            loop.add_reader(w.ctl.fileno(), self._from_worker, w)
+        deadline = time.monotonic() + 30
+        while any(not w.ready for w in self.workers):
+            if time.monotonic() > deadline or any(w.proc.poll() is not None for w in self.workers):
+                raise OSError("a proxy worker did not start")
+            await asyncio.sleep(0.02)
+
+    def _from_worker(self, w: WorkerHandle) -> None:
+        for msg in w.receive():
+            if msg.get("type") == "ready":
+                w.ready = True
+            elif msg.get("type") == "learned":
+                # Recompiles and broadcasts (through _on_learned) before the worker relays the answer.
+                self.fqdn.add(str(msg["name"]), [str(ip) for ip in msg["ips"]], ttl_s=float(msg["ttl"]), now=time.monotonic())
+                w.send({"type": "ack"})
+
+    async def _stop_workers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for w in self.workers:
+            with contextlib.suppress(OSError, ValueError):
+                loop.remove_reader(w.ctl.fileno())
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            try:
+                await loop.run_in_executor(None, w.proc.wait, self.config.drain_timeout_s + 5)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+            w.ctl.close()
+        self.workers.clear()
 
     def _on_learned(self) -> None:
         """A DNS answer named a new IP: recompile with it and push it (called before the answer is relayed)."""
@@ -734,11 +797,18 @@ class Agent:
             tcp = [s for s in (self.listeners.tcp4, self.listeners.tcp6) if s is not None]
             udp = [s for s in (self.listeners.udp4, self.listeners.udp6) if s is not None]
             await self.proxy.start(tcp, udp)
+            try:
+                await self._start_workers(self.config.workers, ports)
+            except BaseException:
+                await self._stop_workers()
+                await self.proxy.drain()
+                raise
             self.ready = True
             self.write_status()
             print(
                 f"membrane agent ready: {len(self.attached)} endpoint(s) attached, proxy tcp {ports.tcp4}/{ports.tcp6} "
-                f"udp {ports.udp4}/{ports.udp6}{', sockmap on' if self.config.sockmap else ''}",
+                f"udp {ports.udp4}/{ports.udp6}, {1 + len(self.workers)} worker(s)"
+                f"{', sockmap on' if self.config.sockmap else ''}",
                 file=self.out,
                 flush=True,
             )
@@ -747,7 +817,7 @@ class Agent:
             finally:
                 self.ready = False
                 log.info("stopping: draining %d connections", len(self.proxy.connections))
-                await self.proxy.drain()
+                await asyncio.gather(self._stop_workers(), self.proxy.drain())
                 self._read_drops()
         return 0
 
@@ -821,9 +891,6 @@ def run_agent(config: AgentConfig) -> int:
     from bpf.errors import AttachError, BpfLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    if config.workers != 1:
-        # TODO(agent, #5): worker processes need the learned-FQDN push to cross processes first.
-        log.warning("membrane run: --workers %d requested; the agent runs one proxy worker for now", config.workers)
     agent = Agent(config)
     try:
         return uvloop.run(agent.run())
@@ -832,3 +899,223 @@ def run_agent(config: AgentConfig) -> int:
         return 2
     finally:
         agent._kx.shutdown(wait=True)
+
+
+# --- proxy worker processes -------------------------------------------------------------------------
+#
+# With --workers N the agent process runs worker 0 (and owns every kernel object); workers 1..N-1 are
+# fresh interpreters that share the listening sockets (passed as fds) and only proxy. A control
+# socket per worker carries JSON lines: agent -> worker {"type": "policy", "learned": {...}} (recompile
+# from the files with these learned names) and {"type": "ack"}; worker -> agent {"type": "ready"} and
+# {"type": "learned", name, ips, ttl}. A worker that learns a DNS name waits for the ack, so the kernel
+# knows the IP before the answer is relayed, as in the single-process agent. A worker whose control
+# socket closes (the agent died) drains and exits, so a crashed agent's L7 ports fail closed.
+
+
+class WorkerHandle:
+    """The agent's end of one worker process."""
+
+    def __init__(self, index: int, proc: subprocess.Popen[bytes], ctl: socket.socket) -> None:
+        self.index = index
+        self.proc = proc
+        self.ctl = ctl
+        self.ready = False
+        self._buf = b""
+
+    @classmethod
+    def spawn(
+        cls, index: int, config: AgentConfig, listeners: Listeners, ports: ProxyPorts, learned: Mapping[str, Iterable[str]]
+    ) -> WorkerHandle:
+        ours, theirs = socket.socketpair()
+        fds = {
+            "tcp": [s.fileno() for s in (listeners.tcp4, listeners.tcp6) if s is not None],
+            "udp": [s.fileno() for s in (listeners.udp4, listeners.udp6) if s is not None],
+        }
+        spec = {
+            "index": index,
+            "policies": list(config.policies),
+            "endpoints": config.endpoints,
+            "flows": list(config.flows),
+            "drain_timeout_s": config.drain_timeout_s,
+            "ctl": theirs.fileno(),
+            "fds": fds,
+            "own_ports": sorted({ports.tcp4, ports.tcp6, ports.udp4, ports.udp6}),
+            "learned": {k: sorted(v) for k, v in learned.items()},
+        }
+        pass_fds = (theirs.fileno(), *fds["tcp"], *fds["udp"])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from proxy.agent import worker_main; sys.exit(worker_main(sys.argv[1]))",
+             json.dumps(spec)],
+            pass_fds=pass_fds,
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+        theirs.close()
+        ours.setblocking(False)
+        return cls(index, proc, ours)
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        self.ctl.setblocking(True)
+        try:
+            self.ctl.sendall(data)
+        except OSError as e:
+            log.warning("worker %d: %s", self.index, e)
+        finally:
+            self.ctl.setblocking(False)
+
+    def receive(self) -> list[dict[str, Any]]:
+        try:
+            chunk = self.ctl.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            chunk = b""
+        if not chunk:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.ctl.fileno())
+            return []
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        out = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+class _Control:
+    """A worker's end of its control socket: line-buffered JSON, with a blocking request/ack for learned names."""
+
+    def __init__(self, sock: socket.socket, on_policy: Callable[[Mapping[str, Iterable[str]]], None]) -> None:
+        self.sock = sock
+        self.on_policy = on_policy
+        self.closed = asyncio.Event()
+        self._buf = b""
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall((json.dumps(msg) + "\n").encode())
+        finally:
+            self.sock.setblocking(False)
+
+    def _handle(self, msg: Mapping[str, Any]) -> bool:
+        """Process one message; True when it was an ack."""
+        if msg.get("type") == "policy":
+            self.on_policy(msg.get("learned") or {})
+        return msg.get("type") == "ack"
+
+    def _lines(self, chunk: bytes) -> list[dict[str, Any]]:
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        out = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def readable(self) -> None:
+        try:
+            chunk = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.closed.set()  # the agent is gone: stop proxying (fail closed)
+            return
+        for msg in self._lines(chunk):
+            self._handle(msg)
+
+    def learned(self, name: str, ips: Sequence[str], ttl_s: float, timeout_s: float = 2.0) -> None:
+        """Report a learned name and wait (blocking) until the agent has pushed it into the kernel."""
+        self.send({"type": "learned", "name": name, "ips": list(ips), "ttl": ttl_s})
+        self.sock.settimeout(timeout_s)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return
+                if any([self._handle(m) for m in self._lines(chunk)]):
+                    return
+        except OSError as e:
+            log.warning("no ack for learned name %s: %s", name, e)
+        finally:
+            self.sock.setblocking(False)
+
+
+class _ReportingFqdnCache(FqdnCache):
+    """A worker's FqdnCache: a new (name, IP) pair goes to the agent, which pushes it to the kernel first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.control: _Control | None = None
+
+    def add(self, name: str, ips: Iterable[str], *, ttl_s: float, now: float) -> None:
+        ips = list(ips)
+        before = self.generation
+        super().add(name, ips, ttl_s=ttl_s, now=now)
+        if self.generation != before and self.control is not None:
+            self.control.learned(name, ips, ttl_s)
+
+
+def worker_main(spec_json: str) -> int:
+    """Entry point of a proxy worker process (started by the agent; not a user command)."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    spec = json.loads(spec_json)
+    return uvloop.run(_worker(spec))
+
+
+async def _worker(spec: dict[str, Any]) -> int:
+    loop = asyncio.get_running_loop()
+    config = AgentConfig(
+        policies=tuple(spec["policies"]),
+        endpoints=spec["endpoints"],
+        flows=tuple(spec["flows"]),
+        drain_timeout_s=float(spec["drain_timeout_s"]),
+    )
+    inputs = load(config)
+    holder = PolicyHolder(compile_policy(*inputs, spec["learned"]))
+
+    def on_policy(learned: Mapping[str, Iterable[str]]) -> None:
+        nonlocal inputs
+        try:
+            inputs = load(config)
+        except (InvalidPolicy, PathProblem) as e:
+            log.warning("worker %d keeps its last good policy: %s", spec["index"], e)
+        holder.replace(compile_policy(*inputs, learned))
+
+    ctl_sock = socket.socket(fileno=int(spec["ctl"]))
+    ctl_sock.setblocking(False)
+    control = _Control(ctl_sock, on_policy)
+    fqdn = _ReportingFqdnCache()
+    fqdn.control = control
+    streams = _open_streams(config.flows)
+    sink = FlowSink(streams)
+    tcp = [socket.socket(fileno=fd) for fd in spec["fds"]["tcp"]]
+    udp = [socket.socket(fileno=fd) for fd in spec["fds"]["udp"]]
+    tp = TransparentPolicy(holder=holder, fqdn=fqdn, own_ports=frozenset(spec["own_ports"]), flows=sink)
+    proxy = Proxy(
+        config=ProxyConfig(transparent=True, drain_timeout_s=config.drain_timeout_s),
+        factory=tp.session,
+        upstream=None,
+        flows=sink,
+        datagram_factory=tp.datagram,
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await proxy.start(tcp, udp)
+    loop.add_reader(ctl_sock.fileno(), control.readable)
+    control.send({"type": "ready"})
+    closed = asyncio.ensure_future(control.closed.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    for task in (closed, stopped):
+        task.cancel()
+    await proxy.drain()
+    _close_streams(streams)
+    return 0

@@ -21,19 +21,34 @@ from proxy.session_dns import DnsDatagramSession, DnsTcpSession
 from proxy.session_http2 import HttpSession
 from proxy.session_kafka import KafkaLearned, KafkaSession
 
-SessionBuilder = Callable[[FlowContext, ConnectionPolicy, "GatewayPolicy"], Session]
+# Builders take (flow context, connection policy, the FQDN cache that DNS answers feed). proxy/agent.py uses them too.
+SessionBuilder = Callable[[FlowContext, ConnectionPolicy, FqdnCache], Session]
+
+# What Metadata responses taught about each Kafka destination (ip, port), shared by its connections.
+_KAFKA_LEARNED: dict[tuple[str, int], KafkaLearned] = {}
+_KAFKA_LEARNED_MAX = 4096
 
 
-def _http(context: FlowContext, policy: ConnectionPolicy, gw: GatewayPolicy) -> Session:
+def kafka_learned(destination: Peer) -> KafkaLearned:
+    key = (destination.ip, destination.port)
+    learned = _KAFKA_LEARNED.get(key)
+    if learned is None:
+        if len(_KAFKA_LEARNED) >= _KAFKA_LEARNED_MAX:
+            _KAFKA_LEARNED.clear()
+        learned = _KAFKA_LEARNED[key] = KafkaLearned()
+    return learned
+
+
+def _http(context: FlowContext, policy: ConnectionPolicy, fqdn: FqdnCache) -> Session:
     return HttpSession(context=context, policy=policy)
 
 
-def _dns(context: FlowContext, policy: ConnectionPolicy, gw: GatewayPolicy) -> Session:
-    return DnsTcpSession(context=context, policy=policy, fqdn=gw.fqdn)
+def _dns(context: FlowContext, policy: ConnectionPolicy, fqdn: FqdnCache) -> Session:
+    return DnsTcpSession(context=context, policy=policy, fqdn=fqdn)
 
 
-def _kafka(context: FlowContext, policy: ConnectionPolicy, gw: GatewayPolicy) -> Session:
-    return KafkaSession(context=context, policy=policy, learned=gw.kafka)
+def _kafka(context: FlowContext, policy: ConnectionPolicy, fqdn: FqdnCache) -> Session:
+    return KafkaSession(context=context, policy=policy, learned=kafka_learned(context.destination))
 
 
 # The session class for each L7 parser. A parser missing here fails closed (DeniedSession).
@@ -49,7 +64,6 @@ class GatewayPolicy:
     port: int  # the upstream's port: the port the policy is looked up for
     src: str | None = None  # "ns/name"; None = the endpoint owning the client's IP, else the ipcache identity
     fqdn: FqdnCache = field(default_factory=FqdnCache)  # names and IPs learned from relayed DNS answers
-    kafka: KafkaLearned = field(default_factory=KafkaLearned)  # topic ids and brokers of the upstream cluster
 
     def __post_init__(self) -> None:
         if self.dst not in self.pmap.endpoints:
@@ -108,7 +122,7 @@ def session_factory(gw: GatewayPolicy, upstream_ip: str) -> Callable[[Connection
         builder = SESSIONS.get(parser)
         if builder is None:
             return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
-        return builder(context, policy, gw)
+        return builder(context, policy, gw.fqdn)
 
     return factory
 

@@ -311,7 +311,13 @@ class AgentProcess:
 
 
 def start_agent(
-    policies: Sequence[Path | str], endpoints: Path, workdir: Path, *, sockmap: bool = False, timeout_s: float = 60
+    policies: Sequence[Path | str],
+    endpoints: Path,
+    workdir: Path,
+    *,
+    sockmap: bool = False,
+    workers: int = 1,
+    timeout_s: float = 60,
 ) -> AgentProcess:
     """Start `membrane run` and wait for `agent ready`. Raises RuntimeError if it never gets there."""
     flows = workdir / "flows.jsonl"
@@ -323,6 +329,8 @@ def start_agent(
     cmd += ["--endpoints", str(endpoints), "--flows", str(flows), "--status-file", str(status)]
     if sockmap:
         cmd.append("--sockmap")
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -386,6 +394,8 @@ def _kafka(topic: str) -> Callable[[str, list[dict[str, Any]]], str]:
     def judge(out: str, flows: list[dict[str, Any]]) -> str:
         if out.startswith("OK"):
             return "ALLOWED"
+        if "Authorization" in out:
+            return "L7_DENIED"
         for f in flows:
             kafka = f.get("l7", {}).get("kafka", {})
             if f.get("verdict") == "DROPPED" and topic in str(kafka.get("topic", {}).get("name", "")).split(","):

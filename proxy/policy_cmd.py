@@ -333,9 +333,14 @@ def trace_text(trace: Trace) -> str:
     lines = [
         f"{describe_peer(trace, trace.src)} -> {describe_peer(trace, trace.dst)} {trace.port}/{trace.proto.value}"
         + (f"  {trace.request.summary}" if trace.request.summary else ""),
-        _direction_text(r.egress),
-        _direction_text(r.ingress),
     ]
+    for d in (r.egress, r.ingress):
+        lines.append(_direction_text(d))
+        if d.endpoint is not None:
+            considered = list(dict.fromkeys(c.ref for c in trace.pmap.direction(d.endpoint, d.direction).contributions))
+            if considered:
+                more = f" (+{len(considered) - 6} more)" if len(considered) > 6 else ""
+                lines.append("        considered: " + "; ".join(considered[:6]) + more)
     for a in r.header_actions:
         lines.append(f"header action: {a.action.value} {a.name}" + (" = <redacted>" if a.value is not None or a.from_secret else ""))
     response = trace_json(trace)["response"]

@@ -44,6 +44,8 @@ from proxy.session import (
     wall_clock_ns,
 )
 
+MAX_PIPELINED = 1024  # requests read but not yet answered on one connection; beyond it the connection closes
+
 
 def apply_header_actions(headers: Headers, actions: tuple[HeaderAction, ...]) -> Headers:
     """The request's fields after `headerMatches` mismatch actions (ADD, DELETE, REPLACE; LOG changes nothing).
@@ -228,6 +230,12 @@ class Http1Session(Session):
 
     def _request(self, req: HttpRequest, actions: list[Action]) -> None:
         self._seen_request = True
+        if len(self._order) >= MAX_PIPELINED:
+            # Answers owed are held here, not in a socket buffer: bound them (a client pipelining
+            # without reading would otherwise make the proxy queue refusals without limit).
+            self._order.clear()
+            actions.extend(self.close())
+            return
         started = self.clock()
         url = f"http://{req.host or self.context.destination.ip}{req.target}"
         pending = _Pending(method=req.method, url=url, headers=req.headers, started_ns=started)

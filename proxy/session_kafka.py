@@ -29,6 +29,7 @@ from proxy.session import (
 )
 
 _METADATA = 3
+MAX_IN_FLIGHT = 1024  # answers owed on one connection; beyond it the connection closes
 
 
 @dataclass(slots=True)
@@ -113,6 +114,9 @@ class KafkaSession(Session):
 
     def _request(self, request: KafkaRequest, actions: list[Action]) -> None:
         now = self.clock()
+        if len(self._due) >= MAX_IN_FLIGHT:
+            actions.extend(self.close())  # bound what is held for the answer order (clients send 5 by default)
+            return
         if request.topic_ids and self.learned.names_by_id:
             request = kafka.resolve_topic_ids(request, self.learned.names_by_id)
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(request))

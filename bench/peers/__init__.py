@@ -263,10 +263,11 @@ def start_nginx(stack: Stack) -> Proc:
     return proc
 
 
-def start_haproxy(stack: Stack, listen_port: int, upstream_port: int) -> Proc:
+def start_haproxy(stack: Stack, listen_port: int, upstream_port: int, reuse: str = "safe") -> Proc:
+    """HAProxy, one thread, the bench rule; reuse="never" keeps one server connection per client connection."""
     haproxy = require_tool("haproxy", "haproxy")
     conf = stack.render("haproxy.cfg.tmpl", f"haproxy-{listen_port}.cfg", listen_port=listen_port,
-                        upstream_port=upstream_port)
+                        upstream_port=upstream_port, reuse=reuse)
     proc = stack.spawn("haproxy", [haproxy, "-db", "-f", str(conf)])
     wait_tcp(proc, listen_port)
     return proc

@@ -101,14 +101,16 @@ def agent_box() -> Iterator[list[AgentProcess]]:
             a.stop()
 
 
-@pytest.mark.parametrize("sockmap", [False, True], ids=["sockmap-off", "sockmap-on"])
+@pytest.mark.parametrize(
+    ("sockmap", "workers"), [(False, 1), (True, 1), (False, 2)], ids=["sockmap-off", "sockmap-on", "two-workers"]
+)
 def test_http_allowed_denied_and_source_preserved(
-    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], sockmap: bool
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], sockmap: bool, workers: int
 ) -> None:
-    """Seed example: frontend accepts only GET /api from backend on 80 (403 otherwise, other pods dropped); same with sockmap."""
+    """Seed example: frontend accepts only GET /api from backend on 80 (403 otherwise, other pods dropped); same with sockmap and with two workers."""
     topo, eps = http_pods
     fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
-    agent = start_agent([HTTP_POLICY], eps, tmp_path, sockmap=sockmap)
+    agent = start_agent([HTTP_POLICY], eps, tmp_path, sockmap=sockmap, workers=workers)
     agent_box.append(agent)
     code, body = curl(be, f"http://{fe.ipv4}/api")
     assert (code, body) == ("200", f"hello {be.ipv4} GET /api")  # the server saw the client's own address
@@ -166,7 +168,8 @@ spec:
 """
 
 
-def test_dns_steered_refused_and_tofqdns(tmp_path: Path, agent_box: list[AgentProcess]) -> None:
+@pytest.mark.parametrize("workers", [1, 3], ids=["one-worker", "three-workers"])
+def test_dns_steered_refused_and_tofqdns(tmp_path: Path, agent_box: list[AgentProcess], workers: int) -> None:
     """DNS over UDP and TCP goes through the proxy (REFUSED for names the rule lacks); toFQDNs opens the answered IP only after the answer."""
     with topology("client", "dns", "web") as topo:
         client, dns, web = topo.pods["client"], topo.pods["dns"], topo.pods["web"]
@@ -176,7 +179,7 @@ def test_dns_steered_refused_and_tofqdns(tmp_path: Path, agent_box: list[AgentPr
         eps.write_text(endpoints_yaml(topo, {}, listed=("client", "dns")))  # web is outside the cluster: `world`
         pol = tmp_path / "dns.yaml"
         pol.write_text(DNS_POLICY)
-        agent = start_agent([pol], eps, tmp_path)
+        agent = start_agent([pol], eps, tmp_path, workers=workers)
         agent_box.append(agent)
         assert probe(client, web.ipv4, 80) == "TIMEOUT"  # not learned yet
         out = dig(client, dns.ipv4, "www.allowed.test")
@@ -205,15 +208,16 @@ for i in range(2):
 """
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
 def test_policy_edit_applies_to_live_connection(
-    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], workers: int
 ) -> None:
     """An edited policy file is applied without a restart, to the next request of an open keep-alive connection; an invalid edit keeps the last good policy."""
     topo, eps = http_pods
     fe, be = topo.pods["frontend"], topo.pods["backend"]
     pol = tmp_path / "policy.yaml"
     pol.write_text(HTTP_POLICY.read_text())
-    agent = start_agent([pol], eps, tmp_path)
+    agent = start_agent([pol], eps, tmp_path, workers=workers)
     agent_box.append(agent)
     go = tmp_path / "go"
     proc = topo.track(be.popen([sys.executable, "-u", "-c", KEEPALIVE_CLIENT, str(fe.ipv4), str(go)]))
@@ -275,3 +279,39 @@ def test_status_and_endpoint_list(http_pods: tuple[Topology, Path], tmp_path: Pa
     assert agent.stop() == 0
     gone = subprocess.run([*cli, "status", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
     assert gone.returncode == 1
+
+
+def test_grpc_and_kafka_through_the_steering(tmp_path: Path, agent_box: list[AgentProcess]) -> None:
+    """gRPC (examples/policies/grpc.yaml) and Kafka (kafka.yaml) through the kernel steering: allowed calls pass, denied ones get PERMISSION_DENIED / TOPIC_AUTHORIZATION_FAILED."""
+    from proxy.live_demo import GRPC_CLIENT, GRPC_SERVER, KAFKA_BROKER, KAFKA_CLIENT
+
+    with topology("greeter", "greeter-client", "kafka", "order-service") as topo:
+        p = topo.pods
+        start_server(topo, p["greeter"], GRPC_SERVER, "50051")
+        start_server(topo, p["kafka"], KAFKA_BROKER, str(p["kafka"].ipv4))
+        lines = ["endpoints:"]
+        for name, ns in (("greeter", "default"), ("greeter-client", "default"), ("kafka", "shop"), ("order-service", "shop")):
+            pod = p[name]
+            lines += [f"  - name: {name}", f"    namespace: {ns}", f"    labels: {{app: {name}}}",
+                      f"    ips: [{pod.ipv4}]", f"    interface: {pod.host_if}"]
+        eps = tmp_path / "endpoints.yaml"
+        eps.write_text("\n".join(lines) + "\n")
+        pols = ROOT / "examples" / "policies"
+        agent = start_agent([pols / "grpc.yaml", pols / "kafka.yaml"], eps, tmp_path)
+        agent_box.append(agent)
+        target = f"{p['greeter'].ipv4}:50051"
+        client = p["greeter-client"]
+        hello = client.run([sys.executable, "-c", GRPC_CLIENT, target, "/helloworld.Greeter/SayHello"], timeout=30).stdout
+        bye = client.run([sys.executable, "-c", GRPC_CLIENT, target, "/helloworld.Greeter/SayGoodbye"], timeout=30).stdout
+        assert hello.strip() == "OK hello membrane"
+        assert bye.strip() == "PERMISSION_DENIED"
+        boot = f"{p['kafka'].ipv4}:9092"
+        producer = p["order-service"]
+        ok = producer.run([sys.executable, "-c", KAFKA_CLIENT, boot, "produce", "orders"], timeout=60).stdout.strip()
+        denied = producer.run([sys.executable, "-c", KAFKA_CLIENT, boot, "produce", "payments"], timeout=60).stdout.strip()
+        assert ok == "OK produced"
+        assert denied.startswith("ERROR")
+        kafka_drops = [f for f in agent.flows() if f["verdict"] == "DROPPED" and "kafka" in f.get("l7", {})]
+        assert kafka_drops and all(f["l7"]["kafka"]["topic"]["name"] == "payments" for f in kafka_drops)
+        assert all(f["l7"]["kafka"]["error_code"] == 29 for f in kafka_drops)
+        assert agent.stop() == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -655,6 +656,29 @@ def test_uppercase_header_name_is_rejected() -> None:
         Http2ServerSide().feed(client_preface(b) + b.headers(1, request_headers("/", extra=[("X-Up", "1")])))
 
 
+@pytest.mark.parametrize(("headers", "body"), [
+    (request_headers("/", extra=[("host", "other.example")]), None),  # :authority vs Host (§8.3.1)
+    (request_headers("/", authority=None, extra=[("host", "a"), ("host", "b")]), None),  # two Hosts
+    (request_headers("/", method="POST", extra=[("content-length", "3")]), b"12345"),  # length lies (§8.1.1)
+    (request_headers("/", extra=[("connection", "keep-alive")]), None),  # connection-specific (§8.2.2)
+    (request_headers("/", extra=[("transfer-encoding", "chunked")]), None),
+    (request_headers("/", extra=[("te", "gzip")]), None),
+    ([*request_headers("/"), (":path", "/other")], None),  # duplicate pseudo-header (§8.3)
+    ([(":method", "GET"), (":scheme", "http"), (":authority", "a")], None),  # no :path
+    ([("x-first", "1"), *request_headers("/")], None),  # pseudo-header after a regular one
+    (request_headers("/", extra=[("x-bad", "a\r\nInjected: 1")]), None),  # CR/LF in a value (§8.2.1)
+])
+def test_requests_servers_could_read_differently_are_rejected(headers: list[tuple[str, str]],
+                                                              body: bytes | None) -> None:
+    """Malformed request heads that let the proxy and the server disagree are connection errors (RFC 9113 §8.1.1, §8.2, §8.3)."""
+    b = FrameBuilder()
+    wire = client_preface(b) + b.headers(1, headers, end_stream=body is None)
+    if body is not None:
+        wire += b.data(1, body, end_stream=True)
+    with pytest.raises(ParseError):
+        Http2ServerSide().feed(wire)
+
+
 @given(st.lists(frame_specs(), max_size=12), st.booleans())
 def test_any_frame_sequence_yields_events_or_parse_error(specs: list[tuple[object, ...]], server: bool) -> None:
     """Every frame type x stream state: feed() returns events or raises ParseError, nothing else (RFC 9113 §5.1)."""
@@ -976,3 +1000,73 @@ def test_many_answered_streams_are_not_rapid_reset() -> None:
         side.send_response(HttpResponse(status=204, stream_id=sid, http_version="2"))
         client.receive_data(side.data_to_send())
     assert side.streams_opened == 600 and side.premature_resets == 0
+
+
+def _serve_h2_directly(listener: socket.socket, errors: list[BaseException]) -> None:
+    """Answer one connection with Http2ServerSide alone: 403 for /admin, else 200 echoing the path.
+
+    An HTTP/1.1 `Upgrade: h2c` request head is read by hand (the HTTP/1.1 parser is not under test).
+    """
+    conn, _ = listener.accept()
+    try:
+        conn.settimeout(10)
+        first = conn.recv(65_536)
+        if first.startswith(b"PRI * HTTP/2.0"):
+            side, events = Http2ServerSide(), []
+            events = side.feed(first)
+        else:
+            head, _, rest = first.partition(b"\r\n\r\n")
+            request_line, *lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = request_line.split(" ")
+            headers = tuple((n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines))
+            host = next(v for n, v in headers if n.lower() == "host")
+            request = HttpRequest(method=method, target=target, path=target, host=host, headers=headers)
+            side, events = Http2ServerSide.from_h2c_upgrade(request)
+            events += side.feed(rest) if rest else []
+        while True:
+            for e in events:
+                if isinstance(e, HttpRequest):
+                    if e.path == "/admin":
+                        side.refuse(e.stream_id or 0, Reason.POLICY_DENIED)
+                    else:
+                        body = f"answered {e.path} on stream {e.stream_id}\n".encode()
+                        side.send_response(HttpResponse(status=200, stream_id=e.stream_id, has_body=True,
+                                                        headers=(("content-length", str(len(body))),)))
+                        side.send_data(e.stream_id or 0, body, end_stream=True)
+            conn.sendall(side.data_to_send())
+            try:
+                data = conn.recv(65_536)
+            except ConnectionResetError:  # curl closes with our SETTINGS ACK unread: that is its goodbye
+                return
+            if not data:
+                return
+            events = side.feed(data)
+    except BaseException as e:  # surfaced by the test
+        errors.append(e)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("flag", "path", "status", "body"), [
+    ("--http2", "/up", "200", "answered /up on stream 1\n"),
+    ("--http2", "/admin", "403", "Access denied\r\n"),
+    ("--http2-prior-knowledge", "/a/./b", "200", "answered /a/b on stream 1\n"),
+    ("--http2-prior-knowledge", "/admin", "403", "Access denied\r\n"),
+])
+def test_real_curl_h2c_upgrade_and_prior_knowledge(flag: str, path: str, status: str, body: str) -> None:
+    """curl's `Upgrade: h2c` request becomes stream 1 and is answered over HTTP/2, as is a prior-knowledge one (RFC 7540 §3.2)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    errors: list[BaseException] = []
+    server = threading.Thread(target=_serve_h2_directly, args=(listener, errors), daemon=True)
+    server.start()
+    try:
+        result = subprocess.run(
+            ["curl", "-sS", "--path-as-is", flag, "-w", "\n%{http_code} %{http_version}",
+             f"http://127.0.0.1:{listener.getsockname()[1]}{path}"],
+            capture_output=True, timeout=20, check=False)
+        server.join(10)
+    finally:
+        listener.close()
+    assert not errors, errors
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{body}\n{status} 2".encode()

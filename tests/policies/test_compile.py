@@ -398,3 +398,12 @@ def test_peer_from_ip_and_unknown_identity() -> None:
     assert dp.lookup(123456, 443, L4Proto.TCP).kind is VerdictKind.ALLOW
     unknown = pmap.direction("default/nobody", PolicyDirection.INGRESS)
     assert not unknown.enforced and unknown.lookup(1, 1, L4Proto.TCP).kind is VerdictKind.ALLOW
+
+
+def test_rule_without_sections_enforces_nothing() -> None:
+    """A rule with no ingress/egress sections (or `ingress: []`) is valid and enables default deny for neither direction."""
+    for body in ("endpointSelector: {matchLabels: {app: frontend}}", "endpointSelector: {matchLabels: {app: frontend}}\ningress: []"):
+        pmap = compile_docs(cnp("empty", body))
+        assert not pmap.direction(FRONTEND, PolicyDirection.INGRESS).enforced
+        assert not pmap.direction(FRONTEND, PolicyDirection.EGRESS).enforced
+        assert verdict(pmap, DEBUG, FRONTEND, 80) == "ALLOWED"

@@ -93,7 +93,6 @@ ERROR_CASES = [
     ("fqdn-on-deny", "endpointSelector: {}\negressDeny: [{toFQDNs: [{matchName: a.com}]}]", "spec.egressDeny[0].toFQDNs", 'unknown field "toFQDNs"'),
     ("l7-on-deny", "endpointSelector: {}\ningressDeny: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{}]}}]}]", "spec.ingressDeny[0].toPorts[0].rules", 'unknown field "rules"'),
     ("icmps-with-ports", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: 8}]}], toPorts: [{ports: [{port: '80'}]}]}]", "spec.ingress[0]", "icmps block"),
-    ("no-sections", "endpointSelector: {}\ningress: []", "spec", "rule must have at least one of ingress, ingressDeny, egress, egressDeny"),
     ("combining-peers", "endpointSelector: {}\ningress: [{fromEndpoints: [{}], fromEntities: [world]}]", "spec.ingress[0]", "combining fromEndpoints and fromEntities is not supported yet"),
     ("combining-cidr-kinds", "endpointSelector: {}\negress: [{toCIDR: [10.0.0.0/8], toCIDRSet: [{cidr: 11.0.0.0/8}]}]", "spec.egress[0]", "combining toCIDR and toCIDRSet is not supported yet"),
     ("port-missing", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{protocol: TCP}]}]}]", "spec.ingress[0].toPorts[0].ports[0].port", "port must be specified"),

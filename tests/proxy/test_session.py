@@ -322,3 +322,42 @@ def test_port_without_rules_fails_closed() -> None:
     gw = _gateway(HTTP_POLICY, src="default/backend", dst="default/frontend", port=8080)
     session = session_factory(gw, "10.244.1.10")(INFO)
     assert Playbook(session, logs=True) >> START << LogMatch(verdict="DROPPED", reason="policy_denied") << Close()
+
+
+WS_UPGRADE = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def test_websocket_upgrade_allowed_becomes_a_relay() -> None:
+    """An allowed Upgrade request is forwarded; after the 101 the bytes are relayed opaquely both ways (RFC 9110 §7.8)."""
+    assert (
+        Playbook(http_session())
+        >> DataReceived(C2S, get("/api/ws", WS_UPGRADE))
+        << Forward(C2S, get("/api/ws", WS_UPGRADE))
+        >> DataReceived(S2C, SWITCHED + b"\x81\x02hi")
+        << Forward(S2C, SWITCHED)
+        << Forward(S2C, b"\x81\x02hi")
+        >> DataReceived(C2S, b"\x81\x82abcd\x00\x00")
+        << Forward(C2S, b"\x81\x82abcd\x00\x00")
+    )
+
+
+def test_websocket_upgrade_denied_stays_http() -> None:
+    """A denied Upgrade request gets 403 and is never forwarded; what the client sends next is judged as HTTP again."""
+    assert (
+        Playbook(http_session())
+        >> DataReceived(C2S, get("/ws", WS_UPGRADE) + get("/api/after"))
+        << Reply(FORBIDDEN)
+        << Forward(C2S, get("/api/after"))
+    )
+
+
+def test_pipelining_without_reading_is_bounded() -> None:
+    """Answers owed on one connection are bounded (MAX_PIPELINED): past it the connection closes instead of queueing."""
+    from proxy.session_http1 import MAX_PIPELINED
+
+    session = http_session()
+    actions = session.handle(DataReceived(C2S, get("/api/slow") + get("/nope") * (MAX_PIPELINED + 5)))
+    assert Close() in actions
+    assert sum(1 for a in actions if isinstance(a, Forward)) == 1  # only the allowed request went upstream
+    assert session.closed

@@ -1,0 +1,92 @@
+"""How the agent translates a compiled policy into BPF map content (`plan_kernel`), without a kernel.
+
+Case table (examples/policies + examples/endpoints.yaml, frontend on ifindex 11, backend 12, debug 13):
+| endpoint  | direction | expectation                                                          |
+| frontend  | ingress   | enforced; backend's identity on 80/TCP -> REDIRECT; nothing else      |
+| backend   | both      | not enforced; no keys                                                |
+| ipcache   |           | each local endpoint IP carries its ifindex; others ifindex 0; world  |
+| ranges    |           | 1-65535 -> ANY_PORT; a short range expands; a huge one is a problem  |
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from bpf import maps as bm
+from policies import PolicyMap, compile_policy
+from proxy.agent import MAX_EXPANDED_PORTS, plan_kernel
+from proxy.policy_files import read_endpoints, read_policies
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ATTACHED = {"default/frontend": 11, "default/backend": 12, "default/debug": 13}
+IDS = {"default/frontend": 1, "default/backend": 2, "default/debug": 3}
+
+
+def _pmap(policy_text: str | None = None, tmp_path: Path | None = None) -> PolicyMap:
+    paths = [str(ROOT / "examples" / "policies")]
+    if policy_text is not None and tmp_path is not None:
+        p = tmp_path / "extra.yaml"
+        p.write_text(policy_text)
+        paths = [str(p)]
+    loaded = read_policies(paths)
+    assert not loaded.errors
+    return compile_policy(loaded.policies, read_endpoints(str(ROOT / "examples" / "endpoints.yaml")))
+
+
+def test_seed_example_redirects_backend_to_frontend_port_80() -> None:
+    """The seed example (frontend accepts GET /api from backend on 80) is one REDIRECT key on frontend's ingress."""
+    pmap = _pmap()
+    plan = plan_kernel(pmap, ATTACHED, IDS)
+    backend = pmap.identity_of("default/backend")
+    assert plan.ingress == {
+        bm.PolicyKey(endpoint_id=1, identity=backend, port=80, proto=bm.IPPROTO_TCP): bm.PolicyEntry(verdict=bm.Verdict.REDIRECT)
+    }
+    assert plan.egress == {}
+    assert plan.endpoints[11] == bm.Endpoint(endpoint_id=1, identity=pmap.identity_of("default/frontend"), enforce_ingress=True)
+    assert plan.endpoints[12] == bm.Endpoint(endpoint_id=2, identity=backend)
+    assert plan.redirect_ports == frozenset({80})
+
+
+def test_ipcache_carries_ifindex_of_local_endpoints_only() -> None:
+    """Anti-spoofing needs each attached endpoint's address mapped to its own veth; remote ones map to ifindex 0."""
+    pmap = _pmap()
+    plan = plan_kernel(pmap, ATTACHED, IDS)
+    assert plan.identities[ipaddress.ip_network("10.244.1.10/32")] == (pmap.identity_of("default/frontend"), 11)
+    assert plan.identities[ipaddress.ip_network("10.244.2.10/32")] == (pmap.identity_of("default/greeter"), 0)
+    assert plan.identities[ipaddress.ip_network("0.0.0.0/0")] == (9, 0)  # world-ipv4
+
+
+RANGES = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ranges, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: backend}}]
+      toPorts: [{ports: [{port: "8000", endPort: 8002, protocol: TCP}]}]
+    - toEndpoints: [{matchLabels: {app: debug}}]
+    - toCIDR: [192.0.2.0/24]
+      toPorts: [{ports: [{port: "1024", endPort: 65000, protocol: UDP}]}]
+"""
+
+
+def test_port_ranges_expand_and_overwide_ranges_fail_closed(tmp_path: Path) -> None:
+    """A short range becomes one key per port, an all-ports allow one ANY_PORT key, and an overwide range is reported and left out (dropped)."""
+    pmap = _pmap(RANGES, tmp_path)
+    plan = plan_kernel(pmap, ATTACHED, IDS)
+    backend, debug = pmap.identity_of("default/backend"), pmap.identity_of("default/debug")
+    pass_ = bm.PolicyEntry(verdict=bm.Verdict.PASS)
+    for port in (8000, 8001, 8002):
+        assert plan.egress[bm.PolicyKey(endpoint_id=1, identity=backend, port=port, proto=bm.IPPROTO_TCP)] == pass_
+    assert bm.PolicyKey(endpoint_id=1, identity=backend, port=8003, proto=bm.IPPROTO_TCP) not in plan.egress
+    for proto in (bm.IPPROTO_TCP, bm.IPPROTO_UDP):
+        assert plan.egress[bm.PolicyKey(endpoint_id=1, identity=debug, port=bm.ANY_PORT, proto=proto)] == pass_
+    assert MAX_EXPANDED_PORTS < 65000 - 1024 + 1
+    assert len(plan.problems) == 1 and "1024-65000" in plan.problems[0]
+    assert plan.endpoints[11].enforce_egress and not plan.endpoints[11].enforce_ingress
