@@ -1,8 +1,8 @@
 # Invariant: for any bytes, Http2ServerSide (mode byte even: bytes after a client preface) and
 # Http2ClientSide (mode byte odd: the upstream's bytes, after requests on streams 1-7) return events
-# or raise ParseError, never anything else; feeding whole and in small pieces (byte by byte up to 256
-# bytes, then ~64 pieces) gives the same events (or both raise); driving the proxy API on the events (refuse, acknowledge, send_*) never raises anything
-# but ParseError; outbound buffers stay within the windows the peer can have granted.
+# or raise ParseError, never anything else; feeding whole and in small pieces (byte by byte up to
+# 256 bytes, then ~64 pieces) gives the same events (or both raise); driving the proxy API on the
+# events (refuse, acknowledge, send_*) raises nothing but ParseError; outbound buffers stay bounded.
 """Fuzz target for parsers/http2.py. `python fuzz/http2_frames.py [libFuzzer args]` fuzzes with atheris;
 `python fuzz/http2_frames.py --capture DIR` re-captures the real-client seeds (httpx[http2] and grpcio
 over loopback through tests' LoopbackBridge) into DIR."""

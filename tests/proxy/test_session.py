@@ -361,3 +361,38 @@ def test_pipelining_without_reading_is_bounded() -> None:
     assert Close() in actions
     assert sum(1 for a in actions if isinstance(a, Forward)) == 1  # only the allowed request went upstream
     assert session.closed
+
+
+def test_http2_denied_stream_refused_others_forwarded() -> None:
+    """HTTP/2: per-stream verdicts; the denied stream gets 403 on its own stream and is never opened upstream (RFC 9113 §5.1)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    session = http_session()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    for stream_id, path in ((1, "/api/ok"), (3, "/admin")):
+        client.send_headers(
+            stream_id, [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "a")], end_stream=True
+        )
+    actions = session.handle(DataReceived(C2S, client.data_to_send()))
+    upstream_bytes = b"".join(a.data for a in actions if isinstance(a, Forward) and a.direction is C2S)
+    downstream_bytes = b"".join(a.data for a in actions if isinstance(a, Forward) and a.direction is S2C)
+    # What the upstream received: only stream 1's request.
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    server.initiate_connection()
+    seen = [e for e in server.receive_data(upstream_bytes) if isinstance(e, h2.events.RequestReceived)]
+    assert [(e.stream_id, dict(e.headers)[":path"]) for e in seen] == [(1, "/api/ok")]
+    # What the client received: a 403 on stream 3, with Cilium's body.
+    events = client.receive_data(downstream_bytes)
+    responses = {e.stream_id: dict(e.headers)[":status"] for e in events if isinstance(e, h2.events.ResponseReceived)}
+    body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived) and e.stream_id == 3)
+    assert responses == {3: "403"} and body == b"Access denied\r\n"
+    # The upstream answers stream 1: the client gets it.
+    server.send_headers(1, [(":status", "200"), ("content-length", "2")])
+    server.send_data(1, b"ok", end_stream=True)
+    actions = session.handle(DataReceived(S2C, server.data_to_send()))
+    events = client.receive_data(b"".join(a.data for a in actions if isinstance(a, Forward) and a.direction is S2C))
+    assert [dict(e.headers)[":status"] for e in events if isinstance(e, h2.events.ResponseReceived)] == ["200"]
+    assert b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)) == b"ok"
