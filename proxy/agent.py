@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from bpf import maps as bm
+from bpf.errors import AttachError
 from bpf.stale import cleanup_stale
 from bpf.steer import ProxyPorts, Steering
 from parsers.events import Reason
@@ -580,8 +581,13 @@ class Agent:
         for key, idx in wanted.items():
             if self.attached.get(key) != idx:
                 if key in self.attached:
-                    st.detach(self.attached[key])
-                st.attach(idx)
+                    st.detach(self.attached.pop(key))
+                try:
+                    st.attach(idx)
+                except AttachError as e:  # e.g. the veth went away since we looked: retried on the next poll
+                    log.warning("endpoint %s: %s", key, e)
+                    self.waiting[key] = str(e)
+                    continue
                 self.attached[key] = idx
         # 4. removals: detach, forget endpoints, then identities nobody uses any more
         for key in [k for k in self.attached if k not in wanted]:
@@ -888,7 +894,7 @@ def run_agent(config: AgentConfig) -> int:
     """`membrane run`: returns 0 after a clean stop, 1 on invalid input, 2 on usage or attach errors."""
     import uvloop
 
-    from bpf.errors import AttachError, BpfLoadError
+    from bpf.errors import BpfLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     agent = Agent(config)

@@ -34,6 +34,9 @@ from proxy.session import (
 _QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 65: "HTTPS", 255: "ANY"}
 
 
+MAX_OUTSTANDING = 1024  # forwarded, unanswered queries per TCP connection or UDP peer
+
+
 def qtype_name(qtype: int) -> str:
     return _QTYPES.get(qtype, f"TYPE{qtype}")
 
@@ -77,6 +80,9 @@ class DnsJudge:
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
         if allowed and self.upstream_failed is not None:
             allowed, verdict, reason = False, ERROR, self.upstream_failed
+        elif allowed and len(self.outstanding) >= MAX_OUTSTANDING:
+            # Bound what one connection (or UDP peer) can keep waiting on the upstream: SERVFAIL beyond it.
+            allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
         if allowed:
             actions.append(Forward(C2S, self.frame(raw)))
             self.outstanding[query.id] = _Outstanding(query, now)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from parsers import http1, http2
 from parsers.errors import ParseError
@@ -106,7 +106,7 @@ class _Stats:
     forwarded: int = 0
     refused: int = 0
     errors: int = 0
-    statuses: list[int] = field(default_factory=list)
+    responses: int = 0
 
 
 class Http1Session(Session):
@@ -392,6 +392,6 @@ class Http1Session(Session):
         self, pending: _Pending, status: int, verdict: str, reason: Reason | None, headers: Headers = ()
     ) -> Log:
         now = self.clock()
-        self.stats.statuses.append(status)
+        self.stats.responses += 1
         l7 = l7_http(method=pending.method, url=pending.url, protocol="HTTP/1.1", code=status, headers=headers)
         return self._flow(RESPONSE, verdict, l7, time_ns=now, latency_ns=max(0, now - pending.started_ns), reason=reason)

@@ -315,3 +315,30 @@ def test_grpc_and_kafka_through_the_steering(tmp_path: Path, agent_box: list[Age
         assert kafka_drops and all(f["l7"]["kafka"]["topic"]["name"] == "payments" for f in kafka_drops)
         assert all(f["l7"]["kafka"]["error_code"] == 29 for f in kafka_drops)
         assert agent.stop() == 0
+
+
+def test_endpoints_file_edits_attach_and_detach(tmp_path: Path, agent_box: list[AgentProcess]) -> None:
+    """An endpoint whose veth appears later is attached within a poll; one removed from the endpoints file is detached and unenforced."""
+    with topology("frontend", "backend") as topo:
+        fe = topo.pods["frontend"]
+        start_server(topo, fe, HTTP_SERVER, "80")
+        eps = tmp_path / "endpoints.yaml"
+        late_if = f"{topo.prefix}h3"  # the name add_pod will give the third pod
+        eps.write_text(endpoints_yaml(topo, {}) + f"  - name: debug\n    labels: {{app: debug}}\n    ips: [10.244.{topo.subnet}.3]\n    interface: {late_if}\n")
+        agent = start_agent([HTTP_POLICY], eps, tmp_path)
+        agent_box.append(agent)
+        rows = {e["name"]: e["status"] for e in agent.status()["endpoints"]}
+        assert rows == {"frontend": "ready", "backend": "ready", "debug": "waiting-for-interface"}
+        dbg = topo.add_pod("debug")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and {e["name"]: e["status"] for e in agent.status()["endpoints"]}["debug"] != "ready":
+            time.sleep(0.1)
+        assert {e["name"]: e["status"] for e in agent.status()["endpoints"]}["debug"] == "ready"
+        assert "name mbr_tc_steer" in subprocess.run(["tc", "filter", "show", "dev", dbg.host_if, "ingress"], capture_output=True, text=True).stdout
+        assert curl(dbg, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # enforced: debug is not allowed in
+        reloads = agent.status()["reloads"]
+        eps.write_text(endpoints_yaml(topo, {}, listed=("backend", "debug")))  # frontend is no longer ours
+        assert agent.wait_reloads(reloads + 1)["reloads"] == reloads + 1
+        assert "mbr_tc_steer" not in subprocess.run(["tc", "filter", "show", "dev", fe.host_if, "ingress"], capture_output=True, text=True).stdout
+        assert curl(dbg, f"http://{fe.ipv4}/api")[0] == "200"  # no policy selects an unknown pod: allowed
+        assert agent.stop() == 0

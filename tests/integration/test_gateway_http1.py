@@ -225,3 +225,33 @@ def test_cli_exit_statuses(tmp_path: Path) -> None:
         out = subprocess.run([*MEMBRANE, *base, *args], capture_output=True, text=True, cwd=ROOT, timeout=30)
         assert out.returncode == status, (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_flows_to_stdout(tmp_path: Path) -> None:
+    """`--flows -` writes each flow record as one JSON line on stdout, after the `listening` line."""
+    import json
+    import os
+    import signal
+
+    from tests.integration.gateway_util import ENDPOINTS, MEMBRANE, ROOT
+
+    with http_backend() as backend:
+        policy = tmp_path / "p.yaml"
+        policy.write_text(http_policy(backend.port, RULES))
+        proc = subprocess.Popen(
+            [*MEMBRANE, "gateway", "--policies", str(policy), "--endpoints", str(ENDPOINTS), "--listen", "127.0.0.1:0",
+             "--upstream", f"127.0.0.1:{backend.port}", "--dst", "default/frontend", "--src", "default/backend",
+             "--workers", "1", "--flows", "-"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            assert proc.stdout is not None
+            port = int(re.search(r":(\d+) ->", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
+            assert httpx.get(f"http://127.0.0.1:{port}/nope").status_code == 403
+            record = json.loads(proc.stdout.readline())
+            assert record["verdict"] == "DROPPED" and record["l7"]["http"]["url"].endswith("/nope")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            if proc.stdout is not None:
+                proc.stdout.close()
