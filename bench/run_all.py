@@ -220,7 +220,7 @@ def _peer(starter: Callable[[Stack, int, int], Proc], upstream: str) -> Callable
 
 
 def _median_values(runs: list[dict[str, float]]) -> dict[str, float]:
-    keys = runs[0].keys() if runs else []
+    keys = [k for k in runs[0] if all(k in r for r in runs)] if runs else []
     return {k: statistics.median(r[k] for r in runs) for k in keys}
 
 
@@ -251,7 +251,12 @@ def interleaved(cfg: Config, stack: Stack, section: str, direct: Target, targets
 
     def run(target: Target, port: int) -> Result | None:
         try:
+            proxy = target.proc if target is not direct else None  # the direct row's process is the server
+            cpu_before = peers.cpu_seconds(proxy.pid) if proxy else 0.0
             res = measure(port)
+            done = res.values.get("requests", res.values.get("completed", res.values.get("messages", 0)))
+            if proxy and done:
+                res.values["cpu_us_per_req"] = (peers.cpu_seconds(proxy.pid) - cpu_before) / done * 1e6
         except Exception as exc:
             rows[target.name].status, rows[target.name].note = "error", f"{type(exc).__name__}: {exc}"
             res = None
@@ -345,8 +350,9 @@ def add_vs_haproxy(rows: list[Row]) -> None:
 
 # --- sections ----------------------------------------------------------------------------------------------------
 
+CPU_COL = Column("proxy CPU/req", "cpu_us_per_req", "us")
 THROUGHPUT_COLS = (Column("req/s", "req_s", "rate"), Column("p50", "p50_us", "us"), Column("p99", "p99_us", "us"),
-                   Column("vs direct", "x_direct", "ratio"), Column("Membrane/HAProxy", "x_haproxy", "ratio"))
+                   Column("vs direct", "x_direct", "ratio"), Column("Membrane/HAProxy", "x_haproxy", "ratio"), CPU_COL)
 
 
 def http_targets(cfg: Config) -> tuple[Target, list[Target]]:
@@ -434,7 +440,7 @@ def run_http1(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
 
 def run_h2(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> None:
     cols = (Column("req/s", "req_s", "rate"), Column("mean", "mean_us", "us"), Column("max", "max_us", "us"),
-            Column("vs direct", "x_direct", "ratio"))
+            Column("vs direct", "x_direct", "ratio"), CPU_COL)
     for sid, upstream, path, grpc, label in (
         ("http2", "h2", http_bench.BENCH_PATH, False, "HTTP/2 (h2c): GET /api"),
         ("grpc", "grpc", "/bench.Echo/Call", True, "gRPC-shaped unary call: POST /bench.Echo/Call, application/grpc"),
@@ -473,14 +479,14 @@ def run_dns(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -> 
     _emit(out, sec, rows)
     sec = Section("dns-max", f"DNS over UDP at saturation: dnsperf -c4 -q100 -l{cfg.duration_s:g}",
                   (Column("q/s", "qps", "rate"), Column("lost", "lost", "int"), Column("mean", "mean_us", "us"),
-                   Column("vs direct", "x_direct", "ratio")))
+                   Column("vs direct", "x_direct", "ratio"), CPU_COL))
     rows = interleaved(cfg, stack, sec.id, direct, targets,
                        lambda port: dns_bench.saturation(port, duration_s=cfg.duration_s),
                        compare=ratio_of("qps"))
     _emit(out, sec, rows)
     sec = Section("dns-tcp", f"DNS over TCP at saturation: dnsperf -m tcp -c4 -q100 -l{cfg.latency_s:g}",
                   (Column("q/s", "qps", "rate"), Column("lost", "lost", "int"), Column("mean", "mean_us", "us"),
-                   Column("vs direct", "x_direct", "ratio")))
+                   Column("vs direct", "x_direct", "ratio"), CPU_COL))
     rows = interleaved(cfg, stack, sec.id, direct, targets,
                        lambda port: dns_bench.saturation(port, duration_s=cfg.latency_s, mode="tcp"),
                        compare=ratio_of("qps"))
@@ -498,7 +504,7 @@ def run_kafka(cfg: Config, stack: Stack, out: list[tuple[Section, list[Row]]]) -
     sec = Section("kafka", f"Kafka produce: kafka-python, {kafka_bench.MESSAGE_BYTES} B messages to topic 'bench', "
                   f"acks=1, {cfg.duration_s:g}s (the test suite's Kafka-protocol broker, restarted per run)",
                   (Column("MB/s", "mb_s", "mbs"), Column("msgs/s", "msgs_s", "rate"),
-                   Column("vs direct", "x_direct", "ratio")))
+                   Column("vs direct", "x_direct", "ratio"), Column("proxy CPU/msg", "cpu_us_per_req", "us")))
     rows = interleaved(cfg, stack, sec.id, direct, targets,
                        lambda port: kafka_bench.produce(port, duration_s=cfg.duration_s), compare=ratio_of("mb_s"))
     _emit(out, sec, rows)

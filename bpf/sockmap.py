@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bpf.errors import AttachError, BpfLoadError
+from bpf.loader import load_bpf
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,13 @@ class Sockmap:
         from bcc import BPF, BPFAttachType
 
         with ExitStack() as stack:
+            self._bpf = load_bpf(_SRC, [])
+            stack.callback(self._bpf.cleanup)
             try:
-                self._bpf = BPF(src_file=str(_SRC))
                 sockops = self._bpf.load_func("mbr_sockops", BPF.SOCK_OPS)
                 skmsg = self._bpf.load_func("mbr_skmsg", BPF.SK_MSG)
             except Exception as e:
                 raise BpfLoadError(f"{_SRC.name}: {e}") from e
-            stack.callback(self._bpf.cleanup)
             self._bpf.get_table(b"mbr_sm_cfg")[ctypes.c_int(0)] = ctypes.c_uint64(netns_cookie())
             self.set_ports(self._ports)
             import bcc

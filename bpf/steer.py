@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bpf import routing
 from bpf.errors import AttachError, BpfLoadError
+from bpf.loader import load_bpf
 from bpf.maps import BpfMaps, ConfigSlot, DropEvent, parse_drop_event
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,6 @@ class ProxyPorts:
     tcp6: int = 0
     udp4: int = 0
     udp6: int = 0
-
-
-def _load_bpf(src: Path, cflags: list[str]) -> Any:
-    from bcc import BPF  # imported lazily: tests of pure logic must not need bcc
-
-    try:
-        return BPF(src_file=str(src), cflags=cflags)
-    except Exception as e:  # bcc raises bare Exception on compile errors
-        raise BpfLoadError(f"{src.name}: {e}") from e
 
 
 class Steering:
@@ -92,7 +84,7 @@ class Steering:
     # --- lifetime ---------------------------------------------------------------------------
     def __enter__(self) -> Steering:
         with ExitStack() as stack:
-            self._bpf = _load_bpf(_SRC, self._cflags())
+            self._bpf = load_bpf(_SRC, self._cflags())
             stack.callback(self._bpf.cleanup)
             try:
                 self._fd = self._bpf.load_func(PROG_NAME, self._bpf.SCHED_CLS).fd

@@ -273,9 +273,6 @@ class TransparentPolicy:
             resolve=resolve,
         )
 
-    def flow_peer(self, pmap: PolicyMap, peer: PolicyPeer, ip: str, port: int) -> Peer:
-        return flow_peer(pmap, peer, ip, port)
-
     def context(self, info: ConnectionInfo) -> FlowContext:
         pmap = self.holder.pmap
         src = pmap.peer_from_ip(info.client[0])
@@ -722,9 +719,12 @@ class Agent:
             )
         ports = self.listeners.ports if self.listeners is not None else ProxyPorts()
         drops: dict[str, int] = {}
+        sockmap_stats: dict[str, int] = {}
         if self.steering is not None and self.ready:
             counts = self._kernel(self.steering.maps.drop_counts)
             drops = {r.name.lower(): n for r, n in counts.items()}
+            if self.steering.sockmap is not None:
+                sockmap_stats = dict(self._kernel(self.steering.sockmap.stats))
         return {
             "pid": os.getpid(),
             "state": "ready" if self.ready else "starting",
@@ -734,6 +734,7 @@ class Agent:
             "endpoints_file": self.config.endpoints,
             "proxy_ports": dataclasses.asdict(ports),
             "sockmap": self.config.sockmap,
+            "sockmap_stats": sockmap_stats,
             "reloads": self.reloads,
             "errors": self.errors,
             "warnings": self.warnings,
@@ -760,8 +761,6 @@ class Agent:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        for item in self._kernel(cleanup_stale):
-            log.warning("removed stale %s", item)
         try:
             self._inputs = load(self.config)
         except InvalidPolicy as e:
@@ -771,6 +770,8 @@ class Agent:
         except PathProblem as e:
             print(f"membrane run: {e}", file=sys.stderr)
             return 2
+        for item in self._kernel(cleanup_stale):  # before anything of ours is attached
+            log.warning("removed stale %s", item)
         self._mtimes = _watched_files(self.config)
         with contextlib.ExitStack() as stack:
             stack.callback(self._remove_status)
@@ -897,6 +898,9 @@ def run_agent(config: AgentConfig) -> int:
     from bpf.errors import BpfLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if os.geteuid() != 0:
+        print("membrane run: needs root (eBPF programs, tc, policy routing, IP_TRANSPARENT)", file=sys.stderr)
+        return 2
     agent = Agent(config)
     try:
         return uvloop.run(agent.run())

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     p.add_argument("--endpoints", required=True, metavar="FILE", help="endpoints file; `interface:` names each host-side veth")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
     p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")
-    p.add_argument("--workers", type=int, default=1, help="proxy worker processes (currently 1)")
+    p.add_argument("--workers", type=int, default=1, help="proxy processes sharing the listeners (default 1)")
     p.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
 

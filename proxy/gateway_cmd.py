@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import uvloop
@@ -23,7 +26,7 @@ import uvloop
 from policies import EndpointsError, compile_policy
 from proxy.flows import FlowSink
 from proxy.gateway import GatewayPolicy, datagram_factory, session_factory
-from proxy.metrics import Metrics, serve_metrics
+from proxy.metrics import Metrics, SharedMetrics, serve_metrics
 from proxy.policy_files import PathProblem, read_endpoints, read_policies
 from proxy.server import Proxy, ProxyConfig, listening_socket
 
@@ -60,7 +63,7 @@ def register(sub: Any) -> None:
     p.add_argument("--src", type=_endpoint_key, metavar="NS/NAME", help="treat every client as this endpoint")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
-    p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics here (worker 0's counters)")
+    p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics here (all workers, summed)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="S", help="whole request head (slowloris)")
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="nothing moved either way")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="upstream connect (then 503/504)")
@@ -78,6 +81,7 @@ class _Plan:
     config: ProxyConfig
     flows: list[str]
     metrics: tuple[str, int] | None
+    metrics_dir: Path | None = None  # where workers publish their counters for worker 0's endpoint
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,6 +147,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _supervise(plan: _Plan, tcp: list[socket.socket], udp: list[socket.socket], ready: str) -> int:
     """Fork one worker per listener set; forward SIGTERM/SIGINT; exit 0 when every worker drained cleanly."""
+    if plan.metrics is not None:
+        plan.metrics_dir = Path(tempfile.mkdtemp(prefix="mbr-metrics-"))
+    try:
+        return _fork_workers(plan, tcp, udp, ready)
+    finally:
+        if plan.metrics_dir is not None:
+            shutil.rmtree(plan.metrics_dir, ignore_errors=True)
+
+
+def _fork_workers(plan: _Plan, tcp: list[socket.socket], udp: list[socket.socket], ready: str) -> int:
     read_fd, write_fd = os.pipe()
     children: list[int] = []
     for i in range(len(tcp)):
@@ -195,6 +209,12 @@ def _supervise(plan: _Plan, tcp: list[socket.socket], udp: list[socket.socket], 
     return worst
 
 
+async def _publish(shared: SharedMetrics, interval_s: float = 1.0) -> None:
+    while True:
+        shared.publish()
+        await asyncio.sleep(interval_s)
+
+
 def _open_flow_streams(paths: list[str]) -> list[IO[str]]:
     streams: list[IO[str]] = []
     for path in paths:
@@ -231,9 +251,16 @@ async def _worker(
         loop.add_signal_handler(signum, stop.set)
     await proxy.start(tcp, udp)
     metrics_server = None
+    shared = SharedMetrics(metrics, plan.metrics_dir, worker)
+    publisher = loop.create_task(_publish(shared)) if plan.metrics_dir is not None else None
     if plan.metrics is not None and worker == 0:
-        # TODO(proxy, #4): with --workers > 1 this shows worker 0's counters only; aggregate across workers.
-        metrics_server = await serve_metrics(metrics, *plan.metrics)
+        try:
+            metrics_server = await serve_metrics(shared, *plan.metrics)
+        except OSError as e:
+            print(f"membrane gateway: cannot serve metrics on {plan.metrics[0]}:{plan.metrics[1]}: {e.strerror}",
+                  file=sys.stderr)
+            await proxy.drain()
+            return 2
     if ready_line is not None:
         print(ready_line, flush=True)
     if ready_fd is not None:
@@ -242,6 +269,9 @@ async def _worker(
     await stop.wait()
     log.info("worker %d draining %d connections", worker, len(proxy.connections))
     await proxy.drain()
+    if publisher is not None:
+        publisher.cancel()
+        shared.publish()
     if metrics_server is not None:
         metrics_server.close()
     for stream in streams:

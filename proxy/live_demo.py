@@ -481,6 +481,21 @@ def _summary_of(flow: dict[str, Any]) -> str:
     return f"{flow.get('verdict', '?'):9} {flow.get('Type', '?'):5} {who:28} {flow.get('Summary', '')}"
 
 
+def decided_by(flows: Sequence[dict[str, Any]]) -> str:
+    """What the agent's records say decided a step: the first denial's rule or kernel reason, else the allowing rule."""
+    requests = [f for f in flows if not f.get("is_reply")]
+    for f in requests:
+        if f.get("verdict") == "DROPPED":
+            if f.get("Type") == "L3_L4":
+                return f"kernel: {str(f.get('drop_reason_desc', '')).lower()}"
+            reason = str(f.get("drop_reason_desc", "")).lower()
+            return "proxy: no L7 rule matches" if reason == "policy_denied" else f"proxy: {reason}"
+    for f in requests:
+        if f.get("policy_rule"):
+            return f"proxy: {f['policy_rule']}"
+    return "kernel: allowed" if not requests else "proxy: allowed"
+
+
 def fold_flows(flows: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
     """One line per distinct request flow (client ports, correlation ids and latencies folded), first-seen order."""
     import re
@@ -517,13 +532,17 @@ def run_live_demo(out: Callable[[str], None] = print) -> int:
             out(f"agent ready: {len(agent.status().get('endpoints', []))} endpoints, policies from examples/policies")
             rows: list[VerdictRow] = []
             for step in demo_steps(cluster):
+                before = len(agent.flows())
                 try:
                     output = step.run()
                 except subprocess.TimeoutExpired:
                     output = "TIMEOUT"
-                seen = step.judge(output.strip(), agent.flows())
+                time.sleep(0.15)  # the agent reads kernel drop events every 100 ms
+                flows = agent.flows()
+                seen = step.judge(output.strip(), flows)
+                why = decided_by(flows[before:])
                 rows.append(VerdictRow(step.source, step.destination, step.port, step.request, seen,
-                                       f"{step.title}: {output.strip()[:40] or '-'}", step.expected))
+                                       f"{output.strip()[:36] or '-'}  [{why}]", step.expected))
             time.sleep(0.3)  # the agent reads drop events every 100 ms
             out("")
             out(format_verdict_table(rows, color=sys.stdout.isatty()))

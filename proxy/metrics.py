@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Sequence
-from typing import cast
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, cast
 
 _DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -145,11 +148,77 @@ class Metrics:
     def exposition(self) -> str:
         return "\n".join(line for metric in self.all() for line in metric.expose()) + "\n"
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every value, JSON-ready, for another process to add in (`merged`)."""
+        out: dict[str, Any] = {}
+        for metric in self.all():
+            if isinstance(metric, Histogram):
+                out[metric.name] = {
+                    "counts": [[list(k), v] for k, v in metric.counts.items()],
+                    "sums": [[list(k), v] for k, v in metric.sums.items()],
+                }
+            else:
+                out[metric.name] = [[list(k), v] for k, v in metric.values.items()]
+        return out
+
+    def merged(self, snapshots: Iterable[dict[str, Any]]) -> Metrics:
+        """A new Metrics holding this one's values plus those of `snapshots` (other workers)."""
+        total = Metrics()
+        by_name = {m.name: m for m in total.all()}
+        for snap in [self.snapshot(), *snapshots]:
+            for name, data in snap.items():
+                metric = by_name.get(name)
+                if isinstance(metric, Histogram) and isinstance(data, dict):
+                    for labels, counts in data.get("counts", []):
+                        key = tuple(labels)
+                        mine = metric.counts.setdefault(key, [0] * (len(metric.buckets) + 1))
+                        metric.counts[key] = [a + b for a, b in zip(mine, counts, strict=False)]
+                    for labels, value in data.get("sums", []):
+                        metric.sums[tuple(labels)] = metric.sums.get(tuple(labels), 0.0) + value
+                elif isinstance(metric, Counter) and isinstance(data, list):
+                    for labels, value in data:
+                        metric.values[tuple(labels)] = metric.values.get(tuple(labels), 0.0) + value
+        return total
+
+
+class SharedMetrics:
+    """Several worker processes, one endpoint: each worker publishes its snapshot to `directory`; the
+    serving worker adds the others' latest snapshots (at most `publish_interval_s` old) to its own."""
+
+    def __init__(self, metrics: Metrics, directory: Path | None, worker: int) -> None:
+        self.metrics = metrics
+        self.directory = directory
+        self.worker = worker
+
+    def publish(self) -> None:
+        if self.directory is None:
+            return
+        path = self.directory / f"worker-{self.worker}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.metrics.snapshot()))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def exposition(self) -> str:
+        if self.directory is None:
+            return self.metrics.exposition()
+        others = []
+        for path in sorted(self.directory.glob("worker-*.json")):
+            if path.name == f"worker-{self.worker}.json":
+                continue
+            try:
+                others.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return self.metrics.merged(others).exposition()
+
 
 class _MetricsHttp(asyncio.Protocol):
     """Answers every request with the exposition and closes (one request per connection is enough for Prometheus)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics | SharedMetrics) -> None:
         self._metrics = metrics
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
@@ -173,7 +242,7 @@ class _MetricsHttp(asyncio.Protocol):
         self._transport.close()
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
+async def serve_metrics(metrics: Metrics | SharedMetrics, host: str, port: int) -> asyncio.Server:
     """Start the `/metrics` endpoint. Returns the server (close it to stop). Raises OSError if it cannot bind."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: _MetricsHttp(metrics), host, port, reuse_address=True)

@@ -171,6 +171,9 @@ class Connection(asyncio.Protocol):
         try:
             self.last_activity = now = _now()
             self.apply(session.handle(DataReceived(C2S, data)))
+            delegate = session.delegate
+            if delegate is not None:  # the protocol is known: talk to its session directly from now on
+                self.session = session = delegate
             if session.reading_head:
                 if self.head_started is None:
                     self.head_started = now
@@ -478,7 +481,10 @@ class Proxy:
     def record(self, action: Log) -> None:
         flow = action.flow
         if flow.l7_type == REQUEST:
-            self.metrics.requests.inc(flow.context.transport.lower() if not flow.l7 else next(iter(flow.l7)), flow.verdict)
+            protocol = flow.context.transport.lower() if not flow.l7 else next(iter(flow.l7))
+            self.metrics.requests.inc(protocol, flow.verdict)
+            if flow.reason in ("malformed", "too_large"):
+                self.metrics.parse_errors.inc(protocol, flow.reason)
         elif flow.l7_type == RESPONSE and flow.latency_ns:
             self.metrics.request_duration.observe(flow.latency_ns / 1e9, next(iter(flow.l7), "tcp"))
         self.flows.emit(flow)

@@ -187,6 +187,12 @@ class Session:
         """True when no request is in flight, so closing now loses nothing (graceful drain)."""
         return False
 
+    @property
+    def delegate(self) -> Session | None:
+        """A session that takes over from this one (a sniffing session, once it knows the protocol):
+        the server may feed it directly from then on. None = keep using this one."""
+        return None
+
     # --- inputs -----------------------------------------------------------------------------------
     def start(self) -> list[Action]:
         """Actions to run as soon as the connection is accepted."""

@@ -283,6 +283,10 @@ class HttpSession(Session):
     def is_idle(self) -> bool:
         return (self.inner is None and not self._buffer) or (self.inner is not None and self.inner.is_idle)
 
+    @property
+    def delegate(self) -> Session | None:
+        return self.inner
+
     def handle(self, event: Input) -> list[Action]:
         if self.inner is not None:
             actions = self.inner.handle(event)

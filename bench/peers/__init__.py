@@ -217,8 +217,8 @@ def wait_udp_dns(proc: Proc, port: int, timeout_s: float = 15.0) -> None:
     raise RuntimeError(f"{proc.name} did not answer DNS on {HOST}:{port} within {timeout_s}s: {proc.log_tail()}")
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of pid plus all its descendants (a supervisor and its workers), in KiB."""
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (a supervisor and its workers)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -229,10 +229,18 @@ def rss_kib(pid: int) -> int:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
+        tree.append(p)
         todo.extend(children.get(p, ()))
+    return tree
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of pid plus all its descendants, in KiB."""
+    total = 0
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -240,6 +248,21 @@ def rss_kib(pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by pid and its descendants (clock-tick resolution, 10 ms)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return total / _TICKS_PER_S
 
 
 # --- the peers -------------------------------------------------------------------------------------------------

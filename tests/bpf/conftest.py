@@ -68,7 +68,7 @@ def start_server(topo: Topology, pod: Pod, port: int) -> None:
     wait_for_line(proc, "ready")
 
 
-def call(pod: Pod, host: object, port: int, *, proto: str = "tcp", payload: str = "hi", timeout_s: float = 2.0) -> str:
+def call(pod: Pod, host: object, port: int, *, proto: str = "tcp", payload: str = "hi", timeout_s: float = 5.0) -> str:
     """Connect from `pod` to host:port and return the answer, "TIMEOUT" or "ERROR <errno>"."""
     import sys
 

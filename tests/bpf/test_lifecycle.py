@@ -108,3 +108,12 @@ def test_cleanup_stale_keeps_a_live_steering(pods: Topology) -> None:
         assert [x for x in kernel.leftovers() if "tc filter" in x] == before
         assert routing.routing_present()
         assert call(a, b.ipv4, 8080, timeout_s=1) == "TIMEOUT"  # still enforcing: deny-all egress
+
+
+def test_load_failure_raises_bpf_load_error() -> None:
+    """A program the kernel refuses (here: a zero-sized conntrack map) raises BpfLoadError and leaves nothing."""
+    from bpf.errors import BpfLoadError
+
+    with pytest.raises(BpfLoadError), Steering(defines={"MBR_CT_SIZE": 0}):
+        pass
+    assert not routing.routing_present() or kernel.leftovers() == []

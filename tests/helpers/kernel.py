@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from bpf import routing
@@ -26,8 +27,12 @@ def _bpftool(*argv: str) -> list[dict[str, Any]]:
     return data if isinstance(data, list) else [data]
 
 
-def leftovers() -> list[str]:
-    """Everything of ours that exists now (empty = clean)."""
+def leftovers(prefixes: Iterable[str] = ()) -> list[str]:
+    """Everything of ours that exists now (empty = clean).
+
+    Namespaces and links are checked for every topology this process created (tests/helpers/netns.py)
+    plus `prefixes` (e.g. "mbr1a2b" of a topology built by other code).
+    """
     others_progs, others_maps = held_bpf_ids(exclude_pid=os.getpid())
     found: list[str] = []
     progs = _bpftool("prog", "show")
@@ -53,18 +58,17 @@ def leftovers() -> list[str]:
         found += routing.routing_present()
     links = set(os.listdir("/sys/class/net"))
     spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-    for tag in netns.CREATED_TAGS:
-        prefix = f"mbr{tag}"
+    for prefix in sorted({f"mbr{tag}" for tag in netns.CREATED_TAGS} | set(prefixes)):
         found += [f"link {name}" for name in sorted(links) if name.startswith(prefix)]
         found += [f"netns {line.split()[0]}" for line in spaces if line.startswith(prefix + "-")]
     return found
 
 
-def assert_clean(timeout_s: float = 3.0) -> None:
+def assert_clean(timeout_s: float = 3.0, prefixes: Iterable[str] = ()) -> None:
     """Fail unless nothing of ours is left (polls up to timeout_s for deferred frees)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        left = leftovers()
+        left = leftovers(prefixes)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)

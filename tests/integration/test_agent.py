@@ -125,6 +125,11 @@ def test_http_allowed_denied_and_source_preserved(
     assert ("FORWARDED", f"http://{fe.ipv4}/api") in l7
     assert ("DROPPED", f"http://{fe.ipv4}/admin") in l7
     assert all(f["source"]["pod_name"] == "backend" for f in flows if f.get("Type") == "L7")
+    stats = agent.status()["sockmap_stats"]
+    if sockmap:
+        assert stats["sockets_added"] > 0 and stats["redirected"] > 0  # the accelerator really carried bytes
+    else:
+        assert stats == {}
     assert agent.stop() == 0
 
 
@@ -238,17 +243,22 @@ def test_policy_edit_applies_to_live_connection(
     assert agent.stop() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
 def test_sigkill_fails_closed_and_restart_leaves_no_strays(
-    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], workers: int
 ) -> None:
-    """After SIGKILL the kernel keeps L3/L4 verdicts and L7 ports fail closed; a new agent replaces the leftovers and leaves nothing after SIGTERM."""
+    """After SIGKILL the kernel keeps L3/L4 verdicts and L7 ports fail closed (workers exit with the agent); a new agent replaces the leftovers and leaves nothing after SIGTERM."""
     topo, eps = http_pods
     fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
-    first = start_agent([HTTP_POLICY], eps, tmp_path)
+    first = start_agent([HTTP_POLICY], eps, tmp_path, workers=workers)
     agent_box.append(first)
     assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "worker_main" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+        time.sleep(0.1)  # workers notice their control socket closing and drain
+    assert "worker_main" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert kernel.leftovers()  # the programs stay attached after a crash
     assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # L3/L4 still enforced
     assert curl(be, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # no proxy: the L7 port fails closed
@@ -342,3 +352,19 @@ def test_endpoints_file_edits_attach_and_detach(tmp_path: Path, agent_box: list[
         assert "mbr_tc_steer" not in subprocess.run(["tc", "filter", "show", "dev", fe.host_if, "ingress"], capture_output=True, text=True).stdout
         assert curl(dbg, f"http://{fe.ipv4}/api")[0] == "200"  # no policy selects an unknown pod: allowed
         assert agent.stop() == 0
+
+
+def test_invalid_policy_at_start_exits_1_and_touches_nothing(tmp_path: Path) -> None:
+    """`membrane run` on an invalid policy reports it (file, object, field) and exits 1 before attaching anything."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, ingress: [{toPort: []}]}\n")
+    eps = tmp_path / "endpoints.yaml"
+    eps.write_text("endpoints: []\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "run", "--policies", str(bad), "--endpoints", str(eps), "--status-file", str(tmp_path / "s.json")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "bad.yaml" in out.stderr and "toPort" in out.stderr
+    assert "agent ready" not in out.stdout
+    assert not (tmp_path / "s.json").exists()

@@ -255,3 +255,27 @@ def test_flows_to_stdout(tmp_path: Path) -> None:
             assert proc.wait(15) == 0
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def test_metrics_sum_all_workers(tmp_path: Path) -> None:
+    """With --workers 2 the metrics endpoint shows the requests of every worker, summed."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    mport = probe.getsockname()[1]
+    probe.close()
+    with http_backend() as backend, gateway(
+        tmp_path, http_policy(backend.port, RULES), upstream_port=backend.port, dst="default/frontend", src="default/backend",
+        extra=["--metrics", f"127.0.0.1:{mport}"], workers=2,
+    ) as gw:
+        for i in range(20):  # new connections each time: SO_REUSEPORT spreads them over both workers
+            assert httpx.get(f"http://127.0.0.1:{gw.port}/api/{i}").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{gw.port}/%2f").status_code == 400
+        deadline = time.monotonic() + 5
+        text = ""
+        while time.monotonic() < deadline:
+            text = httpx.get(f"http://127.0.0.1:{mport}/metrics").text
+            if 'membrane_proxy_requests_total{protocol="http",verdict="FORWARDED"} 20' in text:
+                break
+            time.sleep(0.2)
+        assert 'membrane_proxy_requests_total{protocol="http",verdict="FORWARDED"} 20' in text, text
+        assert 'membrane_proxy_parse_errors_total{protocol="http",reason="malformed"} 1' in text

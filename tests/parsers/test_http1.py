@@ -669,7 +669,9 @@ def test_fast_target_path_agrees_with_normalize_target(tail: str) -> None:
         assert normalize_target(target) == target
 
 
-@pytest.mark.parametrize("chunks", all_chunkings(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"))
+@pytest.mark.parametrize(
+    "chunks", all_chunkings(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+)
 def test_transfer_coding_names_are_case_insensitive(chunks: list[bytes]) -> None:
     """`Chunked` frames like `chunked`: coding names are case-insensitive (RFC 9112 §7; fuzz/corpus/http1_differential/crash_te_value_case)."""
     events = read(S2C, chunks, conversation(GET))

@@ -401,3 +401,22 @@ def test_http2_denied_stream_refused_others_forwarded() -> None:
     events = client.receive_data(b"".join(a.data for a in actions if isinstance(a, Forward) and a.direction is S2C))
     assert [dict(e.headers)[":status"] for e in events if isinstance(e, h2.events.ResponseReceived)] == ["200"]
     assert b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)) == b"ok"
+
+
+def test_actions_do_not_depend_on_read_boundaries() -> None:
+    """However the client's bytes are split into reads, the bytes sent upstream and the replies are the same (RFC 9112 §2.2)."""
+    from tests.helpers.feed import all_chunkings
+
+    stream = get("/api/1") + get("/nope") + b"POST /api/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello" + get("/api/3")
+
+    def run(chunks: list[bytes]) -> tuple[bytes, bytes]:
+        session = http_session()
+        actions = [a for chunk in chunks for a in session.handle(DataReceived(C2S, chunk))]
+        upstream = b"".join(a.data for a in actions if isinstance(a, Forward) and a.direction is C2S)
+        replies = b"".join(a.data for a in actions if isinstance(a, Reply))
+        return upstream, replies
+
+    expected = run([stream])
+    assert expected[0] == get("/api/1") + get("/api/3") and expected[1] == b""  # the POST is denied (GET-only rule)
+    for chunks in all_chunkings(stream):
+        assert run(chunks) == expected
