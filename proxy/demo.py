@@ -9,6 +9,7 @@ same code as `membrane policy trace`. Exit status 0 when every scenario gets its
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,6 +142,19 @@ def _shown(path: Path) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`membrane demo`: the live demo (pods, agent, real traffic) as root; `--policy-only` traces the examples."""
+    if not args.policy_only:
+        if os.geteuid() == 0:
+            from proxy.live_demo import run_live_demo
+
+            return run_live_demo()
+        print("membrane demo: the live demo needs root (network namespaces and eBPF); "
+              "showing the policy-only demo instead\n", file=sys.stderr)
+    return cmd_policy_demo(args)
+
+
+def cmd_policy_demo(args: argparse.Namespace) -> int:
+    """Validate and trace the example policies and print the verdict table (no kernel, no root)."""
     examples = _shown(Path(args.examples))
     policies = examples / "policies"
     endpoints = examples / "endpoints.yaml"
@@ -169,6 +183,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    demo = subparsers.add_parser("demo", help="validate and trace the example policies (verdict table)")
-    demo.add_argument("--examples", default=str(EXAMPLES), metavar="DIR", help="folder with policies/ and endpoints.yaml")
+    demo = subparsers.add_parser(
+        "demo", help="live demo: pods in network namespaces, the agent, real traffic, a verdict table (root)"
+    )
+    demo.add_argument("--policy-only", action="store_true",
+                      help="only validate and trace the example policies (no kernel, no root)")
+    demo.add_argument("--examples", default=str(EXAMPLES), metavar="DIR",
+                      help="folder with policies/ and endpoints.yaml (policy-only demo)")
     demo.set_defaults(func=cmd_demo)

@@ -1,4 +1,4 @@
-"""`membrane demo` (issue 2's policy demo): validates the examples and prints the verdict table."""
+"""`membrane demo --policy-only` (issue 2's policy demo): validates the examples and prints the verdict table."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ MEMBRANE = ROOT / ".venv" / "bin" / "membrane"
 
 
 def test_demo_runs_and_every_scenario_gets_its_verdict() -> None:
-    """`membrane demo` exits 0, validates every example policy and prints one table row per scenario."""
+    """`membrane demo --policy-only` exits 0, validates every example policy and prints one table row per scenario."""
     exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "proxy.cli"]
-    proc = subprocess.run([*exe, "demo"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run([*exe, "demo", "--policy-only"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(": ok (") == 6
     assert f"{len(SCENARIOS)}/{len(SCENARIOS)} flows got their expected verdict." in proc.stdout
