@@ -472,7 +472,7 @@ class _Reader:
         lines = head[:-4].decode("latin-1").split("\r\n")
         if len(lines) > limits.max_headers + 1:
             raise self._error(MessageTooLarge, f"more than {limits.max_headers} header fields")
-        if max(map(len, lines)) > limits.max_line_bytes:
+        if len(head) > limits.max_line_bytes and max(map(len, lines)) > limits.max_line_bytes:  # no line is longer than the head
             raise self._error(MessageTooLarge, f"a head line is longer than {limits.max_line_bytes} bytes")
         return lines
 
@@ -756,6 +756,7 @@ class Http1Connection:
     """
 
     __slots__ = (
+        "_by_direction",
         "_current",
         "_in_flight",
         "_out_chunked",
@@ -784,10 +785,13 @@ class Http1Connection:
             max_held_bytes=max_held_bytes,
         )
         self._readers = {C2S: _Reader(self, C2S), S2C: _Reader(self, S2C)}
+        # Per-direction state is indexed by `direction is S2C` (0 or 1): Enum.__hash__ is Python code,
+        # and these lookups run several times per message.
+        self._by_direction = (self._readers[C2S], self._readers[S2C])
         self._undecided: deque[_Exchange] = deque()  # parsed requests the proxy has not yet forwarded/refused
         self._in_flight: deque[_Exchange] = deque()  # forwarded requests awaiting their final response
-        self._out_chunked = {C2S: False, S2C: False}
-        self._out_trailers: dict[Direction, Headers] = {C2S: (), S2C: ()}
+        self._out_chunked = [False, False]
+        self._out_trailers: list[Headers] = [(), ()]
         self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
         self._current: _Exchange | None = None  # the request being read
         # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
@@ -807,7 +811,7 @@ class Http1Connection:
             ProtocolViolation: bytes in an order HTTP/1.1 forbids; close the connection.
             The connection is unusable after any of them.
         """
-        return self._readers[direction].feed(data)
+        return self._by_direction[direction is S2C].feed(data)
 
     def feed_eof(self, direction: Direction) -> list[Http1Event]:
         """The peer on `direction` closed its side.
@@ -817,15 +821,20 @@ class Http1Connection:
         Raises:
             MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
         """
-        return self._readers[direction].feed_eof()
+        return self._by_direction[direction is S2C].feed_eof()
 
     def state(self, direction: Direction) -> State:
         """The reader state of one direction (for tests and diagnostics)."""
-        return self._readers[direction].state
+        return self._by_direction[direction is S2C].state
+
+    def proposes_switch(self) -> bool:
+        """True when the oldest request not yet forwarded or refused asks to switch protocols (an
+        Upgrade with `Connection: upgrade`, or CONNECT). Cheap: the head was read already."""
+        return bool(self._undecided) and self._undecided[0].switch is not None
 
     def has_held_input(self, direction: Direction) -> bool:
         """True when bytes received during a pending switch can now be parsed: call feed(direction, b"")."""
-        reader = self._readers[direction]
+        reader = self._by_direction[direction is S2C]
         return bool(reader._held) and reader.state is not State.PAUSED
 
     # -- bookkeeping shared by the readers -----------------------------------------------------------
@@ -844,13 +853,13 @@ class Http1Connection:
             self._resume_client()
 
     def _resume_client(self) -> None:
-        client = self._readers[C2S]
+        client = self._by_direction[0]
         if client.state is State.PAUSED:
             client.move(Input.RESUME)
 
     def _switched(self, events: list[Http1Event], protocol: str) -> None:
         self._in_flight.popleft().answered = True
-        client = self._readers[C2S]
+        client = self._by_direction[0]
         if client.state is not State.PAUSED:
             raise ProtocolViolation("protocol switch before the request was complete", direction=S2C)
         client.move(Input.SWITCH)
@@ -869,15 +878,16 @@ class Http1Connection:
         Raises:
             ValueError: `headers` holds a name that is not a token or a value with CR, LF or NUL.
         """
+        side = direction is S2C  # index into the per-direction lists
         if type(event) is Data:
-            if self._out_chunked[direction]:
+            if self._out_chunked[side]:
                 return b"%x\r\n%b\r\n" % (len(event.data), event.data) if event.data else b""
             return event.data
         if type(event) is EndOfMessage:
-            if self._out_chunked[direction]:
-                self._out_chunked[direction] = False
-                trailers = self._out_trailers[direction]
-                self._out_trailers[direction] = ()
+            if self._out_chunked[side]:
+                self._out_chunked[side] = False
+                trailers = self._out_trailers[side]
+                self._out_trailers[side] = ()
                 return b"0\r\n" + _fields_bytes(trailers) + b"\r\n"
             return b""
         if type(event) is HttpRequest:
@@ -885,7 +895,7 @@ class Http1Connection:
                 raise ValueError("forward() of a request that was not read, or was already decided")
             exchange = self._undecided.popleft()
             self._in_flight.append(exchange)
-            self._out_chunked[direction] = event.has_body and event.content_length is None
+            self._out_chunked[side] = event.has_body and event.content_length is None
             raw = exchange.raw_head
             if headers is None and raw is not None and exchange.request is event:
                 exchange.raw_head = exchange.request = None
@@ -895,7 +905,7 @@ class Http1Connection:
         if type(event) is HttpResponse:
             chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
             if event.status >= 200:
-                self._out_chunked[direction] = chunked
+                self._out_chunked[side] = chunked
             raw_responses = self._raw_responses
             while raw_responses:
                 seen, raw = raw_responses.popleft()
@@ -905,7 +915,7 @@ class Http1Connection:
                     break
             return serialize_response_head(event, headers)
         if type(event) is Trailers:
-            self._out_trailers[direction] = event.headers
+            self._out_trailers[side] = event.headers
             return b""
         return b""  # ConnectionUpgraded: nothing on the wire
 

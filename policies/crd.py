@@ -439,7 +439,7 @@ def scope_peer(selector: Selector, namespace: str | None) -> Selector:
 
     Reserved-label selectors stay as written. A selector naming the namespace label stays as written.
     CCNP: otherwise only pods (namespace label exists). CNP: otherwise the policy's namespace, unless
-    the selector matches on namespace labels (`k8s:io.cilium.k8s.namespace.labels.*`).
+    the selector matches on namespace labels (`[k8s:|any:]io.cilium.k8s.namespace.labels.*`).
     """
     if selector.has_source(RESERVED):
         return selector
@@ -447,7 +447,8 @@ def scope_peer(selector: Selector, namespace: str | None) -> Selector:
         return selector
     if namespace is None:
         return selector.with_requirement(Requirement(K8S, NAMESPACE_KEY, Operator.EXISTS))
-    if selector.has_key_prefix(NAMESPACE_LABELS_PREFIX, K8S):
+    # Cilium checks both `k8s:` and `any:` (no source written) keys under the namespace-labels prefix.
+    if any(selector.has_key_prefix(NAMESPACE_LABELS_PREFIX, src) for src in _NS_REQ_SOURCES):
         return selector
     return selector.with_requirement(Requirement(K8S, NAMESPACE_KEY, Operator.IN, frozenset({namespace})))
 

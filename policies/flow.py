@@ -47,12 +47,22 @@ class FlowResult:
     header_actions: tuple[HeaderAction, ...] = ()
 
 
+def _side_decision(verdict: Verdict | None, request: L7Request | None, request_error: Reason | None) -> Decision | None:
+    """The L7 decision of one side: None when that side does not judge the request at L7."""
+    if verdict is None or verdict.kind is VerdictKind.DROP or verdict.kind is VerdictKind.ALLOW or verdict.rules is None:
+        return None
+    if request_error is not None:
+        return Decision(allowed=False, reason=request_error)
+    if request is not None:
+        return verdict.rules.evaluate(request)
+    return None  # no request given: the connection is allowed to the proxy
+
+
 def _judge(
     direction: PolicyDirection,
     endpoint: str | None,
     verdict: Verdict | None,
-    request: L7Request | None,
-    request_error: Reason | None,
+    decision: Decision | None,
 ) -> DirectionResult:
     if verdict is None:
         return DirectionResult(direction=direction, endpoint=None, enforced=False, verdict=FlowVerdict.ALLOWED, l7=None, matched=())
@@ -66,12 +76,6 @@ def _judge(
             direction=direction, endpoint=endpoint, enforced=verdict.enforced, verdict=FlowVerdict.ALLOWED,
             l7=None, matched=verdict.matched, lookup=verdict,
         )
-    if request_error is not None:
-        decision: Decision | None = Decision(allowed=False, reason=request_error)
-    elif request is not None:
-        decision = verdict.rules.evaluate(request)
-    else:
-        decision = None  # no request given: the connection is allowed to the proxy
     if decision is None:
         return DirectionResult(
             direction=direction, endpoint=endpoint, enforced=verdict.enforced, verdict=FlowVerdict.ALLOWED,
@@ -89,6 +93,13 @@ def _judge(
     )
 
 
+# evaluate_request's results for shared decisions, keyed by the identities of the four inputs (each entry
+# holds those objects, so no id can be reused while it is cached) and the two endpoint names. A connection
+# asks the same question for every request it carries; the answer is an immutable FlowResult.
+_MEMO_MAX = 4096
+_memo: dict[tuple[int, int, int, int, str | None, str | None], tuple[object, object, object, object, FlowResult]] = {}
+
+
 def evaluate_request(
     egress: Verdict | None,
     ingress: Verdict | None,
@@ -104,8 +115,31 @@ def evaluate_request(
     request. `request_error` (e.g. MALFORMED for a target normalize_target refused) denies the
     request on every side that inspects it at L7. Never raises.
     """
-    e = _judge(PolicyDirection.EGRESS, src_endpoint, egress, request, request_error)
-    i = _judge(PolicyDirection.INGRESS, dst_endpoint, ingress, request, request_error)
+    de = _side_decision(egress, request, request_error)
+    di = _side_decision(ingress, request, request_error)
+    if (de is None or de.shared) and (di is None or di.shared):
+        key = (id(egress), id(ingress), id(de), id(di), src_endpoint, dst_endpoint)
+        hit = _memo.get(key)
+        if hit is not None and hit[0] is egress and hit[1] is ingress and hit[2] is de and hit[3] is di:
+            return hit[4]
+        result = _combine(egress, ingress, de, di, src_endpoint, dst_endpoint)
+        if len(_memo) >= _MEMO_MAX:
+            _memo.clear()
+        _memo[key] = (egress, ingress, de, di, result)
+        return result
+    return _combine(egress, ingress, de, di, src_endpoint, dst_endpoint)
+
+
+def _combine(
+    egress: Verdict | None,
+    ingress: Verdict | None,
+    de: Decision | None,
+    di: Decision | None,
+    src_endpoint: str | None,
+    dst_endpoint: str | None,
+) -> FlowResult:
+    e = _judge(PolicyDirection.EGRESS, src_endpoint, egress, de)
+    i = _judge(PolicyDirection.INGRESS, dst_endpoint, ingress, di)
     sides = (e, i)
     if any(s.verdict is FlowVerdict.DROPPED for s in sides):
         verdict = FlowVerdict.DROPPED

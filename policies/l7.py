@@ -14,7 +14,7 @@ of the set has mismatch actions, every matching rule contributes its actions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import re2
@@ -51,10 +51,14 @@ class Decision:
     rule: str | None = None
     header_actions: tuple[HeaderAction, ...] = ()
     matched: tuple[str, ...] = ()  # every rule that matched (more than one only with header actions)
+    # True for the decisions a rule set makes once and returns for every request they fit (so callers
+    # may memoise what they derive from one); False for one made for a single request.
+    shared: bool = field(default=False, compare=False, repr=False)
 
 
-DENIED = Decision(allowed=False, reason=Reason.POLICY_DENIED)
-WRONG_PROTOCOL = Decision(allowed=False, reason=Reason.MALFORMED)
+DENIED = Decision(allowed=False, reason=Reason.POLICY_DENIED, shared=True)
+WRONG_PROTOCOL = Decision(allowed=False, reason=Reason.MALFORMED, shared=True)
+_CACHE_MAX = 1024  # distinct field values remembered per field set; the cache is emptied when full
 
 
 def _iter_bits(bits: int) -> list[int]:
@@ -67,9 +71,13 @@ def _iter_bits(bits: int) -> list[int]:
 
 
 class _FieldSet:
-    """RE2 full-match set over one field of all rules: field value -> bitmap of rules it satisfies."""
+    """RE2 full-match set over one field of all rules: field value -> bitmap of rules it satisfies.
 
-    __slots__ = ("_any", "_masks", "_set")
+    The bitmap of each value seen is remembered (bounded): a port sees the same few methods, hosts
+    and paths over and over, and a dict lookup costs far less than a set match.
+    """
+
+    __slots__ = ("_any", "_cache", "_masks", "_set")
 
     def __init__(self, patterns: Sequence[str | None]) -> None:
         self._any = 0
@@ -85,6 +93,7 @@ class _FieldSet:
                 masks.append(0)
             masks[j] |= 1 << i
         self._masks = masks
+        self._cache: dict[str, int] = {}
         self._set: Any = None
         if masks:
             s = re2.Set.FullMatchSet(_OPTIONS)
@@ -94,13 +103,20 @@ class _FieldSet:
             self._set = s
 
     def match(self, value: str | None) -> int:
-        bits = self._any
         if self._set is None or value is None:
+            return self._any
+        cache = self._cache
+        bits = cache.get(value)
+        if bits is not None:
             return bits
+        bits = self._any
         hits = self._set.Match(value)  # None when nothing matches
         if hits:
             for i in hits:
                 bits |= self._masks[i]
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[value] = bits
         return bits
 
 
@@ -124,7 +140,7 @@ class _HttpChecks:
 
 
 class HttpRuleSet:
-    __slots__ = ("_all", "_checks", "_has_actions", "_host", "_method", "_path")
+    __slots__ = ("_all", "_allow", "_checks", "_has_actions", "_host", "_method", "_path")
 
     def __init__(self, rules: Sequence[tuple[HttpRule, str]]) -> None:
         self._method = _FieldSet([r.method for r, _ in rules])
@@ -148,6 +164,8 @@ class HttpRuleSet:
             checks.append(_HttpChecks(ref, tuple(required), tuple(matches)))
         self._checks = tuple(checks)
         self._has_actions = has_actions
+        # Without header actions an allowing decision depends only on the rule: made once per rule.
+        self._allow = tuple(Decision(allowed=True, rule=c.ref, matched=(c.ref,), shared=True) for c in checks)
 
     def evaluate(self, method: str, target: str, host: str | None, headers: Sequence[tuple[str, str]]) -> Decision:
         cand = self._all & self._method.match(method)
@@ -161,11 +179,16 @@ class HttpRuleSet:
         actions: list[HeaderAction] = []
         for i in _iter_bits(cand):
             check = self._checks[i]
+            if not check.required and not check.matches:  # no header conditions: the rule matches as is
+                if not self._has_actions:
+                    return self._allow[i]
+                matched.append(check.ref)
+                continue
             ok, rule_actions = self._check_headers(check, headers)
             if not ok:
                 continue
             if not self._has_actions:
-                return Decision(allowed=True, rule=check.ref, matched=(check.ref,))
+                return self._allow[i]
             matched.append(check.ref)
             actions.extend(rule_actions)
         if not matched:
@@ -195,10 +218,11 @@ class HttpRuleSet:
 
 
 class DnsRuleSet:
-    __slots__ = ("_names", "_patterns", "_refs")
+    __slots__ = ("_decisions", "_names", "_patterns", "_refs")
 
     def __init__(self, rules: Sequence[tuple[DnsRule, str]]) -> None:
         self._names: dict[str, str] = {}
+        self._decisions: dict[str, Decision] = {}  # one allowing decision per rule reference
         patterns: list[str] = []
         refs: list[str] = []
         for rule, ref in rules:
@@ -232,7 +256,10 @@ class DnsRuleSet:
         ref = self.match(name)
         if ref is None:
             return DENIED
-        return Decision(allowed=True, rule=ref, matched=(ref,))
+        decision = self._decisions.get(ref)
+        if decision is None:
+            decision = self._decisions[ref] = Decision(allowed=True, rule=ref, matched=(ref,), shared=True)
+        return decision
 
 
 class KafkaRuleSet:

@@ -336,7 +336,7 @@ def flow_peer(pmap: PolicyMap, peer: PolicyPeer, ip: str, port: int) -> Peer:
 # --- drop events as flows ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DropFlow(Flow):
     """A packet the kernel dropped at L3/L4: Hubble's `Type: L3_L4` record with `drop_reason_desc`."""
 

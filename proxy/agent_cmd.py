@@ -97,7 +97,7 @@ def _status(args: argparse.Namespace) -> int:
     ready = sum(1 for e in eps if e.get("status") == "ready")
     ports = doc.get("proxy_ports", {})
     print(f"Agent:        {'agent ready' if doc.get('state') == 'ready' else doc.get('state')} (pid {doc.get('pid')})")
-    print(f"Policies:     {', '.join(doc.get('policies', []))} ({doc.get('reloads', 0)} applied)")
+    print(f"Policies:     {', '.join(doc.get('policies', []))} (reloads: {doc.get('reloads', 0)})")
     print(f"Endpoints:    {ready}/{len(eps)} ready ({doc.get('endpoints_file')})")
     print(f"Proxy:        tcp {ports.get('tcp4')}/{ports.get('tcp6')}  udp {ports.get('udp4')}/{ports.get('udp6')}"
           f"  sockmap {'on' if doc.get('sockmap') else 'off'}")

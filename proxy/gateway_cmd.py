@@ -41,6 +41,11 @@ def _addr(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _fmt(host: str, port: int) -> str:
+    """ADDR:PORT as a user would type it back: IPv6 addresses in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _endpoint_key(value: str) -> str:
     ns, sep, name = value.partition("/")
     if not sep or not ns or not name or "/" in name:
@@ -137,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"membrane gateway: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
         return 2
     ready = (
-        f"membrane gateway listening on {host}:{port}{' tcp+udp' if args.udp else ''} -> "
-        f"{args.upstream[0]}:{args.upstream[1]} as {args.dst} ({args.workers} worker{'s' if args.workers > 1 else ''})"
+        f"membrane gateway listening on {_fmt(host, port)}{' tcp+udp' if args.udp else ''} -> "
+        f"{_fmt(*args.upstream)} as {args.dst} ({args.workers} worker{'s' if args.workers > 1 else ''})"
     )
     if args.workers == 1:
         return uvloop.run(_worker(plan, [tcp[0]], udp[:1], ready_line=ready, worker=0))

@@ -491,6 +491,8 @@ class Proxy:
 
     async def start(self, tcp_sockets: Iterable[socket.socket], udp_sockets: Iterable[socket.socket] = ()) -> None:
         loop = asyncio.get_running_loop()
+        # Flow lines are written once per loop pass (after the reads it handled), not once per record.
+        self.flows.defer_writes(loop.call_soon)
         for sock in tcp_sockets:
             self._servers.append(await loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
         for sock in udp_sockets:

@@ -163,12 +163,30 @@ class DnsJudge:
                     query=response.normalized_name, qtypes=qtypes, rcode=response.rcode, ips=response.addresses,
                     ttl=response.min_ttl,
                 ),
-                summary=f"DNS Answer {' '.join(response.addresses)} TTL: {response.min_ttl} "
-                f"(Query {response.normalized_name} {' '.join(qtypes)})",
+                summary=_answer_summary(response, qtypes),
                 time_ns=time_ns,
                 latency_ns=latency_ns,
             )
         )
+
+
+# RCODE names for flow summaries (RFC 1035 §4.1.1, RFC 2136 §2.2, RFC 6895 §2.3).
+_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 6: "YXDOMAIN",
+                7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
+
+
+def _answer_summary(response: DnsResponse, qtypes: list[str]) -> str:
+    """Hubble-like answer summary: the addresses and TTL, or the RCODE of an error answer; never 'None'."""
+    query = f"(Query {response.normalized_name} {' '.join(qtypes)})".replace(" )", ")")
+    if response.rcode:
+        return f"DNS Answer RCode: {_RCODE_NAMES.get(response.rcode, str(response.rcode))} {query}"
+    parts = ["DNS Answer"]
+    if response.addresses:
+        parts.append(" ".join(response.addresses))
+    if response.min_ttl is not None:
+        parts.append(f"TTL: {response.min_ttl}")
+    parts.append(query)
+    return " ".join(parts)
 
 
 class DnsTcpSession(Session):

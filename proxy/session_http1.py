@@ -243,19 +243,21 @@ class Http1Session(Session):
         allowed, verdict, reason, rule = verdict_of(result)
         self._current = pending
         self._current_allowed = allowed
-        flow_l7 = l7_http(method=req.method, url=url, protocol=f"HTTP/{req.http_version}", headers=req.headers)
+        protocol = f"HTTP/{req.http_version}"
+        flow_l7 = l7_http(method=req.method, url=url, protocol=protocol, headers=req.headers)
+        summary = f"{protocol} {req.method} {url}"  # what _flow() would derive from flow_l7
         if allowed and self._upstream_failed is not None:
             allowed, reason = False, self._upstream_failed
             self._current_allowed = False
         if allowed:
             headers = apply_header_actions(req.headers, result.header_actions) if result.header_actions else None
-            if http2.is_h2c_upgrade(req):
+            if self.conn.proposes_switch() and http2.is_h2c_upgrade(req):
                 # Never an opaque relay after `Upgrade: h2c`: strip the upgrade, as Envoy does, and go on in HTTP/1.1.
                 headers = strip_h2c_upgrade(req.headers if headers is None else headers)
             actions.append(Forward(C2S, self.conn.forward(C2S, req, headers=headers)))
             self._order.append(pending)
             self.stats.forwarded += 1
-            actions.append(self._flow(REQUEST, FORWARDED, flow_l7, rule=rule, time_ns=started))
+            actions.append(self._flow(REQUEST, FORWARDED, flow_l7, rule=rule, time_ns=started, summary=summary))
             return
         assert reason is not None
         status = http1.http_status(reason)
@@ -267,7 +269,7 @@ class Http1Session(Session):
             pending.close_after = True
         pending.status = status
         self.stats.refused += 1
-        actions.append(self._flow(REQUEST, verdict, flow_l7, rule=rule, reason=reason, time_ns=started))
+        actions.append(self._flow(REQUEST, verdict, flow_l7, rule=rule, reason=reason, time_ns=started, summary=summary))
         self._order.append(pending)
         self._flush(actions)
 
@@ -367,9 +369,9 @@ class Http1Session(Session):
         latency_ns: int = 0,
         summary: str | None = None,
     ) -> Log:
-        http = l7.get("http", {})
-        assert isinstance(http, dict)
         if summary is None:
+            http = l7.get("http", {})
+            assert isinstance(http, dict)
             if l7_type == REQUEST:
                 summary = f"{http.get('protocol')} {http.get('method')} {http.get('url')}"
             else:
@@ -394,4 +396,6 @@ class Http1Session(Session):
         now = self.clock()
         self.stats.responses += 1
         l7 = l7_http(method=pending.method, url=pending.url, protocol="HTTP/1.1", code=status, headers=headers)
-        return self._flow(RESPONSE, verdict, l7, time_ns=now, latency_ns=max(0, now - pending.started_ns), reason=reason)
+        latency_ns = max(0, now - pending.started_ns)
+        summary = f"HTTP/1.1 {status} {latency_ns // 1_000_000}ms ({pending.method} {pending.url})"
+        return self._flow(RESPONSE, verdict, l7, time_ns=now, latency_ns=latency_ns, reason=reason, summary=summary)

@@ -20,6 +20,7 @@ from parsers.events import (
     Direction,
     EndOfMessage,
     GrpcCall,
+    Headers,
     HttpRequest,
     HttpResponse,
     Reason,
@@ -167,12 +168,14 @@ class Http2Session(Session):
                 request = dataclasses.replace(request, headers=headers)
             if self.client.send_request(request):
                 self.streams[stream_id] = _StreamInfo(method=method, url=url, grpc=is_grpc, started_ns=now)
-                actions.append(self._log(REQUEST, FORWARDED, method, url, grpc=is_grpc, rule=rule, time_ns=now))
+                actions.append(self._log(REQUEST, FORWARDED, method, url, grpc=is_grpc, rule=rule, time_ns=now,
+                                         headers=request.headers))
                 return
             allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
         assert reason is not None
         self.server.refuse(stream_id, reason)
-        actions.append(self._log(REQUEST, verdict, method, url, grpc=is_grpc, rule=rule, reason=reason, time_ns=now))
+        actions.append(self._log(REQUEST, verdict, method, url, grpc=is_grpc, rule=rule, reason=reason, time_ns=now,
+                                 headers=request.headers))
 
     # --- upstream -> client -----------------------------------------------------------------------
     def _server_event(self, event: http2.Event, actions: list[Action]) -> None:
@@ -240,8 +243,9 @@ class Http2Session(Session):
         code: int = 0,
         time_ns: int | None = None,
         latency_ns: int = 0,
+        headers: Headers = (),
     ) -> Log:
-        l7 = l7_http(method=method, url=url, protocol="HTTP/2", code=code)
+        l7 = l7_http(method=method, url=url, protocol="HTTP/2", code=code, headers=headers)
         what = "gRPC" if grpc else "HTTP/2"
         summary = f"{what} {method} {url}" if l7_type == REQUEST else f"{what} {code} {latency_ns // 1_000_000}ms ({method} {url})"
         return Log(

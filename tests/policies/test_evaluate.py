@@ -12,6 +12,7 @@
 | Kafka multi-topic request needs every topic covered    | test_kafka_topic_coverage_both_orders |
 | a request of the wrong protocol is MALFORMED           | test_wrong_protocol_is_malformed      |
 | evaluation never raises                                | test_evaluation_is_total              |
+| memoised answers equal fresh ones; memo/cache bounded  | test_repeated_requests_..., test_per_request_header_actions_..., test_different_rule_sets_..., test_field_value_cache_... |
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
-from policies import L7RuleSet, ParserType
+from policies import FlowVerdict, L7RuleSet, ParserType, Verdict, VerdictKind, evaluate_request
 from policies.crd import DnsRule, HeaderMatch, HttpRule, KafkaRule, MismatchAction, SecretRef
 from policies.kafka_keys import API_KEYS, ROLE_API_KEYS
 from tests.policies.util import dns, grpc, http, kafka
@@ -263,3 +264,61 @@ def test_evaluation_is_total(request: HttpRequest | GrpcCall | DnsQuery | KafkaR
     for rule_set in _SETS:
         d = rule_set.evaluate(request)
         assert (d.reason is None) is d.allowed
+
+
+# --- memoisation (the proxy asks the same question for every request of a connection) -------------------
+
+
+def _redirect(*rules: HttpRule) -> Verdict:
+    return Verdict(kind=VerdictKind.REDIRECT, enforced=True, parser=ParserType.HTTP, rules=_http_set(*rules), matched=("p",))
+
+
+def test_repeated_requests_get_the_same_answers_as_the_first() -> None:
+    """evaluate_request answers a repeated (verdicts, request) exactly as it did the first time: allowed, denied, malformed."""
+    ingress = _redirect(HttpRule(method="GET", path="/api"))
+    egress = Verdict(kind=VerdictKind.ALLOW, enforced=True, matched=("e",))
+    for _ in range(3):
+        ok = evaluate_request(egress, ingress, http("GET", "/api"), src_endpoint="d/a", dst_endpoint="d/b")
+        assert ok.verdict is FlowVerdict.ALLOWED and ok.decision is not None and ok.decision.rule == "p: rules.http[0]"
+        assert ok.ingress.endpoint == "d/b" and ok.egress.endpoint == "d/a" and ok.egress.verdict is FlowVerdict.ALLOWED
+        no = evaluate_request(egress, ingress, http("POST", "/api"), src_endpoint="d/a", dst_endpoint="d/b")
+        assert no.verdict is FlowVerdict.L7_DENIED and no.decision is not None and no.decision.reason is Reason.POLICY_DENIED
+        bad = evaluate_request(egress, ingress, http("GET", "/api"), request_error=Reason.MALFORMED, dst_endpoint="d/b")
+        assert bad.verdict is FlowVerdict.L7_DENIED and bad.decision is not None and bad.decision.reason is Reason.MALFORMED
+        other_ends = evaluate_request(egress, ingress, http("GET", "/api"), src_endpoint="d/x", dst_endpoint="d/y")
+        assert (other_ends.egress.endpoint, other_ends.ingress.endpoint) == ("d/x", "d/y")
+        dropped = evaluate_request(Verdict(kind=VerdictKind.DROP, enforced=True), ingress, http("GET", "/api"))
+        assert dropped.verdict is FlowVerdict.DROPPED
+
+
+def test_per_request_header_actions_are_never_reused() -> None:
+    """A headerMatches mismatch action is decided per request (RFC-free: Cilium headerMatches), even when the same rule matched before."""
+    ingress = _redirect(HttpRule(header_matches=(HeaderMatch(name="X-Id", value="7", mismatch=MismatchAction.ADD),)))
+    for _ in range(3):
+        missing = evaluate_request(None, ingress, http("GET", "/"))
+        assert [(a.action, a.name, a.value) for a in missing.header_actions] == [(MismatchAction.ADD, "X-Id", "7")]
+        present = evaluate_request(None, ingress, http("GET", "/", headers=(("x-id", "7"),)))
+        assert present.verdict is FlowVerdict.ALLOWED and present.header_actions == ()
+
+
+def test_different_rule_sets_never_share_an_answer() -> None:
+    """Two connections with different rules get their own verdicts, however many rule sets come and go (the memo is bounded)."""
+    from policies import flow as flow_module
+
+    for i in range(flow_module._MEMO_MAX + 10):
+        allow_get = i % 2 == 0
+        ingress = _redirect(HttpRule(method="GET" if allow_get else "POST"))
+        result = evaluate_request(None, ingress, http("GET", "/x"))
+        assert (result.verdict is FlowVerdict.ALLOWED) is allow_get
+    assert len(flow_module._memo) <= flow_module._MEMO_MAX
+
+
+def test_field_value_cache_is_bounded_and_exact() -> None:
+    """Remembered path matches never change an answer, also past the cache's size (RE2 full match on the path)."""
+    from policies import l7 as l7_module
+
+    rules = _http_set(HttpRule(path="/v[0-9]+/item"))
+    for _ in range(2):
+        for n in range(l7_module._CACHE_MAX + 50):
+            assert rules.evaluate(http("GET", f"/v{n}/item")).allowed
+            assert not rules.evaluate(http("GET", f"/v{n}/item/x")).allowed
