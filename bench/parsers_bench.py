@@ -40,13 +40,13 @@ def main() -> int:
         print(json.dumps(rows, indent=2))
         return 0
     keys = sorted({k for row in rows for k in row} - {"protocol", "name"})
-    print(f"{'protocol':10s} {'name':44s} " + " ".join(f"{k:>14s}" for k in keys))
+    print(f"{'protocol':10s} {'name':58s} " + " ".join(f"{k:>14s}" for k in keys))
     for row in rows:
         cells = []
         for k in keys:
             v = row.get(k, "")
             cells.append(f"{v:14.1f}" if isinstance(v, float) else f"{v!s:>14s}")
-        print(f"{row['protocol']!s:10s} {row.get('name', '')!s:44s} " + " ".join(cells))
+        print(f"{row['protocol']!s:10s} {row.get('name', '')!s:58s} " + " ".join(cells))
     return 0
 
 

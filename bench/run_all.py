@@ -640,7 +640,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
+def parse_args(argv: list[str] | None) -> tuple[Config, Path, int | None]:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="self-check: about 1 s per row")
@@ -656,6 +656,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
                    help="row id glob or prefix, e.g. 'http1/*', 'dns', 'http1-c1/haproxy' (repeatable)")
     p.add_argument("--profile", action="store_true",
                    help="also run Membrane (one worker) under cProfile with HTTP/1.1 and DNS load; print the top")
+    p.add_argument("--port-offset", type=int,
+                   help="move the fixed upstream ports (18080-18082, 18053, 19092) by N; default: 0, or the first "
+                        "free multiple of 100 when another run holds them")
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "latest.json", help="where to write the results")
     a = p.parse_args(argv)
     return Config(
@@ -667,11 +670,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path]:
         rounds=max(1, a.rounds), workers=a.workers,
         warmup_s=0.0 if a.quick else 1.0,
         only=tuple(a.only), profile=a.profile,
-    ), a.json
+    ), a.json, a.port_offset
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, json_path = parse_args(argv)
+    cfg, json_path, port_offset = parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     started = dt.datetime.now(dt.UTC)
@@ -687,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     with _terminate_as_interrupt(), Stack() as stack:
         try:
+            offset = port_offset if port_offset is not None else peers.pick_port_offset()
+            peers.shift_ports(offset, stack.workdir)
+            if offset:
+                print(f"# the fixed upstream ports are busy (another run?): using them +{offset}: "
+                      f"{', '.join(f'{k}={v}' for k, v in PORTS.items())}; policy copy in bench/results/run/")
             nginx: Proc | None = None
             for name, runner in SECTIONS.items():
                 if not section_wanted(SECTION_PREFIXES[name], cfg.only):
@@ -725,7 +733,7 @@ def _keep_configs(stack: Stack) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
     for path in stack.workdir.iterdir():
-        if path.is_file() and path.suffix in (".conf", ".cfg"):
+        if path.is_file() and path.suffix in (".conf", ".cfg", ".yaml"):
             shutil.copy2(path, dest / path.name)
             text = (dest / path.name).read_text().replace(str(stack.workdir), str(dest))
             (dest / path.name).write_text(text)

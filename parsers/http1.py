@@ -13,6 +13,8 @@ once) with no per-field callbacks, and the fields are then split from the comple
 methods. The body is sliced out of the stream here: Content-Length bodies by counting, chunked bodies
 by a small chunk reader that works per chunk, never per byte. llhttp is reused for the next head
 when it finished the message itself (no body, keep-alive), else a fresh one (0.8 µs) is made.
+Each reader remembers its last head and the fields split from it: a head equal byte for byte to the
+previous one (keep-alive clients repeat theirs) reuses them; llhttp still validates every head.
 Doing the framing here, not in llhttp, gives:
 * exact limits: httptools would otherwise accumulate a header value without bound;
 * HEAD responses and 2xx answers to CONNECT, which llhttp cannot frame (it never sees the request);
@@ -290,6 +292,7 @@ class _Reader:
         "_done",
         "_head_is_request",
         "_held",
+        "_memo",
         "_parser",
         "_remaining",
         "_response_keep_alive",
@@ -310,6 +313,9 @@ class _Reader:
         self._trailer_bytes = 0
         self._response_keep_alive = True
         self._done = _HeadDone()
+        # The last head read and what _lines/_fields made of it: a keep-alive peer often sends the
+        # same head again (a pure function of the bytes, so the fields are reused, never re-read).
+        self._memo: tuple[bytes, list[str], _Fields] | None = None
         self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
 
     # -- state table -------------------------------------------------------------------------------
@@ -515,9 +521,19 @@ class _Reader:
                 raise self._error(MalformedMessage, "Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)")
         return f
 
+    def _head_fields(self, head: bytes, lines: list[str], version: str, cached: bool) -> _Fields:
+        """`_fields(lines, version)`, reused when `head` is the previous head byte for byte (never mutated)."""
+        if cached and self._memo is not None:
+            return self._memo[2]
+        f = self._fields(lines, version)
+        self._memo = (head, lines, f)
+        return f
+
     def _request_head(self, head: bytes, events: list[Http1Event]) -> bool:
         """Emit the request; returns whether llhttp may read the next head (keep-alive, no switch)."""
-        lines = self._lines(head)
+        memo = self._memo
+        cached = memo is not None and memo[0] == head
+        lines = memo[1] if memo is not None and cached else self._lines(head)
         parts = lines[0].split(" ")
         if len(parts) != 3:
             raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
@@ -525,7 +541,7 @@ class _Reader:
         version = _VERSIONS.get(proto)
         if version is None:
             raise self._error(MalformedMessage, f"unsupported version {proto[:16]!r} (RFC 9112 §2.3)")
-        f = self._fields(lines, version)
+        f = self._head_fields(head, lines, version, cached)
         if f.host_count > 1 or (f.host_count == 0 and version == "1.1"):
             raise self._error(MalformedMessage, f"{f.host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
         content_length = f.content_length
@@ -595,7 +611,9 @@ class _Reader:
 
     def _response_head(self, head: bytes, events: list[Http1Event]) -> bool:
         """Emit the response (framed by its request's method); returns whether llhttp may be reused."""
-        lines = self._lines(head)
+        memo = self._memo
+        cached = memo is not None and memo[0] == head
+        lines = memo[1] if memo is not None and cached else self._lines(head)
         parts = lines[0].split(" ", 2)
         version = _VERSIONS.get(parts[0])
         if version is None:
@@ -607,7 +625,7 @@ class _Reader:
         reason = parts[2] if len(parts) > 2 else ""
         if _CTL.search(reason):
             raise self._error(MalformedMessage, "control character in the reason phrase (RFC 9112 §4)")
-        f = self._fields(lines, version)
+        f = self._head_fields(head, lines, version, cached)
         exchange = self._conn._answering()
         if exchange is None:
             raise self._error(ProtocolViolation, "response with no request in flight")

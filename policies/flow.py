@@ -4,6 +4,8 @@
 two can never disagree. Verdict: DROPPED if either direction drops at L3/L4, else L7_DENIED if
 either direction denies the request at L7, else ALLOWED. A side that is not a local endpoint
 (an outside IP) has no policy of its own: it is reported as not enforced and ALLOWED.
+`evaluate_request` memoises its (immutable) result for shared decisions, keyed by the identities of
+its inputs, so a connection's repeated requests cost two rule-set lookups and one dict lookup.
 """
 
 from __future__ import annotations

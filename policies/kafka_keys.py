@@ -60,11 +60,19 @@ PARSED_TOPIC_API_KEYS = frozenset({0, 1, 2, 3, 8, 9})
 TOPIC_AUTHORIZATION_FAILED = 29  # Kafka error code the proxy answers a denied request with
 
 
+# Kafka's own request names where Cilium's policy names differ (for `trace --kafka-api-key` only;
+# policies must use Cilium's names, as Cilium's apiKey validation does).
+_KAFKA_PROTOCOL_NAMES: dict[str, int] = {"listoffsets": 2, "groupcoordinator": 10}
+
+
 def parse_api_key(text: str) -> int | None:
-    """A Cilium api-key name (case-insensitive) or a decimal number -> the numeric key; None if unknown."""
-    key = API_KEYS.get(text.strip().lower())
+    """A Cilium api-key name or Kafka's request name (case-, `_`- and `-`-insensitive), or a decimal
+    number 0-32767 -> the numeric key; None if unknown."""
+    t = text.strip()
+    name = t.lower().replace("_", "").replace("-", "")
+    key = API_KEYS.get(name, _KAFKA_PROTOCOL_NAMES.get(name))
     if key is not None:
         return key
-    if text.strip().isdigit():
-        return int(text.strip())
+    if t.isdigit() and int(t) <= 32767:
+        return int(t)
     return None

@@ -9,6 +9,9 @@ path (whole normalised target, query included) and host are RE2 full matches; `h
 are "Name" (present) or "Name value" (exact; split at the first space, trailing ':' dropped);
 `headerMatches` without `mismatch` must match, with one they only trigger an action. When any rule
 of the set has mismatch actions, every matching rule contributes its actions.
+Per request it costs dict lookups in the common case: each field set remembers (bounded) the rule
+bitmap of the values it has seen, and an allowing decision without header actions is made once per
+rule and shared (`Decision.shared`), so callers may memoise what they derive from it.
 """
 
 from __future__ import annotations

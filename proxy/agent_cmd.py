@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
         help="run the node agent: eBPF steering + transparent L7 proxy",
         description="Enforce the policies for the endpoints on this node until SIGTERM/SIGINT.",
     )
-    p.add_argument("--policies", action="append", required=True, metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--policies", action="extend", nargs="+", required=True, metavar="PATH",
+                   help="policy files or directories (repeatable; several may follow one --policies)")
     p.add_argument("--endpoints", required=True, metavar="FILE", help="endpoints file; `interface:` names each host-side veth")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
     p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")

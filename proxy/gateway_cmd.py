@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
         help="run the L7 proxy in front of one upstream (no eBPF)",
         description="Proxy every connection on --listen to --upstream, enforcing the policy of --dst.",
     )
-    p.add_argument("--policies", action="append", required=True, metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--policies", action="extend", nargs="+", required=True, metavar="PATH",
+                   help="policy files or directories (repeatable; several may follow one --policies)")
     p.add_argument("--endpoints", required=True, metavar="FILE", help="endpoints file (pods and namespaces)")
     p.add_argument("--listen", required=True, type=_addr, metavar="ADDR:PORT", help="where clients connect (port 0: any)")
     p.add_argument("--udp", action="store_true", help="also listen for DNS over UDP on the same ADDR:PORT")

@@ -34,7 +34,36 @@ MITM_VENV = BENCH_DIR / ".venv-mitm"
 # Upstream ports are fixed: policy.yaml names them, and `membrane gateway` judges a connection as going to --dst
 # on the upstream's port. Proxies listen on free ports picked at run time.
 PORTS = {"http": 18080, "h2": 18081, "grpc": 18082, "dns": 18053, "kafka": 19092}
+DEFAULT_PORTS = dict(PORTS)
 HOST = "127.0.0.1"
+_policy_file = POLICY_FILE
+
+
+def policy_file() -> Path:
+    """The policy `membrane gateway` gets: bench/peers/policy.yaml, or its port-shifted copy (shift_ports)."""
+    return _policy_file
+
+
+def shift_ports(offset: int, workdir: Path) -> None:
+    """Moves every fixed upstream port by offset, so that a second run can share the machine, and writes a copy
+    of policy.yaml naming the moved ports into workdir. offset 0 restores the defaults."""
+    global _policy_file
+    text = POLICY_FILE.read_text()
+    for name, port in DEFAULT_PORTS.items():
+        PORTS[name] = port + offset
+        text = text.replace(f'"{port}"', f'"{port + offset}"')
+    _policy_file = POLICY_FILE
+    if offset:
+        _policy_file = workdir / "policy.yaml"
+        _policy_file.write_text(text)
+
+
+def pick_port_offset() -> int:
+    """0 if the default fixed ports are free (TCP and UDP), else the first multiple of 100 (up to 2000) that is."""
+    for offset in range(0, 2001, 100):
+        if all(port_is_free(p + offset) and _udp_port_is_free(p + offset) for p in DEFAULT_PORTS.values()):
+            return offset
+    raise RuntimeError("no free set of fixed bench ports on 127.0.0.1")
 
 
 class Unavailable(Exception):
@@ -162,6 +191,15 @@ def free_port() -> int:
                 continue
         return port
     raise RuntimeError("no free loopback port")
+
+
+def _udp_port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def port_is_free(port: int) -> bool:
@@ -363,7 +401,7 @@ def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: s
     if profile_to is not None:
         python = REPO_DIR / ".venv" / "bin" / "python"
         exe = [str(python if python.exists() else sys.executable), str(PEERS_DIR / "cpu_profile.py"), str(profile_to)]
-    argv = [*exe, "gateway", "--policies", str(POLICY_FILE), "--endpoints", str(ENDPOINTS_FILE),
+    argv = [*exe, "gateway", "--policies", str(policy_file()), "--endpoints", str(ENDPOINTS_FILE),
             "--listen", f"{HOST}:{listen_port}", "--upstream", f"{HOST}:{upstream_port}", "--dst", dst, "--src", src]
     if udp:
         argv.append("--udp")

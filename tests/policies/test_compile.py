@@ -179,6 +179,14 @@ def test_cnp_vs_ccnp_peer_scope() -> None:
     assert verdict(cw, DEBUG, FRONTEND, 80) == "DROPPED"
 
 
+def test_cnp_peer_namespace_labels_without_source_are_cluster_wide() -> None:
+    """getEndpointSelector skips the namespace match for `any:` (no source) namespace-label keys too (Cilium utils.go)."""
+    for key in ("io.cilium.k8s.namespace.labels.team", "any:io.cilium.k8s.namespace.labels.team"):
+        pmap = compile_docs(cnp("c", f"endpointSelector: {{matchLabels: {{app: frontend}}}}\ningress: [{{fromEndpoints: [{{matchLabels: {{'{key}': data}}}}]}}]"))
+        assert verdict(pmap, OTHER_BACKEND, FRONTEND, 80) == "ALLOWED", key
+        assert verdict(pmap, BACKEND, FRONTEND, 80) == "DROPPED", key
+
+
 def test_cnp_subject_is_namespace_scoped() -> None:
     """A CNP selects only endpoints of its namespace, a CCNP those of every namespace."""
     spec = "endpointSelector: {matchLabels: {app: backend}}\ningress: [{}]"
