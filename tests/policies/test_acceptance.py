@@ -11,6 +11,7 @@ kafka = Documentation/security/kafka.rst ("Securing a Kafka Cluster"), matchpatt
 | scoping/     | CCNP vs CNP scoping, namespace label, namespace labels, NotIn, enableDefaultDeny |
 | l7/          | headerMatches, L7 wildcarding, `http: [{}]`, `**.` patterns, port 0, gRPC      |
 | edges/       | `ingress: [{}]`, `fromEndpoints: []` vs `[{}]`, CCNP `{}`, 0.0.0.0/0           |
+| visibility/  | enableDefaultDeny egress false + DNS rules, matchName case, toFQDNs "*"       |
 | mixed/       | deny vs L7 allow, both sides, egress L7 to world, service accounts, apiVersion |
 | invalid/     | every validation error of issue 2, one line per object, exit 1                 |
 """
@@ -261,6 +262,24 @@ CASES = [
       "DROPPED", ingress="DROPPED"),
     c("kafka: apiKey produce does not allow metadata (3)", "mixed",
       "--src prod/robot --dst prod/api --dport 9092/TCP --kafka-api-key 3 --kafka-topic logs", "L7_DENIED"),
+    # --- visibility/ ---------------------------------------------------------------------------
+    c("language.rst enableDefaultDeny egress false: a query the DNS rules allow", "visibility",
+      "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name www.cilium.io", "ALLOWED",
+      egress="ALLOWED", l7="dns"),
+    c("language.rst enableDefaultDeny egress false: redirected queries are still judged by the DNS rules", "visibility",
+      "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name example.com", "L7_DENIED",
+      response={"dns_rcode": "REFUSED"}),
+    c("language.rst enableDefaultDeny egress false: other egress is not default-denied", "visibility",
+      "--src default/frontend --dst-ip 1.1.1.1 --dport 443/TCP", "ALLOWED"),
+    c("matchpattern: matchName is case- and trailing-dot-insensitive", "visibility",
+      "--src default/crawler --dst kube-system/coredns --dport 53/UDP --dns-name cilium.io", "ALLOWED"),
+    c("language.rst toFQDNs matchPattern '*': any learned IP (comma list, repeated flag)", "visibility",
+      "--src default/crawler --dst-ip 2.2.2.2 --dport 443/TCP --learned-dns a.com=1.1.1.1,9.9.9.9 --learned-dns b.org=2.2.2.2",
+      "ALLOWED", matched="default/crawler-fqdn-any: egress[1].toPorts[0]"),
+    c("language.rst toFQDNs matchPattern '*': an IP never learned is dropped", "visibility",
+      "--src default/crawler --dst-ip 3.3.3.3 --dport 443/TCP --learned-dns a.com=1.1.1.1", "DROPPED"),
+    c("language.rst toFQDNs: never selects a cluster endpoint even if a DNS answer named its IP", "visibility",
+      "--src default/crawler --dst kube-system/coredns --dport 443/TCP --learned-dns a.com=10.244.0.10", "DROPPED"),
     # --- edges/ --------------------------------------------------------------------------------
     c("language.rst Ingress/Egress Default Deny: ingress: [{}] denies all ingress", "edges",
       "--src default/frontend --dst default/backend --dport 80/TCP", "DROPPED", ingress="DROPPED"),
@@ -353,7 +372,7 @@ def test_validate_reports_every_cilium_error() -> None:
 
 def test_acceptance_scenarios_validate() -> None:
     """Every scenario directory is valid Cilium policy (validate exits 0, one line per object)."""
-    for d in ("policies", "scoping", "l7", "edges", "mixed"):
+    for d in ("policies", "scoping", "l7", "edges", "mixed", "visibility"):
         proc = run("policy", "validate", d)
         assert proc.returncode == 0, proc.stdout
         assert all(": ok (Cilium" in ln for ln in proc.stdout.splitlines())
