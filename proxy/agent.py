@@ -770,6 +770,14 @@ class Agent:
         except PathProblem as e:
             print(f"membrane run: {e}", file=sys.stderr)
             return 2
+        for path in self.config.flows:  # an unwritable --flows fails before the kernel is touched
+            if path == "-":
+                continue
+            try:
+                open(path, "a", encoding="utf-8").close()
+            except OSError as e:
+                print(f"membrane run: cannot open --flows {path}: {e.strerror}", file=sys.stderr)
+                return 2
         for item in self._kernel(cleanup_stale):  # before anything of ours is attached
             log.warning("removed stale %s", item)
         self._mtimes = _watched_files(self.config)

@@ -125,6 +125,14 @@ def run(args: argparse.Namespace) -> int:
         max_buffer_bytes=args.max_buffer_bytes,
         drain_timeout_s=args.drain_timeout,
     )
+    for path in args.flows:
+        if path == "-":
+            continue
+        try:
+            open(path, "a", encoding="utf-8").close()  # fail here, clearly, rather than in every worker
+        except OSError as e:
+            print(f"membrane gateway: cannot open --flows {path}: {e.strerror}", file=sys.stderr)
+            return 2
     plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics)
     host, port = args.listen
     # One worker needs no SO_REUSEPORT; several share the port through it. For port 0, a port is picked

@@ -132,12 +132,13 @@ def test_head_and_304_keep_the_connection_in_sync(tmp_path: Path) -> None:
 
 
 def test_header_rule_with_policies_given_as_file_and_directory(tmp_path: Path) -> None:
-    """`headers: ["X-Token: abc"]` needs that exact header (Cilium HTTP rule); `--policies` is repeatable and takes a directory."""
+    """`headers: ["X-Token: abc"]` needs that exact header (Cilium HTTP rule); `--policies PATH...` is repeatable and takes directories."""
     with http_backend() as server:
         pdir = tmp_path / "pdir"
         pdir.mkdir()
         (pdir / "frontend.yaml").write_text(http_policy(server.port, RULES))
-        extra = ["--policies", str(ROOT / "examples" / "policies" / "deny.yaml"), "--policies", str(pdir)]
+        # README's `--policies PATH...`: several paths after one flag, and the flag repeated.
+        extra = ["--policies", str(ROOT / "examples" / "policies" / "deny.yaml"), str(pdir)]
         empty = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: none, namespace: default}\n" \
                 "spec: {endpointSelector: {matchLabels: {app: nobody}}}\n"
         with gateway(tmp_path, empty, upstream_port=server.port, dst="default/frontend", src="default/backend",
@@ -266,3 +267,18 @@ def test_agent_cli_loads_and_reports_no_agent(tmp_path: Path) -> None:
         assert "no agent is running" in out.stderr
     usage = subprocess.run([*MEMBRANE, "run", "--endpoints", "x.yaml"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert usage.returncode == 2 and "--policies" in usage.stderr
+
+
+def test_unwritable_flows_path_is_a_clear_usage_error(tmp_path: Path) -> None:
+    """`--flows` in a missing directory exits 2 with one line naming the path (README exit codes), with one worker or several."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(http_policy(8080, RULES))
+    for workers in ("1", "2"):
+        out = subprocess.run(
+            [*MEMBRANE, "gateway", "--policies", str(policy), "--endpoints", str(ENDPOINTS), "--listen", "127.0.0.1:0",
+             "--upstream", "127.0.0.1:8080", "--dst", "default/frontend", "--workers", workers,
+             "--flows", str(tmp_path / "missing" / "flows.jsonl")],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip() == f"membrane gateway: cannot open --flows {tmp_path / 'missing' / 'flows.jsonl'}: No such file or directory"
