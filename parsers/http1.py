@@ -298,6 +298,7 @@ class _Reader:
         "_response_keep_alive",
         "_trailer_bytes",
         "direction",
+        "rejected",
         "state",
     )
 
@@ -317,6 +318,10 @@ class _Reader:
         # same head again (a pure function of the bytes, so the fields are reused, never re-read).
         self._memo: tuple[bytes, list[str], _Fields] | None = None
         self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
+        # (method, raw target, Host or "") of a request head being judged; None once it was accepted.
+        # Set while a ParseError is raised for a head whose request line was split, so that the
+        # proxy can say which request it refused.
+        self.rejected: tuple[str, str, str] | None = None
 
     # -- state table -------------------------------------------------------------------------------
 
@@ -538,10 +543,12 @@ class _Reader:
         if len(parts) != 3:
             raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
         method, raw_target, proto = parts
+        self.rejected = (method, raw_target, "")
         version = _VERSIONS.get(proto)
         if version is None:
             raise self._error(MalformedMessage, f"unsupported version {proto[:16]!r} (RFC 9112 §2.3)")
         f = self._head_fields(head, lines, version, cached)
+        self.rejected = (method, raw_target, f.host or "")
         if f.host_count > 1 or (f.host_count == 0 and version == "1.1"):
             raise self._error(MalformedMessage, f"{f.host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
         content_length = f.content_length
@@ -599,6 +606,7 @@ class _Reader:
             raw_head=head if target == raw_target else None,
         )
         self._conn._parsed(exchange)
+        self.rejected = None
         if chunked:
             self.move(Input.HEAD_CHUNKED)
         elif content_length:
@@ -840,6 +848,11 @@ class Http1Connection:
             MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
         """
         return self._by_direction[direction is S2C].feed_eof()
+
+    def rejected_request(self) -> tuple[str, str, str] | None:
+        """(method, raw target, Host or "") of the request head the last client ParseError refused, when
+        its request line could be split; None otherwise (the error was elsewhere, or the line unreadable)."""
+        return self._by_direction[0].rejected
 
     def state(self, direction: Direction) -> State:
         """The reader state of one direction (for tests and diagnostics)."""

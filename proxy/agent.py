@@ -48,7 +48,7 @@ from policies import (
     compile_policy,
 )
 from policies.compile import Peer as PolicyPeer
-from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, Flow, FlowContext, FlowSink, Peer
+from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
 from proxy.metrics import Metrics
 from proxy.policy_files import PathProblem, policy_files, read_endpoints, read_policies
 from proxy.server import (
@@ -316,7 +316,7 @@ class TransparentPolicy:
         if dropped:
             if self.flows is not None:
                 self.flows.emit(
-                    Flow(context=context, verdict=DROPPED, l7_type=REQUEST, l7={}, summary="UDP datagram dropped by policy",
+                    L3L4Flow(context=context, verdict=DROPPED, l7_type=REQUEST, l7={}, summary="UDP datagram dropped by policy",
                          time_ns=wall_clock_ns(), rule=policy.matched, reason="policy_denied")
                 )
             return None
@@ -337,15 +337,18 @@ def flow_peer(pmap: PolicyMap, peer: PolicyPeer, ip: str, port: int) -> Peer:
 
 
 @dataclass(slots=True, kw_only=True)
-class DropFlow(Flow):
-    """A packet the kernel dropped at L3/L4: Hubble's `Type: L3_L4` record with `drop_reason_desc`."""
+class DropFlow(L3L4Flow):
+    """A packet the kernel dropped at L3/L4: Hubble's `Type: L3_L4` record, `drop_reason_desc: POLICY_DENIED`
+    (Hubble's name for a policy drop either way; the way is `traffic_direction`), the kernel's own
+    reason (`ingress_denied`, `egress_denied`) in `membrane_reason`."""
 
-    def to_json(self) -> dict[str, Any]:
-        out = Flow.to_json(self)
-        out["Type"] = "L3_L4"
-        out.pop("l7", None)
-        out["is_reply"] = False
-        return out
+
+# Hubble's drop_reason_desc for the kernel's reasons (flow.proto DropReason); others keep their own name.
+_HUBBLE_DROP_REASON = {
+    bm.DropReason.EGRESS_DENIED: "policy_denied",
+    bm.DropReason.INGRESS_DENIED: "policy_denied",
+    bm.DropReason.SPOOFED: "invalid_source_ip",
+}
 
 
 def drop_flow(pmap: PolicyMap, event: bm.DropEvent) -> DropFlow:
@@ -356,15 +359,16 @@ def drop_flow(pmap: PolicyMap, event: bm.DropEvent) -> DropFlow:
     dst_peer = flow_peer(pmap, PolicyPeer(event.dst_identity, dp.endpoint, dst), dst, event.dport)
     transport = {bm.IPPROTO_TCP: "TCP", bm.IPPROTO_UDP: "UDP"}.get(event.proto, str(event.proto))
     direction = INGRESS if event.reason is bm.DropReason.INGRESS_DENIED else EGRESS
-    reason = event.reason.name.lower()
+    kernel_reason = event.reason.name.lower()
     return DropFlow(
         context=FlowContext(source=src_peer, destination=dst_peer, traffic_direction=direction, transport=transport),
         verdict=DROPPED,
         l7_type=REQUEST,
         l7={},
-        summary=f"{transport} {src}:{event.sport} -> {dst}:{event.dport} dropped ({reason})",
+        summary=f"{transport} {src}:{event.sport} -> {dst}:{event.dport} dropped ({kernel_reason})",
         time_ns=wall_clock_ns(),
-        reason=reason,
+        reason=_HUBBLE_DROP_REASON.get(event.reason, kernel_reason),
+        membrane_reason=kernel_reason,
     )
 
 

@@ -1,6 +1,6 @@
 """Flow records: every L7 decision as a dict shaped after Hubble's flow JSON, and the sinks that keep them.
 
-Owns the record shape (`Flow`, `Peer`, `l7_*` builders) and where records go: JSON lines to a text
+Owns the record shape (`Flow`, `L3L4Flow`, `Peer`, `l7_*` builders) and where records go: JSON lines to a text
 stream and/or a file, and a bounded in-memory ring for the observe CLI. Never decides a verdict;
 the session builds a `Flow` and the server hands it to a `FlowSink`. Writing never raises into the
 data path: a failing sink is counted and dropped. A record is cheap to make (the ring keeps the object);
@@ -204,6 +204,27 @@ class Flow:
         return "".join(parts)
 
 
+@dataclass(slots=True, kw_only=True)
+class L3L4Flow(Flow):
+    """A connection or packet dropped at L3/L4: Hubble's `Type: L3_L4` record, with no `l7` object.
+
+    Hubble names a policy drop `drop_reason_desc: POLICY_DENIED` whichever way it went (the way is
+    `traffic_direction`); `membrane_reason`, when set, keeps the finer reason (not in Hubble's schema),
+    e.g. the kernel's `ingress_denied`.
+    """
+
+    membrane_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = Flow.to_json(self)
+        out["Type"] = "L3_L4"
+        out.pop("l7", None)
+        out["is_reply"] = False
+        if self.membrane_reason is not None:
+            out["membrane_reason"] = self.membrane_reason
+        return out
+
+
 def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:
     """Header tuples are kept raw in the record until it is serialised (most records never are)."""
     http = l7.get("http")
@@ -243,16 +264,22 @@ def l7_dns(
 def l7_kafka(
     *, api_key: str, api_version: int, correlation_id: int, topics: Iterable[str] = (), error_code: int = 0
 ) -> dict[str, Any]:
+    """Hubble's `Kafka` message; `topic` is a plain string as in flow.proto (the first topic, "" for none).
+
+    A request naming several topics (Produce, Fetch, Metadata) also carries all of them, in request
+    order, in an extra `topics` list (not in Hubble's schema; present only when there are several).
+    """
     topic_list = list(topics)
-    return {
-        "kafka": {
-            "api_key": api_key,
-            "api_version": api_version,
-            "correlation_id": correlation_id,
-            "topic": {"name": topic_list[0]} if len(topic_list) == 1 else {"name": ",".join(topic_list)},
-            "error_code": error_code,
-        }
+    kafka: dict[str, Any] = {
+        "api_key": api_key,
+        "api_version": api_version,
+        "correlation_id": correlation_id,
+        "topic": topic_list[0] if topic_list else "",
+        "error_code": error_code,
     }
+    if len(topic_list) > 1:
+        kafka["topics"] = topic_list
+    return {"kafka": kafka}
 
 
 class FlowSink:

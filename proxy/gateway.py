@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from policies import FqdnCache, L4Proto, ParserType, PolicyDirection, PolicyMap
 from policies.compile import Peer as PolicyPeer
-from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, Flow, FlowContext, FlowSink, Peer
+from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
 from proxy.server import ConnectionInfo
 from proxy.session import ConnectionPolicy, DatagramSession, DeniedSession, PassThroughSession, Session, wall_clock_ns
 from proxy.session_dns import DnsDatagramSession, DnsTcpSession
@@ -147,7 +147,7 @@ def datagram_factory(
         if dropped:
             if flows is not None:
                 flows.emit(
-                    Flow(context=context, verdict=DROPPED, l7_type=REQUEST, l7={}, summary="UDP datagram dropped by policy",
+                    L3L4Flow(context=context, verdict=DROPPED, l7_type=REQUEST, l7={}, summary="UDP datagram dropped by policy",
                          time_ns=wall_clock_ns(), rule=policy.matched, reason="policy_denied")
                 )
             return None

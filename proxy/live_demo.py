@@ -398,7 +398,7 @@ def _kafka(topic: str) -> Callable[[str, list[dict[str, Any]]], str]:
             return "L7_DENIED"
         for f in flows:
             kafka = f.get("l7", {}).get("kafka", {})
-            if f.get("verdict") == "DROPPED" and topic in str(kafka.get("topic", {}).get("name", "")).split(","):
+            if f.get("verdict") == "DROPPED" and topic in (kafka.get("topics") or [kafka.get("topic", "")]):
                 return "L7_DENIED"
         return "DROPPED"
 
@@ -486,8 +486,10 @@ def decided_by(flows: Sequence[dict[str, Any]]) -> str:
     requests = [f for f in flows if not f.get("is_reply")]
     for f in requests:
         if f.get("verdict") == "DROPPED":
-            if f.get("Type") == "L3_L4":
-                return f"kernel: {str(f.get('drop_reason_desc', '')).lower()}"
+            if f.get("Type") == "L3_L4" and f.get("membrane_reason"):  # the kernel's drop, its own reason
+                return f"kernel: {f['membrane_reason']}"
+            if f.get("Type") == "L3_L4":  # a connection the proxy refused before any L7 parsing
+                return f"proxy: {str(f.get('drop_reason_desc', '')).lower()} at L3/L4"
             reason = str(f.get("drop_reason_desc", "")).lower()
             return "proxy: no L7 rule matches" if reason == "policy_denied" else f"proxy: {reason}"
     for f in requests:

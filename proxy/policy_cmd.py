@@ -62,7 +62,8 @@ def register(subparsers: Any) -> None:
 
 
 def add_trace_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", action="append", required=True, metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--policies", action="extend", nargs="+", required=True, metavar="PATH",
+                   help="policy files or directories (several after one flag, or the flag repeated)")
     p.add_argument("--endpoints", metavar="FILE", help="endpoints file (pods and namespaces)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--src", metavar="NS/NAME")

@@ -8,7 +8,7 @@ a session with a Playbook.
 
 Theory of operation: a `Session` is created per accepted connection after the policy lookup.
 `start()` returns the first actions (a session for a port that denies at L3/L4 returns a DROPPED
-`Log` and `Close()` at once: fail closed). Every later input goes through `handle()`.
+`Log` of an `L3_L4` record and `Close()` at once: fail closed). Every later input goes through `handle()`.
 `Close(direction)` half-closes one way (the peer sent FIN); `Close()` ends the whole connection.
 The server keeps `reading_head` (a request head is being read: the header-timeout clock runs) and
 `is_idle` (no request in flight: drain may close it now) in step with these properties.
@@ -24,7 +24,7 @@ from typing import Protocol
 
 from parsers.events import Direction, DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from policies import FlowResult, FlowVerdict, ParserType, Verdict, VerdictKind, evaluate_request
-from proxy.flows import DROPPED, ERROR, FORWARDED, REQUEST, Flow, FlowContext
+from proxy.flows import DROPPED, ERROR, FORWARDED, REQUEST, Flow, FlowContext, L3L4Flow
 
 L7Request = HttpRequest | GrpcCall | DnsQuery | KafkaRequest
 
@@ -154,17 +154,29 @@ class ConnectionPolicy:
 
 
 def verdict_of(result: FlowResult) -> tuple[bool, str, Reason | None, str | None]:
-    """(allowed, flow verdict, reason, deciding rule) of a FlowResult."""
+    """(allowed, flow verdict, reason, deciding rule) of a FlowResult.
+
+    An allowed request names the allowing rule. A denied one names only a rule of a side that denied
+    it (the denying decision's rule, else that side's matched rule), or none: the other side's
+    allowing rule did not decide the denial (`policy trace` explains it the same way).
+    """
     decision = result.decision
-    rule = decision.rule if decision is not None else None
+    if result.verdict is FlowVerdict.ALLOWED:
+        rule = decision.rule if decision is not None else None
+        if rule is None:
+            for side in (result.egress, result.ingress):
+                if side.matched:
+                    rule = side.matched[0]
+                    break
+        return True, FORWARDED, None, rule
+    denying = decision if decision is not None and not decision.allowed else None
+    rule = denying.rule if denying is not None else None
     if rule is None:
         for side in (result.egress, result.ingress):
-            if side.matched:
+            if side.verdict is not FlowVerdict.ALLOWED and side.matched:
                 rule = side.matched[0]
                 break
-    if result.verdict is FlowVerdict.ALLOWED:
-        return True, FORWARDED, None, rule
-    reason = decision.reason if decision is not None and decision.reason is not None else Reason.POLICY_DENIED
+    reason = denying.reason if denying is not None and denying.reason is not None else Reason.POLICY_DENIED
     return False, DROPPED if reason is Reason.POLICY_DENIED else ERROR, reason, rule
 
 
@@ -276,7 +288,8 @@ class DeniedSession(Session):
         self.rule = rule
 
     def start(self) -> list[Action]:
-        flow = Flow(
+        # Denied before any L7 parsing: Hubble's L3_L4 policy-drop record, not an L7 one.
+        flow = L3L4Flow(
             context=self.context,
             verdict=DROPPED,
             l7_type=REQUEST,

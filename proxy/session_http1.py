@@ -99,6 +99,7 @@ class _Pending:
     close_after: bool = False
     response_started: bool = False
     status: int = 0
+    response_keep_alive: bool = True  # False: the client connection closes once this response is forwarded
 
 
 @dataclass(slots=True)
@@ -278,13 +279,19 @@ class Http1Session(Session):
         self.stats.errors += 1
         status = http1.http_status(e.reason, e.direction)
         now = self.clock()
-        flow_l7 = l7_http(method="", url="", protocol="HTTP/1.1", code=status)
+        # What the refused head said, when its request line could be read (the raw target, as sent).
+        method, url = "", ""
+        rejected = self.conn.rejected_request() if e.direction is C2S else None
+        if rejected is not None:
+            method, target, host = rejected
+            url = f"http://{host or self.context.destination.ip}{target}" if target.startswith("/") else target
+        flow_l7 = l7_http(method=method, url=url, protocol="HTTP/1.1", code=status)
         actions.append(self._flow(REQUEST, ERROR, flow_l7, reason=e.reason, time_ns=now, summary=f"HTTP/1.1 {status} {e}"))
         if self._current is not None and self._current_allowed:
             # The body of a forwarded request broke off: the upstream cannot be told; just close.
             actions.extend(self.close())
             return
-        self._order.append(_Pending(method="", url="", headers=(), started_ns=now,
+        self._order.append(_Pending(method=method, url=url, headers=(), started_ns=now,
                                     refusal=http1.refusal(status, keep_alive=False), close_after=True, status=status))
         self._client_broken = True  # earlier responses may still be due; the refusal closes after them
         self._flush(actions)
@@ -323,6 +330,7 @@ class Http1Session(Session):
                     if front is not None:
                         front.response_started = True
                         front.status = event.status
+                        front.response_keep_alive = event.keep_alive or event.status == 101
                         actions.append(self._response_flow(front, event.status, FORWARDED, None, event.headers))
             elif kind is ConnectionUpgraded:
                 self._tunnel = True
@@ -339,6 +347,12 @@ class Http1Session(Session):
                 front = self._front_forwarded()
                 if front is not None and front.response_started:
                     self._order.popleft()
+                    if not front.response_keep_alive:
+                        # RFC 9112 §9.3/§9.6: a response that does not persist the connection (HTTP/1.0,
+                        # `Connection: close`, read until close) ends it once fully forwarded; the client
+                        # must not send another request on it (the parser would refuse it with 400).
+                        actions.extend(self.close())
+                        return
                     self._flush(actions)
 
     def _front_forwarded(self) -> _Pending | None:

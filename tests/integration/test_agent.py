@@ -148,9 +148,13 @@ def test_l3l4_drop_times_out_and_is_recorded(
     while time.monotonic() < deadline and len({(d["destination"]["port"]) for d in drops}) < 2:  # type: ignore[index]
         drops = [f for f in agent.flows() if f.get("Type") == "L3_L4"]
         time.sleep(0.1)
-    seen = {(d["source"]["pod_name"], d["destination"]["port"], d["drop_reason_desc"]) for d in drops}  # type: ignore[index]
-    assert ("debug", 80, "INGRESS_DENIED") in seen
-    assert ("backend", 8080, "INGRESS_DENIED") in seen
+    # Hubble's shape: POLICY_DENIED either way, the way in traffic_direction, the kernel's reason in membrane_reason.
+    seen = {
+        (d["source"]["pod_name"], d["destination"]["port"], d["drop_reason_desc"], d["traffic_direction"], d.get("membrane_reason"))  # type: ignore[index]
+        for d in drops
+    }
+    assert ("debug", 80, "POLICY_DENIED", "INGRESS", "ingress_denied") in seen
+    assert ("backend", 8080, "POLICY_DENIED", "INGRESS", "ingress_denied") in seen
     assert agent.status()["drops"]["ingress_denied"] >= 2
     assert agent.stop() == 0
 
@@ -322,7 +326,7 @@ def test_grpc_and_kafka_through_the_steering(tmp_path: Path, agent_box: list[Age
         assert ok == "OK produced"
         assert denied.startswith("ERROR")
         kafka_drops = [f for f in agent.flows() if f["verdict"] == "DROPPED" and "kafka" in f.get("l7", {})]
-        assert kafka_drops and all(f["l7"]["kafka"]["topic"]["name"] == "payments" for f in kafka_drops)
+        assert kafka_drops and all(f["l7"]["kafka"]["topic"] == "payments" for f in kafka_drops)
         assert all(f["l7"]["kafka"]["error_code"] == 29 for f in kafka_drops)
         assert agent.stop() == 0
 

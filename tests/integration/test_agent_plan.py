@@ -17,7 +17,7 @@ import pytest
 
 from bpf import maps as bm
 from policies import PolicyMap, compile_policy
-from proxy.agent import MAX_EXPANDED_PORTS, plan_kernel
+from proxy.agent import MAX_EXPANDED_PORTS, drop_flow, plan_kernel
 from proxy.policy_files import read_endpoints, read_policies
 
 pytestmark = pytest.mark.integration
@@ -90,3 +90,24 @@ def test_port_ranges_expand_and_overwide_ranges_fail_closed(tmp_path: Path) -> N
     assert MAX_EXPANDED_PORTS < 65000 - 1024 + 1
     assert len(plan.problems) == 1 and "1024-65000" in plan.problems[0]
     assert plan.endpoints[11].enforce_egress and not plan.endpoints[11].enforce_ingress
+
+
+@pytest.mark.parametrize(
+    ("reason", "direction", "desc", "own"),
+    [
+        (bm.DropReason.INGRESS_DENIED, "INGRESS", "POLICY_DENIED", "ingress_denied"),
+        (bm.DropReason.EGRESS_DENIED, "EGRESS", "POLICY_DENIED", "egress_denied"),
+        (bm.DropReason.SPOOFED, "EGRESS", "INVALID_SOURCE_IP", "spoofed"),
+    ],
+)
+def test_kernel_drop_record_uses_hubble_drop_reasons(reason: bm.DropReason, direction: str, desc: str, own: str) -> None:
+    """A kernel policy drop is Hubble's L3_L4 record with `drop_reason_desc: POLICY_DENIED` either way (flow.proto
+    DropReason); the way is `traffic_direction` and the kernel's own reason is kept in `membrane_reason`."""
+    event = bm.DropEvent(
+        src=ipaddress.ip_address("10.244.1.20"), dst=ipaddress.ip_address("10.244.1.10"), sport=40000, dport=81,
+        proto=bm.IPPROTO_TCP, reason=reason, src_identity=2, dst_identity=1, ifindex=11,
+    )
+    record = drop_flow(_pmap(), event).to_json()
+    assert record["Type"] == "L3_L4" and "l7" not in record and record["verdict"] == "DROPPED"
+    assert record["drop_reason_desc"] == desc and record["membrane_reason"] == own
+    assert record["traffic_direction"] == direction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import dns.message
@@ -124,3 +125,10 @@ def test_upstream_down_gives_servfail(tmp_path: Path) -> None:
         assert tcp.rcode() == dns.rcode.SERVFAIL
         udp = dns.query.udp(dns.message.make_query("www.cilium.io", "A"), "127.0.0.1", port=gw.port, timeout=5)
         assert udp.rcode() == dns.rcode.SERVFAIL
+        # Each failed query is an ERROR flow (Hubble's verdict ERROR) with the rcode the client got.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len([f for f in gw.flows() if f["verdict"] == "ERROR"]) < 2:
+            time.sleep(0.05)
+        errors = [f for f in gw.flows() if f["verdict"] == "ERROR"]
+        assert sorted(f["l4"] and next(iter(f["l4"])) for f in errors) == ["TCP", "UDP"], gw.flows()
+        assert all(f["l7"]["dns"]["rcode"] == dns.rcode.SERVFAIL and f["l7"]["dns"]["query"] == "www.cilium.io." for f in errors)

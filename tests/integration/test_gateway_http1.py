@@ -172,6 +172,13 @@ def test_upstream_down_gives_503(tmp_path: Path) -> None:
     with gateway(tmp_path, http_policy(port, RULES), upstream_port=port, dst="default/frontend", src="default/backend") as gw:
         out = _curl("-w", "%{http_code}", "-o", "/dev/null", f"http://127.0.0.1:{gw.port}/api")
         assert out.stdout == "503"
+        # The failed exchange is an ERROR flow (Hubble's verdict ERROR) carrying the status the client got.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not [f for f in gw.flows() if f["verdict"] == "ERROR"]:
+            time.sleep(0.05)
+        errors = [f for f in gw.flows() if f["verdict"] == "ERROR"]
+        assert [(f["l7"]["http"]["code"], f["drop_reason_desc"]) for f in errors] == [(503, "UPSTREAM_FAILED")], gw.flows()
+        assert errors[0]["l7"]["http"]["url"].endswith("/api") and errors[0]["l7"]["http"]["method"] == "GET"
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:

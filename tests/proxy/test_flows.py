@@ -181,3 +181,13 @@ def test_records_from_another_thread_are_written_at_once() -> None:
     worker.start()
     worker.join()
     assert json.loads(out.getvalue())["l7"]["http"]["url"] == "http://a/1"
+
+
+def test_kafka_topic_is_a_string_like_hubble() -> None:
+    """Hubble's flow.proto `Kafka.topic` is a string: one topic as `topic`, several as the first plus a `topics` list."""
+    one = l7_kafka(api_key="produce", api_version=3, correlation_id=9, topics=["payments"])["kafka"]
+    assert one["topic"] == "payments" and "topics" not in one
+    many = l7_kafka(api_key="produce", api_version=3, correlation_id=9, topics=["a", "b"])["kafka"]
+    assert many["topic"] == "a" and many["topics"] == ["a", "b"]
+    none = l7_kafka(api_key="api_versions", api_version=3, correlation_id=1)["kafka"]
+    assert none["topic"] == "" and "topics" not in none

@@ -93,6 +93,19 @@ def test_trace_json_allowed() -> None:
     }
 
 
+def test_trace_policies_takes_several_paths_after_one_flag() -> None:
+    """`--policies A B` reads both paths, as repeated `--policies A --policies B` does (argparse extend)."""
+    args = ("--src", "default/backend", "--dst", "default/frontend", "--dport", "80/TCP", "--http-method", "GET",
+            "--http-path", "/api", "-o", "json")
+    one_flag = run("policy", "trace", "--policies", str(POLICIES / "deny.yaml"), str(POLICIES / "http.yaml"),
+                   "--endpoints", str(ENDPOINTS), *args)
+    repeated = run("policy", "trace", "--policies", str(POLICIES / "deny.yaml"), "--policies", str(POLICIES / "http.yaml"),
+                   "--endpoints", str(ENDPOINTS), *args)
+    assert one_flag.returncode == 0, one_flag.stderr
+    assert json.loads(one_flag.stdout)["verdict"] == "ALLOWED"
+    assert one_flag.stdout == repeated.stdout
+
+
 def test_trace_json_dropped() -> None:
     """A peer no rule allows is DROPPED at L3/L4 (and by IP: the same endpoint)."""
     out = trace("--src-ip", "10.244.1.30", "--dst", "default/frontend", "--dport", "80/TCP", "--http-method", "GET", "--http-path", "/api")

@@ -23,7 +23,7 @@ from parsers.http1 import refusal
 from policies import compile_policy, load_policies, parse_endpoints
 from proxy.gateway import GatewayPolicy, datagram_factory, session_factory
 from proxy.server import ConnectionInfo
-from proxy.session import Close, DataReceived, Forward, PeerClosed, Reply, TimedOut, TimeoutKind, UpstreamFailed
+from proxy.session import Close, DataReceived, Forward, Log, PeerClosed, Reply, TimedOut, TimeoutKind, UpstreamFailed
 from proxy.session_dns import DnsDatagramSession
 from tests.helpers.playbook import START, LogMatch, Playbook
 
@@ -160,6 +160,42 @@ def test_ambiguous_target_is_refused_400_and_closed() -> None:
         << Reply(refusal(400, keep_alive=False))
         << Close()
     )
+
+
+def test_malformed_target_flow_carries_method_and_raw_target() -> None:
+    """The ERROR flow of a refused target (400, RFC 3986 §6.2.2) names the method and the target as sent."""
+    assert (
+        Playbook(http_session(), logs=True)
+        >> DataReceived(C2S, get("/api/..%2Fsecret"))
+        << LogMatch(verdict="ERROR", l7_type="REQUEST", reason="malformed",
+                    json={"l7.http.method": "GET", "l7.http.url": "http://a/api/..%2Fsecret", "l7.http.code": 400})
+        << Reply(refusal(400, keep_alive=False))
+        << Close()
+    )
+    unreadable = [a.flow.to_json() for a in http_session().handle(DataReceived(C2S, b"GET\r\n\r\n")) if isinstance(a, Log)]
+    assert [(f["verdict"], f["l7"]["http"]["method"], f["l7"]["http"]["url"]) for f in unreadable] == [("ERROR", "", "")]
+
+
+def test_http10_response_without_keep_alive_closes_the_client_connection() -> None:
+    """RFC 9112 §9.3: an HTTP/1.0 exchange does not persist here, so the proxy closes the client
+    connection once the response is fully forwarded (even if the client asked for keep-alive)."""
+    request = b"GET /api/x HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n"
+    head, body = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", b"ok"
+    assert (
+        Playbook(http_session())
+        >> DataReceived(C2S, request)
+        << Forward(C2S, request)
+        >> DataReceived(S2C, head)
+        << Forward(S2C, head)
+        >> DataReceived(S2C, body)
+        << Forward(S2C, body)
+        << Close()
+    )
+    # A keep-alive HTTP/1.1 exchange stays open.
+    h11, b11 = response(b"ok")
+    session = http_session()
+    actions = session.handle(DataReceived(C2S, get("/api/x"))) + session.handle(DataReceived(S2C, h11 + b11))
+    assert not any(isinstance(a, Close) for a in actions) and not session.closed
 
 
 def test_upstream_failure_answers_503_and_504() -> None:
@@ -329,6 +365,16 @@ def test_port_without_rules_fails_closed() -> None:
     assert Playbook(session, logs=True) >> START << LogMatch(verdict="DROPPED", reason="policy_denied") << Close()
 
 
+def test_l3_l4_denial_is_an_l3_l4_record() -> None:
+    """A connection denied at L3/L4 is Hubble's policy drop: `Type: L3_L4`, `drop_reason_desc: POLICY_DENIED`, no `l7`."""
+    gw = _gateway(HTTP_POLICY, src="default/backend", dst="default/frontend", port=8080)
+    logs = [a.flow.to_json() for a in session_factory(gw, "10.244.1.10")(INFO).start() if isinstance(a, Log)]
+    assert len(logs) == 1
+    record = logs[0]
+    assert record["Type"] == "L3_L4" and "l7" not in record and record["is_reply"] is False
+    assert record["verdict"] == "DROPPED" and record["drop_reason_desc"] == "POLICY_DENIED"
+
+
 WS_UPGRADE = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
 SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 
@@ -420,3 +466,27 @@ def test_actions_do_not_depend_on_read_boundaries() -> None:
     assert expected[0] == get("/api/1") + get("/api/3") and expected[1] == b""  # the POST is denied (GET-only rule)
     for chunks in all_chunkings(stream):
         assert run(chunks) == expected
+
+
+KUBE_DNS_INGRESS = """
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: kube-dns-ingress}
+spec:
+  endpointSelector: {matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}
+  ingress:
+    - fromEntities: [cluster]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+"""
+
+
+def test_denied_flow_names_the_denying_sides_rule_only() -> None:
+    """A denial names the rule of the side that denied, or none; never the other side's allowing rule (as `policy trace`)."""
+    gw = _gateway(DNS_POLICY + "---" + KUBE_DNS_INGRESS, src="default/crawler", dst="kube-system/coredns", port=53)
+    session = session_factory(gw, "10.244.0.10")(INFO)
+    denied = [a.flow for a in session.handle(DataReceived(C2S, dns.frame_tcp(_query("evil.com", 1)))) if isinstance(a, Log)]
+    assert [(f.verdict, f.rule) for f in denied] == [("DROPPED", None)]
+    assert "policy_rule" not in denied[0].to_json()
+    allowed = [a.flow for a in session.handle(DataReceived(C2S, dns.frame_tcp(_query("www.cilium.io", 2)))) if isinstance(a, Log)]
+    assert [(f.verdict, f.rule) for f in allowed] == [("FORWARDED", "default/crawler-dns: egress[0].toPorts[0].rules.dns[0]")]
