@@ -91,6 +91,9 @@ _HEADER = struct.Struct(">HHHHHH")
 _U16 = struct.Struct(">H")
 _U16U16 = struct.Struct(">HH")
 _RR_FIXED = struct.Struct(">HHIH")  # TYPE, CLASS, TTL, RDLENGTH
+_U8X4 = struct.Struct(">4B")
+_U16X8 = struct.Struct(">8H")
+_IPV6_FULL = ":".join(["%x"] * 8)
 _QR = 0x8000
 _OPCODE = 0x7800
 _TC = 0x0200
@@ -291,14 +294,26 @@ def read_query(data: bytes) -> DnsQuery:
     )
 
 
-def _address(data: bytes, rtype: int, start: int, rdlength: int) -> str:
-    if rtype == TYPE_A:
-        if rdlength != 4:
-            raise _WireError(f"A record with RDLENGTH {rdlength}, not 4", start - 2)
-        return f"{data[start]}.{data[start + 1]}.{data[start + 2]}.{data[start + 3]}"
-    if rdlength != 16:
-        raise _WireError(f"AAAA record with RDLENGTH {rdlength}, not 16", start - 2)
-    return str(ipaddress.IPv6Address(int.from_bytes(data[start : start + 16], "big")))
+def _ipv6_text(data: bytes, start: int) -> str:
+    """RFC 5952 text of the 16 bytes at `start`, identical to `str(ipaddress.IPv6Address(...))`."""
+    groups = _U16X8.unpack_from(data, start)
+    if groups[5] == 0xFFFF and not (groups[0] | groups[1] | groups[2] | groups[3] | groups[4]):
+        # IPv4-mapped: how ipaddress prints these differs between Python versions, so ask it.
+        return str(ipaddress.IPv6Address(data[start : start + 16]))
+    best_at = best_len = 0
+    run_at = run_len = 0
+    for i, group in enumerate(groups):
+        if group:
+            run_len = 0
+            continue
+        if not run_len:
+            run_at = i
+        run_len += 1
+        if run_len > best_len:  # the first of equally long runs wins (RFC 5952 §4.2.3)
+            best_at, best_len = run_at, run_len
+    if best_len < 2:  # a single zero group is not shortened (RFC 5952 §4.2.2)
+        return _IPV6_FULL % groups
+    return ":".join(["%x" % g for g in groups[:best_at]]) + "::" + ":".join(["%x" % g for g in groups[best_at + best_len :]])
 
 
 def read_response(data: bytes) -> DnsResponse:
@@ -315,16 +330,18 @@ def read_response(data: bytes) -> DnsResponse:
 
 
 def _read_response(data: bytes) -> DnsResponse:
-    qid, flags, qdcount, ancount, nscount, arcount = _read_header(data)
+    n = len(data)
+    if n < HEADER_BYTES:
+        raise _WireError("message shorter than the 12-byte header", n, truncated=True)
+    qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     if not flags & _QR:
         raise _WireError("QR is clear: a query where a response was expected", 2)
     if qdcount > 1:
         raise _WireError(f"QDCOUNT is {qdcount}, a response repeats at most one question", 4)
-    n = len(data)
     tc = bool(flags & _TC)
     cache: NameCache = {}
     pos = HEADER_BYTES
-    name = ""
+    name = normalized = ""
     qtype = 0
     chain: set[str] = set()
     if qdcount:
@@ -334,7 +351,8 @@ def _read_response(data: bytes) -> DnsResponse:
         qtype = _U16.unpack_from(data, pos)[0]
         pos += 4
         name = name_text(qlabels)
-        chain.add(name.lower())
+        normalized = name.lower()
+        chain.add(normalized)
     addresses: list[str] = []
     cnames: list[str] = []
     min_ttl: int | None = None
@@ -343,7 +361,7 @@ def _read_response(data: bytes) -> DnsResponse:
     # pointer to one of them (what compressors write) costs a dict lookup, not a decode.
     texts: dict[int, str] = {}
     if qdcount:
-        texts[HEADER_BYTES] = name.lower()
+        texts[HEADER_BYTES] = normalized
     for _ in range(ancount):
         start = pos
         owner: str | None = None
@@ -384,11 +402,18 @@ def _read_response(data: bytes) -> DnsResponse:
                 continue
             chain.add(target_name)
             cnames.append(target_name)
-        else:
-            address = _address(data, rtype, rdstart, rdlength)
+        elif rtype == TYPE_A:
+            if rdlength != 4:
+                raise _WireError(f"A record with RDLENGTH {rdlength}, not 4", rdstart - 2)
             if owner not in chain:
                 continue
-            addresses.append(address)
+            addresses.append("%d.%d.%d.%d" % _U8X4.unpack_from(data, rdstart))
+        else:
+            if rdlength != 16:
+                raise _WireError(f"AAAA record with RDLENGTH {rdlength}, not 16", rdstart - 2)
+            if owner not in chain:
+                continue
+            addresses.append(_ipv6_text(data, rdstart))
         if ttl & 0x80000000:
             ttl = 0  # RFC 2181 §8
         if min_ttl is None or ttl < min_ttl:
@@ -404,7 +429,7 @@ def _read_response(data: bytes) -> DnsResponse:
     return DnsResponse(
         id=qid,
         name=name,
-        normalized_name=name.lower(),
+        normalized_name=normalized,
         qtype=qtype,
         rcode=rcode,
         addresses=tuple(addresses),

@@ -3,6 +3,11 @@
 Time is injected (`now`, seconds on any monotonic clock); nothing here reads a clock. An answer
 associates its addresses with the query name and every CNAME in its chain. `min_ttl_s` raises
 short TTLs (Cilium's --tofqdns-min-ttl); 0 honours the answer's TTL.
+
+Hot path (one call per relayed DNS answer): an address already stored under the name is canonical
+text by construction, so it is not parsed again; other address texts go through a bounded memo of
+`str(ipaddress.ip_address(text.strip()))` (None when invalid). Names already stored are `fqdn()`
+output, which `fqdn()` leaves unchanged, so they are looked up as given.
 """
 
 from __future__ import annotations
@@ -13,6 +18,26 @@ from collections.abc import Iterable, Mapping
 from parsers.events import DnsResponse
 from policies.dnsmatch import fqdn
 
+_NEG_INF = float("-inf")
+_CANONICAL_MEMO_MAX = 16384
+_canonical_memo: dict[str, str | None] = {}  # address text as given -> canonical text, None if invalid
+
+
+def canonical_ip(text: str) -> str | None:
+    """`str(ipaddress.ip_address(text.strip()))`, or None when that raises ValueError (memoised)."""
+    try:
+        return _canonical_memo[text]
+    except KeyError:
+        pass
+    try:
+        canonical: str | None = str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        canonical = None
+    if len(_canonical_memo) >= _CANONICAL_MEMO_MAX:
+        _canonical_memo.clear()
+    _canonical_memo[text] = canonical
+    return canonical
+
 
 class FqdnCache:
     def __init__(self, *, min_ttl_s: int = 0) -> None:
@@ -22,25 +47,38 @@ class FqdnCache:
 
     def add(self, name: str, ips: Iterable[str], *, ttl_s: float, now: float) -> None:
         """Remember that `name` resolved to `ips` at `now` for `ttl_s` seconds. Invalid IPs are skipped."""
-        expiry = now + max(ttl_s, self.min_ttl_s)
-        table = self._entries.setdefault(fqdn(name), {})
+        self._add(name, ips, now + max(ttl_s, self.min_ttl_s), now)
+
+    def _add(self, name: str, ips: Iterable[str], expiry: float, now: float) -> None:
+        entries = self._entries
+        table = entries.get(name)  # a key is fqdn() output, and fqdn() of it is itself
+        if table is None:
+            table = entries.setdefault(fqdn(name), {})
+        get = table.get
         for ip in ips:
-            try:
-                text = str(ipaddress.ip_address(ip.strip()))
-            except ValueError:
-                continue
-            if table.get(text, float("-inf")) < expiry:
-                if text not in table or table[text] <= now:
+            old = get(ip)  # a key is canonical text already
+            if old is None:
+                text = canonical_ip(ip)
+                if text is None:
+                    continue
+                old = get(text, _NEG_INF)
+            else:
+                text = ip
+            if old < expiry:
+                if old <= now:
                     self.generation += 1
                 table[text] = expiry
 
     def observe(self, response: DnsResponse, *, now: float) -> None:
         """Learn from a DNS answer (rcode 0 with addresses); others are ignored."""
-        if response.rcode != 0 or not response.addresses:
+        addresses = response.addresses
+        if response.rcode != 0 or not addresses:
             return
         ttl = response.min_ttl if response.min_ttl is not None else 0
-        for name in (response.normalized_name, *response.cnames):
-            self.add(name, response.addresses, ttl_s=ttl, now=now)
+        expiry = now + max(ttl, self.min_ttl_s)
+        self._add(response.normalized_name, addresses, expiry, now)
+        for name in response.cnames:
+            self._add(name, addresses, expiry, now)
 
     def lookup(self, name: str, *, now: float) -> frozenset[str]:
         table = self._entries.get(fqdn(name), {})
@@ -58,3 +96,4 @@ class FqdnCache:
         """Live name -> IPs, the input `compile_policy` takes for toFQDNs."""
         out = {name: self.lookup(name, now=now) for name in self._entries}
         return {k: v for k, v in out.items() if v}
+

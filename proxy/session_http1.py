@@ -4,7 +4,9 @@ Owns the wiring of `parsers.http1.Http1Connection` to the policy: an allowed req
 re-serialised by the parser (normalised target, header actions applied); a denied one is answered
 by the proxy (403 `Access denied`) and never reaches the upstream, and the connection lives on.
 Never parses bytes itself. Invariant: answers reach the client in request order, so a refusal of a
-pipelined request waits behind the responses of the requests forwarded before it.
+pipelined request waits behind the responses of the requests forwarded before it. A response that
+does not persist the connection (HTTP/1.0, `Connection: close`, read until close) closes the client
+connection once it is fully forwarded (RFC 9112 §9.3, §9.6).
 """
 
 from __future__ import annotations
@@ -248,8 +250,11 @@ class Http1Session(Session):
         flow_l7 = l7_http(method=req.method, url=url, protocol=protocol, headers=req.headers)
         summary = f"{protocol} {req.method} {url}"  # what _flow() would derive from flow_l7
         if allowed and self._upstream_failed is not None:
-            allowed, reason = False, self._upstream_failed
+            # Allowed, but there is no upstream: the client gets 503/504, and the flow says ERROR with that code.
+            allowed, verdict, reason = False, ERROR, self._upstream_failed
             self._current_allowed = False
+            flow_l7 = l7_http(method=req.method, url=url, protocol=protocol, code=http1.http_status(reason),
+                              headers=req.headers)
         if allowed:
             headers = apply_header_actions(req.headers, result.header_actions) if result.header_actions else None
             if self.conn.proposes_switch() and http2.is_h2c_upgrade(req):

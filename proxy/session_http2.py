@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parsers import http2
+from parsers import http1, http2
 from parsers.errors import ParseError
 from parsers.events import (
     Data,
@@ -109,9 +109,14 @@ class Http2Session(Session):
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:
         actions: list[Action] = []
-        for stream_id in list(self.streams):
+        now = self.clock()
+        for stream_id, info in list(self.streams.items()):
             self.server.refuse(stream_id, reason)
             self.streams.pop(stream_id, None)
+            # The forwarded request never got its response: an ERROR flow with what the client got instead.
+            actions.append(self._log(RESPONSE, ERROR, info.method, info.url, grpc=info.grpc, reason=reason,
+                                     code=200 if info.grpc else http1.http_status(reason), time_ns=now,
+                                     latency_ns=now - info.started_ns))
         self.server.close(http2.ErrorCode.NO_ERROR)
         self._pump(actions)
         actions.extend(self.close())

@@ -110,7 +110,18 @@ class KafkaSession(Session):
     def on_upstream_failed(self, reason: Reason) -> list[Action]:
         # Kafka clients retry on a lost connection; answering each request with a synthesised
         # NETWORK_EXCEPTION would also be valid, but closing is what a broker outage looks like.
-        return self.close()
+        # Each forwarded request still owed an answer gets an ERROR flow: the client sees the
+        # connection drop, which its library reports as that error code (NETWORK_EXCEPTION/REQUEST_TIMED_OUT).
+        now = self.clock()
+        actions: list[Action] = [
+            self._flow(due.request, RESPONSE, ERROR, now, reason=reason, latency_ns=now - due.started_ns,
+                       error_code=kafka.kafka_error_code(reason))
+            for due in self._due
+            if due.refusal is None
+        ]
+        self._due.clear()
+        actions.extend(self.close())
+        return actions
 
     def _request(self, request: KafkaRequest, actions: list[Action]) -> None:
         now = self.clock()

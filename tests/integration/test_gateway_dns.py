@@ -52,6 +52,26 @@ spec:
 """
 
 
+def kube_dns_ingress(port: int) -> str:
+    """kube-dns accepts DNS from the whole cluster on `port` (examples/policies/dns-fqdn.yaml's second object)."""
+    return f"""apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata:
+  name: kube-dns-ingress
+spec:
+  endpointSelector:
+    matchLabels:
+      "k8s:io.kubernetes.pod.namespace": kube-system
+      k8s-app: kube-dns
+  ingress:
+    - fromEntities: [cluster]
+      toPorts:
+        - ports:
+            - port: "{port}"
+              protocol: ANY
+"""
+
+
 def _dig(port: int, name: str, *extra: str) -> str:
     out = subprocess.run(
         ["dig", "@127.0.0.1", "-p", str(port), name, "A", "+tries=1", "+time=3", *extra],
@@ -79,6 +99,21 @@ def test_dig_udp_and_tcp_allowed_and_refused(tmp_path: Path) -> None:
         refused = [f for f in flows if f["verdict"] == "DROPPED"]
         assert {f["l7"]["dns"]["query"] for f in refused} == {"evil.example."}
         assert {f["l4"].get("UDP") is not None for f in refused} == {True, False}
+
+
+def test_refused_query_names_no_rule_of_the_allowing_side(tmp_path: Path) -> None:
+    """A query the crawler's egress denies names no rule: kube-dns's ingress rule allowed it and did not decide
+    the denial (`policy trace` says "egress: no dns rule matches"); an allowed query names the egress dns rule."""
+    with DnsServer(ZONE) as server, gateway(
+        tmp_path, dns_policy(server.port) + "---\n" + kube_dns_ingress(server.port), upstream_port=server.port,
+        dst="kube-system/coredns", src="default/crawler", udp=True,
+    ) as gw:
+        assert "status: REFUSED" in _dig(gw.port, "evil.example")
+        assert "status: NOERROR" in _dig(gw.port, "www.cilium.io")
+        flows = gw.wait_flows(3)
+        requests = {f["l7"]["dns"]["query"]: f for f in flows if f["l7"]["type"] == "REQUEST"}
+        assert requests["evil.example."]["verdict"] == "DROPPED" and "policy_rule" not in requests["evil.example."]
+        assert requests["www.cilium.io."]["policy_rule"] == "default/crawler-dns: egress[0].toPorts[0].rules.dns[0]"
 
 
 def test_tcp_denied_then_allowed_on_the_same_connection(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -161,6 +162,45 @@ def test_header_match_actions_applied_to_forwarded_request(tmp_path: Path) -> No
         _, _, headers, _ = backend.seen[-1]
         assert headers.get("x-env") == "prod"
         assert "x-debug" not in headers
+
+
+def test_http10_keep_alive_request_is_closed_after_its_response(tmp_path: Path) -> None:
+    """RFC 9112 §9.3: the proxy does not keep an HTTP/1.0 connection alive, so once the response is forwarded the
+    client connection is closed, even when the upstream keeps its own open (no next request answered 400)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    heads: list[bytes] = []
+    upstream_open = threading.Event()
+
+    def serve() -> None:  # answers one request with a Content-Length response and keeps the connection open
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                data += chunk
+            heads.append(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            upstream_open.wait(15)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with gateway(tmp_path, http_policy(port, RULES), upstream_port=port, dst="default/frontend", src="default/backend") as gw:
+            sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            try:
+                sock.sendall(b"GET /api/one HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+                received = b""
+                while chunk := sock.recv(65536):  # ends only when the proxy closes the connection (else: timeout)
+                    received += chunk
+            finally:
+                sock.close()
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\nok"), received
+            assert len(heads) == 1 and heads[0].startswith(b"GET /api/one HTTP/1.0\r\n")
+            assert not [f for f in gw.flows() if f["verdict"] != "FORWARDED"]
+    finally:
+        upstream_open.set()
+        server.join(5)
+        listener.close()
 
 
 def test_upstream_down_gives_503(tmp_path: Path) -> None:

@@ -12,7 +12,11 @@ Case table (HTTP/1.1 unless named):
 | Kafka: pipelined allowed, denied | refusal only after the allowed request's response (correlation order) |
 | DNS TCP: denied, allowed, upstream failed | REFUSED; forwarded as is; SERVFAIL for the outstanding query |
 | DNS UDP: no answer in time | SERVFAIL |
-| port without L7 rules where the destination enforces ingress | closed at once (fail closed) |
+| port without L7 rules where the destination enforces ingress | closed at once (fail closed), an L3_L4 record |
+| DNS query denied by egress, allowed by the other side's ingress rule | DROPPED flow naming no rule |
+| malformed target | ERROR flow with the method and the raw target |
+| HTTP/1.0 exchange (client asked keep-alive) | client connection closed after the response |
+| upstream failed before / after the request (HTTP/1.1, HTTP/2, Kafka) | ERROR flow with the status sent |
 """
 
 from __future__ import annotations
@@ -306,6 +310,22 @@ def test_kafka_refusal_waits_for_correlation_order() -> None:
     )
 
 
+def test_kafka_upstream_failure_is_an_error_flow() -> None:
+    """A forwarded Kafka request whose broker cannot be reached is logged with Hubble's verdict ERROR (NETWORK_EXCEPTION)."""
+    gw = _gateway(KAFKA_POLICY, src="shop/order-service", dst="shop/kafka", port=9092)
+    session = session_factory(gw, "10.244.3.10")(INFO)
+    assert (
+        Playbook(session, logs=True)
+        >> DataReceived(C2S, _metadata(1, "orders"))
+        << Forward(C2S, _metadata(1, "orders"))
+        << LogMatch(verdict="FORWARDED", l7_type="REQUEST")
+        >> UpstreamFailed(Reason.UPSTREAM_FAILED)
+        << LogMatch(verdict="ERROR", l7_type="RESPONSE", reason="upstream_failed",
+                    json={"l7.kafka.correlation_id": 1, "l7.kafka.error_code": 13, "l7.kafka.topic": "orders"})
+        << Close()
+    )
+
+
 def _query(name: str, qid: int = 7) -> bytes:
     labels = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split("."))
     return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01"
@@ -447,6 +467,32 @@ def test_http2_denied_stream_refused_others_forwarded() -> None:
     events = client.receive_data(b"".join(a.data for a in actions if isinstance(a, Forward) and a.direction is S2C))
     assert [dict(e.headers)[":status"] for e in events if isinstance(e, h2.events.ResponseReceived)] == ["200"]
     assert b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)) == b"ok"
+
+
+def test_upstream_failure_is_an_error_flow_with_the_status_sent() -> None:
+    """A request whose upstream cannot be reached is logged with Hubble's verdict ERROR and the status the client got,
+    whether the failure came before the request (HTTP/1.1) or after it was forwarded (HTTP/1.1, HTTP/2)."""
+    import h2.config
+    import h2.connection
+
+    def error_flows(actions: list[object]) -> list[tuple[str, str, int, str]]:
+        return [(f["l7"]["type"], f["l7"]["http"]["url"], f["l7"]["http"]["code"], f["drop_reason_desc"])
+                for f in (a.flow.to_json() for a in actions if isinstance(a, Log)) if f["verdict"] == "ERROR"]
+
+    before = http_session()
+    actions = before.handle(UpstreamFailed(Reason.UPSTREAM_FAILED)) + before.handle(DataReceived(C2S, get("/api/x")))
+    assert error_flows(actions) == [("REQUEST", "http://a/api/x", 503, "UPSTREAM_FAILED")]
+    assert not [a for a in actions if isinstance(a, Log) and a.flow.verdict == "FORWARDED"]
+    after = http_session()
+    actions = after.handle(DataReceived(C2S, get("/api/x"))) + after.handle(UpstreamFailed(Reason.UPSTREAM_TIMEOUT))
+    assert error_flows(actions) == [("RESPONSE", "http://a/api/x", 504, "UPSTREAM_TIMEOUT")]
+    h2_session = http_session()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/api/ok"), (":scheme", "http"), (":authority", "a")], end_stream=True)
+    actions = h2_session.handle(DataReceived(C2S, client.data_to_send()))
+    actions += h2_session.handle(UpstreamFailed(Reason.UPSTREAM_FAILED))
+    assert error_flows(actions) == [("RESPONSE", "http://a/api/ok", 503, "UPSTREAM_FAILED")]
 
 
 def test_actions_do_not_depend_on_read_boundaries() -> None:
