@@ -12,6 +12,7 @@ run interleaved (every round visits every row once; medians over rounds are repo
 Each row reports req/s and p50/p99 at -c<connections> (wrk --latency), and p50 at -c1 (a second wrk run).
 Before each agent row a probe checks the policy is really in the path (GET / -> 200; GET /nope -> 403 under L7).
 Run as root:  .venv/bin/python bench/datapath_bench.py [--duration 5] [--connections 50] [--rounds 1] [--workers 1 2]
+              [--warmup 2] [--only ROW ...]; use --rounds >= 3 for numbers worth quoting (one round is noisy).
 """
 
 from __future__ import annotations
@@ -283,6 +284,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; medians are reported")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="agent --workers values for the L7 rows")
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured direct load before the first round")
     ap.add_argument("--only", nargs="+", default=None, help="row names to run (direct always runs)")
     args = ap.parse_args()
     for tool in ("wrk", "nginx", "curl"):
@@ -307,6 +309,8 @@ def main() -> None:
             (workdir / "policy-l7.yaml").write_text(POLICY_L7_YAML)
             url = f"http://{b.ipv4}:{PORT}/"
             client_ns = a.ns
+            if args.warmup > 0:  # the first measured row must not pay for cold caches and nginx start-up
+                wrk(a, url, connections=args.connections, duration_s=args.warmup)
             for rnd in range(args.rounds):
                 for row in rows:
                     if row.verdict is Verdict.REDIRECT and not have_haproxy:

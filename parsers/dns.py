@@ -35,6 +35,8 @@ From a response, toFQDNs learns A/AAAA addresses and CNAME targets of class IN i
 section whose owner is the question name or a CNAME target seen earlier in the answer section;
 other records are skipped. `min_ttl` is the smallest TTL of those records (a TTL with the top bit
 set counts as 0, RFC 2181 §8). `rcode` includes the EDNS extended bits (RFC 6891 §6.1.3).
+Addresses are text exactly as `ipaddress` prints them: A as a dotted quad, AAAA as RFC 5952 §4
+text (formatted here; IPv4-mapped ones, which Python versions print differently, via `ipaddress`).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ _U16 = struct.Struct(">H")
 _U16U16 = struct.Struct(">HH")
 _RR_FIXED = struct.Struct(">HHIH")  # TYPE, CLASS, TTL, RDLENGTH
 _U8X4 = struct.Struct(">4B")
+_LEARNED_TYPES = frozenset((TYPE_A, TYPE_AAAA, TYPE_CNAME))
 _U16X8 = struct.Struct(">8H")
 _IPV6_FULL = ":".join(["%x"] * 8)
 _QR = 0x8000
@@ -313,7 +316,8 @@ def _ipv6_text(data: bytes, start: int) -> str:
             best_at, best_len = run_at, run_len
     if best_len < 2:  # a single zero group is not shortened (RFC 5952 §4.2.2)
         return _IPV6_FULL % groups
-    return ":".join(["%x" % g for g in groups[:best_at]]) + "::" + ":".join(["%x" % g for g in groups[best_at + best_len :]])
+    head = ":".join([f"{g:x}" for g in groups[:best_at]])
+    return head + "::" + ":".join([f"{g:x}" for g in groups[best_at + best_len :]])
 
 
 def read_response(data: bytes) -> DnsResponse:
@@ -388,7 +392,7 @@ def _read_response(data: bytes) -> DnsResponse:
         rdstart, pos = pos, pos + rdlength
         if rtype == TYPE_OPT:
             raise _WireError("OPT record outside the additional section", start)
-        if rclass != CLASS_IN or rtype not in (TYPE_A, TYPE_AAAA, TYPE_CNAME):
+        if rclass != CLASS_IN or rtype not in _LEARNED_TYPES:
             continue
         if owner is None:
             assert labels is not None
@@ -407,7 +411,8 @@ def _read_response(data: bytes) -> DnsResponse:
                 raise _WireError(f"A record with RDLENGTH {rdlength}, not 4", rdstart - 2)
             if owner not in chain:
                 continue
-            addresses.append("%d.%d.%d.%d" % _U8X4.unpack_from(data, rdstart))
+            a, b, c, d = _U8X4.unpack_from(data, rdstart)
+            addresses.append(f"{a}.{b}.{c}.{d}")
         else:
             if rdlength != 16:
                 raise _WireError(f"AAAA record with RDLENGTH {rdlength}, not 16", rdstart - 2)

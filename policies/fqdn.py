@@ -96,4 +96,3 @@ class FqdnCache:
         """Live name -> IPs, the input `compile_policy` takes for toFQDNs."""
         out = {name: self.lookup(name, now=now) for name in self._entries}
         return {k: v for k, v in out.items() if v}
-

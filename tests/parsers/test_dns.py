@@ -166,6 +166,29 @@ def test_response_cname_chain_addresses_and_min_ttl() -> None:
     assert resp.raw is raw
 
 
+_AAAA_GROUPS = [
+    (0,) * 8, (0,) * 7 + (1,), (1,) + (0,) * 7, (1, 0, 2, 0, 3, 0, 4, 0), (1, 0, 0, 2, 0, 0, 3, 4),
+    (1, 0, 0, 2, 0, 0, 0, 3), (0, 0, 1, 0, 0, 0, 0, 2), (0x2001, 0xDB8, 0, 0, 1, 0, 0, 1),
+    (0xFFFF,) * 8, (0, 0, 0, 0, 0, 0xFFFF, 0xC000, 0x280), (0, 0, 0, 0, 0, 0, 0xC000, 0x280),
+    (0xFE80, 0, 0, 0, 0x1FF, 0xFE23, 0x4567, 0x890A), (0xABC, 0xF, 0x10, 0x100, 0, 0xFFFF, 0, 0),
+]
+
+
+@pytest.mark.parametrize("groups", _AAAA_GROUPS)
+def test_aaaa_text_is_rfc5952_as_ipaddress_prints_it(groups: tuple[int, ...]) -> None:
+    """AAAA text is RFC 5952 §4 canonical (longest, then first, zero run as ::; lower-case hex), as ipaddress prints it."""
+    rdata = struct.pack(">8H", *groups)
+    raw = header(flags=_R, an=1) + QUESTION + rr(QNAME_PTR, 28, rdata)
+    assert read_response(raw).addresses == (str(ipaddress.IPv6Address(rdata)),)
+
+
+@given(st.binary(min_size=16, max_size=16), st.binary(min_size=4, max_size=4))
+def test_address_text_matches_ipaddress(v6: bytes, v4: bytes) -> None:
+    """A (RFC 1035 §3.4.1) and AAAA (RFC 3596 §2.2) rdata read as the text ipaddress gives for the same bytes."""
+    raw = header(flags=_R, an=2) + QUESTION + rr(QNAME_PTR, 28, v6) + rr(QNAME_PTR, 1, v4)
+    assert read_response(raw).addresses == (str(ipaddress.IPv6Address(v6)), str(ipaddress.IPv4Address(v4)))
+
+
 def test_records_off_the_chain_are_not_learned() -> None:
     """An address for a name the query did not lead to is skipped, so it never widens toFQDNs."""
     r = DNSRecord.question("a.example").reply()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from parsers.events import DnsResponse
 from policies import FqdnCache, L4Proto, PolicyDirection, VerdictKind, compile_policy, parse_endpoints
+from policies.fqdn import canonical_ip
 from tests.policies.util import ENDPOINTS, cnp, policies
 
 
@@ -26,6 +27,32 @@ def test_min_ttl_and_cnames() -> None:
     cache = FqdnCache(min_ttl_s=3600)
     cache.observe(_answer("www.example.com", "192.0.2.2", ttl=5, cnames=("edge.cdn.net.",)), now=0.0)
     assert cache.snapshot(now=3599.0) == {"www.example.com.": {"192.0.2.2"}, "edge.cdn.net.": {"192.0.2.2"}}
+
+
+def test_addresses_are_stored_in_canonical_text() -> None:
+    """Addresses are kept as ipaddress's canonical text (RFC 5952 for IPv6), whatever form they came in; invalid ones are skipped."""
+    cache = FqdnCache()
+    for _ in range(2):  # the second round is served from the memo and the stored keys
+        cache.add("a.example.", [" 2001:DB8:0:0:0:0:0:1 ", "192.0.2.1", "not-an-ip", "2001:db8::1"], ttl_s=30, now=0.0)
+        cache.add("A.Example", ["0192.0.2.1"], ttl_s=30, now=0.0)
+    assert cache.snapshot(now=1.0) == {"a.example.": {"2001:db8::1", "192.0.2.1"}}
+    assert canonical_ip(" ::FFFF:192.0.2.1") == "::ffff:c000:201"
+    assert canonical_ip("256.0.0.1") is None
+    assert canonical_ip("256.0.0.1") is None
+
+
+def test_generation_bumps_only_when_live_pairs_grow() -> None:
+    """Re-learning an address with an expiry that does not extend it changes nothing; a new or revived pair bumps `generation`."""
+    cache = FqdnCache()
+    cache.observe(_answer("a.example", "192.0.2.1", ttl=30, cnames=("b.example.",)), now=0.0)
+    assert cache.generation == 2
+    cache.observe(_answer("a.example", "192.0.2.1", ttl=10, cnames=("b.example.",)), now=1.0)
+    assert cache.generation == 2 and cache.lookup("a.example", now=29.9) == {"192.0.2.1"}
+    cache.observe(_answer("a.example", "192.0.2.1", ttl=60, cnames=("b.example.",)), now=1.0)
+    assert cache.generation == 2 and cache.lookup("b.example", now=60.9) == {"192.0.2.1"}
+    cache.observe(_answer("a.example", "192.0.2.1", "192.0.2.2", ttl=5), now=61.0)
+    assert cache.generation == 4  # a.example: 192.0.2.1 revived after expiry, 192.0.2.2 new
+    assert cache.snapshot(now=62.0) == {"a.example.": {"192.0.2.1", "192.0.2.2"}}
 
 
 def test_failed_answers_teach_nothing() -> None:
