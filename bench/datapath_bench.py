@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import shlex
 import shutil
@@ -345,12 +346,14 @@ def report(args: argparse.Namespace, rows: list[Row], results: dict[str, list[di
     c = args.connections
     print(f"\nwrk -t1 pod A -> nginx in pod B, {args.duration}s per run, {args.rounds} interleaved round(s); "
           "ratio = median over rounds of (row req/s / that round's direct req/s)\n")
-    print(f"| path | req/s (-c{c}) | vs direct | p50 (-c{c}) | p99 (-c{c}) | p50 (-c1) | errors | probe |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"host: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end "
+          "(other work on the host shows up as round-to-round spread)\n")
+    print(f"| path | req/s (-c{c}) | vs direct | p50 (-c{c}) | p99 (-c{c}) | p50 (-c1) | errors | req/s per round | probe |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         runs = results[row.name]
         if not runs:
-            print(f"| {row.name} | NOT AVAILABLE (haproxy) | | | | | | |")
+            print(f"| {row.name} | NOT AVAILABLE (haproxy) | | | | | | | |")
             continue
 
         def med(key: str, runs: list[dict[str, float]] = runs) -> float:
@@ -359,7 +362,8 @@ def report(args: argparse.Namespace, rows: list[Row], results: dict[str, list[di
         ratio = statistics.median(r["req_s"] / d["req_s"] for r, d in zip(runs, direct, strict=False))
         extra = f" (sockmap redirected {int(runs[-1]['sockmap_redirected'])} msgs)" if "sockmap_redirected" in runs[-1] else ""
         print(f"| {row.name}{extra} | {med('req_s'):.0f} | {ratio:.2f}x | {fmt_us(med('p50_us'))} | {fmt_us(med('p99_us'))} "
-              f"| {fmt_us(med('p50_c1_us'))} | {int(sum(r['errors'] for r in runs))} | {checks.get(row.name, '-')} |")
+              f"| {fmt_us(med('p50_c1_us'))} | {int(sum(r['errors'] for r in runs))} "
+              f"| {' '.join(str(round(r['req_s'])) for r in runs)} | {checks.get(row.name, '-')} |")
     print("\nCommands (load: the same two wrk runs for every row, in pod A's namespace):")
     for conns in (c, 1):
         print(f"  ip netns exec {client_ns} {shlex.join(wrk_argv(url, connections=conns, duration_s=args.duration))}")
