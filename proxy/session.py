@@ -20,7 +20,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from parsers.events import Direction, DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from policies import FlowResult, FlowVerdict, ParserType, Verdict, VerdictKind, evaluate_request
@@ -178,6 +178,34 @@ def verdict_of(result: FlowResult) -> tuple[bool, str, Reason | None, str | None
                 break
     reason = denying.reason if denying is not None and denying.reason is not None else Reason.POLICY_DENIED
     return False, DROPPED if reason is Reason.POLICY_DENIED else ERROR, reason, rule
+
+
+def flow_log(
+    context: FlowContext,
+    *,
+    verdict: str,
+    l7_type: str,
+    l7: dict[str, Any],
+    summary: str,
+    time_ns: int,
+    latency_ns: int = 0,
+    rule: str | None = None,
+    reason: Reason | None = None,
+) -> Log:
+    """One L7 flow record of a connection, as the `Log` action the server carries out."""
+    return Log(
+        Flow(
+            context=context,
+            verdict=verdict,
+            l7_type=l7_type,
+            l7=l7,
+            summary=summary,
+            time_ns=time_ns,
+            latency_ns=latency_ns,
+            rule=rule,
+            reason=reason.value if reason is not None else None,
+        )
+    )
 
 
 class Session:

@@ -27,6 +27,7 @@ from proxy.session import (
     Reply,
     Session,
     TimeoutKind,
+    flow_log,
     verdict_of,
     wall_clock_ns,
 )
@@ -138,18 +139,9 @@ class DnsJudge:
             summary = f"DNS Query {name} {' '.join(qtypes)}"
             if rcode is not None:
                 summary += f" rcode={rcode}"
-        return Log(
-            Flow(
-                context=self.context,
-                verdict=verdict,
-                l7_type=l7_type,
-                l7=l7_dns(query=name, qtypes=qtypes, rcode=rcode),
-                summary=summary,
-                time_ns=time_ns,
-                latency_ns=latency_ns,
-                rule=rule,
-                reason=reason.value if reason is not None else None,
-            )
+        return flow_log(
+            self.context, verdict=verdict, l7_type=l7_type, l7=l7_dns(query=name, qtypes=qtypes, rcode=rcode), summary=summary,
+            time_ns=time_ns, latency_ns=latency_ns, rule=rule, reason=reason,
         )
 
     def _response_flow(self, response: DnsResponse, time_ns: int, latency_ns: int) -> Log:

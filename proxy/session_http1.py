@@ -30,7 +30,7 @@ from parsers.events import (
 )
 from policies import HeaderAction
 from policies.crd import MismatchAction
-from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_http
+from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
 from proxy.session import (
     C2S,
     S2C,
@@ -42,6 +42,7 @@ from proxy.session import (
     Reply,
     Session,
     TimeoutKind,
+    flow_log,
     verdict_of,
     wall_clock_ns,
 )
@@ -395,18 +396,9 @@ class Http1Session(Session):
                 summary = f"{http.get('protocol')} {http.get('method')} {http.get('url')}"
             else:
                 summary = f"{http.get('protocol')} {http.get('code')} {latency_ns // 1_000_000}ms ({http.get('method')} {http.get('url')})"
-        return Log(
-            Flow(
-                context=self.context,
-                verdict=verdict,
-                l7_type=l7_type,
-                l7=l7,
-                summary=summary,
-                time_ns=time_ns,
-                latency_ns=latency_ns,
-                rule=rule,
-                reason=reason.value if reason is not None else None,
-            )
+        return flow_log(
+            self.context, verdict=verdict, l7_type=l7_type, l7=l7, summary=summary,
+            time_ns=time_ns, latency_ns=latency_ns, rule=rule, reason=reason,
         )
 
     def _response_flow(

@@ -27,7 +27,7 @@ from parsers.events import (
     StreamReset,
     Trailers,
 )
-from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_http
+from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
 from proxy.session import (
     C2S,
     S2C,
@@ -40,6 +40,7 @@ from proxy.session import (
     Session,
     TimeoutKind,
     UpstreamFailed,
+    flow_log,
     verdict_of,
     wall_clock_ns,
 )
@@ -253,18 +254,9 @@ class Http2Session(Session):
         l7 = l7_http(method=method, url=url, protocol="HTTP/2", code=code, headers=headers)
         what = "gRPC" if grpc else "HTTP/2"
         summary = f"{what} {method} {url}" if l7_type == REQUEST else f"{what} {code} {latency_ns // 1_000_000}ms ({method} {url})"
-        return Log(
-            Flow(
-                context=self.context,
-                verdict=verdict,
-                l7_type=l7_type,
-                l7=l7,
-                summary=summary,
-                time_ns=self.clock() if time_ns is None else time_ns,
-                latency_ns=latency_ns,
-                rule=rule,
-                reason=reason.value if reason is not None else None,
-            )
+        return flow_log(
+            self.context, verdict=verdict, l7_type=l7_type, l7=l7, summary=summary,
+            time_ns=self.clock() if time_ns is None else time_ns, latency_ns=latency_ns, rule=rule, reason=reason,
         )
 
     def _error_flow(self, e: ParseError) -> Log:

@@ -24,6 +24,7 @@ from proxy.session import (
     Log,
     Reply,
     Session,
+    flow_log,
     verdict_of,
     wall_clock_ns,
 )
@@ -182,18 +183,9 @@ class KafkaSession(Session):
         summary = f"Kafka {l7_type.lower()} {api} v{request.api_version} corr={request.correlation_id}"
         if topics:
             summary += f" topics={','.join(topics)}"
-        return Log(
-            Flow(
-                context=self.context,
-                verdict=verdict,
-                l7_type=l7_type,
-                l7=l7,
-                summary=summary,
-                time_ns=time_ns,
-                latency_ns=latency_ns,
-                rule=rule,
-                reason=reason.value if reason is not None else None,
-            )
+        return flow_log(
+            self.context, verdict=verdict, l7_type=l7_type, l7=l7, summary=summary,
+            time_ns=time_ns, latency_ns=latency_ns, rule=rule, reason=reason,
         )
 
     def _error_flow(self, e: ParseError) -> Log:
