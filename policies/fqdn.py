@@ -75,10 +75,11 @@ class FqdnCache:
         if response.rcode != 0 or not addresses:
             return
         ttl = response.min_ttl if response.min_ttl is not None else 0
-        expiry = now + max(ttl, self.min_ttl_s)
-        self._add(response.normalized_name, addresses, expiry, now)
+        # Through add(), not _add(): subclasses (the agent's caches) hook add() to push new pairs to the
+        # kernel before the answer is relayed.
+        self.add(response.normalized_name, addresses, ttl_s=ttl, now=now)
         for name in response.cnames:
-            self._add(name, addresses, expiry, now)
+            self.add(name, addresses, ttl_s=ttl, now=now)
 
     def lookup(self, name: str, *, now: float) -> frozenset[str]:
         table = self._entries.get(fqdn(name), {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from parsers.events import DnsResponse
 from policies import FqdnCache, L4Proto, PolicyDirection, VerdictKind, compile_policy, parse_endpoints
 from policies.fqdn import canonical_ip
@@ -74,3 +76,25 @@ def test_snapshot_feeds_compile() -> None:
     for pmap, expected in ((before, VerdictKind.DROP), (after, VerdictKind.ALLOW)):
         ident = pmap.ipcache.lookup("192.0.2.9")
         assert pmap.lookup("default/frontend", PolicyDirection.EGRESS, ident, 443, L4Proto.TCP).kind is expected
+
+
+def test_observe_goes_through_add_so_subclasses_see_every_learned_pair() -> None:
+    """observe() learns through add(): the agent's caches override add() to push new IPs to the kernel first."""
+    from parsers.events import DnsResponse
+    from policies import FqdnCache
+
+    seen: list[tuple[str, tuple[str, ...]]] = []
+
+    class Hooked(FqdnCache):
+        def add(self, name: str, ips: Iterable[str], *, ttl_s: float, now: float) -> None:
+            seen.append((name, tuple(ips)))
+            super().add(name, ips, ttl_s=ttl_s, now=now)
+
+    cache = Hooked()
+    cache.observe(
+        DnsResponse(id=1, name="www.x.io.", normalized_name="www.x.io.", qtype=1, rcode=0,
+                    addresses=("10.0.0.1",), cnames=("edge.x.io.",), min_ttl=30),
+        now=0.0,
+    )
+    assert seen == [("www.x.io.", ("10.0.0.1",)), ("edge.x.io.", ("10.0.0.1",))]
+    assert cache.snapshot(now=1.0) == {"www.x.io.": frozenset({"10.0.0.1"}), "edge.x.io.": frozenset({"10.0.0.1"})}
