@@ -65,8 +65,8 @@ from proxy.session import (
     DatagramSession,
     DeniedSession,
     L7Request,
-    PassThroughSession,
     Session,
+    choose_session,
     wall_clock_ns,
 )
 from proxy.session_dns import DnsDatagramSession, DnsTcpSession
@@ -292,18 +292,7 @@ class TransparentPolicy:
             # a connection straight to our listener (not steered): proxying it would loop to ourselves
             return DeniedSession(context=context, reason="proxy_loop")
         policy = self.connection_policy(info.client[0], dst_ip, port, L4Proto.TCP)
-        if policy.is_dropped:
-            return DeniedSession(context=context, reason="policy_denied", rule=policy.matched)
-        try:
-            parser = policy.parser
-        except ValueError:
-            return DeniedSession(context=context, reason="policy_conflict", rule=policy.matched)
-        if parser is None:
-            return PassThroughSession(context=context)
-        session = self._build(parser, context, policy, (dst_ip, port))
-        if session is None:
-            return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
-        return session
+        return choose_session(context, policy, lambda parser: self._build(parser, context, policy, (dst_ip, port)))
 
     def datagram(self, info: ConnectionInfo) -> DatagramSession | None:
         """The server's DatagramFactory: DNS over UDP judged per query; None = dropped at L3/L4."""
@@ -996,13 +985,21 @@ class WorkerHandle:
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self.ctl.fileno())
             return []
-        self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
-        out = []
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
+        self._buf, messages = split_json_lines(self._buf, chunk)
+        return messages
+
+
+def split_json_lines(buffered: bytes, chunk: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+    """Split a control-socket stream into JSON messages: returns (the unfinished tail, the messages).
+
+    A line that is not JSON is skipped (the peer is our own process; a bad line must not kill the link).
+    """
+    *lines, tail = (buffered + chunk).split(b"\n")
+    messages = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            messages.append(json.loads(line))
+    return tail, messages
 
 
 class _Control:
@@ -1028,13 +1025,8 @@ class _Control:
         return msg.get("type") == "ack"
 
     def _lines(self, chunk: bytes) -> list[dict[str, Any]]:
-        self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
-        out = []
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
+        self._buf, messages = split_json_lines(self._buf, chunk)
+        return messages
 
     def readable(self) -> None:
         try:

@@ -16,7 +16,7 @@ from policies import FqdnCache, L4Proto, ParserType, PolicyDirection, PolicyMap
 from policies.compile import Peer as PolicyPeer
 from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
 from proxy.server import ConnectionInfo
-from proxy.session import ConnectionPolicy, DatagramSession, DeniedSession, PassThroughSession, Session, wall_clock_ns
+from proxy.session import ConnectionPolicy, DatagramSession, Session, choose_session, wall_clock_ns
 from proxy.session_dns import DnsDatagramSession, DnsTcpSession
 from proxy.session_http2 import HttpSession
 from proxy.session_kafka import KafkaLearned, KafkaSession
@@ -111,18 +111,12 @@ def session_factory(gw: GatewayPolicy, upstream_ip: str) -> Callable[[Connection
         src, dst = gw.peers(info.client[0])
         context = gw.context(info, src, dst, upstream_ip)
         policy = gw.connection_policy(src, dst, L4Proto.TCP)
-        if policy.is_dropped:
-            return DeniedSession(context=context, reason="policy_denied", rule=policy.matched)
-        try:
-            parser = policy.parser
-        except ValueError:
-            return DeniedSession(context=context, reason="policy_conflict", rule=policy.matched)
-        if parser is None:
-            return PassThroughSession(context=context)
-        builder = SESSIONS.get(parser)
-        if builder is None:
-            return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
-        return builder(context, policy, gw.fqdn)
+
+        def build(parser: ParserType) -> Session | None:
+            builder = SESSIONS.get(parser)
+            return builder(context, policy, gw.fqdn) if builder is not None else None
+
+        return choose_session(context, policy, build)
 
     return factory
 

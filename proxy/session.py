@@ -331,3 +331,25 @@ class DeniedSession(Session):
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         return self.close()
+
+
+def choose_session(
+    context: FlowContext, policy: ConnectionPolicy, build: Callable[[ParserType], Session | None]
+) -> Session:
+    """The session a TCP connection gets from its policy, in gateway and transparent mode alike.
+
+    L3/L4-dropped or conflicting ports and parsers without a session fail closed (`DeniedSession`);
+    a port without L7 rules is relayed as is; otherwise `build(parser)` makes the judging session.
+    """
+    if policy.is_dropped:
+        return DeniedSession(context=context, reason="policy_denied", rule=policy.matched)
+    try:
+        parser = policy.parser
+    except ValueError:
+        return DeniedSession(context=context, reason="policy_conflict", rule=policy.matched)
+    if parser is None:
+        return PassThroughSession(context=context)
+    session = build(parser)
+    if session is None:
+        return DeniedSession(context=context, reason=f"no_{parser.value}_session", rule=policy.matched)
+    return session
