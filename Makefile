@@ -33,15 +33,20 @@ kernel-headers: system-deps
 	  echo "linked kernel headers: $$hdr"; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# The product folders install as `membrane.<folder>` (see pyproject.toml). The editable install is
+# strict: every file is linked under build/, so a folder that gains or loses a file (its mtime
+# changes) triggers a reinstall; edits to existing files need none.
+PRODUCT_DIRS := parsers policies proxy bpf control cli sandbox examples
+$(VENV)/.installed: pyproject.toml $(PRODUCT_DIRS) examples/policies
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@rm -rf build/__editable__.*
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
 	@touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check proxy parsers policies bpf tests fuzz bench
+	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench
 	$(VENV)/bin/mypy
 
 typecheck: lint
@@ -66,4 +71,4 @@ cleanup-stale: setup
 	$(VENV)/bin/membrane cleanup-stale
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -37,9 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bpf.maps import IPPROTO_TCP, Endpoint, PolicyEntry, PolicyKey, Verdict  # noqa: E402
-from bpf.steer import ProxyPorts, Steering  # noqa: E402
-from proxy.live_demo import AgentProcess, wait_line  # noqa: E402
+from membrane.bpf.maps import IPPROTO_TCP, Endpoint, PolicyEntry, PolicyKey, Verdict  # noqa: E402
+from membrane.bpf.steer import ProxyPorts, Steering  # noqa: E402
+from membrane.sandbox.live_demo import AgentProcess, wait_line  # noqa: E402
+
 from tests.helpers.netns import Pod, Topology, topology  # noqa: E402
 
 PORT = 80
@@ -230,7 +231,7 @@ def steering(topo: Topology, verdict: Verdict, *, sockmap: bool = False) -> Stee
 
 def agent_argv(policy: Path, endpoints: Path, status: Path, row: Row) -> list[str]:
     """`membrane run` (no --flows sink: the cost of enforcement, not of flow logging)."""
-    argv = [sys.executable, "-m", "proxy.cli", "run", "--policies", str(policy), "--endpoints", str(endpoints),
+    argv = [sys.executable, "-m", "membrane.cli", "run", "--policies", str(policy), "--endpoints", str(endpoints),
             "--status-file", str(status)]
     if row.sockmap:
         argv.append("--sockmap")
@@ -374,10 +375,10 @@ def report(args: argparse.Namespace, rows: list[Row], results: dict[str, list[di
         elif row.verdict is None:
             setup = "nothing (no tc program)"
         else:
-            setup = (f"bpf.steer.Steering(sockmap={row.sockmap}) attached to both host veths, egress entry "
+            setup = (f"membrane.bpf.steer.Steering(sockmap={row.sockmap}) attached to both host veths, egress entry "
                      f"{row.verdict.name}" + (f", haproxy transparent on :{PROXY_PORT}" if row.verdict is Verdict.REDIRECT else ""))
         print(f"  {row.name}: {setup}")
-    print("  (membrane = .venv/bin/python -m proxy.cli; the endpoints/policy files are in a temp dir: "
+    print("  (membrane = .venv/bin/python -m membrane.cli; the endpoints/policy files are in a temp dir: "
           "endpoints = pods a (app=client) and b (app=server) with `interface:`; policies below)")
     print("\npolicy-l4.yaml:\n" + POLICY_L4_YAML + "\npolicy-l7.yaml:\n" + POLICY_L7_YAML)
 

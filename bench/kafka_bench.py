@@ -30,7 +30,7 @@ from peers import HOST, PORTS, REPO_DIR, Stack, Unavailable, wait_tcp
 
 MESSAGE_BYTES = 1024
 TOPIC = "bench"
-BROKER_MODULE = "tests.helpers.kafka_broker"
+BROKER_MODULE = "membrane.sandbox.kafka_broker"
 PYTHON = str(REPO_DIR / ".venv" / "bin" / "python") if (REPO_DIR / ".venv" / "bin" / "python").exists() else sys.executable
 
 

@@ -19,8 +19,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parsers.events import HttpRequest
-from policies import (
+from membrane.parsers.events import HttpRequest
+from membrane.policies import (
     L4Proto,
     PolicyDirection,
     compile_policy,

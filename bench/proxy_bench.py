@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parsers import dns, http1, kafka
-from parsers.events import Direction
-from policies import compile_policy, load_policies, parse_endpoints
-from proxy.gateway import GatewayPolicy, session_factory
-from proxy.server import ConnectionInfo
-from proxy.session import DataReceived, Forward, Session
+from membrane.parsers import dns, http1, kafka
+from membrane.parsers.events import Direction
+from membrane.policies import compile_policy, load_policies, parse_endpoints
+from membrane.proxy.gateway import GatewayPolicy, session_factory
+from membrane.proxy.server import ConnectionInfo
+from membrane.proxy.session import DataReceived, Forward, Session
 
 C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 ROOT = Path(__file__).resolve().parents[1]

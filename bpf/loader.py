@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bpf.errors import BpfLoadError
+from membrane.bpf.errors import BpfLoadError
 
 
 def _own_bpf_fds() -> set[int]:

@@ -17,8 +17,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bpf.errors import AttachError, BpfLoadError
-from bpf.loader import load_bpf
+from membrane.bpf.errors import AttachError, BpfLoadError
+from membrane.bpf.loader import load_bpf
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from membrane.bpf import routing
+from membrane.bpf.sockmap import CGROUP_ROOT
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-
-from bpf import routing
-from bpf.sockmap import CGROUP_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from membrane.bpf import routing
+from membrane.bpf.errors import AttachError, BpfLoadError
+from membrane.bpf.loader import load_bpf
+from membrane.bpf.maps import BpfMaps, ConfigSlot, DropEvent, parse_drop_event
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-
-from bpf import routing
-from bpf.errors import AttachError, BpfLoadError
-from bpf.loader import load_bpf
-from bpf.maps import BpfMaps, ConfigSlot, DropEvent, parse_drop_event
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ class Steering:
                     raise AttachError("routing", f"table {routing.TABLE}", e.code) from e
                 stack.callback(self._release_routing)
             if self._sockmap:
-                from bpf.sockmap import Sockmap
+                from membrane.bpf.sockmap import Sockmap
 
                 self._sockmap_obj = stack.enter_context(Sockmap(proxy_ports=self._sockmap_ports))
             stack.callback(self._detach_all)
@@ -121,7 +120,7 @@ class Steering:
 
     def _release_routing(self) -> None:
         """Remove the host-wide routing unless another live Steering (another agent, a test) still needs it."""
-        from bpf.stale import live_steering_prog_ids
+        from membrane.bpf.stale import live_steering_prog_ids
 
         others = live_steering_prog_ids(exclude={self._prog_id()})
         if others:

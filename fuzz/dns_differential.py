@@ -18,11 +18,11 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers import dns
-        from parsers.errors import MalformedMessage
+        from membrane.parsers import dns
+        from membrane.parsers.errors import MalformedMessage
 else:
-    from parsers import dns
-    from parsers.errors import MalformedMessage
+    from membrane.parsers import dns
+    from membrane.parsers.errors import MalformedMessage
 
 from dnslib import AAAA, CNAME, A, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.bit import get_bits

@@ -16,11 +16,11 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers import dns
-        from parsers.errors import MalformedMessage
+        from membrane.parsers import dns
+        from membrane.parsers.errors import MalformedMessage
 else:
-    from parsers import dns
-    from parsers.errors import MalformedMessage
+    from membrane.parsers import dns
+    from membrane.parsers.errors import MalformedMessage
 
 from dns import message as dp_message
 from dns import opcode as dp_opcode

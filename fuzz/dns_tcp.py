@@ -16,13 +16,13 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers import dns
-        from parsers.errors import ParseError
-        from parsers.events import Direction
+        from membrane.parsers import dns
+        from membrane.parsers.errors import ParseError
+        from membrane.parsers.events import Direction
 else:
-    from parsers import dns
-    from parsers.errors import ParseError
-    from parsers.events import Direction
+    from membrane.parsers import dns
+    from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import Direction
 
 
 def _run(direction: Direction, limit: int, chunks: list[bytes]) -> tuple[list[object], list[bytes], object]:

@@ -10,8 +10,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from parsers.errors import MessageTooLarge, ParseError
-    from parsers.grpc import GrpcMessageReader
+    from membrane.parsers.errors import MessageTooLarge, ParseError
+    from membrane.parsers.grpc import GrpcMessageReader
 
 LIMIT = 4096
 

@@ -10,8 +10,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from parsers.errors import MalformedMessage
-    from parsers.grpc import is_grpc_content_type, percent_decode_message, percent_encode_message, split_path
+    from membrane.parsers.errors import MalformedMessage
+    from membrane.parsers.grpc import is_grpc_content_type, percent_decode_message, percent_encode_message, split_path
 
 
 def check(data: bytes) -> None:

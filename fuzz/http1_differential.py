@@ -17,15 +17,15 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers.errors import ParseError
-        from parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse, Trailers
-        from parsers.http1 import C2S, S2C, Http1Connection, Http1Event
-        from parsers.http_target import normalize_target
+        from membrane.parsers.errors import ParseError
+        from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse, Trailers
+        from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+        from membrane.parsers.http_target import normalize_target
 else:
-    from parsers.errors import ParseError
-    from parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse, Trailers
-    from parsers.http1 import C2S, S2C, Http1Connection, Http1Event
-    from parsers.http_target import normalize_target
+    from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse, Trailers
+    from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+    from membrane.parsers.http_target import normalize_target
 
 import h11
 

@@ -16,15 +16,15 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers.errors import ParseError
-        from parsers.events import Data, HttpRequest
-        from parsers.http1 import C2S, Http1Connection, Http1Event
-        from parsers.http_target import normalize_target
+        from membrane.parsers.errors import ParseError
+        from membrane.parsers.events import Data, HttpRequest
+        from membrane.parsers.http1 import C2S, Http1Connection, Http1Event
+        from membrane.parsers.http_target import normalize_target
 else:
-    from parsers.errors import ParseError
-    from parsers.events import Data, HttpRequest
-    from parsers.http1 import C2S, Http1Connection, Http1Event
-    from parsers.http_target import normalize_target
+    from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import Data, HttpRequest
+    from membrane.parsers.http1 import C2S, Http1Connection, Http1Event
+    from membrane.parsers.http_target import normalize_target
 
 MAX_HEADER_BYTES = 2048  # small, so that the fuzzer reaches the limit paths
 MAX_HELD_BYTES = 512

@@ -16,13 +16,13 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers.errors import ParseError
-        from parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse
-        from parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+        from membrane.parsers.errors import ParseError
+        from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse
+        from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
 else:
-    from parsers.errors import ParseError
-    from parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse
-    from parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+    from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse
+    from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
 
 MAX_HEADER_BYTES = 2048
 # Request kinds the first byte picks (two bits per request, three requests; a switch proposal ends the list).

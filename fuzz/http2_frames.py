@@ -14,9 +14,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from parsers.errors import ParseError
-    from parsers.events import Data, EndOfMessage, GrpcCall, HttpRequest, HttpResponse, Reason, Trailers
-    from parsers.http2 import Http2ClientSide, Http2ServerSide
+    from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import Data, EndOfMessage, GrpcCall, HttpRequest, HttpResponse, Reason, Trailers
+    from membrane.parsers.http2 import Http2ClientSide, Http2ServerSide
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _REASONS = list(Reason)

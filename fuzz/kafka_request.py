@@ -18,13 +18,13 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers import _kafka_schema as schema
-        from parsers import kafka
-        from parsers.errors import ParseError
+        from membrane.parsers import _kafka_schema as schema
+        from membrane.parsers import kafka
+        from membrane.parsers.errors import ParseError
 else:
-    from parsers import _kafka_schema as schema
-    from parsers import kafka
-    from parsers.errors import ParseError
+    from membrane.parsers import _kafka_schema as schema
+    from membrane.parsers import kafka
+    from membrane.parsers.errors import ParseError
 
 
 def _walk(make: object, frame: bytes) -> tuple[object, ...]:

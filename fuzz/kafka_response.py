@@ -16,13 +16,13 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports():
-        from parsers import kafka
-        from parsers.errors import ParseError
-        from parsers.events import KafkaRequest
+        from membrane.parsers import kafka
+        from membrane.parsers.errors import ParseError
+        from membrane.parsers.events import KafkaRequest
 else:
-    from parsers import kafka
-    from parsers.errors import ParseError
-    from parsers.events import KafkaRequest
+    from membrane.parsers import kafka
+    from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import KafkaRequest
 
 
 def _run(limit: int, outstanding: list[KafkaRequest], chunks: list[bytes]) -> tuple[list[object], object]:

@@ -11,8 +11,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from parsers.events import DnsQuery, HttpRequest, KafkaRequest
-    from policies import (
+    from membrane.parsers.events import DnsQuery, HttpRequest, KafkaRequest
+    from membrane.policies import (
         EndpointsError,
         L4Proto,
         PolicyDirection,

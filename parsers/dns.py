@@ -45,8 +45,8 @@ import ipaddress
 import struct
 from typing import assert_never
 
-from parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
-from parsers.events import Direction, DnsQuery, DnsResponse, Reason
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
+from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
 
 __all__ = [
     "FORMERR",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from parsers.events import Direction, Reason
+from membrane.parsers.events import Direction, Reason
 
 
 class ParseError(Exception):

@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import assert_never
 
-from parsers.errors import MalformedMessage, MessageTooLarge
-from parsers.events import Direction, Headers, Reason
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge
+from membrane.parsers.events import Direction, Headers, Reason
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",

@@ -81,9 +81,8 @@ from dataclasses import dataclass, field
 from typing import Final, assert_never
 
 import httptools
-
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from parsers.events import (
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.events import (
     ConnectionUpgraded,
     Data,
     Direction,
@@ -94,7 +93,7 @@ from parsers.events import (
     Reason,
     Trailers,
 )
-from parsers.http_target import normalize_target
+from membrane.parsers.http_target import normalize_target
 
 Http1Event = HttpRequest | HttpResponse | Data | Trailers | EndOfMessage | ConnectionUpgraded
 

@@ -58,10 +58,9 @@ import h2.exceptions
 import h2.settings
 import hpack.exceptions
 import hyperframe.exceptions
-
-from parsers import grpc
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from parsers.events import (
+from membrane.parsers import grpc
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.events import (
     Data,
     Direction,
     EndOfMessage,
@@ -73,7 +72,7 @@ from parsers.events import (
     StreamReset,
     Trailers,
 )
-from parsers.http_target import normalize_target, split_target
+from membrane.parsers.http_target import normalize_target, split_target
 
 __all__ = [
     "DEFAULT_CONNECTION_WINDOW",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 
-from parsers.errors import MalformedMessage
-from parsers.events import Direction
+from membrane.parsers.errors import MalformedMessage
+from membrane.parsers.events import Direction
 
 _FORBIDDEN = re.compile(r"%(?:2[fF]|5[cC])|[\\#\x00-\x20\x7f]")
 _PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")

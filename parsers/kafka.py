@@ -54,10 +54,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, assert_never
 
-from parsers._kafka_schema import Found as _Found
-from parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from parsers.events import Direction, KafkaRequest, KafkaResponse, Reason
+from membrane.parsers._kafka_schema import Found as _Found
+from membrane.parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.events import Direction, KafkaRequest, KafkaResponse, Reason
 
 __all__ = [
     "API_KEYS_BY_NAME",

@@ -36,7 +36,7 @@ Evaluating (never raises):
     denial_response(result, request) -> {"http_status": 403} | {"grpc_status": 7} | {"dns_rcode": "REFUSED"} | {"kafka_error_code": 29}
 """
 
-from policies.compile import (
+from membrane.policies.compile import (
     DirectionPolicy,
     MapEntry,
     Peer,
@@ -46,7 +46,7 @@ from policies.compile import (
     VerdictKind,
     compile_policy,
 )
-from policies.crd import (
+from membrane.policies.crd import (
     DnsRule,
     EgressRule,
     Entity,
@@ -61,19 +61,26 @@ from policies.crd import (
     Rule,
     parse_policy,
 )
-from policies.endpoints import Endpoint, Endpoints, Namespace, parse_endpoints
-from policies.errors import (
+from membrane.policies.endpoints import Endpoint, Endpoints, Namespace, parse_endpoints
+from membrane.policies.errors import (
     EndpointsError,
     PolicyConflictError,
     PolicyError,
     PolicyValidationError,
     PolicyYamlError,
 )
-from policies.flow import DirectionResult, FlowResult, FlowVerdict, denial_response, evaluate_flow, evaluate_request
-from policies.fqdn import FqdnCache
-from policies.identity import Identity, IdentityKind, ReservedIdentity
-from policies.l7 import Decision, HeaderAction, L7RuleSet
-from policies.loader import LoadResult, load_policies, merge_results
+from membrane.policies.flow import (
+    DirectionResult,
+    FlowResult,
+    FlowVerdict,
+    denial_response,
+    evaluate_flow,
+    evaluate_request,
+)
+from membrane.policies.fqdn import FqdnCache
+from membrane.policies.identity import Identity, IdentityKind, ReservedIdentity
+from membrane.policies.l7 import Decision, HeaderAction, L7RuleSet
+from membrane.policies.loader import LoadResult, load_policies, merge_results
 
 __all__ = [
     "Decision",

@@ -24,8 +24,8 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from policies import dnsmatch
-from policies.crd import (
+from membrane.policies import dnsmatch
+from membrane.policies.crd import (
     CONCRETE_PROTOS,
     CidrRule,
     DnsRule,
@@ -41,9 +41,9 @@ from policies.crd import (
     Rule,
     compile_regex,
 )
-from policies.endpoints import Endpoint, Endpoints
-from policies.errors import PolicyConflictError, PolicyError
-from policies.identity import (
+from membrane.policies.endpoints import Endpoint, Endpoints
+from membrane.policies.errors import PolicyConflictError, PolicyError
+from membrane.policies.identity import (
     Identity,
     IdentityKind,
     IpCache,
@@ -52,8 +52,8 @@ from policies.identity import (
     allocate_endpoint_identities,
     reserved_identities,
 )
-from policies.l7 import L7RuleSet
-from policies.labels import Label, LabelIndex, LabelSet, iter_bits
+from membrane.policies.l7 import L7RuleSet
+from membrane.policies.labels import Label, LabelIndex, LabelSet, iter_bits
 
 
 class PolicyDirection(enum.Enum):

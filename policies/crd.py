@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import re2
-
-from policies import dnsmatch
-from policies.errors import PolicyValidationError
-from policies.kafka_keys import API_KEYS, ROLE_API_KEYS
-from policies.labels import (
+from membrane.policies import dnsmatch
+from membrane.policies.errors import PolicyValidationError
+from membrane.policies.kafka_keys import API_KEYS, ROLE_API_KEYS
+from membrane.policies.labels import (
     ANY_SOURCE,
     K8S,
     NAMESPACE_KEY,

@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.crd import FieldError, as_list, as_mapping, as_str, check_fields, fail, join, opt
-from policies.errors import EndpointsError, PolicyError
-from policies.labels import (
+from membrane.policies.crd import FieldError, as_list, as_mapping, as_str, check_fields, fail, join, opt
+from membrane.policies.errors import EndpointsError, PolicyError
+from membrane.policies.labels import (
     CLUSTER_KEY,
     K8S,
     NAMESPACE_KEY,
@@ -33,7 +33,7 @@ from policies.labels import (
     Label,
     LabelSet,
 )
-from policies.loader import iter_documents
+from membrane.policies.loader import iter_documents
 
 CLUSTER_NAME = "default"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by Kubernetes

@@ -13,11 +13,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
-from policies.compile import Peer, PolicyDirection, PolicyMap, Verdict, VerdictKind
-from policies.crd import L4Proto, ParserType
-from policies.kafka_keys import TOPIC_AUTHORIZATION_FAILED
-from policies.l7 import Decision, HeaderAction, L7Request
+from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
+from membrane.policies.compile import Peer, PolicyDirection, PolicyMap, Verdict, VerdictKind
+from membrane.policies.crd import L4Proto, ParserType
+from membrane.policies.kafka_keys import TOPIC_AUTHORIZATION_FAILED
+from membrane.policies.l7 import Decision, HeaderAction, L7Request
 
 
 class FlowVerdict(enum.Enum):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from parsers.events import DnsResponse
-from policies.dnsmatch import fqdn
+from membrane.parsers.events import DnsResponse
+from membrane.policies.dnsmatch import fqdn
 
 _NEG_INF = float("-inf")
 _CANONICAL_MEMO_MAX = 16384

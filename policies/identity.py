@@ -15,8 +15,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from policies.crd import IPNetwork
-from policies.labels import RESERVED, Label, LabelSet
+from membrane.policies.crd import IPNetwork
+from membrane.policies.labels import RESERVED, Label, LabelSet
 
 
 class ReservedIdentity(enum.IntEnum):

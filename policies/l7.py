@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import re2
-
-from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
-from policies import dnsmatch
-from policies.crd import DnsRule, HttpRule, KafkaRule, MismatchAction, ParserType, re2_options
-from policies.kafka_keys import PARSED_TOPIC_API_KEYS, TOPIC_API_KEYS
+from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
+from membrane.policies import dnsmatch
+from membrane.policies.crd import DnsRule, HttpRule, KafkaRule, MismatchAction, ParserType, re2_options
+from membrane.policies.kafka_keys import PARSED_TOPIC_API_KEYS, TOPIC_API_KEYS
 
 L7Request = HttpRequest | GrpcCall | DnsQuery | KafkaRequest
 _OPTIONS = re2_options()

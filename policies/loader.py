@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-
-from policies.crd import Policy, object_name, parse_policy
-from policies.errors import PolicyError, PolicyValidationError, PolicyYamlError
+from membrane.policies.crd import Policy, object_name, parse_policy
+from membrane.policies.errors import PolicyError, PolicyValidationError, PolicyYamlError
 
 MAX_NODES = 200_000  # a decoded document bigger than this (aliases included) is refused, not walked
 _SEPARATOR = re.compile(r"^(---|\.\.\.)(\s|$)")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for str (ensure_ascii)
 from typing import IO, Any
 
-from parsers.events import Headers
+from membrane.parsers.events import Headers
 
 FORWARDED = "FORWARDED"
 DROPPED = "DROPPED"

@@ -12,14 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from policies import FqdnCache, L4Proto, ParserType, PolicyDirection, PolicyMap
-from policies.compile import Peer as PolicyPeer
-from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
-from proxy.server import ConnectionInfo
-from proxy.session import ConnectionPolicy, DatagramSession, Session, choose_session, wall_clock_ns
-from proxy.session_dns import DnsDatagramSession, DnsTcpSession
-from proxy.session_http2 import HttpSession
-from proxy.session_kafka import KafkaLearned, KafkaSession
+from membrane.policies import FqdnCache, L4Proto, ParserType, PolicyDirection, PolicyMap
+from membrane.policies.compile import Peer as PolicyPeer
+from membrane.proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
+from membrane.proxy.server import ConnectionInfo
+from membrane.proxy.session import ConnectionPolicy, DatagramSession, Session, choose_session, wall_clock_ns
+from membrane.proxy.session_dns import DnsDatagramSession, DnsTcpSession
+from membrane.proxy.session_http2 import HttpSession
+from membrane.proxy.session_kafka import KafkaLearned, KafkaSession
 
 # Builders take (flow context, connection policy, the FQDN cache that DNS answers feed). proxy/agent.py uses them too.
 SessionBuilder = Callable[[FlowContext, ConnectionPolicy, FqdnCache], Session]

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
-from parsers.events import Direction, Reason
-from proxy.flows import REQUEST, RESPONSE, FlowSink
-from proxy.metrics import Metrics
-from proxy.session import (
+from membrane.parsers.events import Direction, Reason
+from membrane.proxy.flows import REQUEST, RESPONSE, FlowSink
+from membrane.proxy.metrics import Metrics
+from membrane.proxy.session import (
     Action,
     Close,
     DatagramSession,

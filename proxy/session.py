@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from parsers.events import Direction, DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
-from policies import FlowResult, FlowVerdict, ParserType, Verdict, VerdictKind, evaluate_request
-from proxy.flows import DROPPED, ERROR, FORWARDED, REQUEST, Flow, FlowContext, L3L4Flow
+from membrane.parsers.events import Direction, DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
+from membrane.policies import FlowResult, FlowVerdict, ParserType, Verdict, VerdictKind, evaluate_request
+from membrane.proxy.flows import DROPPED, ERROR, FORWARDED, REQUEST, Flow, FlowContext, L3L4Flow
 
 L7Request = HttpRequest | GrpcCall | DnsQuery | KafkaRequest
 

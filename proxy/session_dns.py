@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parsers import dns
-from parsers.errors import ParseError
-from parsers.events import Direction, DnsQuery, DnsResponse, Reason
-from policies import FqdnCache
-from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_dns
-from proxy.session import (
+from membrane.parsers import dns
+from membrane.parsers.errors import ParseError
+from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
+from membrane.policies import FqdnCache
+from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_dns
+from membrane.proxy.session import (
     C2S,
     S2C,
     Action,

@@ -15,9 +15,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parsers import http1, http2
-from parsers.errors import ParseError
-from parsers.events import (
+from membrane.parsers import http1, http2
+from membrane.parsers.errors import ParseError
+from membrane.parsers.events import (
     ConnectionUpgraded,
     Data,
     Direction,
@@ -28,10 +28,10 @@ from parsers.events import (
     Reason,
     Trailers,
 )
-from policies import HeaderAction
-from policies.crd import MismatchAction
-from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
-from proxy.session import (
+from membrane.policies import HeaderAction
+from membrane.policies.crd import MismatchAction
+from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
+from membrane.proxy.session import (
     C2S,
     S2C,
     Action,

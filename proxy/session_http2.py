@@ -13,9 +13,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parsers import http1, http2
-from parsers.errors import ParseError
-from parsers.events import (
+from membrane.parsers import http1, http2
+from membrane.parsers.errors import ParseError
+from membrane.parsers.events import (
     Data,
     Direction,
     EndOfMessage,
@@ -27,8 +27,8 @@ from parsers.events import (
     StreamReset,
     Trailers,
 )
-from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
-from proxy.session import (
+from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
+from membrane.proxy.session import (
     C2S,
     S2C,
     Action,
@@ -44,7 +44,7 @@ from proxy.session import (
     verdict_of,
     wall_clock_ns,
 )
-from proxy.session_http1 import Http1Session, apply_header_actions
+from membrane.proxy.session_http1 import Http1Session, apply_header_actions
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

@@ -12,11 +12,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from parsers import kafka
-from parsers.errors import MessageTooLarge, ParseError
-from parsers.events import Direction, KafkaRequest, Reason
-from proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_kafka
-from proxy.session import (
+from membrane.parsers import kafka
+from membrane.parsers.errors import MessageTooLarge, ParseError
+from membrane.parsers.events import Direction, KafkaRequest, Reason
+from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_kafka
+from membrane.proxy.session import (
     C2S,
     Action,
     ConnectionPolicy,

@@ -1,4 +1,4 @@
-"""Runs `membrane` (proxy.cli) under cProfile with a CPU-time clock and writes the stats on exit.
+"""Runs `membrane` (membrane.cli.main) under cProfile with a CPU-time clock and writes the stats on exit.
 
     python bench/peers/cpu_profile.py OUT.prof gateway --policies ... --workers 1
 
@@ -21,7 +21,7 @@ def main() -> None:
     profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     try:
-        runpy.run_module("proxy.cli", run_name="__main__", alter_sys=True)
+        runpy.run_module("membrane.cli", run_name="__main__", alter_sys=True)
     except SystemExit:
         pass
     finally:

@@ -8,12 +8,12 @@ import sys
 import textwrap
 
 import pytest
+from membrane.bpf import routing
+from membrane.bpf.errors import AttachError
+from membrane.bpf.maps import Endpoint
+from membrane.bpf.stale import cleanup_stale
+from membrane.bpf.steer import Steering
 
-from bpf import routing
-from bpf.errors import AttachError
-from bpf.maps import Endpoint
-from bpf.stale import cleanup_stale
-from bpf.steer import Steering
 from tests.bpf.conftest import call, start_server
 from tests.helpers import kernel
 from tests.helpers.netns import REPO, Topology, wait_for_line
@@ -49,7 +49,7 @@ def test_attach_to_missing_interface_raises(pods: Topology) -> None:
 AGENT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from bpf.steer import Steering
+from membrane.bpf.steer import Steering
 st = Steering(sockmap=True, sockmap_ports=[8080]).__enter__()
 for name in sys.argv[1:]:
     st.attach(name)
@@ -112,7 +112,7 @@ def test_cleanup_stale_keeps_a_live_steering(pods: Topology) -> None:
 
 def test_load_failure_raises_bpf_load_error() -> None:
     """A program the kernel refuses (here: a zero-sized conntrack map) raises BpfLoadError and leaves nothing."""
-    from bpf.errors import BpfLoadError
+    from membrane.bpf.errors import BpfLoadError
 
     with pytest.raises(BpfLoadError), Steering(defines={"MBR_CT_SIZE": 0}):
         pass

@@ -24,8 +24,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st_
-
-from bpf.maps import (
+from membrane.bpf.maps import (
     ANY_IDENTITY,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -37,7 +36,8 @@ from bpf.maps import (
     PolicyKey,
     Verdict,
 )
-from bpf.steer import Steering
+from membrane.bpf.steer import Steering
+
 from tests.bpf.prog_run import ACK, RST, TC_ACT_OK, TC_ACT_SHOT, packet, run
 
 pytestmark = pytest.mark.bpf
@@ -251,7 +251,7 @@ def test_endpoint_and_config_round_trip(st: Steering) -> None:
     st.maps.set_endpoint(42, ep)
     assert st.maps.endpoints() == {42: ep}
     st.maps.set_proxy_ports(tcp4=15001, udp6=15053)
-    from bpf.maps import ConfigSlot
+    from membrane.bpf.maps import ConfigSlot
 
     assert [st.maps.config(s) for s in (ConfigSlot.TCP4_PORT, ConfigSlot.TCP6_PORT, ConfigSlot.UDP6_PORT)] == [15001, 0, 15053]
     with pytest.raises(ValueError):

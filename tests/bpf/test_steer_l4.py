@@ -5,8 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-
-from bpf.maps import (
+from membrane.bpf.maps import (
     ANY_IDENTITY,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -16,7 +15,8 @@ from bpf.maps import (
     PolicyKey,
     Verdict,
 )
-from bpf.steer import Steering
+from membrane.bpf.steer import Steering
+
 from tests.bpf.conftest import call, start_server
 from tests.helpers.netns import Topology
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
+from membrane.bpf.maps import IPPROTO_TCP, IPPROTO_UDP, DropReason, PolicyEntry, PolicyKey, Verdict
+from membrane.bpf.steer import ProxyPorts, Steering
 
-from bpf.maps import IPPROTO_TCP, IPPROTO_UDP, DropReason, PolicyEntry, PolicyKey, Verdict
-from bpf.steer import ProxyPorts, Steering
 from tests.bpf.conftest import call, start_server
 from tests.bpf.test_steer_l4 import EP_A, EP_B, ID_A, ID_B, PORT, register
 from tests.bpf.tproxy import TransparentProxy

@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from bpf import routing
-from bpf.stale import STEER_PROG, held_bpf_ids
+from membrane.bpf import routing
+from membrane.bpf.stale import STEER_PROG, held_bpf_ids
+
 from tests.helpers import netns
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.session import Action, Input, Log, Session
+from membrane.proxy.session import Action, Input, Log, Session
 
 
 class _Start:

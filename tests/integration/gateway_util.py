@@ -19,7 +19,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINTS = ROOT / "examples" / "endpoints.yaml"
-MEMBRANE = [sys.executable, "-m", "proxy.cli"]
+MEMBRANE = [sys.executable, "-m", "membrane.cli"]
 
 
 @dataclass

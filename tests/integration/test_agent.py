@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from membrane.sandbox.live_demo import DNS_SERVER, HTTP_SERVER, TCP_PROBE, AgentProcess, start_agent
 
-from proxy.live_demo import DNS_SERVER, HTTP_SERVER, TCP_PROBE, AgentProcess, start_agent
 from tests.helpers import kernel
 from tests.helpers.netns import Pod, Topology, topology, wait_for_line
 
@@ -281,7 +281,7 @@ def test_status_and_endpoint_list(http_pods: tuple[Topology, Path], tmp_path: Pa
     topo, eps = http_pods
     agent = start_agent([HTTP_POLICY], eps, tmp_path)
     agent_box.append(agent)
-    cli = [sys.executable, "-m", "proxy.cli"]
+    cli = [sys.executable, "-m", "membrane.cli"]
     st = subprocess.run([*cli, "status", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
     assert st.returncode == 0 and "agent ready" in st.stdout and "3/3 ready" in st.stdout
     el = subprocess.run([*cli, "endpoint", "list", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
@@ -297,7 +297,7 @@ def test_status_and_endpoint_list(http_pods: tuple[Topology, Path], tmp_path: Pa
 
 def test_grpc_and_kafka_through_the_steering(tmp_path: Path, agent_box: list[AgentProcess]) -> None:
     """gRPC (examples/policies/grpc.yaml) and Kafka (kafka.yaml) through the kernel steering: allowed calls pass, denied ones get PERMISSION_DENIED / TOPIC_AUTHORIZATION_FAILED."""
-    from proxy.live_demo import GRPC_CLIENT, GRPC_SERVER, KAFKA_BROKER, KAFKA_CLIENT
+    from membrane.sandbox.live_demo import GRPC_CLIENT, GRPC_SERVER, KAFKA_BROKER, KAFKA_CLIENT
 
     with topology("greeter", "greeter-client", "kafka", "order-service") as topo:
         p = topo.pods
@@ -365,7 +365,7 @@ def test_invalid_policy_at_start_exits_1_and_touches_nothing(tmp_path: Path) -> 
     eps = tmp_path / "endpoints.yaml"
     eps.write_text("endpoints: []\n")
     out = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "run", "--policies", str(bad), "--endpoints", str(eps), "--status-file", str(tmp_path / "s.json")],
+        [sys.executable, "-m", "membrane.cli", "run", "--policies", str(bad), "--endpoints", str(eps), "--status-file", str(tmp_path / "s.json")],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert out.returncode == 1

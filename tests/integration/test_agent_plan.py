@@ -14,11 +14,10 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-
-from bpf import maps as bm
-from policies import PolicyMap, compile_policy
-from proxy.agent import MAX_EXPANDED_PORTS, drop_flow, plan_kernel
-from proxy.policy_files import read_endpoints, read_policies
+from membrane.bpf import maps as bm
+from membrane.control.agent import MAX_EXPANDED_PORTS, drop_flow, plan_kernel
+from membrane.control.files import read_endpoints, read_policies
+from membrane.policies import PolicyMap, compile_policy
 
 pytestmark = pytest.mark.integration
 

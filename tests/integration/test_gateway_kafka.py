@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from membrane.parsers.kafka import message_classes
+from membrane.sandbox.kafka_broker import KafkaTestBroker
 
-from parsers.kafka import message_classes
-from tests.helpers.kafka_broker import KafkaTestBroker
 from tests.integration.gateway_util import Gateway, gateway
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,7 @@ import pytest
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from hypothesis import given
 from hypothesis import strategies as st
-
-from parsers.dns import (
+from membrane.parsers.dns import (
     FORMERR,
     NOERROR,
     NXDOMAIN,
@@ -35,8 +34,9 @@ from parsers.dns import (
     read_response,
     refusal,
 )
-from parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
-from parsers.events import Direction, DnsQuery, DnsResponse, Reason
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
+from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
+
 from tests.helpers.feed import all_chunkings, feed_all
 
 C2S = Direction.CLIENT_TO_SERVER

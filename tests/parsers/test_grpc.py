@@ -15,10 +15,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError
-from parsers.events import Direction, Reason
-from parsers.grpc import (
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError
+from membrane.parsers.events import Direction, Reason
+from membrane.parsers.grpc import (
     GrpcMessage,
     GrpcMessageReader,
     GrpcStatus,
@@ -29,6 +28,7 @@ from parsers.grpc import (
     split_path,
     trailers_only_refusal,
 )
+
 from tests.helpers.feed import all_chunkings, feed_all
 from tests.helpers.frames import grpc_message
 

@@ -13,9 +13,8 @@ import h11
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from parsers.events import (
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.events import (
     ConnectionUpgraded,
     Data,
     Direction,
@@ -25,7 +24,7 @@ from parsers.events import (
     Reason,
     Trailers,
 )
-from parsers.http1 import (
+from membrane.parsers.http1 import (
     _TRANSITIONS,
     ACCESS_DENIED,
     C2S,
@@ -39,6 +38,7 @@ from parsers.http1 import (
     refusal,
     serialize_request_head,
 )
+
 from tests.helpers.feed import all_chunkings
 
 EOM = EndOfMessage()
@@ -661,8 +661,8 @@ _TARGET_CHARS = st.sampled_from([*list("/abcAZ09-._~!$&'()*+,;=:@%2F?#\\ "), "%2
 @given(st.lists(_TARGET_CHARS, max_size=24).map("".join))
 def test_fast_target_path_agrees_with_normalize_target(tail: str) -> None:
     """The parser's fast check for already-normal targets never accepts one normalize_target would change or refuse."""
-    from parsers.http1 import _NORMAL_TARGET
-    from parsers.http_target import normalize_target
+    from membrane.parsers.http1 import _NORMAL_TARGET
+    from membrane.parsers.http_target import normalize_target
 
     target = "/" + tail
     if _NORMAL_TARGET.fullmatch(target):

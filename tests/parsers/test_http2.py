@@ -24,9 +24,8 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from parsers.events import (
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.events import (
     Data,
     Direction,
     EndOfMessage,
@@ -37,7 +36,7 @@ from parsers.events import (
     StreamReset,
     Trailers,
 )
-from parsers.http2 import (
+from membrane.parsers.http2 import (
     ErrorCode,
     Event,
     GoAway,
@@ -47,6 +46,7 @@ from parsers.http2 import (
     http_status,
     is_h2c_upgrade,
 )
+
 from tests.helpers.feed import all_chunkings, feed_all
 from tests.helpers.frames import (
     PREFACE,

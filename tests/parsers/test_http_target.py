@@ -21,10 +21,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from parsers.errors import MalformedMessage
-from parsers.events import Direction
-from parsers.http_target import normalize_target, split_target
+from membrane.parsers.errors import MalformedMessage
+from membrane.parsers.events import Direction
+from membrane.parsers.http_target import normalize_target, split_target
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,17 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from parsers._kafka_schema import Found, SchemaError, api_schemas, reference_reader, request_reader, tagged_topic_fields
-from parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from parsers.events import Direction, KafkaRequest, Reason
-from parsers.kafka import (
+from membrane.parsers._kafka_schema import (
+    Found,
+    SchemaError,
+    api_schemas,
+    reference_reader,
+    request_reader,
+    tagged_topic_fields,
+)
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.events import Direction, KafkaRequest, Reason
+from membrane.parsers.kafka import (
     API_KEY_NAMES,
     API_KEYS_BY_NAME,
     KafkaRequestParser,
@@ -39,6 +45,7 @@ from parsers.kafka import (
     parse_request,
     resolve_topic_ids,
 )
+
 from tests.helpers.feed import all_chunkings, feed_all
 
 CAPTURES = Path(__file__).resolve().parent / "kafka_captures"
@@ -601,7 +608,7 @@ def test_metadata_refusal_lists_the_brokers_it_is_given() -> None:
 
 def test_hostile_api_keys_and_versions_do_not_grow_caches() -> None:
     """Only api key/version pairs with a schema are cached: a client cycling through pairs cannot grow memory."""
-    from parsers._kafka_schema import _generated_reader
+    from membrane.parsers._kafka_schema import _generated_reader
 
     before = _generated_reader.cache_info().currsize
     parser = KafkaRequestParser()

@@ -36,7 +36,7 @@ MEMBRANE = ROOT / ".venv" / "bin" / "membrane"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "proxy.cli"]
+    exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "membrane.cli"]
     return subprocess.run([*exe, *args], capture_output=True, text=True, cwd=HERE, timeout=60)
 
 

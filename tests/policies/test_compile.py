@@ -19,8 +19,7 @@ entities, CIDR, toFQDNs, identities and the BPF-facing enumeration.
 from __future__ import annotations
 
 import pytest
-
-from policies import (
+from membrane.policies import (
     L4Proto,
     ParserType,
     PolicyDirection,
@@ -29,7 +28,8 @@ from policies import (
     compile_policy,
     parse_endpoints,
 )
-from policies.identity import LOCAL_IDENTITY_BASE, MIN_ENDPOINT_IDENTITY
+from membrane.policies.identity import LOCAL_IDENTITY_BASE, MIN_ENDPOINT_IDENTITY
+
 from tests.policies.util import ENDPOINTS, ccnp, cnp, compile_docs, dns, http, policies, verdict
 
 FRONTEND = "default/frontend"

@@ -18,8 +18,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
-from policies import (
+from membrane.policies import (
     Entity,
     L4Proto,
     ParserType,
@@ -28,7 +27,8 @@ from policies import (
     load_policies,
     parse_policy,
 )
-from policies.labels import Operator, Requirement
+from membrane.policies.labels import Operator, Requirement
+
 from tests.policies.util import ccnp, cnp, policies
 
 

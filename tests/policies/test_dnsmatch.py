@@ -13,9 +13,8 @@ from __future__ import annotations
 import re2
 from hypothesis import given
 from hypothesis import strategies as st
-
-from policies.crd import re2_options
-from policies.dnsmatch import fqdn, pattern_to_regex, validate_match_pattern
+from membrane.policies.crd import re2_options
+from membrane.policies.dnsmatch import fqdn, pattern_to_regex, validate_match_pattern
 
 _label = st.from_regex(r"[a-z0-9][-a-z0-9_]{0,10}", fullmatch=True)
 _names = st.lists(_label, min_size=1, max_size=5).map(".".join)

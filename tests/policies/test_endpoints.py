@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from policies import EndpointsError, parse_endpoints
-from policies.labels import Label
+from membrane.policies import EndpointsError, parse_endpoints
+from membrane.policies.labels import Label
 
 
 def test_endpoint_labels() -> None:

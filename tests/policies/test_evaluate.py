@@ -20,11 +20,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
+from membrane.policies import FlowVerdict, L7RuleSet, ParserType, Verdict, VerdictKind, evaluate_request
+from membrane.policies.crd import DnsRule, HeaderMatch, HttpRule, KafkaRule, MismatchAction, SecretRef
+from membrane.policies.kafka_keys import API_KEYS, ROLE_API_KEYS
 
-from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
-from policies import FlowVerdict, L7RuleSet, ParserType, Verdict, VerdictKind, evaluate_request
-from policies.crd import DnsRule, HeaderMatch, HttpRule, KafkaRule, MismatchAction, SecretRef
-from policies.kafka_keys import API_KEYS, ROLE_API_KEYS
 from tests.policies.util import dns, grpc, http, kafka
 
 
@@ -303,7 +303,7 @@ def test_per_request_header_actions_are_never_reused() -> None:
 
 def test_different_rule_sets_never_share_an_answer() -> None:
     """Two connections with different rules get their own verdicts, however many rule sets come and go (the memo is bounded)."""
-    from policies import flow as flow_module
+    from membrane.policies import flow as flow_module
 
     for i in range(flow_module._MEMO_MAX + 10):
         allow_get = i % 2 == 0
@@ -315,7 +315,7 @@ def test_different_rule_sets_never_share_an_answer() -> None:
 
 def test_field_value_cache_is_bounded_and_exact() -> None:
     """Remembered path matches never change an answer, also past the cache's size (RE2 full match on the path)."""
-    from policies import l7 as l7_module
+    from membrane.policies import l7 as l7_module
 
     rules = _http_set(HttpRule(path="/v[0-9]+/item"))
     for _ in range(2):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from parsers.events import DnsResponse
-from policies import FqdnCache, L4Proto, PolicyDirection, VerdictKind, compile_policy, parse_endpoints
-from policies.fqdn import canonical_ip
+from membrane.parsers.events import DnsResponse
+from membrane.policies import FqdnCache, L4Proto, PolicyDirection, VerdictKind, compile_policy, parse_endpoints
+from membrane.policies.fqdn import canonical_ip
+
 from tests.policies.util import ENDPOINTS, cnp, policies
 
 
@@ -80,8 +81,8 @@ def test_snapshot_feeds_compile() -> None:
 
 def test_observe_goes_through_add_so_subclasses_see_every_learned_pair() -> None:
     """observe() learns through add(): the agent's caches override add() to push new IPs to the kernel first."""
-    from parsers.events import DnsResponse
-    from policies import FqdnCache
+    from membrane.parsers.events import DnsResponse
+    from membrane.policies import FqdnCache
 
     seen: list[tuple[str, tuple[str, ...]]] = []
 

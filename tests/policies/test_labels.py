@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from policies.labels import Label, LabelIndex, LabelSet, Operator, Requirement, Selector, split_key
+from membrane.policies.labels import Label, LabelIndex, LabelSet, Operator, Requirement, Selector, split_key
 
 APP_WEB = LabelSet.of([Label("k8s", "app", "web"), Label("k8s", "io.kubernetes.pod.namespace", "default")])
 HOST = LabelSet.of([Label("reserved", "host")])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from membrane.policies import L4Proto, PolicyDirection, PolicyMap, compile_policy, parse_endpoints
 
-from policies import L4Proto, PolicyDirection, PolicyMap, compile_policy, parse_endpoints
 from tests.policies.util import ENDPOINTS, cnp, http, policies
 
 _peers = st.sampled_from([

@@ -5,8 +5,8 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable, Mapping
 
-from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest
-from policies import (
+from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest
+from membrane.policies import (
     FlowResult,
     L4Proto,
     Policy,
@@ -16,8 +16,8 @@ from policies import (
     load_policies,
     parse_endpoints,
 )
-from policies.dnsmatch import fqdn
-from policies.l7 import L7Request
+from membrane.policies.dnsmatch import fqdn
+from membrane.policies.l7 import L7Request
 
 ENDPOINTS = """
 namespaces:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proxy.demo import EXAMPLES, SCENARIOS, VerdictRow, format_verdict_table, run_scenarios
+from membrane.sandbox.demo import EXAMPLES, SCENARIOS, VerdictRow, format_verdict_table, run_scenarios
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBRANE = ROOT / ".venv" / "bin" / "membrane"
@@ -14,7 +14,7 @@ MEMBRANE = ROOT / ".venv" / "bin" / "membrane"
 
 def test_demo_runs_and_every_scenario_gets_its_verdict() -> None:
     """`membrane demo --policy-only` exits 0, validates every example policy and prints one table row per scenario."""
-    exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "proxy.cli"]
+    exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "membrane.cli"]
     proc = subprocess.run([*exe, "demo", "--policy-only"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(": ok (") == 6

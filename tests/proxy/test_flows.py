@@ -10,8 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.flows import DROPPED, REQUEST, Flow, FlowContext, FlowSink, Peer, iso_time, l7_dns, l7_http, l7_kafka
-from proxy.metrics import Metrics
+from membrane.proxy.flows import (
+    DROPPED,
+    REQUEST,
+    Flow,
+    FlowContext,
+    FlowSink,
+    Peer,
+    iso_time,
+    l7_dns,
+    l7_http,
+    l7_kafka,
+)
+from membrane.proxy.metrics import Metrics
 
 CTX = FlowContext(
     source=Peer(ip="10.244.1.20", port=40000, identity=1726, namespace="default", pod_name="backend", labels=("k8s:app=backend",)),

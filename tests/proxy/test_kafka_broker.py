@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
-
-from parsers.kafka import KafkaRequestParser, KafkaResponseParser
-from tests.helpers.kafka_broker import KafkaTestBroker
+from membrane.parsers.kafka import KafkaRequestParser, KafkaResponseParser
+from membrane.sandbox.kafka_broker import KafkaTestBroker
 
 pytestmark = pytest.mark.integration
 
@@ -165,9 +164,8 @@ def test_topic_id_versions_round_trip_and_resolve() -> None:
     import socket
 
     from kafka.record.memory_records import MemoryRecordsBuilder
-
-    from parsers.events import KafkaResponse
-    from parsers.kafka import message_classes, metadata_topic_ids, parse_request, resolve_topic_ids
+    from membrane.parsers.events import KafkaResponse
+    from membrane.parsers.kafka import message_classes, metadata_topic_ids, parse_request, resolve_topic_ids
 
     requests, responses = message_classes()
 

@@ -15,7 +15,7 @@ def test_live_demo_runs_every_step_as_predicted_and_leaves_nothing() -> None:
     """Every demo step gets the verdict the example policies predict (exit status 0), and nothing of ours is left after it."""
     if os.geteuid() != 0:
         pytest.skip("needs root (BPF, netns)")
-    from proxy.live_demo import run_live_demo
+    from membrane.sandbox.live_demo import run_live_demo
 
     kernel.assert_clean()
     lines: list[str] = []

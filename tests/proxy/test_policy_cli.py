@@ -27,7 +27,7 @@ ENDPOINTS = EXAMPLES / "endpoints.yaml"
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "proxy.cli"]
+    exe = [str(MEMBRANE)] if MEMBRANE.exists() else [sys.executable, "-m", "membrane.cli"]
     return subprocess.run([*exe, *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 

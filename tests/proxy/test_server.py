@@ -10,11 +10,19 @@ from typing import cast
 
 import pytest
 import uvloop
-
-from parsers.events import Direction, Reason
-from proxy.flows import FlowContext, Peer
-from proxy.server import ConnectionInfo, Proxy, ProxyConfig, listening_socket
-from proxy.session import Action, Close, DeniedSession, Forward, PassThroughSession, Reply, Session, TimeoutKind
+from membrane.parsers.events import Direction, Reason
+from membrane.proxy.flows import FlowContext, Peer
+from membrane.proxy.server import ConnectionInfo, Proxy, ProxyConfig, listening_socket
+from membrane.proxy.session import (
+    Action,
+    Close,
+    DeniedSession,
+    Forward,
+    PassThroughSession,
+    Reply,
+    Session,
+    TimeoutKind,
+)
 
 C2S = Direction.CLIENT_TO_SERVER
 
@@ -383,7 +391,7 @@ def test_transparent_socket_options() -> None:
     """Transparent listeners carry IP_TRANSPARENT, and the upstream socket can bind a non-local (the pod's) address."""
     import struct as _struct
 
-    from proxy.server import IP_TRANSPARENT, _transparent_upstream_socket, parse_origdst
+    from membrane.proxy.server import IP_TRANSPARENT, _transparent_upstream_socket, parse_origdst
 
     tcp = listening_socket("127.0.0.1", 0, transparent=True)
     udp = listening_socket("127.0.0.1", 0, udp=True, transparent=True)

@@ -21,14 +21,25 @@ Case table (HTTP/1.1 unless named):
 
 from __future__ import annotations
 
-from parsers import dns, kafka
-from parsers.events import Direction, Reason
-from parsers.http1 import refusal
-from policies import compile_policy, load_policies, parse_endpoints
-from proxy.gateway import GatewayPolicy, datagram_factory, session_factory
-from proxy.server import ConnectionInfo
-from proxy.session import Close, DataReceived, Forward, Log, PeerClosed, Reply, TimedOut, TimeoutKind, UpstreamFailed
-from proxy.session_dns import DnsDatagramSession
+from membrane.parsers import dns, kafka
+from membrane.parsers.events import Direction, Reason
+from membrane.parsers.http1 import refusal
+from membrane.policies import compile_policy, load_policies, parse_endpoints
+from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
+from membrane.proxy.server import ConnectionInfo
+from membrane.proxy.session import (
+    Close,
+    DataReceived,
+    Forward,
+    Log,
+    PeerClosed,
+    Reply,
+    TimedOut,
+    TimeoutKind,
+    UpstreamFailed,
+)
+from membrane.proxy.session_dns import DnsDatagramSession
+
 from tests.helpers.playbook import START, LogMatch, Playbook
 
 C2S = Direction.CLIENT_TO_SERVER
@@ -425,7 +436,7 @@ def test_websocket_upgrade_denied_stays_http() -> None:
 
 def test_pipelining_without_reading_is_bounded() -> None:
     """Answers owed on one connection are bounded (MAX_PIPELINED): past it the connection closes instead of queueing."""
-    from proxy.session_http1 import MAX_PIPELINED
+    from membrane.proxy.session_http1 import MAX_PIPELINED
 
     session = http_session()
     actions = session.handle(DataReceived(C2S, get("/api/slow") + get("/nope") * (MAX_PIPELINED + 5)))

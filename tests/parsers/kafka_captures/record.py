@@ -20,8 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from parsers.kafka import API_KEY_NAMES  # noqa: E402
-from tests.helpers.kafka_broker import SUPPORTED, KafkaTestBroker  # noqa: E402
+from membrane.parsers.kafka import API_KEY_NAMES  # noqa: E402
+from membrane.sandbox.kafka_broker import SUPPORTED, KafkaTestBroker  # noqa: E402
 
 # Maximum versions of an older (Kafka 2.x era) broker for the APIs the test broker implements.
 OLD_BROKER = {0: 8, 1: 11, 2: 5, 3: 9, 8: 8, 9: 7, 10: 3, 11: 7, 12: 4, 13: 4, 14: 5, 18: 3, 19: 5, 20: 4, 21: 1,

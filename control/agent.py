@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from bpf import maps as bm
-from bpf.errors import AttachError
-from bpf.stale import cleanup_stale
-from bpf.steer import ProxyPorts, Steering
-from parsers.events import Reason
-from policies import (
+from membrane.bpf import maps as bm
+from membrane.bpf.errors import AttachError
+from membrane.bpf.stale import cleanup_stale
+from membrane.bpf.steer import ProxyPorts, Steering
+from membrane.control.files import PathProblem, policy_files, read_endpoints, read_policies
+from membrane.parsers.events import Reason
+from membrane.policies import (
     Endpoints,
     EndpointsError,
     FlowResult,
@@ -47,11 +48,10 @@ from policies import (
     VerdictKind,
     compile_policy,
 )
-from policies.compile import Peer as PolicyPeer
-from proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
-from proxy.metrics import Metrics
-from proxy.policy_files import PathProblem, policy_files, read_endpoints, read_policies
-from proxy.server import (
+from membrane.policies.compile import Peer as PolicyPeer
+from membrane.proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
+from membrane.proxy.metrics import Metrics
+from membrane.proxy.server import (
     IPV6_RECVORIGDSTADDR,
     IPV6_TRANSPARENT,
     SOL_IPV6,
@@ -60,7 +60,7 @@ from proxy.server import (
     ProxyConfig,
     listening_socket,
 )
-from proxy.session import (
+from membrane.proxy.session import (
     ConnectionPolicy,
     DatagramSession,
     DeniedSession,
@@ -69,9 +69,9 @@ from proxy.session import (
     choose_session,
     wall_clock_ns,
 )
-from proxy.session_dns import DnsDatagramSession, DnsTcpSession
-from proxy.session_http2 import HttpSession
-from proxy.session_kafka import KafkaLearned, KafkaSession
+from membrane.proxy.session_dns import DnsDatagramSession, DnsTcpSession
+from membrane.proxy.session_http2 import HttpSession
+from membrane.proxy.session_kafka import KafkaLearned, KafkaSession
 
 log = logging.getLogger("membrane.agent")
 T = TypeVar("T")
@@ -895,8 +895,7 @@ def _close_streams(streams: list[IO[str]]) -> None:
 def run_agent(config: AgentConfig) -> int:
     """`membrane run`: returns 0 after a clean stop, 1 on invalid input, 2 on usage or attach errors."""
     import uvloop
-
-    from bpf.errors import BpfLoadError
+    from membrane.bpf.errors import BpfLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     if os.geteuid() != 0:
@@ -955,10 +954,8 @@ class WorkerHandle:
         }
         pass_fds = (theirs.fileno(), *fds["tcp"], *fds["udp"])
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from proxy.agent import worker_main; sys.exit(worker_main(sys.argv[1]))",
-             json.dumps(spec)],
+            [sys.executable, "-m", "membrane.control.agent", json.dumps(spec)],
             pass_fds=pass_fds,
-            cwd=str(Path(__file__).resolve().parents[1]),
         )
         theirs.close()
         ours.setblocking(False)
@@ -1133,3 +1130,7 @@ async def _worker(spec: dict[str, Any]) -> int:
     await proxy.drain()
     _close_streams(streams)
     return 0
+
+
+if __name__ == "__main__":  # a worker process, started by WorkerHandle.start
+    sys.exit(worker_main(sys.argv[1]))

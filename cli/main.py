@@ -12,17 +12,17 @@ from collections.abc import Sequence
 
 # Each module exposes `register(subparsers)`, which adds its parser(s) and sets `func` on them:
 # `func(args) -> int` is the command's exit status.
-_COMMAND_MODULES = ("proxy.policy_cmd", "proxy.demo", "proxy.gateway_cmd", "proxy.agent_cmd")
+_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent")
 # The module that registers each top-level command. Only that module is imported for a command, so
 # `membrane policy ...` does not pay for the proxy's and the agent's imports (bcc, pyroute2, kafka).
 _COMMAND_OWNERS = {
-    "policy": "proxy.policy_cmd",
-    "demo": "proxy.demo",
-    "gateway": "proxy.gateway_cmd",
-    "run": "proxy.agent_cmd",
-    "status": "proxy.agent_cmd",
-    "endpoint": "proxy.agent_cmd",
-    "cleanup-stale": "proxy.agent_cmd",
+    "policy": "membrane.cli.policy",
+    "demo": "membrane.sandbox.demo",
+    "gateway": "membrane.cli.gateway",
+    "run": "membrane.cli.agent",
+    "status": "membrane.cli.agent",
+    "endpoint": "membrane.cli.agent",
+    "cleanup-stale": "membrane.cli.agent",
 }
 
 

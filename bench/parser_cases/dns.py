@@ -15,9 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RR, A, DNSRecord
-
-from parsers.dns import DnsTcpParser, frame_tcp, read_query, read_response, refusal
-from parsers.events import Direction
+from membrane.parsers.dns import DnsTcpParser, frame_tcp, read_query, read_response, refusal
+from membrane.parsers.events import Direction
 
 
 def _messages() -> tuple[bytes, bytes]:

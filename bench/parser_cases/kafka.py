@@ -20,7 +20,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parents[1]))
 
-from parsers.kafka import KafkaRequestParser, build_refusal, message_classes, parse_request  # noqa: E402
+from membrane.parsers.kafka import KafkaRequestParser, build_refusal, message_classes, parse_request  # noqa: E402
 
 
 def _frame(msg: Any) -> bytes:

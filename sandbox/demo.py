@@ -2,7 +2,7 @@
 and traces a set of flows through them, printing a verdict table.
 
 The table printer (`format_verdict_table`) takes plain rows so the live demo (later issues) can
-reuse it for flows it actually sends. Every trace goes through `proxy.policy_cmd.run_trace`, the
+reuse it for flows it actually sends. Every trace goes through `membrane.cli.policy.run_trace`, the
 same code as `membrane policy trace`. Exit status 0 when every scenario gets its expected verdict.
 """
 
@@ -13,19 +13,20 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from proxy.policy_cmd import (
+from membrane.cli.policy import (
     InvalidInput,
     UsageError,
     add_trace_arguments,
     run_trace,
     trace_json,
 )
-from proxy.policy_files import PathProblem, read_policies
+from membrane.control.files import PathProblem, read_policies
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(str(resources.files("membrane.examples")))  # shipped as package data
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`membrane demo`: the live demo (pods, agent, real traffic) as root; `--policy-only` traces the examples."""
     if not args.policy_only:
         if os.geteuid() == 0:
-            from proxy.live_demo import run_live_demo
+            from membrane.sandbox.live_demo import run_live_demo
 
             return run_live_demo()
         print("membrane demo: the live demo needs root (network namespaces and eBPF); "

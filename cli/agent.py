@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.agent import DEFAULT_STATUS_PATH, AgentConfig, run_agent
+from membrane.control.agent import DEFAULT_STATUS_PATH, AgentConfig, run_agent
 
 
 def register(sub: Any) -> None:
@@ -167,7 +167,7 @@ def _endpoint_list(args: argparse.Namespace) -> int:
 
 
 def _cleanup_stale(args: argparse.Namespace) -> int:
-    from bpf.stale import cleanup_stale
+    from membrane.bpf.stale import cleanup_stale
 
     removed = cleanup_stale()
     for item in removed:

@@ -23,11 +23,11 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples"
+EXAMPLES = Path(str(resources.files("membrane.examples")))  # shipped as package data
 GATEWAY4 = "169.254.1.1"
 
 # --- pod-side programs (run with `python -c SCRIPT ARGS...` inside a namespace) ---------------------
@@ -121,7 +121,7 @@ except grpc.RpcError as e:
 # The Kafka-protocol test broker (tests/helpers/kafka_broker.py) on ADDR:9092.
 KAFKA_BROKER = """
 import sys, threading
-from tests.helpers.kafka_broker import KafkaTestBroker
+from membrane.sandbox.kafka_broker import KafkaTestBroker
 b = KafkaTestBroker(sys.argv[1], 9092); b.start(); b.create_topic("orders"); b.create_topic("payments")
 print("ready", flush=True); threading.Event().wait()
 """
@@ -174,8 +174,7 @@ class DemoPod:
     ipv4: str
 
     def run(self, argv: Sequence[str], *, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True, text=True, timeout=timeout)
 
     def python(self, script: str, *args: str, timeout: float = 30) -> str:
         return self.run([sys.executable, "-c", textwrap.dedent(script), *args], timeout=timeout).stdout.strip()
@@ -183,7 +182,7 @@ class DemoPod:
     def popen(self, script: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, "-u", "-c", textwrap.dedent(script), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             start_new_session=True,
         )
 
@@ -323,7 +322,7 @@ def start_agent(
     flows = workdir / "flows.jsonl"
     status = workdir / "status.json"
     stderr_path = workdir / f"agent-{time.monotonic_ns()}.err"
-    cmd = [sys.executable, "-m", "proxy.cli", "run"]
+    cmd = [sys.executable, "-m", "membrane.cli", "run"]
     for p in policies:
         cmd += ["--policies", str(p)]
     cmd += ["--endpoints", str(endpoints), "--flows", str(flows), "--status-file", str(status)]
@@ -332,8 +331,7 @@ def start_agent(
     if workers != 1:
         cmd += ["--workers", str(workers)]
     with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     agent = AgentProcess(proc=proc, flows_path=flows, status_path=status, stderr_path=stderr_path)
     try:
         wait_line(proc, "agent ready", timeout_s)
@@ -518,7 +516,7 @@ def run_live_demo(out: Callable[[str], None] = print) -> int:
 
     Needs root (namespaces, BPF). Removes everything it created before returning, also on Ctrl-C.
     """
-    from proxy.demo import VerdictRow, format_verdict_table
+    from membrane.sandbox.demo import VerdictRow, format_verdict_table
 
     if os.geteuid() != 0:
         out("membrane demo: the live demo needs root (network namespaces and eBPF)")

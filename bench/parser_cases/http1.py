@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import h11
 import httptools
-
-from parsers.events import HttpRequest
-from parsers.http1 import C2S, Http1Connection
+from membrane.parsers.events import HttpRequest
+from membrane.parsers.http1 import C2S, Http1Connection
 
 CURL_GET = b"GET /v1/pets?limit=10 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
 HTTPX_POST = (

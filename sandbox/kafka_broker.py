@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from parsers.kafka import build_refusal, message_classes, parse_request
+from membrane.parsers.kafka import build_refusal, message_classes, parse_request
 
 # What this broker answers, (min, max) per api key. Capped below kafka-python's schema maxima only
 # where this broker does not implement the newer semantics.
@@ -483,10 +483,12 @@ class KafkaTestBroker:
                             "num_partitions": len(topic.partitions), "replication_factor": 1, "configs": []})
         return {"topics": results}
 
+    def _topic_name(self, topic_id: Any) -> str | None:
+        topic = self._topic_by(None, topic_id)
+        return topic.name if topic is not None else None
+
     async def _api_20(self, req: Any, version: int) -> dict[str, Any]:
-        names = list(req.topic_names) if version < 6 else [
-            (t.name or (self._topic_by(None, t.topic_id).name if self._topic_by(None, t.topic_id) else None))
-            for t in req.topics]
+        names = list(req.topic_names) if version < 6 else [t.name or self._topic_name(t.topic_id) for t in req.topics]
         results = []
         for name in names:
             topic = self.topics.pop(name, None) if name else None

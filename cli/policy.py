@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from parsers.errors import MalformedMessage
-from parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
-from parsers.http_target import normalize_target, split_target
-from policies import (
+from membrane.control.files import PathProblem, read_endpoints, read_policies
+from membrane.parsers.errors import MalformedMessage
+from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
+from membrane.parsers.http_target import normalize_target, split_target
+from membrane.policies import (
     DirectionResult,
     EndpointsError,
     FlowResult,
@@ -31,10 +32,9 @@ from policies import (
     denial_response,
     evaluate_flow,
 )
-from policies.dnsmatch import fqdn
-from policies.kafka_keys import API_KEY_NAMES, parse_api_key
-from policies.l7 import L7Request
-from proxy.policy_files import PathProblem, read_endpoints, read_policies
+from membrane.policies.dnsmatch import fqdn
+from membrane.policies.kafka_keys import API_KEY_NAMES, parse_api_key
+from membrane.policies.l7 import L7Request
 
 EXIT_OK = 0
 EXIT_INVALID = 1

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import uvloop
-
-from policies import EndpointsError, compile_policy
-from proxy.flows import FlowSink
-from proxy.gateway import GatewayPolicy, datagram_factory, session_factory
-from proxy.metrics import Metrics, SharedMetrics, serve_metrics
-from proxy.policy_files import PathProblem, read_endpoints, read_policies
-from proxy.server import Proxy, ProxyConfig, listening_socket
+from membrane.control.files import PathProblem, read_endpoints, read_policies
+from membrane.policies import EndpointsError, compile_policy
+from membrane.proxy.flows import FlowSink
+from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
+from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
+from membrane.proxy.server import Proxy, ProxyConfig, listening_socket
 
 log = logging.getLogger("membrane.gateway")
 

@@ -13,10 +13,9 @@ from collections.abc import Callable
 import h2.config
 import h2.connection
 import h2.settings
-
-from parsers.events import Data, GrpcCall, HttpRequest
-from parsers.grpc import GrpcMessageReader
-from parsers.http2 import Http2ClientSide, Http2ServerSide
+from membrane.parsers.events import Data, GrpcCall, HttpRequest
+from membrane.parsers.grpc import GrpcMessageReader
+from membrane.parsers.http2 import Http2ClientSide, Http2ServerSide
 
 STREAMS_PER_CONNECTION = 99  # under the default MAX_CONCURRENT_STREAMS of 100
 BIG = 16 * 1024 * 1024 - 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from policies import Endpoints, LoadResult, load_policies, merge_results, parse_endpoints
+from membrane.policies import Endpoints, LoadResult, load_policies, merge_results, parse_endpoints
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
 

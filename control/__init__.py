@@ -1,0 +1,1 @@
+"""The node control plane: sources (files, Kubernetes, CNI) -> state -> the kernel plan and the proxy policy, the reconciler and workers."""
