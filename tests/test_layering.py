@@ -85,3 +85,14 @@ def test_tools_import_the_product_by_its_installed_name(folder: str) -> None:
             continue
         for name in _imports(path):
             assert name.split(".")[0] not in PRODUCT, f"{path}: imports {name}; say membrane.{name}"
+
+
+def test_every_product_package_is_installed() -> None:
+    """Each folder with an __init__.py under a product folder is listed in pyproject's packages (or the wheel misses it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    for folder in PRODUCT:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            name = ".".join(("membrane", *init.parent.relative_to(ROOT).parts))
+            assert name in listed, f"{init.parent} is not in [tool.setuptools] packages"
