@@ -340,3 +340,35 @@ def test_real_chain_add_fails_and_rolls_back_without_an_agent(netns_name: str, t
     assert e.value.plugin == "membrane-cni"
     assert e.value.error["code"] == CniCode.TRY_AGAIN_LATER
     assert set(os.listdir("/sys/class/net")) == before
+
+
+@pytest.mark.integration
+@needs_root
+@pytest.mark.parametrize("kind", ["ptp", "bridge"])
+def test_resolver_finds_the_pod_veth_from_its_ip(kind: str, netns_name: str, tmp_path: Path, sock: Path) -> None:
+    """Without the plugin's word, the resolver finds the same veth: the route (ptp) or the bridge's
+    neighbour + forwarding tables (bridge, once the pod has spoken); an unknown IP gives None."""
+    from membrane.control.interfaces import InterfaceResolver
+
+    bridge = f"mbrbr{secrets.token_hex(2)}"
+    first: dict[str, Any] = {"type": kind, "ipMasq": False, "ipam": _ipam(tmp_path, "10.244.203.0/24")}
+    if kind == "bridge":
+        first.update(bridge=bridge, isGateway=True)
+    net = _chain(first, tmp_path, sock)
+    runtime = CniRuntime([DEBIAN_CNI_PATH, PLUGIN.parent], tmp_path / "cache")
+    netns = f"/var/run/netns/{netns_name}"
+    try:
+        with FakeAgent(sock, {"ok": True}) as agent:
+            result = runtime.add(net, "c3", netns)
+        told = agent.calls[0].host_interface
+        pod_ip = result["ips"][0]["address"].split("/")[0]
+        gateway = result["ips"][0]["gateway"]
+        # the pod speaks once (to its gateway, the host), so a bridge learns its MAC and address
+        speak = f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{gateway}', 9))"
+        subprocess.run(["ip", "netns", "exec", netns_name, sys.executable, "-c", speak], capture_output=True, check=True)
+        with InterfaceResolver() as resolver:
+            assert resolver.resolve(pod_ip) == told
+            assert resolver.resolve("10.244.203.250") is None
+        runtime.delete(net, "c3", netns)
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
