@@ -45,6 +45,7 @@ from membrane.policies.endpoints import Endpoint, Endpoints
 from membrane.policies.errors import PolicyConflictError, PolicyError
 from membrane.policies.identity import (
     Identity,
+    IdentityAllocators,
     IdentityKind,
     IpCache,
     ReservedIdentity,
@@ -292,6 +293,7 @@ class _Compiler:
     policies: Sequence[Policy]
     endpoints: Endpoints
     learned: Mapping[str, Iterable[str]]
+    identities: IdentityAllocators
     pmap: PolicyMap = field(default_factory=PolicyMap)
     uids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -340,7 +342,7 @@ class _Compiler:
         pmap = self.pmap
         idents = reserved_identities()
         label_sets = {e.label_set for e in self.endpoints.endpoints}
-        ep_numbers = allocate_endpoint_identities(label_sets)
+        ep_numbers = allocate_endpoint_identities(label_sets, self.identities.endpoints)
         members: dict[LabelSet, list[str]] = {}
         for e in self.endpoints.endpoints:
             members.setdefault(e.label_set, []).append(e.key)
@@ -368,7 +370,7 @@ class _Compiler:
                 names.setdefault(net, set()).add(dnsmatch.fqdn(name))
         prefixes = {p for p in prefixes if p.prefixlen > 0}
         world = {4: ReservedIdentity.WORLD_IPV4, 6: ReservedIdentity.WORLD_IPV6}
-        for net, n in sorted(allocate_cidr_identities(prefixes).items(), key=lambda kv: kv[1]):
+        for net, n in sorted(allocate_cidr_identities(prefixes, self.identities.cidrs).items(), key=lambda kv: kv[1]):
             labels = LabelSet.of([Label("cidr", str(net)), Label("reserved", world[net.version].label_name), Label("reserved", "world")])
             idents.append(Identity(id=n, kind=IdentityKind.CIDR, labels=labels, prefix=net, names=frozenset(names.get(net, ()))))
         pmap.identities = idents
@@ -521,12 +523,14 @@ def compile_policy(
     policies: Iterable[Policy],
     endpoints: Endpoints,
     learned: Mapping[str, Iterable[str]] | None = None,
+    identities: IdentityAllocators | None = None,
 ) -> PolicyMap:
     """Compile validated policies for `endpoints`.
 
     `learned` maps DNS names to the IPs DNS answers gave for them (FqdnCache.snapshot()); toFQDNs
-    selectors select those addresses' identities.
+    selectors select those addresses' identities. `identities` are the node's allocators, kept
+    across compilations so that a live label set or prefix keeps its number; None numbers afresh.
     Returns: the PolicyMap. Conflicts between rules are in `PolicyMap.errors` (the affected peers
         are dropped); compilation itself does not raise for valid policies.
     """
-    return _Compiler(list(policies), endpoints, learned or {}).run()
+    return _Compiler(list(policies), endpoints, learned or {}, identities or IdentityAllocators.new()).run()

@@ -28,7 +28,7 @@ from membrane.policies import (
     compile_policy,
     parse_endpoints,
 )
-from membrane.policies.identity import LOCAL_IDENTITY_BASE, MIN_ENDPOINT_IDENTITY
+from membrane.policies.identity import LOCAL_IDENTITY_BASE, MAX_ENDPOINT_IDENTITY, MIN_ENDPOINT_IDENTITY
 
 from tests.policies.util import ENDPOINTS, ccnp, cnp, compile_docs, dns, http, policies, verdict
 
@@ -349,7 +349,7 @@ def test_identities() -> None:
         "KUBE_APISERVER": 7, "INGRESS": 8, "WORLD_IPV4": 9, "WORLD_IPV6": 10,
     }
     assert a.endpoint_identity == b.endpoint_identity
-    assert all(MIN_ENDPOINT_IDENTITY <= n <= 65535 for n in a.endpoint_identity.values())
+    assert all(MIN_ENDPOINT_IDENTITY <= n <= MAX_ENDPOINT_IDENTITY for n in a.endpoint_identity.values())
     assert len(set(a.endpoint_identity.values())) == len(a.endpoint_identity)
     cidr = a.ipcache.lookup("192.0.2.9")
     assert cidr >= LOCAL_IDENTITY_BASE and cidr == b.ipcache.lookup("192.0.2.9")
