@@ -125,7 +125,7 @@ def openapi_v3_document(group: str, version: str) -> Obj | None:
     prefix = "/" + _openapi_paths(group, version)
     paths: Obj = {}
     for rt in types.values():
-        gvk = [{"group": rt.group, "version": rt.version, "kind": rt.kind}]
+        gvk = {"group": rt.group, "version": rt.version, "kind": rt.kind}
         ops = {m: {"parameters": [_FIELD_VALIDATION], "x-kubernetes-group-version-kind": gvk,
                    "responses": {"200": {"description": "OK"}}} for m in ("post", "put", "patch")}
         collection = f"{prefix}/namespaces/{{namespace}}/{rt.plural}" if rt.namespaced else f"{prefix}/{rt.plural}"
