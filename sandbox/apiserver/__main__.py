@@ -26,11 +26,11 @@ async def _main(args: argparse.Namespace) -> int:
         server.store.load(json.loads(state_file.read_text()))
     await server.start()
     kubeconfig = server.write_kubeconfig(state_dir / "kubeconfig")
-    print(f"apiserver ready kubeconfig={kubeconfig} url={server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"apiserver ready kubeconfig={kubeconfig} url={server.url}", flush=True)
     await stop.wait()
     await server.stop()
     if args.keep_state:

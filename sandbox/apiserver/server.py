@@ -29,7 +29,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import yaml
-from membrane.sandbox.apiserver import discovery, tables
+from membrane.sandbox.apiserver import discovery, protobuf, tables
+from membrane.sandbox.apiserver.protobuf import ProtobufError
 from membrane.sandbox.apiserver.resources import ResourceType, by_group_version
 from membrane.sandbox.apiserver.selectors import (
     FieldRequirement,
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 _MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit on a request body (3 MiB, etcd's value size)
+_BODY_TYPES = frozenset({"application/json", "application/yaml", "application/merge-patch+json",
+                         "application/json-patch+json", "application/strategic-merge-patch+json",
+                         "application/apply-patch+yaml"})
 _UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
 # Requests answered without a token, like the real server's health probes (system:public-info-viewer).
 
@@ -378,6 +382,14 @@ class ApiServer:
     @staticmethod
     def _parse_body(headers: dict[str, str], body: bytes) -> Any:
         ctype = headers.get("content-type", "application/json").split(";")[0].strip()
+        if ctype == "application/vnd.kubernetes.protobuf":
+            try:
+                return protobuf.decode(body)
+            except ProtobufError as e:
+                raise ApiError(415, "UnsupportedMediaType", str(e)) from None
+        if ctype not in _BODY_TYPES:
+            raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted "
+                           f"media types include: {', '.join(sorted(_BODY_TYPES))}")
         try:
             if ctype == "application/apply-patch+yaml" or ctype.endswith("yaml"):
                 return yaml.safe_load(body)

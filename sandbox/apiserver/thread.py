@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from membrane.sandbox.apiserver.resources import CATALOG, ResourceType
 from membrane.sandbox.apiserver.server import ApiServer
 from membrane.sandbox.apiserver.store import Store
 
@@ -64,6 +65,14 @@ class ApiServerThread:
     def store(self) -> Store:
         """The store, for reading in tests (write through call() so writes happen on the loop)."""
         return self.server.store
+
+    @staticmethod
+    def store_type(group: str, plural: str) -> ResourceType:
+        """The served type of (group, plural), for Store calls in tests."""
+        for rt in CATALOG:
+            if rt.group == group and rt.plural == plural:
+                return rt
+        raise KeyError((group, plural))
 
     def cut_watches(self) -> int:
         return self.call(lambda s: s.cut_watches())
