@@ -108,6 +108,9 @@ class ApiServer:
         self.port = port
         self.token = token or secrets.token_urlsafe(24)
         self._tokens = {self.token}
+        # The current token, also as a file: kubeconfigs written with use_token_file=True point at it
+        # (client-go re-reads a tokenFile), so a rotation reaches clients that re-read it.
+        self.token_file = state_dir / "token"
         self.history_size = history_size
         self.bookmark_interval_s = bookmark_interval_s
         self._now = now
@@ -164,10 +167,18 @@ class ApiServer:
             self._seeded = False
         await self.start()
 
-    def write_kubeconfig(self, path: Path | None = None) -> Path:
-        """Writes a kubeconfig for this server (URL, CA, the current token). Returns its path."""
+    def write_kubeconfig(self, path: Path | None = None, *, use_token_file: bool = False) -> Path:
+        """Writes a kubeconfig for this server (URL, CA, and the current token inline, or with
+        use_token_file the path of a file holding it, rewritten on rotation). Returns its path."""
+        self._write_token_file()
         return write_kubeconfig(path or self.state_dir / "kubeconfig", server=self.url, ca_cert=self.tls.ca_cert,
-                                token=self.token)
+                                token=self.token, token_file=self.token_file if use_token_file else None)
+
+    def _write_token_file(self) -> None:
+        tmp = self.token_file.with_suffix(".tmp")
+        tmp.write_text(self.token)
+        tmp.chmod(0o600)
+        tmp.replace(self.token_file)  # atomic: a reader sees the old token or the new one, never a partial file
 
     # ---- faults -----------------------------------------------------------------------------------------
 
@@ -187,6 +198,7 @@ class ApiServer:
         """Replaces every accepted token with a new one (returned); the old ones get 401 from now on."""
         self.token = new or secrets.token_urlsafe(24)
         self._tokens = {self.token}
+        self._write_token_file()
         return self.token
 
     def add_token(self, token: str) -> None:
@@ -269,24 +281,27 @@ class ApiServer:
         path = unquote(split.path).rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         accept = headers.get("accept", "")
-        status = 200
-        try:
-            self._check_auth(path, headers.get("authorization", ""))
-            self._check_injected(path)
-            watch = await self._route(conn, reader, writer, method, path, query, headers, body)
-            if watch is not None:
-                status, answer = watch
-                await self._send(conn, writer, status, answer, content_type=self._content_type(path, accept))
-        except ApiError as e:
-            status = e.code
-            extra = [("Retry-After", "1")] if e.code in (429, 503, 504) else []
-            if e.code == 401:
-                extra.append(("WWW-Authenticate", 'Bearer realm="kubernetes"'))
-            await self._send(conn, writer, e.code, e.status(), extra=extra)
-        finally:
+
+        def record(status: int) -> None:
+            # Recorded before the answer is sent, so a client that has its answer finds its request here.
             self.requests.append(RequestRecord(method=method, target=target,
                                                content_type=headers.get("content-type", ""), accept=accept,
                                                status=status))
+
+        try:
+            self._check_auth(path, headers.get("authorization", ""))
+            self._check_injected(path)
+            answer = await self._route(conn, reader, writer, method, path, query, headers, body, record)
+        except ApiError as e:
+            extra = [("Retry-After", "1")] if e.code in (429, 503, 504) else []
+            if e.code == 401:
+                extra.append(("WWW-Authenticate", 'Bearer realm="kubernetes"'))
+            record(e.code)
+            await self._send(conn, writer, e.code, e.status(), extra=extra)
+            return
+        if answer is not None:
+            record(answer[0])
+            await self._send(conn, writer, answer[0], answer[1], content_type=self._content_type(path, accept))
 
     def _content_type(self, path: str, accept: str) -> str:
         if path in ("/api", "/apis") and "as=APIGroupDiscoveryList" in accept:
@@ -313,7 +328,7 @@ class ApiServer:
 
     async def _route(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      method: str, path: str, query: dict[str, str], headers: dict[str, str],
-                     body: bytes) -> tuple[int, Obj | bytes] | None:
+                     body: bytes, record: Callable[[int], None]) -> tuple[int, Obj | bytes] | None:
         accept = headers.get("accept", "")
         aggregated = "as=APIGroupDiscoveryList" in accept
         match path:
@@ -358,7 +373,7 @@ class ApiServer:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             return 200, doc
         route = self._resolve(group, version, rest)
-        return await self._resource(conn, reader, writer, method, route, query, headers, body)
+        return await self._resource(conn, reader, writer, method, route, query, headers, body, record)
 
     def _resolve(self, group: str, version: str, rest: list[str]) -> _Route:
         legacy_watch = rest[0] == "watch"
@@ -399,7 +414,7 @@ class ApiServer:
 
     async def _resource(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         method: str, route: _Route, query: dict[str, str], headers: dict[str, str],
-                        body: bytes) -> tuple[int, Obj | bytes] | None:
+                        body: bytes, record: Callable[[int], None]) -> tuple[int, Obj | bytes] | None:
         rt, ns, name, sub = route.rt, route.namespace, route.name, route.subresource
         store = self.store
         dry_run = query.get("dryRun") == "All"
@@ -413,7 +428,7 @@ class ApiServer:
         if method == "GET" and (route.legacy_watch or query.get("watch") in ("1", "true")):
             if name:
                 fields = (*fields, FieldRequirement(path="metadata.name", equal=True, value=name))
-            await self._watch(conn, reader, writer, rt, ns, labels, fields, query, as_table)
+            await self._watch(conn, reader, writer, rt, ns, labels, fields, query, as_table, record)
             return None
         if not name:
             match method:
@@ -468,7 +483,8 @@ class ApiServer:
 
     async def _watch(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      rt: ResourceType, namespace: str | None, labels: tuple[Requirement, ...],
-                     fields: tuple[FieldRequirement, ...], query: dict[str, str], as_table: bool) -> None:
+                     fields: tuple[FieldRequirement, ...], query: dict[str, str], as_table: bool,
+                     record: Callable[[int], None]) -> None:
         store = self.store
         timeout_s = _int(query.get("timeoutSeconds", "0"), "timeoutSeconds") or 1800
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
@@ -546,6 +562,7 @@ class ApiServer:
                 raise error
             lines = [json.dumps({"type": "ERROR", "object": error.status()}, separators=(",", ":")).encode() + b"\n"]
 
+        record(200)
         headers = [("Content-Type", "application/json"), ("Transfer-Encoding", "chunked"),
                    ("Cache-Control", "no-cache, private"), ("Audit-Id", str(uuid.uuid4()))]
         writer.write(conn.send(h11.Response(status_code=200, headers=headers)))

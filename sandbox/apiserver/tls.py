@@ -85,15 +85,16 @@ def ensure_certificates(state_dir: Path, *, extra_names: tuple[str, ...] = ()) -
     return files
 
 
-def write_kubeconfig(path: Path, *, server: str, ca_cert: Path, token: str, namespace: str = "default",
-                     name: str = "membrane-sandbox") -> Path:
-    """Writes a kubeconfig naming one cluster (server URL, inline CA data), one user (bearer token) and
-    a current context. Returns the path. The file is 0600: it holds a credential."""
+def write_kubeconfig(path: Path, *, server: str, ca_cert: Path, token: str, token_file: Path | None = None,
+                     namespace: str = "default", name: str = "membrane-sandbox") -> Path:
+    """Writes a kubeconfig naming one cluster (server URL, inline CA data), one user (the bearer token
+    inline, or `tokenFile` when token_file is given) and a current context. Returns the path. The file
+    is 0600: it may hold a credential."""
     ca_data = base64.b64encode(ca_cert.read_bytes()).decode()
     config = {
         "apiVersion": "v1", "kind": "Config", "preferences": {}, "current-context": name,
         "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": ca_data}}],
-        "users": [{"name": name, "user": {"token": token}}],
+        "users": [{"name": name, "user": {"tokenFile": str(token_file)} if token_file else {"token": token}}],
         "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": namespace}}],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

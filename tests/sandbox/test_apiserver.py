@@ -673,3 +673,63 @@ def test_python_entry_point_prints_the_kubeconfig(tmp_path: Path) -> None:
         assert proc.wait(10) == 0
 
 
+
+
+def test_lightkube_rereads_a_rotated_token_file(api: ApiServerThread, tmp_path: Path) -> None:
+    """With a kubeconfig naming a tokenFile, lightkube keeps working across a rotation: it re-reads the file on 401."""
+    from lightkube import AsyncClient, KubeConfig
+    from lightkube.resources.core_v1 import Namespace
+
+    kubeconfig = api.call(lambda s: s.write_kubeconfig(tmp_path / "kc-file", use_token_file=True))
+
+    async def names(client: AsyncClient) -> list[str]:
+        return [ns.metadata.name async for ns in client.list(Namespace)]  # type: ignore[union-attr,misc]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        client = AsyncClient(config=KubeConfig.from_file(kubeconfig))
+        before = await names(client)
+        api.rotate_token()
+        after = await names(client)
+        await client.close()
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before == after
+    assert "default" in after
+
+
+def test_kubectl_apply_pod_twice_uses_strategic_merge(kubectl: Kubectl, api: ApiServerThread) -> None:
+    """kubectl apply on a Pod: created, unchanged, then configured with a strategic merge patch."""
+    assert kubectl.run("apply", "-f", "-", stdin=POD_YAML).stdout.strip() == "pod/x created"
+    assert kubectl.run("apply", "-f", "-", stdin=POD_YAML).stdout.strip() == "pod/x unchanged"
+    changed = POD_YAML.replace("app: web", "app: web2")
+    assert kubectl.run("apply", "-f", "-", stdin=changed).stdout.strip() == "pod/x configured"
+    assert api.store.get(api.store_type("", "pods"), "default", "x")["metadata"]["labels"] == {"app": "web2"}
+    patches = [r.content_type for r in api.server.requests if r.method == "PATCH"]
+    assert patches == ["application/strategic-merge-patch+json"]
+
+
+def test_kubectl_create_namespace_sends_protobuf(kubectl: Kubectl, api: ApiServerThread) -> None:
+    """`kubectl create namespace` POSTs a protobuf body; the double decodes it."""
+    kubectl.run("create", "namespace", "proto-ns")
+    assert api.store.get(api.store_type("", "namespaces"), "", "proto-ns")["status"] == {"phase": "Active"}
+    posts = [r.content_type for r in api.server.requests if r.method == "POST"]
+    assert posts == ["application/vnd.kubernetes.protobuf"]
+
+
+def test_legacy_discovery_documents(http: httpx.Client) -> None:
+    """Without the aggregated Accept, /apis/cilium.io/v2 is an APIResourceList with kinds, scope and short names."""
+    doc = http.get("/apis/cilium.io/v2").json()
+    entries = {r["name"]: r for r in doc["resources"]}
+    assert doc["kind"] == "APIResourceList"
+    assert entries["ciliumnetworkpolicies"]["shortNames"] == ["cnp", "ciliumnp"]
+    assert entries["ciliumclusterwidenetworkpolicies"]["namespaced"] is False
+    assert entries["ciliumnetworkpolicies/status"]["verbs"] == ["get", "patch", "update"]
+
+
+def test_kubectl_uses_aggregated_discovery(kubectl: Kubectl, api: ApiServerThread) -> None:
+    """kubectl reads discovery from /api and /apis alone (the aggregated form), never per group/version."""
+    kubectl.run("get", "cnp")
+    discovery = [r.target.split("?")[0] for r in api.server.requests if r.target.startswith(("/api?", "/apis?"))
+                 or r.target.split("?")[0] in ("/api/v1", "/apis/cilium.io/v2")]
+    assert discovery == ["/api", "/apis"]
