@@ -102,9 +102,11 @@ class ApiServer:
 
     def __init__(self, *, state_dir: Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  history_size: int = 10_000, bookmark_interval_s: float = 5.0, store: Store | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 advertise_address: str | None = None, now: Callable[[], float] = time.time) -> None:
         self.state_dir = state_dir
         self.host = host
+        # The address the default/kubernetes EndpointSlice names (what pods would dial); default: host.
+        self.advertise_address = advertise_address or host
         self.port = port
         self.token = token or secrets.token_urlsafe(24)
         self._tokens = {self.token}
@@ -142,7 +144,7 @@ class ApiServer:
                                                   ssl=self._ssl_context(), reuse_address=True, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         if not self._seeded:
-            self.store.seed_defaults(server_ip=self.host, server_port=self.port)
+            self.store.seed_defaults(server_ip=self.advertise_address, server_port=self.port)
             self._seeded = True
 
     async def stop(self) -> None:
@@ -546,8 +548,15 @@ class ApiServer:
             if initial_events and bookmarks:
                 lines.append(bookmark(last_rv, initial_end=True))
         else:
+            wanted = _int(rv, "resourceVersion")
+            if wanted > store.resource_version:
+                unsubscribe()
+                raise ApiError(504, "Timeout", f"Too large resource version: {wanted}, current: "
+                               f"{store.resource_version}", {"causes": [{"reason": "ResourceVersionTooLarge",
+                                                                         "message": "Too large resource version"}],
+                                                             "retryAfterSeconds": 1})
             try:
-                backlog = store.events_after(_int(rv, "resourceVersion"))
+                backlog = store.events_after(wanted)
             except ApiError as e:
                 error = e
                 backlog = []

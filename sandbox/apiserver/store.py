@@ -342,6 +342,9 @@ class Store:
         old = self.get(rt, namespace, name)
         obj = self._prepare(rt, namespace, body, name=name)
         wanted = obj["metadata"].get("resourceVersion")
+        if wanted in (None, "") and rt.group in CRD_GROUPS:
+            # Custom resources do not allow unconditional updates (AllowUnconditionalUpdate is false).
+            raise invalid(rt, name, "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
         if wanted not in (None, "") and wanted != old["metadata"]["resourceVersion"]:
             raise conflict(rt, name)
         return self._replace(rt, old, obj, subresource=subresource, dry_run=dry_run)

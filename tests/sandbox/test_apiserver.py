@@ -733,3 +733,19 @@ def test_kubectl_uses_aggregated_discovery(kubectl: Kubectl, api: ApiServerThrea
     discovery = [r.target.split("?")[0] for r in api.server.requests if r.target.startswith(("/api?", "/apis?"))
                  or r.target.split("?")[0] in ("/api/v1", "/apis/cilium.io/v2")]
     assert discovery == ["/api", "/apis"]
+
+
+def test_custom_resource_update_needs_a_resource_version(http: httpx.Client) -> None:
+    """PUT of a custom resource without metadata.resourceVersion is 422, as for a real CRD."""
+    obj = create(http, CNPS, cnp("a"))
+    del obj["metadata"]["resourceVersion"]
+    r = http.put(f"{CNPS}/a", json=obj)
+    assert r.status_code == 422
+    assert "must be specified for an update" in r.json()["message"]
+
+
+def test_watch_from_a_future_version_is_504(api: ApiServerThread, http: httpx.Client) -> None:
+    """A watch from a resourceVersion the server has not reached is refused as too large (clients relist)."""
+    r = http.get(CNPS, params={"watch": "1", "resourceVersion": str(api.store.resource_version + 100)})
+    assert r.status_code == 504
+    assert r.json()["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
