@@ -301,6 +301,16 @@ class ApiServer:
             record(e.code)
             await self._send(conn, writer, e.code, e.status(), extra=extra)
             return
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            # The one error boundary: a bug answers this request with a 500 Status; the server serves on.
+            log.exception("apiserver double: %s %s failed", method, target)
+            if conn.our_state is not h11.SEND_RESPONSE:
+                raise
+            record(500)
+            await self._send(conn, writer, 500, ApiError(500, "InternalError", f"internal error: {e!r}").status())
+            return
         if answer is not None:
             record(answer[0])
             await self._send(conn, writer, answer[0], answer[1], content_type=self._content_type(path, accept))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 import secrets
 import time
 import uuid
@@ -296,6 +297,15 @@ class Store:
             raise bad_request("the name of the object does not match the name on the URL")
         if name is not None:
             meta["name"] = name
+        if name is None and meta.get("name") not in (None, "") and not _is_dns_subdomain(meta["name"]):
+            raise invalid(rt, str(meta["name"]), f"metadata.name: Invalid value: {meta['name']!r}: a lowercase RFC "
+                          "1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
+                          "start and end with an alphanumeric character")
+        if not isinstance(meta.get("generateName", ""), str):
+            raise invalid(rt, "", "metadata.generateName: Invalid value: must be a string")
+        if rt.kind == "Namespace" and not rt.group and isinstance(meta.get("name"), str):
+            # The real server keeps this label on every namespace (namespace selectors rely on it).
+            meta["labels"] = {**(meta.get("labels") or {}), "kubernetes.io/metadata.name": meta["name"]}
         for k in ("labels", "annotations"):
             if meta.get(k) is not None and (not isinstance(meta[k], dict)
                                             or not all(isinstance(v, str) for v in meta[k].values())):
@@ -442,6 +452,11 @@ class Store:
         A namespace takes every object in it along (the namespace controller's job, done at once here).
         """
         old = self.get(rt, namespace, name)
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("DeleteOptions must be a JSON object")
+        if rt.kind == "Namespace" and not rt.group and name in ("default", "kube-system", "kube-public"):
+            raise ApiError(403, "Forbidden", f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                           _details(rt, name))
         pre = (options or {}).get("preconditions") or {}
         if pre.get("uid") and pre["uid"] != old["metadata"]["uid"]:
             raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: {pre['uid']}, UID in object "
@@ -529,6 +544,13 @@ class Store:
         self._rv = max(self._rv, int(data.get("resourceVersion", 0)))
         self._history.clear()
         self._compacted_rv = self._rv
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _is_dns_subdomain(name: object) -> bool:
+    return isinstance(name, str) and len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name) is not None
 
 
 def _type(group: str, plural: str) -> ResourceType:

@@ -749,3 +749,21 @@ def test_watch_from_a_future_version_is_504(api: ApiServerThread, http: httpx.Cl
     r = http.get(CNPS, params={"watch": "1", "resourceVersion": str(api.store.resource_version + 100)})
     assert r.status_code == 504
     assert r.json()["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
+
+
+def test_invalid_name_is_422(http: httpx.Client) -> None:
+    """metadata.name must be a lowercase RFC 1123 subdomain."""
+    r = http.post(CNPS, json=cnp("Not_Valid"))
+    assert r.status_code == 422
+    assert "RFC 1123" in r.json()["message"]
+
+
+def test_default_namespace_cannot_be_deleted(http: httpx.Client) -> None:
+    """The default namespace is protected (403), as on a real cluster."""
+    assert http.delete("/api/v1/namespaces/default").status_code == 403
+
+
+def test_namespaces_carry_their_name_label(http: httpx.Client) -> None:
+    """Every namespace gets kubernetes.io/metadata.name (namespace selectors rely on it)."""
+    created = create(http, "/api/v1/namespaces", {"metadata": {"name": "team-x", "labels": {"env": "prod"}}})
+    assert created["metadata"]["labels"] == {"env": "prod", "kubernetes.io/metadata.name": "team-x"}
