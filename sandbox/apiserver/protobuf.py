@@ -77,7 +77,8 @@ def _object_meta(data: bytes) -> dict[str, Any]:
     names = {1: "name", 2: "generateName", 3: "namespace", 6: "resourceVersion"}
     for number, value in fields(data):
         if number in names:
-            meta[names[number]] = _str(value)
+            if text := _str(value):  # gogo-protobuf writes empty strings: empty means unset here
+                meta[names[number]] = text
         elif number in (11, 12):
             key, val = _map_entry(value)
             meta.setdefault("labels" if number == 11 else "annotations", {})[key] = val

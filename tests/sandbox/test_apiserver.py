@@ -767,3 +767,11 @@ def test_namespaces_carry_their_name_label(http: httpx.Client) -> None:
     """Every namespace gets kubernetes.io/metadata.name (namespace selectors rely on it)."""
     created = create(http, "/api/v1/namespaces", {"metadata": {"name": "team-x", "labels": {"env": "prod"}}})
     assert created["metadata"]["labels"] == {"env": "prod", "kubernetes.io/metadata.name": "team-x"}
+
+
+def test_kubectl_create_configmap_and_serviceaccount(kubectl: Kubectl, api: ApiServerThread) -> None:
+    """Typed creates with protobuf bodies carrying empty strings for unset fields (gogo-protobuf) work."""
+    kubectl.run("create", "configmap", "cm1", "--from-literal=a=b")
+    kubectl.run("create", "serviceaccount", "sa1")
+    assert api.store.get(api.store_type("", "configmaps"), "default", "cm1")["data"] == {"a": "b"}
+    assert api.store.get(api.store_type("", "serviceaccounts"), "default", "sa1")["metadata"]["namespace"] == "default"
