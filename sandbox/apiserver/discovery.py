@@ -61,6 +61,9 @@ def _resource_entries(rt: ResourceType) -> list[Obj]:
     if rt.has_status:
         entries.append({"name": f"{rt.plural}/status", "singularName": "", "namespaced": rt.namespaced,
                         "kind": rt.kind, "verbs": list(SUBRESOURCE_VERBS)})
+    if rt.kind == "Pod" and not rt.group:
+        entries.append({"name": "pods/binding", "singularName": "", "namespaced": True, "kind": "Binding",
+                        "verbs": ["create"]})
     return entries
 
 
@@ -83,8 +86,14 @@ def _aggregated_resource(rt: ResourceType) -> Obj:
         entry["shortNames"] = list(rt.short_names)
     if rt.categories:
         entry["categories"] = list(rt.categories)
+    subresources = []
     if rt.has_status:
-        entry["subresources"] = [{"subresource": "status", "responseKind": kind, "verbs": list(SUBRESOURCE_VERBS)}]
+        subresources.append({"subresource": "status", "responseKind": kind, "verbs": list(SUBRESOURCE_VERBS)})
+    if rt.kind == "Pod" and not rt.group:
+        subresources.append({"subresource": "binding", "responseKind": {"group": "", "version": "v1",
+                                                                         "kind": "Binding"}, "verbs": ["create"]})
+    if subresources:
+        entry["subresources"] = subresources
     return entry
 
 

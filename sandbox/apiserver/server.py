@@ -102,7 +102,8 @@ class ApiServer:
 
     def __init__(self, *, state_dir: Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  history_size: int = 10_000, bookmark_interval_s: float = 5.0, store: Store | None = None,
-                 advertise_address: str | None = None, now: Callable[[], float] = time.time) -> None:
+                 advertise_address: str | None = None, default_node: str | None = None,
+                 now: Callable[[], float] = time.time) -> None:
         self.state_dir = state_dir
         self.host = host
         # The address the default/kubernetes EndpointSlice names (what pods would dial); default: host.
@@ -116,7 +117,9 @@ class ApiServer:
         self.history_size = history_size
         self.bookmark_interval_s = bookmark_interval_s
         self._now = now
+        self.default_node = default_node
         self.store = store or Store(history_size=history_size, now=now)
+        self.store.default_node = default_node
         self.tls: TlsFiles = ensure_certificates(state_dir)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -166,6 +169,7 @@ class ApiServer:
         if not keep_data:
             self.store = Store(history_size=self.history_size, start_rv=self.store.resource_version + 1,
                                now=self._now)
+            self.store.default_node = self.default_node
             self._seeded = False
         await self.start()
 
@@ -400,7 +404,7 @@ class ApiServer:
         rt = resource_type(group, version, rest[0])
         name = rest[1] if len(rest) >= 2 else ""
         sub = rest[2] if len(rest) == 3 else ""
-        if sub and (sub != "status" or not rt.has_status):
+        if sub and not ((sub == "status" and rt.has_status) or (sub == "binding" and rt.kind == "Pod" and not group)):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if rt.namespaced and name and namespace is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -475,6 +479,11 @@ class ApiServer:
                 if as_table:
                     return 200, tables.table(rt, [obj], self._now(), resource_version=obj["metadata"]["resourceVersion"])
                 return 200, obj
+            case "POST" if sub == "binding":
+                store.bind(ns_key, name, self._parse_body(headers, body), dry_run=dry_run)
+                return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+            case _ if sub == "binding":
+                raise ApiError(405, "MethodNotAllowed", "pods/binding only takes POST")
             case "PUT":
                 return 200, store.update(rt, ns_key, name, self._parse_body(headers, body), subresource=sub,
                                          dry_run=dry_run)

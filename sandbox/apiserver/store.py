@@ -129,6 +129,9 @@ class Store:
         self._compacted_rv = start_rv
         self._listeners: list[Callable[[Event], None]] = []
         self._now = now
+        # When set, a Pod created without spec.nodeName is bound to this node on creation, as if a
+        # scheduler had run (the sandbox's single node); None leaves pods unbound until a binding.
+        self.default_node: str | None = None
 
     # ---- observation -------------------------------------------------------------------------------------
 
@@ -306,6 +309,11 @@ class Store:
         if rt.kind == "Namespace" and not rt.group and isinstance(meta.get("name"), str):
             # The real server keeps this label on every namespace (namespace selectors rely on it).
             meta["labels"] = {**(meta.get("labels") or {}), "kubernetes.io/metadata.name": meta["name"]}
+        annotations = meta.get("annotations")
+        if isinstance(annotations, dict) and sum(len(str(k)) + len(str(v)) for k, v in annotations.items()) > 262_144:
+            # The real limit (apimachinery TotalAnnotationSizeLimitB); why big CRDs need `apply --server-side`.
+            raise invalid(rt, str(meta.get("name", "")), "metadata.annotations: Too long: must have at most 262144 "
+                          "bytes")
         for k in ("labels", "annotations"):
             if meta.get(k) is not None and (not isinstance(meta[k], dict)
                                             or not all(isinstance(v, str) for v in meta[k].values())):
@@ -340,6 +348,9 @@ class Store:
             meta.pop(k, None)
         if not keep_status:
             _reset_status(rt, obj)
+        if self.default_node and rt.kind == "Pod" and not rt.group and isinstance(obj.get("spec"), dict) \
+                and not obj["spec"].get("nodeName"):
+            obj["spec"]["nodeName"] = self.default_node  # the scheduler's job, done at once (see __init__)
         return self._commit(rt, "ADDED", obj, None, dry_run=dry_run)
 
     def update(self, rt: ResourceType, namespace: str, name: str, body: Any, *, subresource: str = "",
@@ -443,6 +454,26 @@ class Store:
         if wanted not in (None, "") and wanted != old["metadata"]["resourceVersion"]:
             raise conflict(rt, name)
         return self._replace(rt, old, obj, subresource=subresource, dry_run=dry_run)
+
+    def bind(self, namespace: str, name: str, body: Any, *, dry_run: bool = False) -> Obj:
+        """POST pods/<name>/binding (what a scheduler does): sets spec.nodeName once.
+
+        Returns the bound pod. Raises ApiError 404 if the pod is absent, 409 if it is already bound,
+        400 if the Binding names no node.
+        """
+        pods = _type("", "pods")
+        old = self.get(pods, namespace, name)
+        target = body.get("target") if isinstance(body, dict) else None
+        node = target.get("name") if isinstance(target, dict) else None
+        if not isinstance(node, str) or not node:
+            raise bad_request("Binding: target.name (the node) is required")
+        bound = (old.get("spec") or {}).get("nodeName")
+        if bound:
+            raise ApiError(409, "Conflict", f"Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is "
+                           f"already assigned to node \"{bound}\"", _details(pods, name))
+        new = copy.deepcopy(old)
+        new.setdefault("spec", {})["nodeName"] = node
+        return self._commit(pods, "MODIFIED", new, old, dry_run=dry_run)
 
     def delete(self, rt: ResourceType, namespace: str, name: str, *, options: Obj | None = None,
                dry_run: bool = False) -> Obj:

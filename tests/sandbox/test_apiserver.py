@@ -775,3 +775,31 @@ def test_kubectl_create_configmap_and_serviceaccount(kubectl: Kubectl, api: ApiS
     kubectl.run("create", "serviceaccount", "sa1")
     assert api.store.get(api.store_type("", "configmaps"), "default", "cm1")["data"] == {"a": "b"}
     assert api.store.get(api.store_type("", "serviceaccounts"), "default", "sa1")["metadata"]["namespace"] == "default"
+
+
+def test_pod_binding_sets_the_node_once(http: httpx.Client) -> None:
+    """POST pods/x/binding (a scheduler's call) sets spec.nodeName; binding again is 409."""
+    unbound = pod("x")
+    del unbound["spec"]["nodeName"]
+    create(http, PODS, unbound)
+    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "x"},
+               "target": {"apiVersion": "v1", "kind": "Node", "name": "node-a"}}
+    assert http.post(f"{PODS}/x/binding", json=binding).status_code == 201
+    assert http.get(f"{PODS}/x").json()["spec"]["nodeName"] == "node-a"
+    assert http.post(f"{PODS}/x/binding", json=binding).status_code == 409
+
+
+def test_default_node_binds_new_pods(tmp_path: Path) -> None:
+    """With default_node, a pod created without spec.nodeName is bound to it on creation (the sandbox's node)."""
+    with ApiServerThread(state_dir=tmp_path / "api", default_node="sandbox") as api, client_for(api) as http:
+        unbound = pod("x")
+        del unbound["spec"]["nodeName"]
+        assert create(http, PODS, unbound)["spec"]["nodeName"] == "sandbox"
+        assert create(http, PODS, pod("y", node="elsewhere"))["spec"]["nodeName"] == "elsewhere"
+
+
+def test_annotations_over_256_kib_are_422(http: httpx.Client) -> None:
+    """Total annotation size is limited to 256 KiB, as on a real server."""
+    body = cnp("a")
+    body["metadata"]["annotations"] = {"big": "x" * 262_145}
+    assert http.post(CNPS, json=body).status_code == 422
