@@ -560,6 +560,11 @@ class Store:
         for body in (svc, eps):
             self.put(body)
 
+    @staticmethod
+    def dump_types() -> tuple[ResourceType, ...]:
+        """Every type a store holds (the catalog)."""
+        return CATALOG
+
     def dump(self) -> Obj:
         """The whole state as JSON-able data (objects and the RV counter; the history is not kept)."""
         return {"resourceVersion": self._rv,

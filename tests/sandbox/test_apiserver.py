@@ -803,3 +803,30 @@ def test_annotations_over_256_kib_are_422(http: httpx.Client) -> None:
     body = cnp("a")
     body["metadata"]["annotations"] = {"big": "x" * 262_145}
     assert http.post(CNPS, json=body).status_code == 422
+
+
+def test_runs_on_the_callers_uvloop(tmp_path: Path) -> None:
+    """ApiServer runs on the caller's event loop (uvloop, as the agent's), serving a list and a watch there."""
+    import ssl
+
+    import uvloop
+    from membrane.sandbox.apiserver import ApiServer
+
+    async def scenario() -> tuple[int, str]:
+        server = ApiServer(state_dir=tmp_path / "api")
+        await server.start()
+        ctx = ssl.create_default_context(cafile=str(server.tls.ca_cert))
+        try:
+            async with httpx.AsyncClient(base_url=server.url, verify=ctx,
+                                         headers={"Authorization": f"Bearer {server.token}"}) as client:
+                listed = await client.get("/api/v1/namespaces")
+                rv = listed.json()["metadata"]["resourceVersion"]
+                async with client.stream("GET", "/api/v1/namespaces",
+                                         params={"watch": "1", "resourceVersion": rv}) as r:
+                    await client.post("/api/v1/namespaces", json={"metadata": {"name": "late"}})
+                    line = await r.aiter_lines().__anext__()
+        finally:
+            await server.stop()
+        return listed.status_code, json.loads(line)["object"]["metadata"]["name"]
+
+    assert uvloop.run(scenario()) == (200, "late")

@@ -117,3 +117,21 @@ def test_protobuf_other_kinds_are_refused() -> None:
 def test_human_duration(seconds: int, text: str) -> None:
     """Ages print as kubectl prints them."""
     assert human_duration(seconds) == text
+
+
+def test_store_dump_and_load_keep_objects_and_expire_old_versions() -> None:
+    """A dump loaded into a new store keeps objects and the RV counter; watching from before it is 410."""
+    from membrane.sandbox.apiserver.store import ApiError, Store
+
+    first = Store()
+    first.seed_defaults(server_ip="127.0.0.1", server_port=6443)
+    rv = first.resource_version
+    second = Store()
+    second.load(first.dump())
+    ns_type = next(rt for rt in first.dump_types() if rt.plural == "namespaces")
+    assert [o["metadata"]["name"] for o in second.objects(ns_type)] == [o["metadata"]["name"]
+                                                                        for o in first.objects(ns_type)]
+    assert second.resource_version == rv
+    with pytest.raises(ApiError) as err:
+        second.events_after(rv - 1)
+    assert err.value.code == 410
