@@ -51,8 +51,8 @@ _MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit on a request body (3
 _BODY_TYPES = frozenset({"application/json", "application/yaml", "application/merge-patch+json",
                          "application/json-patch+json", "application/strategic-merge-patch+json",
                          "application/apply-patch+yaml"})
-_UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
 # Requests answered without a token, like the real server's health probes (system:public-info-viewer).
+_UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,10 +86,6 @@ def _status_ok(rt: ResourceType, obj: Obj) -> Obj:
     meta = obj.get("metadata") or {}
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
             "details": {"name": meta.get("name", ""), "group": rt.group, "kind": rt.plural, "uid": meta.get("uid", "")}}
-
-
-class _Response(Exception):
-    """Raised by handlers to answer at once (used for ApiError too)."""
 
 
 class ApiServer:
@@ -226,7 +222,12 @@ class ApiServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
             while True:
-                request, body = await self._read_request(conn, reader)
+                try:
+                    request, body = await self._read_request(conn, reader)
+                except ApiError as e:  # a body over the limit
+                    await self._send(conn, writer, e.code, e.status())
+                    conn.start_next_cycle()
+                    continue
                 if request is None:
                     break
                 await self._dispatch(conn, reader, writer, request, body)
@@ -243,12 +244,16 @@ class ApiServer:
         finally:
             self._connections.discard(writer)
             self._watches.discard(writer)
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            if writer.transport.is_closing():
+                writer.transport.abort()
+            else:
+                writer.close()
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[h11.Request | None,
                                                                                                 bytes]:
         request: h11.Request | None = None
         body = bytearray()
+        too_large = False
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -260,10 +265,14 @@ class ApiServer:
             if isinstance(event, h11.Request):
                 request = event
             elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > _MAX_BODY_BYTES:
-                    raise h11.RemoteProtocolError("request body too large")
+                # Past the limit the rest is read and dropped, so the client gets to read our 413.
+                too_large = too_large or len(body) + len(event.data) > _MAX_BODY_BYTES
+                if not too_large:
+                    body += event.data
             elif isinstance(event, h11.EndOfMessage):
+                if too_large:
+                    raise ApiError(413, "RequestEntityTooLarge",
+                                   f"Request entity too large: limit is {_MAX_BODY_BYTES} bytes")
                 return request, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 return None, b""

@@ -830,3 +830,12 @@ def test_runs_on_the_callers_uvloop(tmp_path: Path) -> None:
         return listed.status_code, json.loads(line)["object"]["metadata"]["name"]
 
     assert uvloop.run(scenario()) == (200, "late")
+
+
+def test_body_over_3_mib_is_413(http: httpx.Client) -> None:
+    """Request bodies are limited to 3 MiB (kube-apiserver's limit); the answer is a 413 Status."""
+    body = cnp("a")
+    body["spec"]["pad"] = "x" * (3 * 1024 * 1024 + 1)
+    r = http.post(CNPS, json=body)
+    assert r.status_code == 413
+    assert http.get(CNPS).status_code == 200  # the connection serves on
