@@ -839,3 +839,31 @@ def test_body_over_3_mib_is_413(http: httpx.Client) -> None:
     r = http.post(CNPS, json=body)
     assert r.status_code == 413
     assert http.get(CNPS).status_code == 200  # the connection serves on
+
+
+def test_lightkube_pages_and_reads_cluster_wide_policies(api: ApiServerThread, http: httpx.Client) -> None:
+    """lightkube pages a LIST with chunk_size (limit + continue) and lists CCNPs as a global generic resource."""
+    from lightkube import AsyncClient, KubeConfig
+    from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+
+    cnp_type = create_namespaced_resource("cilium.io", "v2", "CiliumNetworkPolicy", "ciliumnetworkpolicies")
+    ccnp_type = create_global_resource("cilium.io", "v2", "CiliumClusterwideNetworkPolicy",
+                                       "ciliumclusterwidenetworkpolicies")
+    for i in range(5):
+        create(http, CNPS, cnp(f"p{i}"))
+    ccnp = cnp("cluster")
+    ccnp["kind"] = "CiliumClusterwideNetworkPolicy"
+    create(http, "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies", ccnp)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        client = AsyncClient(config=KubeConfig.from_file(api.kubeconfig))
+        paged = [o.metadata.name async for o in client.list(cnp_type, namespace="*", chunk_size=2)]  # type: ignore[union-attr]
+        cluster = [o.metadata.name async for o in client.list(ccnp_type)]  # type: ignore[union-attr]
+        await client.close()
+        return paged, cluster
+
+    paged, cluster = asyncio.run(scenario())
+    assert paged == [f"p{i}" for i in range(5)]
+    assert cluster == ["cluster"]
+    limits = [r.target for r in api.server.requests if "limit=2" in r.target]
+    assert len(limits) == 3
