@@ -163,11 +163,15 @@ class ApiServer:
         seeded again) at a resourceVersion above every earlier one, so old versions answer 410."""
         await self.stop()
         if not keep_data:
-            self.store = Store(history_size=self.history_size, start_rv=self.store.resource_version + 1,
-                               now=self._now)
-            self.store.default_node = self.default_node
-            self._seeded = False
+            self.reset_data()
         await self.start()
+
+    def reset_data(self) -> None:
+        """Forgets every object (as a lost etcd would); the next start() seeds the defaults again. The RV
+        counter continues above every earlier version, so clients holding old versions get 410."""
+        self.store = Store(history_size=self.history_size, start_rv=self.store.resource_version + 1, now=self._now)
+        self.store.default_node = self.default_node
+        self._seeded = False
 
     def write_kubeconfig(self, path: Path | None = None, *, use_token_file: bool = False) -> Path:
         """Writes a kubeconfig for this server (URL, CA, and the current token inline, or with

@@ -90,7 +90,18 @@ class ApiServerThread:
         self.call(lambda s: s.inject_errors(count, code=code, path_prefix=path_prefix))
 
     def restart(self, *, keep_data: bool = True) -> None:
+        """Stops and starts on the same port at once (see ApiServer.restart)."""
         self._await(self.server.restart(keep_data=keep_data))
+
+    def stop(self) -> None:
+        """Takes the server down (connections reset, port closed) until start(): an outage of any length."""
+        self._await(self.server.stop())
+
+    def start(self, *, keep_data: bool = True) -> None:
+        """Brings a stopped server back on the same port, with or without its data."""
+        if not keep_data:
+            self.call(lambda s: s.reset_data())
+        self._await(self.server.start())
 
     def close(self) -> None:
         if not self._loop.is_closed():

@@ -867,3 +867,14 @@ def test_lightkube_pages_and_reads_cluster_wide_policies(api: ApiServerThread, h
     assert cluster == ["cluster"]
     limits = [r.target for r in api.server.requests if "limit=2" in r.target]
     assert len(limits) == 3
+
+
+def test_outage_then_start_on_the_same_port(api: ApiServerThread, http: httpx.Client) -> None:
+    """stop() refuses connections until start(); the data survives and the URL is unchanged."""
+    create(http, CNPS, cnp("a"))
+    api.stop()
+    with client_for(api) as down, pytest.raises(httpx.ConnectError):
+        down.get(CNPS)
+    api.start()
+    with client_for(api) as up:
+        assert [o["metadata"]["name"] for o in up.get(CNPS).json()["items"]] == ["a"]
