@@ -47,9 +47,12 @@ class ResourceType:
         return _META_FIELDS + self.field_selectors
 
 
-def _core(plural: str, singular: str, kind: str, namespaced: bool, **kw: object) -> ResourceType:
+def _core(plural: str, singular: str, kind: str, namespaced: bool, *, short_names: tuple[str, ...] = (),
+          categories: tuple[str, ...] = (), has_status: bool = False,
+          field_selectors: tuple[str, ...] = ()) -> ResourceType:
     return ResourceType(group="", version="v1", plural=plural, singular=singular, kind=kind, namespaced=namespaced,
-                        **kw)  # type: ignore[arg-type]
+                        short_names=short_names, categories=categories, has_status=has_status,
+                        field_selectors=field_selectors)
 
 
 CATALOG: tuple[ResourceType, ...] = (

@@ -147,7 +147,11 @@ class Store:
     def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Calls `listener` with each event committed from now on. Returns the function that unsubscribes."""
         self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+        return unsubscribe
 
     def events_after(self, rv: int) -> list[Event]:
         """The retained events with a resourceVersion greater than rv, in order.
