@@ -32,6 +32,8 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     has_status: bool = False               # a /status subresource exists; main-resource writes keep status
     field_selectors: tuple[str, ...] = ()  # beyond metadata.name and metadata.namespace; () = only those
+    # Top-level fields besides apiVersion, kind and metadata (what fieldValidation=Strict checks names against).
+    body_fields: tuple[str, ...] = ("spec", "status")
 
     @property
     def api_version(self) -> str:
@@ -49,10 +51,10 @@ class ResourceType:
 
 def _core(plural: str, singular: str, kind: str, namespaced: bool, *, short_names: tuple[str, ...] = (),
           categories: tuple[str, ...] = (), has_status: bool = False,
-          field_selectors: tuple[str, ...] = ()) -> ResourceType:
+          field_selectors: tuple[str, ...] = (), body_fields: tuple[str, ...] = ("spec", "status")) -> ResourceType:
     return ResourceType(group="", version="v1", plural=plural, singular=singular, kind=kind, namespaced=namespaced,
                         short_names=short_names, categories=categories, has_status=has_status,
-                        field_selectors=field_selectors)
+                        field_selectors=field_selectors, body_fields=body_fields)
 
 
 CATALOG: tuple[ResourceType, ...] = (
@@ -66,12 +68,17 @@ CATALOG: tuple[ResourceType, ...] = (
     _core("events", "event", "Event", True, short_names=("ev",),
           field_selectors=("involvedObject.kind", "involvedObject.namespace", "involvedObject.name",
                            "involvedObject.uid", "involvedObject.apiVersion", "involvedObject.resourceVersion",
-                           "involvedObject.fieldPath", "reason", "reportingComponent", "source", "type")),
+                           "involvedObject.fieldPath", "reason", "reportingComponent", "source", "type"),
+          body_fields=("involvedObject", "reason", "message", "source", "firstTimestamp", "lastTimestamp", "count",
+                       "type", "eventTime", "series", "action", "related", "reportingComponent",
+                       "reportingInstance")),
     _core("services", "service", "Service", True, short_names=("svc",), categories=("all",), has_status=True),
-    _core("configmaps", "configmap", "ConfigMap", True, short_names=("cm",)),
-    _core("serviceaccounts", "serviceaccount", "ServiceAccount", True, short_names=("sa",)),
+    _core("configmaps", "configmap", "ConfigMap", True, short_names=("cm",),
+          body_fields=("data", "binaryData", "immutable")),
+    _core("serviceaccounts", "serviceaccount", "ServiceAccount", True, short_names=("sa",),
+          body_fields=("secrets", "imagePullSecrets", "automountServiceAccountToken")),
     ResourceType(group="discovery.k8s.io", version="v1", plural="endpointslices", singular="endpointslice",
-                 kind="EndpointSlice", namespaced=True),
+                 kind="EndpointSlice", namespaced=True, body_fields=("addressType", "endpoints", "ports")),
     ResourceType(group="networking.k8s.io", version="v1", plural="networkpolicies", singular="networkpolicy",
                  kind="NetworkPolicy", namespaced=True, short_names=("netpol",)),
     ResourceType(group="coordination.k8s.io", version="v1", plural="leases", singular="lease", kind="Lease",
@@ -82,17 +89,33 @@ CATALOG: tuple[ResourceType, ...] = (
     # Cilium's CRDs, with the short names and categories of Cilium 1.19's CRD manifests.
     ResourceType(group="cilium.io", version="v2", plural="ciliumnetworkpolicies", singular="ciliumnetworkpolicy",
                  kind="CiliumNetworkPolicy", namespaced=True, short_names=("cnp", "ciliumnp"),
-                 categories=("cilium", "ciliumpolicy"), has_status=True),
+                 categories=("cilium", "ciliumpolicy"), has_status=True, body_fields=("spec", "specs", "status")),
     ResourceType(group="cilium.io", version="v2", plural="ciliumclusterwidenetworkpolicies",
                  singular="ciliumclusterwidenetworkpolicy", kind="CiliumClusterwideNetworkPolicy", namespaced=False,
-                 short_names=("ccnp",), categories=("cilium", "ciliumpolicy"), has_status=True),
+                 short_names=("ccnp",), categories=("cilium", "ciliumpolicy"), has_status=True,
+                 body_fields=("spec", "specs", "status")),
     ResourceType(group="cilium.io", version="v2", plural="ciliumendpoints", singular="ciliumendpoint",
                  kind="CiliumEndpoint", namespaced=True, short_names=("cep", "ciliumep"), categories=("cilium",),
-                 has_status=True),
+                 has_status=True, body_fields=("status",)),
 )
 
 # Groups in the order /apis lists them (each serves exactly one version here).
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in CATALOG if r.group))
+
+
+META_FIELDS = frozenset({"name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+                         "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+                         "annotations", "ownerReferences", "finalizers", "managedFields"})
+
+
+def unknown_fields(rt: ResourceType, obj: dict[str, object]) -> list[str]:
+    """The top-level and metadata field names of obj this type does not have, as JSON paths ("spc", "metadata.lables")."""
+    known = {"apiVersion", "kind", "metadata", *rt.body_fields}
+    out = [k for k in obj if k not in known]
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        out += [f"metadata.{k}" for k in meta if k not in META_FIELDS]
+    return out
 
 
 def by_group_version(group: str, version: str) -> dict[str, ResourceType]:

@@ -447,6 +447,7 @@ class ApiServer:
         rt, ns, name, sub = route.rt, route.namespace, route.name, route.subresource
         store = self.store
         dry_run = query.get("dryRun") == "All"
+        strict = query.get("fieldValidation") == "Strict"
         as_table = "as=Table" in headers.get("accept", "")
         try:
             labels = parse_label_selector(query.get("labelSelector", ""))
@@ -480,7 +481,8 @@ class ApiServer:
                 case "POST":
                     if rt.namespaced and ns is None:
                         raise ApiError(404, "NotFound", "the server could not find the requested resource")
-                    return 201, store.create(rt, ns_key, self._parse_body(headers, body), dry_run=dry_run)
+                    return 201, store.create(rt, ns_key, self._parse_body(headers, body), dry_run=dry_run,
+                                             strict=strict)
                 case "DELETE":
                     deleted = store.delete_collection(rt, ns, labels, fields, dry_run=dry_run)
                     return 200, {"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
@@ -499,12 +501,12 @@ class ApiServer:
                 raise ApiError(405, "MethodNotAllowed", "pods/binding only takes POST")
             case "PUT":
                 return 200, store.update(rt, ns_key, name, self._parse_body(headers, body), subresource=sub,
-                                         dry_run=dry_run)
+                                         dry_run=dry_run, strict=strict)
             case "PATCH":
                 ptype = headers.get("content-type", "").split(";")[0].strip()
                 before = _exists(store, rt, ns_key, name)
                 obj = store.patch(rt, ns_key, name, ptype, self._parse_body(headers, body), subresource=sub,
-                                  dry_run=dry_run, field_manager=query.get("fieldManager", ""))
+                                  dry_run=dry_run, field_manager=query.get("fieldManager", ""), strict=strict)
                 return (200 if before else 201), obj
             case "DELETE":
                 options = self._parse_body(headers, body) if body.strip() else None

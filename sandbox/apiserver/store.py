@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from membrane.sandbox.apiserver.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
-from membrane.sandbox.apiserver.resources import CATALOG, ResourceType, find
+from membrane.sandbox.apiserver.resources import CATALOG, ResourceType, find, unknown_fields
 from membrane.sandbox.apiserver.selectors import FieldRequirement, Requirement, fields_match, labels_match
 
 Obj = dict[str, Any]
@@ -280,9 +280,13 @@ class Store:
             raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
                            {"name": namespace, "kind": "namespaces"})
 
-    def _prepare(self, rt: ResourceType, namespace: str, body: Any, *, name: str | None = None) -> Obj:
+    def _prepare(self, rt: ResourceType, namespace: str, body: Any, *, name: str | None = None,
+                 strict: bool = False) -> Obj:
         if not isinstance(body, dict):
             raise bad_request("the body of the request must be a JSON object")
+        if strict and (unknown := unknown_fields(rt, body)):
+            # fieldValidation=Strict (what kubectl sends by default): unknown fields are an error, not dropped.
+            raise bad_request("strict decoding error: " + ", ".join(f'unknown field "{f}"' for f in unknown))
         obj = copy.deepcopy(body)
         if obj.get("kind", rt.kind) != rt.kind or obj.get("apiVersion", rt.api_version) != rt.api_version:
             raise bad_request(f"the API version in the data ({obj.get('apiVersion')}) and kind ({obj.get('kind')}) "
@@ -326,13 +330,14 @@ class Store:
         return obj
 
     def create(self, rt: ResourceType, namespace: str, body: Any, *, dry_run: bool = False,
-               keep_status: bool = False) -> Obj:
+               keep_status: bool = False, strict: bool = False) -> Obj:
         """A CREATE. Returns the stored object (uid, creationTimestamp, generation and RV set by the server).
 
         Raises ApiError 409 AlreadyExists, 404 if the namespace is missing, 400/422 for a malformed body.
         `keep_status` stores the body's status as given (seeding from tests; the API resets it like kube does).
+        `strict` (fieldValidation=Strict) refuses unknown top-level and metadata fields with 400.
         """
-        obj = self._prepare(rt, namespace, body)
+        obj = self._prepare(rt, namespace, body, strict=strict)
         meta = obj["metadata"]
         if not meta.get("name"):
             if meta.get("generateName"):
@@ -358,14 +363,14 @@ class Store:
         return self._commit(rt, "ADDED", obj, None, dry_run=dry_run)
 
     def update(self, rt: ResourceType, namespace: str, name: str, body: Any, *, subresource: str = "",
-               dry_run: bool = False) -> Obj:
+               dry_run: bool = False, strict: bool = False) -> Obj:
         """An UPDATE (PUT) of the object or of its status subresource.
 
         Returns the stored object. Raises ApiError 404 if absent, 409 Conflict if the body's
         metadata.resourceVersion is set and not the current one, 400/422 for a malformed body.
         """
         old = self.get(rt, namespace, name)
-        obj = self._prepare(rt, namespace, body, name=name)
+        obj = self._prepare(rt, namespace, body, name=name, strict=strict)
         wanted = obj["metadata"].get("resourceVersion")
         if wanted in (None, "") and rt.group in CRD_GROUPS:
             # Custom resources do not allow unconditional updates (AllowUnconditionalUpdate is false).
@@ -404,7 +409,7 @@ class Store:
         return self._commit(rt, "MODIFIED", new, old, dry_run=dry_run)
 
     def patch(self, rt: ResourceType, namespace: str, name: str, patch_type: str, body: Any, *,
-              subresource: str = "", dry_run: bool = False, field_manager: str = "") -> Obj:
+              subresource: str = "", dry_run: bool = False, field_manager: str = "", strict: bool = False) -> Obj:
         """A PATCH. `patch_type` is the media type without parameters.
 
         Returns the stored object. Raises ApiError 404, 409 (a patch carrying a stale resourceVersion),
@@ -435,7 +440,7 @@ class Store:
         wanted = (new.get("metadata") or {}).get("resourceVersion")
         if wanted not in (None, "") and wanted != old["metadata"]["resourceVersion"]:
             raise conflict(rt, name)
-        obj = self._prepare(rt, namespace, new, name=name)
+        obj = self._prepare(rt, namespace, new, name=name, strict=strict)
         return self._replace(rt, old, obj, subresource=subresource, dry_run=dry_run)
 
     def _apply(self, rt: ResourceType, namespace: str, name: str, body: Any, *, subresource: str, dry_run: bool,

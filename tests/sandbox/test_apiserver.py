@@ -878,3 +878,12 @@ def test_outage_then_start_on_the_same_port(api: ApiServerThread, http: httpx.Cl
     api.start()
     with client_for(api) as up:
         assert [o["metadata"]["name"] for o in up.get(CNPS).json()["items"]] == ["a"]
+
+
+def test_kubectl_strict_validation_names_unknown_fields(kubectl: Kubectl) -> None:
+    """kubectl's default fieldValidation=Strict turns a misspelt field into an error naming it;
+    --validate=false (fieldValidation=Ignore) lets it through, as against a real server."""
+    typo = CNP_YAML.replace("METHOD", "GET").replace("spec:", "spc:")
+    proc = kubectl.run("apply", "-f", "-", stdin=typo, check=False)
+    assert 'strict decoding error: unknown field "spc"' in proc.stderr
+    assert kubectl.run("apply", "--validate=false", "-f", "-", stdin=typo).returncode == 0
