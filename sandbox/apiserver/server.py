@@ -571,8 +571,11 @@ class ApiServer:
                 return encode("MODIFIED", ev.obj, ev)
             if now_:
                 return encode("ADDED", ev.obj, ev)
-            if was:
-                return encode("DELETED", ev.obj)  # it left the selection: the watcher sees it go
+            if was and ev.prev is not None:
+                # It left the selection: the watcher sees it go, as the last state it matched in, at this
+                # event's resourceVersion (what the real watch cache sends).
+                gone = {**ev.prev, "metadata": {**ev.prev["metadata"], "resourceVersion": str(ev.rv)}}
+                return encode("DELETED", gone)
             return None
 
         if rv in ("", "0"):

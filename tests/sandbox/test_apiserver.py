@@ -395,6 +395,9 @@ def test_watch_live_events_with_a_label_selector(api: ApiServerThread, http: htt
     http.patch(f"{CNPS}/a", json={"metadata": {"labels": {"app": "db"}}}, headers=merge)
     events = watch_lines(http, CNPS, {"resourceVersion": rv, "labelSelector": "app=web"}, 2)
     assert [e["type"] for e in events] == ["ADDED", "DELETED"]
+    # DELETED carries the last state that matched, at the resourceVersion of the change that unmatched it.
+    assert events[1]["object"]["metadata"]["labels"] == {"app": "web"}
+    assert events[1]["object"]["metadata"]["resourceVersion"] == str(api.store.resource_version)
 
 
 def test_watch_field_selector_on_node_name(api: ApiServerThread, http: httpx.Client) -> None:
