@@ -15,6 +15,8 @@ from membrane.sandbox.apiserver import ApiServerThread
 
 from tests.sandbox.conftest import Kubectl, client_for
 
+pytestmark = pytest.mark.integration  # real kubectl, lightkube and httpx against a server on loopback
+
 CNPS = "/apis/cilium.io/v2/namespaces/default/ciliumnetworkpolicies"
 PODS = "/api/v1/namespaces/default/pods"
 
