@@ -119,7 +119,8 @@ class ApiServer:
         self.tls: TlsFiles = ensure_certificates(state_dir)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
-        self._watches: set[asyncio.StreamWriter] = set()
+        # Open watch streams: their connection -> what they watch (for cut_watches and watching_resources).
+        self._watches: dict[asyncio.StreamWriter, str] = {}
         self._injected: list[_Injected] = []
         self.requests: deque[RequestRecord] = deque(maxlen=2000)
         self._seeded = False
@@ -219,6 +220,11 @@ class ApiServer:
     def open_watches(self) -> int:
         return len(self._watches)
 
+    def watching_resources(self) -> list[str]:
+        """The resource of each open watch ("pods", "ciliumnetworkpolicies.cilium.io"), sorted: lets a
+        test wait until a client has (re-)established its watches before it injects the next fault."""
+        return sorted(self._watches.values())
+
     # ---- HTTP -------------------------------------------------------------------------------------------
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -247,7 +253,7 @@ class ApiServer:
             log.exception("apiserver double: connection failed")
         finally:
             self._connections.discard(writer)
-            self._watches.discard(writer)
+            self._watches.pop(writer, None)
             if writer.transport.is_closing():
                 writer.transport.abort()
             else:
@@ -619,7 +625,7 @@ class ApiServer:
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
             return
-        self._watches.add(writer)
+        self._watches[writer] = f"{rt.plural}.{rt.group}" if rt.group else rt.plural
         deadline = time.monotonic() + timeout_s
         next_bookmark = time.monotonic() + self.bookmark_interval_s
         eof = asyncio.ensure_future(reader.read(1))  # a watch client sends nothing more; data or EOF ends it
@@ -661,7 +667,7 @@ class ApiServer:
         finally:
             unsubscribe()
             eof.cancel()
-            self._watches.discard(writer)
+            self._watches.pop(writer, None)
 
 
 def _exists(store: Store, rt: ResourceType, namespace: str, name: str) -> bool:

@@ -86,6 +86,10 @@ class ApiServerThread:
         self.call(lambda s: s.write_kubeconfig(self.kubeconfig))
         return token
 
+    def watching_resources(self) -> list[str]:
+        """See ApiServer.watching_resources."""
+        return self.call(lambda s: s.watching_resources())
+
     def inject_errors(self, count: int, *, code: int = 500, path_prefix: str = "") -> None:
         self.call(lambda s: s.inject_errors(count, code=code, path_prefix=path_prefix))
 

@@ -574,6 +574,7 @@ def test_cut_watches_breaks_open_streams(api: ApiServerThread, http: httpx.Clien
         lines = r.iter_lines()
         create(http, CNPS, cnp("a"))
         next(lines)
+        assert api.watching_resources() == ["ciliumnetworkpolicies.cilium.io"]
         assert api.cut_watches() == 1
         with pytest.raises(httpx.HTTPError):
             list(lines)
