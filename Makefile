@@ -34,10 +34,10 @@ kernel-headers: system-deps
 	fi
 
 # The product folders install as `membrane.<folder>` (see pyproject.toml). The editable install is
-# strict: every file is linked under build/, so a folder that gains or loses a file (its mtime
-# changes) triggers a reinstall; edits to existing files need none.
+# strict: every file is linked under build/, so a folder (at any depth) that gains or loses a file
+# (its mtime changes) triggers a reinstall; edits to existing files need none.
 PRODUCT_DIRS := parsers policies proxy bpf control cli sandbox examples
-$(VENV)/.installed: pyproject.toml $(PRODUCT_DIRS) examples/policies
+$(VENV)/.installed: pyproject.toml $(shell find $(PRODUCT_DIRS) -type d -not -name __pycache__)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc
