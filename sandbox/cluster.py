@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import yaml
 from lightkube import ApiError, AsyncClient, KubeConfig
@@ -32,6 +32,7 @@ from membrane.sandbox.kubelet import Kubelet, default_network
 
 log = logging.getLogger("membrane.sandbox")
 DEFAULT_NODE = "membrane-sandbox"
+T = TypeVar("T")
 
 
 class SandboxError(Exception):
@@ -127,7 +128,7 @@ class Sandbox:
                                      {"type": "Hostname", "address": self.config.node_name}]},
         }
         with contextlib.suppress(ApiError):  # kept from an earlier run of the same state dir
-            await self.client.create(Node.from_dict(node))
+            await self.client.create(_model(Node, node))
 
     async def _create_pods(self, pods: Iterable[dict[str, Any]]) -> None:
         assert self.client is not None
@@ -137,9 +138,9 @@ class Sandbox:
             pod.setdefault("spec", {}).setdefault("nodeName", self.config.node_name)
             pod["spec"].setdefault("containers", [{"name": "main", "image": "sandbox"}])
             with contextlib.suppress(ApiError):
-                await self.client.create(Namespace.from_dict({"metadata": {"name": ns}}))
+                await self.client.create(_model(Namespace, {"metadata": {"name": ns}}))
             try:
-                await self.client.create(Pod.from_dict(pod), namespace=ns)
+                await self.client.create(_model(Pod, pod))  # metadata.namespace names it
             except ApiError as e:
                 raise SandboxError(f"pod {ns}/{meta.get('name')}: {e.status.message}") from None
 
@@ -187,6 +188,11 @@ class Sandbox:
         if self.api is not None:
             await self.api.stop()
             self.api = None
+
+
+def _model(cls: type[T], data: dict[str, Any]) -> T:
+    """A lightkube model from a manifest (its from_dict is untyped)."""
+    return cls.from_dict(data)  # type: ignore[attr-defined,no-any-return]
 
 
 def _wait_for(proc: subprocess.Popen[str], expected: str) -> str:
