@@ -455,7 +455,10 @@ def parse_selector(value: object, path: str) -> Selector:
     if labels is not None:
         lp = join(path, "matchLabels")
         for k, v in as_mapping(labels, lp).items():
-            reqs.extend(attempt(lambda k=k, v=v: [_match_label(k, v, join(lp, k))], []))
+            try:
+                reqs.append(_match_label(k, v, join(lp, k)))
+            except FieldError as e:
+                report(e)
     exprs = opt(m, "matchExpressions")
     if exprs is not None:
         reqs.extend(each(exprs, join(path, "matchExpressions"), _match_expression))
@@ -967,13 +970,14 @@ def _parse_rule(value: object, path: str, namespace: str | None) -> Rule:
     sections: dict[str, list[PeerRule]] = {}
     for key, ingress, deny in _SECTIONS:
         raw = opt(m, key)
-        sections[key] = [] if raw is None else each(
-            raw,
-            join(path, key),
-            lambda v, p, ingress=ingress, deny=deny: _parse_peer_rule(
-                v, p, ref_prefix + p[len(path) + 1 :], namespace, ingress=ingress, deny=deny
-            ),
-        )
+        if raw is None:
+            sections[key] = []
+            continue
+
+        def entry(v: object, p: str, ingress: bool = ingress, deny: bool = deny) -> PeerRule:
+            return _parse_peer_rule(v, p, ref_prefix + p[len(path) + 1 :], namespace, ingress=ingress, deny=deny)
+
+        sections[key] = each(raw, join(path, key), entry)
     dd_in, dd_eg = attempt(lambda: _default_deny(m, path), (True, True))
     desc = attempt(lambda: as_str(opt(m, "description") or "", join(path, "description")), "")
     attempt(lambda: _check_rule_extras(m, path), None)

@@ -21,11 +21,12 @@ parsePorts, ipBlockToCIDRRule); never does I/O. Field paths in errors are the Ne
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from membrane.policies.crd import (
-    KIND_NP,
     API_VERSION_NP,
+    KIND_NP,
     CidrRule,
     EgressRule,
     Entity,
@@ -156,20 +157,35 @@ def _direction(m: Mapping[str, Any], key: str, namespace: str) -> list[PeerRule]
         check_fields(rm, rp, (peers_key, "ports"))
         ports: tuple[PortRule, ...] = ()
         if opt(rm, "ports") is not None:
-            ports = tuple(each(rm["ports"], join(rp, "ports"), lambda v, p, ref=ref: _port(v, p, ref + p[len(rp) :])))
-        peers = attempt(lambda rm=rm, rp=rp: as_list(opt(rm, peers_key) or [], join(rp, peers_key)), [])
+            ports = tuple(each(rm["ports"], join(rp, "ports"), _Refs(rp, ref).port))
+        try:
+            peers = as_list(opt(rm, peers_key) or [], join(rp, peers_key))
+        except FieldError as e:
+            report(e)
+            continue
         if not peers:
             # "If this field is empty or missing, this rule matches all sources/destinations."
             out.append(cls(entities=(Entity.ALL,), to_ports=ports, path=ref))
             continue
-        out.extend(
-            each(
-                peers,
-                join(rp, peers_key),
-                lambda v, p, ports=ports, ref=ref, rp=rp: _peer(v, p, namespace, ingress, ports, ref + p[len(rp) :]),
-            )
-        )
+        out.extend(each(peers, join(rp, peers_key), _Refs(rp, ref, namespace, ingress, ports).peer))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Refs:
+    """Parses items under one `spec.<direction>[i]` and names their references after their paths."""
+
+    path: str  # spec.ingress[0]
+    ref: str  # ingress[0]
+    namespace: str = ""
+    ingress: bool = True
+    ports: tuple[PortRule, ...] = ()
+
+    def port(self, value: object, path: str) -> PortRule:
+        return _port(value, path, self.ref + path[len(self.path) :])
+
+    def peer(self, value: object, path: str) -> PeerRule:
+        return _peer(value, path, self.namespace, self.ingress, self.ports, self.ref + path[len(self.path) :])
 
 
 def parse_network_policy(doc: Mapping[str, Any], *, source: str = "", line: int = 0, default_namespace: str = "default") -> Policy:
