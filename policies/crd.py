@@ -962,7 +962,7 @@ def _parse_rule(value: object, path: str, namespace: str | None) -> Rule:
     if not has_es and opt(m, "nodeSelector") is None:
         report(FieldError(path, "a rule needs endpointSelector or nodeSelector"))
     # Rule.Validate (since Cilium 1.17, PR #35904): `len()` of all four is 0 -> invalid; `ingress: []` counts as none.
-    if not any(isinstance(opt(m, key), list) and opt(m, key) for key, _, _ in _SECTIONS):
+    if all(opt(m, key) is None or opt(m, key) == [] for key, _, _ in _SECTIONS):
         report(FieldError(path, "rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny"))
     subject = None
     if has_es:

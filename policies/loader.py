@@ -324,7 +324,8 @@ def load_policies(
                     if problem.obj is None:
                         problem.obj = f"document {doc.index}" + (f" item {i}" if len(items) > 1 or item is not doc.data else "")
                     problem.line = doc.field_line(join_path(item_path, problem.path))
-                    errors.append(problem)
+                # In the order of the text, as an editor shows them (sorted is stable for one line).
+                errors.extend(sorted(e.problems, key=lambda problem: problem.line or 0))
                 continue
             key = (policy.kind == KIND_NP, policy.namespace, policy.name)
             if key in seen:
