@@ -977,7 +977,11 @@ def _parse_rule(value: object, path: str, namespace: str | None) -> Rule:
         def entry(v: object, p: str, ingress: bool = ingress, deny: bool = deny) -> PeerRule:
             return _parse_peer_rule(v, p, ref_prefix + p[len(path) + 1 :], namespace, ingress=ingress, deny=deny)
 
-        sections[key] = each(raw, join(path, key), entry)
+        try:
+            sections[key] = each(raw, join(path, key), entry)
+        except FieldError as e:  # not a list: report it and go on with the other sections
+            report(e)
+            sections[key] = []
     dd_in, dd_eg = attempt(lambda: _default_deny(m, path), (True, True))
     desc = attempt(lambda: as_str(opt(m, "description") or "", join(path, "description")), "")
     attempt(lambda: _check_rule_extras(m, path), None)

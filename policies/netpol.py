@@ -214,6 +214,8 @@ def _parse(doc: Mapping[str, Any], source: str, line: int, default_namespace: st
         fail("spec", "spec is required")
     spec = as_mapping(m["spec"], "spec")
     check_fields(spec, "spec", ("podSelector", "policyTypes", "ingress", "egress"))
+    if opt(spec, "podSelector") is None:
+        report(FieldError("spec.podSelector", "spec.podSelector is required ({} selects every pod of the namespace)"))
     subject = attempt(lambda: k8s_selector(opt(spec, "podSelector"), "spec.podSelector"), Selector())
     types: list[str] = []
     if opt(spec, "policyTypes") is not None:
