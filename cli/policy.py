@@ -45,6 +45,7 @@ from membrane.policies import (
     load_policies,
     merge_results,
 )
+from membrane.policies.compile import VISIBILITY_MARK
 from membrane.policies.crd import Policy
 from membrane.policies.dnsmatch import fqdn
 from membrane.policies.endpoints import endpoint_labels
@@ -440,6 +441,8 @@ def side_reason(d: DirectionResult) -> str:
     kind = d.l7.value if d.l7 is not None else "L7"
     if d.decision is None:
         return f"port under {kind} rules (no request given)"
+    if d.decision.allowed and all(VISIBILITY_MARK in ref for ref in d.decision.matched):
+        return f"no {kind} rule matches; allowed: visibility only (enableDefaultDeny is false)"
     if d.decision.allowed:
         return f"{kind} rule matches"
     if d.decision.reason is Reason.MALFORMED:

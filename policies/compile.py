@@ -120,6 +120,8 @@ class Contribution:
 
 
 _ALL_PROTOS = frozenset(CONCRETE_PROTOS)
+# Marks the reference of an allow-all L7 entry added for visibility (see _Compiler._visibility).
+VISIBILITY_MARK = "(visibility: enableDefaultDeny"
 _MAX_CACHE = 100_000
 
 
@@ -526,7 +528,7 @@ class _Compiler:
         for c in contributions:
             if c.deny or c.parser is None:
                 continue
-            ref = f"{c.ref} (visibility: enableDefaultDeny.{direction.value} is false)"
+            ref = f"{c.ref} {VISIBILITY_MARK}.{direction.value} is false)"
             l7 = ((allow_all[c.parser], ref),)
             out.append(Contribution(self.pmap.all_bits, True, c.protos, c.lo, c.hi, False, c.parser, l7, ref, next(self.uids)))
         return out

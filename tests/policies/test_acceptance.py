@@ -352,6 +352,13 @@ def traced() -> dict[int, subprocess.CompletedProcess[str]]:
         return dict(zip(map(id, CASES), pool.map(lambda k: run(*trace_args(k)), CASES), strict=True))
 
 
+def test_visibility_only_reason() -> None:
+    """The trace says why a request no rule matches was allowed: the L7 rules are visibility only."""
+    proc = run(*trace_args(c("", "visibility", "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name example.com", "ALLOWED")))
+    out = json.loads(proc.stdout)
+    assert out["egress"]["reason"] == "no dns rule matches; allowed: visibility only (enableDefaultDeny is false)"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{i:02d}-{c.scenario}" for i, c in enumerate(CASES)])
 def test_trace_matches_cilium(case: Case, traced: dict[int, subprocess.CompletedProcess[str]]) -> None:
     """The CLI's verdict for each scenario is the one Cilium's documentation gives (doc named in the case)."""
