@@ -805,7 +805,7 @@ def _parse_cidr(text: str, path: str) -> IPNetwork:
         fail(path, f"invalid CIDR {text!r}")
 
 
-def _parse_cidr_rule(value: object, path: str) -> CidrRule:
+def parse_cidr_rule(value: object, path: str) -> CidrRule:
     m = as_mapping(value, path)
     check_fields(m, path, ("cidr", "except"), unsupported=("cidrGroupRef", "cidrGroupSelector"))
     if opt(m, "cidr") is None:
@@ -921,7 +921,7 @@ def _peer_cidrs(m: Mapping[str, Any], path: str, pre: str) -> tuple[CidrRule, ..
     if plain is not None:
         cidrs += each(plain, join(path, pre + "CIDR"), lambda v, p: CidrRule(cidr=_parse_cidr(as_str(v, p), p)))
     if sets is not None:
-        cidrs += each(sets, join(path, pre + "CIDRSet"), _parse_cidr_rule)
+        cidrs += each(sets, join(path, pre + "CIDRSet"), parse_cidr_rule)
     if plain == [] or sets == []:
         return ()
     return tuple(cidrs)

@@ -38,7 +38,6 @@ from membrane.policies.crd import (
     PortProtocol,
     PortRule,
     Rule,
-    _parse_cidr_rule,
     as_list,
     as_mapping,
     as_str,
@@ -50,6 +49,7 @@ from membrane.policies.crd import (
     join,
     object_name,
     opt,
+    parse_cidr_rule,
     parse_metadata,
     parse_selector,
     raise_problems,
@@ -93,7 +93,7 @@ def _peer_selector(m: Mapping[str, Any], path: str, namespace: str) -> Selector 
 def _ip_block(value: object, path: str) -> CidrRule:
     """ipBlockToCIDRRule: `cidr` and `except` follow the CIDRSet rules (prefix notation, excepts inside)."""
     check_fields(as_mapping(value, path), path, ("cidr", "except"))
-    return _parse_cidr_rule(value, path)
+    return parse_cidr_rule(value, path)
 
 
 def _peer(value: object, path: str, namespace: str, ingress: bool, ports: tuple[PortRule, ...], ref: str) -> PeerRule:
