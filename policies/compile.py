@@ -4,7 +4,9 @@
 Rules (Cilium 1.19 pkg/policy):
 1. A rule selects endpoints by its (namespace-scoped) endpointSelector. A direction is enforced
    (default deny) for an endpoint once a selecting rule has entries for it (allow or deny) and does
-   not set `enableDefaultDeny.<direction>: false`.
+   not set `enableDefaultDeny.<direction>: false`. L7 rules of a rule with default deny off, on a
+   direction no rule enforces, are visibility only: an allow-all L7 rule for every peer is added
+   on their ports (Cilium's `ensureWildcard`), so requests are recorded and allowed.
 2. Allows are a union. A deny entry covering (peer, port, protocol) wins over every allow.
 3. Without a matching allow: DROP when enforced, ALLOW when not.
 4. Matching allows with L7 rules put the port under the proxy (REDIRECT); the rule set is the union
@@ -119,6 +121,8 @@ class Contribution:
 
 
 _ALL_PROTOS = frozenset(CONCRETE_PROTOS)
+# Marks the reference of an allow-all L7 entry added for visibility (see _Compiler._visibility).
+VISIBILITY_MARK = "(visibility: enableDefaultDeny"
 _MAX_CACHE = 100_000
 
 
@@ -322,6 +326,7 @@ class _Compiler:
             for direction in PolicyDirection:
                 enforced = False
                 contributions: list[Contribution] = []
+                visibility: list[Contribution] = []
                 for policy, rule in rules:
                     allow, deny = (rule.ingress, rule.ingress_deny) if direction is PolicyDirection.INGRESS else (rule.egress, rule.egress_deny)
                     dd = rule.default_deny_ingress if direction is PolicyDirection.INGRESS else rule.default_deny_egress
@@ -332,6 +337,10 @@ class _Compiler:
                         if got is None:
                             got = contrib_cache[id(entry)] = self._contributions(policy, entry)
                         contributions.extend(got)
+                        if not dd:
+                            visibility.extend(self._visibility(got, direction))
+                if not enforced:
+                    contributions.extend(visibility)
                 dp = DirectionPolicy(pmap, direction, enforced, contributions)
                 pmap._policies[(ident.id, direction)] = dp
                 self._check_conflicts(ident, dp)
@@ -500,6 +509,30 @@ class _Compiler:
                     protos = protos & {L4Proto.TCP, L4Proto.UDP}
                 lo, hi = pp.range
                 out.append(Contribution(peers, all_peers, protos, lo, hi, entry.deny, parser, l7, prefix + pr.path, next(self.uids)))
+        return out
+
+    def _visibility(self, contributions: Sequence[Contribution], direction: PolicyDirection) -> list[Contribution]:
+        """The allow-all L7 entries Cilium adds for L7 rules of a rule with default deny turned off.
+
+        cilium/cilium pkg/policy/l4.go `ensureWildcard` (PR #38841, since 1.17.4): when a rule sets
+        `enableDefaultDeny.<direction>: false` and no rule selecting the endpoint turns default deny
+        on for that direction, its L7 ports get a wildcard L3 selector with an allow-all L7 rule, so
+        the L7 rules only add visibility: every request on the port reaches the proxy, is recorded,
+        and is allowed whether or not a rule matches. The caller adds these only when the direction
+        is not enforced. (The 1.19 docs still describe the old refusal; the code decides.)
+        """
+        out: list[Contribution] = []
+        allow_all: dict[ParserType, L7Rule] = {
+            ParserType.HTTP: HttpRule(),
+            ParserType.DNS: DnsRule(match_pattern="*"),
+            ParserType.KAFKA: KafkaRule(),
+        }
+        for c in contributions:
+            if c.deny or c.parser is None:
+                continue
+            ref = f"{c.ref} {VISIBILITY_MARK}.{direction.value} is false)"
+            l7 = ((allow_all[c.parser], ref),)
+            out.append(Contribution(self.pmap.all_bits, True, c.protos, c.lo, c.hi, False, c.parser, l7, ref, next(self.uids)))
         return out
 
     def _check_conflicts(self, ident: Identity, dp: DirectionPolicy) -> None:
