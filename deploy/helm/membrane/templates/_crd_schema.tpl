@@ -47,7 +47,9 @@ items:
     port:
       type: string
       description: A port number (0 means every port) or a named port.
-      pattern: '^(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})|([a-zA-Z0-9]-?)*[a-zA-Z](-?[a-zA-Z0-9])*$'
+      # Cilium's pattern anchors only its first alternative, so it lets "99999" through; this one
+      # anchors both (the agent refuses such a port either way).
+      pattern: '^((6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})|([a-zA-Z0-9]-?)*[a-zA-Z](-?[a-zA-Z0-9])*)$'
     endPort:
       type: integer
       format: int32
