@@ -44,14 +44,15 @@ RUN cd /tmp \
  && common=$(apt-cache depends "$hdr" | awk '/Depends: linux-headers-.*-common/ {print $2; exit}') \
  && apt-get download "$hdr" "$common" \
  && mkdir /headers && for deb in ./*.deb; do dpkg-deb -x "$deb" /headers; done \
- && rm -rf /headers/usr/share/doc
+ && rm -rf /headers/usr/share/doc \
+ && find /headers/usr/src/linux-headers-*-common/arch -mindepth 1 -maxdepth 1 ! -name x86 -exec rm -rf {} +
 
 FROM ${BASE}
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get -o Acquire::Check-Valid-Until=false update \
  && apt-get install -y --no-install-recommends python3 python3-bpfcc iproute2 \
  && apt-get clean \
- && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/* /usr/share/info/*
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
 COPY --from=build /headers/usr/src/ /usr/src/
 COPY --from=build /opt/membrane/venv /opt/membrane/venv
 COPY --from=build /out/ /usr/local/lib/membrane/

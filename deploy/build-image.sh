@@ -26,7 +26,16 @@ trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 if [ "${MEMBRANE_REBUILD_BASE:-0}" = 1 ] || ! podman image exists "$base"; then
   echo "build-image: base $base from mmdebstrap"
-  mmdebstrap --quiet --variant=apt --aptopt='Acquire::Check-Valid-Until "false"' bookworm "$work/rootfs.tar"
+  # Like Docker's debian:bookworm-slim: /usr merged by mmdebstrap's hook (the usrmerge package would
+  # pull in perl), no recommends, and dpkg keeps no docs, man pages or translations (the setting stays
+  # in the image, so packages installed later skip them too).
+  mmdebstrap --quiet --variant=apt \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+    --aptopt='Acquire::Check-Valid-Until "false"' --aptopt='APT::Install-Recommends "false"' \
+    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    bookworm "$work/rootfs.tar"
   podman import --quiet "$work/rootfs.tar" "$base" >/dev/null
   rm -f "$work/rootfs.tar"
 fi
