@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,10 +31,11 @@ def helm_path() -> Path:
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    # A private HOME-free config: helm must not read or write the user's repositories or cache.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HELM_CACHE_HOME": "/nonexistent/cache",
-           "HELM_CONFIG_HOME": "/nonexistent/config", "HELM_DATA_HOME": "/nonexistent/data"}
-    proc = subprocess.run([str(helm_path()), *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+    # A throwaway HOME: helm and its Kubernetes client must not read or write the user's repositories,
+    # kubeconfig or discovery cache (nor leave a .kube/ in the working directory).
+    with tempfile.TemporaryDirectory(prefix="mbr-helm-") as home:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "KUBECONFIG": os.path.join(home, "none")}
+        proc = subprocess.run([str(helm_path()), *args], capture_output=True, text=True, env=env, cwd=home, timeout=120, check=False)
     if check:
         assert proc.returncode == 0, f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
     return proc
