@@ -28,18 +28,18 @@ def entry_point(dist: str = "membrane") -> str | None:
     return None
 
 
-def package_files(dist: str = "membrane") -> list[tuple[Path, str]]:
-    """(installed file, path inside the archive) for every .py of the distribution's `membrane` package."""
+def package_files(dist: str = "membrane", package: str = "membrane") -> list[tuple[Path, str]]:
+    """(installed file, path inside the archive) for every .py of the distribution's top-level `package`."""
     files = importlib.metadata.distribution(dist).files or []
     out: list[tuple[Path, str]] = []
     for f in files:
         parts = f.parts
-        if parts and parts[0] == "membrane" and f.suffix == ".py":
+        if parts and parts[0] == package and f.suffix == ".py":
             out.append((Path(str(f.locate())), "/".join(parts)))
     return out
 
 
-def build(target: Path, dist: str = "membrane") -> bool:
+def build(target: Path, dist: str = "membrane", package: str = "membrane") -> bool:
     """Write the zipapp to target. Returns: False (nothing written) when there is no entry point."""
     ep = entry_point(dist)
     if ep is None:
@@ -47,7 +47,7 @@ def build(target: Path, dist: str = "membrane") -> bool:
     module, _, func = ep.partition(":")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for src, rel in package_files(dist):
+        for src, rel in package_files(dist, package):
             dst = root / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(src.read_bytes())
