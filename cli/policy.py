@@ -21,6 +21,7 @@ from membrane.control.files import PathProblem, read_endpoints, read_policies
 from membrane.parsers.errors import MalformedMessage
 from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from membrane.parsers.http_target import normalize_target, split_target
+from membrane.parsers.names import kafka_api_key_name
 from membrane.policies import (
     DirectionResult,
     EndpointsError,
@@ -33,7 +34,7 @@ from membrane.policies import (
     evaluate_flow,
 )
 from membrane.policies.dnsmatch import fqdn
-from membrane.policies.kafka_keys import API_KEY_NAMES, parse_api_key
+from membrane.policies.kafka_keys import parse_api_key
 from membrane.policies.l7 import L7Request
 
 EXIT_OK = 0
@@ -214,7 +215,7 @@ def build_request(args: argparse.Namespace) -> TraceRequest:
             client_id=args.kafka_client_id,
             topics=tuple(args.kafka_topic),
         )
-        name = API_KEY_NAMES.get(key, str(key))
+        name = kafka_api_key_name(key)
         return TraceRequest(req_k, summary=f"Kafka {name} v{args.kafka_api_version} {','.join(args.kafka_topic)}".rstrip())
     return TraceRequest(None)
 

@@ -60,8 +60,6 @@ from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseErro
 from membrane.parsers.events import Direction, KafkaRequest, KafkaResponse, Reason
 
 __all__ = [
-    "API_KEYS_BY_NAME",
-    "API_KEY_NAMES",
     "DEFAULT_MAX_FRAME_BYTES",
     "Broker",
     "KafkaRequestParser",
@@ -77,31 +75,6 @@ __all__ = [
 # Kafka's own default for socket.request.max.bytes (100 MiB): a broker refuses bigger requests too.
 DEFAULT_MAX_FRAME_BYTES = 104_857_600
 
-# Api key numbers <-> names. 0-33 are spelled exactly as Cilium's `apiKey` (pkg/policy/api/kafka.go,
-# KafkaAPIKeyMap) accepts them, note "offsets" for ListOffsets; Cilium knows no key above 33, the rest
-# follow the same rule (Kafka's name, lower case, no separators).
-API_KEY_NAMES: dict[int, str] = {
-    0: "produce", 1: "fetch", 2: "offsets", 3: "metadata", 4: "leaderandisr", 5: "stopreplica",
-    6: "updatemetadata", 7: "controlledshutdown", 8: "offsetcommit", 9: "offsetfetch",
-    10: "findcoordinator", 11: "joingroup", 12: "heartbeat", 13: "leavegroup", 14: "syncgroup",
-    15: "describegroups", 16: "listgroups", 17: "saslhandshake", 18: "apiversions", 19: "createtopics",
-    20: "deletetopics", 21: "deleterecords", 22: "initproducerid", 23: "offsetforleaderepoch",
-    24: "addpartitionstotxn", 25: "addoffsetstotxn", 26: "endtxn", 27: "writetxnmarkers",
-    28: "txnoffsetcommit", 29: "describeacls", 30: "createacls", 31: "deleteacls", 32: "describeconfigs",
-    33: "alterconfigs", 34: "alterreplicalogdirs", 35: "describelogdirs", 36: "saslauthenticate",
-    37: "createpartitions", 38: "createdelegationtoken", 39: "renewdelegationtoken",
-    40: "expiredelegationtoken", 41: "describedelegationtoken", 42: "deletegroups", 43: "electleaders",
-    44: "incrementalalterconfigs", 45: "alterpartitionreassignments", 46: "listpartitionreassignments",
-    47: "offsetdelete", 48: "describeclientquotas", 49: "alterclientquotas",
-    50: "describeuserscramcredentials", 51: "alteruserscramcredentials", 55: "describequorum",
-    57: "updatefeatures", 60: "describecluster", 61: "describeproducers", 65: "describetransactions",
-    66: "listtransactions", 68: "consumergroupheartbeat", 69: "consumergroupdescribe",
-    71: "gettelemetrysubscriptions", 72: "pushtelemetry", 74: "listconfigresources",
-    75: "describetopicpartitions", 76: "sharegroupheartbeat", 77: "sharegroupdescribe", 78: "sharefetch",
-    79: "shareacknowledge", 88: "streamsgroupheartbeat", 89: "streamsgroupdescribe",
-    90: "describesharegroupoffsets", 91: "altersharegroupoffsets", 92: "deletesharegroupoffsets",
-}
-API_KEYS_BY_NAME: dict[str, int] = {name: key for key, name in API_KEY_NAMES.items()}
 
 _HEAD = struct.Struct(">hhi")  # api key, api version, correlation id
 _INT32 = struct.Struct(">i")

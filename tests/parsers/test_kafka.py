@@ -33,8 +33,6 @@ from membrane.parsers._kafka_schema import (
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import Direction, KafkaRequest, Reason
 from membrane.parsers.kafka import (
-    API_KEY_NAMES,
-    API_KEYS_BY_NAME,
     KafkaRequestParser,
     KafkaResponseParser,
     build_refusal,
@@ -45,6 +43,8 @@ from membrane.parsers.kafka import (
     parse_request,
     resolve_topic_ids,
 )
+from membrane.parsers.names import KAFKA_API_KEY_NAMES
+from membrane.policies import kafka_keys
 
 from tests.helpers.feed import all_chunkings, feed_all
 
@@ -561,11 +561,48 @@ def test_every_reason_has_a_kafka_error(reason: Reason) -> None:
     assert kafka_error_code(Reason.POLICY_DENIED) == 29
 
 
-def test_api_key_names_follow_cilium() -> None:
-    """Names are Cilium's apiKey spellings: produce=0, fetch=1, offsets=2, metadata=3, offsetcommit=8, ..."""
-    assert API_KEY_NAMES[0] == "produce" and API_KEY_NAMES[2] == "offsets" and API_KEY_NAMES[33] == "alterconfigs"
-    assert all(API_KEY_NAMES[v] == k for k, v in API_KEYS_BY_NAME.items())
-    assert all(k in API_KEY_NAMES for k in api_schemas())
+# Kafka protocol api keys that kafka-python ships no schema for (kafka.apache.org/protocol#protocol_api_keys).
+_SPEC_KEYS_WITHOUT_SCHEMA = {
+    "LeaderAndIsr": 4, "StopReplica": 5, "UpdateMetadata": 6, "ControlledShutdown": 7,
+    "CreateDelegationToken": 38, "RenewDelegationToken": 39, "ExpireDelegationToken": 40,
+    "DescribeDelegationToken": 41, "ConsumerGroupHeartbeat": 68, "ConsumerGroupDescribe": 69,
+    "GetTelemetrySubscriptions": 71, "PushTelemetry": 72, "ShareGroupHeartbeat": 76, "ShareGroupDescribe": 77,
+    "ShareFetch": 78, "ShareAcknowledge": 79, "StreamsGroupHeartbeat": 88, "StreamsGroupDescribe": 89,
+    "DescribeShareGroupOffsets": 90, "AlterShareGroupOffsets": 91, "DeleteShareGroupOffsets": 92,
+}
+# Cilium 1.19 pkg/policy/api/kafka.go KafkaAPIKeyMap, copied as literals.
+_CILIUM_KAFKA_API_KEY_MAP = {
+    "produce": 0, "fetch": 1, "offsets": 2, "metadata": 3, "leaderandisr": 4, "stopreplica": 5,
+    "updatemetadata": 6, "controlledshutdown": 7, "offsetcommit": 8, "offsetfetch": 9, "findcoordinator": 10,
+    "joingroup": 11, "heartbeat": 12, "leavegroup": 13, "syncgroup": 14, "describegroups": 15,
+    "listgroups": 16, "saslhandshake": 17, "apiversions": 18, "createtopics": 19, "deletetopics": 20,
+    "deleterecords": 21, "initproducerid": 22, "offsetforleaderepoch": 23, "addpartitionstotxn": 24,
+    "addoffsetstotxn": 25, "endtxn": 26, "writetxnmarkers": 27, "txnoffsetcommit": 28, "describeacls": 29,
+    "createacls": 30, "deleteacls": 31, "describeconfigs": 32, "alterconfigs": 33,
+}
+
+
+@pytest.mark.parametrize("api_key", sorted(api_schemas()))
+def test_api_key_name_matches_the_protocol_schema(api_key: int) -> None:
+    """Each api key kafka-python has a schema for is named as that schema (lower case), except Cilium's "offsets"."""
+    expected = "offsets" if api_key == 2 else api_schemas()[api_key].name.lower()
+    assert KAFKA_API_KEY_NAMES[api_key] == expected
+
+
+@pytest.mark.parametrize(("name", "api_key"), sorted(_SPEC_KEYS_WITHOUT_SCHEMA.items()))
+def test_api_key_name_matches_the_protocol_spec(name: str, api_key: int) -> None:
+    """Api keys without a kafka-python schema carry the Kafka protocol's number for that request name."""
+    assert KAFKA_API_KEY_NAMES[api_key] == name.lower()
+
+
+def test_name_table_has_no_key_beyond_schema_and_spec() -> None:
+    """Every key in the table is vouched for by kafka-python's schemas or the spec literals above."""
+    assert set(KAFKA_API_KEY_NAMES) == set(api_schemas()) | set(_SPEC_KEYS_WITHOUT_SCHEMA.values())
+
+
+def test_policy_api_key_names_are_cilium_key_map() -> None:
+    """The names a policy's `apiKey` accepts are exactly Cilium's KafkaAPIKeyMap, derived from the same table."""
+    assert kafka_keys.API_KEYS == _CILIUM_KAFKA_API_KEY_MAP
 
 
 def test_refusal_of_group_kind_uses_group_error() -> None:
