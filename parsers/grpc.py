@@ -39,7 +39,7 @@ __all__ = [
     "percent_decode_message",
     "percent_encode_message",
     "split_path",
-    "trailers_only_refusal",
+    "status_trailers",
 ]
 
 # 4 MiB: grpc's default max receive message size (GRPC_DEFAULT_MAX_RECV_MESSAGE_LENGTH).
@@ -147,8 +147,10 @@ def percent_decode_message(value: str) -> str:
     return _PERCENT_TRIPLET.sub(lambda m: bytes([int(m.group(1), 16)]), raw).decode("utf-8", "replace")
 
 
-def trailers_only_refusal(reason: Reason, message: str | None = None) -> Headers:
-    """The header block of a trailers-only gRPC refusal (sent with END_STREAM, no DATA).
+def status_trailers(reason: Reason, message: str | None = None) -> Headers:
+    """The header block that ends a gRPC call with the status for `reason`: trailers-only when sent with
+    END_STREAM and no DATA (how `Http2ServerSide.refusal` refuses a `GrpcCall`); its last two fields
+    alone are the trailers of a call whose response already started.
 
     `:status 200`, `content-type: application/grpc`, `grpc-status` from `grpc_status(reason)`,
     `grpc-message` (percent-encoded) defaulting to "Access denied" for POLICY_DENIED.

@@ -54,12 +54,13 @@ Limits (`MessageTooLarge`, 431): the head (`max_header_bytes`, 16 KiB as IIS; RF
 count (100, as Apache's LimitRequestFields), one line (8 KiB, as Apache's LimitRequestLine), a
 chunk-size line (1 KiB, as h11 caps chunk headers) and the bytes held while a protocol switch is pending.
 
-Directions: each `Direction` has a reader with the state table `_TRANSITIONS`; the transitions
-written as code are the three ends of a message (`_end_message`: next IDLE, MUST_CLOSE or PAUSED)
-and a switch (`_switch`: both readers to TUNNEL). After a request that proposes a switch (Upgrade
-with `Connection: upgrade`, or CONNECT) the client reader PAUSES and holds further bytes until the
-answer: a 101 / 2xx-to-CONNECT turns them into tunnel `Data`, anything else (or `refuse()`) resumes
-HTTP parsing; call `feed(CLIENT_TO_SERVER, b"")` when `has_held_input()` says so.
+Directions: each `Direction` has its own `Http1Parser` with the state table `_TRANSITIONS`; the two
+share the requests in flight (`_Exchanges`). The transitions written as code are the three ends of a
+message (`_end_message`: next IDLE, MUST_CLOSE or PAUSED) and a switch (`_Exchanges.switched`: both
+parsers to TUNNEL). After a request that proposes a switch (Upgrade with `Connection: upgrade`, or
+CONNECT) the client parser PAUSES and holds further bytes until the answer: a 101 / 2xx-to-CONNECT
+turns them into tunnel `Data`, anything else (or `refusal()`) resumes HTTP parsing; call
+`client.feed(b"")` when `client.has_held_input()` says so.
 
 Forwarding (decided here, the proxy just writes what `forward()` returns): a head that needs no change
 (target already normal, no header actions, the event object as emitted) goes out as the exact bytes
@@ -281,30 +282,112 @@ def _tokens(value: str) -> set[str]:
     return {t.strip().lower() for t in value.split(",")}
 
 
-class _Reader:
-    """One direction's framing state machine."""
+class _Exchanges:
+    """What the two directions of one connection share: the requests, from their head until answered."""
+
+    __slots__ = ("client", "current", "in_flight", "undecided", "upgraded")
+
+    def __init__(self, client: Http1Parser) -> None:
+        self.client = client  # the CLIENT_TO_SERVER parser, paused and resumed around protocol switches
+        self.undecided: deque[_Exchange] = deque()  # parsed requests the proxy has not yet forwarded/refused
+        self.in_flight: deque[_Exchange] = deque()  # forwarded requests awaiting their final response
+        self.current: _Exchange | None = None  # the request being read
+        self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
+
+    def parsed(self, exchange: _Exchange) -> None:
+        self.undecided.append(exchange)
+        self.current = exchange
+
+    def answering(self) -> _Exchange | None:
+        return self.in_flight[0] if self.in_flight else None
+
+    def answered(self, exchange: _Exchange) -> None:
+        self.in_flight.popleft()
+        exchange.answered = True
+        if exchange.switch is not None:
+            self.resume_client()
+
+    def resume_client(self) -> None:
+        client = self.client
+        if client.state is State.PAUSED:
+            client.move(Input.RESUME)
+
+    def switched(self, events: list[Http1Event], protocol: str) -> None:
+        self.in_flight.popleft().answered = True
+        client = self.client
+        if client.state is not State.PAUSED:
+            raise ProtocolViolation("protocol switch before the request was complete", direction=S2C)
+        client.move(Input.SWITCH)
+        self.upgraded = protocol
+        events.append(ConnectionUpgraded(protocol=protocol))
+
+
+class Http1Parser:
+    """One direction of an HTTP/1.1 connection: `feed(data) -> list[Http1Event]` (the parser contract).
+
+    The CLIENT_TO_SERVER parser reads requests; the SERVER_TO_CLIENT parser reads responses and is made
+    from it (`Http1Parser(S2C, requests=client)`, or both at once with `Http1Parser.pair()`), because a
+    response is framed by its request's method and a switch changes both directions.
+    Protocol with the proxy (all calls synchronous, no I/O):
+    * `feed(data)` returns the events in `data`; `feed_eof()` when that peer closed; `data_to_send()`
+      is always b"" (HTTP/1.1 never answers on its own: every byte written comes from `forward` or `refusal`).
+    * Every `HttpRequest` the client parser returns must be answered, in order, by exactly one of
+      `client.forward(request)` (it goes upstream; its response will be framed by its method) or
+      `client.refusal(request, reason)` (the proxy answers it). The body events of a refused request are dropped.
+    * `forward(event)` returns the bytes to write to the other peer for any event this parser read.
+    * When `client.has_held_input()` is true after a response or a refusal, call `client.feed(b"")`.
+    """
 
     __slots__ = (
         "_buf",
         "_chunked_trailers",
-        "_conn",
         "_done",
         "_head_is_request",
         "_held",
         "_memo",
+        "_out_chunked",
+        "_out_trailers",
         "_parser",
+        "_raw_responses",
         "_remaining",
         "_response_keep_alive",
+        "_shared",
         "_trailer_bytes",
         "direction",
+        "limits",
         "rejected",
         "state",
     )
 
-    def __init__(self, conn: Http1Connection, direction: Direction) -> None:
-        self._conn = conn
+    def __init__(
+        self,
+        direction: Direction,
+        *,
+        requests: Http1Parser | None = None,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> None:
+        """Raises ValueError: `requests` missing (or given) for SERVER_TO_CLIENT (CLIENT_TO_SERVER)."""
         self.direction = direction
         self._head_is_request = direction is C2S
+        if self._head_is_request:
+            if requests is not None:
+                raise ValueError("a CLIENT_TO_SERVER parser reads the requests itself: no requests= parser")
+            self._shared = _Exchanges(self)
+        else:
+            if requests is None or requests.direction is not C2S:
+                raise ValueError("a SERVER_TO_CLIENT parser needs requests=<the CLIENT_TO_SERVER parser>")
+            self._shared = requests._shared
+        self.limits = Limits(
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
         self.state = State.IDLE
         self._buf = bytearray()  # a partial head / chunk line / trailer line
         self._held = bytearray()  # bytes received while PAUSED
@@ -321,6 +404,40 @@ class _Reader:
         # Set while a ParseError is raised for a head whose request line was split, so that the
         # proxy can say which request it refused.
         self.rejected: tuple[str, str, str] | None = None
+        self._out_chunked = False  # what forward() writes is chunked (re-chunked one chunk per Data)
+        self._out_trailers: Headers = ()
+        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
+        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
+
+    @classmethod
+    def pair(
+        cls,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> tuple[Http1Parser, Http1Parser]:
+        """The (CLIENT_TO_SERVER, SERVER_TO_CLIENT) parsers of one connection, with the same limits."""
+        client = cls(
+            C2S,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        server = cls(
+            S2C,
+            requests=client,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        return client, server
 
     # -- state table -------------------------------------------------------------------------------
 
@@ -340,6 +457,17 @@ class _Reader:
     # -- feeding -----------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[Http1Event]:
+        """Parse `data` received from this direction's peer (b"" processes held input only).
+
+        Returns:
+            The events, in order; [] when more bytes are needed.
+        Raises:
+            MalformedMessage: the bytes break the framing rules (module docstring); answer with
+                `error_response(refusal_status(e.reason, e.direction), keep_alive=False)` and close.
+            MessageTooLarge: a limit was crossed; same as above (431 for a request).
+            ProtocolViolation: bytes in an order HTTP/1.1 forbids; close the connection.
+            The parser is unusable after any of them.
+        """
         if self.state is State.ERROR:
             raise ProtocolViolation("parser already failed", direction=self.direction)
         if self._held and self.state is not State.PAUSED:
@@ -399,7 +527,7 @@ class _Reader:
                 events.append(Data(data=data[pos:] if pos else data))
                 return
             elif st is State.PAUSED:
-                if len(self._held) + n - pos > self._conn.limits.max_held_bytes:
+                if len(self._held) + n - pos > self.limits.max_held_bytes:
                     raise self._error(MessageTooLarge, "too many bytes sent while a protocol switch is pending")
                 self._held += data[pos:]
                 return
@@ -446,7 +574,7 @@ class _Reader:
                     httptools.HttpRequestParser(done) if self._head_is_request else httptools.HttpResponseParser(done)
                 )
         start = pos
-        limit = self._conn.limits.max_header_bytes
+        limit = self.limits.max_header_bytes
         end = -1 if self._buf else data.find(b"\r\n\r\n", pos, pos + limit)
         if end >= 0:  # the common case: a whole head in one read
             pos = end + 4
@@ -478,7 +606,7 @@ class _Reader:
 
     def _lines(self, head: bytes) -> list[str]:
         """The head's lines (start line first), checked against the line and field-count limits."""
-        limits = self._conn.limits
+        limits = self.limits
         lines = head[:-4].decode("latin-1").split("\r\n")
         if len(lines) > limits.max_headers + 1:
             raise self._error(MessageTooLarge, f"more than {limits.max_headers} header fields")
@@ -604,7 +732,7 @@ class _Reader:
             request=request,
             raw_head=head if target == raw_target else None,
         )
-        self._conn._parsed(exchange)
+        self._shared.parsed(exchange)
         self.rejected = None
         if chunked:
             self.move(Input.HEAD_CHUNKED)
@@ -633,11 +761,11 @@ class _Reader:
         if _CTL.search(reason):
             raise self._error(MalformedMessage, "control character in the reason phrase (RFC 9112 §4)")
         f = self._head_fields(head, lines, version, cached)
-        exchange = self._conn._answering()
+        exchange = self._shared.answering()
         if exchange is None:
             raise self._error(ProtocolViolation, "response with no request in flight")
         headers = tuple(f.headers)
-        raw_responses = self._conn._raw_responses
+        raw_responses = self._raw_responses
         if status == 101:
             if exchange.switch is None or exchange.switch == "CONNECT":
                 raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
@@ -645,14 +773,14 @@ class _Reader:
             raw_responses.append((response, head))
             events.append(response)
             self.move(Input.HEAD_SWITCH)
-            self._conn._switched(events, f.upgrade or exchange.switch)
+            self._shared.switched(events, f.upgrade or exchange.switch)
             return False
         if exchange.switch == "CONNECT" and 200 <= status < 300:
             response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
             raw_responses.append((response, head))
             events.append(response)
             self.move(Input.HEAD_SWITCH)
-            self._conn._switched(events, "CONNECT")
+            self._shared.switched(events, "CONNECT")
             return False
         if status < 200:
             response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
@@ -660,7 +788,7 @@ class _Reader:
             events.append(response)
             self.move(Input.HEAD_INTERIM)
             return True
-        self._conn._answered(exchange)
+        self._shared.answered(exchange)
         keep_alive = exchange.keep_alive and version == "1.1" and "close" not in f.connection
         no_body = exchange.method == "HEAD" or status in (204, 304)
         content_length = f.content_length
@@ -695,7 +823,7 @@ class _Reader:
     # -- chunked bodies ----------------------------------------------------------------------------
 
     def _read_chunk_size(self, data: bytes, pos: int) -> int:
-        line, pos = self._take(data, pos, b"\r\n", self._conn.limits.max_chunk_line_bytes, "chunk-size line")
+        line, pos = self._take(data, pos, b"\r\n", self.limits.max_chunk_line_bytes, "chunk-size line")
         if line is None:
             return pos
         match = _CHUNK_LINE.fullmatch(line)
@@ -712,7 +840,7 @@ class _Reader:
         return pos
 
     def _read_trailer_line(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
-        limits = self._conn.limits
+        limits = self.limits
         line, pos = self._take(data, pos, b"\r\n", limits.max_line_bytes, "trailer line")
         if line is None:
             return pos
@@ -740,7 +868,7 @@ class _Reader:
     def _end_message(self, events: list[Http1Event]) -> None:
         events.append(_EOM)
         if self._head_is_request:
-            exchange = self._conn._current
+            exchange = self._shared.current
             assert exchange is not None  # a request's EndOfMessage always follows its head
             exchange.complete = True
             if exchange.switch is not None and not exchange.answered:
@@ -753,6 +881,13 @@ class _Reader:
             self.move(Input.NEXT if self._response_keep_alive else Input.CLOSE)
 
     def feed_eof(self) -> list[Http1Event]:
+        """This direction's peer closed its side.
+
+        Returns:
+            [EndOfMessage] when that ends a response read until close, else [].
+        Raises:
+            MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
+        """
         st = self.state
         if st is State.BODY_UNTIL_CLOSE:
             self.move(Input.EOF)
@@ -767,213 +902,124 @@ class _Reader:
         self.move(Input.EOF)
         return []
 
+    # -- the rest of the contract ------------------------------------------------------------------
 
-class Http1Connection:
-    """Both directions of one HTTP/1.1 connection, as the proxy sees them.
+    def data_to_send(self) -> bytes:
+        """Bytes this parser itself wants written to its peer: always b"" for HTTP/1.1 (see the class doc)."""
+        return b""
 
-    Protocol with the proxy (all calls synchronous, no I/O):
-    * `feed(direction, data)` returns the events in `data`; `feed_eof(direction)` when that peer closed.
-    * Every `HttpRequest` that `feed` returns must be answered, in order, by exactly one of
-      `forward(C2S, request)` (it goes upstream; its response will be framed by its method) or
-      `refuse(...)` (the proxy answers it). The body events of a refused request are just dropped.
-    * `forward(direction, event)` returns the bytes to write to the other peer for any event.
-    * When `has_held_input(C2S)` is true after a response or a refusal, call `feed(C2S, b"")`.
-    """
-
-    __slots__ = (
-        "_by_direction",
-        "_current",
-        "_in_flight",
-        "_out_chunked",
-        "_out_trailers",
-        "_raw_responses",
-        "_readers",
-        "_undecided",
-        "limits",
-        "upgraded",
-    )
-
-    def __init__(
-        self,
-        *,
-        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-        max_headers: int = 100,
-        max_line_bytes: int = 8192,
-        max_chunk_line_bytes: int = 1024,
-        max_held_bytes: int = 65536,
-    ) -> None:
-        self.limits = Limits(
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
-            max_line_bytes=max_line_bytes,
-            max_chunk_line_bytes=max_chunk_line_bytes,
-            max_held_bytes=max_held_bytes,
-        )
-        self._readers = {C2S: _Reader(self, C2S), S2C: _Reader(self, S2C)}
-        # Per-direction state is indexed by `direction is S2C` (0 or 1): Enum.__hash__ is Python code,
-        # and these lookups run several times per message.
-        self._by_direction = (self._readers[C2S], self._readers[S2C])
-        self._undecided: deque[_Exchange] = deque()  # parsed requests the proxy has not yet forwarded/refused
-        self._in_flight: deque[_Exchange] = deque()  # forwarded requests awaiting their final response
-        self._out_chunked = [False, False]
-        self._out_trailers: list[Headers] = [(), ()]
-        self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
-        self._current: _Exchange | None = None  # the request being read
-        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
-        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
-
-    # -- reading -----------------------------------------------------------------------------------
-
-    def feed(self, direction: Direction, data: bytes) -> list[Http1Event]:
-        """Parse `data` received from the peer on `direction` (b"" processes held input only).
-
-        Returns:
-            The events, in order; [] when more bytes are needed.
-        Raises:
-            MalformedMessage: the bytes break the framing rules (module docstring); answer with
-                `refusal(http_status(e.reason, e.direction), keep_alive=False)` and close.
-            MessageTooLarge: a limit was crossed; same as above (431 for a request).
-            ProtocolViolation: bytes in an order HTTP/1.1 forbids; close the connection.
-            The connection is unusable after any of them.
-        """
-        return self._by_direction[direction is S2C].feed(data)
-
-    def feed_eof(self, direction: Direction) -> list[Http1Event]:
-        """The peer on `direction` closed its side.
-
-        Returns:
-            [EndOfMessage] when that ends a response read until close, else [].
-        Raises:
-            MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
-        """
-        return self._by_direction[direction is S2C].feed_eof()
+    @property
+    def upgraded(self) -> str | None:
+        """The ConnectionUpgraded protocol once the connection switched, else None."""
+        return self._shared.upgraded
 
     def rejected_request(self) -> tuple[str, str, str] | None:
         """(method, raw target, Host or "") of the request head the last client ParseError refused, when
         its request line could be split; None otherwise (the error was elsewhere, or the line unreadable)."""
-        return self._by_direction[0].rejected
-
-    def state(self, direction: Direction) -> State:
-        """The reader state of one direction (for tests and diagnostics)."""
-        return self._by_direction[direction is S2C].state
+        return self.rejected
 
     def proposes_switch(self) -> bool:
         """True when the oldest request not yet forwarded or refused asks to switch protocols (an
         Upgrade with `Connection: upgrade`, or CONNECT). Cheap: the head was read already."""
-        return bool(self._undecided) and self._undecided[0].switch is not None
+        undecided = self._shared.undecided
+        return bool(undecided) and undecided[0].switch is not None
 
-    def has_held_input(self, direction: Direction) -> bool:
-        """True when bytes received during a pending switch can now be parsed: call feed(direction, b"")."""
-        reader = self._by_direction[direction is S2C]
-        return bool(reader._held) and reader.state is not State.PAUSED
-
-    # -- bookkeeping shared by the readers -----------------------------------------------------------
-
-    def _parsed(self, exchange: _Exchange) -> None:
-        self._undecided.append(exchange)
-        self._current = exchange
-
-    def _answering(self) -> _Exchange | None:
-        return self._in_flight[0] if self._in_flight else None
-
-    def _answered(self, exchange: _Exchange) -> None:
-        self._in_flight.popleft()
-        exchange.answered = True
-        if exchange.switch is not None:
-            self._resume_client()
-
-    def _resume_client(self) -> None:
-        client = self._by_direction[0]
-        if client.state is State.PAUSED:
-            client.move(Input.RESUME)
-
-    def _switched(self, events: list[Http1Event], protocol: str) -> None:
-        self._in_flight.popleft().answered = True
-        client = self._by_direction[0]
-        if client.state is not State.PAUSED:
-            raise ProtocolViolation("protocol switch before the request was complete", direction=S2C)
-        client.move(Input.SWITCH)
-        self.upgraded = protocol
-        events.append(ConnectionUpgraded(protocol=protocol))
+    def has_held_input(self) -> bool:
+        """True when bytes received during a pending switch can now be parsed: call feed(b"")."""
+        return bool(self._held) and self.state is not State.PAUSED
 
     # -- decisions and writing ---------------------------------------------------------------------
 
-    def forward(self, direction: Direction, event: Http1Event, *, headers: Headers | None = None) -> bytes:
-        """Bytes to write to the other peer for `event` read on `direction` (re-framed, see module doc).
+    def forward(self, event: Http1Event, *, headers: Headers | None = None) -> bytes:
+        """Bytes to write to the other peer for `event` read by this parser (re-framed, see module doc).
 
         `headers` replaces the head's fields (header actions applied); the framing fields are always
         this parser's. For an HttpRequest this also records it as forwarded, so its response is framed
         by its method; call it in the order the requests were read.
 
         Raises:
-            ValueError: `headers` holds a name that is not a token or a value with CR, LF or NUL.
+            ValueError: `headers` holds a name that is not a token or a value with CR, LF or NUL; or the
+                request was not read, or was already forwarded or refused.
         """
-        side = direction is S2C  # index into the per-direction lists
         if type(event) is Data:
-            if self._out_chunked[side]:
+            if self._out_chunked:
                 return b"%x\r\n%b\r\n" % (len(event.data), event.data) if event.data else b""
             return event.data
         if type(event) is EndOfMessage:
-            if self._out_chunked[side]:
-                self._out_chunked[side] = False
-                trailers = self._out_trailers[side]
-                self._out_trailers[side] = ()
+            if self._out_chunked:
+                self._out_chunked = False
+                trailers = self._out_trailers
+                self._out_trailers = ()
                 return b"0\r\n" + _fields_bytes(trailers) + b"\r\n"
             return b""
         if type(event) is HttpRequest:
-            if not self._undecided:
-                raise ValueError("forward() of a request that was not read, or was already decided")
-            exchange = self._undecided.popleft()
-            self._in_flight.append(exchange)
-            self._out_chunked[side] = event.has_body and event.content_length is None
-            raw = exchange.raw_head
-            if headers is None and raw is not None and exchange.request is event:
-                exchange.raw_head = exchange.request = None
-                return raw  # exactly what was validated and framed: no need to re-serialise
-            exchange.raw_head = exchange.request = None
-            return serialize_request_head(event, headers)
+            return self._forward_request(event, headers)
         if type(event) is HttpResponse:
-            chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
-            if event.status >= 200:
-                self._out_chunked[side] = chunked
-            raw_responses = self._raw_responses
-            while raw_responses:
-                seen, raw = raw_responses.popleft()
-                if seen is event:
-                    if headers is None:
-                        return raw
-                    break
-            return serialize_response_head(event, headers)
+            return self._forward_response(event, headers)
         if type(event) is Trailers:
-            self._out_trailers[side] = event.headers
+            self._out_trailers = event.headers
             return b""
         return b""  # ConnectionUpgraded: nothing on the wire
 
-    def refuse(self, *, status: int = 403, body: bytes | None = None) -> Refusal:
-        """The proxy answers the oldest undecided request itself (policy denial) instead of forwarding it.
+    def _forward_request(self, event: HttpRequest, headers: Headers | None) -> bytes:
+        shared = self._shared
+        if not shared.undecided or not self._head_is_request:
+            raise ValueError("forward() of a request that was not read, or was already decided")
+        exchange = shared.undecided.popleft()
+        shared.in_flight.append(exchange)
+        self._out_chunked = event.has_body and event.content_length is None
+        raw = exchange.raw_head
+        if headers is None and raw is not None and exchange.request is event:
+            exchange.raw_head = exchange.request = None
+            return raw  # exactly what was validated and framed: no need to re-serialise
+        exchange.raw_head = exchange.request = None
+        return serialize_request_head(event, headers)
 
-        The connection stays open unless the request asked to close, is HTTP/1.0, expects
-        100-continue with its body not yet read (the client may never send it), or proposed a
-        protocol switch whose bytes the proxy will not read as HTTP. A refused switch proposal
-        resumes HTTP parsing of what the client sent after it (see `has_held_input`).
+    def _forward_response(self, event: HttpResponse, headers: Headers | None) -> bytes:
+        chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
+        if event.status >= 200:
+            self._out_chunked = chunked
+        raw_responses = self._raw_responses
+        while raw_responses:
+            seen, raw = raw_responses.popleft()
+            if seen is event:
+                if headers is None:
+                    return raw
+                break
+        return serialize_response_head(event, headers)
+
+    def refusal(self, request: HttpRequest, reason: Reason, *, body: bytes | None = None) -> Refusal:
+        """The proxy answers `request` (the oldest undecided one) itself instead of forwarding it.
+
+        The status is `refusal_status(reason)` (403 for a policy denial, body `Access denied`). The
+        connection stays open unless the request asked to close, is HTTP/1.0, expects 100-continue
+        with its body not yet read (the client may never send it), or proposed a protocol switch
+        whose bytes the proxy will not read as HTTP. A refused switch proposal resumes HTTP parsing
+        of what the client sent after it (see `has_held_input`).
 
         Returns:
             The response bytes (no body for HEAD) and whether to close after writing them; write
             them after the responses of the requests forwarded before this one.
         Raises:
-            ValueError: no request is waiting for a decision, or `status` has no refusal text.
+            ValueError: called on the SERVER_TO_CLIENT parser, no request is waiting for a decision,
+                or `request` is not the oldest undecided one.
         """
-        if not self._undecided:
-            raise ValueError("refuse() with no request waiting for a decision")
-        exchange = self._undecided.popleft()
+        undecided = self._shared.undecided
+        if not undecided or not self._head_is_request:
+            raise ValueError("refusal() with no request waiting for a decision")
+        if undecided[0].request is not request:
+            raise ValueError("refusal() of a request other than the oldest undecided one")
+        exchange = undecided.popleft()
         exchange.answered = True
+        exchange.raw_head = exchange.request = None
         close = not exchange.keep_alive or (exchange.expect_continue and exchange.has_body and not exchange.complete)
         if exchange.switch is not None:
             if exchange.complete:
-                self._resume_client()
+                self._shared.resume_client()
             else:
                 close = True
-        data = refusal(status, keep_alive=not close, body=body, head_request=exchange.method == "HEAD")
+        data = error_response(refusal_status(reason), keep_alive=not close, body=body,
+                              head_request=exchange.method == "HEAD")
         return Refusal(data=data, close=close)
 
 
@@ -1033,7 +1079,7 @@ def serialize_response_head(resp: HttpResponse, headers: Headers | None = None) 
     return (line + "".join([f"{n}: {v}\r\n" for n, v in headers]) + "\r\n").encode("latin-1")
 
 
-_REASON_PHRASES: Final = {
+REASON_PHRASES: Final = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
@@ -1050,8 +1096,9 @@ _REASON_PHRASES: Final = {
 
 
 @functools.lru_cache(maxsize=256)
-def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_request: bool = False) -> bytes:
-    """A complete response the proxy sends instead of forwarding (403 by policy, 400/431/502/503/504 on errors).
+def error_response(status: int, *, keep_alive: bool, body: bytes | None = None, head_request: bool = False) -> bytes:
+    """A complete response the proxy writes itself: the bytes of every refusal, and of the error answers
+    that have no request to refuse (408 on a head timeout, 400/431 on an unreadable head, 502/503/504).
 
     The body defaults to `Access denied\\r\\n` for 403 (Cilium's text) and the reason phrase plus CRLF
     otherwise; Content-Length is always exact, `Connection: close` when `keep_alive` is False and
@@ -1061,7 +1108,7 @@ def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_re
     Raises:
         ValueError: `status` is not one this module has a reason phrase for.
     """
-    reason = _REASON_PHRASES.get(status)
+    reason = REASON_PHRASES.get(status)
     if reason is None:
         raise ValueError(f"no refusal for status {status}")
     if body is None:
@@ -1075,8 +1122,9 @@ def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_re
     return head if head_request else head + body
 
 
-def http_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SERVER) -> int:
-    """The status code that answers `reason`; a broken response from upstream is 502 whatever the reason.
+def refusal_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SERVER) -> int:
+    """The status the proxy answers with for `reason` (HTTP/1.1 and HTTP/2); a broken response from
+    upstream (`direction` SERVER_TO_CLIENT) is 502 whatever the reason.
 
     Returns:
         403 policy denial, 400 malformed request, 431 request over a limit, 503 upstream

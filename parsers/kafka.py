@@ -28,7 +28,7 @@ Rules / theory of operation
   denied topic gets 29 for both. Metadata refusals need the broker list (`brokers=`, learned with
   `metadata_brokers`): kafka-python and aiokafka drop a Metadata response without brokers.
 
-Refusals (`build_refusal`): same api key, version and correlation id, error code 29
+Refusals (`refusal`): same api key, version and correlation id, error code 29
 TOPIC_AUTHORIZATION_FAILED on every topic/partition the request named, encoded by kafka-python's
 schema-driven encoder (flexible versions included). Kinds without per-topic errors get the closest
 authorisation error that the client surfaces:
@@ -64,11 +64,11 @@ __all__ = [
     "Broker",
     "KafkaRequestParser",
     "KafkaResponseParser",
-    "build_refusal",
     "kafka_error_code",
     "metadata_brokers",
     "metadata_topic_ids",
     "parse_request",
+    "refusal",
     "resolve_topic_ids",
 ]
 
@@ -520,8 +520,7 @@ Broker = tuple[int, str, int, "str | None"]
 """A broker as Metadata lists it: node id, host, port, rack."""
 
 
-def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED, *,
-                  brokers: Sequence[Broker] = ()) -> bytes | None:
+def refusal(request: KafkaRequest, reason: Reason, *, brokers: Sequence[Broker] = ()) -> bytes | None:
     """The response frame (size prefix included) a broker would send to refuse `request` for `reason`.
 
     `brokers` (learned from an earlier Metadata response with `metadata_brokers`) go into a Metadata
@@ -600,7 +599,7 @@ def resolve_topic_ids(request: KafkaRequest, names_by_id: dict[str, str]) -> Kaf
 
 
 def metadata_brokers(response: KafkaResponse) -> tuple[Broker, ...]:
-    """The brokers a Metadata response lists, for later Metadata refusals (see `build_refusal`).
+    """The brokers a Metadata response lists, for later Metadata refusals (see `refusal`).
 
     Returns: () for other kinds or an undecodable body. Raises: nothing.
     """

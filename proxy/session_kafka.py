@@ -142,7 +142,7 @@ class KafkaSession(Session):
             actions.append(self._flow(request, REQUEST, FORWARDED, now, rule=rule))
             return
         assert reason is not None
-        refusal = kafka.build_refusal(request, reason, brokers=self.learned.brokers)
+        refusal = kafka.refusal(request, reason, brokers=self.learned.brokers)
         actions.append(
             self._flow(request, REQUEST, verdict, now, rule=rule, reason=reason, error_code=kafka.kafka_error_code(reason))
         )

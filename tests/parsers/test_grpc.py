@@ -26,7 +26,7 @@ from membrane.parsers.grpc import (
     percent_decode_message,
     percent_encode_message,
     split_path,
-    trailers_only_refusal,
+    status_trailers,
 )
 
 from tests.helpers.feed import all_chunkings, feed_all
@@ -103,12 +103,12 @@ def test_every_reason_maps_to_a_grpc_status(reason: Reason, status: GrpcStatus) 
                                    Reason.UPSTREAM_FAILED, Reason.UPSTREAM_TIMEOUT}
 
 
-def test_trailers_only_refusal() -> None:
+def test_status_trailers() -> None:
     """A denied call is a trailers-only response: :status 200, application/grpc, grpc-status 7 (PROTOCOL-HTTP2.md, Trailers-Only)."""
-    assert trailers_only_refusal(Reason.POLICY_DENIED) == (
+    assert status_trailers(Reason.POLICY_DENIED) == (
         (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "7"),
         ("grpc-message", "Access denied"))
-    assert trailers_only_refusal(Reason.TOO_LARGE, "größe 100%")[3] == ("grpc-message", "gr%C3%B6%C3%9Fe 100%25")
+    assert status_trailers(Reason.TOO_LARGE, "größe 100%")[3] == ("grpc-message", "gr%C3%B6%C3%9Fe 100%25")
 
 
 _STREAM = grpc_message(b"hello") + grpc_message(b"") + grpc_message(b"\x1f\x8b" + b"z" * 300, compressed=True)

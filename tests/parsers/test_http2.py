@@ -36,6 +36,7 @@ from membrane.parsers.events import (
     StreamReset,
     Trailers,
 )
+from membrane.parsers.http1 import refusal_status
 from membrane.parsers.http2 import (
     ErrorCode,
     Event,
@@ -43,7 +44,6 @@ from membrane.parsers.http2 import (
     Http2ClientSide,
     Http2ServerSide,
     RequestRejected,
-    http_status,
     is_h2c_upgrade,
 )
 
@@ -226,8 +226,8 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
     events = side.feed(client.data_to_send())
     assert [(type(e), e.stream_id) for e in events] == [
         (HttpRequest, 1), (HttpRequest, 3), (GrpcCall, 5), (Data, 1), (Data, 3), (Data, 5)]
-    side.refuse(3, Reason.POLICY_DENIED)
-    side.refuse(5, Reason.POLICY_DENIED)
+    side.refusal(3, Reason.POLICY_DENIED)
+    side.refusal(5, Reason.POLICY_DENIED)
     side.acknowledge(1, len(b"payload-1"))
     # The client keeps streaming on every stream; refused streams' bytes are dropped.
     for sid in (1, 3, 5):
@@ -252,14 +252,14 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
     (Reason.UPSTREAM_FAILED, 503, "14"), (Reason.UPSTREAM_TIMEOUT, 504, "4")])
 def test_every_reason_has_an_http_and_a_grpc_refusal(reason: Reason, status: int, grpc_status: str) -> None:
     """Each Reason maps to one HTTP status and one grpc-status (STYLE.md §3.4)."""
-    assert http_status(reason) == status
+    assert refusal_status(reason) == status
     client = _peer(True)
     side = Http2ServerSide()
     client.send_headers(1, request_headers("/x"), end_stream=True)
     client.send_headers(3, grpc_headers())
     side.feed(client.data_to_send())
-    side.refuse(1, reason)
-    side.refuse(3, reason)
+    side.refusal(1, reason)
+    side.refusal(3, reason)
     seen = _client_reads(side.data_to_send(), client)
     assert seen[1]["headers"][":status"] == str(status) and seen[1]["ended"]  # type: ignore[index]
     assert seen[3]["headers"]["grpc-status"] == grpc_status  # type: ignore[index]
@@ -274,7 +274,7 @@ def test_refusal_after_grpc_response_started_ends_with_status_trailers() -> None
     side.send_response(HttpResponse(status=200, headers=(("content-type", "application/grpc"),), stream_id=1,
                                     has_body=True, http_version="2"))
     side.send_data(1, grpc_message(b"partial"))
-    side.refuse(1, Reason.TOO_LARGE, message="too big: 100%")
+    side.refusal(1, Reason.TOO_LARGE, message="too big: 100%")
     seen = _client_reads(side.data_to_send(), client)[1]
     assert seen["trailers"] == {"grpc-status": "8", "grpc-message": "too big: 100%25"}
     assert seen["ended"]
@@ -287,7 +287,7 @@ def test_refusal_after_plain_response_started_resets() -> None:
     client.send_headers(1, request_headers("/x"), end_stream=True)
     side.feed(client.data_to_send())
     side.send_response(HttpResponse(status=200, stream_id=1, has_body=True, http_version="2"))
-    side.refuse(1, Reason.UPSTREAM_FAILED)
+    side.refusal(1, Reason.UPSTREAM_FAILED)
     assert _client_reads(side.data_to_send(), client)[1]["reset"] == ErrorCode.INTERNAL_ERROR
 
 
@@ -297,7 +297,7 @@ def test_refused_stream_body_does_not_stall_the_connection() -> None:
     side = Http2ServerSide(initial_window_size=65_535, connection_window_size=65_535)
     client.send_headers(1, request_headers("/denied", method="POST"))
     side.feed(client.data_to_send())
-    side.refuse(1, Reason.POLICY_DENIED)
+    side.refusal(1, Reason.POLICY_DENIED)
     _client_reads(side.data_to_send(), client)
     sent = 0
     while sent < 300_000:  # far beyond every window: only works if the proxy keeps opening them
@@ -360,7 +360,7 @@ class Bridge:
                     elif isinstance(e, EndOfMessage):
                         self.down.end_stream(e.stream_id or 0)
                     elif isinstance(e, StreamReset):
-                        self.down.refuse(e.stream_id, Reason.UPSTREAM_FAILED)
+                        self.down.refusal(e.stream_id, Reason.UPSTREAM_FAILED)
             for sid, n in self.up.pop_delivered():
                 self.down.acknowledge(sid, n)
             for sid, n in self.down.pop_delivered():
@@ -691,7 +691,7 @@ def test_any_frame_sequence_yields_events_or_parse_error(specs: list[tuple[objec
         for event in side.feed(wire):
             # Drive the API as the proxy would, so refusals and acknowledgements run in every state.
             if isinstance(event, HttpRequest | GrpcCall) and isinstance(side, Http2ServerSide):
-                side.refuse(event.stream_id or 0, Reason.POLICY_DENIED)
+                side.refusal(event.stream_id or 0, Reason.POLICY_DENIED)
             elif isinstance(event, Data):
                 side.acknowledge(event.stream_id or 0, len(event.data))
         side.data_to_send()
@@ -823,7 +823,7 @@ class LoopbackBridge:
                             if isinstance(e, HttpRequest | GrpcCall):
                                 if self.deny(e):
                                     denied.add(sid)
-                                    down.refuse(sid, Reason.POLICY_DENIED)
+                                    down.refusal(sid, Reason.POLICY_DENIED)
                                 else:
                                     self.upstream_paths.append(e.target if isinstance(e, HttpRequest) else e.path)
                                     up.send_request(e)
@@ -850,7 +850,7 @@ class LoopbackBridge:
                             elif isinstance(e, EndOfMessage):
                                 down.end_stream(sid)
                             elif isinstance(e, StreamReset):
-                                down.refuse(sid, Reason.UPSTREAM_FAILED)
+                                down.refusal(sid, Reason.UPSTREAM_FAILED)
                     for sid, n in up.pop_delivered():
                         down.acknowledge(sid, n)
                     for sid, n in down.pop_delivered():
@@ -1027,7 +1027,7 @@ def _serve_h2_directly(listener: socket.socket, errors: list[BaseException]) -> 
             for e in events:
                 if isinstance(e, HttpRequest):
                     if e.path == "/admin":
-                        side.refuse(e.stream_id or 0, Reason.POLICY_DENIED)
+                        side.refusal(e.stream_id or 0, Reason.POLICY_DENIED)
                     else:
                         body = f"answered {e.path} on stream {e.stream_id}\n".encode()
                         side.send_response(HttpResponse(status=200, stream_id=e.stream_id, has_body=True,

@@ -35,7 +35,6 @@ from membrane.parsers.events import Direction, KafkaRequest, Reason
 from membrane.parsers.kafka import (
     KafkaRequestParser,
     KafkaResponseParser,
-    build_refusal,
     kafka_error_code,
     message_classes,
     metadata_brokers,
@@ -43,6 +42,7 @@ from membrane.parsers.kafka import (
     parse_request,
     resolve_topic_ids,
 )
+from membrane.parsers.kafka import refusal as kafka_refusal
 from membrane.parsers.names import KAFKA_API_KEY_NAMES
 from membrane.policies import kafka_keys
 
@@ -104,7 +104,7 @@ def test_captures_cover_all_three_clients_and_the_main_kinds() -> None:
 def test_captured_request_gets_a_decodable_refusal(name: str) -> None:
     """A refusal of a captured request decodes as the same kind and version, with its correlation id (KIP-482 for flexible)."""
     req = parse_request((CAPTURES / name).read_bytes())
-    refusal = build_refusal(req)
+    refusal = kafka_refusal(req, Reason.POLICY_DENIED)
     assert refusal
     decoded = RESPONSES[req.api_key].decode(refusal, version=req.api_version, header=True, framed=True)
     assert decoded.header.correlation_id == req.correlation_id
@@ -269,7 +269,7 @@ def test_refusal_for_every_kind_and_version(case: tuple[bytes, int, int, list[st
     """A refusal decodes as the same api key and version with the same correlation id, error 29 on named topics."""
     frame, api_key, version, topics, _ = case
     req = parse_request(frame)
-    refusal = build_refusal(req)
+    refusal = kafka_refusal(req, Reason.POLICY_DENIED)
     if not req.expects_response:
         assert refusal == b""
         return
@@ -388,7 +388,7 @@ def test_produce_acks_zero_expects_no_response() -> None:
     msg = P(version=9, transactional_id=None, acks=0, timeout_ms=1,
             topic_data=[P.TopicProduceData(version=9, name="orders", partition_data=[part])])
     req = parse_request(_encode(msg))
-    assert not req.expects_response and build_refusal(req) == b""
+    assert not req.expects_response and kafka_refusal(req, Reason.POLICY_DENIED) == b""
     responses = KafkaResponseParser()
     responses.expect(req)
     assert responses.pending == 0
@@ -451,7 +451,7 @@ def test_unknown_api_key_is_framed_and_reported() -> None:
         assert events[0] == KafkaRequest(api_key=9999, api_version=3, correlation_id=42, client_id="cid",
                                          topics_known=False, size=len(frame) - 4)
         assert events[1].correlation_id == 43
-    assert build_refusal(events[0]) is None
+    assert kafka_refusal(events[0], Reason.POLICY_DENIED) is None
 
 
 def test_unknown_version_of_topic_free_kind_stays_decidable() -> None:
@@ -609,7 +609,7 @@ def test_refusal_of_group_kind_uses_group_error() -> None:
     """A kind without topics (Heartbeat) is refused with 30 GROUP_AUTHORIZATION_FAILED."""
     H = REQUESTS[12]
     req = parse_request(_encode(H(version=4, group_id="g", generation_id=1, member_id="m", group_instance_id=None)))
-    decoded = RESPONSES[12].decode(build_refusal(req), version=4, header=True, framed=True)
+    decoded = RESPONSES[12].decode(kafka_refusal(req, Reason.POLICY_DENIED), version=4, header=True, framed=True)
     assert decoded.error_code == 30
 
 
@@ -617,7 +617,7 @@ def test_refusal_for_non_policy_reason_carries_its_code() -> None:
     """A refusal for UPSTREAM_TIMEOUT carries REQUEST_TIMED_OUT on every partition."""
     frame = (CAPTURES / "kcat-new-produce-v7-topic.bin").read_bytes()
     req = parse_request(frame)
-    decoded = RESPONSES[0].decode(build_refusal(req, Reason.UPSTREAM_TIMEOUT), version=7, header=True, framed=True)
+    decoded = RESPONSES[0].decode(kafka_refusal(req, Reason.UPSTREAM_TIMEOUT), version=7, header=True, framed=True)
     assert {p.error_code for t in decoded.responses for p in t.partition_responses} == {7}
 
 
@@ -632,7 +632,7 @@ def test_metadata_refusal_lists_the_brokers_it_is_given() -> None:
     """A Metadata refusal carries the brokers learned from an earlier response: clients drop one without brokers."""
     frame = (CAPTURES / "kafka-python-new-metadata-v13-topic.bin").read_bytes()
     req = parse_request(frame)
-    refusal = build_refusal(req, brokers=[(0, "10.244.0.7", 9092, None)])
+    refusal = kafka_refusal(req, Reason.POLICY_DENIED, brokers=[(0, "10.244.0.7", 9092, None)])
     assert refusal
     decoded = RESPONSES[3].decode(refusal, version=13, header=True, framed=True)
     assert [(b.node_id, b.host, b.port) for b in decoded.brokers] == [(0, "10.244.0.7", 9092)]
