@@ -371,7 +371,7 @@ def test_response_without_framing_reads_until_close() -> None:
 
 def test_truncated_messages_are_malformed_at_eof() -> None:
     """EOF inside a head or a length-delimited body is a truncated message, never a silent end (RFC 9112 §8)."""
-    c2s, s2c = Http1Parser.pair()
+    c2s = Http1Parser(C2S)
     c2s.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab")
     with pytest.raises(MalformedMessage):
         c2s.feed_eof()

@@ -356,14 +356,14 @@ def test_dns_tcp_refused_forwarded_and_servfail() -> None:
     assert (
         Playbook(session)
         >> DataReceived(C2S, dns.frame_tcp(denied) + dns.frame_tcp(allowed))
-        << Reply(dns.frame_tcp(dns.refusal(denied, dns.REFUSED)))
+        << Reply(dns.frame_tcp(dns.refusal(dns.read_query(denied), Reason.POLICY_DENIED)))
         << Forward(C2S, dns.frame_tcp(allowed))
         >> DataReceived(S2C, dns.frame_tcp(answer))
         << Forward(S2C, dns.frame_tcp(answer))
         >> DataReceived(C2S, dns.frame_tcp(later))
         << Forward(C2S, dns.frame_tcp(later))
         >> UpstreamFailed(Reason.UPSTREAM_FAILED)
-        << Reply(dns.frame_tcp(dns.refusal(later, dns.SERVFAIL)))
+        << Reply(dns.frame_tcp(dns.refusal(dns.read_query(later), Reason.UPSTREAM_FAILED)))
     )
     # The relayed answer taught the toFQDNs cache its name -> IP, until its TTL (60 s) runs out.
     import time
@@ -385,7 +385,7 @@ def test_dns_udp_unanswered_query_gets_servfail() -> None:
     assert [a for a in session.on_query(query) if not hasattr(a, "flow")] == [Forward(C2S, query)]
     assert [a for a in session.expire(5_000_000_000) if not hasattr(a, "flow")] == []
     clock[0] += 6_000_000_000
-    assert [a for a in session.expire(5_000_000_000) if not hasattr(a, "flow")] == [Reply(dns.refusal(query, dns.SERVFAIL))]
+    assert [a for a in session.expire(5_000_000_000) if not hasattr(a, "flow")] == [Reply(dns.refusal(dns.read_query(query), Reason.UPSTREAM_TIMEOUT))]
     assert not session.has_outstanding
 
 
