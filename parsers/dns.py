@@ -44,10 +44,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
-from typing import assert_never, overload
+from typing import TYPE_CHECKING, assert_never, overload
 
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
-from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
+from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Parser, Reason
 
 __all__ = [
     "FORMERR",
@@ -705,3 +705,12 @@ class DnsTcpParser:
     def end_of_stream(self) -> None:
         """The peer closed its side. Raises `MalformedMessage` if a message was cut off."""
         self._framer.end_of_stream()
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _contract(parser: DnsParser) -> Parser[DnsEvent]:
+        return parser
+
+    def _tcp_contract(parser: DnsTcpParser) -> Parser[DnsEvent]:
+        return parser

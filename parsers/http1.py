@@ -79,7 +79,7 @@ import functools
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, assert_never
+from typing import TYPE_CHECKING, Final, assert_never
 
 import httptools
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
@@ -91,6 +91,7 @@ from membrane.parsers.events import (
     Headers,
     HttpRequest,
     HttpResponse,
+    Parser,
     Reason,
     Trailers,
 )
@@ -1143,3 +1144,9 @@ def refusal_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SE
             return 504
         case _:
             assert_never(reason)
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _contract(parser: Http1Parser) -> Parser[Http1Event]:
+        return parser

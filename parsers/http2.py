@@ -48,6 +48,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -67,6 +68,7 @@ from membrane.parsers.events import (
     Headers,
     HttpRequest,
     HttpResponse,
+    Parser,
     Reason,
     StreamReset,
     Trailers,
@@ -415,6 +417,11 @@ class _Http2Side:
                           additional_data=bytes(event.additional_data or b"")))
 
     # --- output -----------------------------------------------------------------------------------
+
+    @property
+    def direction(self) -> Direction:
+        """The direction this side reads: CLIENT_TO_SERVER for the server side, the other for the client side."""
+        return self._inbound
 
     def data_to_send(self) -> bytes:
         """The bytes to write to this side's socket now (may be b"")."""
@@ -892,3 +899,12 @@ class Http2ClientSide(_Http2Side):
                 out.append(StreamReset(stream_id=stream_id, error_code=int(ErrorCode.REFUSED_STREAM)))
                 self._forget_if_finished(stream_id)
         self._pending.clear()
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _server_contract(parser: Http2ServerSide) -> Parser[Event]:
+        return parser
+
+    def _client_contract(parser: Http2ClientSide) -> Parser[Event]:
+        return parser

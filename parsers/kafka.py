@@ -52,12 +52,12 @@ import dataclasses
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 from membrane.parsers._kafka_schema import Found as _Found
 from membrane.parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from membrane.parsers.events import Direction, KafkaRequest, KafkaResponse, Reason
+from membrane.parsers.events import Direction, KafkaRequest, KafkaResponse, Parser, Reason
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -241,10 +241,20 @@ def parse_request(frame: bytes, *, offset: int | None = None) -> KafkaRequest:
 
 
 class KafkaRequestParser:
-    """Client-to-server byte stream -> KafkaRequest events, one per frame, in order."""
+    """Client-to-server byte stream -> KafkaRequest events, one per frame, in order (the parser contract).
+
+    Kafka's two directions read different events, so each has its class; the response parser learns
+    which responses are due from `expect()`, called for each request forwarded upstream.
+    """
+
+    direction = Direction.CLIENT_TO_SERVER
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.CLIENT_TO_SERVER, max_frame_bytes)
+
+    def data_to_send(self) -> bytes:
+        """Always b"": Kafka never answers on its own (refusals come from `refusal`)."""
+        return b""
 
     def feed(self, data: bytes) -> list[KafkaRequest]:
         """Bytes in, every request completed by them out ([] = need more data).
@@ -273,9 +283,15 @@ class KafkaRequestParser:
 class KafkaResponseParser:
     """Server-to-client byte stream -> KafkaResponse events, matched to the requests sent, in order."""
 
+    direction = Direction.SERVER_TO_CLIENT
+
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.SERVER_TO_CLIENT, max_frame_bytes)
         self._pending: deque[tuple[int, int, int]] = deque()
+
+    def data_to_send(self) -> bytes:
+        """Always b"": Kafka never answers on its own."""
+        return b""
 
     def expect(self, request: KafkaRequest) -> None:
         """Record a request forwarded upstream. Requests that get no answer (Produce acks=0) are ignored."""
@@ -633,3 +649,12 @@ def metadata_topic_ids(response: KafkaResponse) -> dict[str, str]:
         return out
     except Exception:
         return {}
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _requests_contract(parser: KafkaRequestParser) -> Parser[KafkaRequest]:
+        return parser
+
+    def _responses_contract(parser: KafkaResponseParser) -> Parser[KafkaResponse]:
+        return parser

@@ -19,7 +19,7 @@ from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseErro
 from membrane.parsers.events import Direction, Reason
 from membrane.parsers.grpc import (
     GrpcMessage,
-    GrpcMessageReader,
+    GrpcParser,
     GrpcStatus,
     grpc_status,
     is_grpc_content_type,
@@ -119,7 +119,7 @@ _EXPECTED = [GrpcMessage(compressed=False, length=5), GrpcMessage(compressed=Fal
 @pytest.mark.parametrize("chunks", all_chunkings(_STREAM))
 def test_framing_survives_any_chunking(chunks: list[bytes]) -> None:
     """Length-Prefixed-Messages split at any byte boundary are read the same (PROTOCOL-HTTP2.md, Length-Prefixed-Message)."""
-    reader = GrpcMessageReader()
+    reader = GrpcParser()
     assert feed_all(reader.feed, chunks) == _EXPECTED
     reader.end()
     assert (reader.messages, reader.payload_bytes) == (3, 307)
@@ -134,14 +134,14 @@ def test_framing_property_arbitrary_splits(messages: list[tuple[bytes, bool]], c
         chunks.append(stream[pos : pos + cut])
         pos += cut
     chunks.append(stream[pos:])
-    reader = GrpcMessageReader()
+    reader = GrpcParser()
     assert feed_all(reader.feed, chunks) == [GrpcMessage(compressed=c, length=len(p)) for p, c in messages]
     reader.end()
 
 
 def test_message_over_the_limit_is_too_large() -> None:
     """A declared length beyond max_message_bytes raises MessageTooLarge before any payload is read (grpc's 4 MiB default)."""
-    reader = GrpcMessageReader(max_message_bytes=100)
+    reader = GrpcParser(max_message_bytes=100)
     assert reader.feed(grpc_message(b"x" * 100)) == [GrpcMessage(compressed=False, length=100)]
     with pytest.raises(MessageTooLarge) as info:
         reader.feed(b"\x00\x00\x00\x00\x65")
@@ -153,13 +153,13 @@ def test_message_over_the_limit_is_too_large() -> None:
 def test_bad_compressed_flag_is_malformed() -> None:
     """The Compressed-Flag is 0 or 1; anything else means the stream is not gRPC-framed."""
     with pytest.raises(MalformedMessage):
-        GrpcMessageReader().feed(b"\x02\x00\x00\x00\x00")
+        GrpcParser().feed(b"\x02\x00\x00\x00\x00")
 
 
 @pytest.mark.parametrize("tail", [b"\x00\x00", grpc_message(b"abc")[:-1]])
 def test_stream_ending_inside_a_message_is_malformed(tail: bytes) -> None:
     """END_STREAM in the middle of a prefix or payload is a truncated message (PROTOCOL-HTTP2.md)."""
-    reader = GrpcMessageReader()
+    reader = GrpcParser()
     reader.feed(grpc_message(b"ok") + tail)
     with pytest.raises(MalformedMessage):
         reader.end()
