@@ -355,6 +355,7 @@ def read_response(data: bytes) -> DnsResponse:
 
 
 def _read_response(data: bytes) -> DnsResponse:
+    """`read_response` without the error translation: header, question, answers, then the other sections."""
     n = len(data)
     if n < HEADER_BYTES:
         raise _WireError("message shorter than the 12-byte header", n, truncated=True)
@@ -365,29 +366,68 @@ def _read_response(data: bytes) -> DnsResponse:
         raise _WireError(f"QDCOUNT is {qdcount}, a response repeats at most one question", 4)
     tc = bool(flags & _TC)
     cache: NameCache = {}
-    pos = HEADER_BYTES
-    name = normalized = ""
-    qtype = 0
+    name, qtype, pos = _read_question(data, cache) if qdcount else ("", 0, HEADER_BYTES)
+    normalized = name.lower()
+    answers = _read_answers(data, pos, ancount, tc, cache, normalized if qdcount else None)
+    pos, cut = answers.end, answers.cut
+    opt = -1
+    if not cut and (nscount or arcount):
+        pos, opt, cut = _skip_records(data, pos, nscount + arcount, nscount, tc, cache)
+    if pos != n and not cut:
+        raise _WireError(f"{n - pos} bytes after the last record (counts too low?)", pos)
+    rcode = flags & 0x000F
+    if opt >= 0:
+        rcode |= data[opt + 5] << 4  # the TTL's top byte is the extended RCODE (RFC 6891 §6.1.3)
+    return DnsResponse(
+        id=qid,
+        name=name,
+        normalized_name=normalized,
+        qtype=qtype,
+        rcode=rcode,
+        addresses=tuple(answers.addresses),
+        cnames=tuple(answers.cnames),
+        min_ttl=answers.min_ttl,
+        raw=data,
+    )
+
+
+def _read_question(data: bytes, cache: NameCache) -> tuple[str, int, int]:
+    """A response's one question. Returns (name as text, QTYPE, offset after the question)."""
+    labels, pos = _read_name(data, HEADER_BYTES, cache)
+    if pos + 4 > len(data):
+        raise _WireError("question runs past the end of the message", pos, truncated=True)
+    return name_text(labels), _U16.unpack_from(data, pos)[0], pos + 4
+
+
+class _Answers:
+    """What the answer section taught toFQDNs, and where the walk over it ended."""
+
+    __slots__ = ("addresses", "cnames", "cut", "end", "min_ttl")
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.cnames: list[str] = []
+        self.min_ttl: int | None = None
+        self.end = 0  # offset after the last record read
+        self.cut = False  # a record was cut off by the end of a TC message: the walk stopped there
+
+
+def _read_answers(data: bytes, pos: int, count: int, tc: bool, cache: NameCache, question: str | None) -> _Answers:
+    """Walk `count` answer records from `pos`, learning A/AAAA/CNAME records of class IN on the chain.
+
+    The chain starts at the (normalised) question name; a CNAME whose owner is on it adds its
+    target. One loop, no call per record but for names: this is the hot path of every DNS answer.
+    """
+    n = len(data)
+    out = _Answers()
     chain: set[str] = set()
-    if qdcount:
-        qlabels, pos = _read_name(data, pos, cache)
-        if pos + 4 > n:
-            raise _WireError("question runs past the end of the message", pos, truncated=True)
-        qtype = _U16.unpack_from(data, pos)[0]
-        pos += 4
-        name = name_text(qlabels)
-        normalized = name.lower()
-        chain.add(normalized)
-    addresses: list[str] = []
-    cnames: list[str] = []
-    min_ttl: int | None = None
-    cut = False
     # Normalised text of names already decoded, by the offset they start at: an owner that is just a
     # pointer to one of them (what compressors write) costs a dict lookup, not a decode.
     texts: dict[int, str] = {}
-    if qdcount:
-        texts[HEADER_BYTES] = normalized
-    for _ in range(ancount):
+    if question is not None:
+        chain.add(question)
+        texts[HEADER_BYTES] = question
+    for _ in range(count):
         start = pos
         owner: str | None = None
         labels: list[bytes] | None = None
@@ -407,8 +447,8 @@ def _read_response(data: bytes) -> DnsResponse:
                 raise _WireError("record data runs past the end of the message", pos, truncated=True)
         except _WireError as e:
             if tc and e.truncated:
-                pos, cut = start, True
-                break
+                out.end, out.cut = start, True
+                return out
             raise
         rdstart, pos = pos, pos + rdlength
         if rtype == TYPE_OPT:
@@ -426,43 +466,26 @@ def _read_response(data: bytes) -> DnsResponse:
             if owner not in chain:
                 continue
             chain.add(target_name)
-            cnames.append(target_name)
+            out.cnames.append(target_name)
         elif rtype == TYPE_A:
             if rdlength != 4:
                 raise _WireError(f"A record with RDLENGTH {rdlength}, not 4", rdstart - 2)
             if owner not in chain:
                 continue
             a, b, c, d = _U8X4.unpack_from(data, rdstart)
-            addresses.append(f"{a}.{b}.{c}.{d}")
+            out.addresses.append(f"{a}.{b}.{c}.{d}")
         else:
             if rdlength != 16:
                 raise _WireError(f"AAAA record with RDLENGTH {rdlength}, not 16", rdstart - 2)
             if owner not in chain:
                 continue
-            addresses.append(_ipv6_text(data, rdstart))
+            out.addresses.append(_ipv6_text(data, rdstart))
         if ttl & 0x80000000:
             ttl = 0  # RFC 2181 §8
-        if min_ttl is None or ttl < min_ttl:
-            min_ttl = ttl
-    opt = -1
-    if not cut and (nscount or arcount):
-        pos, opt, cut = _skip_records(data, pos, nscount + arcount, nscount, tc, cache)
-    if pos != n and not cut:
-        raise _WireError(f"{n - pos} bytes after the last record (counts too low?)", pos)
-    rcode = flags & 0x000F
-    if opt >= 0:
-        rcode |= data[opt + 5] << 4  # the TTL's top byte is the extended RCODE (RFC 6891 §6.1.3)
-    return DnsResponse(
-        id=qid,
-        name=name,
-        normalized_name=normalized,
-        qtype=qtype,
-        rcode=rcode,
-        addresses=tuple(addresses),
-        cnames=tuple(cnames),
-        min_ttl=min_ttl,
-        raw=data,
-    )
+        if out.min_ttl is None or ttl < out.min_ttl:
+            out.min_ttl = ttl
+    out.end = pos
+    return out
 
 
 def read_message(direction: Direction, data: bytes) -> DnsMessage:
