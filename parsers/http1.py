@@ -283,6 +283,99 @@ def _tokens(value: str) -> set[str]:
     return {t.strip().lower() for t in value.split(",")}
 
 
+def _head_lines(head: bytes, limits: Limits, direction: Direction) -> list[str]:
+    """The head's lines (start line first), checked against the line and field-count limits."""
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    if len(lines) > limits.max_headers + 1:
+        raise MessageTooLarge(f"more than {limits.max_headers} header fields", direction=direction)
+    if len(head) > limits.max_line_bytes and max(map(len, lines)) > limits.max_line_bytes:  # no line is longer than the head
+        raise MessageTooLarge(f"a head line is longer than {limits.max_line_bytes} bytes", direction=direction)
+    return lines
+
+
+def _parse_fields(lines: list[str], version: str, direction: Direction) -> _Fields:
+    """Decode the field lines (llhttp already checked their syntax) and pull out the ones that frame."""
+    f = _Fields()
+    headers = f.headers
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
+        headers.append((name, value))
+        special = _SPECIAL.get(name.lower())
+        if special is None:
+            continue
+        if special == 0:  # content-length
+            if f.content_length is not None:
+                raise MalformedMessage("repeated Content-Length (RFC 9112 §6.3)", direction=direction)
+            if not (value.isascii() and value.isdigit() and len(value) <= 18):
+                raise MalformedMessage(f"invalid Content-Length {value[:32]!r} (RFC 9112 §6.3)", direction=direction)
+            f.content_length = int(value)
+        elif special == 1:  # transfer-encoding
+            if f.chunked or value.lower() != "chunked":
+                raise MalformedMessage("Transfer-Encoding other than one final 'chunked' (RFC 9112 §6.1)",
+                                       direction=direction)
+            f.chunked = True
+        elif special == 2:  # host
+            f.host_count += 1
+            f.host = value
+        elif special == 3:  # connection
+            f.connection |= _tokens(value)
+        elif special == 4:  # upgrade
+            f.upgrade = value
+        else:  # expect
+            f.expect = value.lower()
+    if f.chunked:
+        if f.content_length is not None:
+            raise MalformedMessage("both Content-Length and Transfer-Encoding (RFC 9112 §6.3)", direction=direction)
+        if version == "1.0":
+            raise MalformedMessage("Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)", direction=direction)
+    return f
+
+
+def _request_target(method: str, raw_target: str, f: _Fields, direction: Direction) -> tuple[str, str, str]:
+    """(target, path, query) of a request line's target: authority form for CONNECT, `*` for OPTIONS,
+    else origin or absolute form through `normalize_target` (RFC 9112 §3.2)."""
+    if method == "CONNECT":
+        if not _AUTHORITY.fullmatch(raw_target):
+            raise MalformedMessage("CONNECT target is not host:port (RFC 9112 §3.2.3)", direction=direction)
+        if f.chunked or f.content_length:
+            raise MalformedMessage("CONNECT with a body (RFC 9110 §9.3.6)", direction=direction)
+        return raw_target, raw_target, ""
+    if raw_target == "*":
+        if method != "OPTIONS":
+            raise MalformedMessage("asterisk-form target outside OPTIONS (RFC 9112 §3.2.4)", direction=direction)
+        return "*", "*", ""
+    # An already normal target is what normalize_target would return unchanged.
+    target = raw_target if _NORMAL_TARGET.fullmatch(raw_target) else normalize_target(raw_target, direction=direction)
+    path, _, query = target.partition("?")
+    return target, path, query
+
+
+def _switch_proposed(method: str, f: _Fields) -> str | None:
+    """The protocol a request asks to switch to: "CONNECT", the first Upgrade token (with
+    `Connection: upgrade`), or None."""
+    if method == "CONNECT":
+        return "CONNECT"
+    if f.upgrade is not None and "upgrade" in f.connection:
+        return f.upgrade.split(",")[0].strip()
+    return None
+
+
+def _status_line(line: str, direction: Direction) -> tuple[str, int, str]:
+    """(version, status, reason) of a status line `HTTP/1.x SP 3DIGIT [SP reason]` (RFC 9112 §4)."""
+    parts = line.split(" ", 2)
+    version = _VERSIONS.get(parts[0])
+    if version is None:
+        raise MalformedMessage(f"unsupported version {parts[0][:16]!r} (RFC 9112 §2.3)", direction=direction)
+    code = parts[1] if len(parts) > 1 else ""
+    if not (len(code) == 3 and code.isascii() and code.isdigit()) or code[0] == "0":
+        raise MalformedMessage(f"status code {code[:8]!r} is not 100-999 (RFC 9112 §4)", direction=direction)
+    reason = parts[2] if len(parts) > 2 else ""
+    if _CTL.search(reason):
+        raise MalformedMessage("control character in the reason phrase (RFC 9112 §4)", direction=direction)
+    return version, int(code), reason
+
+
 class _Exchanges:
     """What the two directions of one connection share: the requests, from their head until answered."""
 
@@ -323,72 +416,32 @@ class _Exchanges:
         events.append(ConnectionUpgraded(protocol=protocol))
 
 
-class Http1Parser:
-    """One direction of an HTTP/1.1 connection: `feed(data) -> list[Http1Event]` (the parser contract).
+class _Framing:
+    """One direction's framing state machine: where each message and each body ends (`_TRANSITIONS`).
 
-    The CLIENT_TO_SERVER parser reads requests; the SERVER_TO_CLIENT parser reads responses and is made
-    from it (`Http1Parser(S2C, requests=client)`, or both at once with `Http1Parser.pair()`), because a
-    response is framed by its request's method and a switch changes both directions.
-    Protocol with the proxy (all calls synchronous, no I/O):
-    * `feed(data)` returns the events in `data`; `feed_eof()` when that peer closed; `data_to_send()`
-      is always b"" (HTTP/1.1 never answers on its own: every byte written comes from `forward` or `refusal`).
-    * Every `HttpRequest` the client parser returns must be answered, in order, by exactly one of
-      `client.forward(request)` (it goes upstream; its response will be framed by its method) or
-      `client.refusal(request, reason)` (the proxy answers it). The body events of a refused request are dropped.
-    * `forward(event)` returns the bytes to write to the other peer for any event this parser read.
-    * When `client.has_held_input()` is true after a response or a refusal, call `client.feed(b"")`.
+    Reads bodies (Content-Length, chunked, until close, tunnel) and holds input while a switch is
+    pending; heads are read by `Http1Parser`, which builds on this class.
     """
 
     __slots__ = (
         "_buf",
         "_chunked_trailers",
-        "_done",
         "_head_is_request",
         "_held",
-        "_memo",
-        "_out_chunked",
-        "_out_trailers",
-        "_parser",
-        "_raw_responses",
         "_remaining",
         "_response_keep_alive",
         "_shared",
         "_trailer_bytes",
         "direction",
         "limits",
-        "rejected",
         "state",
     )
 
-    def __init__(
-        self,
-        direction: Direction,
-        *,
-        requests: Http1Parser | None = None,
-        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-        max_headers: int = 100,
-        max_line_bytes: int = 8192,
-        max_chunk_line_bytes: int = 1024,
-        max_held_bytes: int = 65536,
-    ) -> None:
-        """Raises ValueError: `requests` missing (or given) for SERVER_TO_CLIENT (CLIENT_TO_SERVER)."""
+    def __init__(self, direction: Direction, shared: _Exchanges, limits: Limits) -> None:
         self.direction = direction
         self._head_is_request = direction is C2S
-        if self._head_is_request:
-            if requests is not None:
-                raise ValueError("a CLIENT_TO_SERVER parser reads the requests itself: no requests= parser")
-            self._shared = _Exchanges(self)
-        else:
-            if requests is None or requests.direction is not C2S:
-                raise ValueError("a SERVER_TO_CLIENT parser needs requests=<the CLIENT_TO_SERVER parser>")
-            self._shared = requests._shared
-        self.limits = Limits(
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
-            max_line_bytes=max_line_bytes,
-            max_chunk_line_bytes=max_chunk_line_bytes,
-            max_held_bytes=max_held_bytes,
-        )
+        self._shared = shared
+        self.limits = limits
         self.state = State.IDLE
         self._buf = bytearray()  # a partial head / chunk line / trailer line
         self._held = bytearray()  # bytes received while PAUSED
@@ -396,49 +449,10 @@ class Http1Parser:
         self._chunked_trailers: list[tuple[str, str]] = []
         self._trailer_bytes = 0
         self._response_keep_alive = True
-        self._done = _HeadDone()
-        # The last head read and what _lines/_fields made of it: a keep-alive peer often sends the
-        # same head again (a pure function of the bytes, so the fields are reused, never re-read).
-        self._memo: tuple[bytes, list[str], _Fields] | None = None
-        self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
-        # (method, raw target, Host or "") of a request head being judged; None once it was accepted.
-        # Set while a ParseError is raised for a head whose request line was split, so that the
-        # proxy can say which request it refused.
-        self.rejected: tuple[str, str, str] | None = None
-        self._out_chunked = False  # what forward() writes is chunked (re-chunked one chunk per Data)
-        self._out_trailers: Headers = ()
-        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
-        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
 
-    @classmethod
-    def pair(
-        cls,
-        *,
-        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-        max_headers: int = 100,
-        max_line_bytes: int = 8192,
-        max_chunk_line_bytes: int = 1024,
-        max_held_bytes: int = 65536,
-    ) -> tuple[Http1Parser, Http1Parser]:
-        """The (CLIENT_TO_SERVER, SERVER_TO_CLIENT) parsers of one connection, with the same limits."""
-        client = cls(
-            C2S,
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
-            max_line_bytes=max_line_bytes,
-            max_chunk_line_bytes=max_chunk_line_bytes,
-            max_held_bytes=max_held_bytes,
-        )
-        server = cls(
-            S2C,
-            requests=client,
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
-            max_line_bytes=max_line_bytes,
-            max_chunk_line_bytes=max_chunk_line_bytes,
-            max_held_bytes=max_held_bytes,
-        )
-        return client, server
+    def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        """Read (part of) a head from `data[pos:]`; returns the offset after what was used (Http1Parser)."""
+        raise NotImplementedError
 
     # -- state table -------------------------------------------------------------------------------
 
@@ -561,266 +575,6 @@ class Http1Parser:
             raise self._error(MessageTooLarge, f"{what} longer than {limit} bytes")
         return None, len(data)
 
-    # -- heads -------------------------------------------------------------------------------------
-
-    def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
-        done = self._done
-        if self.state is State.IDLE:
-            if data[pos] in b"\r\n":
-                raise self._error(MalformedMessage, "empty line or bare CR/LF before the start line (RFC 9112 §2.2)")
-            self.move(Input.HEAD_START)
-            done.complete = done.message_complete = False
-            if self._parser is None:
-                self._parser = (
-                    httptools.HttpRequestParser(done) if self._head_is_request else httptools.HttpResponseParser(done)
-                )
-        start = pos
-        limit = self.limits.max_header_bytes
-        end = -1 if self._buf else data.find(b"\r\n\r\n", pos, pos + limit)
-        if end >= 0:  # the common case: a whole head in one read
-            pos = end + 4
-            piece = data if not start and pos == len(data) else data[start:pos]
-            head: bytes | None = piece
-        else:
-            head, pos = self._take(data, pos, b"\r\n\r\n", limit, "header block")
-            # llhttp sees every head byte once, as it arrives: a malformed head fails at once, not at the limit.
-            piece = data[start:pos] if start or pos != len(data) else data
-        parser = self._parser
-        assert parser is not None
-        stopped = False
-        try:
-            parser.feed_data(piece)
-        except httptools.HttpParserUpgrade:
-            stopped = True  # llhttp stops at the end of an Upgrade/CONNECT/101 head; the framing is decided here
-        except httptools.HttpParserError as e:
-            # The same stop is reported as an error when llhttp's upgrade flag is unset (a 101 without Upgrade).
-            if not (done.complete and head is not None and str(e) == "Pause on CONNECT/Upgrade"):
-                raise self._error(MalformedMessage, f"invalid head: {e}") from e
-            stopped = True
-        if done.complete is (head is None):
-            raise self._error(MalformedMessage, "head does not end at the first CRLF CRLF (RFC 9112 §2.2)")
-        if head is not None:
-            reusable = self._request_head(head, events) if self._head_is_request else self._response_head(head, events)
-            if stopped or not (reusable and done.message_complete):
-                self._parser = None  # llhttp expects a body we slice ourselves, or stopped: start afresh
-        return pos
-
-    def _lines(self, head: bytes) -> list[str]:
-        """The head's lines (start line first), checked against the line and field-count limits."""
-        limits = self.limits
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        if len(lines) > limits.max_headers + 1:
-            raise self._error(MessageTooLarge, f"more than {limits.max_headers} header fields")
-        if len(head) > limits.max_line_bytes and max(map(len, lines)) > limits.max_line_bytes:  # no line is longer than the head
-            raise self._error(MessageTooLarge, f"a head line is longer than {limits.max_line_bytes} bytes")
-        return lines
-
-    def _fields(self, lines: list[str], version: str) -> _Fields:
-        """Decode the field lines (llhttp already checked their syntax) and pull out the ones that frame."""
-        f = _Fields()
-        headers = f.headers
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            value = value.strip(" \t")
-            headers.append((name, value))
-            special = _SPECIAL.get(name.lower())
-            if special is None:
-                continue
-            if special == 0:  # content-length
-                if f.content_length is not None:
-                    raise self._error(MalformedMessage, "repeated Content-Length (RFC 9112 §6.3)")
-                if not (value.isascii() and value.isdigit() and len(value) <= 18):
-                    raise self._error(MalformedMessage, f"invalid Content-Length {value[:32]!r} (RFC 9112 §6.3)")
-                f.content_length = int(value)
-            elif special == 1:  # transfer-encoding
-                if f.chunked or value.lower() != "chunked":
-                    raise self._error(
-                        MalformedMessage, "Transfer-Encoding other than one final 'chunked' (RFC 9112 §6.1)"
-                    )
-                f.chunked = True
-            elif special == 2:  # host
-                f.host_count += 1
-                f.host = value
-            elif special == 3:  # connection
-                f.connection |= _tokens(value)
-            elif special == 4:  # upgrade
-                f.upgrade = value
-            else:  # expect
-                f.expect = value.lower()
-        if f.chunked:
-            if f.content_length is not None:
-                raise self._error(MalformedMessage, "both Content-Length and Transfer-Encoding (RFC 9112 §6.3)")
-            if version == "1.0":
-                raise self._error(MalformedMessage, "Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)")
-        return f
-
-    def _head_fields(self, head: bytes, lines: list[str], version: str, cached: bool) -> _Fields:
-        """`_fields(lines, version)`, reused when `head` is the previous head byte for byte (never mutated)."""
-        if cached and self._memo is not None:
-            return self._memo[2]
-        f = self._fields(lines, version)
-        self._memo = (head, lines, f)
-        return f
-
-    def _request_head(self, head: bytes, events: list[Http1Event]) -> bool:
-        """Emit the request; returns whether llhttp may read the next head (keep-alive, no switch)."""
-        memo = self._memo
-        cached = memo is not None and memo[0] == head
-        lines = memo[1] if memo is not None and cached else self._lines(head)
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
-        method, raw_target, proto = parts
-        self.rejected = (method, raw_target, "")
-        version = _VERSIONS.get(proto)
-        if version is None:
-            raise self._error(MalformedMessage, f"unsupported version {proto[:16]!r} (RFC 9112 §2.3)")
-        f = self._head_fields(head, lines, version, cached)
-        self.rejected = (method, raw_target, f.host or "")
-        if f.host_count > 1 or (f.host_count == 0 and version == "1.1"):
-            raise self._error(MalformedMessage, f"{f.host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
-        content_length = f.content_length
-        chunked = f.chunked
-        if method == "CONNECT":
-            if not _AUTHORITY.fullmatch(raw_target):
-                raise self._error(MalformedMessage, "CONNECT target is not host:port (RFC 9112 §3.2.3)")
-            if chunked or content_length:
-                raise self._error(MalformedMessage, "CONNECT with a body (RFC 9110 §9.3.6)")
-            target = path = raw_target
-            query = ""
-        elif raw_target == "*":
-            if method != "OPTIONS":
-                raise self._error(MalformedMessage, "asterisk-form target outside OPTIONS (RFC 9112 §3.2.4)")
-            target = path = "*"
-            query = ""
-        else:
-            if _NORMAL_TARGET.fullmatch(raw_target):
-                target = raw_target  # already normal: normalize_target would return it unchanged
-            else:
-                try:
-                    target = normalize_target(raw_target, direction=self.direction)
-                except ParseError:
-                    self.state = State.ERROR
-                    raise
-            path, _, query = target.partition("?")
-        connection = f.connection
-        keep_alive = version == "1.1" and "close" not in connection
-        switch: str | None = None
-        if method == "CONNECT":
-            switch = "CONNECT"
-        elif f.upgrade is not None and "upgrade" in connection:
-            switch = f.upgrade.split(",")[0].strip()
-        has_body = chunked or bool(content_length)
-        request = HttpRequest(
-            method=method,
-            target=target,
-            path=path,
-            query=query,
-            host=f.host,
-            headers=tuple(f.headers),
-            http_version=version,
-            has_body=has_body,
-            content_length=content_length,
-            keep_alive=keep_alive,
-        )
-        events.append(request)
-        exchange = _Exchange(
-            method=method,
-            keep_alive=keep_alive,
-            switch=switch,
-            expect_continue=f.expect == "100-continue" and version == "1.1",
-            has_body=has_body,
-            request=request,
-            raw_head=head if target == raw_target else None,
-        )
-        self._shared.parsed(exchange)
-        self.rejected = None
-        if chunked:
-            self.move(Input.HEAD_CHUNKED)
-        elif content_length:
-            self.move(Input.HEAD_LENGTH)
-            self._remaining = content_length
-        else:
-            self.move(Input.HEAD_NO_BODY)
-            self._end_message(events)
-        return keep_alive and switch is None
-
-    def _response_head(self, head: bytes, events: list[Http1Event]) -> bool:
-        """Emit the response (framed by its request's method); returns whether llhttp may be reused."""
-        memo = self._memo
-        cached = memo is not None and memo[0] == head
-        lines = memo[1] if memo is not None and cached else self._lines(head)
-        parts = lines[0].split(" ", 2)
-        version = _VERSIONS.get(parts[0])
-        if version is None:
-            raise self._error(MalformedMessage, f"unsupported version {parts[0][:16]!r} (RFC 9112 §2.3)")
-        code = parts[1] if len(parts) > 1 else ""
-        if not (len(code) == 3 and code.isascii() and code.isdigit()) or code[0] == "0":
-            raise self._error(MalformedMessage, f"status code {code[:8]!r} is not 100-999 (RFC 9112 §4)")
-        status = int(code)
-        reason = parts[2] if len(parts) > 2 else ""
-        if _CTL.search(reason):
-            raise self._error(MalformedMessage, "control character in the reason phrase (RFC 9112 §4)")
-        f = self._head_fields(head, lines, version, cached)
-        exchange = self._shared.answering()
-        if exchange is None:
-            raise self._error(ProtocolViolation, "response with no request in flight")
-        headers = tuple(f.headers)
-        raw_responses = self._raw_responses
-        if status == 101:
-            if exchange.switch is None or exchange.switch == "CONNECT":
-                raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
-            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
-            raw_responses.append((response, head))
-            events.append(response)
-            self.move(Input.HEAD_SWITCH)
-            self._shared.switched(events, f.upgrade or exchange.switch)
-            return False
-        if exchange.switch == "CONNECT" and 200 <= status < 300:
-            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
-            raw_responses.append((response, head))
-            events.append(response)
-            self.move(Input.HEAD_SWITCH)
-            self._shared.switched(events, "CONNECT")
-            return False
-        if status < 200:
-            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
-            raw_responses.append((response, head))
-            events.append(response)
-            self.move(Input.HEAD_INTERIM)
-            return True
-        self._shared.answered(exchange)
-        keep_alive = exchange.keep_alive and version == "1.1" and "close" not in f.connection
-        no_body = exchange.method == "HEAD" or status in (204, 304)
-        content_length = f.content_length
-        if no_body:
-            framing = Input.HEAD_NO_BODY
-        elif f.chunked:
-            framing = Input.HEAD_CHUNKED
-        elif content_length is not None:
-            framing = Input.HEAD_LENGTH if content_length else Input.HEAD_NO_BODY
-        else:
-            framing = Input.HEAD_UNTIL_CLOSE
-            keep_alive = False
-        response = HttpResponse(
-            status=status,
-            reason=reason,
-            headers=headers,
-            http_version=version,
-            has_body=framing is not Input.HEAD_NO_BODY,
-            content_length=None if no_body else content_length,
-            keep_alive=keep_alive,
-        )
-        raw_responses.append((response, head))
-        events.append(response)
-        self._response_keep_alive = keep_alive
-        self.move(framing)
-        if framing is Input.HEAD_LENGTH:
-            self._remaining = content_length or 0
-        elif framing is Input.HEAD_NO_BODY:
-            self._end_message(events)
-        return keep_alive and not no_body
-
     # -- chunked bodies ----------------------------------------------------------------------------
 
     def _read_chunk_size(self, data: bytes, pos: int) -> int:
@@ -903,6 +657,278 @@ class Http1Parser:
         self.move(Input.EOF)
         return []
 
+    def has_held_input(self) -> bool:
+        """True when bytes received during a pending switch can now be parsed: call feed(b"")."""
+        return bool(self._held) and self.state is not State.PAUSED
+
+
+
+class Http1Parser(_Framing):
+    """One direction of an HTTP/1.1 connection: `feed(data) -> list[Http1Event]` (the parser contract).
+
+    The CLIENT_TO_SERVER parser reads requests; the SERVER_TO_CLIENT parser reads responses and is made
+    from it (`Http1Parser(S2C, requests=client)`, or both at once with `Http1Parser.pair()`), because a
+    response is framed by its request's method and a switch changes both directions.
+    Protocol with the proxy (all calls synchronous, no I/O):
+    * `feed(data)` returns the events in `data`; `feed_eof()` when that peer closed; `data_to_send()`
+      is always b"" (HTTP/1.1 never answers on its own: every byte written comes from `forward` or `refusal`).
+    * Every `HttpRequest` the client parser returns must be answered, in order, by exactly one of
+      `client.forward(request)` (it goes upstream; its response will be framed by its method) or
+      `client.refusal(request, reason)` (the proxy answers it). The body events of a refused request are dropped.
+    * `forward(event)` returns the bytes to write to the other peer for any event this parser read.
+    * When `client.has_held_input()` is true after a response or a refusal, call `client.feed(b"")`.
+    """
+
+    __slots__ = ("_done", "_memo", "_out_chunked", "_out_trailers", "_parser", "_raw_responses", "rejected")
+
+    def __init__(
+        self,
+        direction: Direction,
+        *,
+        requests: Http1Parser | None = None,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> None:
+        """Raises ValueError: `requests` missing (or given) for SERVER_TO_CLIENT (CLIENT_TO_SERVER)."""
+        limits = Limits(
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        if direction is C2S:
+            if requests is not None:
+                raise ValueError("a CLIENT_TO_SERVER parser reads the requests itself: no requests= parser")
+            super().__init__(direction, _Exchanges(self), limits)
+        else:
+            if requests is None or requests.direction is not C2S:
+                raise ValueError("a SERVER_TO_CLIENT parser needs requests=<the CLIENT_TO_SERVER parser>")
+            super().__init__(direction, requests._shared, limits)
+        self._done = _HeadDone()
+        # The last head read and what _lines/_fields made of it: a keep-alive peer often sends the
+        # same head again (a pure function of the bytes, so the fields are reused, never re-read).
+        self._memo: tuple[bytes, list[str], _Fields] | None = None
+        self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
+        # (method, raw target, Host or "") of a request head being judged; None once it was accepted.
+        # Set while a ParseError is raised for a head whose request line was split, so that the
+        # proxy can say which request it refused.
+        self.rejected: tuple[str, str, str] | None = None
+        self._out_chunked = False  # what forward() writes is chunked (re-chunked one chunk per Data)
+        self._out_trailers: Headers = ()
+        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
+        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
+
+    @classmethod
+    def pair(
+        cls,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> tuple[Http1Parser, Http1Parser]:
+        """The (CLIENT_TO_SERVER, SERVER_TO_CLIENT) parsers of one connection, with the same limits."""
+        client = cls(
+            C2S,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        server = cls(
+            S2C,
+            requests=client,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        return client, server
+
+    # -- heads -------------------------------------------------------------------------------------
+
+    def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        done = self._done
+        if self.state is State.IDLE:
+            if data[pos] in b"\r\n":
+                raise self._error(MalformedMessage, "empty line or bare CR/LF before the start line (RFC 9112 §2.2)")
+            self.move(Input.HEAD_START)
+            done.complete = done.message_complete = False
+            if self._parser is None:
+                self._parser = (
+                    httptools.HttpRequestParser(done) if self._head_is_request else httptools.HttpResponseParser(done)
+                )
+        start = pos
+        limit = self.limits.max_header_bytes
+        end = -1 if self._buf else data.find(b"\r\n\r\n", pos, pos + limit)
+        if end >= 0:  # the common case: a whole head in one read
+            pos = end + 4
+            piece = data if not start and pos == len(data) else data[start:pos]
+            head: bytes | None = piece
+        else:
+            head, pos = self._take(data, pos, b"\r\n\r\n", limit, "header block")
+            # llhttp sees every head byte once, as it arrives: a malformed head fails at once, not at the limit.
+            piece = data[start:pos] if start or pos != len(data) else data
+        parser = self._parser
+        assert parser is not None
+        stopped = False
+        try:
+            parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            stopped = True  # llhttp stops at the end of an Upgrade/CONNECT/101 head; the framing is decided here
+        except httptools.HttpParserError as e:
+            # The same stop is reported as an error when llhttp's upgrade flag is unset (a 101 without Upgrade).
+            if not (done.complete and head is not None and str(e) == "Pause on CONNECT/Upgrade"):
+                raise self._error(MalformedMessage, f"invalid head: {e}") from e
+            stopped = True
+        if done.complete is (head is None):
+            raise self._error(MalformedMessage, "head does not end at the first CRLF CRLF (RFC 9112 §2.2)")
+        if head is not None:
+            reusable = self._request_head(head, events) if self._head_is_request else self._response_head(head, events)
+            if stopped or not (reusable and done.message_complete):
+                self._parser = None  # llhttp expects a body we slice ourselves, or stopped: start afresh
+        return pos
+
+    def _head_lines(self, head: bytes) -> tuple[list[str], bool]:
+        """The head's lines and whether they are the previous head's (then its fields are reused too)."""
+        memo = self._memo
+        if memo is not None and memo[0] == head:
+            return memo[1], True
+        return _head_lines(head, self.limits, self.direction), False
+
+    def _head_fields(self, head: bytes, lines: list[str], version: str, cached: bool) -> _Fields:
+        """`_parse_fields(lines, version)`, reused when `head` is the previous head byte for byte (never mutated)."""
+        if cached and self._memo is not None:
+            return self._memo[2]
+        f = _parse_fields(lines, version, self.direction)
+        self._memo = (head, lines, f)
+        return f
+
+    def _request_head(self, head: bytes, events: list[Http1Event]) -> bool:
+        """Emit the request; returns whether llhttp may read the next head (keep-alive, no switch)."""
+        lines, cached = self._head_lines(head)
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
+        method, raw_target, proto = parts
+        self.rejected = (method, raw_target, "")
+        version = _VERSIONS.get(proto)
+        if version is None:
+            raise self._error(MalformedMessage, f"unsupported version {proto[:16]!r} (RFC 9112 §2.3)")
+        f = self._head_fields(head, lines, version, cached)
+        self.rejected = (method, raw_target, f.host or "")
+        if f.host_count > 1 or (f.host_count == 0 and version == "1.1"):
+            raise self._error(MalformedMessage, f"{f.host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
+        target, path, query = _request_target(method, raw_target, f, self.direction)
+        keep_alive = version == "1.1" and "close" not in f.connection
+        switch = _switch_proposed(method, f)
+        content_length = f.content_length
+        has_body = f.chunked or bool(content_length)
+        request = HttpRequest(
+            method=method,
+            target=target,
+            path=path,
+            query=query,
+            host=f.host,
+            headers=tuple(f.headers),
+            http_version=version,
+            has_body=has_body,
+            content_length=content_length,
+            keep_alive=keep_alive,
+        )
+        events.append(request)
+        exchange = _Exchange(
+            method=method,
+            keep_alive=keep_alive,
+            switch=switch,
+            expect_continue=f.expect == "100-continue" and version == "1.1",
+            has_body=has_body,
+            request=request,
+            raw_head=head if target == raw_target else None,
+        )
+        self._shared.parsed(exchange)
+        self.rejected = None
+        if f.chunked:
+            self.move(Input.HEAD_CHUNKED)
+        elif content_length:
+            self.move(Input.HEAD_LENGTH)
+            self._remaining = content_length
+        else:
+            self.move(Input.HEAD_NO_BODY)
+            self._end_message(events)
+        return keep_alive and switch is None
+
+    def _response_head(self, head: bytes, events: list[Http1Event]) -> bool:
+        """Emit the response (framed by its request's method); returns whether llhttp may be reused."""
+        lines, cached = self._head_lines(head)
+        version, status, reason = _status_line(lines[0], self.direction)
+        f = self._head_fields(head, lines, version, cached)
+        exchange = self._shared.answering()
+        if exchange is None:
+            raise self._error(ProtocolViolation, "response with no request in flight")
+        switch = exchange.switch
+        if status == 101 and (switch is None or switch == "CONNECT"):
+            raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
+        if status == 101 or (switch == "CONNECT" and 200 <= status < 300) or status < 200:
+            # A switch (101, or 2xx to CONNECT) or an interim 1xx: a head only, the final response or the tunnel follows.
+            response = HttpResponse(status=status, reason=reason, headers=tuple(f.headers), http_version=version)
+            self._raw_responses.append((response, head))
+            events.append(response)
+            if status >= 200 or status == 101:
+                assert switch is not None
+                self.move(Input.HEAD_SWITCH)
+                self._shared.switched(events, switch if switch == "CONNECT" else f.upgrade or switch)
+                return False
+            self.move(Input.HEAD_INTERIM)
+            return True
+        return self._final_response(head, exchange, version, status, reason, f, events)
+
+    def _final_response(
+        self, head: bytes, exchange: _Exchange, version: str, status: int, reason: str, f: _Fields,
+        events: list[Http1Event],
+    ) -> bool:
+        """Emit a final (non-1xx, non-switching) response and frame its body (RFC 9112 §6.3)."""
+        headers = tuple(f.headers)
+        raw_responses = self._raw_responses
+        self._shared.answered(exchange)
+        keep_alive = exchange.keep_alive and version == "1.1" and "close" not in f.connection
+        no_body = exchange.method == "HEAD" or status in (204, 304)
+        content_length = f.content_length
+        if no_body:
+            framing = Input.HEAD_NO_BODY
+        elif f.chunked:
+            framing = Input.HEAD_CHUNKED
+        elif content_length is not None:
+            framing = Input.HEAD_LENGTH if content_length else Input.HEAD_NO_BODY
+        else:
+            framing = Input.HEAD_UNTIL_CLOSE
+            keep_alive = False
+        response = HttpResponse(
+            status=status,
+            reason=reason,
+            headers=headers,
+            http_version=version,
+            has_body=framing is not Input.HEAD_NO_BODY,
+            content_length=None if no_body else content_length,
+            keep_alive=keep_alive,
+        )
+        raw_responses.append((response, head))
+        events.append(response)
+        self._response_keep_alive = keep_alive
+        self.move(framing)
+        if framing is Input.HEAD_LENGTH:
+            self._remaining = content_length or 0
+        elif framing is Input.HEAD_NO_BODY:
+            self._end_message(events)
+        return keep_alive and not no_body
+
     # -- the rest of the contract ------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
@@ -924,10 +950,6 @@ class Http1Parser:
         Upgrade with `Connection: upgrade`, or CONNECT). Cheap: the head was read already."""
         undecided = self._shared.undecided
         return bool(undecided) and undecided[0].switch is not None
-
-    def has_held_input(self) -> bool:
-        """True when bytes received during a pending switch can now be parsed: call feed(b"")."""
-        return bool(self._held) and self.state is not State.PAUSED
 
     # -- decisions and writing ---------------------------------------------------------------------
 
