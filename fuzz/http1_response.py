@@ -123,7 +123,8 @@ def check(data: bytes) -> None:
     wire = b"".join(conn.forward(e) for e in whole)
     again, again_failed, _ = _run(selector, [wire], eof, small=False)
     if not failed:
-        assert not again_failed and again == whole, (again, whole)
+        assert not again_failed, (again, whole)
+        assert again == whole, (again, whole)
 
 
 def TestOneInput(data: bytes) -> None:

@@ -39,7 +39,8 @@ def check(data: bytes) -> None:
     result = load_policies(data, "fuzz.yaml")
     for err in result.errors:
         assert isinstance(err, PolicyError), type(err)
-        assert err.source == "fuzz.yaml" and err.line is not None, str(err)
+        assert err.source == "fuzz.yaml", str(err)
+        assert err.line is not None, str(err)
         str(err)
     try:
         parse_endpoints(data, "eps.yaml")

@@ -421,17 +421,27 @@ def test_refusal_shape(reason: Reason, edns: bool) -> None:
 
     parsed = DNSRecord.parse(reply)
     assert (parsed.header.id, parsed.header.qr, parsed.header.rcode, parsed.header.rd, parsed.header.cd) == (0xBEEF, 1, rcode, 1, 1)
-    assert parsed.header.ra == 1 and parsed.header.aa == 0 and parsed.rr == []
-    assert str(parsed.q.qname) == "Api.Example.ORG." and parsed.q.qtype == QTYPE.AAAA
+    assert parsed.header.ra == 1
+    assert parsed.header.aa == 0
+    assert parsed.rr == []
+    assert str(parsed.q.qname) == "Api.Example.ORG."
+    assert parsed.q.qtype == QTYPE.AAAA
 
     m = dns.message.from_wire(reply)
-    assert m.id == 0xBEEF and m.rcode() == dns.rcode.Rcode(rcode) and m.opcode() == dns.opcode.QUERY
-    assert m.flags & dns.flags.QR and m.flags & dns.flags.RD and m.flags & dns.flags.CD and m.flags & dns.flags.RA
-    assert not m.answer and not m.authority
+    assert m.id == 0xBEEF
+    assert m.rcode() == dns.rcode.Rcode(rcode)
+    assert m.opcode() == dns.opcode.QUERY
+    assert m.flags & dns.flags.QR
+    assert m.flags & dns.flags.RD
+    assert m.flags & dns.flags.CD
+    assert m.flags & dns.flags.RA
+    assert not m.answer
+    assert not m.authority
     assert m.question[0].name.to_text() == "Api.Example.ORG."
     assert m.edns == (0 if edns else -1)
     if edns:
-        assert m.ednsflags & dns.flags.DO and m.payload == 1232
+        assert m.ednsflags & dns.flags.DO
+        assert m.payload == 1232
 
     resp = read_response(reply)
     assert (resp.id, resp.name, resp.rcode, resp.addresses) == (0xBEEF, "Api.Example.ORG.", rcode, ())
@@ -534,7 +544,9 @@ def test_tcp_responses() -> None:
     r = DNSRecord.parse(Q1).reply()
     r.add_answer(RR("one.example", QTYPE.A, rdata=A("192.0.2.5"), ttl=9))
     events = DnsTcpParser(S2C).feed(frame_tcp(bytes(r.pack())))
-    assert len(events) == 1 and isinstance(events[0], DnsResponse) and events[0].addresses == ("192.0.2.5",)
+    assert len(events) == 1
+    assert isinstance(events[0], DnsResponse)
+    assert events[0].addresses == ("192.0.2.5",)
 
 
 def test_tcp_length_limits() -> None:
@@ -606,7 +618,8 @@ def test_refusal_keeps_binary_label_bytes() -> None:
     assert q.name == "zone.examp\\255\\255."
     m = dns.message.from_wire(refuse(data))
     assert m.question[0].name.labels == (b"zone", b"examp\xff\xff", b"")
-    assert m.opcode() == dns.opcode.NOTIFY and m.rcode() == dns.rcode.REFUSED
+    assert m.opcode() == dns.opcode.NOTIFY
+    assert m.rcode() == dns.rcode.REFUSED
 
 
 def test_refusal_of_update_keeps_opcode_and_zone() -> None:

@@ -62,7 +62,8 @@ def test_malformed_paths_are_refused(path: str) -> None:
     """Anything but /package.Service/Method made of identifiers is malformed, reported with its direction."""
     with pytest.raises(MalformedMessage) as info:
         split_path(path, direction=Direction.CLIENT_TO_SERVER)
-    assert info.value.reason is Reason.MALFORMED and info.value.direction is Direction.CLIENT_TO_SERVER
+    assert info.value.reason is Reason.MALFORMED
+    assert info.value.direction is Direction.CLIENT_TO_SERVER
 
 
 @pytest.mark.parametrize(("text", "encoded"), [
@@ -145,7 +146,8 @@ def test_message_over_the_limit_is_too_large() -> None:
     assert reader.feed(grpc_message(b"x" * 100)) == [GrpcMessage(compressed=False, length=100)]
     with pytest.raises(MessageTooLarge) as info:
         reader.feed(b"\x00\x00\x00\x00\x65")
-    assert info.value.reason is Reason.TOO_LARGE and info.value.offset == 105
+    assert info.value.reason is Reason.TOO_LARGE
+    assert info.value.offset == 105
     with pytest.raises(ParseError):  # the reader stays failed
         reader.feed(b"")
 

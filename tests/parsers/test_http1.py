@@ -163,7 +163,8 @@ def test_pipelined_requests_are_framed_one_by_one(chunks: list[bytes]) -> None:
         ("EndOfMessage", None),
     ]
     last = events[-2]
-    assert isinstance(last, HttpRequest) and not last.keep_alive
+    assert isinstance(last, HttpRequest)
+    assert not last.keep_alive
 
 
 def test_body_is_streamed_in_pieces_never_buffered() -> None:
@@ -176,7 +177,8 @@ def test_body_is_streamed_in_pieces_never_buffered() -> None:
         events = c2s.feed(b"x" * 100000)
         assert all(isinstance(e, Data) and len(e.data) == 100000 for e in events[:1])
         pieces.extend(events)
-    assert pieces[-1] == EOM and sum(len(e.data) for e in pieces if isinstance(e, Data)) == 300000
+    assert pieces[-1] == EOM
+    assert sum(len(e.data) for e in pieces if isinstance(e, Data)) == 300000
 
 
 @pytest.mark.parametrize(
@@ -264,7 +266,8 @@ def test_smuggling_case_is_rejected(name: str) -> None:
         c2s, s2c = Http1Parser.pair()
         error = read_error(C2S, chunks, (c2s, s2c))
         assert isinstance(error, MalformedMessage), (name, error)
-        assert error.direction is C2S and c2s.state is State.ERROR
+        assert error.direction is C2S
+        assert c2s.state is State.ERROR
         with pytest.raises(ProtocolViolation):
             c2s.feed(b"x")
 
@@ -274,7 +277,9 @@ def test_http10_request_never_keeps_alive_and_more_bytes_are_a_violation() -> No
     c2s = Http1Parser(C2S)
     events = c2s.feed(b"GET / HTTP/1.0\r\n\r\n")
     request = events[0]
-    assert isinstance(request, HttpRequest) and not request.keep_alive and request.host is None
+    assert isinstance(request, HttpRequest)
+    assert not request.keep_alive
+    assert request.host is None
     assert c2s.state is State.MUST_CLOSE
     with pytest.raises(ProtocolViolation):
         c2s.feed(b"GET / HTTP/1.0\r\n\r\n")
@@ -299,7 +304,8 @@ def test_header_block_limit_is_exact() -> None:
                 assert isinstance(read(C2S, chunks, (c2s, s2c))[0], HttpRequest)
             else:
                 error = read_error(C2S, chunks, (c2s, s2c))
-                assert isinstance(error, MessageTooLarge) and refusal_status(error.reason) == 431
+                assert isinstance(error, MessageTooLarge)
+                assert refusal_status(error.reason) == 431
 
 
 def test_header_block_limit_holds_without_a_terminator() -> None:
@@ -364,7 +370,9 @@ def test_response_without_framing_reads_until_close() -> None:
     _, s2c = conversation(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     events = s2c.feed(b"HTTP/1.1 200 OK\r\n\r\nsome")
     response = events[0]
-    assert isinstance(response, HttpResponse) and response.has_body and not response.keep_alive
+    assert isinstance(response, HttpResponse)
+    assert response.has_body
+    assert not response.keep_alive
     assert s2c.feed(b" more") == [Data(data=b" more")]
     assert s2c.feed_eof() == [EOM]
 
@@ -377,7 +385,8 @@ def test_truncated_messages_are_malformed_at_eof() -> None:
         c2s.feed_eof()
     c2s = Http1Parser(C2S)
     c2s.feed(GET)
-    assert c2s.feed_eof() == [] and c2s.state is State.CLOSED
+    assert c2s.feed_eof() == []
+    assert c2s.state is State.CLOSED
 
 
 def test_response_with_no_request_in_flight_is_a_violation() -> None:
@@ -416,7 +425,8 @@ def test_malformed_responses_are_rejected(response: bytes) -> None:
     """A response that frames ambiguously is a MalformedMessage, which the proxy answers with 502 (RFC 9112 §6.3)."""
     for chunks in all_chunkings(response):
         error = read_error(S2C, chunks, conversation(GET))
-        assert isinstance(error, MalformedMessage) and refusal_status(error.reason, error.direction) == 502
+        assert isinstance(error, MalformedMessage)
+        assert refusal_status(error.reason, error.direction) == 502
 
 
 # --- upgrades and CONNECT -------------------------------------------------------------------------
@@ -428,15 +438,19 @@ def test_websocket_upgrade_becomes_an_opaque_relay() -> None:
     """After 101 both directions carry opaque Data; client bytes sent early are held, then released (RFC 9110 §7.8)."""
     c2s, s2c = Http1Parser.pair()
     events = c2s.feed(WS + b"\x81\x05early")
-    assert [type(e) for e in events] == [HttpRequest, EndOfMessage] and c2s.state is State.PAUSED
+    assert [type(e) for e in events] == [HttpRequest, EndOfMessage]
+    assert c2s.state is State.PAUSED
     c2s.forward(events[0])
-    assert c2s.feed(b"more") == [] and not c2s.has_held_input()
+    assert c2s.feed(b"more") == []
+    assert not c2s.has_held_input()
     events = s2c.feed(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
     )
     assert [type(e) for e in events] == [HttpResponse, ConnectionUpgraded, Data]
-    assert events[1] == ConnectionUpgraded(protocol="websocket") and events[2] == Data(data=b"\x81\x02hi")
-    assert c2s.has_held_input() and c2s.feed(b"") == [Data(data=b"\x81\x05earlymore")]
+    assert events[1] == ConnectionUpgraded(protocol="websocket")
+    assert events[2] == Data(data=b"\x81\x02hi")
+    assert c2s.has_held_input()
+    assert c2s.feed(b"") == [Data(data=b"\x81\x05earlymore")]
     assert c2s.feed(b"GET / HTTP/1.1\r\n\r\n") == [Data(data=b"GET / HTTP/1.1\r\n\r\n")]
     assert c2s.forward(Data(data=b"raw")) == b"raw"
 
@@ -458,7 +472,8 @@ def test_refused_upgrade_resumes_http() -> None:
     request = c2s.feed(WS + GET)[0]
     assert isinstance(request, HttpRequest)
     answer = c2s.refusal(request, Reason.POLICY_DENIED)
-    assert not answer.close and answer.data.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert not answer.close
+    assert answer.data.startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert c2s.feed(b"") == [GET_EVENT, EOM]
 
 
@@ -468,7 +483,8 @@ def test_connect_2xx_is_a_tunnel_and_non_2xx_is_not() -> None:
     c2s, s2c = Http1Parser.pair()
     events = c2s.feed(connect)
     request = events[0]
-    assert isinstance(request, HttpRequest) and request.target == "db.internal:5432"
+    assert isinstance(request, HttpRequest)
+    assert request.target == "db.internal:5432"
     c2s.forward(request)
     events = s2c.feed(b"HTTP/1.1 200 Connection established\r\nContent-Length: 99\r\n\r\nPGDATA")
     assert events[1:] == [ConnectionUpgraded(protocol="CONNECT"), Data(data=b"PGDATA")]
@@ -492,7 +508,8 @@ def test_refusal_bytes_are_a_well_framed_response(status: int, keep_alive: bool)
     client.send(h11.EndOfMessage())
     client.receive_data(error_response(status, keep_alive=keep_alive))
     response = client.next_event()
-    assert isinstance(response, h11.Response) and response.status_code == status
+    assert isinstance(response, h11.Response)
+    assert response.status_code == status
     body = client.next_event()
     assert isinstance(body, h11.Data)
     assert body.data == (ACCESS_DENIED if status == 403 else response.reason + b"\r\n")
@@ -509,7 +526,8 @@ def test_refused_request_keeps_the_connection_and_its_body_is_framed() -> None:
     post = c2s.feed(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")[0]
     assert isinstance(post, HttpRequest)
     answer = c2s.refusal(post, Reason.POLICY_DENIED)
-    assert not answer.close and answer.data.endswith(b"\r\n\r\nAccess denied\r\n")
+    assert not answer.close
+    assert answer.data.endswith(b"\r\n\r\nAccess denied\r\n")
     assert c2s.feed(b"abc" + GET) == [Data(data=b"abc"), EOM, GET_EVENT, EOM]
     c2s.forward(GET_EVENT)
     head = c2s.feed(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")[0]
@@ -549,7 +567,8 @@ def test_refusal_status_maps_every_reason() -> None:
         Reason.UPSTREAM_FAILED: 503,
         Reason.UPSTREAM_TIMEOUT: 504,
     }
-    assert refusal_status(Reason.MALFORMED, S2C) == 502 and refusal_status(Reason.TOO_LARGE, S2C) == 502
+    assert refusal_status(Reason.MALFORMED, S2C) == 502
+    assert refusal_status(Reason.TOO_LARGE, S2C) == 502
 
 
 def test_forward_reframes_bodies_and_applies_header_actions() -> None:
@@ -569,7 +588,8 @@ def test_forward_reframes_bodies_and_applies_header_actions() -> None:
     h11_server.receive_data(wire)
     assert isinstance(h11_server.next_event(), h11.Request)
     body = h11_server.next_event()
-    assert isinstance(body, h11.Data) and body.data == b"abc"
+    assert isinstance(body, h11.Data)
+    assert body.data == b"abc"
 
 
 @pytest.mark.parametrize("bad", [("X-A", "v\r\nX-Injected: 1"), ("X A", "v"), ("X-A", "v\x00")])
@@ -728,4 +748,5 @@ def test_101_without_upgrade_field_uses_the_requested_protocol() -> None:
     c2s.forward(c2s.feed(WS)[0])
     events = s2c.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
     assert events[1] == ConnectionUpgraded(protocol="websocket")
-    assert s2c.feed_eof() == [] and s2c.state is State.CLOSED
+    assert s2c.feed_eof() == []
+    assert s2c.state is State.CLOSED

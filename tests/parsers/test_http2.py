@@ -119,7 +119,8 @@ def test_header_block_split_over_continuation_frames() -> None:
     wire = client_preface(b) + b.headers_split(1, request_headers("/c", extra=[("x-long", "v" * 300)]), pieces=3,
                                                 end_stream=True)
     events = Http2ServerSide().feed(wire)
-    assert isinstance(events[0], HttpRequest) and events[0].headers == (("x-long", "v" * 300),)
+    assert isinstance(events[0], HttpRequest)
+    assert events[0].headers == (("x-long", "v" * 300),)
 
 
 def test_path_is_normalised_before_it_is_reported() -> None:
@@ -164,7 +165,8 @@ def test_bad_path_is_refused_with_400_on_its_stream_only(path: str) -> None:
     assert [type(e) for e in events] == [RequestRejected, HttpRequest, EndOfMessage]
     assert events[0] == RequestRejected(stream_id=1, reason=Reason.MALFORMED, detail=events[0].detail)  # type: ignore[union-attr]
     seen = _client_reads(side.data_to_send(), client)
-    assert seen[1]["headers"][":status"] == "400" and seen[1]["ended"]  # type: ignore[index]
+    assert seen[1]["headers"][":status"] == "400"
+    assert seen[1]["ended"]  # type: ignore[index]
     assert 3 not in seen  # untouched: waiting for the proxy's forwarded response
 
 
@@ -207,11 +209,13 @@ def test_malformed_grpc_path_gets_grpc_internal() -> None:
     side = Http2ServerSide()
     client.send_headers(1, grpc_headers("/demo.Greeter/Say/Hello"))
     events = side.feed(client.data_to_send())
-    assert [type(e) for e in events] == [RequestRejected] and events[0].grpc  # type: ignore[union-attr]
+    assert [type(e) for e in events] == [RequestRejected]
+    assert events[0].grpc  # type: ignore[union-attr]
     seen = _client_reads(side.data_to_send(), client)[1]
     assert seen["headers"] == {":status": "200", "content-type": "application/grpc", "grpc-status": "13",
                                "grpc-message": "Malformed request"}
-    assert seen["ended"] and seen["body"] == b""
+    assert seen["ended"]
+    assert seen["body"] == b""
 
 
 def test_multiplexed_streams_one_refused_others_continue() -> None:
@@ -238,12 +242,16 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
                                     has_body=True, http_version="2"))
     side.send_data(1, b"ok", end_stream=True)
     seen = _client_reads(side.data_to_send(), client)
-    assert seen[3]["headers"][":status"] == "403" and seen[3]["body"] == b"Access denied\r\n"  # type: ignore[index]
+    assert seen[3]["headers"][":status"] == "403"
+    assert seen[3]["body"] == b"Access denied\r\n"  # type: ignore[index]
     assert seen[3]["headers"]["content-length"] == "15"  # type: ignore[index]
     assert seen[5]["headers"] == {":status": "200", "content-type": "application/grpc", "grpc-status": "7",
                                   "grpc-message": "Access denied"}
-    assert seen[5]["body"] == b"" and seen[5]["ended"]
-    assert seen[1]["headers"][":status"] == "200" and seen[1]["body"] == b"ok" and seen[1]["ended"]  # type: ignore[index]
+    assert seen[5]["body"] == b""
+    assert seen[5]["ended"]
+    assert seen[1]["headers"][":status"] == "200"
+    assert seen[1]["body"] == b"ok"
+    assert seen[1]["ended"]  # type: ignore[index]
     assert all(s["reset"] is None for s in seen.values())
 
 
@@ -261,7 +269,8 @@ def test_every_reason_has_an_http_and_a_grpc_refusal(reason: Reason, status: int
     side.refusal(1, reason)
     side.refusal(3, reason)
     seen = _client_reads(side.data_to_send(), client)
-    assert seen[1]["headers"][":status"] == str(status) and seen[1]["ended"]  # type: ignore[index]
+    assert seen[1]["headers"][":status"] == str(status)
+    assert seen[1]["ended"]  # type: ignore[index]
     assert seen[3]["headers"]["grpc-status"] == grpc_status  # type: ignore[index]
 
 
@@ -438,8 +447,11 @@ def test_large_bodies_flow_both_ways_end_to_end(windows: dict[str, int]) -> None
             break
     bridge.pump()
     got = bridge.client_streams[1]
-    assert got["body"] == download and got["trailers"] == {"x-done": "1"} and got["ended"]
-    assert bridge.down.open_stream_ids == () and bridge.up.open_stream_ids == ()
+    assert got["body"] == download
+    assert got["trailers"] == {"x-done": "1"}
+    assert got["ended"]
+    assert bridge.down.open_stream_ids == ()
+    assert bridge.up.open_stream_ids == ()
 
 
 def test_slow_upstream_reader_applies_backpressure_to_the_client() -> None:
@@ -725,7 +737,9 @@ def test_h2c_upgrade_turns_the_request_into_stream_1() -> None:
     side.send_response(HttpResponse(status=200, stream_id=1, has_body=True, http_version="2"))
     side.send_data(1, b"upgraded", end_stream=True)
     seen = _client_reads(side.data_to_send(), client)[1]
-    assert seen["headers"] == {":status": "200"} and seen["body"] == b"upgraded" and seen["ended"]
+    assert seen["headers"] == {":status": "200"}
+    assert seen["body"] == b"upgraded"
+    assert seen["ended"]
 
 
 def test_h2c_upgrade_with_bad_path_is_refused_on_stream_1() -> None:
@@ -983,7 +997,8 @@ def test_rapid_reset_closes_the_connection() -> None:
             client.send_headers(2 * i + 1, request_headers("/x"), end_stream=True)
             client.reset_stream(2 * i + 1)
             side.feed(client.data_to_send())
-    assert side.streams_opened == 500 and side.premature_resets == 500
+    assert side.streams_opened == 500
+    assert side.premature_resets == 500
     assert any(isinstance(e, h2.events.ConnectionTerminated) and e.error_code == ErrorCode.ENHANCE_YOUR_CALM
                for e in client.receive_data(side.data_to_send()))
 
@@ -999,7 +1014,8 @@ def test_many_answered_streams_are_not_rapid_reset() -> None:
         side.feed(client.data_to_send())
         side.send_response(HttpResponse(status=204, stream_id=sid, http_version="2"))
         client.receive_data(side.data_to_send())
-    assert side.streams_opened == 600 and side.premature_resets == 0
+    assert side.streams_opened == 600
+    assert side.premature_resets == 0
 
 
 def _serve_h2_directly(listener: socket.socket, errors: list[BaseException]) -> None:

@@ -86,9 +86,11 @@ def test_captured_request_parses_at_its_version(name: str) -> None:
         req = events[0]
         assert (req.api_key, req.api_version) == (want["api_key"], want["api_version"])
         assert list(req.topics) == want["topics"]
-        assert req.topics_known and req.topic_ids == ()
+        assert req.topics_known
+        assert req.topic_ids == ()
         assert req.expects_response == want["expects_response"]
-        assert req.raw == frame and req.size == len(frame) - 4
+        assert req.raw == frame
+        assert req.size == len(frame) - 4
         assert events[1].correlation_id == 99
 
 
@@ -296,7 +298,8 @@ def test_round_trip_survives_any_chunking(case: tuple[bytes, int, int, list[str]
     parser = KafkaRequestParser()
     cut = min(cut, len(frame) * 2)
     pieced = parser.feed((frame + frame)[:cut]) + parser.feed((frame + frame)[cut:])
-    assert whole == pieced and len(whole) == 2
+    assert whole == pieced
+    assert len(whole) == 2
 
 
 def _collect(struct_field: Any, version: int, obj: Any) -> tuple[set[str], list[int]]:
@@ -352,7 +355,9 @@ def test_fetch_by_topic_id_is_undecidable() -> None:
             session_epoch=-1, topics=[F.FetchTopic(version=13, topic_id=tid, partitions=[part])],
             forgotten_topics_data=[], rack_id="")
     req = parse_request(_encode(msg))
-    assert req.topics == () and req.topic_ids == (tid.hex,) and not req.topics_known
+    assert req.topics == ()
+    assert req.topic_ids == (tid.hex,)
+    assert not req.topics_known
 
 
 def test_metadata_for_all_topics_names_none() -> None:
@@ -360,7 +365,8 @@ def test_metadata_for_all_topics_names_none() -> None:
     M = REQUESTS[3]
     req = parse_request(_encode(M(version=12, topics=None, allow_auto_topic_creation=True,
                                   include_topic_authorized_operations=False)))
-    assert req.topics == () and req.topics_known
+    assert req.topics == ()
+    assert req.topics_known
 
 
 def test_metadata_by_name_with_zero_topic_id_is_known() -> None:
@@ -369,7 +375,9 @@ def test_metadata_by_name_with_zero_topic_id_is_known() -> None:
     msg = M(version=12, topics=[M.MetadataRequestTopic(version=12, topic_id=None, name="orders")],
             allow_auto_topic_creation=False, include_topic_authorized_operations=False)
     req = parse_request(_encode(msg))
-    assert req.topics == ("orders",) and req.topic_ids == () and req.topics_known
+    assert req.topics == ("orders",)
+    assert req.topic_ids == ()
+    assert req.topics_known
 
 
 def test_describe_configs_reports_topic_resources_only() -> None:
@@ -388,7 +396,8 @@ def test_produce_acks_zero_expects_no_response() -> None:
     msg = P(version=9, transactional_id=None, acks=0, timeout_ms=1,
             topic_data=[P.TopicProduceData(version=9, name="orders", partition_data=[part])])
     req = parse_request(_encode(msg))
-    assert not req.expects_response and kafka_refusal(req, Reason.POLICY_DENIED) == b""
+    assert not req.expects_response
+    assert kafka_refusal(req, Reason.POLICY_DENIED) == b""
     responses = KafkaResponseParser()
     responses.expect(req)
     assert responses.pending == 0
@@ -402,7 +411,8 @@ def test_frame_over_the_limit_is_refused_from_its_prefix() -> None:
     parser = KafkaRequestParser(max_frame_bytes=1000)
     with pytest.raises(MessageTooLarge) as e:
         parser.feed(struct.pack(">i", 1001))
-    assert e.value.reason is Reason.TOO_LARGE and e.value.direction is Direction.CLIENT_TO_SERVER
+    assert e.value.reason is Reason.TOO_LARGE
+    assert e.value.direction is Direction.CLIENT_TO_SERVER
     assert parser.buffered_bytes <= 4
 
 
@@ -457,13 +467,17 @@ def test_unknown_api_key_is_framed_and_reported() -> None:
 def test_unknown_version_of_topic_free_kind_stays_decidable() -> None:
     """ApiVersions at a version newer than known is reported; it never names topics so topics_known stays True."""
     req = parse_request(_frame(18, 99, 1, b"\x00\x00\x00", client_id=None, flexible=True))
-    assert req.api_version == 99 and req.client_id is None and req.topics_known
+    assert req.api_version == 99
+    assert req.client_id is None
+    assert req.topics_known
 
 
 def test_removed_version_of_topic_kind_is_undecidable() -> None:
     """Produce v2 (removed in Kafka 4) is framed but its topics are not read: topics_known is False."""
     req = parse_request(_frame(0, 2, 1, b"\x00\x01\x00\x00\x00\x10\x00\x00\x00\x00"))
-    assert req.topics == () and not req.topics_known and req.expects_response
+    assert req.topics == ()
+    assert not req.topics_known
+    assert req.expects_response
     fire = parse_request(_frame(0, 2, 1, b"\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00"))
     assert not fire.expects_response  # acks=0 is readable even there: nothing will answer it
 
@@ -546,9 +560,13 @@ def test_metadata_response_teaches_topic_ids() -> None:
     fetch = KafkaRequest(api_key=1, api_version=13, correlation_id=1, client_id=None,
                          topic_ids=(tid.hex, "ff" * 16), topics_known=False)
     partly = resolve_topic_ids(fetch, names)
-    assert partly.topics == ("orders",) and partly.topic_ids == ("ff" * 16,) and not partly.topics_known
+    assert partly.topics == ("orders",)
+    assert partly.topic_ids == ("ff" * 16,)
+    assert not partly.topics_known
     fully = resolve_topic_ids(fetch, {**names, "ff" * 16: "audit"})
-    assert fully.topics == ("orders", "audit") and fully.topic_ids == () and fully.topics_known
+    assert fully.topics == ("orders", "audit")
+    assert fully.topic_ids == ()
+    assert fully.topics_known
 
 
 # --- tables --------------------------------------------------------------------------------------------
