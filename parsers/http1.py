@@ -1,4 +1,4 @@
-"""HTTP/1.1 for both directions of one connection, sans-I/O: bytes in, events out; plus the bytes to send on.
+"""HTTP/1.1, sans-I/O: one `Http1Parser` per direction of a connection, bytes in, events out; plus the bytes to send on.
 
 Owns message framing (where a message starts and ends), head limits, the refusal responses and the
 re-serialisation of forwarded messages. Never touches sockets, clocks or policy. Invariant: every byte
