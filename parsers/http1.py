@@ -392,6 +392,35 @@ class _Exchanges:
         self.undecided.append(exchange)
         self.current = exchange
 
+    def forwarded(self, request: HttpRequest) -> bytes | None:
+        """Record the oldest undecided request as forwarded. Returns its head as received when `request`
+        is the event as emitted and its target needed no normalising (those bytes are exact), else None.
+        Raises ValueError when no request waits for a decision."""
+        if not self.undecided:
+            raise ValueError("forward() of a request that was not read, or was already decided")
+        exchange = self.undecided.popleft()
+        self.in_flight.append(exchange)
+        raw = exchange.raw_head if exchange.request is request else None
+        exchange.raw_head = exchange.request = None
+        return raw
+
+    def refused(self, request: HttpRequest) -> tuple[str, bool]:
+        """Record `request`, the oldest undecided one, as answered by the proxy. Returns its method and
+        whether the connection must close after the refusal (see `Http1Parser.refusal`).
+        Raises ValueError when `request` is not the oldest undecided request."""
+        if not self.undecided or self.undecided[0].request is not request:
+            raise ValueError("refusal() of a request that is not the oldest one waiting for a decision")
+        exchange = self.undecided.popleft()
+        exchange.answered = True
+        exchange.raw_head = exchange.request = None
+        close = not exchange.keep_alive or (exchange.expect_continue and exchange.has_body and not exchange.complete)
+        if exchange.switch is not None:
+            if exchange.complete:
+                self.resume_client()
+            else:
+                close = True
+        return exchange.method, close
+
     def answering(self) -> _Exchange | None:
         return self.in_flight[0] if self.in_flight else None
 
@@ -985,17 +1014,12 @@ class Http1Parser(_Framing):
         return b""  # ConnectionUpgraded: nothing on the wire
 
     def _forward_request(self, event: HttpRequest, headers: Headers | None) -> bytes:
-        shared = self._shared
-        if not shared.undecided or not self._head_is_request:
-            raise ValueError("forward() of a request that was not read, or was already decided")
-        exchange = shared.undecided.popleft()
-        shared.in_flight.append(exchange)
+        if not self._head_is_request:
+            raise ValueError("forward() of a request on the SERVER_TO_CLIENT parser")
+        raw = self._shared.forwarded(event)
         self._out_chunked = event.has_body and event.content_length is None
-        raw = exchange.raw_head
-        if headers is None and raw is not None and exchange.request is event:
-            exchange.raw_head = exchange.request = None
+        if headers is None and raw is not None:
             return raw  # exactly what was validated and framed: no need to re-serialise
-        exchange.raw_head = exchange.request = None
         return serialize_request_head(event, headers)
 
     def _forward_response(self, event: HttpResponse, headers: Headers | None) -> bytes:
@@ -1027,22 +1051,10 @@ class Http1Parser(_Framing):
             ValueError: called on the SERVER_TO_CLIENT parser, no request is waiting for a decision,
                 or `request` is not the oldest undecided one.
         """
-        undecided = self._shared.undecided
-        if not undecided or not self._head_is_request:
-            raise ValueError("refusal() with no request waiting for a decision")
-        if undecided[0].request is not request:
-            raise ValueError("refusal() of a request other than the oldest undecided one")
-        exchange = undecided.popleft()
-        exchange.answered = True
-        exchange.raw_head = exchange.request = None
-        close = not exchange.keep_alive or (exchange.expect_continue and exchange.has_body and not exchange.complete)
-        if exchange.switch is not None:
-            if exchange.complete:
-                self._shared.resume_client()
-            else:
-                close = True
-        data = error_response(refusal_status(reason), keep_alive=not close, body=body,
-                              head_request=exchange.method == "HEAD")
+        if not self._head_is_request:
+            raise ValueError("refusal() on the SERVER_TO_CLIENT parser")
+        method, close = self._shared.refused(request)
+        data = error_response(refusal_status(reason), keep_alive=not close, body=body, head_request=method == "HEAD")
         return Refusal(data=data, close=close)
 
 
