@@ -47,15 +47,15 @@ def _run(chunks: list[bytes], small: bool = True) -> tuple[list[Http1Event], boo
         conn = Http1Parser(C2S)
     events: list[Http1Event] = []
     failed = False
-    reader = conn
+
     for chunk in chunks:
         try:
             events.extend(conn.feed(chunk))
         except ParseError:
             failed = True
             break
-        assert len(reader._buf) <= MAX_HEADER_BYTES, len(reader._buf)
-        assert len(reader._held) <= MAX_HELD_BYTES, len(reader._held)
+        assert len(conn._buf) <= MAX_HEADER_BYTES, len(conn._buf)
+        assert len(conn._held) <= MAX_HELD_BYTES, len(conn._held)
     return _merge(events), failed, conn
 
 

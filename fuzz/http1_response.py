@@ -70,11 +70,11 @@ def _run(
 ) -> tuple[list[Http1Event], bool, Http1Parser]:
     conn, _ = connection(selector, small)
     events: list[Http1Event] = []
-    reader = conn
+
     try:
         for chunk in chunks:
             events.extend(conn.feed(chunk))
-            assert len(reader._buf) <= MAX_HEADER_BYTES
+            assert len(conn._buf) <= MAX_HEADER_BYTES
         if eof:
             events.extend(conn.feed_eof())
     except ParseError:
