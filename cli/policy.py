@@ -25,6 +25,7 @@ from membrane.control.files import PathProblem, read_endpoints, read_policies
 from membrane.parsers.errors import MalformedMessage
 from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from membrane.parsers.http_target import normalize_target, split_target
+from membrane.parsers.names import kafka_api_key_name
 from membrane.policies import (
     DirectionResult,
     Endpoint,
@@ -49,7 +50,7 @@ from membrane.policies.compile import VISIBILITY_MARK
 from membrane.policies.crd import Policy
 from membrane.policies.dnsmatch import fqdn
 from membrane.policies.endpoints import endpoint_labels
-from membrane.policies.kafka_keys import API_KEY_NAMES, parse_api_key
+from membrane.policies.kafka_keys import parse_api_key
 from membrane.policies.l7 import L7Request
 from membrane.policies.labels import CLUSTER_KEY, NAMESPACE_KEY, NAMESPACE_LABELS_PREFIX, SERVICE_ACCOUNT_KEY
 
@@ -276,7 +277,7 @@ def build_request(args: argparse.Namespace) -> TraceRequest:
             client_id=args.kafka_client_id,
             topics=tuple(args.kafka_topic),
         )
-        name = API_KEY_NAMES.get(key, str(key))
+        name = kafka_api_key_name(key)
         return TraceRequest(req_k, summary=f"Kafka {name} v{args.kafka_api_version} {','.join(args.kafka_topic)}".rstrip())
     return TraceRequest(None)
 

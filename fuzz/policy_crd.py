@@ -44,7 +44,8 @@ def check(data: bytes) -> None:
     for err in result.errors:
         assert isinstance(err, PolicyError), type(err)
         assert err.source == "fuzz.yaml", str(err)
-        assert err.line is not None and 1 <= err.line <= last_line, (err.line, last_line, str(err))
+        assert err.line is not None, str(err)
+        assert 1 <= err.line <= last_line, (err.line, last_line, str(err))
         key = (err.obj, err.path, err.message, err.line)
         assert key not in seen, str(err)
         seen.add(key)

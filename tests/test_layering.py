@@ -1,7 +1,7 @@
 """The folder rules: every product folder installs as `membrane.<folder>` and imports only point one way.
 
     parsers, bpf        -> nothing of ours
-    policies            -> membrane.parsers.events / membrane.parsers.errors (types only)
+    policies            -> membrane.parsers.events / errors / names (types and name tables only)
     proxy               -> policies, parsers (the data plane; never the kernel, never the control plane)
     control             -> proxy, policies, parsers, bpf (sources -> state -> plan -> kernel and proxy)
     cli                 -> everything of the product; sandbox only for the commands that run it
@@ -21,7 +21,7 @@ PRODUCT = ("proxy", "parsers", "policies", "bpf", "control", "cli", "sandbox")
 ALLOWED: dict[str, set[str]] = {
     "parsers": {"parsers"},
     "bpf": {"bpf"},
-    "policies": {"policies", "parsers.events", "parsers.errors"},
+    "policies": {"policies", "parsers.events", "parsers.errors", "parsers.names"},
     "proxy": {"proxy", "policies", "parsers"},
     "control": {"control", "proxy", "policies", "parsers", "bpf"},
     "cli": {"cli", "control", "proxy", "policies", "parsers", "bpf", "sandbox", "examples"},
