@@ -371,7 +371,12 @@ class Flow:
         but built from the connection's pre-serialised fields for the common L7 record
         (tests/proxy/test_flows.py checks the two agree). Subclasses are serialised from `to_json()`.
         """
-        if type(self).to_json is not Flow.to_json or self._is_l3l4():
+        if type(self).to_json is not Flow.to_json:  # a subclass's own shape (its to_json may take no node name)
+            flow_json = self.to_json()
+            if node_name:
+                flow_json.setdefault("node_name", node_name)
+            return _encode(envelope(flow_json, node_name)) + "\n"
+        if self._is_l3l4():
             return _encode(envelope(self.to_json(node_name), node_name)) + "\n"
         if not self.flow_id:
             self.flow_id = new_flow_id()
