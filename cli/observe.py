@@ -275,8 +275,19 @@ def _inode(path: str) -> int | None:
 
 
 def _follow(path: str, handle: IO[str] | None, pending: str, emit: Callable[[str], None]) -> None:
-    """Print lines appended to `path` as they come, and go on in the new file when it is rotated."""
+    """Print lines appended to `path` as they come, and go on across rotations (several may happen between
+    two polls: the files rotated after the one we held are read in order before the new `path`)."""
     owned: IO[str] | None = None
+
+    def drain(h: IO[str]) -> bool:
+        nonlocal pending
+        data = h.read()
+        if data:
+            *complete, pending = (pending + data).split("\n")
+            for line in complete:
+                emit(line)
+        return bool(data)
+
     try:
         while True:
             if handle is None:
@@ -287,30 +298,36 @@ def _follow(path: str, handle: IO[str] | None, pending: str, emit: Callable[[str
                     handle = owned = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
                 except FileNotFoundError:
                     continue
-            chunk = handle.read()
-            if chunk:
-                data = pending + chunk
-                *complete, pending = data.split("\n")
-                for line in complete:
-                    emit(line)
+            if drain(handle):
                 continue
-            if _inode(path) != os.fstat(handle.fileno()).st_ino:
-                # Rotated (or removed): what is left in the old file was read above; start the new one.
-                rest = handle.read()
-                if rest:
-                    data = pending + rest
-                    *complete, pending = data.split("\n")
-                    for line in complete:
-                        emit(line)
-                if owned is not None:
-                    owned.close()
-                handle = owned = None
-                pending = ""
+            held = os.fstat(handle.fileno()).st_ino
+            if _inode(path) == held:
+                time.sleep(POLL_S)
                 continue
-            time.sleep(POLL_S)
+            # Rotated: finish the file we hold, then the newer rotated files, oldest first, then the new `path`.
+            drain(handle)
+            newer = _files_after(path, held)
+            if owned is not None:
+                owned.close()
+            handle = owned = None
+            for p in newer:
+                try:
+                    with open(p, encoding="utf-8", errors="replace") as h:
+                        drain(h)
+                except FileNotFoundError:
+                    continue
     finally:
         if owned is not None:
             owned.close()
+
+
+def _files_after(path: str, inode: int) -> list[str]:
+    """The rotated files newer than the one with `inode` (not `path` itself), oldest first."""
+    files = [p for p in rotated_paths(path) if p != path]
+    for i, p in enumerate(files):
+        if _inode(p) == inode:
+            return files[i + 1:]
+    return []
 
 
 # --- the server ---------------------------------------------------------------------------------------
