@@ -101,7 +101,7 @@ def test_port_ranges_expand_and_overwide_ranges_fail_closed(tmp_path: Path) -> N
 )
 def test_kernel_drop_record_uses_hubble_drop_reasons(reason: bm.DropReason, direction: str, desc: str, own: str) -> None:
     """A kernel policy drop is Hubble's L3_L4 record with `drop_reason_desc: POLICY_DENIED` either way (flow.proto
-    DropReason); the way is `traffic_direction` and the kernel's own reason is kept in `membrane_reason`."""
+    DropReason); the way is `traffic_direction`; the kernel's own reason is in the Summary (not a flow.proto field)."""
     event = bm.DropEvent(
         src=ipaddress.ip_address("10.244.1.20"), dst=ipaddress.ip_address("10.244.1.10"), sport=40000, dport=81,
         proto=bm.IPPROTO_TCP, reason=reason, src_identity=2, dst_identity=1, ifindex=11,

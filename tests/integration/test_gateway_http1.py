@@ -297,7 +297,7 @@ def test_flows_to_stdout(tmp_path: Path) -> None:
             assert proc.stdout is not None
             port = int(re.search(r":(\d+) ->", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
             assert httpx.get(f"http://127.0.0.1:{port}/nope").status_code == 403
-            record = json.loads(proc.stdout.readline())
+            record = json.loads(proc.stdout.readline())["flow"]  # Hubble's {"flow": ...} envelope
             assert record["verdict"] == "DROPPED" and record["l7"]["http"]["url"].endswith("/nope")
         finally:
             proc.send_signal(signal.SIGTERM)
