@@ -20,6 +20,7 @@ import collections
 import contextlib
 import datetime
 import fcntl
+import functools
 import itertools
 import json
 import os
@@ -297,29 +298,19 @@ class Flow:
         out.update(_render_l7(self.l7))
         return out
 
-    def _policy_lists(self) -> dict[str, list[dict[str, Any]]]:
+    def _policy_refs(self) -> tuple[tuple[str, ...], int, str] | None:
         if self.verdict == FORWARDED:
             outcome = "allowed_by"
         elif self.verdict == DROPPED:
             outcome = "denied_by"
         else:
-            return {}
+            return None
         refs = (self.rule, *self.matched) if self.rule is not None else self.matched
-        lists: dict[str, list[dict[str, Any]]] = {}
-        seen: set[tuple[str, str]] = set()
-        for ref in refs:
-            parsed = policy_object(ref, revision=self.policy_revision)
-            if parsed is None:
-                continue
-            direction, policy = parsed
-            key = f"{direction}_{outcome}"
-            if (key, _policy_key(policy)) in seen:
-                continue
-            seen.add((key, _policy_key(policy)))
-            lists.setdefault(key, []).append(policy)
-        # flow.proto order: egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by
-        order = ("egress_allowed_by", "ingress_allowed_by", "egress_denied_by", "ingress_denied_by")
-        return {k: lists[k] for k in order if k in lists}
+        return (refs, self.policy_revision, outcome) if refs else None
+
+    def _policy_lists(self) -> dict[str, list[dict[str, Any]]]:
+        key = self._policy_refs()
+        return _policy_lists(*key) if key is not None else {}
 
     def _head(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time": iso_time(self.time_ns), "uuid": self.flow_id}
@@ -397,9 +388,9 @@ class Flow:
         if drop is not None:
             parts += (',"drop_reason_desc":"', drop, '"')
         parts += (',"is_reply":', "true" if reply else "false", ',"Summary":', _json_str(self.summary))
-        lists = self._policy_lists()
-        if lists:
-            parts += (",", _encode(lists)[1:-1])
+        key = self._policy_refs()
+        if key is not None:
+            parts.append(_policy_lists_json(*key))
         parts.append("}")
         if node_name:
             parts += (',"node_name":', _json_str(node_name))
@@ -442,6 +433,31 @@ class L3L4Flow(Flow):
         if drop is None:
             return {"type": EVENT_DROP}
         return {"type": EVENT_DROP, "sub_type": DROP_REASON_CODES[drop]}
+
+
+def _policy_lists(refs: tuple[str, ...], revision: int, outcome: str) -> dict[str, list[dict[str, Any]]]:
+    """The `*_allowed_by`/`*_denied_by` lists of these rule references, in flow.proto order (fresh objects)."""
+    lists: dict[str, list[dict[str, Any]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for ref in refs:
+        parsed = policy_object(ref, revision=revision)
+        if parsed is None:
+            continue
+        direction, policy = parsed
+        key = f"{direction}_{outcome}"
+        if (key, _policy_key(policy)) in seen:
+            continue
+        seen.add((key, _policy_key(policy)))
+        lists.setdefault(key, []).append(policy)
+    order = ("egress_allowed_by", "ingress_allowed_by", "egress_denied_by", "ingress_denied_by")
+    return {k: lists[k] for k in order if k in lists}
+
+
+@functools.lru_cache(maxsize=4096)
+def _policy_lists_json(refs: tuple[str, ...], revision: int, outcome: str) -> str:
+    """`,"ingress_allowed_by":[...]` for to_line(), made once per distinct rule set (a few per policy)."""
+    lists = _policy_lists(refs, revision, outcome)
+    return "," + _encode(lists)[1:-1] if lists else ""
 
 
 def _policy_key(policy: dict[str, Any]) -> str:
@@ -504,6 +520,20 @@ def policy_object(ref: str, *, revision: int = 0, kind: str | None = None) -> tu
 
 def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:
     """The `http`/`dns`/`kafka` record in flow.proto's field order, zero values left out, headers as a list."""
+    http = l7.get("http")
+    if http is not None:  # the common record, without the generic loop
+        out_http: dict[str, Any] = {}
+        code = http.get("code")
+        if code:
+            out_http["code"] = code
+        for name in ("method", "url", "protocol"):
+            value = http.get(name)
+            if value:
+                out_http[name] = value
+        headers = http.get("headers")
+        if headers:
+            out_http["headers"] = json_headers(headers) if isinstance(headers, tuple) else list(headers)
+        return {"http": out_http}
     for kind, fields in _L7_FIELDS.items():
         record = l7.get(kind)
         if record is None:
