@@ -9,6 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +21,14 @@ from membrane.proxy.flows import (
     FlowSink,
     L3L4Flow,
     Peer,
+    RotatingFile,
     envelope,
     iso_time,
     l7_dns,
     l7_http,
     l7_kafka,
     refusal_response,
+    rotated_paths,
 )
 from membrane.proxy.metrics import Metrics
 
@@ -329,3 +332,34 @@ def test_kafka_topic_is_a_string_like_hubble() -> None:
     none = l7_kafka(api_key="api_versions", api_version=3, correlation_id=1)["kafka"]
     record = Flow(context=CTX, verdict="FORWARDED", l7_type=REQUEST, l7={"kafka": none}, summary="k", time_ns=1).to_json()
     assert "topic" not in record["l7"]["kafka"]  # "" is protojson's zero value: left out
+
+
+# --- rotation ---------------------------------------------------------------------------------------------
+
+
+def test_rotating_file_keeps_bounded_backups_and_every_line(tmp_path: Path) -> None:
+    """Two writers on one path (two gateway workers) rotate it at max_bytes into name.1 ... name.N: no line is lost
+    or split while the backups last, and never more than max_backups old files exist."""
+    path = tmp_path / "flows.jsonl"
+    writers = [RotatingFile(str(path), max_bytes=4096, max_backups=50) for _ in range(2)]
+    sinks = [FlowSink([w], node_name="n") for w in writers]  # type: ignore[list-item]
+    sent = []
+    for n in range(200):
+        flow = _flow(n)
+        sinks[n % 2].emit(flow)
+        sent.append(flow.flow_id)
+    for w in writers:
+        w.close()
+    files = rotated_paths(str(path))
+    assert len(files) > 5  # it did rotate, many times
+    got = [json.loads(line)["flow"]["uuid"] for f in files for line in Path(f).read_text().splitlines()]
+    assert sorted(got) == sorted(sent)
+    assert all(Path(f).stat().st_size < 4096 + 2048 for f in files)
+
+    few = tmp_path / "few.jsonl"
+    writer = RotatingFile(str(few), max_bytes=2048, max_backups=2)
+    sink = FlowSink([writer])  # type: ignore[list-item]
+    for n in range(50):
+        sink.emit(_flow(n))
+    writer.close()
+    assert [Path(p).name for p in rotated_paths(str(few))] == ["few.jsonl.2", "few.jsonl.1", "few.jsonl"]
