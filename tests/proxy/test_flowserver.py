@@ -8,8 +8,8 @@ import json
 import socket
 from pathlib import Path
 
-from membrane.proxy.flowserver import FlowPublisher, FlowServer
 from membrane.proxy.flows import DROPPED, FORWARDED, REQUEST, Flow, FlowContext, FlowSink, Peer, l7_http
+from membrane.proxy.flowserver import FlowPublisher, FlowServer
 
 CTX = FlowContext(source=Peer(ip="10.244.1.20", port=40000, identity=1726, namespace="default", pod_name="backend"),
                   destination=Peer(ip="10.244.1.10", port=80, identity=9776, namespace="default", pod_name="frontend"))
