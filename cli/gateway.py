@@ -19,12 +19,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import uvloop
 from membrane.control.files import PathProblem, read_endpoints, read_policies
 from membrane.policies import EndpointsError, L4Proto, PolicyDirection, PolicyMap, compile_policy
-from membrane.proxy.flows import FlowSink, RotatingFile, default_node_name
+from membrane.proxy.flows import FlowSink, FlowStream, RotatingFile, default_node_name
 from membrane.proxy.flowserver import FlowPublisher, FlowServer
 from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"membrane gateway: {e}", file=sys.stderr)
         return 2
-    warning = _port_warning(pmap, args.dst, port_judged, dport_given=args.dport is not None)
+    warning = _port_warning(pmap, args.dst, port_judged, dport_given=args.dport is not None, udp=args.udp)
     if warning:
         print(f"membrane gateway: warning: {warning}", file=sys.stderr)
     config = ProxyConfig(
@@ -253,26 +253,29 @@ async def _publish(shared: SharedMetrics, interval_s: float = 1.0) -> None:
         await asyncio.sleep(interval_s)
 
 
-def _port_warning(pmap: PolicyMap, dst: str, port: int, *, dport_given: bool) -> str | None:
-    """Why every connection will be refused (or pass unjudged) on `port`, or None when a policy rule selects it."""
+def _port_warning(pmap: PolicyMap, dst: str, port: int, *, dport_given: bool, udp: bool = False) -> str | None:
+    """Why every connection will be refused (or pass unjudged) on `port`, or None when a policy rule selects it
+    (for TCP, and for UDP too with --udp)."""
     policy = pmap.direction(dst, PolicyDirection.INGRESS)
     hint = "" if dport_given else f" (the gateway judges the upstream's port {port}; name the policy's port with --dport)"
     if not policy.enforced:
         return f"no policy selects {dst} for ingress: connections on port {port} pass without a verdict{hint}"
-    for c in policy.contributions:
-        if not c.deny and c.lo <= port <= c.hi and L4Proto.TCP in c.protos:
-            return None
-    return f"no policy rule selects port {port}/TCP of {dst}: every connection will be refused{hint}"
+    missing = [
+        proto.name for proto in ((L4Proto.TCP, L4Proto.UDP) if udp else (L4Proto.TCP,))
+        if not any(not c.deny and c.lo <= port <= c.hi and proto in c.protos for c in policy.contributions)
+    ]
+    if not missing:
+        return None
+    return f"no policy rule selects port {port}/{'+'.join(missing)} of {dst}: every connection will be refused{hint}"
 
 
-def _open_flow_streams(plan: _Plan) -> list[IO[str]]:
-    streams: list[IO[str]] = []
+def _open_flow_streams(plan: _Plan) -> list[FlowStream]:
+    streams: list[FlowStream] = []
     for path in plan.flows:
         if path == "-":
             streams.append(sys.stdout)
         else:
-            rotating = RotatingFile(path, max_bytes=plan.flows_max_bytes, max_backups=plan.flows_max_backups)
-            streams.append(rotating)  # type: ignore[arg-type]  # write/flush/close: all a FlowSink stream needs
+            streams.append(RotatingFile(path, max_bytes=plan.flows_max_bytes, max_backups=plan.flows_max_backups))
     return streams
 
 
@@ -288,7 +291,7 @@ async def _worker(
     loop = asyncio.get_running_loop()
     streams = _open_flow_streams(plan)
     if plan.socket is not None and worker != 0:  # worker 0 serves the socket; the others send it their flows
-        streams.append(FlowPublisher(plan.socket, loop=loop))  # type: ignore[arg-type]
+        streams.append(FlowPublisher(plan.socket, loop=loop))
     metrics = Metrics()
     sink = FlowSink(streams, node_name=plan.node_name)
     proxy = Proxy(
@@ -339,6 +342,6 @@ async def _worker(
     if flow_server is not None:
         await flow_server.close()
     for stream in streams:
-        if stream is not sys.stdout:
+        if isinstance(stream, (RotatingFile, FlowPublisher)):
             stream.close()
     return 0

@@ -668,6 +668,14 @@ class RawFlow:
         return self.line
 
 
+class FlowStream(Protocol):
+    """Where a FlowSink writes: a text file, stdout, a `RotatingFile` or a `FlowPublisher`."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 class FlowRecord(Protocol):
     """What the ring holds: a `Flow` made here, or a `RawFlow` published by another worker."""
 
@@ -780,7 +788,7 @@ class FlowSink:
 
     MAX_PENDING = 512  # records queued before a write is forced (bounds memory and delay under load)
 
-    def __init__(self, streams: Iterable[IO[str]] = (), ring_size: int = 10_000, *, node_name: str | None = None) -> None:
+    def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None) -> None:
         self._streams = list(streams)
         self._ring: collections.deque[FlowRecord] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()

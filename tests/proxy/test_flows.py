@@ -342,7 +342,7 @@ def test_rotating_file_keeps_bounded_backups_and_every_line(tmp_path: Path) -> N
     or split while the backups last, and never more than max_backups old files exist."""
     path = tmp_path / "flows.jsonl"
     writers = [RotatingFile(str(path), max_bytes=4096, max_backups=50) for _ in range(2)]
-    sinks = [FlowSink([w], node_name="n") for w in writers]  # type: ignore[list-item]
+    sinks = [FlowSink([w], node_name="n") for w in writers]
     sent = []
     for n in range(200):
         flow = _flow(n)
@@ -358,7 +358,7 @@ def test_rotating_file_keeps_bounded_backups_and_every_line(tmp_path: Path) -> N
 
     few = tmp_path / "few.jsonl"
     writer = RotatingFile(str(few), max_bytes=2048, max_backups=2)
-    sink = FlowSink([writer])  # type: ignore[list-item]
+    sink = FlowSink([writer])
     for n in range(50):
         sink.emit(_flow(n))
     writer.close()

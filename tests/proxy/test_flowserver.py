@@ -108,7 +108,7 @@ def test_publisher_records_reach_followers_and_a_live_socket_is_not_stolen(tmp_p
         await server.start()
         try:
             publisher = FlowPublisher(server.path, loop=asyncio.get_running_loop())
-            other = FlowSink([publisher], node_name="worker-1")  # type: ignore[list-item]
+            other = FlowSink([publisher], node_name="worker-1")
             other.emit(_flow(1))
             for _ in range(100):
                 if sink.records():
