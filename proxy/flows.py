@@ -186,7 +186,7 @@ class Peer:
         if self.namespace:
             out["namespace"] = self.namespace
         if self.labels:
-            out["labels"] = list(self.labels)
+            out["labels"] = sorted(self.labels)  # Hubble sorts them (pkg/hubble/parser/seven decodeEndpoint)
         if self.pod_name:
             out["pod_name"] = self.pod_name
         if self.workloads:
@@ -328,7 +328,8 @@ class Flow:
         ctx = self.context
         l3l4 = self._is_l3l4()
         reply = self.l7_type == RESPONSE and not l3l4
-        drop = self._drop_reason()
+        # Hubble's L7 records carry no drop reason (pkg/hubble/parser/seven sets DROP_REASON_UNKNOWN): only drops do.
+        drop = self._drop_reason() if l3l4 else None
         out = self._head()
         if l3l4 and drop is not None:
             out["drop_reason"] = DROP_REASON_CODES[drop]
@@ -344,6 +345,8 @@ class Flow:
         l7 = None if l3l4 else self._l7_json()
         if l7 is not None:
             out["l7"] = l7
+        if reply:
+            out["reply"] = True  # the deprecated bool Hubble still fills beside is_reply
         out["event_type"] = self._event_type()
         out["traffic_direction"] = ctx.traffic_direction
         if self.policy_match_type:
@@ -374,19 +377,16 @@ class Flow:
         reply = self.l7_type == RESPONSE
         head, names = self.context.json_parts(reply)
         stamp = iso_time(self.time_ns)
-        drop = self._drop_reason()
         parts = [
             '{"flow":{"time":"', stamp, '","uuid":', _json_str(self.flow_id), _EMITTER_JSON,
             ',"verdict":', _json_str(self.verdict), ",", head, ',"Type":"L7"',
         ]
         if node_name:
             parts += (',"node_name":', _json_str(node_name))
-        parts += (names, ',"l7":', _encode(self._l7_json()), ',"event_type":{"type":129},"traffic_direction":',
-                  _json_str(self.context.traffic_direction))
+        parts += (names, ',"l7":', _encode(self._l7_json()), ',"reply":true' if reply else "",
+                  ',"event_type":{"type":129},"traffic_direction":', _json_str(self.context.traffic_direction))
         if self.policy_match_type:
             parts += (',"policy_match_type":', str(self.policy_match_type))
-        if drop is not None:
-            parts += (',"drop_reason_desc":"', drop, '"')
         parts += (',"is_reply":', "true" if reply else "false", ',"Summary":', _json_str(self.summary))
         key = self._policy_refs()
         if key is not None:

@@ -492,8 +492,7 @@ def decided_by(flows: Sequence[dict[str, Any]]) -> str:
                 return f"kernel: {kernel.group(1)}"
             if f.get("Type") == "L3_L4":  # a connection the proxy refused before any L7 parsing
                 return f"proxy: {str(f.get('drop_reason_desc', '')).lower()} at L3/L4"
-            reason = str(f.get("drop_reason_desc", "")).lower()
-            return "proxy: no L7 rule matches" if reason == "policy_denied" else f"proxy: {reason or 'error'}"
+            return "proxy: no L7 rule matches"  # an L7 request DROPPED is a policy denial (errors are ERROR)
     for f in requests:
         for key in ("ingress_allowed_by", "egress_allowed_by"):
             for policy in f.get(key) or ():

@@ -258,7 +258,7 @@ FILTER_CASES: list[tuple[list[str], Any]] = [
     (["--to-ip", "127.0.0.0/30", "--type", "drop"], lambda f: f["Type"] == "L3_L4"),
     (["--traffic-direction", "ingress"], lambda f: True),  # the gateway judges for its --dst: ingress
     (["--traffic-direction", "egress"], lambda f: False),
-    (["--drop-reason-desc", "POLICY_DENIED"], lambda f: f["verdict"] == "DROPPED"),
+    (["--drop-reason-desc", "POLICY_DENIED"], lambda f: f["Type"] == "L3_L4"),  # L7 records have none, as Hubble's
     (["--node-name", "node-b"], lambda f: "dns" in f.get("l7", {})),
     (["--verdict", "FORWARDED", "--not", "--protocol", "dns"], lambda f: f["verdict"] == "FORWARDED" and "http" in f.get("l7", {})),
 ]
