@@ -74,7 +74,12 @@ class FlowServer:
         self.records_lost = 0
 
     async def start(self) -> None:
-        """Bind and listen. Raises OSError (SocketInUse when another server answers on `path`)."""
+        """Bind and listen (creating the socket's directory, e.g. /var/run/membrane, when missing).
+
+        Raises:
+            OSError: cannot bind; SocketInUse when another server answers on `path` (the caller exits 2).
+        """
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
         _prepare_path(self.path)
         self._server = await asyncio.start_unix_server(self._serve, path=self.path, limit=MAX_REQUEST_BYTES)
         os.chmod(self.path, 0o660)
