@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # Each module exposes `register(subparsers)`, which adds its parser(s) and sets `func` on them:
 # `func(args) -> int` is the command's exit status.
-_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent")
+_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent", "membrane.cli.observe")
 # The module that registers each top-level command. Only that module is imported for a command, so
 # `membrane policy ...` does not pay for the proxy's and the agent's imports (bcc, pyroute2, kafka).
 _COMMAND_OWNERS = {
@@ -24,6 +24,7 @@ _COMMAND_OWNERS = {
     "status": "membrane.cli.agent",
     "endpoint": "membrane.cli.agent",
     "cleanup-stale": "membrane.cli.agent",
+    "observe": "membrane.cli.observe",
 }
 
 
