@@ -537,15 +537,15 @@ class PolicyStatusWriter:
             want = wanted_condition(obj, problems)
             try:
                 if not is_current(obj.conditions, want):
-                    obj = await self._patch_condition(obj, problems)
-                    writes += 1
+                    obj, wrote = await self._patch_condition(obj, problems)
+                    writes += wrote
                 if problems is not None:
                     message = bounded(problems[0], MAX_EVENT_MESSAGE)
                     key = (obj.ref, obj.uid, obj.generation, message)
                     wanted_events.add(key)
-                    if key not in self._emitted and await self._emit_event(obj, message):
+                    if key not in self._emitted:
+                        writes += await self._emit_event(obj, message)
                         self._emitted.add(key)
-                        writes += 1
             except ApiError as e:
                 self._note_error(e)
                 log.warning("policy status of %s %s: %s", obj.ref.kind, obj.ref.key, e.status.message)
@@ -562,13 +562,14 @@ class PolicyStatusWriter:
         return submitted
 
     async def _patch_condition(self, obj: PolicyObject,
-                               problems: tuple[tuple[str, ...], bool] | None) -> PolicyObject:
+                               problems: tuple[tuple[str, ...], bool] | None) -> tuple[PolicyObject, bool]:
         """Merge-patches status.conditions with our condition, under obj's resourceVersion; on 409 reads
-        the object again and retries. Returns the object as written. Raises ApiError after the retries."""
+        the object again and retries. Returns the object as it is now and whether we wrote it (a fresh copy
+        may already carry the condition). Raises ApiError after the retries."""
         for attempt in range(MAX_CONFLICT_RETRIES + 1):
             want = wanted_condition(obj, problems)
             if is_current(obj.conditions, want):
-                return obj  # the fresh copy already says it (another writer, or our earlier try)
+                return obj, False  # the fresh copy already says it (another writer, or our earlier try)
             # A JSON merge patch replaces a list whole, so the list we send is the stored one with ours
             # merged in; the resourceVersion precondition makes sure nothing was added meanwhile.
             body = {"metadata": {"resourceVersion": obj.resource_version},
@@ -585,7 +586,7 @@ class PolicyStatusWriter:
             self.stats.status_writes += 1
             written = PolicyObject.from_dict({"kind": obj.ref.kind, **result})
             self._written[obj.ref] = (obj.resource_version, written)
-            return written
+            return written, True
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _patch_status(self, ref: PolicyRef, body: dict[str, Any]) -> dict[str, Any]:
@@ -605,7 +606,8 @@ class PolicyStatusWriter:
         return _as_dict(result)
 
     async def _emit_event(self, obj: PolicyObject, message: str) -> bool:
-        """Creates the Warning Event. Returns True when it exists now (created, or already there)."""
+        """Creates the Warning Event. Returns whether this call created it (False: it was already there).
+        Raises ApiError for any other refusal."""
         t = self._wall()
         namespace = obj.ref.namespace or "default"  # cluster-scoped objects' events go to default, as client-go does
         event = Event(
@@ -622,7 +624,7 @@ class PolicyStatusWriter:
             await self.client.create(event)
         except ApiError as e:
             if e.status.code == CONFLICT:
-                return True  # the same event (same name: same object, generation and message) exists
+                return False  # the same event (same name: same object, generation and message) exists
             raise
         self.stats.events_created += 1
         return True
