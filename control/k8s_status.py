@@ -21,10 +21,11 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import httpx
 from lightkube import ApiError, AsyncClient
 from lightkube.models.coordination_v1 import LeaseSpec
 from lightkube.models.core_v1 import EventSource, ObjectReference
@@ -36,6 +37,7 @@ from membrane.control.sources.kubernetes import CiliumClusterwideNetworkPolicy, 
 from membrane.policies.errors import PolicyConflictError, PolicyError
 
 log = logging.getLogger("membrane.k8s.status")
+T = TypeVar("T")
 
 # Our own condition type. Cilium's operator owns `Valid` (it validates CNPs itself); a second writer
 # of the same type would flap it. The type is domain-prefixed, as the API conventions ask of types
@@ -388,6 +390,7 @@ class PolicyStatusWriter:
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # before the round: a submit() arriving during it wakes the next one at once
             try:
                 await self.step()
             except asyncio.CancelledError:
@@ -395,7 +398,6 @@ class PolicyStatusWriter:
             except Exception as e:  # the one boundary: the agent keeps enforcing whatever the API server does
                 self._note_error(e)
                 log.exception("policy status round failed")
-            self._wake.clear()
             pause = self.renew_interval_s if self.is_holder else self.retry_interval_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
@@ -431,7 +433,7 @@ class PolicyStatusWriter:
             self._note_error(e)
             log.warning("policy status lease %s/%s: %s", self.lease_namespace, self.lease_name, e.status.message)
             held = False
-        except (OSError, ValueError) as e:  # the API server is away; a holder keeps writing until its deadline
+        except (httpx.HTTPError, OSError, ValueError) as e:  # the API server is away; a holder keeps writing until its deadline
             self._note_error(e)
             held = False
         if not held and not self.is_holder:
@@ -518,7 +520,7 @@ class PolicyStatusWriter:
         lease.spec.renewTime = self._wall()
         try:
             await self.client.replace(lease)
-        except (ApiError, OSError, ValueError) as e:  # it expires by itself
+        except (ApiError, httpx.HTTPError, OSError, ValueError) as e:  # it expires by itself
             log.info("policy status lease not released (%s); it expires in %d s", e, self.lease_duration_s)
 
     # --- the writes -----------------------------------------------------------------------------------------
@@ -535,25 +537,35 @@ class PolicyStatusWriter:
             obj = self._latest(submitted)
             problems = desired.problems.get(obj.ref)
             want = wanted_condition(obj, problems)
-            try:
-                if not is_current(obj.conditions, want):
-                    obj, wrote = await self._patch_condition(obj, problems)
+            if not is_current(obj.conditions, want):
+                patched = await self._guarded(obj.ref, self._patch_condition(obj, problems))
+                if patched is not None:
+                    obj, wrote = patched
                     writes += wrote
-                if problems is not None:
-                    message = bounded(problems[0], MAX_EVENT_MESSAGE)
-                    key = (obj.ref, obj.uid, obj.generation, message)
-                    wanted_events.add(key)
-                    if key not in self._emitted:
-                        writes += await self._emit_event(obj, message)
+            if problems is not None:  # an Event goes out even when the condition could not be written
+                message = bounded(problems[0], MAX_EVENT_MESSAGE)
+                key = (obj.ref, obj.uid, obj.generation, message)
+                wanted_events.add(key)
+                if key not in self._emitted:
+                    created = await self._guarded(obj.ref, self._emit_event(obj, message))
+                    if created is not None:
+                        writes += created
                         self._emitted.add(key)
-            except ApiError as e:
-                self._note_error(e)
-                log.warning("policy status of %s %s: %s", obj.ref.kind, obj.ref.key, e.status.message)
-            except (OSError, ValueError) as e:
-                self._note_error(e)
-                log.warning("policy status of %s %s: %s", obj.ref.kind, obj.ref.key, e)
         self._emitted &= wanted_events  # forget what no object wants any more (bounded memory)
         return writes
+
+    async def _guarded(self, ref: PolicyRef, write: Awaitable[T]) -> T | None:
+        """The write's result, or None when the API server refused it or was unreachable (counted and
+        logged; the next round tries again)."""
+        try:
+            return await write
+        except ApiError as e:
+            self._note_error(e)
+            log.warning("policy status of %s %s: %s", ref.kind, ref.key, e.status.message)
+        except (httpx.HTTPError, OSError, ValueError) as e:
+            self._note_error(e)
+            log.warning("policy status of %s %s: %s", ref.kind, ref.key, e)
+        return None
 
     def _latest(self, submitted: PolicyObject) -> PolicyObject:
         written = self._written.get(submitted.ref)

@@ -489,6 +489,75 @@ def test_kubectl_shows_the_condition_and_the_event(api: ApiServerThread, tmp_pat
     assert "membrane-agent" in described
 
 
+def test_the_background_task_writes_after_submit_and_releases_on_stop(api: ApiServerThread) -> None:
+    """Started, the writer takes the lease and writes on its own after submit(); stop() releases the lease."""
+    put(api, _cnp("bad", valid=False))
+
+    async def body() -> None:
+        async with Agent(api, NODE_A, Clock()) as agent:
+            agent.writer = PolicyStatusWriter(agent.client, node_name=NODE_A)  # real clocks for the timer
+            await agent.writer.start()
+            try:
+                agent.submit()
+                await agent.until(lambda objs: any(c.get("type") == CONDITION_TYPE for c in objs[0].conditions))
+            finally:
+                await agent.writer.stop()
+
+    run(body)
+    assert ours(cnp(api, "bad"))["status"] == "False"
+    lease = stored(api, "leases", "kube-system", "membrane-policy-status", group="coordination.k8s.io")
+    assert lease["spec"].get("holderIdentity") is None
+    assert lease["spec"]["leaseDurationSeconds"] == 1
+
+
+def test_api_errors_are_counted_and_the_next_round_recovers(api: ApiServerThread) -> None:
+    """A failed status write (500) is counted with its message and does not stop the others; the next
+    round writes what is still missing."""
+    put(api, _cnp("a", valid=False), _cnp("b", valid=False))
+    clock = Clock()
+
+    async def body() -> None:
+        async with Agent(api, NODE_A, clock) as agent:
+            agent.submit()
+            assert await agent.writer.ensure_lease()
+            api.inject_errors(1, code=500, path_prefix="/apis/cilium.io/v2/namespaces/default/ciliumnetworkpolicies/a")
+            assert await agent.writer.reconcile() == 3  # b's condition and both Events; a's condition failed
+            assert agent.writer.stats.errors == 1
+            assert "injected fault" in str(agent.writer.stats.last_error)
+            clock.advance(1)
+            assert await agent.writer.step() == 1  # a's condition
+
+    run(body)
+    assert ours(cnp(api, "a"))["status"] == "False"
+
+
+def test_a_holder_that_cannot_renew_stops_writing(api: ApiServerThread) -> None:
+    """With the API server away past the renew deadline (10 s of a 15 s lease), the holder stops writing
+    before anyone could take over; back in touch, it renews its own lease and writes again."""
+    put(api, _cnp("a", valid=False))
+    clock = Clock()
+
+    async def body() -> None:
+        async with Agent(api, NODE_A, clock) as agent:
+            await agent.round()
+            await asyncio.to_thread(api.stop)
+            clock.advance(6)
+            await agent.writer.step()  # the renewal fails; still within the deadline
+            assert agent.writer.is_holder
+            clock.advance(5)
+            assert await agent.writer.step() == 0
+            assert not agent.writer.is_holder
+            assert agent.writer.stats.holder is False
+            await asyncio.to_thread(api.start)
+            clock.advance(2)
+            await agent.writer.step()
+            assert agent.writer.is_holder
+
+    run(body)
+    lease = stored(api, "leases", "kube-system", "membrane-policy-status", group="coordination.k8s.io")
+    assert lease["spec"]["holderIdentity"] == NODE_A
+
+
 # --- pure parts ----------------------------------------------------------------------------------------------
 
 
