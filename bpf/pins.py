@@ -123,7 +123,7 @@ def declared_map_def(bpf: Any, name: str) -> MapDef:
     return MapDef(
         map_type=int(bcc.lib.bpf_table_type_id(bpf.module, tid)),
         key_size=ctypes.sizeof(table.Key),
-        value_size=ctypes.sizeof(table.Leaf),
+        value_size=ctypes.sizeof(getattr(table, "sLeaf", table.Leaf)),  # per-CPU tables: one CPU's value
         max_entries=int(bcc.lib.bpf_table_max_entries_id(bpf.module, tid)),
         flags=int(bcc.lib.bpf_table_flags_id(bpf.module, tid)),
     )

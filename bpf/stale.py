@@ -110,8 +110,8 @@ def _bpf_name(flt: Any) -> str:
     return str(opts.get_attr("TCA_BPF_NAME") or "")
 
 
-def _tc_attachments() -> list[tuple[int, str, int, str]]:
-    """Every `mbr_*` tc attachment: (ifindex, direction, program id, device name)."""
+def _tc_attachments(dev: str | None = None) -> list[tuple[int, str, int, str]]:
+    """Every `mbr_*` tc attachment (of `dev` only, if given): (ifindex, direction, program id, device name)."""
     return [
         (
             int(t["ifindex"]),
@@ -119,22 +119,25 @@ def _tc_attachments() -> list[tuple[int, str, int, str]]:
             int(t.get("prog_id", t.get("id", 0))),
             str(t.get("devname", "")),
         )
-        for net in _bpftool("net", "show")
+        for net in _bpftool("net", "show", *(("dev", dev) if dev else ()))
         for t in net.get("tc", [])
         if str(t.get("name", "")).startswith(PREFIX)
     ]
 
 
-def _clean_tc(ipr: IPRoute, remove_at: set[tuple[int, str]]) -> list[str]:
-    """Delete our filters at (ifindex, direction) in `remove_at`, and clsact qdiscs that leaves empty."""
+def _clean_tc(ipr: IPRoute, remove: set[tuple[int, str, int]]) -> list[str]:
+    """Delete the filters (ifindex, direction, program id) in `remove` that still run that program,
+    and the clsact qdiscs that leaves empty. A filter replaced meanwhile (a new agent) is kept."""
     removed: list[str] = []
+    remove_at = {(idx, d) for idx, d, _p in remove}
     for link in ipr.get_links():
         idx = link["index"]
         name = link.get_attr("IFLA_IFNAME")
-        if not any(d for i, d in remove_at if i == idx):
+        if not any(i == idx for i, _d in remove_at):
             continue
         if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(idx)):
             continue
+        now = {(d, pid) for i, d, pid, _n in _tc_attachments(name) if i == idx}
         remaining = 0
         ours = 0
         for direction, parent in _PARENTS.items():
@@ -142,7 +145,8 @@ def _clean_tc(ipr: IPRoute, remove_at: set[tuple[int, str]]) -> list[str]:
                 if not flt.get_attr("TCA_OPTIONS"):
                     continue  # the per-priority header entry; the real filter follows
                 prog = _bpf_name(flt)
-                if not prog.startswith(PREFIX) or (idx, direction) not in remove_at:
+                stale_here = {pid for i, d, pid in remove if i == idx and d == direction and (d, pid) in now}
+                if not prog.startswith(PREFIX) or not stale_here:
                     remaining += 1
                     continue
                 prio = flt["info"] >> 16
@@ -208,10 +212,10 @@ def cleanup_stale(cgroup: str = CGROUP_ROOT, *, pin_dir: Path | None = None) -> 
     (returns []). Raises NetlinkError only on unexpected netlink failures (e.g. EPERM).
     """
     owners = _owners(pin_dir)
-    remove_at = {(idx, d) for idx, d, pid, _n in _tc_attachments() if owners.stale(pid)}
+    remove = {(idx, d, pid) for idx, d, pid, _n in _tc_attachments() if owners.stale(pid)}
     removed: list[str] = []
     with IPRoute() as ipr:
-        removed += _clean_tc(ipr, remove_at)
+        removed += _clean_tc(ipr, remove)
     removed += _clean_cgroup(cgroup, owners, everything_mine=False)
     if routing.routing_present() and not steering_in_use():
         n = routing.remove_routing()
@@ -232,10 +236,10 @@ def uninstall(pin_dir: Path = pins.DEFAULT_PIN_DIR, cgroup: str = CGROUP_ROOT) -
     """
     pin_dir = pin_dir.absolute()
     owners = _owners(pin_dir)
-    remove_at = {(idx, d) for idx, d, pid, _n in _tc_attachments() if pid in owners.mine or owners.stale(pid)}
+    remove = {(idx, d, pid) for idx, d, pid, _n in _tc_attachments() if pid in owners.mine or owners.stale(pid)}
     removed: list[str] = []
     with IPRoute() as ipr:
-        removed += _clean_tc(ipr, remove_at)
+        removed += _clean_tc(ipr, remove)
     removed += _clean_cgroup(cgroup, owners, everything_mine=True)
     removed += [f"pin {p}" for p in pins.remove_pins(pin_dir)]
     if routing.routing_present() and not steering_in_use(exclude=owners.mine):

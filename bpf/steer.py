@@ -62,8 +62,9 @@ class Steering:
 
     With `pin_dir`, the maps in `pins.PINNED_MAPS` are adopted from (or pinned to) that directory: a
     previous agent's policy keeps being enforced by its programs, still attached, until this one's
-    program replaces them. A pinned map whose definition changed is replaced by a new, empty one; the
-    agent fills it from its plan before attach() puts the program using it in place.
+    program replaces them. When any pinned map's definition changed, the whole set is replaced by
+    new, empty maps (`replaced_maps` names the ones that differed); the agent fills them from its
+    plan before attach() puts the program using them in place.
     """
 
     def __init__(
@@ -114,12 +115,18 @@ class Steering:
         bad = pins.mismatched_maps(bpf)
         if not bad:
             return bpf
-        # Nothing of this program is attached yet: drop it, unpin what differs and load again. The
-        # programs attached now keep their own maps alive, so enforcement goes on unchanged.
+        # Nothing of this program is attached yet: drop it, unpin EVERY map and load again with a new
+        # set. Replacing only the maps that differ would share the others (mbr_config's generation
+        # above all) between the old program and maps it never saw: the old one could then read a
+        # stale generation of its own policy. With a whole new set, the old programs keep enforcing
+        # from their own maps (their attachments hold them) until attach() replaces them, and the new
+        # set is filled from the plan before that. Conntrack and counters start over in this case.
         bpf.cleanup()
         for name, (declared, actual) in bad.items():
-            log.warning("pinned map %s changed definition (%s -> %s): replaced by a new map", name, actual, declared)
-        pins.unlink_pins(self._pin_dir, bad)
+            log.warning(
+                "pinned map %s changed definition (%s -> %s): every pinned map is replaced", name, actual, declared
+            )
+        pins.unlink_pins(self._pin_dir, pins.PINNED_MAPS)
         self.replaced_maps = bad
         bpf = load_bpf(_SRC, self._cflags())
         still = pins.mismatched_maps(bpf)
@@ -128,7 +135,6 @@ class Steering:
             raise BpfLoadError(f"pinned maps in {self._pin_dir} do not match after replacing them: {sorted(still)}")
         return bpf
 
-    # --- lifetime ---------------------------------------------------------------------------
     def __enter__(self) -> Steering:
         self._keep = False
         with ExitStack() as stack:

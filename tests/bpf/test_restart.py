@@ -140,7 +140,7 @@ def steer_filters(pod: Pod) -> int:
 def assert_never_denied(arrivals: list[Arrival], topo: Topology) -> None:
     c = str(topo.pods["c"].ipv4)
     leaked = [x for x in arrivals if x.port == DENIED or x.src == c]
-    assert leaked == [], f"{len(leaked)} denied datagrams got through, first at {leaked[:3]}"
+    assert leaked == [], f"{len(leaked)} denied datagrams got through, first at {leaked[:3]} last {leaked[-1:]}"
 
 
 @pytest.mark.parametrize("defines", [{}, {"MBR_POLICY_SIZE": 8192}], ids=["same-maps", "policy-maps-changed"])
@@ -168,12 +168,13 @@ def test_sigkill_and_restart_never_lets_a_denied_packet_through(
         st = Steering(pin_dir=pin_dir, defines=defines).__enter__()
         try:
             loaded = time.monotonic()
-            assert st.maps.adopted
+            assert st.maps.adopted is not bool(defines)  # a changed definition replaces the whole set
             write_plan(st, refs(abc))
             stale = st.cleanup_stale()
             ready = time.monotonic()
             time.sleep(1.0)
             arrivals, sent = pr.finish()
+            print(f"killed {killed} loaded {loaded} ready {ready} arrivals {arrivals[0].at}..{arrivals[-1].at}")
             assert_never_denied(arrivals, abc)
             assert sent["a"][DENIED] > 500, sent  # the denied flow was really tried throughout
             assert sent["c"][ALLOWED] > 500, sent
@@ -186,7 +187,7 @@ def test_sigkill_and_restart_never_lets_a_denied_packet_through(
             assert not any("filter" in x for x in stale), stale  # every filter was taken over in place
         finally:
             st.close()
-    assert not any(x.startswith("pin") for x in kernel.leftovers()), "close(keep=False) leaves no pin"
+    assert [x for x in kernel.leftovers() if x.startswith("pin")] == [], "close(keep=False) leaves no pin"
 
 
 def test_replacing_the_program_never_leaves_an_interface_without_a_filter(abc: Topology, pin_dir: Path, tmp_path: Path) -> None:

@@ -39,5 +39,5 @@ def pin_dir() -> Iterator[Path]:
 
 
 def pins_left() -> list[str]:
-    """Every file left on the bpffs mounts this process created."""
-    return [str(p) for mnt in CREATED for p in sorted(mnt.rglob("*"))]
+    """Every file left on the bpffs mounts this process created (but the kernel's own `*.debug` iterators)."""
+    return [str(p) for mnt in CREATED for p in sorted(mnt.rglob("*")) if p.parent != mnt or p.suffix != ".debug"]
