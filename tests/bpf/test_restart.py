@@ -7,7 +7,6 @@ packet by packet, not by sampling.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -310,4 +309,4 @@ def test_pin_dir_must_be_on_a_bpf_filesystem(tmp_path: Path) -> None:
     with pytest.raises(AttachError) as info, Steering(pin_dir=tmp_path / "pins"):
         pass
     assert info.value.kind == "bpffs"
-    assert json.dumps(str(tmp_path)) in json.dumps(str(info.value))
+    assert str(tmp_path / "pins") in str(info.value)
