@@ -23,6 +23,7 @@ _COMMAND_OWNERS = {
     "status": "membrane.cli.agent",
     "endpoint": "membrane.cli.agent",
     "cleanup-stale": "membrane.cli.agent",
+    "uninstall": "membrane.cli.agent",
 }
 
 

@@ -136,10 +136,10 @@ def steer_filters(pod: Pod) -> int:
     return out.count("name mbr_tc_steer")
 
 
-def assert_never_denied(arrivals: list[Arrival], topo: Topology) -> None:
+def assert_never_denied(arrivals: list[Arrival], topo: Topology, context: str = "") -> None:
     c = str(topo.pods["c"].ipv4)
     leaked = [x for x in arrivals if x.port == DENIED or x.src == c]
-    assert leaked == [], f"{len(leaked)} denied datagrams got through, first at {leaked[:3]} last {leaked[-1:]}"
+    assert leaked == [], f"{len(leaked)} denied datagrams got through, first {leaked[:2]} last {leaked[-1:]} ({context})"
 
 
 @pytest.mark.parametrize("defines", [{}, {"MBR_POLICY_SIZE": 8192}], ids=["same-maps", "policy-maps-changed"])
@@ -173,8 +173,8 @@ def test_sigkill_and_restart_never_lets_a_denied_packet_through(
             ready = time.monotonic()
             time.sleep(1.0)
             arrivals, sent = pr.finish()
-            print(f"killed {killed} loaded {loaded} ready {ready} arrivals {arrivals[0].at}..{arrivals[-1].at}")
-            assert_never_denied(arrivals, abc)
+            when = f"killed {killed} loaded {loaded} ready {ready} arrivals {arrivals[0].at}..{arrivals[-1].at}"
+            assert_never_denied(arrivals, abc, when)
             assert sent["a"][DENIED] > 500, sent  # the denied flow was really tried throughout
             assert sent["c"][ALLOWED] > 500, sent
             allowed = [x.at for x in arrivals if x.port == ALLOWED and x.src == str(abc.pods["a"].ipv4)]
