@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
     el.add_argument("-o", "--output", choices=("text", "json"), default="text")
     el.set_defaults(func=_endpoint_list)
 
-    c = sub.add_parser("cleanup-stale", help="remove kernel objects a crashed agent left behind (mbr_* only)")
+    c = sub.add_parser("cleanup-stale", help="remove unpinned mbr_* objects a crashed process left (an agent's pinned state stays: see uninstall)")
     c.set_defaults(func=_cleanup_stale)
 
     u = sub.add_parser(
