@@ -35,11 +35,15 @@ class PodRef:
     host_ifindex: int
 
 
-def write_plan(st: Steering, pods: dict[str, PodRef], *, redirect_port: int = 0) -> None:
-    """Write the whole policy in the agent's never-widening order, then attach every pod's veth."""
+def write_plan(st: Steering, pods: dict[str, PodRef], *, redirect_port: int = 0, with_c: bool = True) -> None:
+    """Write the whole policy in the agent's never-widening order, then attach every pod's veth.
+
+    with_c=False: c is no endpoint of this agent (no identity, no endpoint, no attachment).
+    """
     m = st.maps
     for name, ident in (("a", ID_A), ("b", ID_B), ("c", ID_C)):
-        m.set_identity(f"{pods[name].ipv4}/32", ident, ifindex=pods[name].host_ifindex)
+        if name != "c" or with_c:
+            m.set_identity(f"{pods[name].ipv4}/32", ident, ifindex=pods[name].host_ifindex)
     egress = {
         PolicyKey(endpoint_id=EP_A, identity=ID_B, port=ALLOWED, proto=proto): PolicyEntry(verdict=Verdict.PASS)
         for proto in (IPPROTO_TCP, IPPROTO_UDP)
@@ -52,8 +56,9 @@ def write_plan(st: Steering, pods: dict[str, PodRef], *, redirect_port: int = 0)
     m.set_policy(ingress=ingress, egress=egress)
     m.set_endpoint(pods["a"].host_ifindex, Endpoint(endpoint_id=EP_A, identity=ID_A, enforce_egress=True))
     m.set_endpoint(pods["b"].host_ifindex, Endpoint(endpoint_id=EP_B, identity=ID_B, enforce_ingress=True))
-    m.set_endpoint(pods["c"].host_ifindex, Endpoint(endpoint_id=EP_C, identity=ID_C))
-    for name in ("a", "b", "c"):
+    if with_c:
+        m.set_endpoint(pods["c"].host_ifindex, Endpoint(endpoint_id=EP_C, identity=ID_C))
+    for name in ("a", "b", "c") if with_c else ("a", "b"):
         st.attach(pods[name].host_if)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from membrane.bpf import routing
-from membrane.bpf.maps import DropReason
+from membrane.bpf.maps import DropReason, Endpoint
 from membrane.bpf.stale import uninstall
 from membrane.bpf.steer import FILTER_PRIO, ProxyPorts, Steering
 from pyroute2 import IPRoute
@@ -29,7 +29,7 @@ from pyroute2 import IPRoute
 from tests.bpf.conftest import call, start_server
 from tests.bpf.restart_agent import ALLOWED, DENIED, PodRef, spec, write_plan
 from tests.bpf.tproxy import TransparentProxy
-from tests.helpers import kernel
+from tests.helpers import bpffs, kernel
 from tests.helpers.netns import REPO, Pod, Topology, topology, wait_for_line
 
 pytestmark = pytest.mark.bpf
@@ -300,6 +300,56 @@ def test_a_second_steering_replaces_instead_of_failing_and_close_spares_it(abc: 
             assert routing.routing_present()
     finally:
         first.close()
+
+
+def test_cleanup_stale_removes_what_the_new_plan_dropped(abc: Topology, pin_dir: Path) -> None:
+    """After a restart whose plan no longer has pod c, cleanup_stale() removes c's old filter, clsact, endpoint and identity, and nothing else."""
+    a, b, c = abc.pods["a"], abc.pods["b"], abc.pods["c"]
+    start_server(abc, b, DENIED)
+    old = Steering(pin_dir=pin_dir).__enter__()
+    try:
+        write_plan(old, refs(abc))
+    finally:
+        old.close(keep=True)
+    with Steering(pin_dir=pin_dir) as new:
+        write_plan(new, refs(abc), with_c=False)
+        removed = new.cleanup_stale()
+        assert sorted(removed) == sorted(
+            [
+                f"tc ingress filter mbr_tc_steer on {c.host_if}",
+                f"clsact on {c.host_if}",
+                f"endpoint ifindex {c.host_ifindex}",
+                f"identity {c.ipv4}/32",
+            ]
+        )
+        assert c.host_ifindex not in new.maps.endpoints()
+        assert [steer_filters(p) for p in (a, b, c)] == [1, 1, 0]
+        assert call(a, b.ipv4, DENIED, timeout_s=1) == "TIMEOUT"  # a is still enforced
+        assert new.cleanup_stale() == []
+
+
+def test_cleanup_stale_and_uninstall_never_touch_another_pin_directory(abc: Topology, pin_dir: Path) -> None:
+    """A kept agent of another pin directory (not held by any process) survives our cleanup_stale() and uninstall()."""
+    a, b = abc.pods["a"], abc.pods["b"]
+    start_server(abc, b, DENIED)
+    with bpffs.pin_dir() as other_dir:
+        other = Steering(pin_dir=other_dir).__enter__()
+        try:
+            other.maps.set_identity(f"{a.ipv4}/32", 1001, ifindex=a.host_ifindex)
+            other.maps.set_endpoint(a.host_ifindex, Endpoint(endpoint_id=1, identity=1001, enforce_egress=True))
+            other.attach(a.host_if)  # a: deny-all egress
+        finally:
+            other.close(keep=True)
+        with Steering(pin_dir=pin_dir) as mine:
+            mine.attach(b.host_if)
+            assert mine.cleanup_stale() == []
+        assert uninstall(pin_dir) == []  # close() took ours away already; the other's is not ours
+        assert steer_filters(a) == 1
+        assert call(a, b.ipv4, DENIED, timeout_s=1) == "TIMEOUT"  # the other agent's kept state enforces
+        assert routing.routing_present()  # it still needs the routing
+        removed = uninstall(other_dir)
+        assert f"tc ingress filter mbr_tc_steer on {a.host_if}" in removed
+    assert call(a, b.ipv4, DENIED) == f"from {a.ipv4} got hi"
 
 
 def test_pin_dir_must_be_on_a_bpf_filesystem(tmp_path: Path) -> None:
