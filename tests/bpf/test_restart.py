@@ -31,40 +31,9 @@ from tests.bpf.restart_agent import ALLOWED, DENIED, PodRef, spec, write_plan
 from tests.bpf.tproxy import TransparentProxy
 from tests.helpers import bpffs, kernel
 from tests.helpers.netns import REPO, Pod, Topology, topology, wait_for_line
+from tests.helpers.probes import RECEIVER, SENDER
 
 pytestmark = pytest.mark.bpf
-
-RECEIVER = """
-import select, socket, sys, time
-log = open(sys.argv[1], "w", buffering=1)
-socks = []
-for port in sys.argv[2:]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(port))); socks.append(s)
-print("ready", flush=True)
-while True:
-    for s in select.select(socks, [], [])[0]:
-        data, peer = s.recvfrom(256)
-        log.write(f"{s.getsockname()[1]} {peer[0]} {data.decode()} {time.monotonic()}\\n")
-"""
-
-SENDER = """
-import os, socket, sys, time
-dst, stop, ports = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sent = {p: 0 for p in ports}
-print("sending", flush=True)
-seq = 0
-while not os.path.exists(stop):
-    for p in ports:
-        try:
-            s.sendto(str(seq).encode(), (dst, p)); sent[p] += 1
-        except OSError:
-            pass
-    seq += 1
-    time.sleep(0.002)
-print(" ".join(f"{p}={n}" for p, n in sent.items()), flush=True)
-"""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Arrival:

@@ -303,6 +303,50 @@ def test_sigkill_fails_closed_and_restart_leaves_no_strays(
     assert kernel_state_left() == []
 
 
+def test_sigkill_and_restart_under_traffic_never_passes_denied_traffic(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """Agent SIGKILLed and restarted under continuous probing: no datagram of the denied pod reaches frontend and no L7-denied request reaches its server, at any moment; allowed requests work again after."""
+    import textwrap
+
+    from tests.helpers.probes import HTTP_PROBER, RECEIVER, SENDER
+
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    first = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(first)
+    udp_log, http_log, stop = tmp_path / "udp.log", tmp_path / "http.log", tmp_path / "stop"
+    receiver = topo.track(fe.popen([sys.executable, "-u", "-c", textwrap.dedent(RECEIVER), str(udp_log), "9999"]))
+    wait_for_line(receiver, "ready")
+    sender = topo.track(dbg.popen([sys.executable, "-u", "-c", textwrap.dedent(SENDER), str(fe.ipv4), str(stop), "9999"]))
+    wait_for_line(sender, "sending")
+    prober = topo.track(
+        be.popen([sys.executable, "-u", "-c", textwrap.dedent(HTTP_PROBER), f"http://{fe.ipv4}/v2/items", str(http_log), str(stop)])
+    )
+    wait_for_line(prober, "probing")
+    try:
+        time.sleep(1.0)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        time.sleep(0.5)
+        second = start_agent([HTTP_POLICY], eps, tmp_path)
+        agent_box.append(second)
+        time.sleep(1.0)
+    finally:
+        stop.touch()
+    out, _err = sender.communicate(timeout=10)
+    prober.communicate(timeout=10)
+    sent = int(out.strip().splitlines()[-1].split("=")[1])
+    assert sent > 500  # the denied pod really tried throughout
+    assert udp_log.read_text() == ""  # not one datagram of debug reached frontend
+    codes = [line.split()[0] for line in http_log.read_text().splitlines()]
+    assert "403" in codes  # the proxy judged the path before and after
+    assert "200" not in codes  # never answered by the server itself: L7 never bypassed
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+    assert curl(be, f"http://{fe.ipv4}/v2/items")[0] == "403"
+    assert second.stop() == 0
+
+
 def kernel_state_left(timeout_s: float = 3.0) -> list[str]:
     """Our kernel objects but the pods themselves, after waiting up to timeout_s for deferred frees."""
     deadline = time.monotonic() + timeout_s
