@@ -35,13 +35,19 @@ def _bpftool(*argv: str) -> list[dict[str, Any]]:
 
 
 def held_bpf_ids(*, exclude_pid: int | None = None) -> tuple[set[int], set[int]]:
-    """(program ids, map ids) that some live process holds an fd to, read from /proc/*/fdinfo."""
+    """(program ids, map ids) that some live process holds an fd to, read from /proc/*/fdinfo.
+
+    `bpftool` processes are skipped: listing programs opens every one of them for a moment, and a
+    concurrent `bpftool prog show` must not make a dead agent's program look alive.
+    """
     progs: set[int] = set()
     maps: set[int] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or (exclude_pid is not None and int(proc.name) == exclude_pid):
             continue
         try:
+            if (proc / "comm").read_text().strip() == "bpftool":
+                continue
             fds = list((proc / "fd").iterdir())
         except OSError:
             continue

@@ -142,6 +142,7 @@ class Steering:
             stack.callback(self._bpf.cleanup)
             if self._pin_dir is not None:
                 stack.callback(self._release_pins)
+            self._fd = -1
             try:
                 self._fd = self._bpf.load_func(PROG_NAME, self._bpf.SCHED_CLS).fd
             except Exception as e:
@@ -169,11 +170,13 @@ class Steering:
         self.close()
 
     def _prog_id(self) -> int:
-        for line in Path(f"/proc/self/fdinfo/{self._fd}").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == "prog_id":
-                return int(value)
-        return -1
+        """The kernel id of our loaded program; -1 before it is loaded (a load that failed half-way)."""
+        if self._fd < 0:
+            return -1
+        try:
+            return int(pins.fd_info(self._fd).get("prog_id", -1))
+        except OSError:
+            return -1
 
     def _release_routing(self) -> None:
         """Remove the host-wide routing unless another Steering (live, or attached and kept) still needs it."""
