@@ -202,12 +202,19 @@ def remove_pins(pin_dir: Path) -> list[str]:
 
 
 def bpftool(*argv: str) -> list[dict[str, Any]]:
-    """`bpftool -j ARGV` as a list of objects ([] when it fails or prints nothing)."""
-    out = subprocess.run(["bpftool", "-j", *argv], capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.strip():
-        return []
-    data = json.loads(out.stdout)
-    return data if isinstance(data, list) else [data]
+    """`bpftool -j ARGV` as a list of objects; [] when it prints nothing.
+
+    A failure (objects vanishing under a concurrent listing) is retried twice, then logged and [].
+    """
+    for _attempt in range(3):
+        out = subprocess.run(["bpftool", "-j", *argv], capture_output=True, text=True)
+        if out.returncode == 0:
+            if not out.stdout.strip():
+                return []
+            data = json.loads(out.stdout)
+            return data if isinstance(data, list) else [data]
+    log.warning("bpftool %s failed: %s", " ".join(argv), out.stderr.strip())
+    return []
 
 
 def map_pins() -> dict[int, list[str]]:
