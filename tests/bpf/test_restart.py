@@ -7,6 +7,7 @@ packet by packet, not by sampling.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from membrane.bpf import routing
-from membrane.bpf.maps import DropReason, Endpoint
+from membrane.bpf.maps import IPPROTO_TCP, DropReason, Endpoint, PolicyDirection, PolicyEntry, PolicyKey, Verdict
 from membrane.bpf.stale import uninstall
 from membrane.bpf.steer import FILTER_PRIO, ProxyPorts, Steering
 from pyroute2 import IPRoute
@@ -319,6 +320,36 @@ def test_cleanup_stale_and_uninstall_never_touch_another_pin_directory(abc: Topo
         removed = uninstall(other_dir)
         assert f"tc ingress filter mbr_tc_steer on {a.host_if}" in removed
     assert call(a, b.ipv4, DENIED) == f"from {a.ipv4} got hi"
+
+
+def test_adopted_maps_are_mirrored_so_the_first_swap_writes_only_the_difference(pin_dir: Path) -> None:
+    """An adopting Steering reads the active generation and both generations back: its first set_policy() writes only what differs from the inactive one, never the active one."""
+    k1 = PolicyKey(endpoint_id=1, identity=7, port=80, proto=IPPROTO_TCP)
+    k2 = PolicyKey(endpoint_id=1, identity=8)
+    p1 = {k1: PolicyEntry(verdict=Verdict.PASS)}
+    p2 = {k1: PolicyEntry(verdict=Verdict.PASS), k2: PolicyEntry(verdict=Verdict.DROP)}
+    old = Steering(pin_dir=pin_dir, with_routing=False).__enter__()
+    try:
+        old.maps.set_policy(ingress=p1, egress={})  # generation 1
+        old.maps.set_policy(ingress=p2, egress={})  # generation 0, active
+        old.maps.set_identity("10.9.0.0/16", 4242)
+    finally:
+        old.close(keep=True)
+    new = Steering(pin_dir=pin_dir, with_routing=False).__enter__()
+    try:
+        m = new.maps
+        assert m.adopted
+        assert m.generation == 0
+        assert m.policy(PolicyDirection.INGRESS) == p2
+        assert m.identities()[ipaddress.ip_network("10.9.0.0/16")] == (4242, 0)
+        assert m.set_policy(ingress=p2, egress={}) == 1  # generation 1 held p1: only k2 is new there
+        assert m.generation == 1
+        raw = m.raw_policy(PolicyDirection.INGRESS)
+        assert {k for (g, k) in raw if g == 0} == {k1, k2}  # the previously active generation untouched
+        assert new.cleanup_stale() == ["identity 10.9.0.0/16"]  # adopted, not written again
+    finally:
+        new.close()
+    assert not pin_dir.exists()  # close(keep=False) with no other user unpins everything
 
 
 def test_pin_dir_must_be_on_a_bpf_filesystem(tmp_path: Path) -> None:
