@@ -5,8 +5,9 @@ those writes (identities, then policy, then endpoints; removals last, so no upda
 what is allowed), the transparent proxy's listeners and per-connection policy lookup, the watch on
 policy/endpoint files and learned DNS names, drop events -> flow records, and the status file.
 Never touches bcc or pyroute2 itself (bpf/ does), never parses bytes, never decides a verdict.
-Invariant: everything the agent attached is removed on SIGTERM/SIGINT; after a crash the next
-agent's `cleanup_stale()` removes it before anything new is attached.
+Invariant: the node is never open: the policy maps are pinned (`--bpf-pin-dir`), a starting agent
+adopts them and replaces the programs in place, and removes what is stale only after that; SIGTERM
+leaves the kernel side enforcing (L7 ports fail closed) until the next agent or `membrane uninstall`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import IO, Any, TypeVar
 
 from membrane.bpf import maps as bm
 from membrane.bpf.errors import AttachError
-from membrane.bpf.stale import cleanup_stale
+from membrane.bpf.pins import DEFAULT_PIN_DIR
 from membrane.bpf.steer import ProxyPorts, Steering
 from membrane.control.files import PathProblem, policy_files, read_endpoints, read_policies
 from membrane.parsers.events import Reason
@@ -97,6 +98,7 @@ class AgentConfig:
     workers: int = 1
     status_path: Path = DEFAULT_STATUS_PATH
     drain_timeout_s: float = 2.0
+    bpf_pin_dir: Path = DEFAULT_PIN_DIR  # where the kernel state lives between agents (on a bpffs)
 
 
 # --- pure translation: PolicyMap -> kernel content ---------------------------------------------------
@@ -545,7 +547,7 @@ class Agent:
                 continue
             wanted[ep.key] = idx
             if ep.key not in self.endpoint_ids:
-                self.endpoint_ids[ep.key] = len(self.endpoint_ids) + 1
+                self.endpoint_ids[ep.key] = max(self.endpoint_ids.values(), default=0) + 1
         return wanted
 
     def apply(self, pmap: PolicyMap, endpoints: Endpoints) -> None:
@@ -771,19 +773,24 @@ class Agent:
             except OSError as e:
                 print(f"membrane run: cannot open --flows {path}: {e.strerror}", file=sys.stderr)
                 return 2
-        for item in self._kernel(cleanup_stale):  # before anything of ours is attached
-            log.warning("removed stale %s", item)
         self._mtimes = _watched_files(self.config)
         with contextlib.ExitStack() as stack:
             stack.callback(self._remove_status)
             self.listeners = open_listeners()
             stack.callback(self.listeners.close)
             ports = self.listeners.ports
-            steering = Steering(proxy_ports=ports, sockmap=self.config.sockmap, sockmap_ports=())
+            # --- restart wiring (issue 13 item 6): adopt the pinned state, replace in place, keep on stop
+            steering = Steering(
+                proxy_ports=ports, sockmap=self.config.sockmap, sockmap_ports=(), pin_dir=self.config.bpf_pin_dir
+            )
             self.steering = self._kernel(steering.__enter__)
-            stack.callback(self._kernel, steering.close)
+            stack.callback(self._kernel, lambda: steering.close(keep=True))  # SIGTERM: the kernel keeps enforcing
             stack.callback(setattr, self, "steering", None)
+            self._adopt_endpoint_ids(steering)
             self._kernel(self.apply, compile_policy(*self._inputs), self._inputs[1])
+            for item in self._kernel(steering.cleanup_stale):  # only now that our programs are in place
+                log.warning("removed stale %s", item)
+            # --- end of restart wiring
             self._streams = _open_streams(self.config.flows)
             stack.callback(_close_streams, self._streams)
             self.sink = FlowSink(self._streams)
@@ -844,6 +851,15 @@ class Agent:
                     self._poll_files()
             except Exception:  # one bad round must not take the node's enforcement down
                 log.exception("agent loop error")
+
+    def _adopt_endpoint_ids(self, steering: Steering) -> None:
+        """Keep the endpoint ids of adopted endpoints: the adopted policy is keyed by them, and a
+        renumbered endpoint would be judged by another endpoint's entries until it is rewritten."""
+        adopted = self._kernel(steering.maps.endpoints)
+        for ep in self._inputs[1].endpoints:
+            idx = _ifindex(ep.interface) if ep.interface is not None else None
+            if idx is not None and idx in adopted and adopted[idx].endpoint_id not in self.endpoint_ids.values():
+                self.endpoint_ids[ep.key] = adopted[idx].endpoint_id
 
     def _poll_files(self) -> None:
         mtimes = _watched_files(self.config)
