@@ -23,11 +23,11 @@ from typing import IO, Any
 
 import uvloop
 from membrane.control.files import PathProblem, read_endpoints, read_policies
-from membrane.policies import EndpointsError, compile_policy
+from membrane.policies import EndpointsError, PolicyMap, compile_policy
 from membrane.proxy.flows import FlowSink
-from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
 from membrane.proxy.server import Proxy, ProxyConfig, listening_socket
+from membrane.proxy.wiring import FixedPeers, gateway_factory
 
 log = logging.getLogger("membrane.gateway")
 
@@ -81,7 +81,8 @@ def register(sub: Any) -> None:
 
 @dataclass
 class _Plan:
-    gw: GatewayPolicy
+    pmap: PolicyMap
+    peers: FixedPeers
     upstream: tuple[str, int]
     config: ProxyConfig
     flows: list[str]
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     for err in pmap.errors:
         print(f"membrane gateway: warning: {err}", file=sys.stderr)
     try:
-        gw = GatewayPolicy(pmap=pmap, dst=args.dst, port=args.upstream[1], src=args.src)
+        peers = FixedPeers(dst=args.dst, upstream=args.upstream, src=args.src)
+        peers.check(pmap)
     except ValueError as e:
         print(f"membrane gateway: {e}", file=sys.stderr)
         return 2
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"membrane gateway: cannot open --flows {path}: {e.strerror}", file=sys.stderr)
             return 2
-    plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics)
+    plan = _Plan(pmap=pmap, peers=peers, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics)
     host, port = args.listen
     # One worker needs no SO_REUSEPORT; several share the port through it. For port 0, a port is picked
     # by a plain bind first: an ephemeral bind with SO_REUSEPORT could join another process's group.
@@ -251,13 +253,14 @@ async def _worker(
     streams = _open_flow_streams(plan.flows)
     metrics = Metrics()
     sink = FlowSink(streams)
+    factory = gateway_factory(plan.pmap, plan.peers, sink)
     proxy = Proxy(
         config=plan.config,
-        factory=session_factory(plan.gw, plan.upstream[0]),
+        factory=factory.session,
         upstream=plan.upstream,
         flows=sink,
         metrics=metrics,
-        datagram_factory=datagram_factory(plan.gw, plan.upstream[0], sink),
+        datagram_factory=factory.datagram,
     )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
