@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import uvloop
-from membrane.control.files import PathProblem, read_endpoints, read_policies
+from membrane.control.sources.files import PathProblem, read_endpoints, read_policies
 from membrane.policies import EndpointsError, PolicyMap, compile_policy
 from membrane.proxy.flows import FlowSink
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics

@@ -144,6 +144,7 @@ class Connection(asyncio.Protocol):
         self._client_pauses: set[str] = set()
         self._upstream_pauses: set[str] = set()
         self._connect_task: asyncio.Task[None] | None = None
+        self._learn_task: asyncio.Task[None] | None = None
 
     # --- the error boundary -----------------------------------------------------------------------
     def _guard(self, step: Callable[[T], None], arg: T) -> None:
@@ -337,7 +338,7 @@ class Connection(asyncio.Protocol):
         self.held = list(rest)
         self.set_client_reading(False, "learn")
         self.set_upstream_reading(False, "learn")
-        task = asyncio.get_running_loop().create_task(self._release(waiting))
+        task = self._learn_task = asyncio.get_running_loop().create_task(self._release(waiting))
         task.add_done_callback(self._task_done)
 
     async def _release(self, waiting: Awaitable[None]) -> None:
@@ -636,6 +637,7 @@ class UdpListener:
         self.factory = factory
         self.peers: dict[tuple[Address, Address], _UdpPeer] = {}
         self._reply_socks: dict[Address, socket.socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # held answers waiting for a Learn (strong references)
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -755,6 +757,8 @@ class UdpListener:
                 if waiting is not None:
                     peer.held = list(actions[i + 1 :])
                     task = self._loop.create_task(self._release(peer, waiting))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
                     task.add_done_callback(lambda t: None if t.cancelled() else self._guard(peer, _result, t))
                     return
                 continue
