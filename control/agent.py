@@ -296,6 +296,8 @@ class Agent:
         with contextlib.ExitStack() as stack:
             stack.callback(remove_status, self.config.status_path)
             await self._start(stack)
+            self.ready = True
+            await self.write_status()  # before `agent ready`: whoever waits for that line reads the status next
             self._announce()
             try:
                 await self._serve(stop)
@@ -365,7 +367,6 @@ class Agent:
             raise
 
     def _announce(self) -> None:
-        self.ready = True
         assert self.listeners is not None and self.applied is not None
         ports = self.listeners.ports
         print(
@@ -377,7 +378,6 @@ class Agent:
         )
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        await self.write_status()
         last_poll = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -260,9 +260,9 @@ def test_sigkill_fails_closed_and_restart_leaves_no_strays(
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and "worker_main" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+    while time.monotonic() < deadline and "membrane.control.workers" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
         time.sleep(0.1)  # workers notice their control socket closing and drain
-    assert "worker_main" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "membrane.control.workers" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert kernel.leftovers()  # the programs stay attached after a crash
     assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # L3/L4 still enforced
     assert curl(be, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # no proxy: the L7 port fails closed
