@@ -19,12 +19,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import uvloop
 from membrane.control.sources.files import PathProblem, read_endpoints, read_policies
 from membrane.policies import EndpointsError, PolicyMap, compile_policy
-from membrane.proxy.flows import FlowSink
+from membrane.proxy.flows import FlowSink, close_flow_streams, open_flow_streams
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
 from membrane.proxy.server import Proxy, ProxyConfig, listening_socket
 from membrane.proxy.wiring import FixedPeers, gateway_factory
@@ -230,16 +230,6 @@ async def _publish(shared: SharedMetrics, interval_s: float = 1.0) -> None:
         await asyncio.sleep(interval_s)
 
 
-def _open_flow_streams(paths: list[str]) -> list[IO[str]]:
-    streams: list[IO[str]] = []
-    for path in paths:
-        if path == "-":
-            streams.append(sys.stdout)
-        else:
-            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed at drain
-    return streams
-
-
 async def _worker(
     plan: _Plan,
     tcp: list[socket.socket],
@@ -250,7 +240,7 @@ async def _worker(
     ready_fd: int | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
-    streams = _open_flow_streams(plan.flows)
+    streams = open_flow_streams(plan.flows)
     metrics = Metrics()
     sink = FlowSink(streams)
     factory = gateway_factory(plan.pmap, plan.peers, sink)
@@ -290,7 +280,5 @@ async def _worker(
         shared.publish()
     if metrics_server is not None:
         metrics_server.close()
-    for stream in streams:
-        if stream is not sys.stdout:
-            stream.close()
+    close_flow_streams(streams)
     return 0

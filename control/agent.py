@@ -36,11 +36,11 @@ from membrane.control.sources import Change, SourceError, SourceProblem
 from membrane.control.sources.files import FileSource
 from membrane.control.state import Inputs, Learned, NodeState, compile_inputs
 from membrane.control.status import DEFAULT_STATUS_PATH, endpoint_rows, remove_status, write_status
-from membrane.control.workers import WorkerHandle, close_streams, open_streams
+from membrane.control.workers import WorkerHandle
 from membrane.policies import PolicyMap
 from membrane.policies.dnsmatch import fqdn
 from membrane.policies.fqdn import canonical_ip
-from membrane.proxy.flows import FlowSink
+from membrane.proxy.flows import FlowSink, close_flow_streams, open_flow_streams
 from membrane.proxy.metrics import Metrics
 from membrane.proxy.server import Proxy, ProxyConfig
 from membrane.proxy.session import Learn
@@ -336,8 +336,8 @@ class Agent:
         self.reconciler = Reconciler(self.steering)
         async with self._lock:
             await self._recompile_locked(reason="start", count=False)
-        self._streams = open_streams(self.config.flows)
-        stack.callback(close_streams, self._streams)
+        self._streams = open_flow_streams(self.config.flows)
+        stack.callback(close_flow_streams, self._streams)
         self.sink = FlowSink(self._streams)
         live = self.state.live
         assert live is not None

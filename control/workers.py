@@ -28,13 +28,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import Any
 
 from membrane.control.listeners import Listeners
 from membrane.control.sources import SourceError
 from membrane.control.sources.files import FileSource
 from membrane.control.state import Inputs, NodeState, compile_inputs
-from membrane.proxy.flows import FlowSink
+from membrane.proxy.flows import FlowSink, close_flow_streams, open_flow_streams
 from membrane.proxy.server import Proxy, ProxyConfig
 from membrane.proxy.session import Learn
 from membrane.proxy.wiring import IpcachePeers, SessionFactory
@@ -226,24 +226,6 @@ class WorkerLearner:
                 future.set_result(None)
 
 
-def open_streams(paths: Sequence[str]) -> list[IO[str]]:
-    """The flow sinks: '-' is stdout, anything else a file opened for appending (line-buffered)."""
-    streams: list[IO[str]] = []
-    for path in paths:
-        if path == "-":
-            streams.append(sys.stdout)
-        else:
-            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed by close_streams
-    return streams
-
-
-def close_streams(streams: list[IO[str]]) -> None:
-    for s in streams:
-        if s is not sys.stdout:
-            with contextlib.suppress(OSError):
-                s.close()
-
-
 class _Worker:
     """One worker process's state: its copy of the policy (recompiled on the agent's word) and its proxy."""
 
@@ -279,7 +261,7 @@ class _Worker:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         spec = self.spec
-        streams = open_streams(spec.flows)
+        streams = open_flow_streams(spec.flows)
         sink = FlowSink(streams)
         assert self.state.live is not None
         factory = SessionFactory(
@@ -306,7 +288,7 @@ class _Worker:
             task.cancel()
         self.learner.release_all()
         await proxy.drain()
-        close_streams(streams)
+        close_flow_streams(streams)
         self.channel.close()
         return 0
 
