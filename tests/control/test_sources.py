@@ -135,3 +135,17 @@ def test_state_allocates_stable_endpoint_ids(tmp_path: Path) -> None:
     state.apply(EndpointsChanged(endpoints=parse_endpoints(
         "endpoints:\n  - {name: c, labels: {app: c}, interface: v3}\n  - {name: a, labels: {app: a}, interface: v1}\n")))
     assert state.endpoint_ids == {"default/a": 1, "default/c": 2}
+
+
+def test_namespace_labels_change_endpoint_identity_labels() -> None:
+    """A NamespacesChanged (the Kubernetes source) recomputes each endpoint's identity labels from its namespace's."""
+    from membrane.control.sources import NamespacesChanged
+    from membrane.policies import Namespace, parse_endpoints
+
+    state = NodeState()
+    state.apply(EndpointsChanged(endpoints=parse_endpoints("endpoints:\n  - {name: a, labels: {app: a}}\n")))
+    before = state.endpoints.endpoints[0].label_set
+    assert state.apply(NamespacesChanged(namespaces=(Namespace(name="default", labels={"team": "web"}),))) is True
+    after = state.endpoints.endpoints[0].label_set
+    assert after != before
+    assert "io.cilium.k8s.namespace.labels.team" in str(after)
