@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import pytest
 from membrane.parsers import dns
-from membrane.parsers.events import Direction
-from membrane.parsers.http1 import refusal
+from membrane.parsers.events import Direction, DnsQuery, Reason
+from membrane.parsers.http1 import error_response
 from membrane.policies import compile_policy, load_policies, parse_endpoints
 from membrane.proxy.flows import FlowSink
 from membrane.proxy.server import ConnectionInfo
@@ -117,6 +117,15 @@ def _query(name: str, qid: int) -> bytes:
     return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\x00\x00\x01\x00\x01"
 
 
+def _refused(query: bytes) -> bytes:
+    """The REFUSED reply the parser's own refusal builder makes for `query` (a policy denial)."""
+    (event,) = dns.DnsParser(C2S).feed(query)
+    assert isinstance(event, DnsQuery)
+    reply = dns.refusal(event, Reason.POLICY_DENIED)
+    assert reply is not None
+    return reply
+
+
 def _answer(query: bytes, ip: bytes) -> bytes:
     head = query[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
     return head + query[12:] + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + ip
@@ -142,7 +151,7 @@ def test_http_port_gets_the_http_session_and_judges_each_request(mode: Callable[
         Forward(S2C, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     ]
     assert _no_logs(session.handle(DataReceived(C2S, b"GET /no HTTP/1.1\r\nHost: s\r\n\r\n"))) == [
-        Reply(refusal(403, keep_alive=True))
+        Reply(error_response(403, keep_alive=True))
     ]
 
 
@@ -161,7 +170,7 @@ def test_dns_over_tcp_refuses_and_learns_before_forwarding(mode: Callable[[int, 
     session = mode(53, _sink()[0]).session(_info(53))
     assert isinstance(session, DnsTcpSession)
     bad, good = _query("bad.test", 1), _query("www.ok.test", 2)
-    assert _no_logs(session.handle(DataReceived(C2S, dns.frame_tcp(bad)))) == [Reply(dns.frame_tcp(dns.refusal(bad, dns.REFUSED)))]
+    assert _no_logs(session.handle(DataReceived(C2S, dns.frame_tcp(bad)))) == [Reply(dns.frame_tcp(_refused(bad)))]
     assert _no_logs(session.handle(DataReceived(C2S, dns.frame_tcp(good)))) == [Forward(C2S, dns.frame_tcp(good))]
     answer = _answer(good, bytes([192, 0, 2, 7]))
     assert _no_logs(session.handle(DataReceived(S2C, dns.frame_tcp(answer)))) == [
@@ -216,7 +225,7 @@ def test_dns_over_udp_is_judged_per_query(mode: Callable[[int, FlowSink], Sessio
     session = mode(53, _sink()[0]).datagram(_info(53, "UDP"))
     assert isinstance(session, DnsDatagramSession)
     bad = _query("bad.test", 3)
-    assert _no_logs(session.on_query(bad)) == [Reply(dns.refusal(bad, dns.REFUSED))]
+    assert _no_logs(session.on_query(bad)) == [Reply(_refused(bad))]
 
 
 def test_l4_only_udp_port_is_plain_udp_not_dns(mode: Callable[[int, FlowSink], SessionFactory]) -> None:
@@ -233,7 +242,7 @@ def test_unallowed_udp_port_is_dropped_with_a_flow(mode: Callable[[int, FlowSink
     sink, out = _sink()
     assert mode(9999, sink).datagram(_info(9999, "UDP")) is None
     sink.close()
-    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    records = [json.loads(line)["flow"] for line in out.getvalue().splitlines()]
     assert [r["verdict"] for r in records] == ["DROPPED"]
     assert records[0]["Type"] == "L3_L4"
 
@@ -256,7 +265,7 @@ def test_transparent_mode_judges_each_request_by_the_policy_in_force() -> None:
     assert _no_logs(session.handle(DataReceived(C2S, ok))) == [Forward(C2S, ok)]
     session.handle(DataReceived(S2C, response))
     live.replace(_pmap("/other"))
-    assert _no_logs(session.handle(DataReceived(C2S, ok))) == [Reply(refusal(403, keep_alive=True))]
+    assert _no_logs(session.handle(DataReceived(C2S, ok))) == [Reply(error_response(403, keep_alive=True))]
 
 
 def test_gateway_refuses_an_unknown_dst() -> None:
