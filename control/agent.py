@@ -31,10 +31,12 @@ from typing import IO, Any, TypeVar
 from membrane.bpf.errors import AttachError
 from membrane.bpf.pins import DEFAULT_PIN_DIR
 from membrane.bpf.steer import ProxyPorts, Steering
+from membrane.control.api import AgentRunning, AgentSocket
+from membrane.control.cni import CniCall, CniCode, CniError, Command, DelQueue
 from membrane.control.drops import drop_flow
 from membrane.control.listeners import Listeners, open_listeners
 from membrane.control.reconciler import Applied, Reconciler, ifindex, interfaces_changed
-from membrane.control.sources import Change, SourceError, SourceProblem
+from membrane.control.sources import Change, Source, SourceError, SourceProblem
 from membrane.control.sources.files import FileSource
 from membrane.control.state import Inputs, Learned, NodeState, compile_inputs
 from membrane.control.status import DEFAULT_STATUS_PATH, endpoint_rows, remove_status, write_status
@@ -56,6 +58,10 @@ T = TypeVar("T")
 POLL_S = 1.0  # how often the policy paths and the endpoints file are checked for edits
 EVENTS_S = 0.1  # how often drop events are read from the kernel ring buffer
 WORKER_START_S = 30.0
+DEFAULT_SOCKET = Path("/var/run/membrane/agent.sock")
+DEFAULT_CNI_QUEUE = Path("/var/run/membrane/cni-queue")
+K8S_SYNC_S = 60.0  # how long a start waits for every Kubernetes list before giving up
+CNI_ATTACH_S = 20.0  # how long a CNI ADD waits for its pod to be attached (the plugin waits 30 s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,13 +69,21 @@ class AgentConfig:
     """What `membrane run` was asked to do."""
 
     policies: tuple[str, ...]
-    endpoints: str
+    endpoints: str | None
     flows: tuple[str, ...] = ()  # JSON-lines sinks ('-' = stdout)
     sockmap: bool = False
     workers: int = 1
     status_path: Path = DEFAULT_STATUS_PATH
     drain_timeout_s: float = 2.0
     bpf_pin_dir: Path = DEFAULT_PIN_DIR  # where the kernel state lives between agents (on a bpffs)
+    kubernetes: bool = False  # learn policies, pods, namespaces and nodes from the API server (not files)
+    kubeconfig: Path | None = None  # None: the pod's service account (in-cluster)
+    node_name: str = ""  # this node, as Kubernetes names it (its pods become endpoints)
+    lease_namespace: str = "kube-system"  # where the policy-status Lease lives (one writer per cluster)
+    socket_path: Path = DEFAULT_SOCKET  # the local socket: CNI plugin, `membrane observe`, a successor agent
+    cni_queue: Path = DEFAULT_CNI_QUEUE  # DELs the CNI plugin queued while no agent listened
+    metrics: tuple[str, int] | None = None  # serve Prometheus /metrics here
+    health: tuple[str, int] | None = None  # serve /healthz and /readyz here
 
 
 class Agent:
@@ -78,7 +92,15 @@ class Agent:
     def __init__(self, config: AgentConfig, *, out: IO[str] = sys.stdout) -> None:
         self.config = config
         self.out = out
-        self.source = FileSource(config.policies, config.endpoints)
+        self.source: Source = FileSource(config.policies, config.endpoints)
+        self.k8s: Any = None  # the KubernetesSource in --kubernetes mode (imported only then: lightkube)
+        self.k8s_changes: Any = None
+        self.status_writer: Any = None
+        self.api: AgentSocket | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._wake = asyncio.Event()
+        self._cni_pods: dict[str, str] = {}  # CNI attachment key (container/ifname) -> pod key
+        self._resolver: Any = None  # control.interfaces.InterfaceResolver, made on the kernel thread
         self.state = NodeState()
         self.metrics = Metrics()
         self.listeners: Listeners | None = None
@@ -130,7 +152,7 @@ class Agent:
     def _compile_and_apply(self, inputs: Inputs, endpoint_ids: dict[str, int]) -> tuple[PolicyMap, Applied]:
         """On the kernel thread: compile the captured inputs and reconcile the kernel with them."""
         assert self.reconciler is not None
-        pmap = compile_inputs(inputs)
+        pmap = compile_inputs(inputs, self.state.identities)
         return pmap, self.reconciler.apply(pmap, inputs.endpoints, endpoint_ids)
 
     async def _recompile_locked(self, *, reason: str, count: bool = True) -> None:
@@ -279,7 +301,28 @@ class Agent:
             "drops": drops,
             "flows": self.sink.written if self.sink is not None else 0,
             "endpoints": endpoint_rows(self.state.endpoints, self.state.pmap, attached, self.state.endpoint_ids),
+            **self._k8s_status(),
         }
+
+    def _k8s_status(self) -> dict[str, Any]:
+        if self.k8s is None:
+            return {"source": "files"}
+        from membrane.control.k8s_status import summarize
+
+        resources = {
+            name: {"synced": r.synced.is_set(), "objects": len(r.store), "relists": r.relists, "restarts": r.restarts,
+                   "last_error": r.last_error}
+            for name, r in self.k8s.reflectors.items()
+        }
+        view_errors = self.k8s.view().policy_errors
+        out: dict[str, Any] = {
+            "source": "kubernetes",
+            "kubernetes": {"node": self.config.node_name, "synced": self.k8s.synced, "resources": resources},
+            "policy_status": summarize(view_errors).as_dict(),
+        }
+        if self.status_writer is not None:
+            out["policy_status"]["writer"] = self.status_writer.stats.as_dict()
+        return out
 
     async def write_status(self) -> None:
         write_status(self.config.status_path, await self.status())
@@ -289,23 +332,201 @@ class Agent:
         """Run until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        def on_signal() -> None:
+            stop.set()
+            self._wake.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        refused = self._first_inputs()
-        if refused is not None:
-            return refused
-        with contextlib.ExitStack() as stack:
-            stack.callback(remove_status, self.config.status_path)
-            await self._start(stack)
-            self.ready = True
-            await self.write_status()  # before `agent ready`: whoever waits for that line reads the status next
-            self._announce()
-            try:
-                await self._serve(stop)
-            finally:
-                self.ready = False
-                await self._stop()
-        return 0
+            loop.add_signal_handler(signum, on_signal)
+        try:
+            refused = await self._open_socket()
+            if refused is None and self.config.kubernetes:
+                refused = await self._open_kubernetes()
+            if refused is None:
+                refused = self._first_inputs()
+            if refused is not None:
+                return refused
+            with contextlib.ExitStack() as stack:
+                stack.callback(remove_status, self.config.status_path)
+                await self._start(stack)
+                await self._start_local_services()
+                self.ready = True
+                await self.write_status()  # before `agent ready`: whoever waits for that line reads the status next
+                self._announce()
+                try:
+                    await self._serve(stop)
+                finally:
+                    self.ready = False
+                    await self._stop()
+            return 0
+        finally:
+            await self._stop_local_services()
+
+    # --- Kubernetes, the local socket, metrics and health (--kubernetes, --socket, --metrics, --health) ------
+    async def _open_kubernetes(self) -> int | None:
+        """Start the reflectors and wait until every kind has been listed once; an exit status if refused."""
+        from membrane.control.k8s_status import PolicyStatusWriter
+        from membrane.control.sources.kubernetes import KubernetesChanges, KubernetesSource, client_from
+
+        if not self.config.node_name:
+            print("membrane run: --kubernetes needs the node's name (--node-name or NODE_NAME)", file=sys.stderr)
+            return 2
+        try:
+            client = client_from(self.config.kubeconfig)
+        except Exception as e:  # lightkube's ConfigError and file errors: the message names the file
+            print(f"membrane run: Kubernetes client: {e}", file=sys.stderr)
+            return 2
+        self.k8s = KubernetesSource(client, self.config.node_name, self._k8s_changed)
+        self.k8s_changes = KubernetesChanges(self.k8s)
+        self.source = self.k8s_changes
+        await self.k8s.start()
+        try:
+            await self.k8s.wait_synced(K8S_SYNC_S)
+        except TimeoutError as e:
+            print(f"membrane run: {e}", file=sys.stderr)
+            return 1
+        self.status_writer = PolicyStatusWriter(client, node_name=self.config.node_name,
+                                                lease_namespace=self.config.lease_namespace)
+        return None
+
+    def _k8s_changed(self) -> None:
+        if self.k8s_changes is not None:
+            self.k8s_changes.mark_dirty()
+        self._wake.set()
+
+    async def _open_socket(self) -> int | None:
+        """Listen on the agent socket before the kernel is touched: a second agent on the node stops here."""
+        self.api = AgentSocket(self.config.socket_path, {"cni": self._cni, "status": self._status_request})
+        try:
+            await self.api.start()
+        except AgentRunning:
+            self.api = None
+            print(f"membrane run: another agent is running on this node (it answers on {self.config.socket_path}); "
+                  "stop it first (a live hand-over is not supported yet)", file=sys.stderr)
+            return 1
+        except OSError as e:
+            self.api = None
+            print(f"membrane run: cannot listen on {self.config.socket_path}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        return None
+
+    async def _start_local_services(self) -> None:
+        """Metrics and health endpoints, the policy-status writer; DELs the CNI plugin queued meanwhile."""
+        from membrane.proxy.metrics import serve_http, serve_metrics
+
+        for call in DelQueue(self.config.cni_queue).drain():  # DELs that came while no agent listened
+            self._forget_cni(call)
+        if self.config.metrics is not None:
+            self._servers.append(await serve_metrics(self.metrics, *self.config.metrics))
+        if self.config.health is not None:
+            routes = {"/healthz": self._healthz, "/readyz": self._readyz}
+            self._servers.append(await serve_http(routes, *self.config.health))
+        if self.status_writer is not None:
+            await self.status_writer.start()
+            self._submit_policy_status()
+
+    async def _stop_local_services(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        if self.status_writer is not None:
+            with contextlib.suppress(Exception):
+                await self.status_writer.stop()
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
+        if self.k8s is not None:
+            await self.k8s.stop()
+            with contextlib.suppress(Exception):
+                await self.k8s.reflectors["pods"].client.close()
+        if self._resolver is not None:
+            resolver, self._resolver = self._resolver, None
+            self._kx.submit(resolver.close)
+
+    def _submit_policy_status(self) -> None:
+        if self.status_writer is None or self.k8s is None:
+            return
+        from membrane.control.k8s_status import policy_objects
+
+        self.status_writer.submit(policy_objects(self.k8s), self.k8s.view().policy_errors)
+
+    def _healthz(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; charset=utf-8", b"ok\n"
+
+    def _not_ready(self) -> list[str]:
+        """Why the agent is not ready: every watch synced and every local endpoint attached, or the reasons."""
+        reasons = [] if self.ready else ["starting"]
+        if self.k8s is not None and not self.k8s.synced:
+            reasons.append("Kubernetes not synced: " + ", ".join(n for n, r in self.k8s.reflectors.items() if not r.synced.is_set()))
+        if self.applied is not None:
+            reasons += [f"endpoint {key}: {why}" for key, why in sorted(self.applied.waiting.items())]
+        return reasons
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        reasons = self._not_ready()
+        if reasons:
+            return 503, "text/plain; charset=utf-8", ("not ready:\n" + "\n".join(reasons) + "\n").encode()
+        return 200, "text/plain; charset=utf-8", b"ready\n"
+
+    async def _status_request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "status": await self.status()}
+
+    # --- CNI: a pod's programs are attached before ADD returns -------------------------------------------
+    async def _cni(self, msg: dict[str, Any]) -> dict[str, Any]:
+        try:
+            call = CniCall.from_wire(msg)
+            if call.command is Command.DEL:
+                self._forget_cni(call)
+                return {"ok": True}
+            return await self._cni_add_or_check(call)
+        except CniError as e:
+            return {"ok": False, "code": int(e.code), "msg": e.msg}
+
+    def _forget_cni(self, call: CniCall) -> None:
+        pod = self._cni_pods.pop(call.key, None) or call.pod
+        if pod is not None and self.k8s_changes is not None and self.k8s_changes.bindings.pop(pod, None) is not None:
+            self.k8s_changes.binding_ips.pop(pod, None)
+            self.k8s_changes.mark_dirty()
+            self._wake.set()
+
+    async def _cni_add_or_check(self, call: CniCall) -> dict[str, Any]:
+        if self.k8s_changes is None:
+            raise CniError(CniCode.INVALID_CONFIG, "this agent reads endpoints from files; membrane-cni needs `membrane run --kubernetes`")
+        if call.pod is None:
+            raise CniError(CniCode.INVALID_ENVIRONMENT, "CNI_ARGS names no pod (K8S_POD_NAMESPACE, K8S_POD_NAME)")
+        if call.host_interface is None:
+            raise CniError(CniCode.INVALID_CONFIG, "prevResult names no host-side interface")
+        if call.command is Command.ADD:
+            self._cni_pods[call.key] = call.pod
+            if (self.k8s_changes.bindings.get(call.pod), self.k8s_changes.binding_ips.get(call.pod)) != (call.host_interface, call.ips):
+                self.k8s_changes.bindings[call.pod] = call.host_interface
+                self.k8s_changes.binding_ips[call.pod] = call.ips
+                self.k8s_changes.mark_dirty()
+                self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (CNI_ATTACH_S if call.command is Command.ADD else 0.0)
+        while True:
+            applied = self.applied
+            idx = ifindex(call.host_interface)
+            if applied is not None and idx is not None and applied.attached.get(call.pod) == idx:
+                return {"ok": True}
+            if loop.time() >= deadline:
+                why = applied.waiting.get(call.pod) if applied is not None else None
+                known = self.k8s is not None and (
+                    any(ep.key == call.pod for ep in self.state.endpoints.endpoints) or call.pod in self.k8s.view().awaiting_ip
+                )
+                detail = why or ("not attached yet" if known else "no such pod on this node in the API server (yet)")
+                raise CniError(CniCode.TRY_AGAIN_LATER, f"pod {call.pod} on {call.host_interface}: {detail}")
+            await asyncio.sleep(0.01)
+
+    def _resolve_ip(self, ip: str) -> str | None:
+        """On the kernel thread: the host interface that leads to a local pod's IP (see control/interfaces.py)."""
+        if self._resolver is None:
+            from membrane.control.interfaces import InterfaceResolver
+
+            self._resolver = InterfaceResolver()
+        name: str | None = self._resolver.resolve(ip)
+        return name
 
     def _adopt_endpoint_ids(self, steering: Steering) -> None:
         """Keep the endpoint ids of adopted endpoints: the adopted policy is keyed by them, and a
@@ -351,7 +572,7 @@ class Agent:
         stack.callback(self._kernel, lambda: steering.close(keep=True))  # SIGTERM: the kernel keeps enforcing
         stack.callback(setattr, self, "steering", None)
         self._adopt_endpoint_ids(steering)
-        self.reconciler = Reconciler(self.steering)
+        self.reconciler = Reconciler(self.steering, resolve=self._resolve_ip)
         async with self._lock:
             await self._recompile_locked(reason="start", count=False)
         for item in self._kernel(steering.cleanup_stale):
@@ -401,13 +622,15 @@ class Agent:
         last_poll = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), EVENTS_S)
+                await asyncio.wait_for(self._wake.wait(), EVENTS_S)
+            woken = self._wake.is_set()  # a source changed (a watch event, a CNI call) or a signal came
+            self._wake.clear()
             if stop.is_set():
                 break
             try:
                 await self._read_drops()
                 now = time.monotonic()
-                if now - last_poll >= POLL_S:
+                if woken or now - last_poll >= POLL_S:
                     last_poll = now
                     await self._poll()
             except Exception:  # one bad round must not take the node's enforcement down
@@ -416,8 +639,10 @@ class Agent:
     async def _poll(self) -> None:
         changes = self.source.poll()
         if changes:
-            if self._take(changes, reason="file change"):
-                await self.recompile(reason="file change")
+            reason = "kubernetes change" if self.k8s is not None else "file change"
+            self._submit_policy_status()
+            if self._take(changes, reason=reason):
+                await self.recompile(reason=reason)
                 return
         elif self.state.learned() != self.state.compiled_learned:
             await self.recompile(reason="dns ttl expiry")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from membrane.bpf.errors import AttachError
 from membrane.bpf.steer import Steering
 from membrane.control.plan import KernelPlan, plan_kernel
+from membrane.control.sources import LOCAL_UNRESOLVED
 from membrane.policies import Endpoints, PolicyMap
 
 log = logging.getLogger("membrane.agent")
@@ -41,9 +42,11 @@ def ifindex(name: str) -> int | None:
 
 
 def interfaces_changed(endpoints: Endpoints, attached: Mapping[str, int]) -> bool:
-    """True when an endpoint's interface appeared, went away or changed index since `attached` was made."""
+    """True when an endpoint's interface appeared, went away or changed index since `attached` was made
+    (a local endpoint whose interface is still to be found counts until it is attached)."""
     return any(
-        ep.interface is not None and (ep.key not in attached or ifindex(ep.interface) != attached[ep.key])
+        ep.interface is not None
+        and (ep.key not in attached or (ep.interface != LOCAL_UNRESOLVED and ifindex(ep.interface) != attached[ep.key]))
         for ep in endpoints.endpoints
     )
 
@@ -51,8 +54,9 @@ def interfaces_changed(endpoints: Endpoints, attached: Mapping[str, int]) -> boo
 class Reconciler:
     """Owns the kernel side of the policy: the plan in the maps and the attached interfaces."""
 
-    def __init__(self, steering: Steering) -> None:
+    def __init__(self, steering: Steering, resolve: Callable[[str], str | None] | None = None) -> None:
         self.steering = steering
+        self.resolve = resolve  # pod IP -> host interface name, for local endpoints the sources name no interface of
         self.plan: KernelPlan | None = None
         self.attached: dict[str, int] = {}
 
@@ -60,7 +64,7 @@ class Reconciler:
         """Write `pmap` into the kernel and attach/detach interfaces, in the never-widening order.
         Raises what bpf/ raises on a map write (the caller keeps the last good policy in force)."""
         st = self.steering
-        wanted, waiting = _resolve(endpoints, endpoint_ids)
+        wanted, waiting = _resolve(endpoints, endpoint_ids, self.resolve)
         plan = plan_kernel(pmap, wanted, endpoint_ids)
         m = st.maps
         old = self.plan
@@ -103,16 +107,25 @@ class Reconciler:
         return Applied(plan=plan, attached=dict(self.attached), waiting=waiting, warnings=warnings)
 
 
-def _resolve(endpoints: Endpoints, endpoint_ids: Mapping[str, int]) -> tuple[dict[str, int], dict[str, str]]:
+def _resolve(
+    endpoints: Endpoints, endpoint_ids: Mapping[str, int], resolve: Callable[[str], str | None] | None = None
+) -> tuple[dict[str, int], dict[str, str]]:
     """(endpoint key -> ifindex of the endpoints to attach, endpoint key -> why another one waits)."""
     wanted: dict[str, int] = {}
     waiting: dict[str, str] = {}
     for ep in endpoints.endpoints:
         if ep.interface is None:
             continue
-        idx = ifindex(ep.interface)
+        name: str | None = ep.interface
+        if name == LOCAL_UNRESOLVED:
+            name = next((n for n in map(resolve, ep.ips) if n), None) if resolve is not None else None
+            if name is None:
+                waiting[ep.key] = f"no host interface leads to {', '.join(ep.ips) or 'its IPs'} yet"
+                continue
+        assert name is not None
+        idx = ifindex(name)
         if idx is None:
-            waiting[ep.key] = f"interface {ep.interface} not found"
+            waiting[ep.key] = f"interface {name} not found"
         elif ep.key not in endpoint_ids:
             waiting[ep.key] = "no endpoint id yet"
         else:

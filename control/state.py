@@ -24,6 +24,7 @@ from membrane.control.sources import (
 )
 from membrane.policies import Endpoints, FqdnCache, Namespace, Policy, PolicyMap, compile_policy
 from membrane.policies.endpoints import endpoint_labels
+from membrane.policies.identity import IdentityAllocators
 from membrane.proxy.wiring import LivePolicy
 
 Learned = Mapping[str, frozenset[str]]
@@ -47,6 +48,7 @@ class NodeState:
         self.nodes: Mapping[str, tuple[str, ...]] = {}
         self.errors: dict[str, tuple[str, ...]] = {}  # source key -> why its latest input was rejected
         self.fqdn = FqdnCache()
+        self.identities = IdentityAllocators.new()  # node-local numbers, stable while a label set lives
         self.endpoint_ids: dict[str, int] = {}  # endpoint key -> nonzero id, stable for the agent's lifetime
         self.live: LivePolicy | None = None
         self.compiled_learned: Learned = {}  # what the policy in force was compiled with
@@ -105,9 +107,10 @@ class NodeState:
         return [line for key in sorted(self.errors) for line in self.errors[key]]
 
 
-def compile_inputs(inputs: Inputs) -> PolicyMap:
-    """Compile one captured set of inputs (pure; safe on any thread)."""
-    return compile_policy(inputs.policies, inputs.endpoints, inputs.learned)
+def compile_inputs(inputs: Inputs, identities: IdentityAllocators | None = None) -> PolicyMap:
+    """Compile one captured set of inputs (safe on any thread; `identities` are the node's allocators, which
+    keep a live label set's number across compilations: one compilation at a time may use them)."""
+    return compile_policy(inputs.policies, inputs.endpoints, inputs.learned, identities=identities)
 
 
 def _with_namespaces(endpoints: Endpoints, namespaces: tuple[Namespace, ...]) -> Endpoints:

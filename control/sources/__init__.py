@@ -15,6 +15,8 @@ from typing import Protocol
 
 from membrane.policies import Endpoints, Namespace, Policy
 
+LOCAL_UNRESOLVED = ""  # an Endpoint.interface meaning "on this node; its interface is found from its IP"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoliciesChanged:
