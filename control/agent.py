@@ -683,6 +683,7 @@ def run_agent(config: AgentConfig) -> int:
     from membrane.bpf.errors import BpfLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per API request would drown the agent's own
     if os.geteuid() != 0:
         print("membrane run: needs root (eBPF programs, tc, policy routing, IP_TRANSPARENT)", file=sys.stderr)
         return 2
