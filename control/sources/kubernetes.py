@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +32,7 @@ from membrane.policies import Endpoints
 from membrane.policies.crd import Policy, parse_policy
 from membrane.policies.endpoints import Endpoint, Namespace, endpoint_labels
 from membrane.policies.errors import PolicyError
+from membrane.policies.labels import LabelSet
 
 log = logging.getLogger("membrane.k8s")
 
@@ -85,6 +87,11 @@ class KubernetesSource:
         self.reflectors = {k.name: Reflector(client, k, self._changed) for k in kinds}
         self._tasks: list[asyncio.Task[None]] = []
         self._parsed: dict[tuple[str, str], tuple[Policy | None, PolicyError | None]] = {}
+        # pod key -> (resourceVersion, its namespace's labels, Endpoint or None): a pod's Endpoint is built
+        # once per object version (and namespace labels), not for every pod of the cluster on each change.
+        self._pod_cache: dict[str, tuple[str, dict[str, str], Endpoint | None]] = {}
+        # one LabelSet object per distinct label set: the replicas of a deployment share it
+        self._label_sets: dict[LabelSet, LabelSet] = {}
 
     # --- lifetime -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -167,15 +174,45 @@ class KubernetesSource:
         endpoints: list[Endpoint] = []
         local: set[str] = set()
         seen_ips: set[str] = set()
-        for _key, pod in sorted(self.reflectors["pods"].store.items()):
-            ep = pod_endpoint(pod, ns_labels, seen_ips)
+        store = self.reflectors["pods"].store
+        cache = self._pod_cache
+        for key in sorted(store):
+            pod = store[key]
+            ep = self._cached_endpoint(key, pod, ns_labels)
             if ep is None:
                 continue
+            if seen_ips.isdisjoint(ep.ips):
+                seen_ips.update(ep.ips)
+            else:  # another pod claims one of its IPs (rare): build it again without those
+                ep = pod_endpoint(pod, ns_labels, seen_ips)
+                if ep is None:
+                    continue
             namespaces.setdefault(ep.namespace, Namespace(name=ep.namespace, labels={}))
             endpoints.append(ep)
             if (pod.get("spec") or {}).get("nodeName") == self.node_name:
                 local.add(ep.key)
+        for gone in [k for k in cache if k not in store]:
+            del cache[gone]
+        if len(self._label_sets) > 2 * len(endpoints) + 64:  # forget label sets no pod has any more
+            self._label_sets = {ep.label_set: ep.label_set for ep in endpoints}
         return Endpoints(namespaces=tuple(namespaces.values()), endpoints=tuple(endpoints)), frozenset(local)
+
+    def _cached_endpoint(self, key: str, pod: Mapping[str, Any], ns_labels: Mapping[str, dict[str, str]]) -> Endpoint | None:
+        """pod_endpoint() for a pod alone (no IP conflicts considered), cached per object version and
+        namespace labels; equal label sets become one shared object."""
+        rv = str((pod.get("metadata") or {}).get("resourceVersion", ""))
+        ns = str((pod.get("metadata") or {}).get("namespace") or "default")
+        labels = ns_labels.get(ns, {})
+        hit = self._pod_cache.get(key)
+        if hit is not None and hit[0] == rv and hit[1] == labels:
+            return hit[2]
+        ep = pod_endpoint(pod, ns_labels, set())
+        if ep is not None:
+            shared = self._label_sets.setdefault(ep.label_set, ep.label_set)
+            if shared is not ep.label_set:
+                ep = dataclasses.replace(ep, label_set=shared)
+        self._pod_cache[key] = (rv, dict(labels), ep)
+        return ep
 
     def _node_ips(self) -> dict[str, tuple[str, ...]]:
         out: dict[str, tuple[str, ...]] = {}
