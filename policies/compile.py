@@ -422,12 +422,13 @@ class _Compiler:
         ipc.extend((i.prefix, i.id) for i in idents if i.kind is IdentityKind.CIDR and i.prefix is not None)
         for e in self.endpoints.endpoints:
             n = ep_numbers[e.label_set]
-            pmap.endpoints[e.key] = e
-            pmap.endpoint_identity[e.key] = n
+            key = e.key  # a property that formats a string: once per endpoint, not once per use
+            pmap.endpoints[key] = e
+            pmap.endpoint_identity[key] = n
             for ip in e.ips:
                 addr, net = _address(ip)
                 ipc.append((net, n))
-                pmap.endpoint_by_ip[addr] = e.key
+                pmap.endpoint_by_ip[addr] = key
         pmap.ipcache = IpCache(ipc)
 
     def _entities(self) -> dict[Entity, int]:
