@@ -40,6 +40,7 @@ from membrane.policies import Endpoints
 from membrane.policies.crd import Policy, parse_policy
 from membrane.policies.endpoints import Endpoint, Namespace, endpoint_labels
 from membrane.policies.errors import PolicyError
+from membrane.policies.labels import LabelSet
 
 log = logging.getLogger("membrane.k8s")
 
@@ -87,7 +88,7 @@ class KubernetesSource:
         kinds = [
             Kind("ciliumnetworkpolicies", CiliumNetworkPolicy, namespaced=True),
             Kind("ciliumclusterwidenetworkpolicies", CiliumClusterwideNetworkPolicy, namespaced=False),
-            Kind("pods", Pod, namespaced=True),
+            Kind("pods", Pod, namespaced=True, keep=slim_pod),
             Kind("namespaces", K8sNamespace, namespaced=False),
             Kind("nodes", Node, namespaced=False),
             Kind("endpointslices", EndpointSlice, namespaced=True, namespace="default", labels=APISERVER_SERVICE_LABEL),
@@ -95,6 +96,11 @@ class KubernetesSource:
         self.reflectors = {k.name: Reflector(client, k, self._changed) for k in kinds}
         self._tasks: list[asyncio.Task[None]] = []
         self._parsed: dict[tuple[str, str], tuple[Policy | None, PolicyError | None]] = {}
+        # pod key -> (the stored pod, its namespace's labels, Endpoint or None): a pod's Endpoint is built
+        # once per stored object (and namespace labels), not for every pod of the cluster on each change.
+        self._pod_cache: dict[str, tuple[dict[str, Any], dict[str, str], Endpoint | None]] = {}
+        # one LabelSet object per distinct label set: the replicas of a deployment share it
+        self._label_sets: dict[LabelSet, LabelSet] = {}
 
     # --- lifetime -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -179,18 +185,48 @@ class KubernetesSource:
         local: set[str] = set()
         awaiting: dict[str, Mapping[str, Any]] = {}
         seen_ips: set[str] = set()
-        for key, pod in sorted(self.reflectors["pods"].store.items()):
+        store = self.reflectors["pods"].store
+        cache = self._pod_cache
+        for key in sorted(store):
+            pod = store[key]
             here = (pod.get("spec") or {}).get("nodeName") == self.node_name
-            ep = pod_endpoint(pod, ns_labels, seen_ips)
+            ep = self._cached_endpoint(key, pod, ns_labels)
             if ep is None:
                 if here and is_endpoint_pod(pod) and not pod_ips(pod):
                     awaiting[key] = pod  # its IP comes from the CNI plugin before the kubelet reports it
                 continue
+            if seen_ips.isdisjoint(ep.ips):
+                seen_ips.update(ep.ips)
+            else:  # another pod claims one of its IPs (rare): build it again without those
+                ep = pod_endpoint(pod, ns_labels, seen_ips)
+                if ep is None:
+                    continue
             namespaces.setdefault(ep.namespace, Namespace(name=ep.namespace, labels={}))
             endpoints.append(ep)
             if here:
                 local.add(ep.key)
+        for gone in [k for k in cache if k not in store]:
+            del cache[gone]
+        if len(self._label_sets) > 2 * len(endpoints) + 64:  # forget label sets no pod has any more
+            self._label_sets = {ep.label_set: ep.label_set for ep in endpoints}
         return Endpoints(namespaces=tuple(namespaces.values()), endpoints=tuple(endpoints)), frozenset(local), awaiting
+
+    def _cached_endpoint(self, key: str, pod: dict[str, Any], ns_labels: Mapping[str, dict[str, str]]) -> Endpoint | None:
+        """pod_endpoint() for a pod alone (no IP conflicts considered), cached per stored object and
+        namespace labels; equal label sets become one shared object. The store replaces an object on
+        every change and never edits one in place, so the same object means the same pod."""
+        ns = str((pod.get("metadata") or {}).get("namespace") or "default")
+        labels = ns_labels.get(ns, {})
+        hit = self._pod_cache.get(key)
+        if hit is not None and (hit[0] is pod or hit[0] == pod) and hit[1] == labels:
+            return hit[2]
+        ep = pod_endpoint(pod, ns_labels, set())
+        if ep is not None:
+            shared = self._label_sets.setdefault(ep.label_set, ep.label_set)
+            if shared is not ep.label_set:
+                ep = dataclasses.replace(ep, label_set=shared)
+        self._pod_cache[key] = (pod, dict(labels), ep)
+        return ep
 
     def _node_ips(self) -> dict[str, tuple[str, ...]]:
         out: dict[str, tuple[str, ...]] = {}
@@ -221,6 +257,23 @@ def _is_ip(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+POD_FIELDS = {"metadata": ("name", "namespace", "uid", "labels"),
+              "spec": ("nodeName", "hostNetwork", "serviceAccountName", "serviceAccount"),
+              "status": ("phase", "podIP", "podIPs")}
+
+
+def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """The part of a Pod the agent reads (POD_FIELDS); the rest (managedFields, containers, volumes,
+    conditions, ..., about 90% of a pod's bytes) is dropped on arrival, as client-go informers' transforms
+    do. resourceVersion goes too, so a status update that changes none of these fields (a probe, a
+    restart count) changes nothing in the store and costs no recompile."""
+    out: dict[str, Any] = {}
+    for section, fields in POD_FIELDS.items():
+        src = pod.get(section) or {}
+        out[section] = {f: src[f] for f in fields if f in src}
+    return out
 
 
 def pod_ips(pod: Mapping[str, Any]) -> tuple[str, ...]:
