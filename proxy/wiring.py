@@ -184,7 +184,7 @@ class SessionFactory:
     def context(self, pmap: PolicyMap, peers: Peers, transport: str) -> FlowContext:
         return FlowContext(
             source=flow_peer(pmap, peers.src, peers.src_addr),
-            destination=flow_peer(pmap, peers.dst, peers.dst_addr),
+            destination=flow_peer(pmap, peers.dst, (peers.dst_addr[0], peers.port)),  # the judged port (gateway --dport)
             traffic_direction=INGRESS if peers.dst.endpoint is not None else EGRESS,
             transport=transport,
         )
