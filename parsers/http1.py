@@ -525,33 +525,37 @@ class _Framing:
             raise
         return events
 
+    def _read_counted(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        """Deliver up to `_remaining` body bytes from `pos`. Returns where the counted part ended, or -1 when
+        `data` ran out first (`_remaining` then holds what is still due)."""
+        remaining = self._remaining
+        n = len(data)
+        if n - pos < remaining:
+            events.append(Data(data=data[pos:] if pos else data))
+            self._remaining = remaining - (n - pos)
+            return -1
+        events.append(Data(data=data[pos : pos + remaining]))
+        self._remaining = 0
+        return pos + remaining
+
     def _run(self, data: bytes, events: list[Http1Event]) -> None:
         pos = 0
         n = len(data)
         while pos < n:
             st = self.state
             if st is State.BODY_LENGTH:
-                remaining = self._remaining
-                if n - pos < remaining:
-                    events.append(Data(data=data[pos:] if pos else data))
-                    self._remaining = remaining - (n - pos)
+                pos = self._read_counted(data, pos, events)
+                if pos < 0:
                     return
-                events.append(Data(data=data[pos : pos + remaining]))
-                pos += remaining
-                self._remaining = 0
                 self.move(Input.BODY_COMPLETE)
                 self._end_message(events)
             elif st is State.IDLE or st is State.HEAD:
                 pos = self._read_head(data, pos, events)
             elif st is State.CHUNK_DATA:
-                remaining = self._remaining
-                if n - pos < remaining:
-                    events.append(Data(data=data[pos:] if pos else data))
-                    self._remaining = remaining - (n - pos)
+                pos = self._read_counted(data, pos, events)
+                if pos < 0:
                     return
-                events.append(Data(data=data[pos : pos + remaining]))
-                pos += remaining
-                self._remaining = 2
+                self._remaining = 2  # the CRLF after the chunk (CHUNK_END)
                 self.move(Input.CHUNK_DATA_COMPLETE)
             elif st is State.CHUNK_END:
                 # Exactly CRLF after chunk data (RFC 9112 §7.1); `_remaining` counts what is still due.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
 import fcntl
 import functools
 import itertools
@@ -835,8 +834,10 @@ class FlowSink:
             return False
         if not isinstance(record, dict) or not isinstance(record.get("flow"), dict):
             return False
+        from membrane.proxy.flowfilter import parse_time as _parse_time  # the one RFC 3339 reader (observe's)
+
         raw = RawFlow(line=line if line.endswith("\n") else line + "\n", record=record,
-                      time_ns=parse_time_ns(str(record["flow"].get("time", ""))) or 0)
+                      time_ns=_parse_time(str(record["flow"].get("time", ""))) or 0)
         self._ring.append(raw)
         if self._listeners:
             self._notify(raw)
@@ -906,33 +907,6 @@ class FlowSink:
             except (OSError, ValueError):
                 pass
 
-
-def parse_time_ns(text: str) -> int | None:
-    """ns since the epoch of an RFC 3339 timestamp (`2025-11-26T04:06:40.123Z`, any fraction, `Z` or an offset)."""
-    text = text.strip()
-    if not text:
-        return None
-    frac_ns = 0
-    main = text
-    tz = ""
-    if text.endswith(("Z", "z")):
-        main, tz = text[:-1], "+00:00"
-    else:
-        for sign in ("+", "-"):
-            idx = text.rfind(sign)
-            if idx > 10:
-                main, tz = text[:idx], text[idx:]
-                break
-    if "." in main:
-        main, frac = main.split(".", 1)
-        if not frac.isdigit() or len(frac) > 9:
-            return None
-        frac_ns = int(frac.ljust(9, "0"))
-    try:
-        moment = datetime.datetime.fromisoformat(main + (tz or "+00:00"))
-    except ValueError:
-        return None
-    return int(moment.timestamp()) * 1_000_000_000 + frac_ns
 
 
 def open_flow_streams(paths: Sequence[str]) -> list[IO[str]]:
