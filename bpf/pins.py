@@ -229,3 +229,18 @@ def prog_maps() -> dict[int, tuple[str, set[int]]]:
     return {
         int(p["id"]): (str(p.get("name", "")), {int(m) for m in p.get("map_ids", [])}) for p in bpftool("prog", "show")
     }
+
+
+def pinned_config(pin_dir: Path) -> dict[int, int]:
+    """The pinned `mbr_config` array (slot -> value) a previous agent left, read with bpftool (no compile);
+    {} when there is none or it cannot be read."""
+    path = pin_dir / "mbr_config"
+    if not path.exists():
+        return {}
+    out: dict[int, int] = {}
+    for entry in bpftool("map", "dump", "pinned", str(path)):
+        formatted = entry.get("formatted") or {}
+        key, value = formatted.get("key"), formatted.get("value")
+        if isinstance(key, int) and isinstance(value, int):
+            out[key] = value
+    return out

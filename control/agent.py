@@ -561,22 +561,24 @@ class Agent:
         return None
 
     async def _start(self, stack: contextlib.ExitStack) -> None:
-        """Listeners, steering, the first policy in the kernel, flow sinks, the proxy and its workers."""
-        self.listeners = open_listeners()
+        """Listeners and the proxy first, then steering and the first policy in the kernel, then workers.
+
+        The proxy serves before bcc compiles the program (seconds): a previous agent's programs, kept
+        attached, steer to the ports it used, which the new listeners take again (read from its pinned
+        config), so after a restart new L7 connections fail only until the listeners and the policy are up.
+        """
+        from membrane.bpf.maps import ConfigSlot
+        from membrane.bpf.pins import pinned_config
+
+        previous = pinned_config(self.config.bpf_pin_dir)
+        self.listeners = open_listeners(ProxyPorts(
+            tcp4=previous.get(ConfigSlot.TCP4_PORT, 0), tcp6=previous.get(ConfigSlot.TCP6_PORT, 0),
+            udp4=previous.get(ConfigSlot.UDP4_PORT, 0), udp6=previous.get(ConfigSlot.UDP6_PORT, 0),
+        ))
         stack.callback(self.listeners.close)
         ports = self.listeners.ports
-        # Restart (issue 13 item 6): adopt the pinned state, replace the programs in place, and keep
-        # enforcing on stop; what is stale goes only once our programs run.
-        steering = Steering(proxy_ports=ports, sockmap=self.config.sockmap, sockmap_ports=(), pin_dir=self.config.bpf_pin_dir)
-        self.steering = self._kernel(steering.__enter__)
-        stack.callback(self._kernel, lambda: steering.close(keep=True))  # SIGTERM: the kernel keeps enforcing
-        stack.callback(setattr, self, "steering", None)
-        self._adopt_endpoint_ids(steering)
-        self.reconciler = Reconciler(self.steering, resolve=self._resolve_ip)
-        async with self._lock:
-            await self._recompile_locked(reason="start", count=False)
-        for item in self._kernel(steering.cleanup_stale):
-            log.warning("removed stale %s", item)
+        inputs = self.state.inputs()
+        self.state.put_in_force(await self._kernel_async(compile_inputs, inputs, self.state.identities), inputs.learned)
         self._streams = open_flow_streams(self.config.flows)
         stack.callback(close_flow_streams, self._streams)
         self.sink = FlowSink(self._streams)
@@ -601,6 +603,18 @@ class Agent:
         udp = [s for s in (self.listeners.udp4, self.listeners.udp6) if s is not None]
         await self.proxy.start(tcp, udp)
         try:
+            # Restart (issue 13 item 6): adopt the pinned state, replace the programs in place, and keep
+            # enforcing on stop; what is stale goes only once our programs run.
+            steering = Steering(proxy_ports=ports, sockmap=self.config.sockmap, sockmap_ports=(), pin_dir=self.config.bpf_pin_dir)
+            self.steering = await self._kernel_async(steering.__enter__)
+            stack.callback(self._kernel, lambda: steering.close(keep=True))  # SIGTERM: the kernel keeps enforcing
+            stack.callback(setattr, self, "steering", None)
+            self._adopt_endpoint_ids(steering)
+            self.reconciler = Reconciler(self.steering, resolve=self._resolve_ip)
+            async with self._lock:
+                await self._recompile_locked(reason="start", count=False)
+            for item in await self._kernel_async(steering.cleanup_stale):
+                log.warning("removed stale %s", item)
             await self._start_workers(self.config.workers)
         except BaseException:
             await self._stop_workers()

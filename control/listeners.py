@@ -64,17 +64,30 @@ def _v6_listener(port: int, *, udp: bool) -> socket.socket | None:
     return s
 
 
-def open_listeners() -> Listeners:
-    """Bind the four transparent listeners on free ports. Raises OSError (e.g. without CAP_NET_ADMIN)."""
-    tcp4 = listening_socket("0.0.0.0", 0, transparent=True, reuse_port=False)
+def _bind(port: int, *, udp: bool) -> socket.socket:
+    """A transparent IPv4 listener on `port` if it is free, else on a free port."""
+    if port:
+        try:
+            return listening_socket("0.0.0.0", port, udp=udp, transparent=True, reuse_port=False)
+        except OSError as e:
+            log.info("proxy port %d/%s is taken (%s); using another", port, "udp" if udp else "tcp", e.strerror)
+    return listening_socket("0.0.0.0", 0, udp=udp, transparent=True, reuse_port=False)
+
+
+def open_listeners(preferred: ProxyPorts | None = None) -> Listeners:
+    """Bind the four transparent listeners, on the `preferred` ports when they are free (the ports a previous
+    agent's programs, still attached, steer to), else on free ports. Raises OSError (e.g. without
+    CAP_NET_ADMIN)."""
+    preferred = preferred or ProxyPorts()
+    tcp4 = _bind(preferred.tcp4, udp=False)
     try:
-        udp4 = listening_socket("0.0.0.0", 0, udp=True, transparent=True, reuse_port=False)
+        udp4 = _bind(preferred.udp4, udp=True)
     except BaseException:
         tcp4.close()
         raise
     return Listeners(
         tcp4=tcp4,
-        tcp6=_v6_listener(tcp4.getsockname()[1], udp=False),
+        tcp6=_v6_listener(preferred.tcp6 or tcp4.getsockname()[1], udp=False),
         udp4=udp4,
-        udp6=_v6_listener(udp4.getsockname()[1], udp=True),
+        udp6=_v6_listener(preferred.udp6 or udp4.getsockname()[1], udp=True),
     )
