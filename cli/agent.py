@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
     p.add_argument("--health", type=_addr, metavar="ADDR:PORT", help="serve /healthz and /readyz (every watch synced, every local endpoint attached)")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
+    p.add_argument("--flows-max-size-mb", type=float, default=10.0, metavar="MB",
+                   help="rotate a --flows file at this size (0 = never; default 10)")
+    p.add_argument("--flows-max-backups", type=int, default=5, metavar="N", help="rotated flows files kept (name.1 ... name.N)")
     p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")
     p.add_argument("--workers", type=int, default=1, help="proxy processes sharing the listeners (default 1)")
     p.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
@@ -107,6 +110,8 @@ def _run(args: argparse.Namespace) -> int:
         cni_queue=args.cni_queue,
         metrics=args.metrics,
         health=args.health,
+        flows_max_bytes=int(max(0.0, args.flows_max_size_mb) * (1 << 20)),
+        flows_max_backups=max(0, args.flows_max_backups),
         flows=tuple(args.flows),
         sockmap=args.sockmap,
         workers=args.workers,

@@ -24,7 +24,7 @@ from typing import Any
 import uvloop
 from membrane.control.sources.files import PathProblem, read_endpoints, read_policies
 from membrane.policies import EndpointsError, L4Proto, PolicyDirection, PolicyMap, compile_policy
-from membrane.proxy.flows import FlowSink, FlowStream, RotatingFile, default_node_name
+from membrane.proxy.flows import FlowSink, FlowStream, RotatingFile, default_node_name, open_flow_streams
 from membrane.proxy.flowserver import FlowPublisher, FlowServer
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
 from membrane.proxy.server import Proxy, ProxyConfig, listening_socket
@@ -271,15 +271,6 @@ def _port_warning(pmap: PolicyMap, dst: str, port: int, *, dport_given: bool, ud
     return f"no policy rule selects port {port}/{'+'.join(missing)} of {dst}: every connection will be refused{hint}"
 
 
-def _open_flow_streams(plan: _Plan) -> list[FlowStream]:
-    streams: list[FlowStream] = []
-    for path in plan.flows:
-        if path == "-":
-            streams.append(sys.stdout)
-        else:
-            streams.append(RotatingFile(path, max_bytes=plan.flows_max_bytes, max_backups=plan.flows_max_backups))
-    return streams
-
 
 async def _worker(
     plan: _Plan,
@@ -291,7 +282,7 @@ async def _worker(
     ready_fd: int | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
-    streams = _open_flow_streams(plan)
+    streams: list[FlowStream] = open_flow_streams(plan.flows, max_bytes=plan.flows_max_bytes, max_backups=plan.flows_max_backups)
     if plan.socket is not None and worker != 0:  # worker 0 serves the socket; the others send it their flows
         streams.append(FlowPublisher(plan.socket, loop=loop))
     metrics = Metrics()

@@ -44,7 +44,8 @@ from membrane.control.workers import WorkerHandle
 from membrane.policies import PolicyMap
 from membrane.policies.dnsmatch import fqdn
 from membrane.policies.fqdn import canonical_ip
-from membrane.proxy.flows import FlowSink, close_flow_streams, open_flow_streams
+from membrane.proxy.flows import FlowSink, FlowStream, close_flow_streams, default_node_name, open_flow_streams
+from membrane.proxy.flowserver import FlowServer
 from membrane.proxy.metrics import Metrics
 from membrane.proxy.server import Proxy, ProxyConfig
 from membrane.proxy.session import Learn
@@ -82,6 +83,8 @@ class AgentConfig:
     lease_namespace: str = "kube-system"  # where the policy-status Lease lives (one writer per cluster)
     socket_path: Path = DEFAULT_SOCKET  # the local socket: CNI plugin, `membrane observe`, a successor agent
     cni_queue: Path = DEFAULT_CNI_QUEUE  # DELs the CNI plugin queued while no agent listened
+    flows_max_bytes: int = 10 << 20  # rotate a --flows file at this size (0 = never)
+    flows_max_backups: int = 5  # rotated flows files kept (name.1 ... name.N)
     metrics: tuple[str, int] | None = None  # serve Prometheus /metrics here
     health: tuple[str, int] | None = None  # serve /healthz and /readyz here
 
@@ -101,6 +104,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._cni_pods: dict[str, str] = {}  # CNI attachment key (container/ifname) -> pod key
         self._resolver: Any = None  # control.interfaces.InterfaceResolver, made on the kernel thread
+        self.flow_server: FlowServer | None = None
         self.state = NodeState()
         self.metrics = Metrics()
         self.listeners: Listeners | None = None
@@ -114,7 +118,7 @@ class Agent:
         self.reloads = 0
         self.drops = 0
         self.started = time.time()
-        self._streams: list[IO[str]] = []
+        self._streams: list[FlowStream] = []
         self._lock = asyncio.Lock()  # one compile-and-apply at a time, committed in order
         self._queued: asyncio.Future[None] | None = None  # a DNS recompile not yet started: new names join it
         self._running: asyncio.Future[None] | None = None  # the recompile under way, done when it is in force
@@ -396,7 +400,8 @@ class Agent:
 
     async def _open_socket(self) -> int | None:
         """Listen on the agent socket before the kernel is touched: a second agent on the node stops here."""
-        self.api = AgentSocket(self.config.socket_path, {"cni": self._cni, "status": self._status_request})
+        self.api = AgentSocket(self.config.socket_path, {"cni": self._cni, "status": self._status_request},
+                               stream=self._observe_stream)
         try:
             await self.api.start()
         except AgentRunning:
@@ -467,6 +472,13 @@ class Agent:
         if reasons:
             return 503, "text/plain; charset=utf-8", ("not ready:\n" + "\n".join(reasons) + "\n").encode()
         return 200, "text/plain; charset=utf-8", b"ready\n"
+
+    async def _observe_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: dict[str, Any]) -> None:
+        """`membrane observe` on the agent socket: this agent's flows (the ring, then new ones with -f)."""
+        if self.flow_server is None:
+            writer.write(b'{"error": "the agent is starting"}\n')
+            return
+        await self.flow_server.serve(reader, writer, request)
 
     async def _status_request(self, msg: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "status": await self.status()}
@@ -579,9 +591,11 @@ class Agent:
         ports = self.listeners.ports
         inputs = self.state.inputs()
         self.state.put_in_force(await self._kernel_async(compile_inputs, inputs, self.state.identities), inputs.learned)
-        self._streams = open_flow_streams(self.config.flows)
+        self._streams = open_flow_streams(self.config.flows, max_bytes=self.config.flows_max_bytes,
+                                          max_backups=self.config.flows_max_backups)
         stack.callback(close_flow_streams, self._streams)
-        self.sink = FlowSink(self._streams)
+        self.sink = FlowSink(self._streams, node_name=self.config.node_name or default_node_name())
+        self.flow_server = FlowServer(self.sink, str(self.config.socket_path))  # served through the agent socket
         live = self.state.live
         assert live is not None
         factory = SessionFactory(

@@ -21,6 +21,8 @@ from typing import Any
 log = logging.getLogger("membrane.api")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# A request without "type" (`membrane observe`'s, a flow publisher's) hands the whole connection over.
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[None]]
 MAX_REQUEST_BYTES = 1 << 20  # a request line longer than this is refused (no unbounded buffering)
 
 
@@ -42,9 +44,10 @@ def is_listening(path: Path) -> bool:
 class AgentSocket:
     """Serves `handlers` (request "type" -> coroutine returning the answer object) on a unix socket."""
 
-    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, path: Path, handlers: Mapping[str, Handler], stream: StreamHandler | None = None) -> None:
         self.path = path
         self.handlers = dict(handlers)
+        self.stream = stream
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -75,6 +78,11 @@ class AgentSocket:
                     return
                 if not line:
                     return
+                if self.stream is not None:
+                    request = _parse(line)
+                    if isinstance(request, dict) and "type" not in request:
+                        await self.stream(reader, writer, request)  # it owns the connection from here
+                        return
                 await _send(writer, await self._answer(line))
         except (ConnectionError, asyncio.IncompleteReadError):
             return
@@ -98,6 +106,13 @@ class AgentSocket:
         except Exception as e:  # one client's bad request never stops the socket
             log.exception("agent socket: %s request failed", request.get("type"))
             return {"ok": False, "msg": f"{type(e).__name__}: {e}"}
+
+
+def _parse(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, Any]) -> None:

@@ -909,21 +909,22 @@ class FlowSink:
 
 
 
-def open_flow_streams(paths: Sequence[str]) -> list[IO[str]]:
-    """The streams of `--flows PATH...`: '-' is stdout, anything else a file opened for appending, line-buffered.
-    Raises OSError for a path that cannot be opened."""
-    streams: list[IO[str]] = []
+def open_flow_streams(paths: Sequence[str], *, max_bytes: int = 0, max_backups: int = 5) -> list[FlowStream]:
+    """The streams of `--flows PATH...`: '-' is stdout, anything else a `RotatingFile` (appending; rotated at
+    `max_bytes`, 0 = never, keeping `max_backups` old files). Raises OSError for a path that cannot be opened."""
+    streams: list[FlowStream] = []
     for path in paths:
         if path == "-":
             streams.append(sys.stdout)
         else:
-            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed by close_flow_streams
+            streams.append(RotatingFile(path, max_bytes=max_bytes, max_backups=max_backups))
     return streams
 
 
-def close_flow_streams(streams: Iterable[IO[str]]) -> None:
+def close_flow_streams(streams: Iterable[FlowStream]) -> None:
     """Close what open_flow_streams opened (never stdout). Never raises."""
     for stream in streams:
-        if stream is not sys.stdout:
+        close = getattr(stream, "close", None)
+        if stream is not sys.stdout and close is not None:
             with contextlib.suppress(OSError):
-                stream.close()
+                close()

@@ -100,11 +100,20 @@ class FlowServer:
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve(reader, writer)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    request: dict[str, Any] | None = None) -> None:
+        """Serve one client to its end (closing it), also for a socket someone else owns (the agent's,
+        which reads the request line itself and passes it as `request`)."""
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
         try:
-            await self._session(reader, writer)
+            if request is None:
+                await self._session(reader, writer)
+            else:
+                await self._handle(request, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -130,6 +139,9 @@ class FlowServer:
         if not isinstance(request, dict):
             await _send_error(writer, "the request must be one JSON object on one line")
             return
+        await self._handle(request, reader, writer)
+
+    async def _handle(self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if request.get("publish") is True:
             await self._ingest(reader)
             return

@@ -180,3 +180,24 @@ def test_agent_status_shows_kubernetes(sandbox: Sandbox) -> None:
     assert doc["kubernetes"]["synced"] is True
     ready = {e["namespace"] + "/" + e["name"]: e["status"] for e in doc["endpoints"] if e["status"] == "ready"}
     assert {"default/client", "default/web"} <= set(ready)
+
+
+def test_observe_reads_the_agents_socket(sandbox: Sandbox) -> None:
+    """`membrane observe --server SOCKET` streams the running agent's flows (Hubble JSON) with filters."""
+    web = sandbox.kubectl("get", "pod", "web", "-o", "jsonpath={.status.podIP}")
+    sandbox.kubectl("apply", "-f", "-", stdin=CNP.replace("path: /public", "path: /observed"))
+    try:
+        assert until(lambda: sandbox.curl(web, "/elsewhere"), "403") == "403"  # the L7 rule is in force
+        assert sandbox.curl(web, "/observed") == "200"
+    finally:
+        sandbox.kubectl("delete", "cnp", "web-public-only")
+    out = subprocess.run([sys.executable, "-m", "membrane.cli", "observe", "--server", str(sandbox.state / "agent.sock"),
+                          "--last", "50", "--http-path", "/observed", "-o", "json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert records
+    flows = [r["flow"] for r in records]
+    assert {f["verdict"] for f in flows} == {"FORWARDED"}
+    assert all(f["l7"]["http"]["url"].endswith("/observed") for f in flows)
+    assert {f["source"]["pod_name"] for f in flows if f["l7"]["type"] == "REQUEST"} == {"client"}
+    assert records[0]["node_name"] == "membrane-sandbox"
