@@ -201,3 +201,27 @@ def test_observe_reads_the_agents_socket(sandbox: Sandbox) -> None:
     assert all(f["l7"]["http"]["url"].endswith("/observed") for f in flows)
     assert {f["source"]["pod_name"] for f in flows if f["l7"]["type"] == "REQUEST"} == {"client"}
     assert records[0]["node_name"] == "membrane-sandbox"
+
+
+def test_a_new_pods_first_packet_is_under_policy(sandbox: Sandbox) -> None:
+    """CNI ADD returns only once the pod's programs are attached: a pod whose egress the policy denies cannot
+    reach anything from its first packet (it is probed the moment the kubelet reports it Running)."""
+    web = sandbox.kubectl("get", "pod", "web", "-o", "jsonpath={.status.podIP}")
+    sandbox.kubectl("apply", "-f", "-", stdin="""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fresh-egress-denied, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: fresh}}
+  egress: [{toEndpoints: [{matchLabels: {app: nobody}}]}]
+""")
+    try:
+        sandbox.kubectl("apply", "-f", "-", stdin="apiVersion: v1\nkind: Pod\nmetadata: {name: fresh, labels: {app: fresh}}\n"
+                                                 "spec: {containers: [{name: main, image: x}]}\n")
+        assert until(lambda: sandbox.kubectl("get", "pod", "fresh", "-o", "jsonpath={.status.phase}"), "Running", 20) == "Running"
+        first = subprocess.run(["ip", "netns", "exec", "default-fresh", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                "--max-time", "1", f"http://{web}:8080/"], capture_output=True, text=True, timeout=10)
+        assert first.stdout.strip() in ("", "000")  # dropped in the kernel: no answer at all
+    finally:
+        sandbox.kubectl("delete", "pod", "fresh", check=False)
+        sandbox.kubectl("delete", "cnp", "fresh-egress-denied", check=False)
