@@ -122,4 +122,4 @@ def _with_namespaces(endpoints: Endpoints, namespaces: tuple[Namespace, ...]) ->
         )
         for ep in endpoints.endpoints
     )
-    return Endpoints(namespaces=namespaces, endpoints=eps)
+    return Endpoints(namespaces=namespaces, endpoints=eps, reserved_ips=endpoints.reserved_ips)

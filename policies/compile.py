@@ -420,6 +420,11 @@ class _Compiler:
             (ipaddress.ip_network("::/0"), int(ReservedIdentity.WORLD_IPV6)),
         ]
         ipc.extend((i.prefix, i.id) for i in idents if i.kind is IdentityKind.CIDR and i.prefix is not None)
+        for ident_id, ip in self.endpoints.reserved_ips:  # node and API server addresses (before pods: a pod's IP wins)
+            try:
+                ipc.append((_address(ip)[1], ident_id))
+            except ValueError:
+                continue
         for e in self.endpoints.endpoints:
             n = ep_numbers[e.label_set]
             key = e.key  # a property that formats a string: once per endpoint, not once per use

@@ -67,6 +67,10 @@ class Endpoint:
 class Endpoints:
     namespaces: tuple[Namespace, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
+    # (reserved identity, IP) pairs the cluster names: this node's addresses are `host` (1), other nodes'
+    # `remote-node` (6), the API server's `kube-apiserver` (7); () = none known (entities then match nothing
+    # by address). A pod's own IP wins over these.
+    reserved_ips: tuple[tuple[int, str], ...] = ()
 
     def by_key(self, key: str) -> Endpoint | None:
         ns, _, name = key.rpartition("/")

@@ -334,6 +334,19 @@ def local_pods(view: ClusterView) -> Iterable[Endpoint]:
     return (ep for ep in view.endpoints.endpoints if ep.key in view.local)
 
 
+HOST_IDENTITY, REMOTE_NODE_IDENTITY, KUBE_APISERVER_IDENTITY = 1, 6, 7  # Cilium's reserved identities
+
+
+def reserved_ips(view: ClusterView, node_name: str) -> tuple[tuple[int, str], ...]:
+    """The addresses of the `host` (this node), `remote-node` (the others) and `kube-apiserver` entities."""
+    out: list[tuple[int, str]] = []
+    for name, ips in sorted(view.node_ips.items()):
+        ident = HOST_IDENTITY if name == node_name else REMOTE_NODE_IDENTITY
+        out.extend((ident, ip) for ip in ips)
+    out.extend((KUBE_APISERVER_IDENTITY, ip) for ip in view.apiserver_ips)  # last: it wins over a node's label
+    return tuple(out)
+
+
 class KubernetesChanges:
     """The Kubernetes source seen through the agent's Source interface (`snapshot()` / `poll()`).
 
@@ -370,7 +383,8 @@ class KubernetesChanges:
                 ep = pod_endpoint(with_ips(pod, ips), ns_labels, taken)
                 if ep is not None:
                     eps.append(dataclasses.replace(ep, interface=self.bindings[key]))
-        endpoints = Endpoints(namespaces=view.endpoints.namespaces, endpoints=tuple(eps))
+        endpoints = Endpoints(namespaces=view.endpoints.namespaces, endpoints=tuple(eps),
+                              reserved_ips=reserved_ips(view, self.source.node_name))
         return [
             PoliciesChanged(key=self.key, policies=view.policies),
             SourceProblem(key=self.problems_key, errors=tuple(str(e) for e in view.policy_errors)),

@@ -86,3 +86,24 @@ def test_backoff_grows_to_a_cap_with_jitter() -> None:
     assert backoff_s(50, rng=lambda: 0.5) == pytest.approx(30.0)
     assert backoff_s(50, rng=lambda: 0.0) == pytest.approx(15.0)
     assert backoff_s(50, rng=lambda: 0.999) < 45.0
+
+
+def test_node_and_apiserver_addresses_are_reserved_identities() -> None:
+    """This node's IPs are `host` (1), other nodes' `remote-node` (6), the API server's `kube-apiserver` (7),
+    in the ipcache the policy and the kernel use; a pod's own IP keeps its pod identity."""
+    from membrane.control.sources.kubernetes import ClusterView, reserved_ips
+    from membrane.policies import Endpoints, compile_policy
+
+    pod = pod_endpoint(_pod("web", ip="10.244.1.5"), {}, set())
+    assert pod is not None
+    view = ClusterView(policies=(), policy_errors=(), endpoints=Endpoints(endpoints=(pod,)), local=frozenset(),
+                       awaiting_ip={}, node_ips={"n1": ("192.0.2.10",), "n2": ("192.0.2.11",)},
+                       apiserver_ips=("192.0.2.20",), synced=True)
+    pairs = reserved_ips(view, "n1")
+    assert pairs == ((1, "192.0.2.10"), (6, "192.0.2.11"), (7, "192.0.2.20"))
+    pmap = compile_policy((), Endpoints(endpoints=(pod,), reserved_ips=(*pairs, (6, "10.244.1.5"))))
+    assert pmap.ipcache.lookup("192.0.2.10") == 1
+    assert pmap.ipcache.lookup("192.0.2.11") == 6
+    assert pmap.ipcache.lookup("192.0.2.20") == 7
+    assert pmap.ipcache.lookup("10.244.1.5") == pmap.identity_of("shop/web")
+    assert pmap.ipcache.lookup("192.0.2.99") == 9  # world-ipv4
