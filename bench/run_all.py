@@ -763,6 +763,8 @@ def goal_rows(out: list[tuple[Section, list[Row]]],
                 continue
             if key not in row.values and key not in row.derived and row.status == "ok":
                 continue  # e.g. x_flows_off on a row without flows
+            if goals is GOALS and row.target.endswith(FLOWS_SUFFIX):
+                continue  # issue 4's goals were set for the proxy without a flows file
             value = row.values.get(key, row.derived.get(key)) if row.status == "ok" else None
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 verdict = f"not measured ({row.status}{': ' + one_line(row.note, 80) if row.note else ''})"

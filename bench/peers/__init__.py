@@ -315,10 +315,10 @@ def check_fixed_ports(names: tuple[str, ...]) -> None:
 def start_nginx(stack: Stack) -> Proc:
     """nginx, one worker: HTTP/1.1 on PORTS['http'], h2c on PORTS['h2']."""
     nginx = require_tool("nginx", "nginx-light")
-    check_fixed_ports(("http", "h2", "grpc"))
+    check_fixed_ports(("http", "h2"))
     conf = stack.render("nginx.conf.tmpl", "nginx.conf", http_port=PORTS["http"], h2_port=PORTS["h2"])
     proc = stack.spawn("nginx", [nginx, "-c", str(conf), "-p", str(stack.workdir), "-e", str(stack.workdir / "nginx-error.log")])
-    for name in ("http", "h2", "grpc"):
+    for name in ("http", "h2"):
         wait_tcp(proc, PORTS[name])
     return proc
 
