@@ -1,14 +1,17 @@
 """Membrane's L7 proxy against its baselines, in one run: what `make bench` runs.
 
 Rows: HTTP/1.1 keep-alive throughput and latency (wrk), added latency at one connection (wrk -c1) and at a fixed
-1,000 req/s, memory per idle proxied connection, HTTP/2 and gRPC (h2load), DNS at 1,000 q/s and at saturation
-(dnsperf), Kafka produce MB/s. Each proxied run sits between two runs of the direct baseline and its ratio is
+1,000 req/s, memory per idle proxied connection, HTTP/2 against nginx h2c and gRPC against a grpcio server
+(h2load), DNS in front of Knot at 1,000 q/s and at saturation from one socket and from four (dnsperf), Kafka
+produce MB/s. Membrane runs with 1 worker and with one per core, and with flows off and on (`--flows FILE`).
+--profile adds, per protocol, the proxy's CPU time per request split by where it goes (cProfile). Each proxied run sits between two runs of the direct baseline and its ratio is
 taken against their mean, so drift on a shared machine hits both sides. Everything listens on 127.0.0.1, every
 process is stopped on the way out (also on Ctrl-C), and nothing is a pass/fail assertion: it prints numbers.
 
     .venv/bin/python bench/run_all.py [--quick] [--only 'http1/*'] [--duration 10] [--rounds 1]
 
-Prints a table per section with the command behind each row; writes bench/results/latest.json.
+Prints a table per section with the command behind each row, then the goals of issues 4 and 11, met or missed
+by how much; writes bench/results/latest.json.
 """
 
 from __future__ import annotations
