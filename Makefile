@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
 # Debian packages the tests and the demo use (the bench peers are installed by `make bench`).
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 curl dnsutils kcat nghttp2-client bpftool containernetworking-plugins
-BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist
+BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist knot
 FUZZ_SECONDS ?= 60
 PYTEST_ARGS ?=
 

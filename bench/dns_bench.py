@@ -1,7 +1,7 @@
 """DNS load drivers for the bench: dnsperf at a fixed 1,000 q/s (lost queries, latency percentiles) and at saturation.
 
 Latency percentiles come from `dnsperf -v`, which prints every answer with its latency in seconds (dnsperf's
-summary only has the mean). Queries are bench/peers/dns_queries.txt (A records under bench.test, served by nsd).
+summary only has the mean). Queries are bench/peers/dns_queries.txt (A records under bench.test, served by Knot).
 Drivers only measure against 127.0.0.1; servers are started and stopped by bench/peers.
 """
 
@@ -78,7 +78,7 @@ def fixed_qps(port: int, *, qps: int = 1000, duration_s: float, mode: str = "udp
 
 
 def rule_check(port: int) -> str:
-    """'' when the DNS proxy on port answers api.bench.test and refuses api.other.test (which nsd would answer)."""
+    """'' when the DNS proxy on port answers api.bench.test and refuses api.other.test (which Knot would answer)."""
     got = (udp_dns_rcode(port, "api.bench.test", 2.0), udp_dns_rcode(port, "api.other.test", 2.0))
     return "" if got == (RCODE_NOERROR, RCODE_REFUSED) else f"RULE NOT ENFORCED: rcodes bench.test/other.test {got}"
 

@@ -249,6 +249,27 @@ def acl_check(port: int) -> str:
     return "" if got == (200, 403, 403) else f"RULE NOT ENFORCED: GET/POST /api, GET /private -> {got}"
 
 
+def grpc_check(port: int) -> str:
+    """'' when a real grpcio client gets /bench.Echo/Call answered and /bench.Echo/Other refused by the proxy.
+
+    Refused means any status but OK and UNIMPLEMENTED: UNIMPLEMENTED is the grpcio server's own answer, so
+    the call went through.
+    """
+    import grpc  # the dev extra; only this check needs it
+
+    with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+        try:
+            channel.unary_unary("/bench.Echo/Call")(b"", timeout=5)
+        except grpc.RpcError as exc:
+            return f"RULE NOT ENFORCED: allowed /bench.Echo/Call failed with {exc.code()}"  # type: ignore[attr-defined]
+        try:
+            channel.unary_unary("/bench.Echo/Other")(b"", timeout=5)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            return "" if code != grpc.StatusCode.UNIMPLEMENTED else "RULE NOT ENFORCED: /bench.Echo/Other reached the server"
+        return "RULE NOT ENFORCED: /bench.Echo/Other answered OK"
+
+
 def established_to(port: int) -> int:
     """Established TCP connections whose local port is `port` on 127.0.0.1 (the backend's side of each pair)."""
     count = 0

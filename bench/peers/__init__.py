@@ -1,6 +1,6 @@
 """Bench peers: start, probe and stop every process a bench row needs, from the templates in this folder.
 
-Owns nginx (HTTP/1.1, h2c and a gRPC-shaped backend), HAProxy, mitmproxy (in bench/.venv-mitm), nsd, dnsdist
+Owns nginx (HTTP/1.1 and h2c backends), the grpcio server, HAProxy, mitmproxy (in bench/.venv-mitm), Knot, dnsdist
 and `membrane gateway`, each a subprocess in its own session, all listening on 127.0.0.1 only. Every process
 is registered on a `Stack` as it starts, so leaving the `with` block (normally or by an exception) stops them all
 (SIGTERM, then SIGKILL after a grace period) and removes the run's work directory.
@@ -313,13 +313,12 @@ def check_fixed_ports(names: tuple[str, ...]) -> None:
 
 
 def start_nginx(stack: Stack) -> Proc:
-    """nginx, one worker: HTTP/1.1 on PORTS['http'], h2c on PORTS['h2'], gRPC-shaped h2c on PORTS['grpc']."""
+    """nginx, one worker: HTTP/1.1 on PORTS['http'], h2c on PORTS['h2']."""
     nginx = require_tool("nginx", "nginx-light")
-    check_fixed_ports(("http", "h2", "grpc"))
-    conf = stack.render("nginx.conf.tmpl", "nginx.conf", http_port=PORTS["http"], h2_port=PORTS["h2"],
-                        grpc_port=PORTS["grpc"])
+    check_fixed_ports(("http", "h2"))
+    conf = stack.render("nginx.conf.tmpl", "nginx.conf", http_port=PORTS["http"], h2_port=PORTS["h2"])
     proc = stack.spawn("nginx", [nginx, "-c", str(conf), "-p", str(stack.workdir), "-e", str(stack.workdir / "nginx-error.log")])
-    for name in ("http", "h2", "grpc"):
+    for name in ("http", "h2"):
         wait_tcp(proc, PORTS[name])
     return proc
 
@@ -390,11 +389,14 @@ def membrane_gateway_help() -> str:
 
 
 def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: str, src: str = "bench/client",
-                   workers: int | None = 1, udp: bool = False, profile_to: Path | None = None) -> Proc:
+                   workers: int | None = 1, udp: bool = False, profile_to: Path | None = None,
+                   flows_to: Path | None = None) -> Proc:
     """`membrane gateway` on 127.0.0.1:listen_port in front of 127.0.0.1:upstream_port, with bench/peers/policy.yaml.
 
     profile_to: run it (one worker, in-process) under cProfile with a CPU-time clock (peers/cpu_profile.py), which
     writes its stats there when it exits.
+    flows_to: `--flows FILE`, flow records written as JSON lines to a real file, the way a Hubble user runs; without
+    it flow records are built and kept in the in-memory ring only.
     """
     help_text = membrane_gateway_help()
     exe = [membrane_bin()]
@@ -405,11 +407,12 @@ def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: s
             "--listen", f"{HOST}:{listen_port}", "--upstream", f"{HOST}:{upstream_port}", "--dst", dst, "--src", src]
     if udp:
         argv.append("--udp")
+    if flows_to is not None:
+        argv += ["--flows", str(flows_to)]
     if workers is not None:
         if "--workers" not in help_text:
             raise Unavailable("`membrane gateway` has no --workers option yet")
         argv += ["--workers", str(workers)]
-    # Flow records are part of the work per request; they go to stdout, which is discarded here.
     proc = stack.spawn(f"membrane-{listen_port}", argv, stdout_to_log=False)
     if udp:
         wait_udp_dns(proc, listen_port, timeout_s=30)
@@ -418,13 +421,28 @@ def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: s
     return proc
 
 
-def start_nsd(stack: Stack) -> Proc:
-    """nsd serving bench.test on PORTS['dns'] (UDP and TCP), one server process, no rate limiting."""
-    nsd = require_tool("nsd", "nsd")
+def start_knot(stack: Stack) -> Proc:
+    """Knot DNS serving bench.test and other.test on PORTS['dns'] (UDP and TCP), one UDP and one TCP worker."""
+    knotd = require_tool("knotd", "knot")
     check_fixed_ports(("dns",))
-    conf = stack.render("nsd.conf.tmpl", "nsd.conf", port=PORTS["dns"])
-    proc = stack.spawn("nsd", [nsd, "-d", "-c", str(conf)])
+    (stack.workdir / "knot").mkdir(exist_ok=True)
+    conf = stack.render("knot.conf.tmpl", "knot.conf", port=PORTS["dns"])
+    proc = stack.spawn("knotd", [knotd, "-c", str(conf)])
     wait_udp_dns(proc, PORTS["dns"])
+    return proc
+
+
+def start_grpc(stack: Stack) -> Proc:
+    """The grpcio server (bench/peers/grpc_server.py) answering /bench.Echo/Call on PORTS['grpc']."""
+    try:
+        import grpc  # noqa: F401  (only to say clearly when it is missing)
+    except ImportError as exc:
+        raise Unavailable("grpcio is not installed in .venv (it is in the dev extra: make setup)") from exc
+    check_fixed_ports(("grpc",))
+    python = REPO_DIR / ".venv" / "bin" / "python"
+    proc = stack.spawn("grpc-server", [str(python if python.exists() else sys.executable),
+                                       str(PEERS_DIR / "grpc_server.py"), str(PORTS["grpc"])])
+    wait_tcp(proc, PORTS["grpc"])
     return proc
 
 
