@@ -166,12 +166,19 @@ def test_cni_installer_runs_on_the_image_python(image: Image) -> None:
     assert "nothing (not installed)" in proc.stdout
 
 
-# What the agent needs from the host when it runs from the image (the DaemonSet's hostPath mounts): the
-# bpffs for its pins, the cgroup tree, the netns names, and the sandbox's state dir at the same path for the
-# kubeconfig, the socket the CNI plugin talks to, the status file and the flows. /lib/modules is not mounted:
-# the entrypoint links the image's own headers there, which must not write into the host's tree.
-AGENT_MOUNTS = ("/sys/fs/bpf", "/sys/fs/cgroup", "/run/netns")
-AGENT_CAPS = "CAP_BPF,CAP_SYS_ADMIN,CAP_NET_ADMIN,CAP_PERFMON,CAP_NET_RAW,CAP_SYS_RESOURCE,CAP_NET_BIND_SERVICE"
+# What the agent needs from the host when it runs from the image. `buildah run --isolation chroot` (the only
+# runner here: podman run is refused) mounts the host's /sys read-only with every mount under it, the
+# bpffs included, and a --volume onto /sys/fs/bpf stays under that read-only copy (the agent failed with
+# "cannot attach bpffs to /sys/fs/bpf/membrane: errno 30: Read-only file system"). So the host's bpffs is
+# mounted at another path, writable, and the agent pins there (--bpf-pin-dir), which is the host's
+# /sys/fs/bpf/membrane, so the sandbox's `membrane uninstall` on the host removes the pins. The cgroup tree
+# is the host's already (read-only is enough: cgroup programs attach through an fd). The state dir is
+# mounted at the same path: kubeconfig, the socket the host's membrane-cni talks to, status file, flows.
+# /lib/modules is not mounted: the entrypoint links the image's own headers there, never into the host's.
+HOST_BPFFS = "/run/host-bpffs"
+# CAP_SYS_RESOURCE is not in this machine's bounding set (buildah then fails "setting capabilities:
+# operation not permitted"); the agent does not need it (BPF memory is charged to the cgroup).
+AGENT_CAPS = "CAP_BPF,CAP_SYS_ADMIN,CAP_NET_ADMIN,CAP_PERFMON,CAP_NET_RAW,CAP_NET_BIND_SERVICE"
 
 
 @pytest.mark.timeout(1800)
@@ -182,9 +189,10 @@ def test_sandbox_runs_the_agent_from_the_image(image: Image, tmp_path: Path) -> 
     state = tmp_path / "sandbox"
     state.mkdir()
     (state / "pods.yaml").write_text(PODS)
-    volumes = [f"--volume={path}:{path}" for path in (*AGENT_MOUNTS, str(state))]
+    # The sandbox appends `run --kubernetes ...`; the shell adds the pin dir after them.
     agent = ["buildah", "run", "--isolation", "chroot", "--network", "host", "--pid", "host", "--cap-add", AGENT_CAPS,
-             *volumes, ctr, "--", "/usr/local/bin/membrane-entrypoint"]
+             f"--volume=/sys/fs/bpf:{HOST_BPFFS}", f"--volume={state}:{state}", ctr, "--",
+             "sh", "-c", f'exec /usr/local/bin/membrane-entrypoint "$@" --bpf-pin-dir {HOST_BPFFS}/membrane', "agent"]
     err_path = state / "sandbox.err"
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "membrane.cli", "sandbox", "up", "--pods", str(state / "pods.yaml"),
