@@ -4,7 +4,7 @@
 #
 # Two stages. `build` makes the wheel, a venv with it and its runtime dependencies, the CNI zipapp, and
 # unpacks Debian's kernel headers without their package dependencies. The run stage gets only those
-# results plus python3, bcc and iproute2: no pip, no wheel cache, no compiler, no apt lists.
+# results plus python3, bcc, iproute2 and bpftool (the agent lists its pinned maps with it): no pip, no wheel cache, no compiler, no apt lists.
 ARG BASE=debian:bookworm-slim
 
 FROM ${BASE} AS build
@@ -50,7 +50,7 @@ RUN cd /tmp \
 FROM ${BASE}
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get -o Acquire::Check-Valid-Until=false update \
- && apt-get install -y --no-install-recommends python3 python3-bpfcc iproute2 \
+ && apt-get install -y --no-install-recommends python3 python3-bpfcc iproute2 bpftool \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
 COPY --from=build /headers/usr/src/ /usr/src/

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ def register(sub: Any) -> None:
     up.add_argument("--node-name", default=None, help="this node's name (default membrane-sandbox)")
     up.add_argument("--pod-cidr", default=None, help="the pods' subnet (default: a free 10.244.X.0/24)")
     up.add_argument("--flows", metavar="PATH", default=None, help="the agent writes flow JSON lines here (default DIR/flows.jsonl)")
+    up.add_argument("--agent-command", default=None, metavar="CMD",
+                    help="the command that runs `membrane` for the agent, split like a shell does; `run --kubernetes ...` "
+                         "is appended (default: this interpreter, `python -m membrane.cli`). E.g. a `buildah run` of the image "
+                         "with its entrypoint; the command must see DIR at the same path")
     up.set_defaults(func=_up)
 
 
@@ -34,6 +39,9 @@ def _up(args: argparse.Namespace) -> int:
     if args.pods is not None and not args.pods.is_file():
         print(f"membrane sandbox up: --pods {args.pods}: no such file", file=sys.stderr)
         return 2
+    if args.agent_command is not None and not shlex.split(args.agent_command):
+        print("membrane sandbox up: --agent-command is empty", file=sys.stderr)
+        return 2
     flows = args.flows or str(args.state_dir / "flows.jsonl")
     config = SandboxConfig(
         state_dir=args.state_dir.resolve(),
@@ -41,6 +49,7 @@ def _up(args: argparse.Namespace) -> int:
         node_name=args.node_name or DEFAULT_NODE,
         pod_cidr=args.pod_cidr,
         agent_args=("--flows", flows),
+        agent_command=tuple(shlex.split(args.agent_command)) if args.agent_command else None,
     )
     try:
         return asyncio.run(run_sandbox(config))

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import secrets
 import signal
 import subprocess
@@ -46,6 +47,10 @@ class SandboxConfig:
     node_name: str = DEFAULT_NODE
     pod_cidr: str | None = None  # None: a free 10.244.X.0/24
     agent_args: tuple[str, ...] = ()  # extra `membrane run` flags (e.g. --flows PATH)
+    # What runs `membrane` for the agent: `run --kubernetes ...` is appended. None: this interpreter
+    # (`python -m membrane.cli`). Another command, e.g. `buildah run ... IMAGE-CONTAINER -- membrane-entrypoint`,
+    # runs the agent from the image; it must see DIR at the same path (the kubeconfig and the socket are there).
+    agent_command: tuple[str, ...] | None = None
     ready_timeout_s: float = 120.0
 
 
@@ -145,7 +150,8 @@ class Sandbox:
                 raise SandboxError(f"pod {ns}/{meta.get('name')}: {e.status.message}") from None
 
     async def _start_agent(self) -> None:
-        argv = [sys.executable, "-m", "membrane.cli", "run", "--kubernetes", "--kubeconfig", str(self.kubeconfig),
+        command = self.config.agent_command or (sys.executable, "-m", "membrane.cli")
+        argv = [*command, "run", "--kubernetes", "--kubeconfig", str(self.kubeconfig),
                 "--node-name", self.config.node_name, "--socket", str(self.agent_socket),
                 "--status-file", str(self.status_file), *self.config.agent_args]
         with open(self.dir / "agent.log", "a", encoding="utf-8") as log_file:  # the agent's log stays in DIR
@@ -173,12 +179,15 @@ class Sandbox:
             await self.kubelet.close()
             self.kubelet = None
         if self.agent is not None:
+            # The whole group (the agent has a session of its own): an agent command such as `buildah run`
+            # need not pass SIGTERM on to the agent it started.
             with contextlib.suppress(ProcessLookupError):
-                self.agent.send_signal(signal.SIGTERM)
+                os.killpg(self.agent.pid, signal.SIGTERM)
             try:
                 await asyncio.to_thread(self.agent.wait, 30)
             except subprocess.TimeoutExpired:
-                self.agent.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.agent.pid, signal.SIGKILL)
                 await asyncio.to_thread(self.agent.wait)
             self.agent = None
             subprocess.run([sys.executable, "-m", "membrane.cli", "uninstall", "--force"], capture_output=True, check=False)

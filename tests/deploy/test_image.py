@@ -4,16 +4,23 @@ refused on these machines). Every image, container and rootfs the test makes is 
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from membrane.sandbox.live_demo import HTTP_SERVER
 
 from tests.deploy.util import EXAMPLES, ROOT
+from tests.sandbox.test_sandbox import CNP, PODS, Sandbox, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,6 +54,11 @@ class Image:
         self.build_log = ""
 
     def build(self) -> None:
+        prebuilt = os.environ.get("MEMBRANE_TEST_IMAGE")
+        if prebuilt:  # an image built already by deploy/build-image.sh (kept: close() leaves it)
+            self.tag, self.base = prebuilt, ""
+            self.size_bytes = int(_run("podman", "image", "inspect", "--format", "{{.Size}}", prebuilt).stdout.strip())
+            return
         env = {**os.environ, "MEMBRANE_IMAGE": self.tag, "MEMBRANE_BASE_IMAGE": self.base, "MEMBRANE_REBUILD_BASE": "1"}
         start = time.monotonic()
         proc = subprocess.run([str(ROOT / "deploy" / "build-image.sh")], capture_output=True, text=True, env=env,
@@ -64,6 +76,8 @@ class Image:
     def close(self) -> None:
         for ctr in self.containers:
             _run("buildah", "rm", ctr, check=False)
+        if not self.base:
+            return
         for image in (self.tag, self.base):
             _run("podman", "rmi", "--force", image, check=False)
 
@@ -150,3 +164,74 @@ def test_cni_installer_runs_on_the_image_python(image: Image) -> None:
     ctr = image.container()
     proc = _in(ctr, "sh", "-c", "mkdir -p /tmp/b /tmp/c && python3 /usr/local/lib/membrane/cni_install.py remove --bin-dir /tmp/b --conf-dir /tmp/c")
     assert "nothing (not installed)" in proc.stdout
+
+
+# What the agent needs from the host when it runs from the image. `buildah run --isolation chroot` (the only
+# runner here: podman run is refused) mounts the host's /sys read-only with every mount under it, the
+# bpffs included, and a --volume onto /sys/fs/bpf stays under that read-only copy (the agent failed with
+# "cannot attach bpffs to /sys/fs/bpf/membrane: errno 30: Read-only file system"). So the host's bpffs is
+# mounted at another path, writable, and the agent pins there (--bpf-pin-dir), which is the host's
+# /sys/fs/bpf/membrane, so the sandbox's `membrane uninstall` on the host removes the pins. The cgroup tree
+# is the host's already (read-only is enough: cgroup programs attach through an fd). The state dir is
+# mounted at the same path: kubeconfig, the socket the host's membrane-cni talks to, status file, flows.
+# /lib/modules is not mounted: the entrypoint links the image's own headers there, never into the host's.
+HOST_BPFFS = "/run/host-bpffs"
+# CAP_SYS_RESOURCE is not in this machine's bounding set (buildah then fails "setting capabilities:
+# operation not permitted"); the agent does not need it (BPF memory is charged to the cgroup).
+AGENT_CAPS = "CAP_BPF,CAP_SYS_ADMIN,CAP_NET_ADMIN,CAP_PERFMON,CAP_NET_RAW,CAP_NET_BIND_SERVICE"
+
+
+@pytest.mark.timeout(1800)
+def test_sandbox_runs_the_agent_from_the_image(image: Image, tmp_path: Path) -> None:
+    """`membrane sandbox up --agent-command "buildah run --isolation chroot --network host ..."`: the agent of the
+    image (its entrypoint, its venv, its bcc and headers) enforces a CNP applied with kubectl, curl 200 -> 403."""
+    ctr = image.container()
+    state = tmp_path / "sandbox"
+    state.mkdir()
+    (state / "pods.yaml").write_text(PODS)
+    # The sandbox appends `run --kubernetes ...`; the shell adds the pin dir after them.
+    agent = ["buildah", "run", "--isolation", "chroot", "--network", "host", "--pid", "host", "--cap-add", AGENT_CAPS,
+             f"--volume=/sys/fs/bpf:{HOST_BPFFS}", f"--volume={state}:{state}", ctr, "--",
+             "sh", "-c", f'exec /usr/local/bin/membrane-entrypoint "$@" --bpf-pin-dir {HOST_BPFFS}/membrane', "agent"]
+    err_path = state / "sandbox.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "membrane.cli", "sandbox", "up", "--pods", str(state / "pods.yaml"),
+                                 "--state-dir", str(state), "--agent-command", shlex.join(agent)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    server = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"sandbox ready kubeconfig={state / 'kubeconfig'}", (
+            f"{line!r}\nsandbox: {err_path.read_text()[-3000:]}\nagent: {_tail(state / 'agent.log')}")
+        # The agent that serves is the image's: its status names its pid, whose root is the container's.
+        pid = json.loads((state / "agent-status.json").read_text())["pid"]
+        assert os.readlink(f"/proc/{pid}/root") != "/"
+        assert "/opt/membrane/venv/bin/python" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        server = subprocess.Popen(["ip", "netns", "exec", "default-web", sys.executable, "-c", HTTP_SERVER, "8080"],
+                                  stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        sandbox = Sandbox(state=state, proc=proc)
+        web = sandbox.kubectl("get", "pod", "web", "-o", "jsonpath={.status.podIP}")
+        assert until(lambda: sandbox.curl(web, "/private"), "200") == "200"
+        sandbox.kubectl("apply", "-f", "-", stdin=CNP)
+        assert until(lambda: sandbox.curl(web, "/private"), "403", timeout_s=5.0) == "403"
+        assert sandbox.curl(web, "/public") == "200"
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert "default-web" not in netns
+    assert proc.returncode == 0, err_path.read_text()[-3000:]
+
+
+def _tail(path: Path) -> str:
+    return path.read_text()[-3000:] if path.exists() else "(no log)"
