@@ -34,6 +34,7 @@ from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps
 from typing import IO, Any, Protocol
 
 from membrane.parsers.events import Headers
+from membrane.proxy.flowfilter import parse_time as _parse_time  # the one RFC 3339 reader (observe's)
 
 FORWARDED = "FORWARDED"
 DROPPED = "DROPPED"
@@ -834,8 +835,6 @@ class FlowSink:
             return False
         if not isinstance(record, dict) or not isinstance(record.get("flow"), dict):
             return False
-        from membrane.proxy.flowfilter import parse_time as _parse_time  # the one RFC 3339 reader (observe's)
-
         raw = RawFlow(line=line if line.endswith("\n") else line + "\n", record=record,
                       time_ns=_parse_time(str(record["flow"].get("time", ""))) or 0)
         self._ring.append(raw)
