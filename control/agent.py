@@ -318,7 +318,7 @@ class Agent:
                    "last_error": r.last_error}
             for name, r in self.k8s.reflectors.items()
         }
-        view_errors = self.k8s.view().policy_errors
+        view_errors = self.k8s_changes.view().policy_errors
         out: dict[str, Any] = {
             "source": "kubernetes",
             "kubernetes": {"node": self.config.node_name, "synced": self.k8s.synced, "resources": resources},
@@ -453,7 +453,7 @@ class Agent:
             return
         from membrane.control.k8s_status import policy_objects
 
-        self.status_writer.submit(policy_objects(self.k8s), self.k8s.view().policy_errors)
+        self.status_writer.submit(policy_objects(self.k8s), self.k8s_changes.view().policy_errors)
 
     def _healthz(self) -> tuple[int, str, bytes]:
         return 200, "text/plain; charset=utf-8", b"ok\n"
@@ -525,7 +525,7 @@ class Agent:
             if loop.time() >= deadline:
                 why = applied.waiting.get(call.pod) if applied is not None else None
                 known = self.k8s is not None and (
-                    any(ep.key == call.pod for ep in self.state.endpoints.endpoints) or call.pod in self.k8s.view().awaiting_ip
+                    any(ep.key == call.pod for ep in self.state.endpoints.endpoints) or call.pod in self.k8s_changes.view().awaiting_ip
                 )
                 detail = why or ("not attached yet" if known else "no such pod on this node in the API server (yet)")
                 raise CniError(CniCode.TRY_AGAIN_LATER, f"pod {call.pod} on {call.host_interface}: {detail}")

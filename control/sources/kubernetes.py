@@ -364,13 +364,18 @@ class KubernetesChanges:
         self.bindings: dict[str, str] = {}  # pod key -> host interface (from CNI ADD)
         self.binding_ips: dict[str, tuple[str, ...]] = {}  # pod key -> IPs from CNI ADD
         self._dirty = True
+        self.last_view: ClusterView | None = None  # what the last snapshot saw (status reads it, not a new view)
+
+    def view(self) -> ClusterView:
+        """The view of the last snapshot, or a fresh one before the first."""
+        return self.last_view if self.last_view is not None else self.source.view()
 
     def mark_dirty(self) -> None:
         self._dirty = True
 
     def snapshot(self) -> list[Change]:
         self._dirty = False
-        view = self.source.view()
+        view = self.last_view = self.source.view()
         eps = [
             dataclasses.replace(ep, interface=self.bindings.get(ep.key, LOCAL_UNRESOLVED)) if ep.key in view.local else ep
             for ep in view.endpoints.endpoints
