@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from membrane.sandbox.k8s_demo import CNP  # the demo's policy: the test and `make demo` show the same thing
 from membrane.sandbox.live_demo import HTTP_SERVER
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -40,18 +41,6 @@ metadata: {name: web, namespace: default, labels: {app: web}}
 spec: {containers: [{name: main, image: http}]}
 """
 
-CNP = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web-public-only, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: client}}]
-      toPorts:
-        - ports: [{port: "8080", protocol: TCP}]
-          rules: {http: [{method: GET, path: /public}]}
-"""
 
 
 @dataclass
