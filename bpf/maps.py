@@ -197,14 +197,45 @@ class BpfMaps:
     """
 
     def __init__(self, bpf: Any) -> None:
+        """Mirror what the maps hold now: empty for new maps, the previous agent's content for adopted ones.
+
+        The active generation is read from `mbr_config`, and both generations of both policy maps are
+        read back, so the first set_policy() writes only what differs and never touches the generation
+        the running programs read. The first flip waits GRACE_S, as the previous owner may just have flipped.
+        """
         self._bpf = bpf
-        self._gen = 0  # the active policy generation
+        self._gen = self.config(ConfigSlot.GEN) & 1  # the active policy generation
         self._flipped_at = 0.0  # monotonic time of the last flip
         # What each generation holds, per direction: mirrors of the kernel content.
         self._held: dict[tuple[int, PolicyDirection], dict[PolicyKey, PolicyEntry]] = {
             (g, d): {} for g in (0, 1) for d in PolicyDirection
         }
-        self._table("mbr_config")[ctypes.c_int(ConfigSlot.GEN)] = ctypes.c_uint32(0)
+        for direction in PolicyDirection:
+            for (gen, key), entry in self.raw_policy(direction).items():
+                self._held[(gen & 1, direction)][key] = entry
+        # Entries found at start that this owner has not written since: prune_adopted() removes them.
+        self._adopted_identities: set[Network] = set(self.identities())
+        self._adopted_endpoints: set[int] = set(self.endpoints())
+        # True when the maps held a previous owner's entries when this object was created.
+        self.adopted = bool(self._adopted_identities or self._adopted_endpoints or any(self._held.values()))
+        if self.adopted:
+            self._flipped_at = time.monotonic()  # that owner may have flipped just now
+
+    def prune_adopted(self) -> list[str]:
+        """Delete the adopted endpoints and identities this owner has not written since; returns what went.
+
+        Call once the new owner has written its whole plan and attached its interfaces (and removed the
+        stale filters): endpoints go first, so no attached program ever sees an endpoint without its
+        addresses. Policy entries need no pruning: set_policy() replaces a whole generation.
+        """
+        removed = []
+        for ifindex in sorted(self._adopted_endpoints):
+            self.delete_endpoint(ifindex)
+            removed.append(f"endpoint ifindex {ifindex}")
+        for net in sorted(self._adopted_identities, key=str):
+            self.delete_identity(net)
+            removed.append(f"identity {net}")
+        return removed
 
     def _table(self, name: str) -> Any:
         return self._bpf.get_table(name.encode())
@@ -247,6 +278,7 @@ class BpfMaps:
         The longest prefix wins; an address in no prefix is WORLD_IDENTITY. One atomic update.
         """
         net = ipaddress.ip_network(cidr, strict=False) if isinstance(cidr, str) else cidr
+        self._adopted_identities.discard(net)
         table, key = self._ipc(net)
         leaf = table.Leaf()
         leaf.identity = identity
@@ -256,6 +288,7 @@ class BpfMaps:
     def delete_identity(self, cidr: str | Network) -> None:
         """Forget a prefix; a no-op if it is absent."""
         net = ipaddress.ip_network(cidr, strict=False) if isinstance(cidr, str) else cidr
+        self._adopted_identities.discard(net)
         table, key = self._ipc(net)
         try:
             del table[key]
@@ -283,6 +316,7 @@ class BpfMaps:
         """
         if endpoint.endpoint_id == 0:
             raise ValueError("endpoint_id 0 is reserved")
+        self._adopted_endpoints.discard(ifindex)
         table = self._table("mbr_endpoints")
         leaf = table.Leaf()
         leaf.ep_id = endpoint.endpoint_id
@@ -294,6 +328,7 @@ class BpfMaps:
 
     def delete_endpoint(self, ifindex: int) -> None:
         """Forget an endpoint; a no-op if absent."""
+        self._adopted_endpoints.discard(ifindex)
         try:
             del self._table("mbr_endpoints")[ctypes.c_uint32(ifindex)]
         except KeyError:

@@ -1,6 +1,9 @@
 """Steering: loads `tc_steer.bpf.c`, attaches it at tc ingress of pod veths, owns its maps and routing.
 
-Owns every program, map, qdisc, filter and ip rule it creates; nothing outlives `close()`.
+Owns every program, map, qdisc, filter and ip rule it creates. Without a pin directory nothing
+outlives `close()`. With one (the agent), the policy maps are pinned there and adopted by the next
+Steering, filters are *replaced* in place (never removed first), and `close(keep=True)` leaves the
+whole kernel side enforcing: from the first start to `uninstall()`, no packet passes unjudged.
 Each attachment is registered on an ExitStack the moment it succeeds, so a failure half-way
 undoes what came before. Detaching tolerates targets that are already gone (a deleted veth).
 Never decides policy: the agent fills the maps through `Steering.maps` (bpf/maps.py).
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from membrane.bpf import routing
+from membrane.bpf import pins, routing
 from membrane.bpf.errors import AttachError, BpfLoadError
 from membrane.bpf.loader import load_bpf
 from membrane.bpf.maps import BpfMaps, ConfigSlot, DropEvent, parse_drop_event
@@ -43,14 +46,25 @@ class ProxyPorts:
 
 
 class Steering:
-    """Owns every program, map and attachment this proxy creates; nothing outlives __exit__.
+    """Owns every program, map and attachment this proxy creates.
 
     Usage::
 
-        with Steering(proxy_ports=ProxyPorts(tcp4=15001)) as st:
+        with Steering(proxy_ports=ProxyPorts(tcp4=15001)) as st:      # private maps, nothing outlives it
             st.maps.set_identity("10.244.1.2/32", 1001, ifindex=idx)
             st.attach("mbrh1")
             ...
+
+        st = Steering(proxy_ports=..., pin_dir=pins.DEFAULT_PIN_DIR).__enter__()   # the agent
+        ...write the whole plan, attach (replaces the previous agent's filters)...
+        st.cleanup_stale()           # only now: the previous agent's leftovers
+        st.close(keep=True)          # SIGTERM: enforcement stays; `uninstall()` removes it
+
+    With `pin_dir`, the maps in `pins.PINNED_MAPS` are adopted from (or pinned to) that directory: a
+    previous agent's policy keeps being enforced by its programs, still attached, until this one's
+    program replaces them. When any pinned map's definition changed, the whole set is replaced by
+    new, empty maps (`replaced_maps` names the ones that differed); the agent fills them from its
+    plan before attach() puts the program using them in place.
     """
 
     def __init__(
@@ -62,6 +76,7 @@ class Steering:
         sockmap: bool = False,
         sockmap_ports: Iterable[int] = (),
         defines: dict[str, int] | None = None,
+        pin_dir: Path | str | None = None,
     ) -> None:
         self._proxy_ports = proxy_ports
         self._mark = mark
@@ -76,15 +91,58 @@ class Steering:
         self._attached: dict[int, ExitStack] = {}
         self._events: list[DropEvent] = []
         self._sockmap_obj: Any = None
+        self._pin_dir = Path(pin_dir).absolute() if pin_dir is not None else None
+        self._keep = False
+        self.replaced_maps: dict[str, tuple[pins.MapDef, pins.MapDef]] = {}  # pinned maps whose definition changed
 
     def _cflags(self) -> list[str]:
-        return [f"-D{k}={v}" for k, v in sorted(self._defines.items())]
+        flags = [f"-D{k}={v}" for k, v in sorted(self._defines.items())]
+        if self._pin_dir is not None:
+            flags.append(f'-DMBR_PIN_DIR="{self._pin_dir}"')
+        return flags
 
-    # --- lifetime ---------------------------------------------------------------------------
+    @property
+    def pin_dir(self) -> Path | None:
+        """Where the policy maps are pinned; None = private maps."""
+        return self._pin_dir
+
+    def _load(self) -> Any:
+        """Compile and load, adopting pinned maps that match; replace the pins of maps that do not."""
+        if self._pin_dir is None:
+            return load_bpf(_SRC, self._cflags())
+        pins.ensure_pin_dir(self._pin_dir)
+        bpf = load_bpf(_SRC, self._cflags())
+        bad = pins.mismatched_maps(bpf)
+        if not bad:
+            return bpf
+        # Nothing of this program is attached yet: drop it, unpin EVERY map and load again with a new
+        # set. Replacing only the maps that differ would share the others (mbr_config's generation
+        # above all) between the old program and maps it never saw: the old one could then read a
+        # stale generation of its own policy. With a whole new set, the old programs keep enforcing
+        # from their own maps (their attachments hold them) until attach() replaces them, and the new
+        # set is filled from the plan before that. Conntrack and counters start over in this case.
+        bpf.cleanup()
+        for name, (declared, actual) in bad.items():
+            log.warning(
+                "pinned map %s changed definition (%s -> %s): every pinned map is replaced", name, actual, declared
+            )
+        pins.unlink_pins(self._pin_dir, pins.PINNED_MAPS)
+        self.replaced_maps = bad
+        bpf = load_bpf(_SRC, self._cflags())
+        still = pins.mismatched_maps(bpf)
+        if still:
+            bpf.cleanup()
+            raise BpfLoadError(f"pinned maps in {self._pin_dir} do not match after replacing them: {sorted(still)}")
+        return bpf
+
     def __enter__(self) -> Steering:
+        self._keep = False
         with ExitStack() as stack:
-            self._bpf = load_bpf(_SRC, self._cflags())
+            self._bpf = self._load()
             stack.callback(self._bpf.cleanup)
+            if self._pin_dir is not None:
+                stack.callback(self._release_pins)
+            self._fd = -1
             try:
                 self._fd = self._bpf.load_func(PROG_NAME, self._bpf.SCHED_CLS).fd
             except Exception as e:
@@ -112,28 +170,73 @@ class Steering:
         self.close()
 
     def _prog_id(self) -> int:
-        for line in Path(f"/proc/self/fdinfo/{self._fd}").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == "prog_id":
-                return int(value)
-        return -1
+        """The kernel id of our loaded program; -1 before it is loaded (a load that failed half-way)."""
+        if self._fd < 0:
+            return -1
+        try:
+            return int(pins.fd_info(self._fd).get("prog_id", -1))
+        except OSError:
+            return -1
 
     def _release_routing(self) -> None:
-        """Remove the host-wide routing unless another live Steering (another agent, a test) still needs it."""
-        from membrane.bpf.stale import live_steering_prog_ids
+        """Remove the host-wide routing unless another Steering (live, or attached and kept) still needs it."""
+        from membrane.bpf.stale import steering_in_use
 
-        others = live_steering_prog_ids(exclude={self._prog_id()})
+        if self._keep:
+            return
+        others = steering_in_use(exclude={self._prog_id()})
         if others:
-            log.info("routing kept: %d other live steering program(s)", len(others))
+            log.info("routing kept: %d other steering program(s) in use", len(others))
             return
         routing.remove_routing()
 
-    def close(self) -> None:
-        """Detach every interface, remove routing, unload programs and maps. Idempotent."""
+    def _release_pins(self) -> None:
+        """Unpin our maps unless another program (a successor that adopted them) still uses them."""
+        from membrane.bpf.stale import programs_using_pins
+
+        if self._keep or self._pin_dir is None:
+            return
+        users = programs_using_pins(self._pin_dir, exclude={self._prog_id()})
+        if users:
+            log.info("pins in %s kept: used by program(s) %s", self._pin_dir, sorted(users))
+            return
+        for item in pins.remove_pins(self._pin_dir):
+            log.info("unpinned %s", item)
+
+    def close(self, *, keep: bool = False) -> None:
+        """Stop owning the kernel side. Idempotent.
+
+        keep=False: detach every interface still carrying our program, remove routing and (with a pin
+        directory) the pins, unless another Steering uses them; the kernel then frees programs and maps.
+        keep=True (the agent on SIGTERM): leave programs attached, maps pinned, routing in place, so
+        L3/L4 stays enforced and L7-redirected flows are dropped (no listener: PROXY_UNAVAILABLE)
+        until a new agent replaces them or `uninstall()` removes them. Only the sockmap accelerator,
+        which serves this process's sockets alone, is removed either way.
+        """
+        self._keep = keep
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
         self._maps = None
+        if keep:
+            self._attached.clear()
+
+    def cleanup_stale(self) -> list[str]:
+        """Remove what is truly stale, now that this Steering's programs are attached. Returns what went.
+
+        Stale: filters and cgroup programs of ours that no live process holds and whose maps are in
+        our pin directory or in none (a previous agent's, on interfaces this one did not take over),
+        the routing only when no steering remains, then the adopted endpoints and identities this
+        Steering did not write again (`BpfMaps.prune_adopted`). Call after the whole plan is written
+        and every wanted interface is attached, never before: before, it would open the node.
+        """
+        from membrane.bpf.stale import cleanup_stale
+
+        removed = cleanup_stale(pin_dir=self._pin_dir)
+        removed += self.maps.prune_adopted()
+        for item in removed:
+            log.info("removed stale %s", item)
+        return removed
 
     @property
     def maps(self) -> BpfMaps:
@@ -159,9 +262,13 @@ class Steering:
         return sorted(self._attached)
 
     def attach(self, interface: str | int) -> int:
-        """Attach at tc ingress of `interface` (name or ifindex); adds clsact if absent. Returns the ifindex.
+        """Put our program at tc ingress of `interface` (name or ifindex). Returns the ifindex.
 
-        Attaching twice is a no-op. Raises AttachError (the interface is unchanged) on failure.
+        The filter at our fixed priority/handle is *replaced* in one netlink request, so a filter
+        already there (a previous agent's, or another Steering's) is swapped for ours atomically:
+        there is never an instant without a program on the interface, and never EEXIST. A clsact
+        qdisc already present is kept. Attaching twice is a no-op. Raises AttachError on failure
+        (the interface then carries what it carried before).
         """
         if self._stack is None:
             raise RuntimeError("Steering is not open")
@@ -170,15 +277,18 @@ class Steering:
             if idx in self._attached:
                 return idx
             with ExitStack() as stack:
+                added = False
                 if not _has_clsact(ipr, idx):
                     try:
                         ipr.tc("add", "clsact", idx)
+                        added = True
                     except NetlinkError as e:
-                        raise AttachError("tc", str(interface), e.code, "clsact") from e
-                    stack.callback(_quietly, f"clsact on {idx}", lambda: _del_clsact(idx))
+                        if e.code != errno_mod.EEXIST:  # someone added one just now: use it
+                            raise AttachError("tc", str(interface), e.code, "clsact") from e
+                    stack.callback(_quietly, f"clsact on {idx}", lambda: _del_clsact_if_empty(idx))
                 try:
                     ipr.tc(
-                        "add-filter",
+                        "replace-filter",
                         "bpf",
                         idx,
                         FILTER_HANDLE,
@@ -191,12 +301,16 @@ class Steering:
                     )
                 except NetlinkError as e:
                     raise AttachError("tc", str(interface), e.code, "filter") from e
-                stack.callback(_quietly, f"filter on {idx}", lambda: _del_filter(idx))
+                prog_id = self._prog_id()
+                if not added:  # (when we added it, that callback is registered already)
+                    stack.callback(_quietly, f"clsact on {idx}", lambda: _del_clsact_if_empty(idx))
+                stack.callback(_quietly, f"filter on {idx}", lambda: _del_filter_if(idx, prog_id))
                 self._attached[idx] = stack.pop_all()
         return idx
 
     def detach(self, interface: str | int) -> None:
-        """Remove our filter (and the clsact qdisc if we added it). Absent targets are logged, not raised."""
+        """Remove our filter if it is still ours (a successor may have replaced it), and the clsact
+        qdisc if no filter is left on it. Absent targets are logged, not raised."""
         if isinstance(interface, int):
             idx = interface
         else:
@@ -212,6 +326,8 @@ class Steering:
             stack.close()
 
     def _detach_all(self) -> None:
+        if self._keep:
+            return
         for idx in list(self._attached):
             self.detach(idx)
 
@@ -246,13 +362,32 @@ def _has_clsact(ipr: IPRoute, idx: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(idx))
 
 
-def _del_filter(idx: int) -> None:
+def ingress_prog_ids(idx: int) -> list[int]:
+    """Ids of the bpf programs in tc ingress filters of interface `idx` (bpftool's view)."""
+    return [
+        int(t.get("prog_id", t.get("id", 0)))
+        for net in pins.bpftool("net", "show")
+        for t in net.get("tc", [])
+        if int(t.get("ifindex", -1)) == idx and str(t.get("kind", "")).endswith("ingress")
+    ]
+
+
+def _del_filter_if(idx: int, prog_id: int) -> None:
+    """Delete our priority's filter on `idx` only if it still runs `prog_id`."""
+    if prog_id not in ingress_prog_ids(idx):
+        log.info("filter on %s now runs another program: left in place", idx)
+        return
     with IPRoute() as ipr:
         ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=INGRESS_PARENT, prio=FILTER_PRIO)
 
 
-def _del_clsact(idx: int) -> None:
+def _del_clsact_if_empty(idx: int) -> None:
     with IPRoute() as ipr:
+        if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(idx)):
+            return
+        for parent in (0xFFFFFFF2, 0xFFFFFFF3):
+            if any(f.get_attr("TCA_OPTIONS") for f in ipr.get_filters(index=idx, parent=parent)):
+                return
         ipr.tc("del", "clsact", idx)
 
 
@@ -267,4 +402,3 @@ def _quietly(what: str, fn: Callable[[], None]) -> None:
             log.warning("detach %s failed: %s", what, e)
     except OSError as e:
         log.warning("detach %s failed: %s", what, e)
-

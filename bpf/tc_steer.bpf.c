@@ -32,7 +32,7 @@
  * Policy entries live in two generations (key.gen); the active one is read once per packet from the
  * config map, so a whole-policy swap is one atomic write (see bpf/maps.py).
  * Compile-time knobs: -DMBR_CT_TCP_LIFETIME_S, -DMBR_CT_UDP_LIFETIME_S, -DMBR_CT_CLOSE_LIFETIME_S, -DMBR_CT_SIZE, -DMBR_POLICY_SIZE, -DMBR_IPCACHE_SIZE, -DMBR_EP_SIZE,
- * -DMBR_WORLD_ID, -DMBR_RINGBUF_PAGES.
+ * -DMBR_WORLD_ID, -DMBR_RINGBUF_PAGES, -DMBR_PIN_DIR (a string: pin the policy maps there).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -157,14 +157,25 @@ struct drop_event {
     u32 ifindex;
 };
 
-BPF_LPM_TRIE(mbr_ipc4, struct ipc4_key, struct ipc_val, MBR_IPCACHE_SIZE);
-BPF_LPM_TRIE(mbr_ipc6, struct ipc6_key, struct ipc_val, MBR_IPCACHE_SIZE);
-BPF_HASH(mbr_endpoints, u32, struct ep_val, MBR_EP_SIZE);
-BPF_HASH(mbr_pol_egr, struct pol_key, struct pol_val, MBR_POLICY_SIZE);
-BPF_HASH(mbr_pol_ing, struct pol_key, struct pol_val, MBR_POLICY_SIZE);
-BPF_TABLE("lru_hash", struct ct_key, struct ct_val, mbr_ct, MBR_CT_SIZE);
-BPF_PERCPU_ARRAY(mbr_drops, u64, REASON_MAX);
-BPF_ARRAY(mbr_config, u32, CFG_MAX);
+/* The maps the policy lives in. With -DMBR_PIN_DIR="/sys/fs/bpf/membrane" each is pinned there as
+ * <dir>/<name>: bcc reuses a pin that exists (so a restarted agent adopts the policy, conntrack and
+ * counters the old programs keep enforcing) and pins the map it creates otherwise. bcc does not check
+ * that a reused pin matches this declaration; bpf/pins.py does, and replaces the pins that differ.
+ * mbr_events is never pinned: each program gets its own ring, and the reader is the agent. */
+#ifdef MBR_PIN_DIR
+#define MBR_MAP(TYPE, KEY, VAL, NAME, SIZE, FLAGS) \
+    BPF_TABLE_PINNED7(TYPE, KEY, VAL, NAME, SIZE, MBR_PIN_DIR "/" #NAME, FLAGS)
+#else
+#define MBR_MAP(TYPE, KEY, VAL, NAME, SIZE, FLAGS) BPF_F_TABLE(TYPE, KEY, VAL, NAME, SIZE, FLAGS)
+#endif
+MBR_MAP("lpm_trie", struct ipc4_key, struct ipc_val, mbr_ipc4, MBR_IPCACHE_SIZE, BPF_F_NO_PREALLOC);
+MBR_MAP("lpm_trie", struct ipc6_key, struct ipc_val, mbr_ipc6, MBR_IPCACHE_SIZE, BPF_F_NO_PREALLOC);
+MBR_MAP("hash", u32, struct ep_val, mbr_endpoints, MBR_EP_SIZE, 0);
+MBR_MAP("hash", struct pol_key, struct pol_val, mbr_pol_egr, MBR_POLICY_SIZE, 0);
+MBR_MAP("hash", struct pol_key, struct pol_val, mbr_pol_ing, MBR_POLICY_SIZE, 0);
+MBR_MAP("lru_hash", struct ct_key, struct ct_val, mbr_ct, MBR_CT_SIZE, 0);
+MBR_MAP("percpu_array", int, u64, mbr_drops, REASON_MAX, 0);
+MBR_MAP("array", int, u32, mbr_config, CFG_MAX, 0);
 BPF_RINGBUF_OUTPUT(mbr_events, MBR_RINGBUF_PAGES);
 
 struct pkt {

@@ -1,7 +1,7 @@
-"""`membrane run`, `membrane status`, `membrane endpoint list`, `membrane cleanup-stale`: the agent's CLI.
+"""`membrane run`, `status`, `endpoint list`, `cleanup-stale`, `uninstall`: the agent's CLI.
 
-Owns argument parsing and the rendering of the agent's status file (written by proxy/agent.py);
-never touches the kernel itself except through `bpf.stale.cleanup_stale` for `cleanup-stale`.
+Owns argument parsing and the rendering of the agent's status file (written by control/agent.py);
+never touches the kernel itself except through `bpf.stale` for `cleanup-stale` and `uninstall`.
 Exit status: 0 on success, 1 on invalid input or when no agent is running, 2 on usage errors.
 """
 
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from membrane.bpf.pins import DEFAULT_PIN_DIR
 from membrane.control.agent import DEFAULT_STATUS_PATH, AgentConfig, run_agent
 
 
@@ -30,6 +31,8 @@ def register(sub: Any) -> None:
     p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")
     p.add_argument("--workers", type=int, default=1, help="proxy processes sharing the listeners (default 1)")
     p.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
+    p.add_argument("--bpf-pin-dir", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR",
+                   help=f"where the kernel state is pinned between agents, on a bpffs (default {DEFAULT_PIN_DIR})")
     p.set_defaults(func=_run)
 
     s = sub.add_parser("status", help="show the running agent's state")
@@ -45,8 +48,19 @@ def register(sub: Any) -> None:
     el.add_argument("-o", "--output", choices=("text", "json"), default="text")
     el.set_defaults(func=_endpoint_list)
 
-    c = sub.add_parser("cleanup-stale", help="remove kernel objects a crashed agent left behind (mbr_* only)")
+    c = sub.add_parser("cleanup-stale", help="remove unpinned mbr_* objects a crashed process left (an agent's pinned state stays: see uninstall)")
     c.set_defaults(func=_cleanup_stale)
+
+    u = sub.add_parser(
+        "uninstall",
+        help="remove every program, filter, map, pin, rule and route of the agent (enforcement stops)",
+        description="Remove the agent's kernel state. Refuses while an agent runs, unless --force.",
+    )
+    u.add_argument("--force", action="store_true", help="also while an agent runs (its kernel side stops enforcing)")
+    u.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
+    u.add_argument("--bpf-pin-dir", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR",
+                   help=f"the pin directory `membrane run` used (default {DEFAULT_PIN_DIR})")
+    u.set_defaults(func=_uninstall)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -60,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         sockmap=args.sockmap,
         workers=args.workers,
         status_path=args.status_file,
+        bpf_pin_dir=args.bpf_pin_dir,
     )
     return run_agent(config)
 
@@ -170,6 +185,24 @@ def _cleanup_stale(args: argparse.Namespace) -> int:
     from membrane.bpf.stale import cleanup_stale
 
     removed = cleanup_stale()
+    for item in removed:
+        print(f"removed {item}")
+    if not removed:
+        print("nothing to remove")
+    return 0
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    doc = read_status(args.status_file)
+    if doc is not None and not args.force:
+        print(
+            f"membrane uninstall: an agent is running (pid {doc.get('pid')}); stop it first or use --force",
+            file=sys.stderr,
+        )
+        return 1
+    from membrane.bpf.stale import uninstall
+
+    removed = uninstall(args.bpf_pin_dir)
     for item in removed:
         print(f"removed {item}")
     if not removed:

@@ -25,6 +25,7 @@ _COMMAND_OWNERS = {
     "endpoint": "membrane.cli.agent",
     "cleanup-stale": "membrane.cli.agent",
     "observe": "membrane.cli.observe",
+    "uninstall": "membrane.cli.agent",
 }
 
 

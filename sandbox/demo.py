@@ -24,7 +24,7 @@ from membrane.cli.policy import (
     run_trace,
     trace_json,
 )
-from membrane.control.files import PathProblem, read_policies
+from membrane.control.sources.files import PathProblem, read_policies
 
 EXAMPLES = Path(str(resources.files("membrane.examples")))  # shipped as package data
 

@@ -4,7 +4,8 @@ Builds network-namespace pods on this machine (10.244.0.0/16, names `mbr<tag>-*`
 endpoint of the examples (HTTP, gRPC, DNS + toFQDNs, Kafka), starts `membrane run` on
 `examples/policies`, drives curl, a grpcio client, dig and kafka-python producers/consumers
 through it, and prints what happened next to the agent's own flow records. Everything it creates
-is removed on exit, also on Ctrl-C or failure. The pod-side server scripts live here too (the
+is removed on exit, also on Ctrl-C or failure: the agent keeps its kernel state pinned (on a
+private bpffs here) after SIGTERM, so the demo runs `membrane uninstall` after stopping it. The pod-side server scripts live here too (the
 agent's integration tests start the same ones). Needs root; traffic never leaves these pods.
 """
 
@@ -272,6 +273,7 @@ class AgentProcess:
     flows_path: Path
     status_path: Path
     stderr_path: Path
+    pin_dir: Path | None = None  # --bpf-pin-dir it was given (None: the agent's default)
 
     def flows(self) -> list[dict[str, Any]]:
         if not self.flows_path.exists():
@@ -300,6 +302,15 @@ class AgentProcess:
             time.sleep(0.1)
         return self.status()
 
+    def uninstall(self, *, force: bool = False) -> subprocess.CompletedProcess[str]:
+        """`membrane uninstall` for this agent's pin directory (refused while it runs unless force)."""
+        cmd = [sys.executable, "-m", "membrane.cli", "uninstall", "--status-file", str(self.status_path)]
+        if self.pin_dir is not None:
+            cmd += ["--bpf-pin-dir", str(self.pin_dir)]
+        if force:
+            cmd.append("--force")
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
     def stop(self, timeout_s: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -319,8 +330,13 @@ def start_agent(
     sockmap: bool = False,
     workers: int = 1,
     timeout_s: float = 60,
+    pin_dir: Path | None = None,
 ) -> AgentProcess:
-    """Start `membrane run` and wait for `agent ready`. Raises RuntimeError if it never gets there."""
+    """Start `membrane run` and wait for `agent ready`. Raises RuntimeError if it never gets there.
+
+    `pin_dir` (on a bpffs, see private_bpffs()) keeps this agent's kernel state apart from any other
+    agent's on the machine; the caller runs `agent.uninstall()` after `agent.stop()`.
+    """
     flows = workdir / "flows.jsonl"
     status = workdir / "status.json"
     stderr_path = workdir / f"agent-{time.monotonic_ns()}.err"
@@ -332,9 +348,11 @@ def start_agent(
         cmd.append("--sockmap")
     if workers != 1:
         cmd += ["--workers", str(workers)]
+    if pin_dir is not None:
+        cmd += ["--bpf-pin-dir", str(pin_dir)]
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    agent = AgentProcess(proc=proc, flows_path=flows, status_path=status, stderr_path=stderr_path)
+    agent = AgentProcess(proc=proc, flows_path=flows, status_path=status, stderr_path=stderr_path, pin_dir=pin_dir)
     try:
         wait_line(proc, "agent ready", timeout_s)
     except BaseException:
@@ -342,6 +360,29 @@ def start_agent(
             agent.stop()
         raise RuntimeError(f"the agent did not start: {stderr_path.read_text()[-2000:]}") from None
     return agent
+
+
+@contextlib.contextmanager
+def private_bpffs(workdir: Path) -> Iterator[Path]:
+    """A bpffs mounted under `workdir` for one agent's pins; yields the pin directory in it.
+
+    On exit, whatever is still pinned there is uninstalled (filters, routing, pins), then the mount
+    goes. A real node uses /sys/fs/bpf/membrane; the demo and tests must not share that.
+    """
+    from membrane.bpf.stale import uninstall
+
+    mnt = workdir / "bpffs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt / "membrane"
+    finally:
+        try:
+            uninstall(mnt / "membrane")
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
 
 
 # --- the demo ---------------------------------------------------------------------------------------
@@ -528,10 +569,10 @@ def run_live_demo(out: Callable[[str], None] = print) -> int:
     agent: AgentProcess | None = None
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears down like Ctrl-C
     try:
-        with tempfile.TemporaryDirectory(prefix="membrane-demo-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="membrane-demo-") as tmp, private_bpffs(Path(tmp)) as pins:
             workdir = Path(tmp)
             endpoints = build_cluster(cluster, workdir, out)
-            agent = start_agent([EXAMPLES / "policies"], endpoints, workdir)
+            agent = start_agent([EXAMPLES / "policies"], endpoints, workdir, pin_dir=pins)
             out(f"agent ready: {len(agent.status().get('endpoints', []))} endpoints, policies from examples/policies")
             rows: list[VerdictRow] = []
             for step in demo_steps(cluster):
@@ -555,7 +596,11 @@ def run_live_demo(out: Callable[[str], None] = print) -> int:
             for line, count in fold_flows(flows):
                 out(f"  {line}" + (f"  (x{count})" if count > 1 else ""))
             code = agent.stop()
+            removed = agent.uninstall()  # SIGTERM kept the kernel side enforcing; the demo is over
             agent = None
+            if removed.returncode != 0:
+                out(f"membrane uninstall failed: {removed.stderr.strip()}")
+                code = code or removed.returncode
             ok = all(r.as_expected for r in rows)
             out("")
             out(f"{sum(r.as_expected for r in rows)}/{len(rows)} steps as the policy predicts; agent exit status {code}")
@@ -570,6 +615,8 @@ def run_live_demo(out: Callable[[str], None] = print) -> int:
         if agent is not None:
             with contextlib.suppress(Exception):
                 agent.stop()
+            with contextlib.suppress(Exception):
+                agent.uninstall()
         cluster.close()
         signal.signal(signal.SIGTERM, previous)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import kernel
+from tests.helpers import bpffs, kernel
 from tests.helpers.netns import Pod, Topology, topology, wait_for_line
 
 # A server for pods: TCP (dual-stack) and UDP on PORT; answers each connection/datagram with the
@@ -92,3 +93,10 @@ def pods() -> Iterator[Topology]:
     """Two pods, `a` (client) and `b` (server), torn down after the test."""
     with topology("a", "b") as topo:
         yield topo
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    """A pin directory on a private bpffs; its state is uninstalled and the mount removed afterwards."""
+    with bpffs.pin_dir() as path:
+        yield path

@@ -1,8 +1,10 @@
 """Assertions that nothing of ours is left in the kernel: programs, maps, qdiscs, rules, routes, netns.
 
 "Ours" = this process's doing: `mbr_*` programs and maps that no *other* live process holds (a demo or
-agent running beside the tests keeps its own open), namespaces and links of the topologies this
-process created, and our routing unless another live Steering still uses it.
+agent running beside the tests keeps its own open) and that are not pinned outside the bpffs mounts
+this process created (another run's or a real agent's kept state is theirs), pins on those mounts,
+namespaces and links of the topologies this process created, and our routing unless another
+Steering (live, or attached and kept) still uses it.
 `leftovers()` lists what it finds; `assert_clean()` waits briefly (maps are freed after an RCU grace
 period once the last fd closes) and fails with that list.
 """
@@ -16,10 +18,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from membrane.bpf import routing
+from membrane.bpf import pins, routing
 from membrane.bpf.stale import STEER_PROG, held_bpf_ids
 
-from tests.helpers import netns
+from tests.helpers import bpffs, netns
 
 
 def _bpftool(*argv: str) -> list[dict[str, Any]]:
@@ -35,7 +37,14 @@ def leftovers(prefixes: Iterable[str] = ()) -> list[str]:
     plus `prefixes` (e.g. "mbr1a2b" of a topology built by other code).
     """
     others_progs, others_maps = held_bpf_ids(exclude_pid=os.getpid())
-    found: list[str] = []
+    # maps pinned only outside our own mounts, and the programs using them, belong to someone else
+    mine = tuple(f"{m}/" for m in bpffs.CREATED)
+    foreign_maps = {i for i, paths in pins.map_pins().items() if not any(p.startswith(mine) for p in paths)}
+    prog_maps = pins.prog_maps()
+    foreign_progs = {i for i, (_n, maps) in prog_maps.items() if maps & foreign_maps}
+    others_progs |= foreign_progs
+    others_maps |= foreign_maps | {m for i in foreign_progs for m in prog_maps[i][1]}  # their rings too
+    found: list[str] = [f"pin {p}" for p in bpffs.pins_left()]
     progs = _bpftool("prog", "show")
     found += [
         f"prog {p['id']} {p.get('name')}"

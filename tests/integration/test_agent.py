@@ -2,7 +2,8 @@
 
 Each test builds its pods, writes an endpoints file with `interface:` per pod, starts the agent as
 a subprocess, drives real clients, and afterwards asserts that nothing of ours is left in the
-kernel (tests/helpers/kernel.py). Root only.
+kernel (tests/helpers/kernel.py). Every agent pins its state on a private bpffs of the test (a
+SIGTERMed agent keeps enforcing), and `membrane uninstall` runs after it stops. Root only.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from membrane.sandbox.live_demo import DNS_SERVER, HTTP_SERVER, TCP_PROBE, AgentProcess, start_agent
+from membrane.sandbox.live_demo import DNS_SERVER, HTTP_SERVER, TCP_PROBE, AgentProcess
+from membrane.sandbox.live_demo import start_agent as _start_agent
 
-from tests.helpers import kernel
+from tests.helpers import bpffs, kernel
 from tests.helpers.netns import Pod, Topology, topology, wait_for_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf]
@@ -34,6 +37,25 @@ def _root_and_clean() -> Iterator[None]:
     kernel.assert_clean()
     yield
     kernel.assert_clean()
+
+
+_PIN_DIRS: list[Path] = []  # the current test's pin directory (set by _pins)
+
+
+@pytest.fixture(autouse=True)
+def _pins() -> Iterator[None]:
+    """A private bpffs per test: agents of parallel runs never adopt each other's maps."""
+    with bpffs.pin_dir() as path:
+        _PIN_DIRS.append(path)
+        try:
+            yield
+        finally:
+            _PIN_DIRS.remove(path)
+
+
+def start_agent(*args: Any, **kw: Any) -> AgentProcess:
+    """live_demo.start_agent with this test's pin directory."""
+    return _start_agent(*args, pin_dir=_PIN_DIRS[-1], **kw)
 
 
 def endpoints_yaml(topo: Topology, labels: dict[str, str], *, listed: tuple[str, ...] | None = None) -> str:
@@ -93,12 +115,15 @@ def http_pods(tmp_path: Path) -> Iterator[tuple[Topology, Path]]:
 
 @pytest.fixture
 def agent_box() -> Iterator[list[AgentProcess]]:
-    """Agents a test started; each is stopped (SIGTERM, exit 0 asserted by the test) or killed at teardown."""
+    """Agents a test started; each is stopped (SIGTERM, exit 0 asserted by the test) at teardown, then uninstalled."""
     agents: list[AgentProcess] = []
     yield agents
     for a in agents:
         if a.proc.poll() is None:
             a.stop()
+    if agents:
+        done = agents[-1].uninstall()  # SIGTERM kept the kernel side enforcing
+        assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize(
@@ -261,9 +286,9 @@ def test_sigkill_fails_closed_and_restart_leaves_no_strays(
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and "worker_main" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+    while time.monotonic() < deadline and "membrane.control.workers" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
         time.sleep(0.1)  # workers notice their control socket closing and drain
-    assert "worker_main" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "membrane.control.workers" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert kernel.leftovers()  # the programs stay attached after a crash
     assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # L3/L4 still enforced
     assert curl(be, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # no proxy: the L7 port fails closed
@@ -273,8 +298,96 @@ def test_sigkill_fails_closed_and_restart_leaves_no_strays(
     assert filters.count("name mbr_tc_steer") == 1  # the stale filter was replaced, not doubled
     assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
     assert second.stop() == 0
-    left = [x for x in kernel.leftovers() if "link" not in x and "netns" not in x]
-    assert left == []
+    assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # SIGTERM keeps enforcing
+    done = second.uninstall()
+    assert done.returncode == 0, done.stderr
+    assert kernel_state_left() == []
+
+
+def test_sigkill_and_restart_under_traffic_never_passes_denied_traffic(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """Agent SIGKILLed and restarted under continuous probing: no datagram of the denied pod reaches frontend and no L7-denied request reaches its server, at any moment; allowed requests work again after."""
+    import textwrap
+
+    from tests.helpers.probes import HTTP_PROBER, RECEIVER, SENDER
+
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    first = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(first)
+    udp_log, http_log, stop = tmp_path / "udp.log", tmp_path / "http.log", tmp_path / "stop"
+    receiver = topo.track(fe.popen([sys.executable, "-u", "-c", textwrap.dedent(RECEIVER), str(udp_log), "9999"]))
+    wait_for_line(receiver, "ready")
+    sender = topo.track(dbg.popen([sys.executable, "-u", "-c", textwrap.dedent(SENDER), str(fe.ipv4), str(stop), "9999"]))
+    wait_for_line(sender, "sending")
+    prober = topo.track(
+        be.popen([sys.executable, "-u", "-c", textwrap.dedent(HTTP_PROBER), f"http://{fe.ipv4}/v2/items", str(http_log), str(stop)])
+    )
+    wait_for_line(prober, "probing")
+    try:
+        time.sleep(1.0)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        time.sleep(0.5)
+        second = start_agent([HTTP_POLICY], eps, tmp_path)
+        agent_box.append(second)
+        time.sleep(1.0)
+    finally:
+        stop.touch()
+    out, _err = sender.communicate(timeout=10)
+    prober.communicate(timeout=10)
+    sent = int(out.strip().splitlines()[-1].split("=")[1])
+    assert sent > 500  # the denied pod really tried throughout
+    assert udp_log.read_text() == ""  # not one datagram of debug reached frontend
+    codes = [line.split()[0] for line in http_log.read_text().splitlines()]
+    assert "403" in codes  # the proxy judged the path before and after
+    assert "200" not in codes  # never answered by the server itself: L7 never bypassed
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+    assert curl(be, f"http://{fe.ipv4}/v2/items")[0] == "403"
+    assert second.stop() == 0
+
+
+def kernel_state_left(timeout_s: float = 3.0) -> list[str]:
+    """Our kernel objects but the pods themselves, after waiting up to timeout_s for deferred frees."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [x for x in kernel.leftovers() if "link" not in x and "netns" not in x]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def test_sigterm_keeps_enforcing_until_uninstall_which_refuses_a_running_agent(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """After SIGTERM L3/L4 stays enforced and the L7 port fails closed; `membrane uninstall` refuses while an agent runs, --force does not, and afterwards nothing is left."""
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    agent = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(agent)
+    refused = agent.uninstall()
+    assert refused.returncode == 1
+    assert "an agent is running" in refused.stderr
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"  # refusing touched nothing
+    assert agent.stop() == 0
+    assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # L3/L4 still enforced by the kept programs
+    assert curl(be, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # the L7 port: dropped, no proxy
+    done = agent.uninstall()
+    assert done.returncode == 0, done.stderr
+    assert "removed pin" in done.stdout
+    assert kernel_state_left() == []
+    assert probe(dbg, fe.ipv4, 80) == "CONNECTED"  # nothing enforces any more
+    assert agent.uninstall().stdout.strip() == "nothing to remove"  # idempotent
+
+    forced = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(forced)
+    assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"
+    done = forced.uninstall(force=True)
+    assert done.returncode == 0, done.stderr
+    assert probe(dbg, fe.ipv4, 80) == "CONNECTED"  # forced: the running agent's kernel side is gone
+    assert forced.stop() == 0
+    assert kernel_state_left() == []
 
 
 def test_status_and_endpoint_list(http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]) -> None:
@@ -373,3 +486,51 @@ def test_invalid_policy_at_start_exits_1_and_touches_nothing(tmp_path: Path) -> 
     assert "bad.yaml" in out.stderr and "toPort" in out.stderr
     assert "agent ready" not in out.stdout
     assert not (tmp_path / "s.json").exists()
+
+
+def test_empty_policy_file_at_start_exits_1_saying_how_to_run_with_none(tmp_path: Path) -> None:
+    """A 0-byte policy file is not 'no policies' (issue 13): `membrane run` names the file, says how to write an
+    explicit empty List, and exits 1 before attaching anything."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    eps = tmp_path / "endpoints.yaml"
+    eps.write_text("endpoints: []\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "membrane.cli", "run", "--policies", str(empty), "--endpoints", str(eps), "--status-file", str(tmp_path / "s.json")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert out.returncode == 1
+    assert f"{empty}: policy file is empty" in out.stderr
+    assert "kind: List" in out.stderr
+    assert "agent ready" not in out.stdout
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_policy_file_truncated_while_running_keeps_enforcing(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """A policy file that turns empty while the agent runs keeps the last good policy in force (L7 denials still
+    403) and `membrane status` names the file; an explicit empty List then removes the policy."""
+    topo, eps = http_pods
+    fe, be = topo.pods["frontend"], topo.pods["backend"]
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(HTTP_POLICY.read_text())
+    agent = start_agent([pol], eps, tmp_path)
+    agent_box.append(agent)
+    assert curl(be, f"http://{fe.ipv4}/private")[0] == "403"
+    reloads = agent.status()["reloads"]
+    pol.write_text("")
+    doc = agent.wait_reloads(reloads + 1, timeout_s=5)
+    assert doc["reloads"] == reloads
+    assert any(e.startswith(f"{pol}: policy file is empty") for e in doc["errors"])
+    assert curl(be, f"http://{fe.ipv4}/private")[0] == "403"  # still enforced
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+    pol.write_text("apiVersion: v1\nkind: List\nitems: []\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agent.status()["reloads"] == reloads:
+        time.sleep(0.1)
+    doc = agent.status()
+    assert doc["reloads"] == reloads + 1
+    assert doc["errors"] == []
+    assert curl(be, f"http://{fe.ipv4}/private")[0] == "200"  # no policy selects frontend any more
+    assert agent.stop() == 0
