@@ -317,5 +317,6 @@ class KafkaSession(Session):
                 summary=f"Kafka stream unreadable: {e}",
                 time_ns=self.clock(),
                 reason=reason.value,
+                limit="kafka_frame_bytes" if isinstance(e, MessageTooLarge) else None,
             )
         )

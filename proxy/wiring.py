@@ -37,7 +37,7 @@ from membrane.proxy.session import (
     wall_clock_ns,
 )
 from membrane.proxy.session_dns import DnsDatagramSession, DnsTcpSession
-from membrane.proxy.session_http2 import HttpSession
+from membrane.proxy.session_http2 import HttpSession, ResetLedger
 from membrane.proxy.session_kafka import KAFKA_FRAME_HEADROOM_BYTES, KafkaLearned, KafkaSession
 
 MAX_KAFKA_CLUSTERS = 4096  # broker addresses whose Metadata lessons are kept (least recently used goes)
@@ -180,6 +180,7 @@ class SessionFactory:
     flows: FlowSink | None = None  # where a dropped UDP peer's L3_L4 flow goes (TCP drops are the session's)
     follow_reloads: bool = False  # True: each request is judged by the policy current then (the agent)
     kafka: KafkaMemory = field(default_factory=KafkaMemory)
+    resets: ResetLedger = field(default_factory=ResetLedger)  # HTTP/2 rapid reset summed per client address
     # The per-connection buffer bound (--max-buffer-bytes); a Kafka request frame is judged whole, so it
     # may be buffered up to this plus the headroom of a max.request.size batch, never Kafka's 100 MiB.
     max_buffer_bytes: int = 1 << 20
@@ -225,7 +226,7 @@ class SessionFactory:
         def build(parser: ParserType) -> Session | None:
             match parser:
                 case ParserType.HTTP:
-                    return HttpSession(context=context, policy=policy)
+                    return HttpSession(context=context, policy=policy, resets=self.resets)
                 case ParserType.DNS:
                     return DnsTcpSession(context=context, policy=policy)
                 case ParserType.KAFKA:
