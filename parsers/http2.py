@@ -108,11 +108,15 @@ _RAPID_RESET_MIN_STREAMS = 500  # Envoy's premature_reset_total_stream_count
 # Control frames (PING, SETTINGS, PRIORITY, RST_STREAM, unknown types, ACKs included) carry no request
 # but each costs a parse and often an answer: one connection sending ~1 MB/s of PING saturated a worker.
 # A token bucket: CONTROL_FRAME_BURST at once, refilled at CONTROL_FRAMES_PER_SECOND from the `now_s`
-# the proxy passes to feed() and by CONTROL_FRAMES_PER_STREAM per stream the peer opens. Keepalive
+# the proxy passes to feed(), by CONTROL_FRAMES_PER_STREAM per stream the peer opens and by
+# CONTROL_FRAMES_PER_DATA_FRAME_SENT per DATA frame this side sends. Keepalive
 # (one PING per 10 s), gRPC's BDP pings (one per burst of data) and a reset per stream stay far below.
 CONTROL_FRAME_BURST = 1000
 CONTROL_FRAMES_PER_SECOND = 100
 CONTROL_FRAMES_PER_STREAM = 10
+# gRPC's BDP estimator (grpc-go, grpc-core) answers received DATA with a PING, so each DATA frame this
+# side sends refills the budget too: a fast download is never mistaken for a flood.
+CONTROL_FRAMES_PER_DATA_FRAME_SENT = 2
 # WINDOW_UPDATE is owed per DATA frame received, so its allowance grows with the DATA frames this
 # side sent: Envoy's max_inbound_window_update_frames_per_data_frame_sent (10), over a base of 1000.
 WINDOW_UPDATE_BURST = 1000
@@ -719,6 +723,8 @@ class _Http2Side:
                         and stream.trailers_after is None)
                 self._conn.send_data(stream_id, bytes(chunk[:n]), end_stream=last)
                 self.data_frames_sent += 1
+                self._control_tokens = min(float(CONTROL_FRAME_BURST),
+                                           self._control_tokens + CONTROL_FRAMES_PER_DATA_FRAME_SENT)
                 if n == len(chunk):
                     stream.out.popleft()
                 else:

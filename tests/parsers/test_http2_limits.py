@@ -116,6 +116,18 @@ def test_without_time_the_budget_still_refills_per_stream() -> None:
     assert side.rst_stream_frames == streams
 
 
+def test_pings_answering_data_are_fine() -> None:
+    """A client that PINGs after every DATA frame it reads (gRPC's BDP estimator) never runs out of budget."""
+    side, b = _server()
+    side.feed(b.headers(1, request_headers("/big"), end_stream=True), now_s=0.0)
+    side.send_response(HttpResponse(status=200, stream_id=1, http_version="2", has_body=True))
+    for i in range(3 * CONTROL_FRAME_BURST):
+        side.send_data(1, b"x" * 10)
+        side.data_to_send()
+        side.feed(b.ping(i.to_bytes(8, "big")) + b.window_update(0, 10) + b.window_update(1, 10), now_s=0.0)
+    assert side.control_frames == 1 + 3 * CONTROL_FRAME_BURST
+
+
 def test_window_update_flood() -> None:
     """WINDOW_UPDATE beyond the base allowance while no DATA was sent is a flood."""
     side, b = _server()
