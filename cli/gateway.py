@@ -287,7 +287,7 @@ async def _worker(
         streams.append(FlowPublisher(plan.socket, loop=loop))
     metrics = Metrics()
     sink = FlowSink(streams, node_name=plan.node_name)
-    factory = gateway_factory(plan.pmap, plan.peers, sink)
+    factory = gateway_factory(plan.pmap, plan.peers, sink, max_buffer_bytes=plan.config.max_buffer_bytes)
     proxy = Proxy(
         config=plan.config,
         factory=factory.session,

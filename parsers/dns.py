@@ -46,7 +46,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, assert_never, overload
 
-from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
+from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Parser, Reason
 
 __all__ = [
@@ -87,6 +87,12 @@ CLASS_IN = 1
 HEADER_BYTES = 12
 MAX_NAME_BYTES = 255  # RFC 1035 §2.3.4, wire form including length bytes and the root label
 MAX_TCP_MESSAGE_BYTES = 65535  # the 2-byte length prefix cannot say more (RFC 1035 §4.2.2)
+# Queries one TCP connection may have pipelined without an answer yet (RFC 7766 §6.2.1.1 allows
+# pipelining, and says nothing of a bound). Stub resolvers pipeline two (glibc: A + AAAA) and
+# recursive forwarders a few dozen; 64 bounds what a connection pins (64 queries of up to 64 KiB,
+# each held until answered) while leaving real clients untouched. The session enforces it (it owns
+# the answers): a query beyond it is answered SERVFAIL without going upstream.
+MAX_TCP_QUERIES_OUTSTANDING = 64
 REFUSAL_UDP_PAYLOAD = 1232  # EDNS payload size advertised in our replies (DNS flag day 2020 default)
 
 DnsMessage = DnsQuery | DnsResponse
@@ -703,15 +709,19 @@ class DnsTcpParser:
 
         Raises `MalformedMessage` (a length prefix under 12), `MessageTooLarge` (over the limit) or
         `ProtocolViolation` (fed after one of those), for the first bad frame in stream order whatever
-        the read boundaries; events of earlier messages in the same call are not returned then, and
-        the stream is unusable: close the connection.
+        the read boundaries. The error's `events_before` holds the events of the messages before it
+        in the same call: handle them (answer those queries), then close the connection.
         """
         framer = self._framer
         framer.push(data)
         events: list[DnsEvent] = []
         while True:
             base = framer.stream_offset
-            message = framer.next_message()
+            try:
+                message = framer.next_message()
+            except ParseError as e:
+                e.events_before = tuple(events)  # queries before the bad frame still get their answers
+                raise
             if message is None:
                 return events
             try:

@@ -10,10 +10,15 @@ class ParseError(Exception):
 
     reason: Reason = Reason.MALFORMED
 
-    def __init__(self, message: str, *, direction: Direction, offset: int | None = None) -> None:
+    def __init__(self, message: str, *, direction: Direction, offset: int | None = None,
+                 events_before: tuple[object, ...] = ()) -> None:
         super().__init__(message)
         self.direction = direction
         self.offset = offset  # byte offset into the stream where the problem was seen, when known
+        # The events the same feed() completed before the bad bytes, in order. Framed protocols that carry
+        # several messages per read (Kafka, DNS over TCP) fill it, so the valid requests pipelined before a
+        # malformed one are still judged and answered: handle these first, then the error.
+        self.events_before = events_before
 
     def __str__(self) -> str:
         where = f" at byte {self.offset}" if self.offset is not None else ""
@@ -28,6 +33,16 @@ class MessageTooLarge(ParseError):
     """A limit was crossed (header block, line, frame size). Never a reason to grow a buffer."""
 
     reason = Reason.TOO_LARGE
+
+
+class LimitExceeded(MessageTooLarge):
+    """A peer crossed a rate or count limit (HTTP/2 control-frame flood, rapid reset, too many streams,
+    DNS queries outstanding). `limit` names it, as counters and flows do."""
+
+    def __init__(self, message: str, *, direction: Direction, limit: str, offset: int | None = None,
+                 events_before: tuple[object, ...] = ()) -> None:
+        super().__init__(message, direction=direction, offset=offset, events_before=events_before)
+        self.limit = limit
 
 
 class ProtocolViolation(ParseError):

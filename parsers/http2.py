@@ -23,7 +23,14 @@ Theory of operation
 * Refusals: `Http2ServerSide.refusal()` answers on that stream only (403 + `Access denied\r\n`, or the
   gRPC trailers-only response); other streams go on. A request whose :path fails
   `normalize_target`, a gRPC call whose path is not /pkg.Service/Method, and CONNECT (a tunnel
-  would escape L7 policy) are refused here and reported as `RequestRejected`.
+  would escape L7 policy) are refused here and reported as `RequestRejected`. So is a gRPC request
+  whose DATA breaks the message framing (flag byte not 0/1): that stream was already forwarded, so
+  a `StreamReset` follows the `RequestRejected` and the proxy cuts its upstream half.
+* Limits (constants below, each GOAWAY ENHANCE_YOUR_CALM + `LimitExceeded(limit=...)`): control
+  frames, WINDOW_UPDATE, PRIORITY, empty frames, header block bytes across CONTINUATION, streams
+  over SETTINGS_MAX_CONCURRENT_STREAMS, rapid reset. `header_block_pending` lets the proxy time an
+  unfinished header block; the public counters (`control_frames`, `rst_stream_frames`,
+  `premature_resets`, ...) let it aggregate across connections.
 * h2c: prior knowledge on both sides; `Http2ServerSide.from_h2c_upgrade()` takes the HTTP/1.1
   `Upgrade: h2c` request as stream 1 (RFC 7540 §3.2) and emits the 101 itself.
 * Rapid reset (CVE-2023-44487): after 500 streams, a client that reset at least half of them before
@@ -59,7 +66,7 @@ import h2.settings
 import hpack.exceptions
 import hyperframe.exceptions
 from membrane.parsers import grpc, http1
-from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.errors import LimitExceeded, MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import (
     Data,
     Direction,
@@ -96,7 +103,46 @@ DEFAULT_MAX_HEADER_LIST_BYTES = 64 * 1024  # h2's default; a header block past i
 DENIED_BODY = b"Access denied\r\n"  # Cilium's default text
 _RAPID_RESET_MIN_STREAMS = 500  # Envoy's premature_reset_total_stream_count
 
+# --- limits on what a peer may make this side do (issue 13 item 5); each crossing is GOAWAY
+# ENHANCE_YOUR_CALM + LimitExceeded naming the limit, which the proxy counts, logs and closes on.
+# Control frames (PING, SETTINGS, PRIORITY, RST_STREAM, unknown types, ACKs included) carry no request
+# but each costs a parse and often an answer: one connection sending ~1 MB/s of PING saturated a worker.
+# A token bucket: CONTROL_FRAME_BURST at once, refilled at CONTROL_FRAMES_PER_SECOND from the `now_s`
+# the proxy passes to feed(), by CONTROL_FRAMES_PER_STREAM per stream the peer opens and by
+# CONTROL_FRAMES_PER_DATA_FRAME_SENT per DATA frame this side sends. Keepalive
+# (one PING per 10 s), gRPC's BDP pings (one per burst of data) and a reset per stream stay far below.
+CONTROL_FRAME_BURST = 1000
+CONTROL_FRAMES_PER_SECOND = 100
+CONTROL_FRAMES_PER_STREAM = 10
+# gRPC's BDP estimator (grpc-go, grpc-core) answers received DATA with a PING, so each DATA frame this
+# side sends refills the budget too: a fast download is never mistaken for a flood.
+CONTROL_FRAMES_PER_DATA_FRAME_SENT = 2
+# WINDOW_UPDATE is owed per DATA frame received, so its allowance grows with the DATA frames this
+# side sent: Envoy's max_inbound_window_update_frames_per_data_frame_sent (10), over a base of 1000.
+WINDOW_UPDATE_BURST = 1000
+WINDOW_UPDATES_PER_DATA_FRAME_SENT = 10
+# DATA/HEADERS/CONTINUATION with an empty payload and no END_STREAM do nothing but cost a parse:
+# Envoy's max_consecutive_inbound_frames_with_empty_payload (1), CVE-2019-9518.
+MAX_CONSECUTIVE_EMPTY_FRAMES = 1
+# PRIORITY is deprecated (RFC 9113 §5.3.2) yet legal on any stream: Envoy's
+# max_inbound_priority_frames_per_stream (100) per stream opened, over one stream's worth.
+PRIORITY_FRAMES_PER_STREAM = 100
+# The HPACK dynamic tables: the decoder's is what we advertise in SETTINGS_HEADER_TABLE_SIZE (a
+# larger size update from the peer is a COMPRESSION_ERROR); the encoder's is clamped to the same
+# even when the peer allows more (RFC 7541 §4.2 lets an encoder use less), so no peer can make this
+# side hold more than 4 KiB of header history per direction. 4096 is the RFC 7541 default.
+MAX_HPACK_TABLE_BYTES = 4096
+
 ErrorCode = h2.errors.ErrorCodes
+_GRPC_ANY_MESSAGE_SIZE = 0xFFFFFFFF  # the 4-byte length's own maximum: size is the upstream's limit
+
+# Frame types and flags (RFC 9113 §6), read from frame headers before h2 sees the frame.
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, \
+    _CONTINUATION = range(10)
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_PRIORITY_FLAG = 0x20
 
 # Connection-specific fields that must not cross into HTTP/2 (RFC 9113 §8.2.2), plus the upgrade's own.
 _HOP_BY_HOP = frozenset(
@@ -151,6 +197,8 @@ def is_h2c_upgrade(request: HttpRequest) -> bool:
 
 def _translate(exc: Exception, direction: Direction) -> ParseError:
     message = f"HTTP/2: {type(exc).__name__}: {exc}"
+    if isinstance(exc, h2.exceptions.TooManyStreamsError):  # over our SETTINGS_MAX_CONCURRENT_STREAMS
+        return LimitExceeded(message, direction=direction, limit="max_concurrent_streams")
     if isinstance(exc, h2.exceptions.FrameTooLargeError | h2.exceptions.DenialOfServiceError):
         return MessageTooLarge(message, direction=direction)
     if isinstance(exc, hpack.exceptions.HPACKError | hyperframe.exceptions.HyperframeError | binascii.Error):
@@ -217,6 +265,7 @@ class _Stream:
     end_after: bool = False  # END_STREAM once `out` drains
     trailers_after: Headers | None = None  # trailers to send once `out` drains
     pending_headers: list[tuple[bytes, bytes]] | None = None  # client side: not opened yet
+    grpc_framing: grpc.GrpcParser | None = None  # server side, gRPC streams: the request's message framing
 
     @property
     def is_finished(self) -> bool:
@@ -254,6 +303,7 @@ class _Http2Side:
         initial: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_bytes,
+            h2.settings.SettingCodes.HEADER_TABLE_SIZE: MAX_HPACK_TABLE_BYTES,
         }
         # A window above the default may apply at once (the peer just sends less than we allow); a
         # smaller one only once the peer acknowledged our SETTINGS (RFC 9113 §6.9.2), so it is sent
@@ -275,6 +325,19 @@ class _Http2Side:
         self._preface_left = 0 if client else 24  # the client magic (RFC 9113 §3.4), checked by h2
         self._failed = False
         self._goaway_received = False
+        self._max_header_block_bytes = max_header_list_bytes
+        # Limit state (see the constants above); the counters are public so the proxy can sum them
+        # across connections (rapid reset spread over many connections is only visible that way).
+        self._control_tokens = float(CONTROL_FRAME_BURST)
+        self._control_refilled_s: float | None = None
+        self._empty_frames_in_a_row = 0
+        self._header_block_bytes: int | None = None  # compressed bytes of a header block awaiting END_HEADERS
+        self.control_frames = 0  # PING, SETTINGS, PRIORITY, RST_STREAM, unknown frames received
+        self.rst_stream_frames = 0  # RST_STREAM received, on any stream
+        self.window_update_frames = 0
+        self.priority_frames = 0
+        self.peer_streams_opened = 0  # HEADERS that opened a stream, as counted from frames
+        self.data_frames_sent = 0
 
     def _start(self, upgrade_settings: bytes | None = None) -> None:
         with _h2_errors(self._inbound if upgrade_settings else self._outbound):
@@ -289,16 +352,26 @@ class _Http2Side:
 
     # --- input ------------------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes, *, now_s: float | None = None) -> list[Event]:
         """Consume bytes from the peer; returns the events they complete ([] = need more data).
+
+        `now_s` (a monotonic clock in seconds) refills the control-frame budget; without it only
+        streams opened refill it.
 
         Raises:
             ParseError: the peer broke HTTP/2 (MessageTooLarge for frame/header-list limits,
-                MalformedMessage for undecodable frames/HPACK, ProtocolViolation otherwise). A GOAWAY
-                is queued: send data_to_send(), then close the connection. Later calls raise again.
+                LimitExceeded for a flood or a limit crossed (`limit` names it; the GOAWAY says
+                ENHANCE_YOUR_CALM), MalformedMessage for undecodable frames/HPACK, ProtocolViolation
+                otherwise). A GOAWAY is queued: send data_to_send(), then close the connection.
+                Later calls raise again.
         """
         if self._failed:
             raise ProtocolViolation("HTTP/2 connection already failed", direction=self._inbound)
+        if now_s is not None:
+            if self._control_refilled_s is not None and now_s > self._control_refilled_s:
+                self._control_tokens = min(float(CONTROL_FRAME_BURST), self._control_tokens
+                                           + (now_s - self._control_refilled_s) * CONTROL_FRAMES_PER_SECOND)
+            self._control_refilled_s = now_s
         out: list[Event] = []
         reflow = False
         try:
@@ -309,6 +382,8 @@ class _Http2Side:
                             reflow = True
                         else:
                             self._handle(event, out)
+                if self._conn.encoder.header_table_size > MAX_HPACK_TABLE_BYTES:  # see MAX_HPACK_TABLE_BYTES
+                    self._conn.encoder.header_table_size = MAX_HPACK_TABLE_BYTES
                 if reflow:
                     for stream_id in list(self._streams):
                         self._flush(stream_id)
@@ -343,7 +418,12 @@ class _Http2Side:
                                           f"{self._conn.max_inbound_frame_size}", direction=self._inbound)
                 unit = 9 + length
             if len(buf) - pos < unit and not self._preface_left:
+                if not self._preface_left and self._header_block_bytes is not None \
+                        and buf[pos + 3] == _CONTINUATION:  # bound the block before its bytes are awaited
+                    self._count_header_block(length)
                 break
+            if not self._preface_left:
+                self._account(buf[pos + 3], buf[pos + 4], length, buf, pos)
             take = min(unit, len(buf) - pos)
             if take == 0:
                 break
@@ -353,6 +433,86 @@ class _Http2Side:
                 self._preface_left -= take
             yield chunk
         del buf[:pos]
+
+    # --- limits -----------------------------------------------------------------------------------
+
+    @property
+    def header_block_pending(self) -> bool:
+        """A HEADERS (or PUSH_PROMISE) without END_HEADERS was received and its CONTINUATION frames have
+        not ended it yet. The proxy times this state (a block left pending is a slowloris: nothing
+        else may be sent on the connection meanwhile, RFC 9113 §6.10)."""
+        return self._header_block_bytes is not None
+
+    def _flood(self, limit: str, message: str) -> None:
+        self._conn.close_connection(ErrorCode.ENHANCE_YOUR_CALM)
+        raise LimitExceeded(f"HTTP/2 {message}", direction=self._inbound, limit=limit)
+
+    def _count_header_block(self, length: int) -> None:
+        assert self._header_block_bytes is not None
+        if self._header_block_bytes + length > self._max_header_block_bytes:
+            self._flood("header_block_bytes", f"header block of over {self._max_header_block_bytes} bytes "
+                        "across CONTINUATION frames")
+
+    def _account(self, ftype: int, flags: int, length: int, buf: bytearray, pos: int) -> None:
+        """Charge one whole inbound frame (header at buf[pos:pos+9]) against the limits, before h2 sees it."""
+        if ftype in (_DATA, _HEADERS, _CONTINUATION):
+            payload = length
+            if ftype != _CONTINUATION and flags & _PADDED and length:
+                payload = length - 1 - buf[pos + 9]
+            if ftype == _HEADERS and flags & _PRIORITY_FLAG:
+                payload -= 5
+            if (payload <= 0 and not flags & _END_STREAM and ftype != _CONTINUATION) or \
+                    (ftype == _CONTINUATION and length == 0 and not flags & _END_HEADERS):
+                self._empty_frames_in_a_row += 1
+                if self._empty_frames_in_a_row > MAX_CONSECUTIVE_EMPTY_FRAMES:
+                    self._flood("empty_frames", f"{self._empty_frames_in_a_row} frames in a row with an empty "
+                                "payload and no END_STREAM")
+            else:
+                self._empty_frames_in_a_row = 0
+            if ftype == _HEADERS:
+                stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                if stream_id not in self._conn.streams and stream_id > self._conn.highest_inbound_stream_id:
+                    self.peer_streams_opened += 1
+                    self._control_tokens = min(float(CONTROL_FRAME_BURST),
+                                               self._control_tokens + CONTROL_FRAMES_PER_STREAM)
+            if ftype == _CONTINUATION:
+                if self._header_block_bytes is not None:
+                    self._count_header_block(length)
+                    self._header_block_bytes += length
+                    if flags & _END_HEADERS:
+                        self._header_block_bytes = None
+            elif ftype == _HEADERS and not flags & _END_HEADERS:
+                self._header_block_bytes = 0
+                self._count_header_block(length)
+                self._header_block_bytes = length
+            return
+        if ftype == _PUSH_PROMISE:
+            if not flags & _END_HEADERS:
+                self._header_block_bytes = 0
+                self._count_header_block(length)
+                self._header_block_bytes = length
+            return
+        if ftype == _GOAWAY:
+            return
+        if ftype == _WINDOW_UPDATE:
+            self.window_update_frames += 1
+            allowed = WINDOW_UPDATE_BURST + WINDOW_UPDATES_PER_DATA_FRAME_SENT * self.data_frames_sent
+            if self.window_update_frames > allowed:
+                self._flood("window_update_frames", f"{self.window_update_frames} WINDOW_UPDATE frames for "
+                            f"{self.data_frames_sent} DATA frames sent")
+            return
+        self.control_frames += 1
+        if ftype == _RST_STREAM:
+            self.rst_stream_frames += 1
+        elif ftype == _PRIORITY:
+            self.priority_frames += 1
+            if self.priority_frames > PRIORITY_FRAMES_PER_STREAM * (self.peer_streams_opened + 1):
+                self._flood("priority_frames", f"{self.priority_frames} PRIORITY frames for "
+                            f"{self.peer_streams_opened} streams")
+        self._control_tokens -= 1
+        if self._control_tokens < 0:
+            self._flood("control_frames", f"control frames over budget ({self.control_frames} received: "
+                        f"{CONTROL_FRAME_BURST} at once, {CONTROL_FRAMES_PER_SECOND}/s)")
 
     def _handle(self, event: h2.events.Event, out: list[Event]) -> None:
         if isinstance(event, h2.events.DataReceived):
@@ -406,9 +566,16 @@ class _Http2Side:
             if data:
                 self._conn.acknowledge_received_data(len(data), stream_id)
             return
+        if data and not self._accepts_data(stream_id, stream, data, out):
+            self._conn.acknowledge_received_data(len(data), stream_id)
+            return
         if data:
             stream.unacked += len(data)
             out.append(Data(data=data, stream_id=stream_id))
+
+    def _accepts_data(self, stream_id: int, stream: _Stream, data: bytes, out: list[Event]) -> bool:
+        """Whether a relayed stream's DATA may go on (the server side checks gRPC framing here)."""
+        return True
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
         self._goaway_received = True
@@ -555,6 +722,9 @@ class _Http2Side:
                 last = (n == len(chunk) and len(stream.out) == 1 and stream.end_after
                         and stream.trailers_after is None)
                 self._conn.send_data(stream_id, bytes(chunk[:n]), end_stream=last)
+                self.data_frames_sent += 1
+                self._control_tokens = min(float(CONTROL_FRAME_BURST),
+                                           self._control_tokens + CONTROL_FRAMES_PER_DATA_FRAME_SENT)
                 if n == len(chunk):
                     stream.out.popleft()
                 else:
@@ -697,16 +867,32 @@ class Http2ServerSide(_Http2Side):
             content_length=_content_length(regular),
         ))
 
+    def _accepts_data(self, stream_id: int, stream: _Stream, data: bytes, out: list[Event]) -> bool:
+        # gRPC requests must be Length-Prefixed-Messages with a flag byte of 0 or 1 (PROTOCOL-HTTP2.md):
+        # anything else is not gRPC and is refused with INTERNAL, and the stream already opened upstream
+        # is cut (StreamReset), so not a byte of it reaches the upstream. Message sizes are the
+        # upstream's business here (payloads are never buffered): only the framing is judged.
+        if stream.kind is not _Kind.GRPC:
+            return True
+        if stream.grpc_framing is None:
+            stream.grpc_framing = grpc.GrpcParser(self._inbound, max_message_bytes=_GRPC_ANY_MESSAGE_SIZE)
+        try:
+            stream.grpc_framing.feed(data)
+        except ParseError as e:
+            out.append(RequestRejected(stream_id=stream_id, reason=e.reason, detail=str(e), grpc=True))
+            out.append(StreamReset(stream_id=stream_id, error_code=ErrorCode.CANCEL))
+            self.refusal(stream_id, e.reason, message="malformed gRPC message framing")
+            return False
+        return True
+
     def _on_premature_reset(self) -> None:
         # HTTP/2 "Rapid Reset" (CVE-2023-44487): a client that opens streams and resets them before
         # the answer makes the upstream work for free. Envoy's rule: once 500 streams were opened,
         # close the connection when at least half of them were reset prematurely.
         self.premature_resets += 1
         if self.streams_opened >= _RAPID_RESET_MIN_STREAMS and 2 * self.premature_resets >= self.streams_opened:
-            self._conn.close_connection(ErrorCode.ENHANCE_YOUR_CALM)
-            raise ProtocolViolation(
-                f"{self.premature_resets} of {self.streams_opened} streams reset before their response "
-                "(HTTP/2 rapid reset)", direction=self._inbound)
+            self._flood("rapid_reset", f"{self.premature_resets} of {self.streams_opened} streams reset before "
+                        "their response (rapid reset, CVE-2023-44487)")
 
     # --- responses and refusals -------------------------------------------------------------------
 

@@ -259,17 +259,20 @@ class KafkaRequestParser:
     def feed(self, data: bytes) -> list[KafkaRequest]:
         """Bytes in, every request completed by them out ([] = need more data).
 
-        Raises: MessageTooLarge (a size prefix over the limit: refuse with MESSAGE_TOO_LARGE or close),
-        MalformedMessage (unreadable request: close), ProtocolViolation (fed again after an error).
+        Raises: MessageTooLarge (a size prefix over the limit: close, counting it), MalformedMessage
+        (unreadable request: close), ProtocolViolation (fed again after an error). The error's
+        `events_before` holds the requests completed by this call before the bad frame: judge and
+        answer them first, then close.
         """
         self._framer.add(data)
-        out = []
-        while (frame := self._framer.next()) is not None:
-            try:
+        out: list[KafkaRequest] = []
+        try:
+            while (frame := self._framer.next()) is not None:
                 out.append(parse_request(frame, offset=self._framer.offset - len(frame)))
-            except ParseError:
-                self._framer.fail()
-                raise
+        except ParseError as e:
+            self._framer.fail()
+            e.events_before = tuple(out)  # requests before the bad frame still get their answers
+            raise
         return out
 
     @property
@@ -308,11 +311,20 @@ class KafkaResponseParser:
 
         Raises: ProtocolViolation for a response whose correlation id is not the oldest outstanding
         request's (or with none outstanding); MessageTooLarge / MalformedMessage for bad framing.
-        The connection is unusable after any of them: close it.
+        The connection is unusable after any of them: send the responses in the error's
+        `events_before` to the client, then close.
         """
-        d = Direction.SERVER_TO_CLIENT
-        out = []
+        out: list[KafkaResponse] = []
         self._framer.add(data)
+        try:
+            self._cut(out)
+        except ParseError as e:
+            e.events_before = tuple(out)  # responses before the bad frame still go to the client
+            raise
+        return out
+
+    def _cut(self, out: list[KafkaResponse]) -> None:
+        d = Direction.SERVER_TO_CLIENT
         while (frame := self._framer.next()) is not None:
             if len(frame) < 8:
                 self._framer.fail()
@@ -331,7 +343,6 @@ class KafkaResponseParser:
             self._pending.popleft()
             out.append(KafkaResponse(api_key=api_key, api_version=version, correlation_id=correlation_id,
                                      size=len(frame) - 4, raw=frame))
-        return out
 
 
 # --- refusals -------------------------------------------------------------------------------------

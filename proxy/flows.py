@@ -271,6 +271,7 @@ class Flow:
     matched: tuple[str, ...] = ()  # further rules that matched (besides `rule`), for the policy lists
     policy_revision: int = 0  # the policy revision that judged (0 = unknown: left out)
     policy_match_type: int = 0  # Cilium's PolicyMatchType, for policy-verdict records only (0 = left out)
+    limit: str | None = None  # the limit a peer crossed (control_frames, rapid_reset, ...): counted, never serialised
 
     # --- the parts of the record -----------------------------------------------------------------
     def _is_l3l4(self) -> bool:

@@ -129,6 +129,10 @@ class Metrics:
             "membrane_proxy_parse_errors_total", "Messages refused as unparsable, by protocol and reason.",
             ("protocol", "reason"),
         )
+        self.limits_exceeded = Counter(
+            "membrane_proxy_limits_exceeded_total", "Connections closed for crossing a limit, by protocol and limit.",
+            ("protocol", "limit"),
+        )
         self.flows_dropped = Counter("membrane_flows_write_errors_total", "Flow records that a sink failed to write.")
 
     def all(self) -> list[Counter | Histogram]:
@@ -142,6 +146,7 @@ class Metrics:
             self.timeouts,
             self.upstream_failures,
             self.parse_errors,
+            self.limits_exceeded,
             self.flows_dropped,
         ]
 

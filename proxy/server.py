@@ -542,6 +542,11 @@ class Proxy:
             self.metrics.requests.inc(protocol, flow.verdict)
             if flow.reason in ("malformed", "too_large"):
                 self.metrics.parse_errors.inc(protocol, flow.reason)
+            if flow.limit is not None:
+                self.metrics.limits_exceeded.inc(protocol, flow.limit)
+                source = flow.context.source
+                log.warning("%s limit %s crossed by %s:%d: %s", protocol, flow.limit, source.ip, source.port,
+                            flow.summary)
         elif flow.l7_type == RESPONSE and flow.latency_ns:
             self.metrics.request_duration.observe(flow.latency_ns / 1e9, next(iter(flow.l7), "tcp"))
         self.flows.emit(flow)

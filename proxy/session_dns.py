@@ -59,6 +59,7 @@ class DnsJudge:
         policy: ConnectionPolicy,
         clock: Callable[[], int],
         frame: Callable[[bytes], bytes],
+        max_outstanding: int = MAX_OUTSTANDING,
     ) -> None:
         self.context = context
         self.policy = policy
@@ -66,6 +67,7 @@ class DnsJudge:
         self.frame = frame
         self.outstanding: dict[int, _Outstanding] = {}
         self.upstream_failed: Reason | None = None
+        self.max_outstanding = max_outstanding
 
     def query(self, query: dns.DnsEvent, actions: list[Action]) -> None:
         now = self.clock()
@@ -80,7 +82,7 @@ class DnsJudge:
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
         if allowed and self.upstream_failed is not None:
             allowed, verdict, reason = False, ERROR, self.upstream_failed
-        elif allowed and len(self.outstanding) >= MAX_OUTSTANDING:
+        elif allowed and len(self.outstanding) >= self.max_outstanding:
             # Bound what one connection (or UDP peer) can keep waiting on the upstream: SERVFAIL beyond it.
             allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
         if allowed:
@@ -117,6 +119,10 @@ class DnsJudge:
                            latency_ns=self.clock() - item.started_ns)
             )
         self.outstanding.clear()
+
+    def stream_error_flow(self, reason: Reason, summary: str) -> Log:
+        """The ERROR flow of a stream that cannot be read on (a broken TCP frame)."""
+        return self._flow(None, REQUEST, ERROR, self.clock(), reason=reason, summary=summary)
 
     def _flow(
         self,
@@ -192,9 +198,12 @@ class DnsTcpSession(Session):
         clock: Callable[[], int] = wall_clock_ns,
     ) -> None:
         super().__init__(context=context, clock=clock)
-        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp)
+        # Pipelined queries beyond dns.MAX_TCP_QUERIES_OUTSTANDING get SERVFAIL without going upstream.
+        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp,
+                              max_outstanding=dns.MAX_TCP_QUERIES_OUTSTANDING)
         self.client = dns.DnsTcpParser(C2S)
         self.server = dns.DnsTcpParser(S2C)
+        self._client_failed = False  # the client's stream broke: answer what is owed, then close
 
     @property
     def is_idle(self) -> bool:
@@ -202,18 +211,41 @@ class DnsTcpSession(Session):
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
-        parser = self.client if direction is C2S else self.server
-        try:
-            events = parser.feed(data)
-        except ParseError:
-            return self.close()
-        for event in events:
-            if direction is C2S:
+        if direction is C2S:
+            if self._client_failed:
+                return actions  # nothing after a broken frame is read
+            try:
+                events = self.client.feed(data)
+            except ParseError as e:
+                # The queries before the broken frame are judged and answered; then nothing more is
+                # read, and the connection closes once their answers are relayed.
+                for event in e.events_before:
+                    self.judge.query(event, actions)  # type: ignore[arg-type]
+                actions.append(self.judge.stream_error_flow(e.reason, f"DNS over TCP stream unreadable: {e}"))
+                self._client_failed = True
+                self._close_when_answered(actions)
+                return actions
+            for event in events:
                 self.judge.query(event, actions)
-            elif not self.judge.response(event, actions):
+            return actions
+        try:
+            events = self.server.feed(data)
+        except ParseError as e:
+            for event in e.events_before:
+                self.judge.response(event, actions)  # type: ignore[arg-type]
+            self.judge.fail_outstanding(Reason.UPSTREAM_FAILED, actions)
+            actions.extend(self.close())
+            return actions
+        for event in events:
+            if not self.judge.response(event, actions):
                 actions.extend(self.close())
                 return actions
+        self._close_when_answered(actions)
         return actions
+
+    def _close_when_answered(self, actions: list[Action]) -> None:
+        if self._client_failed and not self.judge.outstanding and not self.closed:
+            actions.extend(self.close())
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:
         self.judge.upstream_failed = reason

@@ -37,8 +37,8 @@ from membrane.proxy.session import (
     wall_clock_ns,
 )
 from membrane.proxy.session_dns import DnsDatagramSession, DnsTcpSession
-from membrane.proxy.session_http2 import HttpSession
-from membrane.proxy.session_kafka import KafkaLearned, KafkaSession
+from membrane.proxy.session_http2 import HttpSession, ResetLedger
+from membrane.proxy.session_kafka import KAFKA_FRAME_HEADROOM_BYTES, KafkaLearned, KafkaSession
 
 MAX_KAFKA_CLUSTERS = 4096  # broker addresses whose Metadata lessons are kept (least recently used goes)
 
@@ -180,6 +180,10 @@ class SessionFactory:
     flows: FlowSink | None = None  # where a dropped UDP peer's L3_L4 flow goes (TCP drops are the session's)
     follow_reloads: bool = False  # True: each request is judged by the policy current then (the agent)
     kafka: KafkaMemory = field(default_factory=KafkaMemory)
+    resets: ResetLedger = field(default_factory=ResetLedger)  # HTTP/2 rapid reset summed per client address
+    # The per-connection buffer bound (--max-buffer-bytes); a Kafka request frame is judged whole, so it
+    # may be buffered up to this plus the headroom of a max.request.size batch, never Kafka's 100 MiB.
+    max_buffer_bytes: int = 1 << 20
 
     def context(self, pmap: PolicyMap, peers: Peers, transport: str) -> FlowContext:
         return FlowContext(
@@ -222,11 +226,12 @@ class SessionFactory:
         def build(parser: ParserType) -> Session | None:
             match parser:
                 case ParserType.HTTP:
-                    return HttpSession(context=context, policy=policy)
+                    return HttpSession(context=context, policy=policy, resets=self.resets)
                 case ParserType.DNS:
                     return DnsTcpSession(context=context, policy=policy)
                 case ParserType.KAFKA:
-                    return KafkaSession(context=context, policy=policy, learned=self.kafka.learned(peers.dst_addr))
+                    return KafkaSession(context=context, policy=policy, learned=self.kafka.learned(peers.dst_addr),
+                                        max_frame_bytes=self.max_buffer_bytes + KAFKA_FRAME_HEADROOM_BYTES)
             return None
 
         return choose_session(context, policy, build)
@@ -256,7 +261,8 @@ class SessionFactory:
         return None
 
 
-def gateway_factory(pmap: PolicyMap, peers: FixedPeers, flows: FlowSink | None = None) -> SessionFactory:
+def gateway_factory(pmap: PolicyMap, peers: FixedPeers, flows: FlowSink | None = None, *,
+                    max_buffer_bytes: int = 1 << 20) -> SessionFactory:
     """The factory of `membrane gateway`. Raises ValueError when --dst or --src names no endpoint."""
     peers.check(pmap)
-    return SessionFactory(policy=LivePolicy(pmap), resolver=peers, flows=flows)
+    return SessionFactory(policy=LivePolicy(pmap), resolver=peers, flows=flows, max_buffer_bytes=max_buffer_bytes)

@@ -568,6 +568,21 @@ def test_tcp_length_limits() -> None:
         DnsTcpParser(C2S, max_message_bytes=70000)
 
 
+@pytest.mark.parametrize("chunks", all_chunkings(STREAM + b"\x00\x05abcde"))
+def test_tcp_broken_frame_keeps_the_queries_before_it(chunks: list[bytes]) -> None:
+    """A broken frame after two valid queries: every valid query is returned (as events or in the
+    error's events_before) before the error, so their answers are not lost (issue 13: valid requests
+    before a malformed one still get their answers)."""
+    parser = DnsTcpParser(C2S)
+    seen: list[bytes] = []
+    with pytest.raises(MalformedMessage) as info:
+        for chunk in chunks:
+            seen.extend(e.raw for e in parser.feed(chunk))
+    seen.extend(e.raw for e in info.value.events_before)
+    assert seen == [Q1, Q2]
+    assert info.value.offset == len(STREAM)
+
+
 def test_tcp_parser_error_offset_counts_from_stream_start() -> None:
     """An unreadable second message is reported at its stream offset, and the stream goes on (its frame was intact)."""
     bad = header(qd=0)

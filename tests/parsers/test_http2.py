@@ -28,7 +28,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
+from membrane.parsers.errors import LimitExceeded, MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import (
     Data,
     Direction,
@@ -234,8 +234,9 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
     client.send_headers(1, request_headers("/allowed", method="POST"))
     client.send_headers(3, request_headers("/denied", method="POST"))
     client.send_headers(5, grpc_headers("/demo.Admin/Drop"))
-    for sid in (1, 3, 5):
+    for sid in (1, 3):
         client.send_data(sid, b"payload-%d" % sid)
+    client.send_data(5, grpc_message(b"payload-5"))  # a gRPC body must be gRPC-framed
     events = side.feed(client.data_to_send())
     assert [(type(e), e.stream_id) for e in events] == [
         (HttpRequest, 1), (HttpRequest, 3), (GrpcCall, 5), (Data, 1), (Data, 3), (Data, 5)]
@@ -1018,11 +1019,12 @@ def test_rapid_reset_closes_the_connection() -> None:
     client = _peer(True)
     side = Http2ServerSide()
     client.receive_data(side.data_to_send())
-    with pytest.raises(ProtocolViolation, match="rapid reset"):
+    with pytest.raises(LimitExceeded, match="rapid reset") as info:
         for i in range(600):
             client.send_headers(2 * i + 1, request_headers("/x"), end_stream=True)
             client.reset_stream(2 * i + 1)
             side.feed(client.data_to_send())
+    assert info.value.limit == "rapid_reset"
     assert side.streams_opened == 500
     assert side.premature_resets == 500
     assert any(isinstance(e, h2.events.ConnectionTerminated) and e.error_code == ErrorCode.ENHANCE_YOUR_CALM

@@ -440,6 +440,42 @@ def test_parser_is_unusable_after_an_error() -> None:
         parser.feed(_frame(18, 0, 2, b""))
 
 
+GOOD_PAIR = _frame(18, 0, 1, b"") + _frame(18, 0, 2, b"")
+
+
+@pytest.mark.parametrize("chunks", all_chunkings(GOOD_PAIR + _frame(3, 4, 3, b"\x00\x00\x00\x05")))
+def test_requests_before_a_malformed_one_are_kept(chunks: list[bytes]) -> None:
+    """Two valid requests then an unreadable one: both valid requests come out (as events or in the
+    error's events_before) before the error, whatever the read boundaries (issue 13 item 5)."""
+    parser = KafkaRequestParser()
+    seen: list[int] = []
+    with pytest.raises(MalformedMessage) as info:
+        for chunk in chunks:
+            seen.extend(r.correlation_id for r in parser.feed(chunk))
+    seen.extend(r.correlation_id for r in info.value.events_before)
+    assert seen == [1, 2]
+
+
+def test_requests_before_an_oversized_frame_are_kept() -> None:
+    """A frame prefix over max_frame_bytes after a valid request: the valid one is in events_before, nothing more is buffered."""
+    parser = KafkaRequestParser(max_frame_bytes=64)
+    with pytest.raises(MessageTooLarge) as info:
+        parser.feed(_frame(18, 0, 1, b"") + struct.pack(">i", 65) + b"x" * 10)
+    assert [r.correlation_id for r in info.value.events_before] == [1]
+
+
+def test_responses_before_a_bad_one_are_kept() -> None:
+    """A valid response followed by one with the wrong correlation id: the valid one is in events_before."""
+    responses = KafkaResponseParser()
+    for cid in (1, 2):
+        responses.expect(KafkaRequest(api_key=18, api_version=0, correlation_id=cid, client_id=None))
+    good = struct.pack(">ii", 4, 1)
+    bad = struct.pack(">ii", 4, 99)
+    with pytest.raises(ProtocolViolation) as info:
+        responses.feed(good + bad)
+    assert [r.correlation_id for r in info.value.events_before] == [1]
+
+
 @pytest.mark.parametrize("body", [b"", b"\x00", b"\x00\x00\x00\x01\x00\x05abc", b"\x00\x00\x00\x00\x01\x00\x00\x00"])
 def test_truncated_or_overlong_bodies_are_malformed(body: bytes) -> None:
     """A body shorter than its schema, or with bytes after it, is MalformedMessage (never a guess at topics)."""

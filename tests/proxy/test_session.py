@@ -348,15 +348,19 @@ def test_kafka_refusal_waits_for_correlation_order() -> None:
 
 
 def test_kafka_upstream_failure_is_an_error_flow() -> None:
-    """A forwarded Kafka request whose broker cannot be reached is logged with Hubble's verdict ERROR (NETWORK_EXCEPTION)."""
+    """A forwarded Kafka request whose broker cannot be reached is answered NETWORK_EXCEPTION (13) and
+    logged with Hubble's verdict ERROR."""
     gw = _gateway(KAFKA_POLICY, src="shop/order-service", dst="shop/kafka", port=9092)
     session = session_factory(gw, "10.244.3.10")(INFO)
+    network_exception = kafka.refusal(kafka.parse_request(_metadata(1, "orders")), Reason.UPSTREAM_FAILED)
+    assert network_exception
     assert (
         Playbook(session, logs=True)
         >> DataReceived(C2S, _metadata(1, "orders"))
         << Forward(C2S, _metadata(1, "orders"))
         << LogMatch(verdict="FORWARDED", l7_type="REQUEST")
         >> UpstreamFailed(Reason.UPSTREAM_FAILED)
+        << Reply(network_exception)
         << LogMatch(verdict="ERROR", l7_type="RESPONSE", reason="upstream_failed",
                     json={"l7.kafka.correlation_id": 1, "l7.kafka.error_code": 13, "l7.kafka.topic": "orders"})
         << Close()
