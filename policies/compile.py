@@ -115,9 +115,14 @@ class Contribution:
     l7: tuple[tuple[L7Rule, str], ...]
     ref: str
     uid: int
+    l3: bool = False  # an entry without toPorts/icmps: covers every IP protocol, ICMP and GRE included
 
 
 _ALL_PROTOS = frozenset(CONCRETE_PROTOS)
+# What the kernel judges per port (ICMP: per type, 0-255); every other protocol only by L3-only entries.
+KERNEL_PROTOS = (L4Proto.TCP, L4Proto.UDP, L4Proto.SCTP, L4Proto.ICMP, L4Proto.ICMPV6)
+_L3_PROTOS = frozenset(KERNEL_PROTOS)
+_PORT_SPACE = {L4Proto.ICMP: 256, L4Proto.ICMPV6: 256}  # ICMP "ports" are types; others 65536
 _MAX_CACHE = 100_000
 
 
@@ -203,6 +208,52 @@ class DirectionPolicy:
                     run = (lo, v.kind, v.parser)
                 if run is not None:
                     self._emit(out, ident, proto, run, 65535)
+        return out
+
+    def l3_verdict(self, peer_identity: int) -> VerdictKind:
+        """What an L3-only key says for this peer: every protocol without ports (GRE, ESP, ...) and
+        every port of the others that no more specific entry covers. DROP by an L3-only deny, ALLOW
+        by an L3-only allow, else the default."""
+        idx = self._pmap.identity_index.get(peer_identity)
+        bit = 0 if idx is None else 1 << idx
+        kinds = {c.deny for c in self.contributions if c.l3 and (c.all_peers or c.peers & bit)}
+        if True in kinds:
+            return VerdictKind.DROP
+        if False in kinds:
+            return VerdictKind.ALLOW
+        return self.default
+
+    def layered_entries(self) -> list[tuple[int, VerdictKind, list[MapEntry]]]:
+        """For the kernel's layered lookup: per selected identity, its `l3_verdict` and EVERY run of
+        (protocol, port range) in KERNEL_PROTOS with its verdict (ICMP ports are types 0-255), so the
+        caller can write what differs from the L3 verdict (a deny under an L3-only allow included)."""
+        out: list[tuple[int, VerdictKind, list[MapEntry]]] = []
+        selected = 0
+        for c in self.contributions:
+            selected |= self._pmap.all_bits if c.all_peers else c.peers
+        for idx in iter_bits(selected):
+            ident = self._pmap.identities[idx].id
+            bit = 1 << idx
+            mine = [c for c in self.contributions if c.all_peers or c.peers & bit]
+            runs: list[MapEntry] = []
+            for proto in KERNEL_PROTOS:
+                top = _PORT_SPACE.get(proto, 65536)
+                points = {0, top}
+                for c in mine:
+                    if proto in c.protos:
+                        points.update((min(c.lo, top), min(c.hi + 1, top)))
+                bounds = sorted(points)
+                run: tuple[int, VerdictKind, ParserType | None] | None = None
+                for lo in bounds[:-1]:
+                    v = self.lookup(ident, lo, proto)
+                    if run is not None and (run[1], run[2]) == (v.kind, v.parser):
+                        continue
+                    if run is not None:
+                        runs.append(MapEntry(identity=ident, proto=proto, port=run[0], end_port=lo - 1, verdict=run[1], parser=run[2]))
+                    run = (lo, v.kind, v.parser)
+                if run is not None:
+                    runs.append(MapEntry(identity=ident, proto=proto, port=run[0], end_port=top - 1, verdict=run[1], parser=run[2]))
+            out.append((ident, self.l3_verdict(ident), runs))
         return out
 
     def _emit(self, out: list[MapEntry], ident: int, proto: L4Proto, run: tuple[int, VerdictKind, ParserType | None], end: int) -> None:
@@ -478,8 +529,11 @@ class _Compiler:
         out: list[Contribution] = []
         if not entry.to_ports:
             if entry.has_icmps:
-                return []  # ICMP only: no TCP/UDP/SCTP port
-            out.append(Contribution(peers, all_peers, _ALL_PROTOS, 0, 65535, entry.deny, None, (), prefix + entry.path, next(self.uids)))
+                # ICMP only: Cilium keys each type as the port of proto ICMP/ICMPv6 (api.ICMPField.PortProtocol)
+                for proto, icmp_type in entry.icmps:
+                    out.append(Contribution(peers, all_peers, frozenset({proto}), icmp_type, icmp_type, entry.deny, None, (), prefix + entry.path, next(self.uids)))
+                return out
+            out.append(Contribution(peers, all_peers, _L3_PROTOS, 0, 65535, entry.deny, None, (), prefix + entry.path, next(self.uids), l3=True))
             return out
         for pr in entry.to_ports:
             parser = pr.rules.parser if pr.rules is not None else None

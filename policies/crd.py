@@ -69,6 +69,8 @@ class L4Proto(enum.Enum):
     UDP = "UDP"
     SCTP = "SCTP"
     ANY = "ANY"  # TCP, UDP and SCTP
+    ICMP = "ICMP"  # only from `icmps` (family IPv4): the port is the ICMP type
+    ICMPV6 = "ICMPv6"  # only from `icmps` (family IPv6)
 
 
 CONCRETE_PROTOS = (L4Proto.TCP, L4Proto.UDP, L4Proto.SCTP)
@@ -227,6 +229,7 @@ class PeerRule:
     fqdns: tuple[FqdnSelector, ...] | None = None  # egress allow only
     to_ports: tuple[PortRule, ...] = ()
     has_icmps: bool = False  # ICMP-only entry: covers no TCP/UDP/SCTP port
+    icmps: tuple[tuple[L4Proto, int], ...] = ()  # (ICMP or ICMPV6, type) of every `icmps[].fields[]`
     deny: bool = False
     path: str = ""  # e.g. "ingress[0]" or "specs[1].egressDeny[0]"
 
@@ -483,10 +486,9 @@ def _parse_proto(value: object, path: str) -> L4Proto:
     text = as_str(value, path).upper()
     if text == "":
         return L4Proto.ANY
-    try:
-        return L4Proto(text)
-    except ValueError:
+    if text not in ("TCP", "UDP", "SCTP", "ANY"):
         fail(path, f"unsupported protocol {value!r} (TCP, UDP, SCTP or ANY)")
+    return L4Proto(text)
 
 
 def _parse_port_protocol(value: object, path: str) -> PortProtocol:
@@ -810,11 +812,12 @@ def _parse_peer_rule(
             for i, v in enumerate(as_list(raw_ports, tp))
         )
     has_icmps = False
+    icmps: list[tuple[L4Proto, int]] = []
     raw_icmps = opt(m, "icmps")
     if raw_icmps is not None:
         ip = join(path, "icmps")
         for i, v in enumerate(as_list(raw_icmps, ip)):
-            _parse_icmp(v, f"{ip}[{i}]")
+            icmps.extend(_parse_icmp(v, f"{ip}[{i}]"))
         has_icmps = bool(raw_icmps)
         if has_icmps and ports:
             fail(path, "the icmps block may only be present without toPorts; define a separate rule for toPorts")
@@ -830,25 +833,90 @@ def _parse_peer_rule(
         fqdns=fqdns,
         to_ports=ports,
         has_icmps=has_icmps,
+        icmps=tuple(dict.fromkeys(icmps)),
         deny=deny,
         path=ref,
     )
 
 
-def _parse_icmp(value: object, path: str) -> None:
+# Cilium's ICMP type names (pkg/policy/api/icmp.go, accepted since 1.15), per family.
+ICMP_TYPES: dict[str, int] = {
+    "EchoReply": 0,
+    "DestinationUnreachable": 3,
+    "Redirect": 5,
+    "Echo": 8,
+    "EchoRequest": 8,
+    "RouterAdvertisement": 9,
+    "RouterSelection": 10,
+    "TimeExceeded": 11,
+    "ParameterProblem": 12,
+    "Timestamp": 13,
+    "TimestampReply": 14,
+    "Photuris": 40,
+    "ExtendedEchoRequest": 42,
+    "ExtendedEchoReply": 43,
+}
+ICMPV6_TYPES: dict[str, int] = {
+    "DestinationUnreachable": 1,
+    "PacketTooBig": 2,
+    "TimeExceeded": 3,
+    "ParameterProblem": 4,
+    "EchoRequest": 128,
+    "EchoReply": 129,
+    "MulticastListenerQuery": 130,
+    "MulticastListenerReport": 131,
+    "MulticastListenerDone": 132,
+    "RouterSolicitation": 133,
+    "RouterAdvertisement": 134,
+    "NeighborSolicitation": 135,
+    "NeighborAdvertisement": 136,
+    "RedirectMessage": 137,
+    "RouterRenumbering": 138,
+    "ICMPNodeInformationQuery": 139,
+    "ICMPNodeInformationResponse": 140,
+    "InverseNeighborDiscoverySolicitation": 141,
+    "InverseNeighborDiscoveryAdvertisement": 142,
+    "HomeAgentAddressDiscoveryRequest": 144,
+    "HomeAgentAddressDiscoveryReply": 145,
+    "MobilePrefixSolicitation": 146,
+    "MobilePrefixAdvertisement": 147,
+    "DuplicateAddressRequestCodeSuffix": 157,
+    "DuplicateAddressConfirmationCodeSuffix": 158,
+    "ExtendedEchoRequest": 160,
+    "ExtendedEchoReply": 161,
+}
+
+
+def _parse_icmp(value: object, path: str) -> list[tuple[L4Proto, int]]:
+    """One `icmps[i]`: (ICMP or ICMPV6, type) per field. Family defaults to IPv4 (as in Cilium); the
+    type is 0-255, a decimal string of it, or a name of that family's table."""
     m = as_mapping(value, path)
     check_fields(m, path, ("fields",))
     fp = join(path, "fields")
+    out: list[tuple[L4Proto, int]] = []
     for i, f in enumerate(as_list(opt(m, "fields") or [], fp)):
         p = f"{fp}[{i}]"
         fm = as_mapping(f, p)
         check_fields(fm, p, ("type", "family"))
         t = opt(fm, "type")
+        tp = join(p, "type")
         if isinstance(t, bool) or not isinstance(t, int | str):
-            fail(join(p, "type"), f"expected an ICMP type (number or name), got {_type_name(t)}")
+            fail(tp, f"expected an ICMP type (number or name), got {_type_name(t)}")
         fam = opt(fm, "family")
-        if fam is not None and as_str(fam, join(p, "family")) not in ("IPv4", "IPv6"):
+        family = "IPv4" if fam is None else as_str(fam, join(p, "family"))
+        if family not in ("IPv4", "IPv6"):
             fail(join(p, "family"), f"invalid family {fam!r} (IPv4 or IPv6)")
+        names = ICMP_TYPES if family == "IPv4" else ICMPV6_TYPES
+        if isinstance(t, str) and t.isdigit():
+            t = int(t, 10)
+        if isinstance(t, str):
+            if t not in names:
+                fail(tp, f"ICMP type {t!r} not found in {family} ({', '.join(names)})")
+            t = names[t]
+        if not 0 <= t <= 255:
+            fail(tp, f"ICMP type {t} out of range (0-255)")
+        out.append((L4Proto.ICMP if family == "IPv4" else L4Proto.ICMPV6, t))
+    return out
 
 
 # --- rules and objects ------------------------------------------------------------------------------
