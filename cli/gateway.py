@@ -19,12 +19,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import uvloop
 from membrane.control.files import PathProblem, read_endpoints, read_policies
-from membrane.policies import EndpointsError, compile_policy
-from membrane.proxy.flows import FlowSink
+from membrane.policies import EndpointsError, L4Proto, PolicyDirection, PolicyMap, compile_policy
+from membrane.proxy.flows import FlowSink, FlowStream, RotatingFile, default_node_name
+from membrane.proxy.flowserver import FlowPublisher, FlowServer
 from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
 from membrane.proxy.server import Proxy, ProxyConfig, listening_socket
@@ -76,6 +77,14 @@ def register(sub: Any) -> None:
     p.add_argument("--max-connections", type=int, default=10_000, help="per worker")
     p.add_argument("--max-buffer-bytes", type=int, default=1 << 20, help="per direction per connection")
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S", help="on SIGTERM, for requests in flight")
+    # Flows and observability (issue 12): node name, rotation, the `membrane observe` socket, the judged port.
+    p.add_argument("--dport", type=int, metavar="PORT",
+                   help="the policy port to judge connections as (default: the upstream's port)")
+    p.add_argument("--node-name", default=None, metavar="NAME", help="node_name in flows (default: $NODE_NAME, else the hostname)")
+    p.add_argument("--flows-max-size-mb", type=float, default=10.0, metavar="MB",
+                   help="rotate a --flows file at this size (0 = never)")
+    p.add_argument("--flows-max-backups", type=int, default=5, metavar="N", help="rotated flows files kept (name.1 ... name.N)")
+    p.add_argument("--socket", metavar="PATH", help="serve flows to `membrane observe --server PATH` on this unix socket")
     p.set_defaults(func=run)
 
 
@@ -87,6 +96,10 @@ class _Plan:
     flows: list[str]
     metrics: tuple[str, int] | None
     metrics_dir: Path | None = None  # where workers publish their counters for worker 0's endpoint
+    node_name: str = ""
+    flows_max_bytes: int = 0
+    flows_max_backups: int = 5
+    socket: str | None = None  # worker 0 serves flows here; the other workers publish theirs to it
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,11 +123,21 @@ def run(args: argparse.Namespace) -> int:
     pmap = compile_policy(loaded.policies, endpoints)
     for err in pmap.errors:
         print(f"membrane gateway: warning: {err}", file=sys.stderr)
+    if args.dport is not None and not 1 <= args.dport <= 65535:
+        print("membrane gateway: --dport must be a port number (1-65535)", file=sys.stderr)
+        return 2
+    if args.flows_max_size_mb < 0 or args.flows_max_backups < 0:
+        print("membrane gateway: --flows-max-size-mb and --flows-max-backups must be 0 or more", file=sys.stderr)
+        return 2
+    port_judged = args.dport if args.dport is not None else args.upstream[1]
     try:
-        gw = GatewayPolicy(pmap=pmap, dst=args.dst, port=args.upstream[1], src=args.src)
+        gw = GatewayPolicy(pmap=pmap, dst=args.dst, port=port_judged, src=args.src)
     except ValueError as e:
         print(f"membrane gateway: {e}", file=sys.stderr)
         return 2
+    warning = _port_warning(pmap, args.dst, port_judged, dport_given=args.dport is not None, udp=args.udp)
+    if warning:
+        print(f"membrane gateway: warning: {warning}", file=sys.stderr)
     config = ProxyConfig(
         header_timeout_s=args.header_timeout,
         idle_timeout_s=args.idle_timeout,
@@ -132,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"membrane gateway: cannot open --flows {path}: {e.strerror}", file=sys.stderr)
             return 2
-    plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics)
+    plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics,
+                 node_name=args.node_name or default_node_name(), flows_max_bytes=int(args.flows_max_size_mb * (1 << 20)),
+                 flows_max_backups=args.flows_max_backups, socket=args.socket)
     host, port = args.listen
     # One worker needs no SO_REUSEPORT; several share the port through it. For port 0, a port is picked
     # by a plain bind first: an ephemeral bind with SO_REUSEPORT could join another process's group.
@@ -228,13 +253,29 @@ async def _publish(shared: SharedMetrics, interval_s: float = 1.0) -> None:
         await asyncio.sleep(interval_s)
 
 
-def _open_flow_streams(paths: list[str]) -> list[IO[str]]:
-    streams: list[IO[str]] = []
-    for path in paths:
+def _port_warning(pmap: PolicyMap, dst: str, port: int, *, dport_given: bool, udp: bool = False) -> str | None:
+    """Why every connection will be refused (or pass unjudged) on `port`, or None when a policy rule selects it
+    (for TCP, and for UDP too with --udp)."""
+    policy = pmap.direction(dst, PolicyDirection.INGRESS)
+    hint = "" if dport_given else f" (the gateway judges the upstream's port {port}; name the policy's port with --dport)"
+    if not policy.enforced:
+        return f"no policy selects {dst} for ingress: connections on port {port} pass without a verdict{hint}"
+    missing = [
+        proto.name for proto in ((L4Proto.TCP, L4Proto.UDP) if udp else (L4Proto.TCP,))
+        if not any(not c.deny and c.lo <= port <= c.hi and proto in c.protos for c in policy.contributions)
+    ]
+    if not missing:
+        return None
+    return f"no policy rule selects port {port}/{'+'.join(missing)} of {dst}: every connection will be refused{hint}"
+
+
+def _open_flow_streams(plan: _Plan) -> list[FlowStream]:
+    streams: list[FlowStream] = []
+    for path in plan.flows:
         if path == "-":
             streams.append(sys.stdout)
         else:
-            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed at drain
+            streams.append(RotatingFile(path, max_bytes=plan.flows_max_bytes, max_backups=plan.flows_max_backups))
     return streams
 
 
@@ -248,9 +289,11 @@ async def _worker(
     ready_fd: int | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
-    streams = _open_flow_streams(plan.flows)
+    streams = _open_flow_streams(plan)
+    if plan.socket is not None and worker != 0:  # worker 0 serves the socket; the others send it their flows
+        streams.append(FlowPublisher(plan.socket, loop=loop))
     metrics = Metrics()
-    sink = FlowSink(streams)
+    sink = FlowSink(streams, node_name=plan.node_name)
     proxy = Proxy(
         config=plan.config,
         factory=session_factory(plan.gw, plan.upstream[0]),
@@ -274,6 +317,15 @@ async def _worker(
                   file=sys.stderr)
             await proxy.drain()
             return 2
+    flow_server = None
+    if plan.socket is not None and worker == 0:
+        flow_server = FlowServer(sink, plan.socket)
+        try:
+            await flow_server.start()
+        except OSError as e:
+            print(f"membrane gateway: cannot serve flows on {plan.socket}: {e.strerror or e}", file=sys.stderr)
+            await proxy.drain()
+            return 2
     if ready_line is not None:
         print(ready_line, flush=True)
     if ready_fd is not None:
@@ -287,7 +339,9 @@ async def _worker(
         shared.publish()
     if metrics_server is not None:
         metrics_server.close()
+    if flow_server is not None:
+        await flow_server.close()
     for stream in streams:
-        if stream is not sys.stdout:
+        if isinstance(stream, (RotatingFile, FlowPublisher)):
             stream.close()
     return 0

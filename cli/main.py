@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
 # Each module exposes `register(subparsers)`, which adds its parser(s) and sets `func` on them:
 # `func(args) -> int` is the command's exit status.
-_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent")
+_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent", "membrane.cli.observe")
 # The module that registers each top-level command. Only that module is imported for a command, so
 # `membrane policy ...` does not pay for the proxy's and the agent's imports (bcc, pyroute2, kafka).
 _COMMAND_OWNERS = {
@@ -23,13 +24,23 @@ _COMMAND_OWNERS = {
     "status": "membrane.cli.agent",
     "endpoint": "membrane.cli.agent",
     "cleanup-stale": "membrane.cli.agent",
+    "observe": "membrane.cli.observe",
     "uninstall": "membrane.cli.agent",
 }
+
+
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), "unknown" when not installed."""
+    try:
+        return importlib.metadata.version("membrane")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv`: just the owning module's commands when argv names one, else every command."""
     parser = argparse.ArgumentParser(prog="membrane", description="Sidecar-free L7 network policy enforcer.")
+    parser.add_argument("--version", action="version", version=f"membrane {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     first = next((a for a in (argv or ()) if not a.startswith("-")), None)
@@ -41,6 +52,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:  # answered without importing any command module
+        print(f"membrane {version()}")
+        return 0
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

@@ -1,5 +1,6 @@
-# Invariant: for any byte stream, DnsTcpParser.feed() returns events or raises a ParseError, never
-# anything else; fed whole, byte by byte, or in chunks of a size taken from the input, it yields the
+# Invariant: for any byte stream, DnsTcpParser.feed() - the parser DnsTcpSession runs - returns events
+# (an UnreadableMessage for a framed message it cannot read) or raises a ParseError for a broken frame,
+# never anything else; fed whole, byte by byte, or in chunks of a size taken from the input, it yields the
 # same events in the same order and fails with the same error class at the same stream offset; it
 # never buffers more than max_message_bytes + 2 bytes; every event's raw bytes are exactly the framed
 # message, and frame_tcp() of those bytes rebuilds the consumed stream prefix.

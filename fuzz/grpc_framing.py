@@ -1,4 +1,4 @@
-# Invariant: for any bytes, GrpcMessageReader yields the same messages whether fed whole, byte by byte
+# Invariant: for any bytes, GrpcParser yields the same messages whether fed whole, byte by byte
 # or in chunk sizes taken from the input; it raises only ParseError (MessageTooLarge past the limit);
 # it never holds more than the 5-byte prefix; the messages it reports fit in the bytes it was given.
 """Fuzz target for parsers/grpc.py Length-Prefixed-Message framing."""
@@ -11,13 +11,13 @@ import atheris
 
 with atheris.instrument_imports():
     from membrane.parsers.errors import MessageTooLarge, ParseError
-    from membrane.parsers.grpc import GrpcMessageReader
+    from membrane.parsers.grpc import GrpcParser
 
 LIMIT = 4096
 
 
 def _run(chunks: list[bytes]) -> tuple[list[object], str | None]:
-    reader = GrpcMessageReader(max_message_bytes=LIMIT)
+    reader = GrpcParser(max_message_bytes=LIMIT)
     out: list[object] = []
     try:
         for chunk in chunks:

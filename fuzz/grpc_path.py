@@ -22,7 +22,9 @@ def check(data: bytes) -> None:
         pass
     else:
         assert f"/{service}/{method}" == text, (service, method, text)
-        assert service and method and "/" not in service + method
+        assert service
+        assert method
+        assert "/" not in service + method
     is_grpc_content_type(text)
     encoded = percent_encode_message(text)
     assert all(0x20 <= ord(c) <= 0x7E for c in encoded), encoded

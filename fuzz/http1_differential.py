@@ -19,12 +19,12 @@ if __name__ == "__main__":
     with atheris.instrument_imports():
         from membrane.parsers.errors import ParseError
         from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse, Trailers
-        from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+        from membrane.parsers.http1 import Http1Event, Http1Parser
         from membrane.parsers.http_target import normalize_target
 else:
     from membrane.parsers.errors import ParseError
     from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse, Trailers
-    from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+    from membrane.parsers.http1 import Http1Event, Http1Parser
     from membrane.parsers.http_target import normalize_target
 
 import h11
@@ -35,28 +35,30 @@ METHODS = ("GET", "HEAD", "POST", "CONNECT")
 Message = tuple[str, tuple[object, ...], bytes]
 
 
+def _parser(direction: str, request: bytes, method: str) -> Http1Parser:
+    """The parser of `direction` ("req" or "resp"); for responses, after forwarding `request` 4 times (CONNECT once)."""
+    client, server = Http1Parser.pair()
+    if direction == "req":
+        return client
+    for event in client.feed(request * (1 if method == "CONNECT" else 4)):
+        if isinstance(event, HttpRequest):
+            client.forward(event)
+    return server
+
+
 def _ours(direction: str, data: bytes, method: str) -> list[Message]:
     """Messages our parser completed before it stopped (error, need-data, or a protocol switch)."""
-    conn = Http1Connection()
-    if direction == "resp":
-        request = f"{method} {'h:443' if method == 'CONNECT' else '/'} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
-        for event in conn.feed(C2S, request * (1 if method == "CONNECT" else 4)):
-            if isinstance(event, HttpRequest):
-                conn.forward(C2S, event)
+    request = f"{method} {'h:443' if method == 'CONNECT' else '/'} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
     events: list[Http1Event] = []
     try:
-        events = conn.feed(C2S if direction == "req" else S2C, data)
+        events = _parser(direction, request, method).feed(data)
     except ParseError:
         # Re-run byte by byte to keep the messages completed before the error.
-        conn2 = Http1Connection()
-        if direction == "resp":
-            for event in conn2.feed(C2S, request * (1 if method == "CONNECT" else 4)):
-                if isinstance(event, HttpRequest):
-                    conn2.forward(C2S, event)
+        parser = _parser(direction, request, method)
         events = []
         try:
             for i in range(len(data)):
-                events.extend(conn2.feed(C2S if direction == "req" else S2C, data[i : i + 1]))
+                events.extend(parser.feed(data[i : i + 1]))
         except ParseError:
             pass
     messages: list[Message] = []

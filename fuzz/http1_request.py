@@ -1,4 +1,4 @@
-# Invariant: for any bytes, Http1Connection.feed(CLIENT_TO_SERVER, ...) returns events or raises ParseError,
+# Invariant: for any bytes, Http1Parser(CLIENT_TO_SERVER).feed() returns events or raises ParseError,
 # never another exception; whole-input, byte-at-a-time and split-in-two feeding give the same events (body
 # Data merged) and the same raised/not-raised outcome; unparsed bytes held never exceed max_header_bytes
 # (+ max_held_bytes while a switch is pending); every emitted target is a fixed point of normalize_target; and
@@ -18,12 +18,12 @@ if __name__ == "__main__":
     with atheris.instrument_imports():
         from membrane.parsers.errors import ParseError
         from membrane.parsers.events import Data, HttpRequest
-        from membrane.parsers.http1 import C2S, Http1Connection, Http1Event
+        from membrane.parsers.http1 import C2S, Http1Event, Http1Parser
         from membrane.parsers.http_target import normalize_target
 else:
     from membrane.parsers.errors import ParseError
     from membrane.parsers.events import Data, HttpRequest
-    from membrane.parsers.http1 import C2S, Http1Connection, Http1Event
+    from membrane.parsers.http1 import C2S, Http1Event, Http1Parser
     from membrane.parsers.http_target import normalize_target
 
 MAX_HEADER_BYTES = 2048  # small, so that the fuzzer reaches the limit paths
@@ -40,22 +40,22 @@ def _merge(events: list[Http1Event]) -> list[Http1Event]:
     return out
 
 
-def _run(chunks: list[bytes], small: bool = True) -> tuple[list[Http1Event], bool, Http1Connection]:
+def _run(chunks: list[bytes], small: bool = True) -> tuple[list[Http1Event], bool, Http1Parser]:
     if small:
-        conn = Http1Connection(max_header_bytes=MAX_HEADER_BYTES, max_held_bytes=MAX_HELD_BYTES, max_line_bytes=1024)
+        conn = Http1Parser(C2S, max_header_bytes=MAX_HEADER_BYTES, max_held_bytes=MAX_HELD_BYTES, max_line_bytes=1024)
     else:  # serialisation may add a space per field: re-parse with the defaults
-        conn = Http1Connection()
+        conn = Http1Parser(C2S)
     events: list[Http1Event] = []
     failed = False
-    reader = conn._readers[C2S]
+
     for chunk in chunks:
         try:
-            events.extend(conn.feed(C2S, chunk))
+            events.extend(conn.feed(chunk))
         except ParseError:
             failed = True
             break
-        assert len(reader._buf) <= MAX_HEADER_BYTES, len(reader._buf)
-        assert len(reader._held) <= MAX_HELD_BYTES, len(reader._held)
+        assert len(conn._buf) <= MAX_HEADER_BYTES, len(conn._buf)
+        assert len(conn._held) <= MAX_HELD_BYTES, len(conn._held)
     return _merge(events), failed, conn
 
 
@@ -82,7 +82,7 @@ def check(data: bytes) -> None:
     for event in whole:
         if isinstance(event, HttpRequest) and event.method != "CONNECT":
             assert normalize_target(event.target) == event.target, event.target
-        wire += conn.forward(C2S, event)
+        wire += conn.forward(event)
     if wire:
         again, again_failed, _ = _run([wire], small=False)
         assert not again_failed

@@ -1,5 +1,5 @@
 # Invariant: for any bytes answering up to three forwarded requests (methods chosen by the first byte),
-# Http1Connection.feed(SERVER_TO_CLIENT, ...) and feed_eof() return events or raise ParseError, never another
+# Http1Parser(SERVER_TO_CLIENT).feed() and feed_eof() return events or raise ParseError, never another
 # exception; whole-input, byte-at-a-time and split-in-two feeding give the same events (body Data merged) and
 # the same outcome; held bytes never exceed max_header_bytes; a response to HEAD, a 1xx, 204 or 304 never
 # yields Data; and what forward() writes for the accepted events parses back to the same events.
@@ -18,11 +18,11 @@ if __name__ == "__main__":
     with atheris.instrument_imports():
         from membrane.parsers.errors import ParseError
         from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse
-        from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+        from membrane.parsers.http1 import Http1Event, Http1Parser
 else:
     from membrane.parsers.errors import ParseError
     from membrane.parsers.events import ConnectionUpgraded, Data, EndOfMessage, HttpRequest, HttpResponse
-    from membrane.parsers.http1 import C2S, S2C, Http1Connection, Http1Event
+    from membrane.parsers.http1 import Http1Event, Http1Parser
 
 MAX_HEADER_BYTES = 2048
 # Request kinds the first byte picks (two bits per request, three requests; a switch proposal ends the list).
@@ -54,28 +54,29 @@ def _merge(events: list[Http1Event]) -> list[Http1Event]:
     return out
 
 
-def connection(selector: int, small: bool = True) -> tuple[Http1Connection, list[str]]:
-    conn = Http1Connection(max_header_bytes=MAX_HEADER_BYTES, max_line_bytes=1024) if small else Http1Connection()
+def connection(selector: int, small: bool = True) -> tuple[Http1Parser, list[str]]:
+    """The SERVER_TO_CLIENT parser after its client parser forwarded the requests `selector` picks."""
+    client, server = Http1Parser.pair(max_header_bytes=MAX_HEADER_BYTES, max_line_bytes=1024) if small else Http1Parser.pair()
     methods = []
-    for event in conn.feed(C2S, b"".join(requests_for(selector))):
+    for event in client.feed(b"".join(requests_for(selector))):
         if isinstance(event, HttpRequest):
-            conn.forward(C2S, event)
+            client.forward(event)
             methods.append(event.method)
-    return conn, methods
+    return server, methods
 
 
 def _run(
     selector: int, chunks: list[bytes], eof: bool, small: bool = True
-) -> tuple[list[Http1Event], bool, Http1Connection]:
+) -> tuple[list[Http1Event], bool, Http1Parser]:
     conn, _ = connection(selector, small)
     events: list[Http1Event] = []
-    reader = conn._readers[S2C]
+
     try:
         for chunk in chunks:
-            events.extend(conn.feed(S2C, chunk))
-            assert len(reader._buf) <= MAX_HEADER_BYTES
+            events.extend(conn.feed(chunk))
+            assert len(conn._buf) <= MAX_HEADER_BYTES
         if eof:
-            events.extend(conn.feed_eof(S2C))
+            events.extend(conn.feed_eof())
     except ParseError:
         return _merge(events), True, conn
     return _merge(events), False, conn
@@ -119,10 +120,11 @@ def check(data: bytes) -> None:
             assert not bodiless, "body on a bodiless response"
         elif isinstance(event, EndOfMessage):
             bodiless = False
-    wire = b"".join(conn.forward(S2C, e) for e in whole)
+    wire = b"".join(conn.forward(e) for e in whole)
     again, again_failed, _ = _run(selector, [wire], eof, small=False)
     if not failed:
-        assert not again_failed and again == whole, (again, whole)
+        assert not again_failed, (again, whole)
+        assert again == whole, (again, whole)
 
 
 def TestOneInput(data: bytes) -> None:

@@ -55,7 +55,7 @@ def _drive(mode: int, chunks: list[bytes]) -> None:
                 sid = getattr(event, "stream_id", None) or 0
                 if isinstance(side, Http2ServerSide) and isinstance(event, HttpRequest | GrpcCall):
                     if count % 3 == 0:
-                        side.refuse(sid, _REASONS[count % len(_REASONS)])
+                        side.refusal(sid, _REASONS[count % len(_REASONS)])
                     else:
                         side.send_response(HttpResponse(status=200, stream_id=sid, has_body=True, http_version="2"))
                         side.send_data(sid, b"r" * 40_000)

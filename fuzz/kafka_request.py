@@ -2,7 +2,7 @@
 # ParseError, never anything else; fed whole, byte by byte, or in chunks of a size taken from the input,
 # it yields the same events and fails with the same error class at the same stream offset; it never
 # buffers more than max_frame_bytes + 4 bytes; the events' raw frames, joined, are a prefix of the
-# stream; build_refusal() of every event returns bytes (a well-framed response), b"" or None, never raises;
+# stream; refusal() of every event returns bytes (a well-framed response), b"" or None, never raises;
 # the generated body reader and the closure reference (parsers/_kafka_schema.py) agree on the first frame.
 """Fuzz target: Kafka request framing, headers and topic reading, parsers/kafka.py."""
 
@@ -21,10 +21,12 @@ if __name__ == "__main__":
         from membrane.parsers import _kafka_schema as schema
         from membrane.parsers import kafka
         from membrane.parsers.errors import ParseError
+        from membrane.parsers.events import Reason
 else:
     from membrane.parsers import _kafka_schema as schema
     from membrane.parsers import kafka
     from membrane.parsers.errors import ParseError
+    from membrane.parsers.events import Reason
 
 
 def _walk(make: object, frame: bytes) -> tuple[object, ...]:
@@ -88,7 +90,7 @@ def check(data: bytes) -> None:
     events = bytewise[0]
     assert stream.startswith(b"".join(e.raw for e in events))  # type: ignore[attr-defined]
     for event in events[:4]:
-        refusal = kafka.build_refusal(event)  # type: ignore[arg-type]
+        refusal = kafka.refusal(event, Reason.POLICY_DENIED)  # type: ignore[arg-type]
         if refusal:
             assert struct.unpack_from(">i", refusal)[0] == len(refusal) - 4
             assert struct.unpack_from(">i", refusal, 4)[0] == event.correlation_id  # type: ignore[attr-defined]

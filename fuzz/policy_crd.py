@@ -1,8 +1,9 @@
 # Invariant: for any bytes, load_policies() returns a LoadResult and never raises; every error is a
-# PolicyError with a location (source and line); parse_endpoints() returns Endpoints or raises only
+# PolicyError with a location (source and a line inside the text, the line of its field), every
+# problem of an object is reported once; parse_endpoints() returns Endpoints or raises only
 # EndpointsError; and compiling the valid policies, then looking up and evaluating a request, never
 # raises (lookups, L7 evaluation of HTTP/DNS/Kafka requests, BPF entry enumeration).
-"""Fuzz target for the policy loader (CNP/CCNP YAML -> model -> compile -> evaluate)."""
+"""Fuzz target for the policy loader (CNP/CCNP/NetworkPolicy YAML -> model -> compile -> evaluate)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,17 @@ _REQUESTS = (
 
 def check(data: bytes) -> None:
     result = load_policies(data, "fuzz.yaml")
+    # Lines are counted as the loader splits documents (str.splitlines: \r, \x0b, \u2028... too).
+    last_line = len(data.decode("utf-8-sig", errors="replace").splitlines()) + 1
+    seen: set[tuple[object, ...]] = set()
     for err in result.errors:
         assert isinstance(err, PolicyError), type(err)
-        assert err.source == "fuzz.yaml" and err.line is not None, str(err)
+        assert err.source == "fuzz.yaml", str(err)
+        assert err.line is not None, str(err)
+        assert 1 <= err.line <= last_line, (err.line, last_line, str(err))
+        key = (err.obj, err.path, err.message, err.line)
+        assert key not in seen, str(err)
+        seen.add(key)
         str(err)
     try:
         parse_endpoints(data, "eps.yaml")

@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import assert_never
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, assert_never, overload
 
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ProtocolViolation
-from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
+from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Parser, Reason
 
 __all__ = [
     "FORMERR",
@@ -55,11 +56,12 @@ __all__ = [
     "NXDOMAIN",
     "REFUSED",
     "SERVFAIL",
+    "DnsEvent",
     "DnsMessage",
-    "DnsTcpFramer",
+    "DnsParser",
     "DnsTcpParser",
+    "UnreadableMessage",
     "dns_rcode",
-    "error_reply",
     "frame_tcp",
     "name_text",
     "read_message",
@@ -88,6 +90,25 @@ MAX_TCP_MESSAGE_BYTES = 65535  # the 2-byte length prefix cannot say more (RFC 1
 REFUSAL_UDP_PAYLOAD = 1232  # EDNS payload size advertised in our replies (DNS flag day 2020 default)
 
 DnsMessage = DnsQuery | DnsResponse
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnreadableMessage:
+    """A message whose framing was intact but whose bytes RFC 1035 cannot read; the stream goes on.
+
+    Each TCP message has its own length prefix and each datagram stands alone, so the next message is
+    still readable: answer a query with `refusal(event, Reason.MALFORMED)` (FORMERR, when there is
+    anything to answer), and drop a response or close its stream.
+    """
+
+    direction: Direction
+    detail: str  # the MalformedMessage text, with the offset counted from the stream's start over TCP
+    offset: int | None
+    reason: Reason = Reason.MALFORMED
+    raw: bytes = field(default=b"", repr=False)
+
+
+DnsEvent = DnsQuery | DnsResponse | UnreadableMessage
 
 _HEADER = struct.Struct(">HHHHHH")
 _U16 = struct.Struct(">H")
@@ -277,7 +298,7 @@ def read_query(data: bytes) -> DnsQuery:
 
     Returns a `DnsQuery` whose `raw` is `data` itself: forward exactly those bytes upstream.
     Raises `MalformedMessage` (direction CLIENT_TO_SERVER, `offset` into `data`) for anything that
-    is not a well-formed query; answer it with `error_reply(data, FORMERR)` or drop it.
+    is not a well-formed query; answer it with `refusal()` of an `UnreadableMessage` (what `DnsParser` emits) or drop it.
     """
     try:
         qid, flags, labels, qtype, qclass, _qend, _opt = _scan_query(data)
@@ -334,6 +355,7 @@ def read_response(data: bytes) -> DnsResponse:
 
 
 def _read_response(data: bytes) -> DnsResponse:
+    """`read_response` without the error translation: header, question, answers, then the other sections."""
     n = len(data)
     if n < HEADER_BYTES:
         raise _WireError("message shorter than the 12-byte header", n, truncated=True)
@@ -344,29 +366,68 @@ def _read_response(data: bytes) -> DnsResponse:
         raise _WireError(f"QDCOUNT is {qdcount}, a response repeats at most one question", 4)
     tc = bool(flags & _TC)
     cache: NameCache = {}
-    pos = HEADER_BYTES
-    name = normalized = ""
-    qtype = 0
+    name, qtype, pos = _read_question(data, cache) if qdcount else ("", 0, HEADER_BYTES)
+    normalized = name.lower()
+    answers = _read_answers(data, pos, ancount, tc, cache, normalized if qdcount else None)
+    pos, cut = answers.end, answers.cut
+    opt = -1
+    if not cut and (nscount or arcount):
+        pos, opt, cut = _skip_records(data, pos, nscount + arcount, nscount, tc, cache)
+    if pos != n and not cut:
+        raise _WireError(f"{n - pos} bytes after the last record (counts too low?)", pos)
+    rcode = flags & 0x000F
+    if opt >= 0:
+        rcode |= data[opt + 5] << 4  # the TTL's top byte is the extended RCODE (RFC 6891 §6.1.3)
+    return DnsResponse(
+        id=qid,
+        name=name,
+        normalized_name=normalized,
+        qtype=qtype,
+        rcode=rcode,
+        addresses=tuple(answers.addresses),
+        cnames=tuple(answers.cnames),
+        min_ttl=answers.min_ttl,
+        raw=data,
+    )
+
+
+def _read_question(data: bytes, cache: NameCache) -> tuple[str, int, int]:
+    """A response's one question. Returns (name as text, QTYPE, offset after the question)."""
+    labels, pos = _read_name(data, HEADER_BYTES, cache)
+    if pos + 4 > len(data):
+        raise _WireError("question runs past the end of the message", pos, truncated=True)
+    return name_text(labels), _U16.unpack_from(data, pos)[0], pos + 4
+
+
+class _Answers:
+    """What the answer section taught toFQDNs, and where the walk over it ended."""
+
+    __slots__ = ("addresses", "cnames", "cut", "end", "min_ttl")
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.cnames: list[str] = []
+        self.min_ttl: int | None = None
+        self.end = 0  # offset after the last record read
+        self.cut = False  # a record was cut off by the end of a TC message: the walk stopped there
+
+
+def _read_answers(data: bytes, pos: int, count: int, tc: bool, cache: NameCache, question: str | None) -> _Answers:
+    """Walk `count` answer records from `pos`, learning A/AAAA/CNAME records of class IN on the chain.
+
+    The chain starts at the (normalised) question name; a CNAME whose owner is on it adds its
+    target. One loop, no call per record but for names: this is the hot path of every DNS answer.
+    """
+    n = len(data)
+    out = _Answers()
     chain: set[str] = set()
-    if qdcount:
-        qlabels, pos = _read_name(data, pos, cache)
-        if pos + 4 > n:
-            raise _WireError("question runs past the end of the message", pos, truncated=True)
-        qtype = _U16.unpack_from(data, pos)[0]
-        pos += 4
-        name = name_text(qlabels)
-        normalized = name.lower()
-        chain.add(normalized)
-    addresses: list[str] = []
-    cnames: list[str] = []
-    min_ttl: int | None = None
-    cut = False
     # Normalised text of names already decoded, by the offset they start at: an owner that is just a
     # pointer to one of them (what compressors write) costs a dict lookup, not a decode.
     texts: dict[int, str] = {}
-    if qdcount:
-        texts[HEADER_BYTES] = normalized
-    for _ in range(ancount):
+    if question is not None:
+        chain.add(question)
+        texts[HEADER_BYTES] = question
+    for _ in range(count):
         start = pos
         owner: str | None = None
         labels: list[bytes] | None = None
@@ -386,8 +447,8 @@ def _read_response(data: bytes) -> DnsResponse:
                 raise _WireError("record data runs past the end of the message", pos, truncated=True)
         except _WireError as e:
             if tc and e.truncated:
-                pos, cut = start, True
-                break
+                out.end, out.cut = start, True
+                return out
             raise
         rdstart, pos = pos, pos + rdlength
         if rtype == TYPE_OPT:
@@ -405,43 +466,26 @@ def _read_response(data: bytes) -> DnsResponse:
             if owner not in chain:
                 continue
             chain.add(target_name)
-            cnames.append(target_name)
+            out.cnames.append(target_name)
         elif rtype == TYPE_A:
             if rdlength != 4:
                 raise _WireError(f"A record with RDLENGTH {rdlength}, not 4", rdstart - 2)
             if owner not in chain:
                 continue
             a, b, c, d = _U8X4.unpack_from(data, rdstart)
-            addresses.append(f"{a}.{b}.{c}.{d}")
+            out.addresses.append(f"{a}.{b}.{c}.{d}")
         else:
             if rdlength != 16:
                 raise _WireError(f"AAAA record with RDLENGTH {rdlength}, not 16", rdstart - 2)
             if owner not in chain:
                 continue
-            addresses.append(_ipv6_text(data, rdstart))
+            out.addresses.append(_ipv6_text(data, rdstart))
         if ttl & 0x80000000:
             ttl = 0  # RFC 2181 §8
-        if min_ttl is None or ttl < min_ttl:
-            min_ttl = ttl
-    opt = -1
-    if not cut and (nscount or arcount):
-        pos, opt, cut = _skip_records(data, pos, nscount + arcount, nscount, tc, cache)
-    if pos != n and not cut:
-        raise _WireError(f"{n - pos} bytes after the last record (counts too low?)", pos)
-    rcode = flags & 0x000F
-    if opt >= 0:
-        rcode |= data[opt + 5] << 4  # the TTL's top byte is the extended RCODE (RFC 6891 §6.1.3)
-    return DnsResponse(
-        id=qid,
-        name=name,
-        normalized_name=normalized,
-        qtype=qtype,
-        rcode=rcode,
-        addresses=tuple(addresses),
-        cnames=tuple(cnames),
-        min_ttl=min_ttl,
-        raw=data,
-    )
+        if out.min_ttl is None or ttl < out.min_ttl:
+            out.min_ttl = ttl
+    out.end = pos
+    return out
 
 
 def read_message(direction: Direction, data: bytes) -> DnsMessage:
@@ -471,19 +515,30 @@ def dns_rcode(reason: Reason) -> int:
             assert_never(reason)
 
 
-def refusal(query_raw: bytes, rcode: int = REFUSED) -> bytes:
-    """The reply that refuses a query, built from its bytes (`DnsQuery.raw`).
+@overload
+def refusal(request: DnsQuery, reason: Reason) -> bytes: ...
+@overload
+def refusal(request: UnreadableMessage, reason: Reason) -> bytes | None: ...
+def refusal(request: DnsQuery | UnreadableMessage, reason: Reason) -> bytes | None:
+    """The reply that refuses `request` for `reason` (RCODE `dns_rcode(reason)`), built from its bytes.
 
-    Same ID, opcode, RD and CD bits and question (bytes as sent, so case kept); QR set; RA set when
-    RD was (we answer for the pod's recursive resolver, so `dig` does not warn); AA, TC, AD clear;
-    no answers. If the query had an EDNS OPT record, the reply carries one (version 0, the DO bit
-    echoed, payload size 1232, no options). `rcode` is REFUSED (default), NXDOMAIN, SERVFAIL, ...
-    Returns the message bytes (add `frame_tcp` over TCP).
-    Raises `MalformedMessage` if `query_raw` is not a well-formed query (use `error_reply` then),
-    `ValueError` if `rcode` does not fit the header's 4 bits.
+    For a `DnsQuery`: same ID, opcode, RD and CD bits and question (bytes as sent, so case kept); QR
+    set; RA set when RD was (we answer for the pod's recursive resolver, so `dig` does not warn); AA,
+    TC, AD clear; no answers. If the query had an EDNS OPT record, the reply carries one (version 0,
+    the DO bit echoed, payload size 1232, no options). For an `UnreadableMessage`: a header-only
+    reply (same ID and opcode, RD copied, QR set, counts zero).
+    Returns the message bytes (add `frame_tcp` over TCP); None for an unreadable message there is
+    nothing to answer (fewer than 12 bytes, or QR already set: answering a response invites loops).
+    Raises `MalformedMessage` if a `DnsQuery`'s `raw` is not the well-formed query it came from.
     """
-    if not 0 <= rcode <= 15:
-        raise ValueError(f"rcode {rcode} needs the EDNS extended RCODE; only 0-15 are supported")
+    if type(request) is UnreadableMessage:
+        return _header_reply(request.raw, dns_rcode(reason))
+    assert isinstance(request, DnsQuery)
+    return _question_reply(request.raw, dns_rcode(reason))
+
+
+def _question_reply(query_raw: bytes, rcode: int) -> bytes:
+    """`refusal` of a readable query (`rcode` fits the header's 4 bits: `dns_rcode` returns no other)."""
     try:
         qid, flags, _labels, _qtype, _qclass, qend, opt = _scan_query(query_raw)
     except _WireError as e:
@@ -499,15 +554,8 @@ def refusal(query_raw: bytes, rcode: int = REFUSED) -> bytes:
     return head + question + b"\x00" + _RR_FIXED.pack(TYPE_OPT, REFUSAL_UDP_PAYLOAD, do, 0)
 
 
-def error_reply(data: bytes, rcode: int = FORMERR) -> bytes | None:
-    """A header-only reply (no question) for a message that `read_query` rejected.
-
-    Same ID and opcode, RD copied, QR set, counts zero. Returns None when there is nothing to
-    answer: fewer than 12 bytes, or QR already set (answering a response invites reply loops).
-    Raises `ValueError` if `rcode` does not fit the header's 4 bits.
-    """
-    if not 0 <= rcode <= 15:
-        raise ValueError(f"rcode {rcode} needs the EDNS extended RCODE; only 0-15 are supported")
+def _header_reply(data: bytes, rcode: int) -> bytes | None:
+    """`refusal` of an unreadable message: a header-only reply, or None when nothing can be answered."""
     if len(data) < HEADER_BYTES:
         return None
     qid, flags = _U16U16.unpack_from(data)
@@ -529,7 +577,7 @@ def frame_tcp(message: bytes) -> bytes:
     return _U16.pack(len(message)) + message
 
 
-class DnsTcpFramer:
+class _TcpFramer:
     """Splits one direction of a DNS-over-TCP stream into messages (RFC 7766 §8: several per connection).
 
     Buffers at most one message (`max_message_bytes` + 2 bytes). A length under 12 cannot hold a
@@ -557,28 +605,18 @@ class DnsTcpFramer:
         """Stream offset of the first byte not yet returned as part of a message."""
         return self._offset
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes from the stream; returns every message now complete (without prefixes), in order.
-
-        Returns [] when more data is needed. Raises `MalformedMessage` (length under 12),
-        `MessageTooLarge` (length over the limit) or `ProtocolViolation` (fed after an error),
-        with `offset` counted from the start of the stream; messages completed earlier in the same
-        call are not returned then (the connection is to be closed).
-        """
-        self.push(data)
-        messages = []
-        while (message := self.next_message()) is not None:
-            messages.append(message)
-        return messages
-
     def push(self, data: bytes) -> None:
-        """Add bytes without taking messages out (use `next_message`). Raises as `feed` does after an error."""
+        """Add bytes from the stream (take messages out with `next_message`). Raises `ProtocolViolation` after an error."""
         if self._failed:
             raise ProtocolViolation("DNS TCP stream already failed", direction=self.direction, offset=self._offset)
         self._buffer += data
 
     def next_message(self) -> bytes | None:
-        """The next complete message (without its prefix), or None until more bytes arrive. Raises as `feed`."""
+        """The next complete message (without its prefix), or None until more bytes arrive.
+
+        Raises `MalformedMessage` (length under 12), `MessageTooLarge` (length over the limit) or
+        `ProtocolViolation` (called after an error), with `offset` counted from the start of the stream.
+        """
         if self._failed:
             raise ProtocolViolation("DNS TCP stream already failed", direction=self.direction, offset=self._offset)
         buf = self._buffer
@@ -605,10 +643,6 @@ class DnsTcpFramer:
         self._offset += stop
         return message
 
-    def fail(self) -> None:
-        """Mark the stream unusable (the caller found a message it cannot read); later calls raise."""
-        self._failed = True
-
     def end_of_stream(self) -> None:
         """The peer closed its side. Raises `MalformedMessage` if a message was cut off, else returns."""
         if self._buffer and not self._failed:
@@ -618,33 +652,63 @@ class DnsTcpFramer:
             )
 
 
-class DnsTcpParser:
-    """One direction of DNS over TCP, framed and read: `feed()` returns `DnsQuery` or `DnsResponse` events.
+class DnsParser:
+    """One direction of DNS over UDP: each `feed(datagram)` is one whole message (the parser contract).
 
-    CLIENT_TO_SERVER reads queries, SERVER_TO_CLIENT responses. Error offsets count from the start
-    of the stream (the message's own offset plus where its bytes began).
+    CLIENT_TO_SERVER reads queries, SERVER_TO_CLIENT responses. Never raises: a datagram that is not
+    a readable message is an `UnreadableMessage` event, and the next datagram is read afresh.
     """
+
+    __slots__ = ("_read", "direction")
+
+    def __init__(self, direction: Direction) -> None:
+        self.direction = direction
+        self._read = read_query if direction is Direction.CLIENT_TO_SERVER else read_response
+
+    def feed(self, data: bytes) -> list[DnsEvent]:
+        """Returns [DnsQuery] / [DnsResponse] for the datagram `data`, or [UnreadableMessage]."""
+        try:
+            return [self._read(data)]
+        except MalformedMessage as e:
+            return [UnreadableMessage(direction=self.direction, detail=str(e), offset=e.offset, raw=data)]
+
+    def data_to_send(self) -> bytes:
+        """Always b"": DNS never answers on its own (replies come from `refusal`)."""
+        return b""
+
+
+class DnsTcpParser:
+    """One direction of DNS over TCP, framed and read: `feed()` returns `DnsQuery`/`DnsResponse` events.
+
+    CLIENT_TO_SERVER reads queries, SERVER_TO_CLIENT responses. A framed message that cannot be read
+    is an `UnreadableMessage` event (its length prefix still delimits it, so the stream goes on);
+    a broken frame (length under 12 or over the limit) raises and ends the stream. Offsets count
+    from the start of the stream (the message's own offset plus where its bytes began).
+    """
+
+    __slots__ = ("_framer", "_read", "direction")
 
     def __init__(self, direction: Direction, max_message_bytes: int = MAX_TCP_MESSAGE_BYTES) -> None:
         self.direction = direction
-        self._framer = DnsTcpFramer(direction, max_message_bytes)
+        self._framer = _TcpFramer(direction, max_message_bytes)
         self._read = read_query if direction is Direction.CLIENT_TO_SERVER else read_response
 
     @property
     def buffered_bytes(self) -> int:
+        """Bytes held for an incomplete message (0 at a message boundary)."""
         return self._framer.buffered_bytes
 
-    def feed(self, data: bytes) -> list[DnsMessage]:
+    def feed(self, data: bytes) -> list[DnsEvent]:
         """Add stream bytes; returns the events of every message now complete ([] = need more data).
 
-        Raises `MalformedMessage`, `MessageTooLarge` or `ProtocolViolation` as `DnsTcpFramer.feed`
-        and `read_query` / `read_response` do, for the first bad item in stream order whatever the
-        read boundaries; events of earlier messages in the same call are not returned then, and the
-        stream is unusable: close the connection.
+        Raises `MalformedMessage` (a length prefix under 12), `MessageTooLarge` (over the limit) or
+        `ProtocolViolation` (fed after one of those), for the first bad frame in stream order whatever
+        the read boundaries; events of earlier messages in the same call are not returned then, and
+        the stream is unusable: close the connection.
         """
         framer = self._framer
         framer.push(data)
-        events: list[DnsMessage] = []
+        events: list[DnsEvent] = []
         while True:
             base = framer.stream_offset
             message = framer.next_message()
@@ -653,11 +717,23 @@ class DnsTcpParser:
             try:
                 events.append(self._read(message))
             except MalformedMessage as e:
-                framer.fail()
-                if e.offset is not None:
-                    e.offset += base + 2
-                raise
+                offset = None if e.offset is None else e.offset + base + 2
+                e.offset = offset
+                events.append(UnreadableMessage(direction=self.direction, detail=str(e), offset=offset, raw=message))
+
+    def data_to_send(self) -> bytes:
+        """Always b"": DNS never answers on its own (replies come from `refusal`)."""
+        return b""
 
     def end_of_stream(self) -> None:
         """The peer closed its side. Raises `MalformedMessage` if a message was cut off."""
         self._framer.end_of_stream()
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _contract(parser: DnsParser) -> Parser[DnsEvent]:
+        return parser
+
+    def _tcp_contract(parser: DnsTcpParser) -> Parser[DnsEvent]:
+        return parser

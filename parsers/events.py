@@ -8,7 +8,9 @@ dataclass; "need more data" is an empty list, never an event.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 Headers = tuple[tuple[str, str], ...]
 """Header fields in wire order; names as received (compare case-insensitively), values stripped."""
@@ -27,6 +29,29 @@ class Reason(enum.Enum):
     TOO_LARGE = "too_large"
     UPSTREAM_FAILED = "upstream_failed"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+
+
+Event_co = TypeVar("Event_co", covariant=True)
+
+
+class Parser(Protocol[Event_co]):
+    """The contract every protocol's parser follows: one object per direction of one connection.
+
+    * `feed(data)` takes the bytes that direction's peer sent and returns the events they complete,
+      in order ([] = need more data); it raises only `ParseError` subclasses (parsers/errors.py).
+    * `data_to_send()` returns the bytes the parser itself must write to that same peer now (HTTP/2's
+      SETTINGS, WINDOW_UPDATE, refusals); b"" for protocols that never answer on their own (HTTP/1.1,
+      DNS, Kafka: every byte they send comes from a `forward` or `refusal` the session asked for).
+    * Each protocol has one `refusal(request, reason)` that builds (or, for HTTP/1.1 and HTTP/2, on
+      the request parser, queues) the protocol's own answer to a request the proxy will not forward.
+    """
+
+    @property
+    def direction(self) -> Direction: ...
+
+    def feed(self, data: bytes) -> Sequence[Event_co]: ...
+
+    def data_to_send(self) -> bytes: ...
 
 
 # --- HTTP/1.1 and HTTP/2 -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Owns the gRPC wire rules that sit on top of HTTP/2 (PROTOCOL-HTTP2.md of grpc/gr
 framing itself (parsers/http2.py) nor policy. Raises only `ParseError` subclasses. The framing
 reader never buffers a message payload: memory per stream is the 5-byte prefix at most.
 
-Theory of operation: `GrpcMessageReader` is a two-state machine, `_State.PREFIX` (collecting the
+Theory of operation: `GrpcParser` is a two-state machine, `_State.PREFIX` (collecting the
 5-byte prefix) and `_State.PAYLOAD` (skipping `length` bytes); a prefix whose flag byte is not 0/1
 moves it to `_State.ERROR` (MalformedMessage) and one whose length is over the limit raises
 MessageTooLarge. `end()` in `_State.PAYLOAD`, or with a partial prefix, is a truncated message.
@@ -24,22 +24,22 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import assert_never
+from typing import TYPE_CHECKING, assert_never
 
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge
-from membrane.parsers.events import Direction, Headers, Reason
+from membrane.parsers.events import Direction, Headers, Parser, Reason
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "GrpcMessage",
-    "GrpcMessageReader",
+    "GrpcParser",
     "GrpcStatus",
     "grpc_status",
     "is_grpc_content_type",
     "percent_decode_message",
     "percent_encode_message",
     "split_path",
-    "trailers_only_refusal",
+    "status_trailers",
 ]
 
 # 4 MiB: grpc's default max receive message size (GRPC_DEFAULT_MAX_RECV_MESSAGE_LENGTH).
@@ -147,8 +147,10 @@ def percent_decode_message(value: str) -> str:
     return _PERCENT_TRIPLET.sub(lambda m: bytes([int(m.group(1), 16)]), raw).decode("utf-8", "replace")
 
 
-def trailers_only_refusal(reason: Reason, message: str | None = None) -> Headers:
-    """The header block of a trailers-only gRPC refusal (sent with END_STREAM, no DATA).
+def status_trailers(reason: Reason, message: str | None = None) -> Headers:
+    """The header block that ends a gRPC call with the status for `reason`: trailers-only when sent with
+    END_STREAM and no DATA (how `Http2ServerSide.refusal` refuses a `GrpcCall`); its last two fields
+    alone are the trailers of a call whose response already started.
 
     `:status 200`, `content-type: application/grpc`, `grpc-status` from `grpc_status(reason)`,
     `grpc-message` (percent-encoded) defaulting to "Access denied" for POLICY_DENIED.
@@ -176,7 +178,7 @@ class _State(enum.Enum):
     ERROR = "error"
 
 
-class GrpcMessageReader:
+class GrpcParser:
     """Incremental reader of the gRPC Length-Prefixed-Message framing of one direction of one stream.
 
     Counts messages and their sizes without buffering payloads. `max_message_bytes` bounds one
@@ -198,6 +200,10 @@ class GrpcMessageReader:
         self._remaining = 0
         self._current: GrpcMessage | None = None
         self._offset = 0
+
+    def data_to_send(self) -> bytes:
+        """Always b"": gRPC framing never answers on its own (HTTP/2 carries every reply)."""
+        return b""
 
     def feed(self, data: bytes) -> list[GrpcMessage]:
         """Consume a piece of the stream's DATA; returns the messages completed by it.
@@ -265,3 +271,9 @@ class GrpcMessageReader:
         if self._state is _State.PAYLOAD or self._prefix:
             self._state = _State.ERROR
             raise MalformedMessage("gRPC stream ended inside a message", direction=self.direction)
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _contract(parser: GrpcParser) -> Parser[GrpcMessage]:
+        return parser

@@ -1,4 +1,4 @@
-"""HTTP/1.1 for both directions of one connection, sans-I/O: bytes in, events out; plus the bytes to send on.
+"""HTTP/1.1, sans-I/O: one `Http1Parser` per direction of a connection, bytes in, events out; plus the bytes to send on.
 
 Owns message framing (where a message starts and ends), head limits, the refusal responses and the
 re-serialisation of forwarded messages. Never touches sockets, clocks or policy. Invariant: every byte
@@ -54,12 +54,13 @@ Limits (`MessageTooLarge`, 431): the head (`max_header_bytes`, 16 KiB as IIS; RF
 count (100, as Apache's LimitRequestFields), one line (8 KiB, as Apache's LimitRequestLine), a
 chunk-size line (1 KiB, as h11 caps chunk headers) and the bytes held while a protocol switch is pending.
 
-Directions: each `Direction` has a reader with the state table `_TRANSITIONS`; the transitions
-written as code are the three ends of a message (`_end_message`: next IDLE, MUST_CLOSE or PAUSED)
-and a switch (`_switch`: both readers to TUNNEL). After a request that proposes a switch (Upgrade
-with `Connection: upgrade`, or CONNECT) the client reader PAUSES and holds further bytes until the
-answer: a 101 / 2xx-to-CONNECT turns them into tunnel `Data`, anything else (or `refuse()`) resumes
-HTTP parsing; call `feed(CLIENT_TO_SERVER, b"")` when `has_held_input()` says so.
+Directions: each `Direction` has its own `Http1Parser` with the state table `_TRANSITIONS`; the two
+share the requests in flight (`_Exchanges`). The transitions written as code are the three ends of a
+message (`_end_message`: next IDLE, MUST_CLOSE or PAUSED) and a switch (`_Exchanges.switched`: both
+parsers to TUNNEL). After a request that proposes a switch (Upgrade with `Connection: upgrade`, or
+CONNECT) the client parser PAUSES and holds further bytes until the answer: a 101 / 2xx-to-CONNECT
+turns them into tunnel `Data`, anything else (or `refusal()`) resumes HTTP parsing; call
+`client.feed(b"")` when `client.has_held_input()` says so.
 
 Forwarding (decided here, the proxy just writes what `forward()` returns): a head that needs no change
 (target already normal, no header actions, the event object as emitted) goes out as the exact bytes
@@ -78,7 +79,7 @@ import functools
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, assert_never
+from typing import TYPE_CHECKING, Final, assert_never
 
 import httptools
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
@@ -90,6 +91,7 @@ from membrane.parsers.events import (
     Headers,
     HttpRequest,
     HttpResponse,
+    Parser,
     Reason,
     Trailers,
 )
@@ -281,30 +283,194 @@ def _tokens(value: str) -> set[str]:
     return {t.strip().lower() for t in value.split(",")}
 
 
-class _Reader:
-    """One direction's framing state machine."""
+def _head_lines(head: bytes, limits: Limits, direction: Direction) -> list[str]:
+    """The head's lines (start line first), checked against the line and field-count limits."""
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    if len(lines) > limits.max_headers + 1:
+        raise MessageTooLarge(f"more than {limits.max_headers} header fields", direction=direction)
+    if len(head) > limits.max_line_bytes and max(map(len, lines)) > limits.max_line_bytes:  # no line is longer than the head
+        raise MessageTooLarge(f"a head line is longer than {limits.max_line_bytes} bytes", direction=direction)
+    return lines
+
+
+def _parse_fields(lines: list[str], version: str, direction: Direction) -> _Fields:
+    """Decode the field lines (llhttp already checked their syntax) and pull out the ones that frame."""
+    f = _Fields()
+    headers = f.headers
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
+        headers.append((name, value))
+        special = _SPECIAL.get(name.lower())
+        if special is None:
+            continue
+        if special == 0:  # content-length
+            if f.content_length is not None:
+                raise MalformedMessage("repeated Content-Length (RFC 9112 §6.3)", direction=direction)
+            if not (value.isascii() and value.isdigit() and len(value) <= 18):
+                raise MalformedMessage(f"invalid Content-Length {value[:32]!r} (RFC 9112 §6.3)", direction=direction)
+            f.content_length = int(value)
+        elif special == 1:  # transfer-encoding
+            if f.chunked or value.lower() != "chunked":
+                raise MalformedMessage("Transfer-Encoding other than one final 'chunked' (RFC 9112 §6.1)",
+                                       direction=direction)
+            f.chunked = True
+        elif special == 2:  # host
+            f.host_count += 1
+            f.host = value
+        elif special == 3:  # connection
+            f.connection |= _tokens(value)
+        elif special == 4:  # upgrade
+            f.upgrade = value
+        else:  # expect
+            f.expect = value.lower()
+    if f.chunked:
+        if f.content_length is not None:
+            raise MalformedMessage("both Content-Length and Transfer-Encoding (RFC 9112 §6.3)", direction=direction)
+        if version == "1.0":
+            raise MalformedMessage("Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)", direction=direction)
+    return f
+
+
+def _request_target(method: str, raw_target: str, f: _Fields, direction: Direction) -> tuple[str, str, str]:
+    """(target, path, query) of a request line's target: authority form for CONNECT, `*` for OPTIONS,
+    else origin or absolute form through `normalize_target` (RFC 9112 §3.2)."""
+    if method == "CONNECT":
+        if not _AUTHORITY.fullmatch(raw_target):
+            raise MalformedMessage("CONNECT target is not host:port (RFC 9112 §3.2.3)", direction=direction)
+        if f.chunked or f.content_length:
+            raise MalformedMessage("CONNECT with a body (RFC 9110 §9.3.6)", direction=direction)
+        return raw_target, raw_target, ""
+    if raw_target == "*":
+        if method != "OPTIONS":
+            raise MalformedMessage("asterisk-form target outside OPTIONS (RFC 9112 §3.2.4)", direction=direction)
+        return "*", "*", ""
+    # An already normal target is what normalize_target would return unchanged.
+    target = raw_target if _NORMAL_TARGET.fullmatch(raw_target) else normalize_target(raw_target, direction=direction)
+    path, _, query = target.partition("?")
+    return target, path, query
+
+
+def _switch_proposed(method: str, f: _Fields) -> str | None:
+    """The protocol a request asks to switch to: "CONNECT", the first Upgrade token (with
+    `Connection: upgrade`), or None."""
+    if method == "CONNECT":
+        return "CONNECT"
+    if f.upgrade is not None and "upgrade" in f.connection:
+        return f.upgrade.split(",")[0].strip()
+    return None
+
+
+def _status_line(line: str, direction: Direction) -> tuple[str, int, str]:
+    """(version, status, reason) of a status line `HTTP/1.x SP 3DIGIT [SP reason]` (RFC 9112 §4)."""
+    parts = line.split(" ", 2)
+    version = _VERSIONS.get(parts[0])
+    if version is None:
+        raise MalformedMessage(f"unsupported version {parts[0][:16]!r} (RFC 9112 §2.3)", direction=direction)
+    code = parts[1] if len(parts) > 1 else ""
+    if not (len(code) == 3 and code.isascii() and code.isdigit()) or code[0] == "0":
+        raise MalformedMessage(f"status code {code[:8]!r} is not 100-999 (RFC 9112 §4)", direction=direction)
+    reason = parts[2] if len(parts) > 2 else ""
+    if _CTL.search(reason):
+        raise MalformedMessage("control character in the reason phrase (RFC 9112 §4)", direction=direction)
+    return version, int(code), reason
+
+
+class _Exchanges:
+    """What the two directions of one connection share: the requests, from their head until answered."""
+
+    __slots__ = ("client", "current", "in_flight", "undecided", "upgraded")
+
+    def __init__(self, client: Http1Parser) -> None:
+        self.client = client  # the CLIENT_TO_SERVER parser, paused and resumed around protocol switches
+        self.undecided: deque[_Exchange] = deque()  # parsed requests the proxy has not yet forwarded/refused
+        self.in_flight: deque[_Exchange] = deque()  # forwarded requests awaiting their final response
+        self.current: _Exchange | None = None  # the request being read
+        self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
+
+    def parsed(self, exchange: _Exchange) -> None:
+        self.undecided.append(exchange)
+        self.current = exchange
+
+    def forwarded(self, request: HttpRequest) -> bytes | None:
+        """Record the oldest undecided request as forwarded. Returns its head as received when `request`
+        is the event as emitted and its target needed no normalising (those bytes are exact), else None.
+        Raises ValueError when no request waits for a decision."""
+        if not self.undecided:
+            raise ValueError("forward() of a request that was not read, or was already decided")
+        exchange = self.undecided.popleft()
+        self.in_flight.append(exchange)
+        raw = exchange.raw_head if exchange.request is request else None
+        exchange.raw_head = exchange.request = None
+        return raw
+
+    def refused(self, request: HttpRequest) -> tuple[str, bool]:
+        """Record `request`, the oldest undecided one, as answered by the proxy. Returns its method and
+        whether the connection must close after the refusal (see `Http1Parser.refusal`).
+        Raises ValueError when `request` is not the oldest undecided request."""
+        if not self.undecided or self.undecided[0].request is not request:
+            raise ValueError("refusal() of a request that is not the oldest one waiting for a decision")
+        exchange = self.undecided.popleft()
+        exchange.answered = True
+        exchange.raw_head = exchange.request = None
+        close = not exchange.keep_alive or (exchange.expect_continue and exchange.has_body and not exchange.complete)
+        if exchange.switch is not None:
+            if exchange.complete:
+                self.resume_client()
+            else:
+                close = True
+        return exchange.method, close
+
+    def answering(self) -> _Exchange | None:
+        return self.in_flight[0] if self.in_flight else None
+
+    def answered(self, exchange: _Exchange) -> None:
+        self.in_flight.popleft()
+        exchange.answered = True
+        if exchange.switch is not None:
+            self.resume_client()
+
+    def resume_client(self) -> None:
+        client = self.client
+        if client.state is State.PAUSED:
+            client.move(Input.RESUME)
+
+    def switched(self, events: list[Http1Event], protocol: str) -> None:
+        self.in_flight.popleft().answered = True
+        client = self.client
+        if client.state is not State.PAUSED:
+            raise ProtocolViolation("protocol switch before the request was complete", direction=S2C)
+        client.move(Input.SWITCH)
+        self.upgraded = protocol
+        events.append(ConnectionUpgraded(protocol=protocol))
+
+
+class _Framing:
+    """One direction's framing state machine: where each message and each body ends (`_TRANSITIONS`).
+
+    Reads bodies (Content-Length, chunked, until close, tunnel) and holds input while a switch is
+    pending; heads are read by `Http1Parser`, which builds on this class.
+    """
 
     __slots__ = (
         "_buf",
         "_chunked_trailers",
-        "_conn",
-        "_done",
         "_head_is_request",
         "_held",
-        "_memo",
-        "_parser",
         "_remaining",
         "_response_keep_alive",
+        "_shared",
         "_trailer_bytes",
         "direction",
-        "rejected",
+        "limits",
         "state",
     )
 
-    def __init__(self, conn: Http1Connection, direction: Direction) -> None:
-        self._conn = conn
+    def __init__(self, direction: Direction, shared: _Exchanges, limits: Limits) -> None:
         self.direction = direction
         self._head_is_request = direction is C2S
+        self._shared = shared
+        self.limits = limits
         self.state = State.IDLE
         self._buf = bytearray()  # a partial head / chunk line / trailer line
         self._held = bytearray()  # bytes received while PAUSED
@@ -312,15 +478,10 @@ class _Reader:
         self._chunked_trailers: list[tuple[str, str]] = []
         self._trailer_bytes = 0
         self._response_keep_alive = True
-        self._done = _HeadDone()
-        # The last head read and what _lines/_fields made of it: a keep-alive peer often sends the
-        # same head again (a pure function of the bytes, so the fields are reused, never re-read).
-        self._memo: tuple[bytes, list[str], _Fields] | None = None
-        self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
-        # (method, raw target, Host or "") of a request head being judged; None once it was accepted.
-        # Set while a ParseError is raised for a head whose request line was split, so that the
-        # proxy can say which request it refused.
-        self.rejected: tuple[str, str, str] | None = None
+
+    def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        """Read (part of) a head from `data[pos:]`; returns the offset after what was used (Http1Parser)."""
+        raise NotImplementedError
 
     # -- state table -------------------------------------------------------------------------------
 
@@ -340,6 +501,17 @@ class _Reader:
     # -- feeding -----------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list[Http1Event]:
+        """Parse `data` received from this direction's peer (b"" processes held input only).
+
+        Returns:
+            The events, in order; [] when more bytes are needed.
+        Raises:
+            MalformedMessage: the bytes break the framing rules (module docstring); answer with
+                `error_response(refusal_status(e.reason, e.direction), keep_alive=False)` and close.
+            MessageTooLarge: a limit was crossed; same as above (431 for a request).
+            ProtocolViolation: bytes in an order HTTP/1.1 forbids; close the connection.
+            The parser is unusable after any of them.
+        """
         if self.state is State.ERROR:
             raise ProtocolViolation("parser already failed", direction=self.direction)
         if self._held and self.state is not State.PAUSED:
@@ -399,7 +571,7 @@ class _Reader:
                 events.append(Data(data=data[pos:] if pos else data))
                 return
             elif st is State.PAUSED:
-                if len(self._held) + n - pos > self._conn.limits.max_held_bytes:
+                if len(self._held) + n - pos > self.limits.max_held_bytes:
                     raise self._error(MessageTooLarge, "too many bytes sent while a protocol switch is pending")
                 self._held += data[pos:]
                 return
@@ -432,6 +604,183 @@ class _Reader:
             raise self._error(MessageTooLarge, f"{what} longer than {limit} bytes")
         return None, len(data)
 
+    # -- chunked bodies ----------------------------------------------------------------------------
+
+    def _read_chunk_size(self, data: bytes, pos: int) -> int:
+        line, pos = self._take(data, pos, b"\r\n", self.limits.max_chunk_line_bytes, "chunk-size line")
+        if line is None:
+            return pos
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise self._error(MalformedMessage, f"invalid chunk-size line {line[:32]!r} (RFC 9112 §7.1)")
+        size = int(match.group(1), 16)
+        if size:
+            self._remaining = size
+            self.move(Input.CHUNK_HEADER)
+        else:
+            self._chunked_trailers = []
+            self._trailer_bytes = 0
+            self.move(Input.LAST_CHUNK)
+        return pos
+
+    def _read_trailer_line(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
+        limits = self.limits
+        line, pos = self._take(data, pos, b"\r\n", limits.max_line_bytes, "trailer line")
+        if line is None:
+            return pos
+        self._trailer_bytes += len(line)
+        if self._trailer_bytes > limits.max_header_bytes:
+            raise self._error(MessageTooLarge, f"trailer section longer than {limits.max_header_bytes} bytes")
+        if line == b"\r\n":
+            if self._chunked_trailers:
+                events.append(Trailers(headers=tuple(self._chunked_trailers)))
+            self.move(Input.TRAILERS_COMPLETE)
+            self._end_message(events)
+            return pos
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise self._error(MalformedMessage, f"invalid trailer field {line[:32]!r} (RFC 9112 §7.1.2)")
+        if match.group(1).lower() in _TRAILER_FORBIDDEN:
+            raise self._error(MalformedMessage, "framing or routing field in trailers (RFC 9110 §6.5.1)")
+        if len(self._chunked_trailers) >= limits.max_headers:
+            raise self._error(MessageTooLarge, f"more than {limits.max_headers} trailer fields")
+        self._chunked_trailers.append((match.group(1).decode("latin-1"), match.group(2).decode("latin-1")))
+        return pos
+
+    # -- message ends ------------------------------------------------------------------------------
+
+    def _end_message(self, events: list[Http1Event]) -> None:
+        events.append(_EOM)
+        if self._head_is_request:
+            exchange = self._shared.current
+            assert exchange is not None  # a request's EndOfMessage always follows its head
+            exchange.complete = True
+            if exchange.switch is not None and not exchange.answered:
+                self.move(Input.PAUSE)
+            elif exchange.keep_alive:
+                self.move(Input.NEXT)
+            else:
+                self.move(Input.CLOSE)
+        else:
+            self.move(Input.NEXT if self._response_keep_alive else Input.CLOSE)
+
+    def feed_eof(self) -> list[Http1Event]:
+        """This direction's peer closed its side.
+
+        Returns:
+            [EndOfMessage] when that ends a response read until close, else [].
+        Raises:
+            MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
+        """
+        st = self.state
+        if st is State.BODY_UNTIL_CLOSE:
+            self.move(Input.EOF)
+            return [_EOM]
+        if st is State.ERROR:
+            raise ProtocolViolation("parser already failed", direction=self.direction)
+        if (st, Input.EOF) not in _TRANSITIONS:
+            self.state = State.ERROR
+            raise MalformedMessage(
+                f"connection closed in the middle of a message ({st.value})", direction=self.direction
+            )
+        self.move(Input.EOF)
+        return []
+
+    def has_held_input(self) -> bool:
+        """True when bytes received during a pending switch can now be parsed: call feed(b"")."""
+        return bool(self._held) and self.state is not State.PAUSED
+
+
+
+class Http1Parser(_Framing):
+    """One direction of an HTTP/1.1 connection: `feed(data) -> list[Http1Event]` (the parser contract).
+
+    The CLIENT_TO_SERVER parser reads requests; the SERVER_TO_CLIENT parser reads responses and is made
+    from it (`Http1Parser(S2C, requests=client)`, or both at once with `Http1Parser.pair()`), because a
+    response is framed by its request's method and a switch changes both directions.
+    Protocol with the proxy (all calls synchronous, no I/O):
+    * `feed(data)` returns the events in `data`; `feed_eof()` when that peer closed; `data_to_send()`
+      is always b"" (HTTP/1.1 never answers on its own: every byte written comes from `forward` or `refusal`).
+    * Every `HttpRequest` the client parser returns must be answered, in order, by exactly one of
+      `client.forward(request)` (it goes upstream; its response will be framed by its method) or
+      `client.refusal(request, reason)` (the proxy answers it). The body events of a refused request are dropped.
+    * `forward(event)` returns the bytes to write to the other peer for any event this parser read.
+    * When `client.has_held_input()` is true after a response or a refusal, call `client.feed(b"")`.
+    """
+
+    __slots__ = ("_done", "_memo", "_out_chunked", "_out_trailers", "_parser", "_raw_responses", "rejected")
+
+    def __init__(
+        self,
+        direction: Direction,
+        *,
+        requests: Http1Parser | None = None,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> None:
+        """Raises ValueError: `requests` missing (or given) for SERVER_TO_CLIENT (CLIENT_TO_SERVER)."""
+        limits = Limits(
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        if direction is C2S:
+            if requests is not None:
+                raise ValueError("a CLIENT_TO_SERVER parser reads the requests itself: no requests= parser")
+            super().__init__(direction, _Exchanges(self), limits)
+        else:
+            if requests is None or requests.direction is not C2S:
+                raise ValueError("a SERVER_TO_CLIENT parser needs requests=<the CLIENT_TO_SERVER parser>")
+            super().__init__(direction, requests._shared, limits)
+        self._done = _HeadDone()
+        # The last head read and what _lines/_fields made of it: a keep-alive peer often sends the
+        # same head again (a pure function of the bytes, so the fields are reused, never re-read).
+        self._memo: tuple[bytes, list[str], _Fields] | None = None
+        self._parser: _LlhttpParser | None = None  # llhttp for the current head; kept while reusable
+        # (method, raw target, Host or "") of a request head being judged; None once it was accepted.
+        # Set while a ParseError is raised for a head whose request line was split, so that the
+        # proxy can say which request it refused.
+        self.rejected: tuple[str, str, str] | None = None
+        self._out_chunked = False  # what forward() writes is chunked (re-chunked one chunk per Data)
+        self._out_trailers: Headers = ()
+        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
+        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
+
+    @classmethod
+    def pair(
+        cls,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = 100,
+        max_line_bytes: int = 8192,
+        max_chunk_line_bytes: int = 1024,
+        max_held_bytes: int = 65536,
+    ) -> tuple[Http1Parser, Http1Parser]:
+        """The (CLIENT_TO_SERVER, SERVER_TO_CLIENT) parsers of one connection, with the same limits."""
+        client = cls(
+            C2S,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        server = cls(
+            S2C,
+            requests=client,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_line_bytes=max_line_bytes,
+            max_chunk_line_bytes=max_chunk_line_bytes,
+            max_held_bytes=max_held_bytes,
+        )
+        return client, server
+
     # -- heads -------------------------------------------------------------------------------------
 
     def _read_head(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
@@ -446,7 +795,7 @@ class _Reader:
                     httptools.HttpRequestParser(done) if self._head_is_request else httptools.HttpResponseParser(done)
                 )
         start = pos
-        limit = self._conn.limits.max_header_bytes
+        limit = self.limits.max_header_bytes
         end = -1 if self._buf else data.find(b"\r\n\r\n", pos, pos + limit)
         if end >= 0:  # the common case: a whole head in one read
             pos = end + 4
@@ -476,68 +825,24 @@ class _Reader:
                 self._parser = None  # llhttp expects a body we slice ourselves, or stopped: start afresh
         return pos
 
-    def _lines(self, head: bytes) -> list[str]:
-        """The head's lines (start line first), checked against the line and field-count limits."""
-        limits = self._conn.limits
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        if len(lines) > limits.max_headers + 1:
-            raise self._error(MessageTooLarge, f"more than {limits.max_headers} header fields")
-        if len(head) > limits.max_line_bytes and max(map(len, lines)) > limits.max_line_bytes:  # no line is longer than the head
-            raise self._error(MessageTooLarge, f"a head line is longer than {limits.max_line_bytes} bytes")
-        return lines
-
-    def _fields(self, lines: list[str], version: str) -> _Fields:
-        """Decode the field lines (llhttp already checked their syntax) and pull out the ones that frame."""
-        f = _Fields()
-        headers = f.headers
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            value = value.strip(" \t")
-            headers.append((name, value))
-            special = _SPECIAL.get(name.lower())
-            if special is None:
-                continue
-            if special == 0:  # content-length
-                if f.content_length is not None:
-                    raise self._error(MalformedMessage, "repeated Content-Length (RFC 9112 §6.3)")
-                if not (value.isascii() and value.isdigit() and len(value) <= 18):
-                    raise self._error(MalformedMessage, f"invalid Content-Length {value[:32]!r} (RFC 9112 §6.3)")
-                f.content_length = int(value)
-            elif special == 1:  # transfer-encoding
-                if f.chunked or value.lower() != "chunked":
-                    raise self._error(
-                        MalformedMessage, "Transfer-Encoding other than one final 'chunked' (RFC 9112 §6.1)"
-                    )
-                f.chunked = True
-            elif special == 2:  # host
-                f.host_count += 1
-                f.host = value
-            elif special == 3:  # connection
-                f.connection |= _tokens(value)
-            elif special == 4:  # upgrade
-                f.upgrade = value
-            else:  # expect
-                f.expect = value.lower()
-        if f.chunked:
-            if f.content_length is not None:
-                raise self._error(MalformedMessage, "both Content-Length and Transfer-Encoding (RFC 9112 §6.3)")
-            if version == "1.0":
-                raise self._error(MalformedMessage, "Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1)")
-        return f
+    def _head_lines(self, head: bytes) -> tuple[list[str], bool]:
+        """The head's lines and whether they are the previous head's (then its fields are reused too)."""
+        memo = self._memo
+        if memo is not None and memo[0] == head:
+            return memo[1], True
+        return _head_lines(head, self.limits, self.direction), False
 
     def _head_fields(self, head: bytes, lines: list[str], version: str, cached: bool) -> _Fields:
-        """`_fields(lines, version)`, reused when `head` is the previous head byte for byte (never mutated)."""
+        """`_parse_fields(lines, version)`, reused when `head` is the previous head byte for byte (never mutated)."""
         if cached and self._memo is not None:
             return self._memo[2]
-        f = self._fields(lines, version)
+        f = _parse_fields(lines, version, self.direction)
         self._memo = (head, lines, f)
         return f
 
     def _request_head(self, head: bytes, events: list[Http1Event]) -> bool:
         """Emit the request; returns whether llhttp may read the next head (keep-alive, no switch)."""
-        memo = self._memo
-        cached = memo is not None and memo[0] == head
-        lines = memo[1] if memo is not None and cached else self._lines(head)
+        lines, cached = self._head_lines(head)
         parts = lines[0].split(" ")
         if len(parts) != 3:
             raise self._error(MalformedMessage, "request line is not 'method SP target SP version' (RFC 9112 §3)")
@@ -550,38 +855,11 @@ class _Reader:
         self.rejected = (method, raw_target, f.host or "")
         if f.host_count > 1 or (f.host_count == 0 and version == "1.1"):
             raise self._error(MalformedMessage, f"{f.host_count} Host fields; exactly one is required (RFC 9112 §3.2)")
+        target, path, query = _request_target(method, raw_target, f, self.direction)
+        keep_alive = version == "1.1" and "close" not in f.connection
+        switch = _switch_proposed(method, f)
         content_length = f.content_length
-        chunked = f.chunked
-        if method == "CONNECT":
-            if not _AUTHORITY.fullmatch(raw_target):
-                raise self._error(MalformedMessage, "CONNECT target is not host:port (RFC 9112 §3.2.3)")
-            if chunked or content_length:
-                raise self._error(MalformedMessage, "CONNECT with a body (RFC 9110 §9.3.6)")
-            target = path = raw_target
-            query = ""
-        elif raw_target == "*":
-            if method != "OPTIONS":
-                raise self._error(MalformedMessage, "asterisk-form target outside OPTIONS (RFC 9112 §3.2.4)")
-            target = path = "*"
-            query = ""
-        else:
-            if _NORMAL_TARGET.fullmatch(raw_target):
-                target = raw_target  # already normal: normalize_target would return it unchanged
-            else:
-                try:
-                    target = normalize_target(raw_target, direction=self.direction)
-                except ParseError:
-                    self.state = State.ERROR
-                    raise
-            path, _, query = target.partition("?")
-        connection = f.connection
-        keep_alive = version == "1.1" and "close" not in connection
-        switch: str | None = None
-        if method == "CONNECT":
-            switch = "CONNECT"
-        elif f.upgrade is not None and "upgrade" in connection:
-            switch = f.upgrade.split(",")[0].strip()
-        has_body = chunked or bool(content_length)
+        has_body = f.chunked or bool(content_length)
         request = HttpRequest(
             method=method,
             target=target,
@@ -604,9 +882,9 @@ class _Reader:
             request=request,
             raw_head=head if target == raw_target else None,
         )
-        self._conn._parsed(exchange)
+        self._shared.parsed(exchange)
         self.rejected = None
-        if chunked:
+        if f.chunked:
             self.move(Input.HEAD_CHUNKED)
         elif content_length:
             self.move(Input.HEAD_LENGTH)
@@ -618,49 +896,37 @@ class _Reader:
 
     def _response_head(self, head: bytes, events: list[Http1Event]) -> bool:
         """Emit the response (framed by its request's method); returns whether llhttp may be reused."""
-        memo = self._memo
-        cached = memo is not None and memo[0] == head
-        lines = memo[1] if memo is not None and cached else self._lines(head)
-        parts = lines[0].split(" ", 2)
-        version = _VERSIONS.get(parts[0])
-        if version is None:
-            raise self._error(MalformedMessage, f"unsupported version {parts[0][:16]!r} (RFC 9112 §2.3)")
-        code = parts[1] if len(parts) > 1 else ""
-        if not (len(code) == 3 and code.isascii() and code.isdigit()) or code[0] == "0":
-            raise self._error(MalformedMessage, f"status code {code[:8]!r} is not 100-999 (RFC 9112 §4)")
-        status = int(code)
-        reason = parts[2] if len(parts) > 2 else ""
-        if _CTL.search(reason):
-            raise self._error(MalformedMessage, "control character in the reason phrase (RFC 9112 §4)")
+        lines, cached = self._head_lines(head)
+        version, status, reason = _status_line(lines[0], self.direction)
         f = self._head_fields(head, lines, version, cached)
-        exchange = self._conn._answering()
+        exchange = self._shared.answering()
         if exchange is None:
             raise self._error(ProtocolViolation, "response with no request in flight")
-        headers = tuple(f.headers)
-        raw_responses = self._conn._raw_responses
-        if status == 101:
-            if exchange.switch is None or exchange.switch == "CONNECT":
-                raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
-            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
-            raw_responses.append((response, head))
+        switch = exchange.switch
+        if status == 101 and (switch is None or switch == "CONNECT"):
+            raise self._error(ProtocolViolation, "101 Switching Protocols without an Upgrade request")
+        if status == 101 or (switch == "CONNECT" and 200 <= status < 300) or status < 200:
+            # A switch (101, or 2xx to CONNECT) or an interim 1xx: a head only, the final response or the tunnel follows.
+            response = HttpResponse(status=status, reason=reason, headers=tuple(f.headers), http_version=version)
+            self._raw_responses.append((response, head))
             events.append(response)
-            self.move(Input.HEAD_SWITCH)
-            self._conn._switched(events, f.upgrade or exchange.switch)
-            return False
-        if exchange.switch == "CONNECT" and 200 <= status < 300:
-            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
-            raw_responses.append((response, head))
-            events.append(response)
-            self.move(Input.HEAD_SWITCH)
-            self._conn._switched(events, "CONNECT")
-            return False
-        if status < 200:
-            response = HttpResponse(status=status, reason=reason, headers=headers, http_version=version)
-            raw_responses.append((response, head))
-            events.append(response)
+            if status >= 200 or status == 101:
+                assert switch is not None
+                self.move(Input.HEAD_SWITCH)
+                self._shared.switched(events, switch if switch == "CONNECT" else f.upgrade or switch)
+                return False
             self.move(Input.HEAD_INTERIM)
             return True
-        self._conn._answered(exchange)
+        return self._final_response(head, exchange, version, status, reason, f, events)
+
+    def _final_response(
+        self, head: bytes, exchange: _Exchange, version: str, status: int, reason: str, f: _Fields,
+        events: list[Http1Event],
+    ) -> bool:
+        """Emit a final (non-1xx, non-switching) response and frame its body (RFC 9112 §6.3)."""
+        headers = tuple(f.headers)
+        raw_responses = self._raw_responses
+        self._shared.answered(exchange)
         keep_alive = exchange.keep_alive and version == "1.1" and "close" not in f.connection
         no_body = exchange.method == "HEAD" or status in (204, 304)
         content_length = f.content_length
@@ -692,288 +958,103 @@ class _Reader:
             self._end_message(events)
         return keep_alive and not no_body
 
-    # -- chunked bodies ----------------------------------------------------------------------------
+    # -- the rest of the contract ------------------------------------------------------------------
 
-    def _read_chunk_size(self, data: bytes, pos: int) -> int:
-        line, pos = self._take(data, pos, b"\r\n", self._conn.limits.max_chunk_line_bytes, "chunk-size line")
-        if line is None:
-            return pos
-        match = _CHUNK_LINE.fullmatch(line)
-        if match is None:
-            raise self._error(MalformedMessage, f"invalid chunk-size line {line[:32]!r} (RFC 9112 §7.1)")
-        size = int(match.group(1), 16)
-        if size:
-            self._remaining = size
-            self.move(Input.CHUNK_HEADER)
-        else:
-            self._chunked_trailers = []
-            self._trailer_bytes = 0
-            self.move(Input.LAST_CHUNK)
-        return pos
+    def data_to_send(self) -> bytes:
+        """Bytes this parser itself wants written to its peer: always b"" for HTTP/1.1 (see the class doc)."""
+        return b""
 
-    def _read_trailer_line(self, data: bytes, pos: int, events: list[Http1Event]) -> int:
-        limits = self._conn.limits
-        line, pos = self._take(data, pos, b"\r\n", limits.max_line_bytes, "trailer line")
-        if line is None:
-            return pos
-        self._trailer_bytes += len(line)
-        if self._trailer_bytes > limits.max_header_bytes:
-            raise self._error(MessageTooLarge, f"trailer section longer than {limits.max_header_bytes} bytes")
-        if line == b"\r\n":
-            if self._chunked_trailers:
-                events.append(Trailers(headers=tuple(self._chunked_trailers)))
-            self.move(Input.TRAILERS_COMPLETE)
-            self._end_message(events)
-            return pos
-        match = _FIELD_LINE.fullmatch(line)
-        if match is None:
-            raise self._error(MalformedMessage, f"invalid trailer field {line[:32]!r} (RFC 9112 §7.1.2)")
-        if match.group(1).lower() in _TRAILER_FORBIDDEN:
-            raise self._error(MalformedMessage, "framing or routing field in trailers (RFC 9110 §6.5.1)")
-        if len(self._chunked_trailers) >= limits.max_headers:
-            raise self._error(MessageTooLarge, f"more than {limits.max_headers} trailer fields")
-        self._chunked_trailers.append((match.group(1).decode("latin-1"), match.group(2).decode("latin-1")))
-        return pos
-
-    # -- message ends ------------------------------------------------------------------------------
-
-    def _end_message(self, events: list[Http1Event]) -> None:
-        events.append(_EOM)
-        if self._head_is_request:
-            exchange = self._conn._current
-            assert exchange is not None  # a request's EndOfMessage always follows its head
-            exchange.complete = True
-            if exchange.switch is not None and not exchange.answered:
-                self.move(Input.PAUSE)
-            elif exchange.keep_alive:
-                self.move(Input.NEXT)
-            else:
-                self.move(Input.CLOSE)
-        else:
-            self.move(Input.NEXT if self._response_keep_alive else Input.CLOSE)
-
-    def feed_eof(self) -> list[Http1Event]:
-        st = self.state
-        if st is State.BODY_UNTIL_CLOSE:
-            self.move(Input.EOF)
-            return [_EOM]
-        if st is State.ERROR:
-            raise ProtocolViolation("parser already failed", direction=self.direction)
-        if (st, Input.EOF) not in _TRANSITIONS:
-            self.state = State.ERROR
-            raise MalformedMessage(
-                f"connection closed in the middle of a message ({st.value})", direction=self.direction
-            )
-        self.move(Input.EOF)
-        return []
-
-
-class Http1Connection:
-    """Both directions of one HTTP/1.1 connection, as the proxy sees them.
-
-    Protocol with the proxy (all calls synchronous, no I/O):
-    * `feed(direction, data)` returns the events in `data`; `feed_eof(direction)` when that peer closed.
-    * Every `HttpRequest` that `feed` returns must be answered, in order, by exactly one of
-      `forward(C2S, request)` (it goes upstream; its response will be framed by its method) or
-      `refuse(...)` (the proxy answers it). The body events of a refused request are just dropped.
-    * `forward(direction, event)` returns the bytes to write to the other peer for any event.
-    * When `has_held_input(C2S)` is true after a response or a refusal, call `feed(C2S, b"")`.
-    """
-
-    __slots__ = (
-        "_by_direction",
-        "_current",
-        "_in_flight",
-        "_out_chunked",
-        "_out_trailers",
-        "_raw_responses",
-        "_readers",
-        "_undecided",
-        "limits",
-        "upgraded",
-    )
-
-    def __init__(
-        self,
-        *,
-        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-        max_headers: int = 100,
-        max_line_bytes: int = 8192,
-        max_chunk_line_bytes: int = 1024,
-        max_held_bytes: int = 65536,
-    ) -> None:
-        self.limits = Limits(
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
-            max_line_bytes=max_line_bytes,
-            max_chunk_line_bytes=max_chunk_line_bytes,
-            max_held_bytes=max_held_bytes,
-        )
-        self._readers = {C2S: _Reader(self, C2S), S2C: _Reader(self, S2C)}
-        # Per-direction state is indexed by `direction is S2C` (0 or 1): Enum.__hash__ is Python code,
-        # and these lookups run several times per message.
-        self._by_direction = (self._readers[C2S], self._readers[S2C])
-        self._undecided: deque[_Exchange] = deque()  # parsed requests the proxy has not yet forwarded/refused
-        self._in_flight: deque[_Exchange] = deque()  # forwarded requests awaiting their final response
-        self._out_chunked = [False, False]
-        self._out_trailers: list[Headers] = [(), ()]
-        self.upgraded: str | None = None  # the ConnectionUpgraded protocol once switched
-        self._current: _Exchange | None = None  # the request being read
-        # Response heads as received, forwarded unchanged when forward() gets the same event (bounded).
-        self._raw_responses: deque[tuple[HttpResponse, bytes]] = deque(maxlen=8)
-
-    # -- reading -----------------------------------------------------------------------------------
-
-    def feed(self, direction: Direction, data: bytes) -> list[Http1Event]:
-        """Parse `data` received from the peer on `direction` (b"" processes held input only).
-
-        Returns:
-            The events, in order; [] when more bytes are needed.
-        Raises:
-            MalformedMessage: the bytes break the framing rules (module docstring); answer with
-                `refusal(http_status(e.reason, e.direction), keep_alive=False)` and close.
-            MessageTooLarge: a limit was crossed; same as above (431 for a request).
-            ProtocolViolation: bytes in an order HTTP/1.1 forbids; close the connection.
-            The connection is unusable after any of them.
-        """
-        return self._by_direction[direction is S2C].feed(data)
-
-    def feed_eof(self, direction: Direction) -> list[Http1Event]:
-        """The peer on `direction` closed its side.
-
-        Returns:
-            [EndOfMessage] when that ends a response read until close, else [].
-        Raises:
-            MalformedMessage: the peer closed in the middle of a message (truncated); close both sides.
-        """
-        return self._by_direction[direction is S2C].feed_eof()
+    @property
+    def upgraded(self) -> str | None:
+        """The ConnectionUpgraded protocol once the connection switched, else None."""
+        return self._shared.upgraded
 
     def rejected_request(self) -> tuple[str, str, str] | None:
         """(method, raw target, Host or "") of the request head the last client ParseError refused, when
         its request line could be split; None otherwise (the error was elsewhere, or the line unreadable)."""
-        return self._by_direction[0].rejected
-
-    def state(self, direction: Direction) -> State:
-        """The reader state of one direction (for tests and diagnostics)."""
-        return self._by_direction[direction is S2C].state
+        return self.rejected
 
     def proposes_switch(self) -> bool:
         """True when the oldest request not yet forwarded or refused asks to switch protocols (an
         Upgrade with `Connection: upgrade`, or CONNECT). Cheap: the head was read already."""
-        return bool(self._undecided) and self._undecided[0].switch is not None
-
-    def has_held_input(self, direction: Direction) -> bool:
-        """True when bytes received during a pending switch can now be parsed: call feed(direction, b"")."""
-        reader = self._by_direction[direction is S2C]
-        return bool(reader._held) and reader.state is not State.PAUSED
-
-    # -- bookkeeping shared by the readers -----------------------------------------------------------
-
-    def _parsed(self, exchange: _Exchange) -> None:
-        self._undecided.append(exchange)
-        self._current = exchange
-
-    def _answering(self) -> _Exchange | None:
-        return self._in_flight[0] if self._in_flight else None
-
-    def _answered(self, exchange: _Exchange) -> None:
-        self._in_flight.popleft()
-        exchange.answered = True
-        if exchange.switch is not None:
-            self._resume_client()
-
-    def _resume_client(self) -> None:
-        client = self._by_direction[0]
-        if client.state is State.PAUSED:
-            client.move(Input.RESUME)
-
-    def _switched(self, events: list[Http1Event], protocol: str) -> None:
-        self._in_flight.popleft().answered = True
-        client = self._by_direction[0]
-        if client.state is not State.PAUSED:
-            raise ProtocolViolation("protocol switch before the request was complete", direction=S2C)
-        client.move(Input.SWITCH)
-        self.upgraded = protocol
-        events.append(ConnectionUpgraded(protocol=protocol))
+        undecided = self._shared.undecided
+        return bool(undecided) and undecided[0].switch is not None
 
     # -- decisions and writing ---------------------------------------------------------------------
 
-    def forward(self, direction: Direction, event: Http1Event, *, headers: Headers | None = None) -> bytes:
-        """Bytes to write to the other peer for `event` read on `direction` (re-framed, see module doc).
+    def forward(self, event: Http1Event, *, headers: Headers | None = None) -> bytes:
+        """Bytes to write to the other peer for `event` read by this parser (re-framed, see module doc).
 
         `headers` replaces the head's fields (header actions applied); the framing fields are always
         this parser's. For an HttpRequest this also records it as forwarded, so its response is framed
         by its method; call it in the order the requests were read.
 
         Raises:
-            ValueError: `headers` holds a name that is not a token or a value with CR, LF or NUL.
+            ValueError: `headers` holds a name that is not a token or a value with CR, LF or NUL; or the
+                request was not read, or was already forwarded or refused.
         """
-        side = direction is S2C  # index into the per-direction lists
         if type(event) is Data:
-            if self._out_chunked[side]:
+            if self._out_chunked:
                 return b"%x\r\n%b\r\n" % (len(event.data), event.data) if event.data else b""
             return event.data
         if type(event) is EndOfMessage:
-            if self._out_chunked[side]:
-                self._out_chunked[side] = False
-                trailers = self._out_trailers[side]
-                self._out_trailers[side] = ()
+            if self._out_chunked:
+                self._out_chunked = False
+                trailers = self._out_trailers
+                self._out_trailers = ()
                 return b"0\r\n" + _fields_bytes(trailers) + b"\r\n"
             return b""
         if type(event) is HttpRequest:
-            if not self._undecided:
-                raise ValueError("forward() of a request that was not read, or was already decided")
-            exchange = self._undecided.popleft()
-            self._in_flight.append(exchange)
-            self._out_chunked[side] = event.has_body and event.content_length is None
-            raw = exchange.raw_head
-            if headers is None and raw is not None and exchange.request is event:
-                exchange.raw_head = exchange.request = None
-                return raw  # exactly what was validated and framed: no need to re-serialise
-            exchange.raw_head = exchange.request = None
-            return serialize_request_head(event, headers)
+            return self._forward_request(event, headers)
         if type(event) is HttpResponse:
-            chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
-            if event.status >= 200:
-                self._out_chunked[side] = chunked
-            raw_responses = self._raw_responses
-            while raw_responses:
-                seen, raw = raw_responses.popleft()
-                if seen is event:
-                    if headers is None:
-                        return raw
-                    break
-            return serialize_response_head(event, headers)
+            return self._forward_response(event, headers)
         if type(event) is Trailers:
-            self._out_trailers[side] = event.headers
+            self._out_trailers = event.headers
             return b""
         return b""  # ConnectionUpgraded: nothing on the wire
 
-    def refuse(self, *, status: int = 403, body: bytes | None = None) -> Refusal:
-        """The proxy answers the oldest undecided request itself (policy denial) instead of forwarding it.
+    def _forward_request(self, event: HttpRequest, headers: Headers | None) -> bytes:
+        if not self._head_is_request:
+            raise ValueError("forward() of a request on the SERVER_TO_CLIENT parser")
+        raw = self._shared.forwarded(event)
+        self._out_chunked = event.has_body and event.content_length is None
+        if headers is None and raw is not None:
+            return raw  # exactly what was validated and framed: no need to re-serialise
+        return serialize_request_head(event, headers)
 
-        The connection stays open unless the request asked to close, is HTTP/1.0, expects
-        100-continue with its body not yet read (the client may never send it), or proposed a
-        protocol switch whose bytes the proxy will not read as HTTP. A refused switch proposal
-        resumes HTTP parsing of what the client sent after it (see `has_held_input`).
+    def _forward_response(self, event: HttpResponse, headers: Headers | None) -> bytes:
+        chunked = event.has_body and event.content_length is None and _is_chunked(event.headers)
+        if event.status >= 200:
+            self._out_chunked = chunked
+        raw_responses = self._raw_responses
+        while raw_responses:
+            seen, raw = raw_responses.popleft()
+            if seen is event:
+                if headers is None:
+                    return raw
+                break
+        return serialize_response_head(event, headers)
+
+    def refusal(self, request: HttpRequest, reason: Reason, *, body: bytes | None = None) -> Refusal:
+        """The proxy answers `request` (the oldest undecided one) itself instead of forwarding it.
+
+        The status is `refusal_status(reason)` (403 for a policy denial, body `Access denied`). The
+        connection stays open unless the request asked to close, is HTTP/1.0, expects 100-continue
+        with its body not yet read (the client may never send it), or proposed a protocol switch
+        whose bytes the proxy will not read as HTTP. A refused switch proposal resumes HTTP parsing
+        of what the client sent after it (see `has_held_input`).
 
         Returns:
             The response bytes (no body for HEAD) and whether to close after writing them; write
             them after the responses of the requests forwarded before this one.
         Raises:
-            ValueError: no request is waiting for a decision, or `status` has no refusal text.
+            ValueError: called on the SERVER_TO_CLIENT parser, no request is waiting for a decision,
+                or `request` is not the oldest undecided one.
         """
-        if not self._undecided:
-            raise ValueError("refuse() with no request waiting for a decision")
-        exchange = self._undecided.popleft()
-        exchange.answered = True
-        close = not exchange.keep_alive or (exchange.expect_continue and exchange.has_body and not exchange.complete)
-        if exchange.switch is not None:
-            if exchange.complete:
-                self._resume_client()
-            else:
-                close = True
-        data = refusal(status, keep_alive=not close, body=body, head_request=exchange.method == "HEAD")
+        if not self._head_is_request:
+            raise ValueError("refusal() on the SERVER_TO_CLIENT parser")
+        method, close = self._shared.refused(request)
+        data = error_response(refusal_status(reason), keep_alive=not close, body=body, head_request=method == "HEAD")
         return Refusal(data=data, close=close)
 
 
@@ -1033,7 +1114,7 @@ def serialize_response_head(resp: HttpResponse, headers: Headers | None = None) 
     return (line + "".join([f"{n}: {v}\r\n" for n, v in headers]) + "\r\n").encode("latin-1")
 
 
-_REASON_PHRASES: Final = {
+REASON_PHRASES: Final = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
@@ -1050,8 +1131,9 @@ _REASON_PHRASES: Final = {
 
 
 @functools.lru_cache(maxsize=256)
-def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_request: bool = False) -> bytes:
-    """A complete response the proxy sends instead of forwarding (403 by policy, 400/431/502/503/504 on errors).
+def error_response(status: int, *, keep_alive: bool, body: bytes | None = None, head_request: bool = False) -> bytes:
+    """A complete response the proxy writes itself: the bytes of every refusal, and of the error answers
+    that have no request to refuse (408 on a head timeout, 400/431 on an unreadable head, 502/503/504).
 
     The body defaults to `Access denied\\r\\n` for 403 (Cilium's text) and the reason phrase plus CRLF
     otherwise; Content-Length is always exact, `Connection: close` when `keep_alive` is False and
@@ -1061,7 +1143,7 @@ def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_re
     Raises:
         ValueError: `status` is not one this module has a reason phrase for.
     """
-    reason = _REASON_PHRASES.get(status)
+    reason = REASON_PHRASES.get(status)
     if reason is None:
         raise ValueError(f"no refusal for status {status}")
     if body is None:
@@ -1075,8 +1157,9 @@ def refusal(status: int, *, keep_alive: bool, body: bytes | None = None, head_re
     return head if head_request else head + body
 
 
-def http_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SERVER) -> int:
-    """The status code that answers `reason`; a broken response from upstream is 502 whatever the reason.
+def refusal_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SERVER) -> int:
+    """The status the proxy answers with for `reason` (HTTP/1.1 and HTTP/2); a broken response from
+    upstream (`direction` SERVER_TO_CLIENT) is 502 whatever the reason.
 
     Returns:
         403 policy denial, 400 malformed request, 431 request over a limit, 503 upstream
@@ -1095,3 +1178,9 @@ def http_status(reason: Reason, direction: Direction = Direction.CLIENT_TO_SERVE
             return 504
         case _:
             assert_never(reason)
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _contract(parser: Http1Parser) -> Parser[Http1Event]:
+        return parser

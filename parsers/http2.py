@@ -17,10 +17,10 @@ Theory of operation
   `acknowledge()` on the side the bytes came from, which only then opens the sender's windows.
   A slow reader therefore stalls its sender. Padding is acknowledged at once (never relayed).
 * Per-stream lifecycle here (h2 keeps the RFC state machine, `H2Stream`): OPEN -> request/response
-  ends (`remote_ended`/`local_ended`) or RESET (either side; `refuse()` counts as reset for inbound
+  ends (`remote_ended`/`local_ended`) or RESET (either side; `refusal()` counts as reset for inbound
   data). A refused or reset stream's unacknowledged bytes are released at once, later DATA on it is
   acknowledged and dropped, and `acknowledge()` for it is a no-op.
-* Refusals: `Http2ServerSide.refuse()` answers on that stream only (403 + `Access denied\r\n`, or the
+* Refusals: `Http2ServerSide.refusal()` answers on that stream only (403 + `Access denied\r\n`, or the
   gRPC trailers-only response); other streams go on. A request whose :path fails
   `normalize_target`, a gRPC call whose path is not /pkg.Service/Method, and CONNECT (a tunnel
   would escape L7 policy) are refused here and reported as `RequestRejected`.
@@ -31,11 +31,11 @@ Theory of operation
 * After a `ParseError` from `feed()`, h2 has queued a GOAWAY: send `data_to_send()`, then close.
 
 The proxy loop (tests/parsers/test_http2.py `LoopbackBridge` runs exactly this against grpcio/httpx):
-    down.feed(b): HttpRequest|GrpcCall -> judge -> up.send_request(e) | down.refuse(sid, reason);
+    down.feed(b): HttpRequest|GrpcCall -> judge -> up.send_request(e) | down.refusal(sid, reason);
                   Data -> up.send_data; Trailers -> up.send_trailers; EndOfMessage -> up.end_stream;
                   StreamReset -> up.reset_stream   (skip later events of refused streams)
     up.feed(b):   HttpResponse -> down.send_response; Data/Trailers/EndOfMessage likewise;
-                  StreamReset -> down.refuse(sid, Reason.UPSTREAM_FAILED); GoAway -> stop new streams
+                  StreamReset -> down.refusal(sid, Reason.UPSTREAM_FAILED); GoAway -> stop new streams
     then: for sid, n in up.pop_delivered(): down.acknowledge(sid, n)  (and the mirror),
           write down.data_to_send() and up.data_to_send().
 """
@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import assert_never
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -58,7 +58,7 @@ import h2.exceptions
 import h2.settings
 import hpack.exceptions
 import hyperframe.exceptions
-from membrane.parsers import grpc
+from membrane.parsers import grpc, http1
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import (
     Data,
@@ -68,6 +68,7 @@ from membrane.parsers.events import (
     Headers,
     HttpRequest,
     HttpResponse,
+    Parser,
     Reason,
     StreamReset,
     Trailers,
@@ -83,7 +84,6 @@ __all__ = [
     "Http2ClientSide",
     "Http2ServerSide",
     "RequestRejected",
-    "http_status",
     "is_h2c_upgrade",
 ]
 
@@ -130,27 +130,6 @@ class GoAway:
 
 
 Event = HttpRequest | GrpcCall | HttpResponse | Data | Trailers | EndOfMessage | StreamReset | RequestRejected | GoAway
-
-
-def http_status(reason: Reason) -> int:
-    """The HTTP status of a plain HTTP/2 refusal for `reason` (same table as STYLE.md §3)."""
-    match reason:
-        case Reason.POLICY_DENIED:
-            return 403
-        case Reason.MALFORMED:
-            return 400
-        case Reason.TOO_LARGE:
-            return 431
-        case Reason.UPSTREAM_FAILED:
-            return 503
-        case Reason.UPSTREAM_TIMEOUT:
-            return 504
-        case _:
-            assert_never(reason)
-
-
-_STATUS_TEXT = {400: "Bad Request", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
-                504: "Gateway Timeout"}
 
 
 def is_h2c_upgrade(request: HttpRequest) -> bool:
@@ -439,6 +418,11 @@ class _Http2Side:
 
     # --- output -----------------------------------------------------------------------------------
 
+    @property
+    def direction(self) -> Direction:
+        """The direction this side reads: CLIENT_TO_SERVER for the server side, the other for the client side."""
+        return self._inbound
+
     def data_to_send(self) -> bytes:
         """The bytes to write to this side's socket now (may be b"")."""
         prefix, self._prefix = self._prefix, b""
@@ -700,7 +684,7 @@ class Http2ServerSide(_Http2Side):
                 service, rpc = grpc.split_path(target, direction=self._inbound)
         except MalformedMessage as e:
             out.append(RequestRejected(stream_id=stream_id, reason=e.reason, detail=str(e), grpc=is_grpc))
-            self.refuse(stream_id, e.reason)
+            self.refusal(stream_id, e.reason)
             return
         if is_grpc:
             out.append(GrpcCall(service=service, method=rpc, path=target, authority=host, headers=regular,
@@ -747,11 +731,11 @@ class Http2ServerSide(_Http2Side):
             stream.local_ended = True
             self._forget_if_finished(stream_id)
 
-    def refuse(self, stream_id: int, reason: Reason, *, grpc_call: bool | None = None,
-               message: str | None = None) -> None:
+    def refusal(self, stream_id: int, reason: Reason, *, grpc_call: bool | None = None,
+                message: str | None = None) -> None:
         """Answer this stream with the protocol's refusal; the connection and other streams go on.
 
-        Plain HTTP: `http_status(reason)` with a text body (`denied_body` for 403). gRPC (`grpc_call`,
+        Plain HTTP: `http1.refusal_status(reason)` with a text body (`denied_body` for 403). gRPC (`grpc_call`,
         default: as the request was recognised): trailers-only `:status 200`, `grpc-status` from
         `grpc.grpc_status(reason)`, percent-encoded `grpc-message`. If a response already started,
         a gRPC stream ends with trailers carrying the status, a plain one is reset (INTERNAL_ERROR).
@@ -771,16 +755,16 @@ class Http2ServerSide(_Http2Side):
         stream.refused = True
         with _h2_errors(self._outbound):
             if is_grpc and stream.headers_sent:
-                grpc_trailers = grpc.trailers_only_refusal(reason, message)[2:]
+                grpc_trailers = grpc.status_trailers(reason, message)[2:]
                 self._conn.send_headers(stream_id, _wire(grpc_trailers), end_stream=True)
                 stream.local_ended = True
             elif is_grpc:
-                self._conn.send_headers(stream_id, _wire(grpc.trailers_only_refusal(reason, message)),
+                self._conn.send_headers(stream_id, _wire(grpc.status_trailers(reason, message)),
                                         end_stream=True)
                 stream.local_ended = True
             else:
-                status = http_status(reason)
-                body = self.denied_body if status == 403 else f"{_STATUS_TEXT[status]}\r\n".encode()
+                status = http1.refusal_status(reason)
+                body = self.denied_body if status == 403 else f"{http1.REASON_PHRASES[status]}\r\n".encode()
                 head = ((":status", str(status)), ("content-type", "text/plain; charset=utf-8"),
                         ("content-length", str(len(body))))
                 self._conn.send_headers(stream_id, _wire(head), end_stream=not body)
@@ -915,3 +899,12 @@ class Http2ClientSide(_Http2Side):
                 out.append(StreamReset(stream_id=stream_id, error_code=int(ErrorCode.REFUSED_STREAM)))
                 self._forget_if_finished(stream_id)
         self._pending.clear()
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _server_contract(parser: Http2ServerSide) -> Parser[Event]:
+        return parser
+
+    def _client_contract(parser: Http2ClientSide) -> Parser[Event]:
+        return parser

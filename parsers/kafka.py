@@ -28,7 +28,7 @@ Rules / theory of operation
   denied topic gets 29 for both. Metadata refusals need the broker list (`brokers=`, learned with
   `metadata_brokers`): kafka-python and aiokafka drop a Metadata response without brokers.
 
-Refusals (`build_refusal`): same api key, version and correlation id, error code 29
+Refusals (`refusal`): same api key, version and correlation id, error code 29
 TOPIC_AUTHORIZATION_FAILED on every topic/partition the request named, encoded by kafka-python's
 schema-driven encoder (flexible versions included). Kinds without per-topic errors get the closest
 authorisation error that the client surfaces:
@@ -52,56 +52,29 @@ import dataclasses
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 from membrane.parsers._kafka_schema import Found as _Found
 from membrane.parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
-from membrane.parsers.events import Direction, KafkaRequest, KafkaResponse, Reason
+from membrane.parsers.events import Direction, KafkaRequest, KafkaResponse, Parser, Reason
 
 __all__ = [
-    "API_KEYS_BY_NAME",
-    "API_KEY_NAMES",
     "DEFAULT_MAX_FRAME_BYTES",
     "Broker",
     "KafkaRequestParser",
     "KafkaResponseParser",
-    "build_refusal",
     "kafka_error_code",
     "metadata_brokers",
     "metadata_topic_ids",
     "parse_request",
+    "refusal",
     "resolve_topic_ids",
 ]
 
 # Kafka's own default for socket.request.max.bytes (100 MiB): a broker refuses bigger requests too.
 DEFAULT_MAX_FRAME_BYTES = 104_857_600
 
-# Api key numbers <-> names. 0-33 are spelled exactly as Cilium's `apiKey` (pkg/policy/api/kafka.go,
-# KafkaAPIKeyMap) accepts them, note "offsets" for ListOffsets; Cilium knows no key above 33, the rest
-# follow the same rule (Kafka's name, lower case, no separators).
-API_KEY_NAMES: dict[int, str] = {
-    0: "produce", 1: "fetch", 2: "offsets", 3: "metadata", 4: "leaderandisr", 5: "stopreplica",
-    6: "updatemetadata", 7: "controlledshutdown", 8: "offsetcommit", 9: "offsetfetch",
-    10: "findcoordinator", 11: "joingroup", 12: "heartbeat", 13: "leavegroup", 14: "syncgroup",
-    15: "describegroups", 16: "listgroups", 17: "saslhandshake", 18: "apiversions", 19: "createtopics",
-    20: "deletetopics", 21: "deleterecords", 22: "initproducerid", 23: "offsetforleaderepoch",
-    24: "addpartitionstotxn", 25: "addoffsetstotxn", 26: "endtxn", 27: "writetxnmarkers",
-    28: "txnoffsetcommit", 29: "describeacls", 30: "createacls", 31: "deleteacls", 32: "describeconfigs",
-    33: "alterconfigs", 34: "alterreplicalogdirs", 35: "describelogdirs", 36: "saslauthenticate",
-    37: "createpartitions", 38: "createdelegationtoken", 39: "renewdelegationtoken",
-    40: "expiredelegationtoken", 41: "describedelegationtoken", 42: "deletegroups", 43: "electleaders",
-    44: "incrementalalterconfigs", 45: "alterpartitionreassignments", 46: "listpartitionreassignments",
-    47: "offsetdelete", 48: "describeclientquotas", 49: "alterclientquotas",
-    50: "describeuserscramcredentials", 51: "alteruserscramcredentials", 55: "describequorum",
-    57: "updatefeatures", 60: "describecluster", 61: "describeproducers", 65: "describetransactions",
-    66: "listtransactions", 68: "consumergroupheartbeat", 69: "consumergroupdescribe",
-    71: "gettelemetrysubscriptions", 72: "pushtelemetry", 74: "listconfigresources",
-    75: "describetopicpartitions", 76: "sharegroupheartbeat", 77: "sharegroupdescribe", 78: "sharefetch",
-    79: "shareacknowledge", 88: "streamsgroupheartbeat", 89: "streamsgroupdescribe",
-    90: "describesharegroupoffsets", 91: "altersharegroupoffsets", 92: "deletesharegroupoffsets",
-}
-API_KEYS_BY_NAME: dict[str, int] = {name: key for key, name in API_KEY_NAMES.items()}
 
 _HEAD = struct.Struct(">hhi")  # api key, api version, correlation id
 _INT32 = struct.Struct(">i")
@@ -268,10 +241,20 @@ def parse_request(frame: bytes, *, offset: int | None = None) -> KafkaRequest:
 
 
 class KafkaRequestParser:
-    """Client-to-server byte stream -> KafkaRequest events, one per frame, in order."""
+    """Client-to-server byte stream -> KafkaRequest events, one per frame, in order (the parser contract).
+
+    Kafka's two directions read different events, so each has its class; the response parser learns
+    which responses are due from `expect()`, called for each request forwarded upstream.
+    """
+
+    direction = Direction.CLIENT_TO_SERVER
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.CLIENT_TO_SERVER, max_frame_bytes)
+
+    def data_to_send(self) -> bytes:
+        """Always b"": Kafka never answers on its own (refusals come from `refusal`)."""
+        return b""
 
     def feed(self, data: bytes) -> list[KafkaRequest]:
         """Bytes in, every request completed by them out ([] = need more data).
@@ -300,9 +283,15 @@ class KafkaRequestParser:
 class KafkaResponseParser:
     """Server-to-client byte stream -> KafkaResponse events, matched to the requests sent, in order."""
 
+    direction = Direction.SERVER_TO_CLIENT
+
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.SERVER_TO_CLIENT, max_frame_bytes)
         self._pending: deque[tuple[int, int, int]] = deque()
+
+    def data_to_send(self) -> bytes:
+        """Always b"": Kafka never answers on its own."""
+        return b""
 
     def expect(self, request: KafkaRequest) -> None:
         """Record a request forwarded upstream. Requests that get no answer (Produce acks=0) are ignored."""
@@ -547,8 +536,7 @@ Broker = tuple[int, str, int, "str | None"]
 """A broker as Metadata lists it: node id, host, port, rack."""
 
 
-def build_refusal(request: KafkaRequest, reason: Reason = Reason.POLICY_DENIED, *,
-                  brokers: Sequence[Broker] = ()) -> bytes | None:
+def refusal(request: KafkaRequest, reason: Reason, *, brokers: Sequence[Broker] = ()) -> bytes | None:
     """The response frame (size prefix included) a broker would send to refuse `request` for `reason`.
 
     `brokers` (learned from an earlier Metadata response with `metadata_brokers`) go into a Metadata
@@ -627,7 +615,7 @@ def resolve_topic_ids(request: KafkaRequest, names_by_id: dict[str, str]) -> Kaf
 
 
 def metadata_brokers(response: KafkaResponse) -> tuple[Broker, ...]:
-    """The brokers a Metadata response lists, for later Metadata refusals (see `build_refusal`).
+    """The brokers a Metadata response lists, for later Metadata refusals (see `refusal`).
 
     Returns: () for other kinds or an undecodable body. Raises: nothing.
     """
@@ -661,3 +649,12 @@ def metadata_topic_ids(response: KafkaResponse) -> dict[str, str]:
         return out
     except Exception:
         return {}
+
+
+if TYPE_CHECKING:  # mypy proves the parser contract (events.Parser) holds
+
+    def _requests_contract(parser: KafkaRequestParser) -> Parser[KafkaRequest]:
+        return parser
+
+    def _responses_contract(parser: KafkaResponseParser) -> Parser[KafkaResponse]:
+        return parser

@@ -1,4 +1,5 @@
-"""CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy (cilium.io/v2): model, validation, compile, evaluate.
+"""CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy (cilium.io/v2) and Kubernetes NetworkPolicy
+(networking.k8s.io/v1, translated as Cilium does: policies.netpol): model, validation, compile, evaluate.
 
 Pure: takes strings and mappings, never paths or sockets. Raises `PolicyError` (with source, line,
 object and field path) only at load or compile time; evaluation is total.
@@ -9,7 +10,7 @@ Loading (text in, objects + errors out; one invalid object never stops the other
     load_policies(text, source="<input>", *, default_namespace="default", skip_endpoints_documents=False) -> LoadResult
         LoadResult.policies: tuple[Policy, ...]; LoadResult.errors: tuple[PolicyError, ...]
     merge_results(results: list[LoadResult]) -> LoadResult        # several files; duplicate names are errors
-    parse_policy(mapping, *, source="", line=0) -> Policy          # raises PolicyValidationError
+    parse_policy(mapping, *, source="", line=0) -> Policy          # raises PolicyValidationError (.problems: all of them)
     parse_endpoints(text, source="<endpoints>") -> Endpoints       # raises EndpointsError
 
 Compiling:

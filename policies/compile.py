@@ -4,7 +4,9 @@
 Rules (Cilium 1.19 pkg/policy):
 1. A rule selects endpoints by its (namespace-scoped) endpointSelector. A direction is enforced
    (default deny) for an endpoint once a selecting rule has entries for it (allow or deny) and does
-   not set `enableDefaultDeny.<direction>: false`.
+   not set `enableDefaultDeny.<direction>: false`. L7 rules of a rule with default deny off, on a
+   direction no rule enforces, are visibility only: an allow-all L7 rule for every peer is added
+   on their ports (Cilium's `ensureWildcard`), so requests are recorded and allowed.
 2. Allows are a union. A deny entry covering (peer, port, protocol) wins over every allow.
 3. Without a matching allow: DROP when enforced, ALLOW when not.
 4. Matching allows with L7 rules put the port under the proxy (REDIRECT); the rule set is the union
@@ -45,6 +47,7 @@ from membrane.policies.endpoints import Endpoint, Endpoints
 from membrane.policies.errors import PolicyConflictError, PolicyError
 from membrane.policies.identity import (
     Identity,
+    IdentityAllocators,
     IdentityKind,
     IpCache,
     ReservedIdentity,
@@ -123,6 +126,8 @@ _ALL_PROTOS = frozenset(CONCRETE_PROTOS)
 KERNEL_PROTOS = (L4Proto.TCP, L4Proto.UDP, L4Proto.SCTP, L4Proto.ICMP, L4Proto.ICMPV6)
 _L3_PROTOS = frozenset(KERNEL_PROTOS)
 _PORT_SPACE = {L4Proto.ICMP: 256, L4Proto.ICMPV6: 256}  # ICMP "ports" are types; others 65536
+# Marks the reference of an allow-all L7 entry added for visibility (see _Compiler._visibility).
+VISIBILITY_MARK = "(visibility: enableDefaultDeny"
 _MAX_CACHE = 100_000
 
 
@@ -343,6 +348,7 @@ class _Compiler:
     policies: Sequence[Policy]
     endpoints: Endpoints
     learned: Mapping[str, Iterable[str]]
+    identities: IdentityAllocators
     pmap: PolicyMap = field(default_factory=PolicyMap)
     uids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -371,6 +377,7 @@ class _Compiler:
             for direction in PolicyDirection:
                 enforced = False
                 contributions: list[Contribution] = []
+                visibility: list[Contribution] = []
                 for policy, rule in rules:
                     allow, deny = (rule.ingress, rule.ingress_deny) if direction is PolicyDirection.INGRESS else (rule.egress, rule.egress_deny)
                     dd = rule.default_deny_ingress if direction is PolicyDirection.INGRESS else rule.default_deny_egress
@@ -381,6 +388,10 @@ class _Compiler:
                         if got is None:
                             got = contrib_cache[id(entry)] = self._contributions(policy, entry)
                         contributions.extend(got)
+                        if not dd:
+                            visibility.extend(self._visibility(got, direction))
+                if not enforced:
+                    contributions.extend(visibility)
                 dp = DirectionPolicy(pmap, direction, enforced, contributions)
                 pmap._policies[(ident.id, direction)] = dp
                 self._check_conflicts(ident, dp)
@@ -391,7 +402,7 @@ class _Compiler:
         pmap = self.pmap
         idents = reserved_identities()
         label_sets = {e.label_set for e in self.endpoints.endpoints}
-        ep_numbers = allocate_endpoint_identities(label_sets)
+        ep_numbers = allocate_endpoint_identities(label_sets, self.identities.endpoints)
         members: dict[LabelSet, list[str]] = {}
         for e in self.endpoints.endpoints:
             members.setdefault(e.label_set, []).append(e.key)
@@ -419,7 +430,7 @@ class _Compiler:
                 names.setdefault(net, set()).add(dnsmatch.fqdn(name))
         prefixes = {p for p in prefixes if p.prefixlen > 0}
         world = {4: ReservedIdentity.WORLD_IPV4, 6: ReservedIdentity.WORLD_IPV6}
-        for net, n in sorted(allocate_cidr_identities(prefixes).items(), key=lambda kv: kv[1]):
+        for net, n in sorted(allocate_cidr_identities(prefixes, self.identities.cidrs).items(), key=lambda kv: kv[1]):
             labels = LabelSet.of([Label("cidr", str(net)), Label("reserved", world[net.version].label_name), Label("reserved", "world")])
             idents.append(Identity(id=n, kind=IdentityKind.CIDR, labels=labels, prefix=net, names=frozenset(names.get(net, ()))))
         pmap.identities = idents
@@ -554,6 +565,30 @@ class _Compiler:
                 out.append(Contribution(peers, all_peers, protos, lo, hi, entry.deny, parser, l7, prefix + pr.path, next(self.uids)))
         return out
 
+    def _visibility(self, contributions: Sequence[Contribution], direction: PolicyDirection) -> list[Contribution]:
+        """The allow-all L7 entries Cilium adds for L7 rules of a rule with default deny turned off.
+
+        cilium/cilium pkg/policy/l4.go `ensureWildcard` (PR #38841, since 1.17.4): when a rule sets
+        `enableDefaultDeny.<direction>: false` and no rule selecting the endpoint turns default deny
+        on for that direction, its L7 ports get a wildcard L3 selector with an allow-all L7 rule, so
+        the L7 rules only add visibility: every request on the port reaches the proxy, is recorded,
+        and is allowed whether or not a rule matches. The caller adds these only when the direction
+        is not enforced. (The 1.19 docs still describe the old refusal; the code decides.)
+        """
+        out: list[Contribution] = []
+        allow_all: dict[ParserType, L7Rule] = {
+            ParserType.HTTP: HttpRule(),
+            ParserType.DNS: DnsRule(match_pattern="*"),
+            ParserType.KAFKA: KafkaRule(),
+        }
+        for c in contributions:
+            if c.deny or c.parser is None:
+                continue
+            ref = f"{c.ref} {VISIBILITY_MARK}.{direction.value} is false)"
+            l7 = ((allow_all[c.parser], ref),)
+            out.append(Contribution(self.pmap.all_bits, True, c.protos, c.lo, c.hi, False, c.parser, l7, ref, next(self.uids)))
+        return out
+
     def _check_conflicts(self, ident: Identity, dp: DirectionPolicy) -> None:
         l7 = [c for c in dp.contributions if c.parser is not None and not c.deny]
         if len({c.parser for c in l7}) < 2:
@@ -575,12 +610,14 @@ def compile_policy(
     policies: Iterable[Policy],
     endpoints: Endpoints,
     learned: Mapping[str, Iterable[str]] | None = None,
+    identities: IdentityAllocators | None = None,
 ) -> PolicyMap:
     """Compile validated policies for `endpoints`.
 
     `learned` maps DNS names to the IPs DNS answers gave for them (FqdnCache.snapshot()); toFQDNs
-    selectors select those addresses' identities.
+    selectors select those addresses' identities. `identities` are the node's allocators, kept
+    across compilations so that a live label set or prefix keeps its number; None numbers afresh.
     Returns: the PolicyMap. Conflicts between rules are in `PolicyMap.errors` (the affected peers
         are dropped); compilation itself does not raise for valid policies.
     """
-    return _Compiler(list(policies), endpoints, learned or {}).run()
+    return _Compiler(list(policies), endpoints, learned or {}, identities or IdentityAllocators.new()).run()

@@ -1,21 +1,27 @@
 """CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy (cilium.io/v2): the model and its validation.
 
 Owns the mapping -> model step: every CRD field (camelCase appears only in this module) is checked
-for type, unknown names and Cilium's sanitize rules, and selectors are scoped as Cilium scopes them
-(CNP subjects and peers to the policy's namespace, CCNP peers cluster-wide). Never does I/O. One
-invalid field rejects the whole object: `parse_policy` raises `PolicyValidationError` with the field
-path. The model is frozen dataclasses; empty, absent and zero are documented per field.
+for type, unknown names and Cilium's validation rules (cilium/cilium v1.19 pkg/policy/api
+rule_validation.go: Rule.Validate, PortRule.Validate, L7Rules.Validate), and selectors are scoped as
+Cilium scopes them (CNP subjects and peers to the policy's namespace, CCNP peers cluster-wide).
+Never does I/O. One invalid field rejects the whole object, and every problem of the object is
+reported: `parse_policy` raises `PolicyValidationError` whose `problems` hold one error per field.
+What Membrane cannot enforce (host policies) is rejected with a message saying so; `icmps` is
+enforced in the kernel (ICMP/ICMPv6 type as the port, as Cilium keys it).
+The model is frozen dataclasses; empty, absent and zero are documented per field.
 """
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import enum
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import re2
 from membrane.policies import dnsmatch
@@ -173,11 +179,19 @@ class KafkaRule:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class L7Rules:
-    """At most one kind is present. A present but empty list (`http: []`) means plain L4."""
+    """At most one kind is non-empty. Only empty lists (`http: []`) mean plain L4 on any protocol.
+
+    Cilium's `L7Rules.IsEmpty` is `Len() == 0`: a kind present with an empty list is no L7 rule
+    at all, so `PortRule.Validate` applies the TCP-only and port-0 checks only to non-empty rules.
+    """
 
     http: tuple[HttpRule, ...] | None = None
     kafka: tuple[KafkaRule, ...] | None = None
     dns: tuple[DnsRule, ...] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.http or self.kafka or self.dns)
 
     @property
     def parser(self) -> ParserType | None:
@@ -260,7 +274,7 @@ class Rule:
     """One `spec` / `specs[i]`. Exactly one of the two selectors is set."""
 
     endpoint_selector: Selector | None  # scoped to the namespace for CNP
-    node_selector: Selector | None = None  # host policy; selects no pod
+    node_selector: Selector | None = None  # host policy; never set today (nodeSelector is rejected)
     ingress: tuple[IngressRule, ...] = ()
     ingress_deny: tuple[IngressRule, ...] = ()
     egress: tuple[EgressRule, ...] = ()
@@ -273,7 +287,7 @@ class Rule:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
-    """One CNP or CCNP object. `namespace` is None for a CCNP."""
+    """One CNP, CCNP or Kubernetes NetworkPolicy object. `namespace` is None for a CCNP."""
 
     kind: str
     name: str
@@ -306,6 +320,53 @@ class FieldError(Exception):
 
 def fail(path: str, message: str) -> NoReturn:
     raise FieldError(path, message)
+
+
+# Problems found while parsing one object. `fail` stops the field it is in; the parse then goes on
+# with the next field or list item (see `attempt` and `each`), so one run reports every problem of
+# an object. Outside `collecting()` (the endpoints file), the first problem is raised as before.
+_PROBLEMS: contextvars.ContextVar[list[FieldError] | None] = contextvars.ContextVar("membrane_problems", default=None)
+T = TypeVar("T")
+
+
+def report(error: FieldError) -> None:
+    """Record `error` and carry on when problems are being collected; raise it otherwise."""
+    sink = _PROBLEMS.get()
+    if sink is None:
+        raise error
+    if not any(e.path == error.path and e.message == error.message for e in sink):
+        sink.append(error)
+
+
+@contextmanager
+def collecting() -> Iterator[list[FieldError]]:
+    """Collect every problem reported inside the block (instead of stopping at the first)."""
+    sink: list[FieldError] = []
+    token = _PROBLEMS.set(sink)
+    try:
+        yield sink
+    finally:
+        _PROBLEMS.reset(token)
+
+
+def attempt(parse: Callable[[], T], fallback: T) -> T:
+    """`parse()`, or `fallback` after reporting its problem: one bad field does not hide the next."""
+    try:
+        return parse()
+    except FieldError as e:
+        report(e)
+        return fallback
+
+
+def each(value: object, path: str, parse_one: Callable[[Any, str], T]) -> list[T]:
+    """Parse every item of the list at `path`; an invalid item is reported and left out."""
+    out: list[T] = []
+    for i, item in enumerate(as_list(value, path)):
+        try:
+            out.append(parse_one(item, f"{path}[{i}]"))
+        except FieldError as e:
+            report(e)
+    return out
 
 
 def _type_name(value: object) -> str:
@@ -355,14 +416,25 @@ def as_bool(value: object, path: str) -> bool:
     return value
 
 
-def check_fields(m: Mapping[str, Any], path: str, known: tuple[str, ...], unsupported: tuple[str, ...] = ()) -> None:
+def check_fields(
+    m: Mapping[str, Any],
+    path: str,
+    known: tuple[str, ...],
+    unsupported: tuple[str, ...] | Mapping[str, str] = (),
+) -> None:
+    """Report each unsupported or unknown field of `m` (with a "did you mean" hint for typos).
+
+    `unsupported` names fields Cilium has but Membrane does not enforce; a mapping gives each one
+    the message to print (what to use instead).
+    """
     for key in m:
         if key in unsupported:
-            fail(join(path, key), f"{key} is not supported by membrane")
-        if key not in known:
-            close = difflib.get_close_matches(key, known + unsupported, n=1)
+            why = unsupported[key] if isinstance(unsupported, Mapping) else f"{key} is not supported by membrane"
+            report(FieldError(join(path, key), why))
+        elif key not in known:
+            close = difflib.get_close_matches(key, known + tuple(unsupported), n=1)
             hint = f' (did you mean "{close[0]}"?)' if close else ""
-            fail(join(path, key), f'unknown field "{key}"{hint}')
+            report(FieldError(join(path, key), f'unknown field "{key}"{hint}'))
 
 
 def opt(m: Mapping[str, Any], key: str) -> Any:
@@ -374,7 +446,10 @@ def opt(m: Mapping[str, Any], key: str) -> Any:
 
 
 def parse_selector(value: object, path: str) -> Selector:
-    """A Kubernetes LabelSelector with Cilium label sources (`k8s:`, `reserved:`, `any:`, none = any)."""
+    """A Kubernetes LabelSelector with Cilium label sources (`k8s:`, `reserved:`, `any:`, none = any).
+
+    Every invalid label or expression is reported; the selector keeps the valid ones.
+    """
     if value is None:
         return Selector()
     m = as_mapping(value, path)
@@ -384,33 +459,40 @@ def parse_selector(value: object, path: str) -> Selector:
     if labels is not None:
         lp = join(path, "matchLabels")
         for k, v in as_mapping(labels, lp).items():
-            if v is None:
-                v = ""
-            source, key = _label_key(k, join(lp, k))
-            reqs.append(Requirement(source, key, Operator.IN, frozenset({as_str(v, join(lp, k))})))
+            try:
+                reqs.append(_match_label(k, v, join(lp, k)))
+            except FieldError as e:
+                report(e)
     exprs = opt(m, "matchExpressions")
     if exprs is not None:
-        ep = join(path, "matchExpressions")
-        for i, e in enumerate(as_list(exprs, ep)):
-            p = f"{ep}[{i}]"
-            em = as_mapping(e, p)
-            check_fields(em, p, ("key", "operator", "values"))
-            if opt(em, "key") is None:
-                fail(join(p, "key"), "key is required")
-            source, key = _label_key(as_str(em["key"], join(p, "key")), join(p, "key"))
-            op_text = as_str(opt(em, "operator"), join(p, "operator"))
-            try:
-                op = Operator(op_text)
-            except ValueError:
-                fail(join(p, "operator"), f"unknown operator {op_text!r} (In, NotIn, Exists, DoesNotExist)")
-            raw_values = opt(em, "values")
-            values = [as_str(v, f"{join(p, 'values')}[{j}]") for j, v in enumerate(as_list(raw_values, join(p, "values")))] if raw_values is not None else []
-            if op in (Operator.IN, Operator.NOT_IN) and not values:
-                fail(join(p, "values"), f"values must be non-empty for operator {op.value}")
-            if op in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
-                fail(join(p, "values"), f"values must be empty for operator {op.value}")
-            reqs.append(Requirement(source, key, op, frozenset(values)))
+        reqs.extend(each(exprs, join(path, "matchExpressions"), _match_expression))
     return Selector(tuple(sorted(reqs, key=lambda r: (r.source, r.key, r.op.value, sorted(r.values)))))
+
+
+def _match_label(key_text: str, value: object, path: str) -> Requirement:
+    source, key = _label_key(key_text, path)
+    return Requirement(source, key, Operator.IN, frozenset({as_str("" if value is None else value, path)}))
+
+
+def _match_expression(value: object, p: str) -> Requirement:
+    em = as_mapping(value, p)
+    check_fields(em, p, ("key", "operator", "values"))
+    if opt(em, "key") is None:
+        fail(join(p, "key"), "key is required")
+    source, key = _label_key(as_str(em["key"], join(p, "key")), join(p, "key"))
+    op_text = as_str(opt(em, "operator"), join(p, "operator"))
+    try:
+        op = Operator(op_text)
+    except ValueError:
+        fail(join(p, "operator"), f"unknown operator {op_text!r} (In, NotIn, Exists, DoesNotExist)")
+    raw_values = opt(em, "values")
+    vp = join(p, "values")
+    values = [as_str(v, f"{vp}[{j}]") for j, v in enumerate(as_list(raw_values, vp))] if raw_values is not None else []
+    if op in (Operator.IN, Operator.NOT_IN) and not values:
+        fail(vp, f"values must be non-empty for operator {op.value}")
+    if op in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
+        fail(vp, f"values must be empty for operator {op.value}")
+    return Requirement(source, key, op, frozenset(values))
 
 
 _LABEL_KEY = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
@@ -525,56 +607,56 @@ def _parse_http(value: object, path: str) -> HttpRule:
     m = as_mapping(value, path)
     check_fields(m, path, ("method", "path", "host", "headers", "headerMatches"))
     headers: list[str] = []
-    raw_headers = opt(m, "headers")
-    if raw_headers is not None:
-        for i, h in enumerate(as_list(raw_headers, join(path, "headers"))):
-            text = as_str(h, f"{join(path, 'headers')}[{i}]").strip()
-            if not text:
-                fail(f"{join(path, 'headers')}[{i}]", "empty header")
-            headers.append(text)
+    if opt(m, "headers") is not None:
+        headers = each(m["headers"], join(path, "headers"), _parse_header)
     matches: list[HeaderMatch] = []
-    raw_matches = opt(m, "headerMatches")
-    if raw_matches is not None:
-        hp = join(path, "headerMatches")
-        for i, hm in enumerate(as_list(raw_matches, hp)):
-            p = f"{hp}[{i}]"
-            mm = as_mapping(hm, p)
-            check_fields(mm, p, ("name", "value", "secret", "mismatch"))
-            name = as_str(opt(mm, "name"), join(p, "name")) if opt(mm, "name") is not None else ""
-            if not name:
-                fail(join(p, "name"), "header name missing")
-            hv = opt(mm, "value")
-            secret: SecretRef | None = None
-            if opt(mm, "secret") is not None:
-                sp = join(p, "secret")
-                sm = as_mapping(mm["secret"], sp)
-                check_fields(sm, sp, ("namespace", "name"))
-                sname = as_str(opt(sm, "name"), join(sp, "name")) if opt(sm, "name") is not None else ""
-                if not sname:
-                    fail(join(sp, "name"), "secret name missing")
-                sns = opt(sm, "namespace")
-                secret = SecretRef(namespace=as_str(sns, join(sp, "namespace")) if sns is not None else None, name=sname)
-            mismatch: MismatchAction | None = None
-            raw_mm = opt(mm, "mismatch")
-            if raw_mm is not None and raw_mm != "":
-                try:
-                    mismatch = MismatchAction(as_str(raw_mm, join(p, "mismatch")))
-                except ValueError:
-                    fail(join(p, "mismatch"), f"invalid header action {raw_mm!r} (LOG, ADD, DELETE or REPLACE)")
-            matches.append(
-                HeaderMatch(
-                    name=name,
-                    value=(as_str(hv, join(p, "value")) or None) if hv is not None else None,
-                    secret=secret,
-                    mismatch=mismatch,
-                )
-            )
+    if opt(m, "headerMatches") is not None:
+        matches = each(m["headerMatches"], join(path, "headerMatches"), _parse_header_match)
     return HttpRule(
-        method=_regex_field(m, "method", path),
-        path=_regex_field(m, "path", path),
-        host=_regex_field(m, "host", path),
+        method=attempt(lambda: _regex_field(m, "method", path), None),
+        path=attempt(lambda: _regex_field(m, "path", path), None),
+        host=attempt(lambda: _regex_field(m, "host", path), None),
         headers=tuple(headers),
         header_matches=tuple(matches),
+    )
+
+
+def _parse_header(value: object, path: str) -> str:
+    text = as_str(value, path).strip()
+    if not text:
+        fail(path, "empty header")
+    return text
+
+
+def _parse_header_match(value: object, p: str) -> HeaderMatch:
+    mm = as_mapping(value, p)
+    check_fields(mm, p, ("name", "value", "secret", "mismatch"))
+    name = as_str(opt(mm, "name"), join(p, "name")) if opt(mm, "name") is not None else ""
+    if not name:
+        fail(join(p, "name"), "header name missing")
+    hv = opt(mm, "value")
+    secret: SecretRef | None = None
+    if opt(mm, "secret") is not None:
+        sp = join(p, "secret")
+        sm = as_mapping(mm["secret"], sp)
+        check_fields(sm, sp, ("namespace", "name"))
+        sname = as_str(opt(sm, "name"), join(sp, "name")) if opt(sm, "name") is not None else ""
+        if not sname:
+            fail(join(sp, "name"), "secret name missing")
+        sns = opt(sm, "namespace")
+        secret = SecretRef(namespace=as_str(sns, join(sp, "namespace")) if sns is not None else None, name=sname)
+    mismatch: MismatchAction | None = None
+    raw_mm = opt(mm, "mismatch")
+    if raw_mm is not None and raw_mm != "":
+        try:
+            mismatch = MismatchAction(as_str(raw_mm, join(p, "mismatch")))
+        except ValueError:
+            fail(join(p, "mismatch"), f"invalid header action {raw_mm!r} (LOG, ADD, DELETE or REPLACE)")
+    return HeaderMatch(
+        name=name,
+        value=(as_str(hv, join(p, "value")) or None) if hv is not None else None,
+        secret=secret,
+        mismatch=mismatch,
     )
 
 
@@ -650,61 +732,67 @@ def _parse_fqdn_selector(value: object, path: str, what: str) -> tuple[str | Non
 
 
 def _parse_l7(value: object, path: str, ingress: bool) -> L7Rules:
+    """The `rules` of one port rule. Cross-field checks are in `_check_l7_ports` (only when non-empty)."""
     m = as_mapping(value, path)
     check_fields(m, path, ("http", "kafka", "dns"), unsupported=("l7proto", "l7"))
-    present = [k for k in ("http", "kafka", "dns") if opt(m, k) is not None]
-    if len(present) > 1:
-        fail(path, f"multiple L7 protocol rule types specified in one port rule ({', '.join(present)})")
     http = kafka = dns = None
     if opt(m, "http") is not None:
-        hp = join(path, "http")
-        http = tuple(_parse_http(v, f"{hp}[{i}]") for i, v in enumerate(as_list(m["http"], hp)))
+        http = tuple(each(m["http"], join(path, "http"), _parse_http))
     if opt(m, "kafka") is not None:
-        kp = join(path, "kafka")
-        kafka = tuple(_parse_kafka(v, f"{kp}[{i}]") for i, v in enumerate(as_list(m["kafka"], kp)))
+        kafka = tuple(each(m["kafka"], join(path, "kafka"), _parse_kafka))
     if opt(m, "dns") is not None:
         dp = join(path, "dns")
-        if ingress:
-            fail(dp, "DNS rules are not allowed on ingress")
-        dns_rules = []
-        for i, v in enumerate(as_list(m["dns"], dp)):
-            name, pattern = _parse_fqdn_selector(v, f"{dp}[{i}]", "DNS rule")
-            dns_rules.append(DnsRule(match_name=name, match_pattern=pattern))
-        dns = tuple(dns_rules)
+        dns = tuple(each(m["dns"], dp, _parse_dns_rule))
+        if ingress and as_list(m["dns"], dp):  # PortRule.Validate: `len(pr.Rules.DNS) > 0` on ingress
+            report(FieldError(dp, "DNS rules are not allowed on ingress"))
     return L7Rules(http=http, kafka=kafka, dns=dns)
+
+
+def _parse_dns_rule(value: object, path: str) -> DnsRule:
+    name, pattern = _parse_fqdn_selector(value, path, "DNS rule")
+    return DnsRule(match_name=name, match_pattern=pattern)
+
+
+def _check_l7_ports(rules: L7Rules, ports: list[PortProtocol], path: str) -> None:
+    """Cilium's PortRule.Validate + L7Rules.Validate for non-empty L7 rules.
+
+    Empty rules (`http: []`) skip all of this: they are plain L4 on any protocol (IsEmpty is Len() == 0).
+    """
+    if rules.is_empty:
+        return
+    present = [k for k, v in (("http", rules.http), ("kafka", rules.kafka), ("dns", rules.dns)) if v is not None]
+    if len(present) > 1:  # nTypes counts every present kind, empty or not
+        report(FieldError(join(path, "rules"), f"multiple L7 protocol rule types specified in one port rule ({', '.join(present)})"))
+    is_dns = bool(rules.dns)
+    if rules.dns is not None and not ports:
+        report(FieldError(path, "port 53 must be specified for DNS rules"))
+    for i, p in enumerate(ports):
+        if not is_dns and p.protocol is not L4Proto.TCP:
+            report(FieldError(path, "L7 rules require protocol TCP"))
+        if p.port == 0:
+            report(FieldError(join(path, f"ports[{i}]"), "L7 rules cannot be used when a port is 0"))
+        if is_dns and p.end_port is not None:
+            report(FieldError(join(path, f"ports[{i}]"), "DNS rules do not support port ranges"))
+
+
+_TLS_UNSUPPORTED = ("terminatingTLS", "originatingTLS", "serverNames", "listener")
 
 
 def _parse_port_rule(value: object, path: str, ref: str, ingress: bool, deny: bool) -> PortRule:
     m = as_mapping(value, path)
-    if deny:
-        check_fields(m, path, ("ports",))
-    else:
-        check_fields(
-            m, path, ("ports", "rules"), unsupported=("terminatingTLS", "originatingTLS", "serverNames", "listener")
-        )
+    check_fields(m, path, ("ports",) if deny else ("ports", "rules"), unsupported=() if deny else _TLS_UNSUPPORTED)
     ports: list[PortProtocol] = []
     raw_ports = opt(m, "ports")
     if raw_ports is not None:
         pp = join(path, "ports")
-        items = as_list(raw_ports, pp)
-        if len(items) > MAX_PORTS:
-            fail(pp, f"too many ports, the max is {MAX_PORTS}")
-        ports = [_parse_port_protocol(v, f"{pp}[{i}]") for i, v in enumerate(items)]
+        if len(as_list(raw_ports, pp)) > MAX_PORTS:
+            report(FieldError(pp, f"too many ports, the max is {MAX_PORTS}"))
+        ports = each(raw_ports, pp, _parse_port_protocol)
     rules: L7Rules | None = None
     if not deny and opt(m, "rules") is not None:
-        rules = _parse_l7(m["rules"], join(path, "rules"), ingress)
-    if rules is not None and (rules.http is not None or rules.kafka is not None or rules.dns is not None):
-        # Cilium's sanitize counts a present kind even when its list is empty.
-        is_dns = rules.dns is not None
-        if is_dns and not ports:
-            fail(path, "port 53 must be specified for DNS rules")
-        for i, p in enumerate(ports):
-            if not is_dns and p.protocol is not L4Proto.TCP:
-                fail(path, "L7 rules require protocol TCP")
-            if p.port == 0:
-                fail(join(path, f"ports[{i}]"), "L7 rules cannot be used when a port is 0")
-            if is_dns and p.end_port is not None:
-                fail(join(path, f"ports[{i}]"), "DNS rules do not support port ranges")
+        rules = attempt(lambda: _parse_l7(m["rules"], join(path, "rules"), ingress), None)
+    if rules is not None:
+        _check_l7_ports(rules, ports, path)
     return PortRule(ports=tuple(ports), rules=rules, path=ref)
 
 
@@ -720,7 +808,7 @@ def _parse_cidr(text: str, path: str) -> IPNetwork:
         fail(path, f"invalid CIDR {text!r}")
 
 
-def _parse_cidr_rule(value: object, path: str) -> CidrRule:
+def parse_cidr_rule(value: object, path: str) -> CidrRule:
     m = as_mapping(value, path)
     check_fields(m, path, ("cidr", "except"), unsupported=("cidrGroupRef", "cidrGroupSelector"))
     if opt(m, "cidr") is None:
@@ -748,91 +836,49 @@ _INGRESS_L3 = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities")
 _EGRESS_L3 = ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities", "toFQDNs")
 _INGRESS_UNSUPPORTED = ("fromRequires", "fromGroups", "fromNodes")
 _EGRESS_UNSUPPORTED = ("toRequires", "toGroups", "toNodes", "toServices")
+def _peer_unsupported(ingress: bool) -> dict[str, str]:
+    names = _INGRESS_UNSUPPORTED if ingress else _EGRESS_UNSUPPORTED
+    return {n: f"{n} is not supported by membrane" for n in names}
 
 
 def _parse_peer_rule(
     value: object, path: str, ref: str, namespace: str | None, *, ingress: bool, deny: bool
 ) -> PeerRule:
+    """One entry of ingress/ingressDeny/egress/egressDeny: its peers (L3) and its ports (L4/L7).
+
+    Cilium: IngressCommonRule.Validate / EgressCommonRule.Validate (one L3 kind per entry) and
+    PortRule.Validate per toPorts item. Peer fields absent = None, present and empty = ().
+    """
     m = as_mapping(value, path)
-    l3: tuple[str, ...] = _INGRESS_L3 if ingress else _EGRESS_L3
-    if deny and not ingress:
-        l3 = tuple(k for k in l3 if k != "toFQDNs")
-    known = (*l3, "toPorts", "icmps") + (() if deny else ("authentication",))
-    check_fields(m, path, known, unsupported=_INGRESS_UNSUPPORTED if ingress else _EGRESS_UNSUPPORTED)
+    pre = "from" if ingress else "to"
+    l3 = _l3_fields(ingress=ingress, deny=deny)
+    check_fields(m, path, (*l3, "toPorts", "icmps") + (() if deny else ("authentication",)), unsupported=_peer_unsupported(ingress))
     present = [k for k in l3 if isinstance(opt(m, k), list) and len(m[k]) > 0]
     if len(present) > 1:
-        fail(path, f"combining {present[0]} and {present[1]} is not supported yet")
-    pre = "from" if ingress else "to"
-
-    def lst(key: str) -> list[Any] | None:
-        v = opt(m, pre + key)
-        return None if v is None else as_list(v, join(path, pre + key))
-
-    endpoints: tuple[Selector, ...] | None = None
-    raw = lst("Endpoints")
-    if raw is not None:
-        ep = join(path, pre + "Endpoints")
-        endpoints = tuple(scope_peer(parse_selector(v, f"{ep}[{i}]"), namespace) if v is not None else scope_peer(Selector(), namespace) for i, v in enumerate(raw))
-    entities: tuple[Entity, ...] | None = None
-    raw = lst("Entities")
-    if raw is not None:
-        ents = []
-        for i, v in enumerate(raw):
-            p = f"{join(path, pre + 'Entities')}[{i}]"
-            e = _ENTITIES.get(as_str(v, p))
-            if e is None:
-                fail(p, f"unknown entity {v!r} ({', '.join(_ENTITIES)})")
-            ents.append(e)
-        entities = tuple(ents)
-    cidrs: list[CidrRule] | None = None
-    raw = lst("CIDR")
-    if raw is not None:
-        cp = join(path, pre + "CIDR")
-        cidrs = [CidrRule(cidr=_parse_cidr(as_str(v, f"{cp}[{i}]"), f"{cp}[{i}]")) for i, v in enumerate(raw)]
-    raw = lst("CIDRSet")
-    if raw is not None:
-        sp = join(path, pre + "CIDRSet")
-        cidrs = (cidrs or []) + [_parse_cidr_rule(v, f"{sp}[{i}]") for i, v in enumerate(raw)]
-    fqdns: tuple[FqdnSelector, ...] | None = None
-    if not ingress and not deny:
-        raw = lst("FQDNs")
-        if raw is not None:
-            fp = join(path, "toFQDNs")
-            sels = []
-            for i, v in enumerate(raw):
-                name, pattern = _parse_fqdn_selector(v, f"{fp}[{i}]", "toFQDNs selector")
-                sels.append(FqdnSelector(match_name=name, match_pattern=pattern))
-            fqdns = tuple(sels)
+        report(FieldError(path, f"combining {present[0]} and {present[1]} is not supported yet"))
+    fqdns = None
+    if not ingress and not deny and opt(m, "toFQDNs") is not None:
+        fqdns = tuple(each(m["toFQDNs"], join(path, "toFQDNs"), _parse_fqdn_peer))
     ports: tuple[PortRule, ...] = ()
-    raw_ports = opt(m, "toPorts")
-    if raw_ports is not None:
+    if opt(m, "toPorts") is not None:
         tp = join(path, "toPorts")
         ports = tuple(
-            _parse_port_rule(v, f"{tp}[{i}]", f"{ref}.toPorts[{i}]", ingress, deny)
-            for i, v in enumerate(as_list(raw_ports, tp))
+            each(m["toPorts"], tp, lambda v, p: _parse_port_rule(v, p, ref + p[len(path):], ingress, deny))
         )
-    has_icmps = False
     icmps: list[tuple[L4Proto, int]] = []
-    raw_icmps = opt(m, "icmps")
-    if raw_icmps is not None:
-        ip = join(path, "icmps")
-        for i, v in enumerate(as_list(raw_icmps, ip)):
-            icmps.extend(_parse_icmp(v, f"{ip}[{i}]"))
-        has_icmps = bool(raw_icmps)
-        if has_icmps and ports:
-            fail(path, "the icmps block may only be present without toPorts; define a separate rule for toPorts")
+    if opt(m, "icmps") is not None:
+        for got in each(m["icmps"], join(path, "icmps"), _parse_icmp):
+            icmps.extend(got)
+        if as_list(m["icmps"], join(path, "icmps")) and ports:
+            report(FieldError(path, "the icmps block may only be present without toPorts; define a separate rule for toPorts"))
     cls = IngressRule if ingress else EgressRule
-    # An explicitly empty toCIDR plus a non-empty toCIDRSet is a non-empty selection in Cilium only if
-    # neither list is empty; keep the explicit-empty marker when either one was [].
-    if cidrs is not None and any(opt(m, pre + k) == [] for k in ("CIDR", "CIDRSet")):
-        cidrs = []
     return cls(
-        endpoints=endpoints,
-        entities=entities,
-        cidrs=tuple(cidrs) if cidrs is not None else None,
+        endpoints=_peer_endpoints(m, path, pre, namespace),
+        entities=_peer_entities(m, path, pre),
+        cidrs=_peer_cidrs(m, path, pre),
         fqdns=fqdns,
         to_ports=ports,
-        has_icmps=has_icmps,
+        has_icmps=bool(opt(m, "icmps")),
         icmps=tuple(dict.fromkeys(icmps)),
         deny=deny,
         path=ref,
@@ -919,11 +965,62 @@ def _parse_icmp(value: object, path: str) -> list[tuple[L4Proto, int]]:
     return out
 
 
+def _l3_fields(*, ingress: bool, deny: bool) -> tuple[str, ...]:
+    if ingress:
+        return _INGRESS_L3
+    return tuple(k for k in _EGRESS_L3 if k != "toFQDNs") if deny else _EGRESS_L3
+
+
+def _peer_endpoints(m: Mapping[str, Any], path: str, pre: str, namespace: str | None) -> tuple[Selector, ...] | None:
+    """fromEndpoints/toEndpoints, each selector scoped as Cilium's getEndpointSelector scopes it."""
+    key = pre + "Endpoints"
+    if opt(m, key) is None:
+        return None
+    return tuple(each(m[key], join(path, key), lambda v, p: scope_peer(parse_selector(v, p), namespace)))
+
+
+def _peer_entities(m: Mapping[str, Any], path: str, pre: str) -> tuple[Entity, ...] | None:
+    key = pre + "Entities"
+    if opt(m, key) is None:
+        return None
+    return tuple(each(m[key], join(path, key), _parse_entity))
+
+
+def _parse_entity(value: object, path: str) -> Entity:
+    e = _ENTITIES.get(as_str(value, path))
+    if e is None:
+        fail(path, f"unknown entity {value!r} ({', '.join(_ENTITIES)})")
+    return e
+
+
+def _peer_cidrs(m: Mapping[str, Any], path: str, pre: str) -> tuple[CidrRule, ...] | None:
+    """fromCIDR + fromCIDRSet (toCIDR + toCIDRSet) as one list; None when both are absent.
+
+    An explicitly empty list in either field keeps the explicit-empty marker (): Cilium treats a
+    present empty peer list as selecting nothing.
+    """
+    plain, sets = opt(m, pre + "CIDR"), opt(m, pre + "CIDRSet")
+    if plain is None and sets is None:
+        return None
+    cidrs: list[CidrRule] = []
+    if plain is not None:
+        cidrs += each(plain, join(path, pre + "CIDR"), lambda v, p: CidrRule(cidr=_parse_cidr(as_str(v, p), p)))
+    if sets is not None:
+        cidrs += each(sets, join(path, pre + "CIDRSet"), parse_cidr_rule)
+    if plain == [] or sets == []:
+        return ()
+    return tuple(cidrs)
+
+
+def _parse_fqdn_peer(value: object, path: str) -> FqdnSelector:
+    name, pattern = _parse_fqdn_selector(value, path, "toFQDNs selector")
+    return FqdnSelector(match_name=name, match_pattern=pattern)
+
+
 # --- rules and objects ------------------------------------------------------------------------------
 
 _RULE_FIELDS = (
     "endpointSelector",
-    "nodeSelector",
     "ingress",
     "ingressDeny",
     "egress",
@@ -933,67 +1030,83 @@ _RULE_FIELDS = (
     "enableDefaultDeny",
     "log",
 )
+HOST_POLICY_UNSUPPORTED = (
+    "nodeSelector (a host policy) is not supported: Membrane enforces pod traffic only, so this rule would "
+    "enforce nothing; select pods with endpointSelector, or keep host policies in Cilium's host firewall"
+)
+_SECTIONS = (("ingress", True, False), ("ingressDeny", True, True), ("egress", False, False), ("egressDeny", False, True))
 
 
 def _parse_rule(value: object, path: str, namespace: str | None) -> Rule:
+    """One `spec`/`specs[i]` (Cilium's Rule.Validate)."""
     m = as_mapping(value, path)
-    check_fields(m, path, _RULE_FIELDS)
+    node_why = HOST_POLICY_UNSUPPORTED if namespace is None else "a CiliumNetworkPolicy rule cannot have nodeSelector"
+    check_fields(m, path, _RULE_FIELDS, unsupported={"nodeSelector": node_why})
     ref_prefix = "" if path == "spec" else path + "."
     has_es = opt(m, "endpointSelector") is not None
-    has_ns = opt(m, "nodeSelector") is not None
-    if has_es and has_ns:
-        fail(path, "a rule cannot have both endpointSelector and nodeSelector")
-    if not has_es and not has_ns:
-        fail(path, "a rule needs endpointSelector or nodeSelector")
-    if has_ns and namespace is not None:
-        fail(join(path, "nodeSelector"), "a CiliumNetworkPolicy rule cannot have nodeSelector")
-    subject = scope_subject(parse_selector(m["endpointSelector"], join(path, "endpointSelector")), namespace) if has_es else None
-    node = parse_selector(m["nodeSelector"], join(path, "nodeSelector")) if has_ns else None
-
-    def section(key: str, ingress: bool, deny: bool) -> list[PeerRule]:
+    if not has_es and opt(m, "nodeSelector") is None:
+        report(FieldError(path, "a rule needs endpointSelector or nodeSelector"))
+    # Rule.Validate (since Cilium 1.17, PR #35904): `len()` of all four is 0 -> invalid; `ingress: []` counts as none.
+    if all(opt(m, key) is None or opt(m, key) == [] for key, _, _ in _SECTIONS):
+        report(FieldError(path, "rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny"))
+    subject = None
+    if has_es:
+        subject = attempt(lambda: scope_subject(parse_selector(m["endpointSelector"], join(path, "endpointSelector")), namespace), None)
+    sections: dict[str, list[PeerRule]] = {}
+    for key, ingress, deny in _SECTIONS:
         raw = opt(m, key)
         if raw is None:
-            return []
-        sp = join(path, key)
-        return [
-            _parse_peer_rule(v, f"{sp}[{i}]", f"{ref_prefix}{key}[{i}]", namespace, ingress=ingress, deny=deny)
-            for i, v in enumerate(as_list(raw, sp))
-        ]
+            sections[key] = []
+            continue
 
-    # A rule with no ingress/egress sections is valid in Cilium (Rule.Sanitize has no such check): it
-    # selects its endpoints and, having no peer rules, enables default deny for neither direction.
-    dd_in = dd_eg = True
-    raw_dd = opt(m, "enableDefaultDeny")
-    if raw_dd is not None:
-        dp = join(path, "enableDefaultDeny")
-        dm = as_mapping(raw_dd, dp)
-        check_fields(dm, dp, ("ingress", "egress"))
-        if opt(dm, "ingress") is not None:
-            dd_in = as_bool(dm["ingress"], join(dp, "ingress"))
-        if opt(dm, "egress") is not None:
-            dd_eg = as_bool(dm["egress"], join(dp, "egress"))
-    desc = opt(m, "description")
-    if opt(m, "labels") is not None:
-        for i, lab in enumerate(as_list(m["labels"], join(path, "labels"))):
-            lp = f"{join(path, 'labels')}[{i}]"
-            check_fields(as_mapping(lab, lp), lp, ("key", "value", "source"))
-    if opt(m, "log") is not None:
-        check_fields(as_mapping(m["log"], join(path, "log")), join(path, "log"), ("value",))
+        def entry(v: object, p: str, ingress: bool = ingress, deny: bool = deny) -> PeerRule:
+            return _parse_peer_rule(v, p, ref_prefix + p[len(path) + 1 :], namespace, ingress=ingress, deny=deny)
+
+        try:
+            sections[key] = each(raw, join(path, key), entry)
+        except FieldError as e:  # not a list: report it and go on with the other sections
+            report(e)
+            sections[key] = []
+    dd_in, dd_eg = attempt(lambda: _default_deny(m, path), (True, True))
+    desc = attempt(lambda: as_str(opt(m, "description") or "", join(path, "description")), "")
+    attempt(lambda: _check_rule_extras(m, path), None)
     return Rule(
         endpoint_selector=subject,
-        node_selector=node,
-        ingress=tuple(r for r in section("ingress", True, False) if isinstance(r, IngressRule)),
-        ingress_deny=tuple(r for r in section("ingressDeny", True, True) if isinstance(r, IngressRule)),
-        egress=tuple(r for r in section("egress", False, False) if isinstance(r, EgressRule)),
-        egress_deny=tuple(r for r in section("egressDeny", False, True) if isinstance(r, EgressRule)),
+        ingress=tuple(r for r in sections["ingress"] if isinstance(r, IngressRule)),
+        ingress_deny=tuple(r for r in sections["ingressDeny"] if isinstance(r, IngressRule)),
+        egress=tuple(r for r in sections["egress"] if isinstance(r, EgressRule)),
+        egress_deny=tuple(r for r in sections["egressDeny"] if isinstance(r, EgressRule)),
         default_deny_ingress=dd_in,
         default_deny_egress=dd_eg,
-        description=as_str(desc, join(path, "description")) if desc is not None else "",
+        description=desc,
         path=path,
     )
 
 
+def _default_deny(m: Mapping[str, Any], path: str) -> tuple[bool, bool]:
+    """enableDefaultDeny.{ingress,egress}; absent = true (a direction with entries enters default deny)."""
+    raw = opt(m, "enableDefaultDeny")
+    if raw is None:
+        return True, True
+    dp = join(path, "enableDefaultDeny")
+    dm = as_mapping(raw, dp)
+    check_fields(dm, dp, ("ingress", "egress"))
+    dd_in = attempt(lambda: as_bool(dm["ingress"], join(dp, "ingress")), True) if opt(dm, "ingress") is not None else True
+    dd_eg = attempt(lambda: as_bool(dm["egress"], join(dp, "egress")), True) if opt(dm, "egress") is not None else True
+    return dd_in, dd_eg
+
+
+def _check_rule_extras(m: Mapping[str, Any], path: str) -> None:
+    """`labels` and `log`: checked for shape only (they do not change enforcement)."""
+    if opt(m, "labels") is not None:
+        each(m["labels"], join(path, "labels"), lambda lab, lp: check_fields(as_mapping(lab, lp), lp, ("key", "value", "source")))
+    if opt(m, "log") is not None:
+        check_fields(as_mapping(m["log"], join(path, "log")), join(path, "log"), ("value",))
+
+
 _DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+KIND_NP = "NetworkPolicy"
+API_VERSION_NP = "networking.k8s.io/v1"
 
 
 def object_name(doc: Mapping[str, Any], default_namespace: str = "default") -> str | None:
@@ -1007,46 +1120,75 @@ def object_name(doc: Mapping[str, Any], default_namespace: str = "default") -> s
     return f"{ns if isinstance(ns, str) and ns else default_namespace}/{meta['name']}"
 
 
+def parse_metadata(m: Mapping[str, Any], *, namespaced: bool, default_namespace: str) -> tuple[str, str | None]:
+    """`metadata.name` (an RFC 1123 subdomain) and the namespace (default when absent; None if cluster-wide)."""
+    meta = as_mapping(opt(m, "metadata"), "metadata")
+    name = opt(meta, "name")
+    if name is None or name == "":
+        fail("metadata.name", "metadata.name is required")
+    name = as_str(name, "metadata.name")
+    if len(name) > 253 or not _DNS_1123_SUBDOMAIN.match(name):
+        report(FieldError("metadata.name", f"invalid object name {name!r} (lower case RFC 1123 subdomain)"))
+    if not namespaced:
+        return name, None
+    raw_ns = opt(meta, "namespace")
+    namespace = attempt(lambda: as_str(raw_ns, "metadata.namespace"), "") if raw_ns is not None else ""
+    return name, namespace or default_namespace
+
+
+def raise_problems(problems: list[FieldError], *, source: str, line: int, obj: str | None) -> None:
+    """Raise the PolicyValidationError of an object with problems (its `problems` hold all of them)."""
+    if not problems:
+        return
+    errors = [PolicyValidationError(p.message, source=source, line=line, obj=obj, path=p.path) for p in problems]
+    first = errors[0]
+    first.problems = tuple(errors)
+    raise first
+
+
 def parse_policy(doc: object, *, source: str = "", line: int = 0, default_namespace: str = "default") -> Policy:
-    """Build a Policy from one decoded YAML/JSON document.
+    """Build a Policy from one decoded YAML/JSON document: a CNP, a CCNP or a Kubernetes NetworkPolicy.
 
     Returns: the validated, namespace-scoped model.
     Raises:
-        PolicyValidationError: the object is invalid (the first problem, with its field path); the
-            caller rejects this object and keeps loading the others.
+        PolicyValidationError: the object is invalid. It names the first problem; `problems` holds
+            every problem of the object (each with its field path; `line` is the document's line,
+            which the loader refines to each field's own line). The caller rejects this object and
+            keeps loading the others.
     """
+    if isinstance(doc, dict) and doc.get("kind") == KIND_NP:
+        from membrane.policies.netpol import parse_network_policy  # netpol builds on this module
+
+        return parse_network_policy(doc, source=source, line=line, default_namespace=default_namespace)
     obj_name: str | None = None
-    try:
-        m = as_mapping(doc, "")
-        obj_name = object_name(m, default_namespace)
-        check_fields(m, "", ("apiVersion", "kind", "metadata", "spec", "specs", "status"))
-        kind = opt(m, "kind")
-        if kind not in (KIND_CNP, KIND_CCNP):
-            fail("kind", f"unsupported kind {kind!r} (expected {KIND_CNP} or {KIND_CCNP})")
-        api = opt(m, "apiVersion")
-        if api != API_VERSION:
-            fail("apiVersion", f"unsupported apiVersion {api!r} (expected {API_VERSION})")
-        meta = as_mapping(opt(m, "metadata"), "metadata")
-        name = opt(meta, "name")
-        if name is None or name == "":
-            fail("metadata.name", "metadata.name is required")
-        name = as_str(name, "metadata.name")
-        if len(name) > 253 or not _DNS_1123_SUBDOMAIN.match(name):
-            fail("metadata.name", f"invalid object name {name!r} (lower case RFC 1123 subdomain)")
-        namespace: str | None = None
-        if kind == KIND_CNP:
-            raw_ns = opt(meta, "namespace")
-            namespace = as_str(raw_ns, "metadata.namespace") if raw_ns is not None else ""
-            namespace = namespace or default_namespace
-        spec = opt(m, "spec")
-        specs = opt(m, "specs")
-        rules: list[Rule] = []
-        if spec is not None:
-            rules.append(_parse_rule(spec, "spec", namespace))
-        if specs is not None:
-            rules.extend(_parse_rule(s, f"specs[{i}]", namespace) for i, s in enumerate(as_list(specs, "specs")))
-        if spec is None and specs is None:
-            fail("spec", "a policy needs spec or specs")
-        return Policy(kind=str(kind), name=name, namespace=namespace, rules=tuple(rules), source=source, line=line)
-    except FieldError as e:
-        raise PolicyValidationError(e.message, source=source, line=line, obj=obj_name, path=e.path) from None
+    with collecting() as problems:
+        policy = attempt(lambda: _parse_cilium_policy(doc, source, line, default_namespace), None)
+        if isinstance(doc, dict):
+            obj_name = object_name(doc, default_namespace)
+    raise_problems(problems, source=source, line=line, obj=obj_name)
+    assert policy is not None  # no problem reported means the parse completed
+    return policy
+
+
+def _parse_cilium_policy(doc: object, source: str, line: int, default_namespace: str) -> Policy:
+    m = as_mapping(doc, "")
+    check_fields(m, "", ("apiVersion", "kind", "metadata", "spec", "specs", "status", "description"))
+    kind = opt(m, "kind")
+    if kind not in (KIND_CNP, KIND_CCNP):
+        fail("kind", f"unsupported kind {kind!r} (expected {KIND_CNP}, {KIND_CCNP} or {KIND_NP})")
+    api = opt(m, "apiVersion")
+    if api != API_VERSION:
+        report(FieldError("apiVersion", f"unsupported apiVersion {api!r} (expected {API_VERSION})"))
+    # Top-level `description` (Cilium's example policies carry one): free text, no effect.
+    if opt(m, "description") is not None:
+        attempt(lambda: as_str(m["description"], "description"), "")
+    name, namespace = parse_metadata(m, namespaced=kind == KIND_CNP, default_namespace=default_namespace)
+    spec, specs = opt(m, "spec"), opt(m, "specs")
+    rules: list[Rule] = []
+    if spec is not None:
+        rules.extend(attempt(lambda: [_parse_rule(spec, "spec", namespace)], []))
+    if specs is not None:
+        rules.extend(each(specs, "specs", lambda v, p: _parse_rule(v, p, namespace)))
+    if spec is None and specs is None:
+        fail("spec", "a policy needs spec or specs")
+    return Policy(kind=str(kind), name=name, namespace=namespace, rules=tuple(rules), source=source, line=line)

@@ -1,7 +1,8 @@
 """The one exception family policies/ raises, and only at load or compile time: `PolicyError`.
 
 Every error carries a location: the source name (a file name, or what the caller passed), the
-line where the YAML document starts, the object (`ns/name`, or `document N` before the name is
+line of the offending field (the loader maps the field path to its line; the document's first line
+when the field is absent), the object (`ns/name`, or `document N` before the name is
 known) and the field path inside it (`specs[0].ingress[0].toPorts[0]`). `str(error)` is the
 one-line form `membrane policy validate` prints.
 """
@@ -27,6 +28,8 @@ class PolicyError(Exception):
         self.line = line
         self.obj = obj
         self.path = path
+        # Every problem of the same object, this one first (parse_policy reports them all at once).
+        self.problems: tuple[PolicyError, ...] = (self,)
 
     @property
     def location(self) -> str:

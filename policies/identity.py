@@ -2,9 +2,15 @@
 
 Reserved identities are fixed: host=1, world=2, unmanaged=3, health=4, init=5, remote-node=6,
 kube-apiserver=7, ingress=8, world-ipv4=9, world-ipv6=10. Endpoint label sets get identities in
-256..65535 and CIDR prefixes in the local scope (1<<24 and up), both hashed from their canonical
-text (SHA-256) with linear probing in sorted order, so the same input always yields the same
-numbers and adding an unrelated label set rarely moves existing ones.
+256..(1<<24)-1 and CIDR prefixes in the local scope (1<<24 and up), both hashed from their canonical
+text (SHA-256) into a slot, probing upward past taken slots (`IdentityAllocator`):
+- a live key keeps its number for as long as it lives, whatever comes and goes beside it;
+- new keys arriving together are numbered in sorted order, so a start or a relist gives the same
+  numbers whatever order the API server listed the pods in; keys arriving one by one get the same
+  numbers in any order unless two of them hash to one slot (1 in ~16M per pair), when the earlier
+  one keeps the slot.
+Numeric identities never leave the node: the ipcache and the BPF maps are node-local, and flows
+carry the labels beside the number. Cilium allocates cluster-wide through CRDs or a kvstore instead.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class ReservedIdentity(enum.IntEnum):
 
 
 MIN_ENDPOINT_IDENTITY = 256
-MAX_ENDPOINT_IDENTITY = 65535
+MAX_ENDPOINT_IDENTITY = (1 << 24) - 1  # a 24-bit space (as Cilium's with cluster IDs): hash slots rarely collide
 LOCAL_IDENTITY_BASE = 1 << 24
 LOCAL_IDENTITY_SPAN = 1 << 24
 
@@ -92,29 +98,61 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def allocate(keys: Iterable[str], base: int, span: int) -> dict[str, int]:
-    """Stable numbers for `keys`: base + hash % span, probing upward on collision, in sorted order."""
-    taken: set[int] = set()
-    out: dict[str, int] = {}
-    for key in sorted(set(keys)):
-        n = _hash(key) % span
-        while base + n in taken:
-            n = (n + 1) % span
-        taken.add(base + n)
-        out[key] = base + n
-    return out
+class IdentityAllocator:
+    """Stable numbers in [base, base + span) for string keys: a live key is never renumbered.
+
+    `assign(keys)` is the set of keys alive now: keys no longer in it release their numbers, new
+    ones get `base + hash % span` or the next free slot above it, in sorted order.
+    """
+
+    def __init__(self, base: int, span: int) -> None:
+        self.base = base
+        self.span = span
+        self._numbers: dict[str, int] = {}
+        self._taken: set[int] = set()
+
+    def assign(self, keys: Iterable[str]) -> dict[str, int]:
+        """Numbers for exactly `keys`. Raises OverflowError when more keys than slots are alive."""
+        alive = set(keys)
+        if len(alive) > self.span:
+            raise OverflowError(f"{len(alive)} identities do not fit in {self.span} numbers")
+        for key in [k for k in self._numbers if k not in alive]:
+            self._taken.discard(self._numbers.pop(key))
+        for key in sorted(alive - self._numbers.keys()):
+            n = _hash(key) % self.span
+            while self.base + n in self._taken:
+                n = (n + 1) % self.span
+            self._numbers[key] = self.base + n
+            self._taken.add(self.base + n)
+        return {k: self._numbers[k] for k in alive}
 
 
-def allocate_endpoint_identities(label_sets: Iterable[LabelSet]) -> dict[LabelSet, int]:
+@dataclass(slots=True)
+class IdentityAllocators:
+    """The two numbered scopes a node keeps across compilations: endpoint label sets and CIDR prefixes."""
+
+    endpoints: IdentityAllocator
+    cidrs: IdentityAllocator
+
+    @classmethod
+    def new(cls) -> IdentityAllocators:
+        return cls(
+            endpoints=IdentityAllocator(MIN_ENDPOINT_IDENTITY, MAX_ENDPOINT_IDENTITY - MIN_ENDPOINT_IDENTITY + 1),
+            cidrs=IdentityAllocator(LOCAL_IDENTITY_BASE, LOCAL_IDENTITY_SPAN),
+        )
+
+
+def allocate_endpoint_identities(label_sets: Iterable[LabelSet], allocator: IdentityAllocator | None = None) -> dict[LabelSet, int]:
+    """Numbers for label sets; a fresh allocator (the same input, the same numbers) unless one is kept."""
+    alloc = allocator or IdentityAllocators.new().endpoints
     by_text = {ls.canonical(): ls for ls in label_sets}
-    numbers = allocate(by_text, MIN_ENDPOINT_IDENTITY, MAX_ENDPOINT_IDENTITY - MIN_ENDPOINT_IDENTITY + 1)
-    return {by_text[t]: n for t, n in numbers.items()}
+    return {by_text[t]: n for t, n in alloc.assign(by_text).items()}
 
 
-def allocate_cidr_identities(prefixes: Iterable[IPNetwork]) -> dict[IPNetwork, int]:
+def allocate_cidr_identities(prefixes: Iterable[IPNetwork], allocator: IdentityAllocator | None = None) -> dict[IPNetwork, int]:
+    alloc = allocator or IdentityAllocators.new().cidrs
     by_text = {str(p): p for p in prefixes}
-    numbers = allocate(by_text, LOCAL_IDENTITY_BASE, LOCAL_IDENTITY_SPAN)
-    return {by_text[t]: n for t, n in numbers.items()}
+    return {by_text[t]: n for t, n in alloc.assign(by_text).items()}
 
 
 class IpCache:

@@ -7,43 +7,10 @@ Heartbeat, LeaveGroup, SyncGroup, ApiVersions.
 
 from __future__ import annotations
 
-API_KEYS: dict[str, int] = {
-    "produce": 0,
-    "fetch": 1,
-    "offsets": 2,
-    "metadata": 3,
-    "leaderandisr": 4,
-    "stopreplica": 5,
-    "updatemetadata": 6,
-    "controlledshutdown": 7,
-    "offsetcommit": 8,
-    "offsetfetch": 9,
-    "findcoordinator": 10,
-    "joingroup": 11,
-    "heartbeat": 12,
-    "leavegroup": 13,
-    "syncgroup": 14,
-    "describegroups": 15,
-    "listgroups": 16,
-    "saslhandshake": 17,
-    "apiversions": 18,
-    "createtopics": 19,
-    "deletetopics": 20,
-    "deleterecords": 21,
-    "initproducerid": 22,
-    "offsetforleaderepoch": 23,
-    "addpartitionstotxn": 24,
-    "addoffsetstotxn": 25,
-    "endtxn": 26,
-    "writetxnmarkers": 27,
-    "txnoffsetcommit": 28,
-    "describeacls": 29,
-    "createacls": 30,
-    "deleteacls": 31,
-    "describeconfigs": 32,
-    "alterconfigs": 33,
-}
-API_KEY_NAMES: dict[int, str] = {v: k for k, v in API_KEYS.items()}
+from membrane.parsers.names import CILIUM_MAX_KAFKA_API_KEY, KAFKA_API_KEY_NAMES
+
+# Cilium's `apiKey` names (KafkaAPIKeyMap: keys 0-33), taken from the one Kafka name table parsers use too.
+API_KEYS: dict[str, int] = {name: key for key, name in KAFKA_API_KEY_NAMES.items() if key <= CILIUM_MAX_KAFKA_API_KEY}
 
 ROLE_PRODUCE = "produce"
 ROLE_CONSUME = "consume"

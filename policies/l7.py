@@ -7,8 +7,9 @@ pass per field over all rules) so a port with 100 rules costs a few set matches,
 Rules (Cilium 1.19 / cilium-envoy): a request is allowed iff at least one rule matches; method,
 path (whole normalised target, query included) and host are RE2 full matches; `headers` entries
 are "Name" (present) or "Name value" (exact; split at the first space, trailing ':' dropped);
-`headerMatches` without `mismatch` must match, with one they only trigger an action. When any rule
-of the set has mismatch actions, every matching rule contributes its actions.
+`headerMatches` without `mismatch` must match, with one they only trigger an action (DELETE of an
+absent header is none: cilium/proxy HeaderMatch::allowed). When any rule of the set has mismatch
+actions, every matching rule contributes its actions.
 Per request it costs dict lookups in the common case: each field set remembers (bounded) the rule
 bitmap of the values it has seen, and an allowing decision without header actions is made once per
 rule and shared (`Decision.shared`), so callers may memoise what they derive from it.
@@ -214,6 +215,10 @@ class HttpRuleSet:
                 continue
             if action is None:
                 return False, []
+            if action is MismatchAction.DELETE and present is None:
+                # cilium/proxy HeaderMatch::allowed: DELETE of an absent header returns early ("nothing to
+                # remove"): no action. ADD and REPLACE on an absent header do act; LOG logs.
+                continue
             value = expected if action in (MismatchAction.ADD, MismatchAction.REPLACE) else None
             actions.append(HeaderAction(action=action, name=name, value=value, from_secret=secret))
         return True, actions

@@ -3,7 +3,9 @@
 Never reads files: callers pass the text and a source name (usually the file name). A file may
 hold several `---` documents; each is decoded on its own, so a syntax error in one document leaves
 the others loadable. Duplicate mapping keys are errors (kubectl rejects them too). A document's
-line is where its content starts (1-based).
+line is where its content starts (1-based); the loader also keeps, per document, the line of every
+mapping key and list item, so an error is reported at the line of its own field (`field_line`).
+Kinds: CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and Kubernetes NetworkPolicy.
 """
 
 from __future__ import annotations
@@ -15,21 +17,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from membrane.policies.crd import Policy, object_name, parse_policy
+from membrane.policies.crd import KIND_NP, Policy, object_name, parse_policy
 from membrane.policies.errors import PolicyError, PolicyValidationError, PolicyYamlError
 
 MAX_NODES = 200_000  # a decoded document bigger than this (aliases included) is refused, not walked
 _SEPARATOR = re.compile(r"^(---|\.\.\.)(\s|$)")
 
 
+# id(container) -> (container, its lines): {key: line} for a mapping, [line, ...] for a list. The
+# container itself is held so that its id cannot be reused while the map lives.
+LineMap = dict[int, tuple[Any, Any]]
+
+
 class _Loader(yaml.CSafeLoader):
     """Safe YAML 1.1 loading that refuses duplicate keys and notes whether aliases were used.
 
     Sequences and mappings are built directly (not through PyYAML's two-step generators), which
-    halves load time; a self-referencing alias is an error instead of a cyclic structure.
+    halves load time; a self-referencing alias is an error instead of a cyclic structure. Lines
+    (0-based, relative to the text loaded) of every key and item go to `lines`.
     """
 
     aliased = False
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.lines: LineMap = {}
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         if node in self.constructed_objects:
@@ -40,6 +52,8 @@ class _Loader(yaml.CSafeLoader):
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Any:
     loader.flatten_mapping(node)
     out: dict[Any, Any] = {}
+    key_lines: dict[Any, int] = {}
+    loader.lines[id(out)] = (out, key_lines)
     seen: set[tuple[str, str]] = set()
     for key_node, value_node in node.value:
         if isinstance(key_node, yaml.ScalarNode):
@@ -57,11 +71,14 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Any:
         if key in out:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate mapping key {key!r}", key_node.start_mark)
         out[key] = loader.construct_object(value_node, deep=True)
+        key_lines[key] = key_node.start_mark.line
     return out
 
 
 def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> Any:
-    return [loader.construct_object(child, deep=True) for child in node.value]
+    out = [loader.construct_object(child, deep=True) for child in node.value]
+    loader.lines[id(out)] = (out, [child.start_mark.line for child in node.value])
+    return out
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -76,6 +93,58 @@ class Document:
     index: int  # 1-based position in the text
     line: int  # 1-based line where the content starts
     data: Any
+    body: str = field(default="", repr=False)  # the document's text
+    first: int = 1  # the 1-based line of the body's first line
+    lines: LineMap | None = field(default=None, repr=False)  # None: not built yet (JSON fast path)
+
+    def field_line(self, path: str) -> int:
+        """The line of the field at `path` (`spec.ingress[0].toPorts`), or of its nearest present parent.
+
+        Paths name mapping keys joined by '.' and list items as `[i]`; a key may itself contain dots
+        (label keys), so the longest key that fits is taken. Returns the document's line for "".
+        """
+        data, lines = (self.data, self.lines) if self.lines is not None else _decode_with_lines(self.body)
+        node, rest, best = data, path, self.line
+        while rest:
+            entry = lines.get(id(node))
+            if isinstance(node, dict):
+                fits = [k for k in node if isinstance(k, str) and (rest == k or rest.startswith((k + ".", k + "[")))]
+                if not fits:
+                    break
+                key = max(fits, key=len)
+                if entry is not None and entry[0] is node and key in entry[1]:
+                    best = self.first + entry[1][key]
+                node, rest = node[key], rest[len(key) :]
+            elif isinstance(node, list):
+                m = _INDEX.match(rest)
+                if m is None or int(m.group(1)) >= len(node):
+                    break
+                i = int(m.group(1))
+                if entry is not None and entry[0] is node:
+                    best = self.first + entry[1][i]
+                node, rest = node[i], rest[m.end() :]
+            else:
+                break
+            rest = rest[1:] if rest.startswith(".") else rest
+        return best
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _decode_with_lines(body: str) -> tuple[Any, LineMap]:
+    """A document that took the JSON fast path, decoded again by the YAML loader for its lines.
+
+    Done only when one of its fields is reported; JSON is YAML here (the fast path only takes text
+    that json.loads accepts without duplicate keys).
+    """
+    loader = _Loader(body)
+    try:
+        return loader.get_single_data(), loader.lines
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError):
+        return None, {}
+    finally:
+        loader.dispose()
 
 
 def _too_big(data: Any) -> bool:
@@ -135,7 +204,7 @@ def iter_documents(text: str | bytes, source: str) -> Iterator[Document | Policy
         if body.lstrip().startswith("{"):
             parsed = _try_json(body)
             if parsed is not None:
-                yield Document(source=source, index=index, line=content_line, data=parsed[0])
+                yield Document(source=source, index=index, line=content_line, data=parsed[0], body=body, first=first)
                 continue
         loader = _Loader(body)
         try:
@@ -160,7 +229,7 @@ def iter_documents(text: str | bytes, source: str) -> Iterator[Document | Policy
                 f"document has more than {MAX_NODES} nodes", source=source, line=content_line, obj=f"document {index}"
             )
             continue
-        yield Document(source=source, index=index, line=content_line, data=data)
+        yield Document(source=source, index=index, line=content_line, data=data, body=body, first=first, lines=loader.lines)
 
 
 class _DuplicateKey(ValueError):
@@ -185,6 +254,13 @@ def _try_json(body: str) -> tuple[Any] | None:
         return (json.loads(body, object_pairs_hook=_pairs),)
     except (ValueError, RecursionError):
         return None
+
+
+def join_path(prefix: str, path: str) -> str:
+    """`items[2]` + `spec.x` -> `items[2].spec.x` (either part may be empty)."""
+    if not prefix:
+        return path
+    return f"{prefix}.{path}" if path else prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,18 +289,19 @@ def load_policies(
     default_namespace: str = "default",
     skip_endpoints_documents: bool = False,
 ) -> LoadResult:
-    """Parse every CNP/CCNP document in `text`.
+    """Parse every CNP, CCNP and Kubernetes NetworkPolicy document in `text`.
 
     `skip_endpoints_documents` lets a directory hold the endpoints file next to the policies.
 
-    Returns: the valid policies and the errors (each with source, line, object and field path);
-        one invalid document never stops the others. Empty documents are skipped. `List` objects
+    Returns: the valid policies and the errors: every problem of every invalid object, each with
+        source, the line of its own field, object and field path; one invalid document never stops
+        the others. Empty documents are skipped. `List` objects
         (`kind: List` or `...List`) contribute their `items`.
     Raises: nothing; every problem is in `errors`.
     """
     policies: list[Policy] = []
     errors: list[PolicyError] = []
-    seen: dict[tuple[str | None, str], tuple[str, int]] = {}
+    seen: dict[tuple[bool, str | None, str], tuple[str, int]] = {}
     for doc in iter_documents(text, source):
         if isinstance(doc, PolicyError):
             errors.append(doc)
@@ -239,27 +316,31 @@ def load_policies(
                 continue
             items = raw_items
         for i, item in enumerate(items):
+            item_path = "" if item is doc.data else f"items[{i}]"
             try:
                 policy = parse_policy(item, source=source, line=doc.line, default_namespace=default_namespace)
             except PolicyError as e:
-                if e.obj is None:
-                    e.obj = f"document {doc.index}" + (f" item {i}" if len(items) > 1 or item is not doc.data else "")
-                errors.append(e)
+                for problem in e.problems:
+                    if problem.obj is None:
+                        problem.obj = f"document {doc.index}" + (f" item {i}" if len(items) > 1 or item is not doc.data else "")
+                    problem.line = doc.field_line(join_path(item_path, problem.path))
+                # In the order of the text, as an editor shows them (sorted is stable for one line).
+                errors.extend(sorted(e.problems, key=lambda problem: problem.line or 0))
                 continue
-            key = (policy.namespace, policy.name)
+            key = (policy.kind == KIND_NP, policy.namespace, policy.name)
             if key in seen:
                 first = seen[key]
                 errors.append(
                     PolicyValidationError(
                         f"duplicate {policy.kind} {policy.key} (first defined at {first[0]}:{first[1]})",
                         source=source,
-                        line=doc.line,
+                        line=doc.field_line(join_path(item_path, "metadata.name")),
                         obj=policy.key,
                         path="metadata.name",
                     )
                 )
                 continue
-            seen[key] = (source, doc.line)
+            seen[key] = (source, policy.line)
             policies.append(policy)
     return LoadResult(tuple(policies), tuple(errors))
 
@@ -268,11 +349,11 @@ def merge_results(results: list[LoadResult]) -> LoadResult:
     """Combine several texts' results; a policy name defined in two texts is an error on the second."""
     policies: list[Policy] = []
     errors: list[PolicyError] = []
-    seen: dict[tuple[str | None, str], Policy] = {}
+    seen: dict[tuple[bool, str | None, str], Policy] = {}
     for result in results:
         errors.extend(result.errors)
         for p in result.policies:
-            key = (p.namespace, p.name)
+            key = (p.kind == KIND_NP, p.namespace, p.name)
             if key in seen:
                 first = seen[key]
                 errors.append(

@@ -1,26 +1,37 @@
-"""Flow records: every L7 decision as a dict shaped after Hubble's flow JSON, and the sinks that keep them.
+"""Flow records: every decision as Hubble's flow JSON, and the sinks and files that keep them.
 
 Owns the record shape (`Flow`, `L3L4Flow`, `Peer`, `l7_*` builders) and where records go: JSON lines to a text
-stream and/or a file, and a bounded in-memory ring for the observe CLI. Never decides a verdict;
-the session builds a `Flow` and the server hands it to a `FlowSink`. Writing never raises into the
-data path: a failing sink is counted and dropped. A record is cheap to make (the ring keeps the object);
-its JSON is built only when written or read, with the connection's fixed part serialised once, and a
-proxy's sink writes in batches (`defer_writes`: one write + flush per event-loop pass, not per record).
+stream and/or a size-rotated file, a bounded in-memory ring, and listeners (the flow server). Never decides
+a verdict; the session builds a `Flow` and the server hands it to a `FlowSink`. Writing never raises into
+the data path: a failing sink is counted and dropped.
+
+The JSON is what `hubble observe -o json` prints (cilium/cilium api/v1/flow/flow.proto and
+api/v1/observer/observer.proto at v1.19.4, protojson with UseProtoNames): one `GetFlowsResponse` per line,
+`{"flow": {...}, "node_name": "...", "time": "..."}`. Fields appear in the order flow.proto declares them,
+zero values are left out, 64-bit integers are strings, enums are their names: so `hubble observe
+--input-file` reads our files. Nothing outside flow.proto is written. A record is cheap to make (the ring
+keeps the object); its JSON is built only when written or read, with the connection's fixed part
+serialised once, and a proxy's sink writes in batches (`defer_writes`: one write + flush per loop pass).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import datetime
+import fcntl
+import functools
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for str (ensure_ascii)
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from membrane.parsers.events import Headers
 
@@ -34,9 +45,45 @@ EGRESS = "EGRESS"
 REQUEST = "REQUEST"
 RESPONSE = "RESPONSE"
 
+EMITTER_NAME = "Membrane"
+try:
+    from importlib.metadata import version as _pkg_version
+
+    EMITTER_VERSION = _pkg_version("membrane")
+except Exception:  # running from a tree that is not installed: the version is unknown
+    EMITTER_VERSION = ""
+
+# Cilium's monitor message types (pkg/monitor/api/types.go), Hubble's `event_type.type`.
+EVENT_DROP = 1
+EVENT_TRACE = 4
+EVENT_POLICY_VERDICT = 5
+EVENT_L7 = 129
+
+# flow.proto DropReason: the names (and codes, for the deprecated `drop_reason` and `event_type.sub_type`)
+# that membrane's L3/L4 drops map to. POLICY_DENIED is a default-deny drop (no allow rule matched);
+# POLICY_DENY a drop by a deny rule (ingressDeny/egressDeny).
+DROP_REASON_CODES = {
+    "INVALID_SOURCE_IP": 132,
+    "POLICY_DENIED": 133,
+    "INVALID_PACKET_DROPPED": 134,
+    "UNSUPPORTED_L3_PROTOCOL": 139,
+    "UNKNOWN_L4_PROTOCOL": 142,
+    "IP_FRAGMENTATION_NOT_SUPPORTED": 157,
+    "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL": 180,
+    "POLICY_DENY": 181,
+}
+
 # Header values Hubble redacts by default; we never write credentials into a flow log.
 _REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 
+# Each L7 record's fields in flow.proto order (message HTTP, DNS, Kafka); anything else a caller put in
+# the dict is not part of the schema and is not written.
+_L7_FIELDS = {
+    "http": ("code", "method", "url", "protocol", "headers"),
+    "dns": ("query", "ips", "ttl", "cnames", "observation_source", "rcode", "qtypes", "rrtypes"),
+    "kafka": ("error_code", "api_version", "api_key", "correlation_id", "topic"),
+}
+_L4_KEYS = frozenset({"TCP", "UDP", "SCTP"})
 
 
 def _no_default(value: object) -> Any:
@@ -80,19 +127,42 @@ _stamp_cache: tuple[int, str] = (-1, "")
 
 
 def iso_time(time_ns: int) -> str:
-    """RFC 3339 UTC with microseconds, as Hubble writes it: `2025-11-26T04:06:40.123456Z` (truncated, not rounded)."""
+    """RFC 3339 UTC as protojson writes a Timestamp: no fraction, or 3, 6 or 9 digits, the fewest that are exact."""
     global _stamp_cache
     seconds, ns = divmod(time_ns, 1_000_000_000)
     cached_s, prefix = _stamp_cache
     if seconds != cached_s:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _stamp_cache = (seconds, prefix)
-    return f"{prefix}.{ns // 1000:06d}Z"
+    if ns == 0:
+        return prefix + "Z"
+    if ns % 1_000_000 == 0:
+        return f"{prefix}.{ns // 1_000_000:03d}Z"
+    if ns % 1000 == 0:
+        return f"{prefix}.{ns // 1000:06d}Z"
+    return f"{prefix}.{ns:09d}Z"
+
+
+def default_node_name() -> str:
+    """The node name flows carry when none is configured: $NODE_NAME (set by the DaemonSet), else the hostname."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Workload:
+    """flow.proto `Workload`: the controller that owns a pod (e.g. name "frontend", kind "Deployment")."""
+
+    name: str
+    kind: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Peer:
-    """One end of a flow. `namespace`/`pod_name` are empty for `world` and other reserved identities."""
+    """One end of a flow. `namespace`/`pod_name` are empty for `world` and other reserved identities.
+
+    `ip` and `port` go to the record's `IP` and `l4`, never into the endpoint object (flow.proto `Endpoint`
+    has neither). `endpoint_id` is the agent's endpoint ID (0 = not a local endpoint: left out).
+    """
 
     ip: str
     port: int
@@ -100,49 +170,91 @@ class Peer:
     namespace: str = ""
     pod_name: str = ""
     labels: tuple[str, ...] = ()  # "k8s:app=frontend", "reserved:world"
+    endpoint_id: int = 0
+    workloads: tuple[Workload, ...] = ()
+    cluster_name: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"identity": self.identity, "labels": list(self.labels), "ip": self.ip, "port": self.port}
+        """flow.proto `Endpoint` (ID, identity, cluster_name, namespace, labels, pod_name, workloads), zeros left out."""
+        out: dict[str, Any] = {}
+        if self.endpoint_id:
+            out["ID"] = self.endpoint_id
+        if self.identity:
+            out["identity"] = self.identity
+        if self.cluster_name:
+            out["cluster_name"] = self.cluster_name
         if self.namespace:
             out["namespace"] = self.namespace
+        if self.labels:
+            out["labels"] = sorted(self.labels)  # Hubble sorts them (pkg/hubble/parser/seven decodeEndpoint)
         if self.pod_name:
             out["pod_name"] = self.pod_name
+        if self.workloads:
+            out["workloads"] = [{"name": w.name, "kind": w.kind} for w in self.workloads]
         return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FlowContext:
-    """Who talks to whom on one connection (or datagram): fixed for its lifetime."""
+    """Who talks to whom on one connection (or datagram): fixed for its lifetime.
+
+    `source_names`/`destination_names`: the DNS names the address is known by (toFQDNs), Hubble's
+    `source_names`/`destination_names`; () = none known.
+    """
 
     source: Peer
     destination: Peer
     traffic_direction: str = INGRESS  # INGRESS (judged for the destination) or EGRESS (for the source)
-    transport: str = "TCP"  # "TCP" or "UDP"
-    # The JSON of the fixed fields (IP, l4, source, destination; traffic_direction), made on first use.
-    _json: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+    transport: str = "TCP"  # "TCP", "UDP" or "SCTP" (anything else: no `l4` object)
+    source_names: tuple[str, ...] = ()
+    destination_names: tuple[str, ...] = ()
+    # The JSON of the fixed fields (IP..destination, and names), made on first use, for each orientation.
+    _json: dict[bool, tuple[str, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def json_parts(self) -> tuple[str, str]:
-        """`"IP":...,"l4":...,"source":...,"destination":...` and `"traffic_direction":...`, serialised once."""
-        parts = self._json
+    def json_parts(self, reply: bool = False) -> tuple[str, str]:
+        """(`"IP":...,"l4":...,"source":...,"destination":...`, `,"source_names":...` or ""), serialised once.
+
+        A reply (an L7 response) goes from the server to the client, as Hubble records it: the two ends swap.
+        """
+        parts = self._json.get(reply)
         if parts is None:
-            ip_version = "IPv6" if ":" in self.source.ip else "IPv4"
-            head = _encode({
-                "IP": {"source": self.source.ip, "destination": self.destination.ip, "ipVersion": ip_version},
-                "l4": {self.transport: {"source_port": self.source.port, "destination_port": self.destination.port}},
-                "source": self.source.to_json(),
-                "destination": self.destination.to_json(),
-            })[1:-1]
-            parts = (head, '"traffic_direction":' + _json_str(self.traffic_direction))
-            object.__setattr__(self, "_json", parts)
+            head = _encode(self.fixed_json(reply))[1:-1]
+            names: dict[str, Any] = {}
+            src_names, dst_names = (self.destination_names, self.source_names) if reply else (self.source_names, self.destination_names)
+            if src_names:
+                names["source_names"] = list(src_names)
+            if dst_names:
+                names["destination_names"] = list(dst_names)
+            parts = (head, "," + _encode(names)[1:-1] if names else "")
+            self._json[reply] = parts
         return parts
+
+    def fixed_json(self, reply: bool = False) -> dict[str, Any]:
+        src, dst = (self.destination, self.source) if reply else (self.source, self.destination)
+        out: dict[str, Any] = {
+            "IP": {"source": src.ip, "destination": dst.ip, "ipVersion": "IPv6" if ":" in src.ip else "IPv4"},
+        }
+        if self.transport in _L4_KEYS:
+            ports: dict[str, int] = {}
+            if src.port:
+                ports["source_port"] = src.port
+            if dst.port:
+                ports["destination_port"] = dst.port
+            out["l4"] = {self.transport: ports}
+        out["source"] = src.to_json()
+        out["destination"] = dst.to_json()
+        return out
 
 
 @dataclass(slots=True, kw_only=True)
 class Flow:
-    """One L7 decision or observed response; `to_json()` is the Hubble-shaped record, `to_line()` its JSON line.
+    """One L7 decision or observed response; `to_json()` is Hubble's `flow` object, `to_line()` the JSON line.
 
     Not frozen only so that it is cheap to make on every request (a frozen dataclass sets each field
     through object.__setattr__); treat it as immutable.
+
+    `rule` (and `matched`) are rule references, `ns/name: ingress[0].toPorts[0]...` (`name: ...` for a
+    clusterwide policy): they become Hubble's `*_allowed_by`/`*_denied_by` policy objects.
     """
 
     context: FlowContext
@@ -155,82 +267,289 @@ class Flow:
     rule: str | None = None  # the policy rule that decided, when one did
     reason: str | None = None  # why DROPPED/ERROR: policy_denied, malformed, too_large, upstream_failed, ...
     flow_id: str = ""  # the uuid; made on first to_json() (records are often never serialised)
+    matched: tuple[str, ...] = ()  # further rules that matched (besides `rule`), for the policy lists
+    policy_revision: int = 0  # the policy revision that judged (0 = unknown: left out)
+    policy_match_type: int = 0  # Cilium's PolicyMatchType, for policy-verdict records only (0 = left out)
 
-    def to_json(self) -> dict[str, Any]:
+    # --- the parts of the record -----------------------------------------------------------------
+    def _is_l3l4(self) -> bool:
+        return False
+
+    def _drop_reason(self) -> str | None:
+        """flow.proto DropReason name of a DROPPED record, or None (not a drop, or no Hubble name for it)."""
+        if self.verdict != DROPPED:
+            return None
+        if self.reason in (None, "policy_denied", "policy_conflict"):
+            refs = (self.rule, *self.matched) if self.rule is not None else self.matched
+            return "POLICY_DENY" if any(_is_deny_ref(r) for r in refs) else "POLICY_DENIED"
+        assert self.reason is not None
+        if self.reason.startswith("no_") and self.reason.endswith("_session"):
+            return "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"
+        name = self.reason.upper()
+        return name if name in DROP_REASON_CODES else None
+
+    def _event_type(self) -> dict[str, int]:
+        return {"type": EVENT_L7}
+
+    def _l7_json(self) -> dict[str, Any] | None:
+        out: dict[str, Any] = {"type": self.l7_type}
+        if self.latency_ns:
+            out["latency_ns"] = str(self.latency_ns)
+        out.update(_render_l7(self.l7))
+        return out
+
+    def _policy_refs(self) -> tuple[tuple[str, ...], int, str] | None:
+        if self.verdict == FORWARDED:
+            outcome = "allowed_by"
+        elif self.verdict == DROPPED:
+            outcome = "denied_by"
+        else:
+            return None
+        refs = (self.rule, *self.matched) if self.rule is not None else self.matched
+        return (refs, self.policy_revision, outcome) if refs else None
+
+    def _policy_lists(self) -> dict[str, list[dict[str, Any]]]:
+        key = self._policy_refs()
+        return _policy_lists(*key) if key is not None else {}
+
+    def _head(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"time": iso_time(self.time_ns), "uuid": self.flow_id}
+        if EMITTER_VERSION:
+            out["emitter"] = {"name": EMITTER_NAME, "version": EMITTER_VERSION}
+        else:
+            out["emitter"] = {"name": EMITTER_NAME}
+        out["verdict"] = self.verdict
+        return out
+
+    def to_json(self, node_name: str = "") -> dict[str, Any]:
+        """Hubble's `flow` object (flow.proto `Flow`), fields in declaration order, zero values left out."""
         if not self.flow_id:
             self.flow_id = new_flow_id()
         ctx = self.context
-        ip_version = "IPv6" if ":" in ctx.source.ip else "IPv4"
-        out: dict[str, Any] = {
-            "time": iso_time(self.time_ns),
-            "uuid": self.flow_id,
-            "verdict": self.verdict,
-            "IP": {"source": ctx.source.ip, "destination": ctx.destination.ip, "ipVersion": ip_version},
-            "l4": {ctx.transport: {"source_port": ctx.source.port, "destination_port": ctx.destination.port}},
-            "source": ctx.source.to_json(),
-            "destination": ctx.destination.to_json(),
-            "Type": "L7",
-            "l7": {"type": self.l7_type, "latency_ns": str(self.latency_ns), **_render_l7(self.l7)},
-            "traffic_direction": ctx.traffic_direction,
-            "is_reply": self.l7_type == RESPONSE,
-            "Summary": self.summary,
-        }
-        if self.rule is not None:
-            out["policy_rule"] = self.rule
-        if self.reason is not None:
-            out["drop_reason_desc"] = self.reason.upper()
+        l3l4 = self._is_l3l4()
+        reply = self.l7_type == RESPONSE and not l3l4
+        # Hubble's L7 records carry no drop reason (pkg/hubble/parser/seven sets DROP_REASON_UNKNOWN): only drops do.
+        drop = self._drop_reason() if l3l4 else None
+        out = self._head()
+        if l3l4 and drop is not None:
+            out["drop_reason"] = DROP_REASON_CODES[drop]
+        out.update(ctx.fixed_json(reply))
+        out["Type"] = "L3_L4" if l3l4 else "L7"
+        if node_name:
+            out["node_name"] = node_name
+        src_names, dst_names = (ctx.destination_names, ctx.source_names) if reply else (ctx.source_names, ctx.destination_names)
+        if src_names:
+            out["source_names"] = list(src_names)
+        if dst_names:
+            out["destination_names"] = list(dst_names)
+        l7 = None if l3l4 else self._l7_json()
+        if l7 is not None:
+            out["l7"] = l7
+        if reply:
+            out["reply"] = True  # the deprecated bool Hubble still fills beside is_reply
+        out["event_type"] = self._event_type()
+        out["traffic_direction"] = ctx.traffic_direction
+        if self.policy_match_type:
+            out["policy_match_type"] = self.policy_match_type
+        if drop is not None:
+            out["drop_reason_desc"] = drop
+        out["is_reply"] = reply
+        out["Summary"] = self.summary
+        out.update(self._policy_lists())
         return out
 
-    def to_line(self) -> str:
-        """`json.dumps(self.to_json(), separators=(",", ":"))` plus a newline, byte for byte, but built
-        from the connection's pre-serialised fields (tests/proxy/test_flows.py checks the two agree).
-        A subclass that reshapes `to_json()` (the agent's L3/L4 drop records) is serialised from it."""
-        if type(self).to_json is not Flow.to_json:
-            return _encode(self.to_json()) + "\n"
+    def to_line(self, node_name: str = "") -> str:
+        """The record as one `hubble observe -o json` line: `{"flow":...,"node_name":...,"time":...}` + newline.
+
+        Byte for byte `json.dumps(envelope(self.to_json(node_name), node_name), separators=(",", ":"))`,
+        but built from the connection's pre-serialised fields for the common L7 record
+        (tests/proxy/test_flows.py checks the two agree). Subclasses are serialised from `to_json()`.
+        """
+        if type(self).to_json is not Flow.to_json:  # a subclass's own shape (its to_json may take no node name)
+            flow_json = self.to_json()
+            if node_name:
+                flow_json.setdefault("node_name", node_name)
+            return _encode(envelope(flow_json, node_name)) + "\n"
+        if self._is_l3l4():
+            return _encode(envelope(self.to_json(node_name), node_name)) + "\n"
         if not self.flow_id:
             self.flow_id = new_flow_id()
-        head, direction = self.context.json_parts()
-        l7 = _encode({"type": self.l7_type, "latency_ns": str(self.latency_ns), **_render_l7(self.l7)})
+        reply = self.l7_type == RESPONSE
+        head, names = self.context.json_parts(reply)
+        stamp = iso_time(self.time_ns)
         parts = [
-            '{"time":"', iso_time(self.time_ns), '","uuid":', _json_str(self.flow_id),
-            ',"verdict":', _json_str(self.verdict), ",", head, ',"Type":"L7","l7":', l7, ",", direction,
-            ',"is_reply":', "true" if self.l7_type == RESPONSE else "false", ',"Summary":', _json_str(self.summary),
+            '{"flow":{"time":"', stamp, '","uuid":', _json_str(self.flow_id), _EMITTER_JSON,
+            ',"verdict":', _json_str(self.verdict), ",", head, ',"Type":"L7"',
         ]
-        if self.rule is not None:
-            parts += (',"policy_rule":', _json_str(self.rule))
-        if self.reason is not None:
-            parts += (',"drop_reason_desc":', _json_str(self.reason.upper()))
-        parts.append("}\n")
+        if node_name:
+            parts += (',"node_name":', _json_str(node_name))
+        parts += (names, ',"l7":', _encode(self._l7_json()), ',"reply":true' if reply else "",
+                  ',"event_type":{"type":129},"traffic_direction":', _json_str(self.context.traffic_direction))
+        if self.policy_match_type:
+            parts += (',"policy_match_type":', str(self.policy_match_type))
+        parts += (',"is_reply":', "true" if reply else "false", ',"Summary":', _json_str(self.summary))
+        key = self._policy_refs()
+        if key is not None:
+            parts.append(_policy_lists_json(*key))
+        parts.append("}")
+        if node_name:
+            parts += (',"node_name":', _json_str(node_name))
+        parts += (',"time":"', stamp, '"}\n')
         return "".join(parts)
+
+
+_EMITTER_JSON = (
+    ',"emitter":' + _encode({"name": EMITTER_NAME, "version": EMITTER_VERSION} if EMITTER_VERSION else {"name": EMITTER_NAME})
+)
+
+
+def envelope(flow_json: dict[str, Any], node_name: str = "") -> dict[str, Any]:
+    """observer.proto `GetFlowsResponse` around one flow: `{"flow":..., "node_name":..., "time":...}`."""
+    out: dict[str, Any] = {"flow": flow_json}
+    if node_name:
+        out["node_name"] = node_name
+    if "time" in flow_json:
+        out["time"] = flow_json["time"]
+    return out
 
 
 @dataclass(slots=True, kw_only=True)
 class L3L4Flow(Flow):
-    """A connection or packet dropped at L3/L4: Hubble's `Type: L3_L4` record, with no `l7` object.
+    """A connection or packet dropped at L3/L4: Hubble's drop event, `Type: L3_L4`, no `l7` object.
 
-    Hubble names a policy drop `drop_reason_desc: POLICY_DENIED` whichever way it went (the way is
-    `traffic_direction`); `membrane_reason`, when set, keeps the finer reason (not in Hubble's schema),
-    e.g. the kernel's `ingress_denied`.
+    `drop_reason_desc` is POLICY_DENY when a deny rule dropped it, POLICY_DENIED for a default-deny drop
+    (flow.proto DropReason 181 and 133); `event_type` is the drop event `{type: 1, sub_type: <code>}`.
+    `membrane_reason` (the kernel's own reason, e.g. `ingress_denied`) is accepted but not written: it
+    has no place in Hubble's schema (the way a drop went is `traffic_direction`).
     """
 
     membrane_reason: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        out = Flow.to_json(self)
-        out["Type"] = "L3_L4"
-        out.pop("l7", None)
-        out["is_reply"] = False
-        if self.membrane_reason is not None:
-            out["membrane_reason"] = self.membrane_reason
-        return out
+    def _is_l3l4(self) -> bool:
+        return True
+
+    def _event_type(self) -> dict[str, int]:
+        drop = self._drop_reason()
+        if drop is None:
+            return {"type": EVENT_DROP}
+        return {"type": EVENT_DROP, "sub_type": DROP_REASON_CODES[drop]}
+
+
+def _policy_lists(refs: tuple[str, ...], revision: int, outcome: str) -> dict[str, list[dict[str, Any]]]:
+    """The `*_allowed_by`/`*_denied_by` lists of these rule references, in flow.proto order (fresh objects)."""
+    lists: dict[str, list[dict[str, Any]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for ref in refs:
+        parsed = policy_object(ref, revision=revision)
+        if parsed is None:
+            continue
+        direction, policy = parsed
+        key = f"{direction}_{outcome}"
+        if (key, _policy_key(policy)) in seen:
+            continue
+        seen.add((key, _policy_key(policy)))
+        lists.setdefault(key, []).append(policy)
+    order = ("egress_allowed_by", "ingress_allowed_by", "egress_denied_by", "ingress_denied_by")
+    return {k: lists[k] for k in order if k in lists}
+
+
+@functools.lru_cache(maxsize=4096)
+def _policy_lists_json(refs: tuple[str, ...], revision: int, outcome: str) -> str:
+    """`,"ingress_allowed_by":[...]` for to_line(), made once per distinct rule set (a few per policy)."""
+    lists = _policy_lists(refs, revision, outcome)
+    return "," + _encode(lists)[1:-1] if lists else ""
+
+
+def _policy_key(policy: dict[str, Any]) -> str:
+    return f"{policy.get('kind', '')}/{policy.get('namespace', '')}/{policy['name']}"
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    key, _, path = ref.partition(": ")
+    return key, path
+
+
+def _rule_path(path: str) -> str:
+    """`specs[1].ingressDeny[0]...` -> `ingressDeny[0]...` (the rule's own path, without the spec index)."""
+    if path.startswith("specs["):
+        _, _, path = path.partition("].")
+    elif path.startswith("spec."):
+        path = path[5:]
+    return path
+
+
+def _is_deny_ref(ref: str) -> bool:
+    return _rule_path(_split_ref(ref)[1]).startswith(("ingressDeny", "egressDeny"))
+
+
+KIND_CNP = "CiliumNetworkPolicy"
+KIND_CCNP = "CiliumClusterwideNetworkPolicy"
+
+
+def policy_object(ref: str, *, revision: int = 0, kind: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The direction ("ingress"/"egress") and flow.proto `Policy` of a rule reference, or None if it names no rule.
+
+    Labels are the ones Cilium derives for the policy (`io.cilium.k8s.policy.derived-from`, `.name`,
+    `.namespace`), so `hubble observe --print-policy-names` and Hubble UI show it; the kind is
+    CiliumNetworkPolicy for a namespaced reference and CiliumClusterwideNetworkPolicy otherwise
+    (`kind` overrides it).
+    """
+    key, path = _split_ref(ref)
+    path = _rule_path(path)
+    if path.startswith("ingress"):
+        direction = "ingress"
+    elif path.startswith("egress"):
+        direction = "egress"
+    else:
+        return None
+    namespace, _, name = key.rpartition("/")
+    if not name:
+        return None
+    kind = kind or (KIND_CNP if namespace else KIND_CCNP)
+    labels = [f"k8s:io.cilium.k8s.policy.derived-from={kind}", f"k8s:io.cilium.k8s.policy.name={name}"]
+    policy: dict[str, Any] = {"name": name}
+    if namespace:
+        policy["namespace"] = namespace
+        labels.append(f"k8s:io.cilium.k8s.policy.namespace={namespace}")
+    policy["labels"] = labels
+    if revision:
+        policy["revision"] = str(revision)
+    policy["kind"] = kind
+    return direction, policy
 
 
 def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:
-    """Header tuples are kept raw in the record until it is serialised (most records never are)."""
+    """The `http`/`dns`/`kafka` record in flow.proto's field order, zero values left out, headers as a list."""
     http = l7.get("http")
-    if http is not None and isinstance(http.get("headers"), tuple):
-        return {**l7, "http": {**http, "headers": json_headers(http["headers"])}}
-    return l7
+    if http is not None:  # the common record, without the generic loop
+        out_http: dict[str, Any] = {}
+        code = http.get("code")
+        if code:
+            out_http["code"] = code
+        for name in ("method", "url", "protocol"):
+            value = http.get(name)
+            if value:
+                out_http[name] = value
+        headers = http.get("headers")
+        if headers:
+            out_http["headers"] = json_headers(headers) if isinstance(headers, tuple) else list(headers)
+        return {"http": out_http}
+    for kind, fields in _L7_FIELDS.items():
+        record = l7.get(kind)
+        if record is None:
+            continue
+        out: dict[str, Any] = {}
+        for name in fields:
+            value = record.get(name)
+            if value is None or value == 0 or value == "" or value == [] or value == ():
+                continue
+            if kind == "http" and name == "headers":
+                value = json_headers(value) if isinstance(value, tuple) else list(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return {kind: out}
+    return {}
 
 
 def json_headers(headers: Headers) -> list[dict[str, str]]:
@@ -251,13 +570,30 @@ def l7_http(
 
 
 def l7_dns(
-    *, query: str, qtypes: Iterable[str], rcode: int | None = None, ips: Iterable[str] = (), ttl: int | None = None
+    *,
+    query: str,
+    qtypes: Iterable[str],
+    rcode: int | None = None,
+    ips: Iterable[str] = (),
+    ttl: int | None = None,
+    cnames: Iterable[str] = (),
+    rrtypes: Iterable[str] = (),
+    observation_source: str = "proxy",
 ) -> dict[str, Any]:
+    """Hubble's `DNS` message. `cnames` are the answer's CNAME targets and `rrtypes` the types of its
+    records ("A", "CNAME", ...); `observation_source` is "proxy" as Cilium's DNS proxy writes it."""
     dns: dict[str, Any] = {"query": query, "qtypes": list(qtypes), "ips": list(ips)}
     if rcode is not None:
         dns["rcode"] = rcode
     if ttl is not None:
         dns["ttl"] = ttl
+    cname_list = list(cnames)
+    if cname_list:
+        dns["cnames"] = cname_list
+    rr = list(rrtypes)
+    if rr:
+        dns["rrtypes"] = rr
+    dns["observation_source"] = observation_source
     return {"dns": dns}
 
 
@@ -266,41 +602,203 @@ def l7_kafka(
 ) -> dict[str, Any]:
     """Hubble's `Kafka` message; `topic` is a plain string as in flow.proto (the first topic, "" for none).
 
-    A request naming several topics (Produce, Fetch, Metadata) also carries all of them, in request
-    order, in an extra `topics` list (not in Hubble's schema; present only when there are several).
+    A request naming several topics keeps the first here; the Summary names them all.
     """
     topic_list = list(topics)
-    kafka: dict[str, Any] = {
-        "api_key": api_key,
-        "api_version": api_version,
-        "correlation_id": correlation_id,
-        "topic": topic_list[0] if topic_list else "",
-        "error_code": error_code,
+    return {
+        "kafka": {
+            "api_key": api_key,
+            "api_version": api_version,
+            "correlation_id": correlation_id,
+            "topic": topic_list[0] if topic_list else "",
+            "error_code": error_code,
+        }
     }
-    if len(topic_list) > 1:
-        kafka["topics"] = topic_list
-    return {"kafka": kafka}
+
+
+def refusal_response(request: Flow, *, time_ns: int, status: int) -> Flow:
+    """The response record of a request the proxy refused itself, as Hubble shows it after the DROPPED request:
+    an L7 RESPONSE, verdict FORWARDED (the refusal did reach the client), with the refusal's status.
+
+    `status` is the HTTP status (403, 400, 431, 503 ...), the DNS RCODE (5 = REFUSED) or the Kafka error
+    code (29 = TOPIC_AUTHORIZATION_FAILED), by the request's protocol.
+    """
+    latency = max(0, time_ns - request.time_ns)
+    l7: dict[str, Any]
+    if "http" in request.l7:
+        http = request.l7["http"]
+        l7 = l7_http(method=http.get("method", ""), url=http.get("url", ""), protocol=http.get("protocol", "HTTP/1.1"),
+                     code=status)
+        summary = f"{http.get('protocol', 'HTTP/1.1')} {status} {latency // 1_000_000}ms ({http.get('method', '')} {http.get('url', '')})"
+    elif "dns" in request.l7:
+        dns = request.l7["dns"]
+        l7 = l7_dns(query=dns.get("query", ""), qtypes=dns.get("qtypes", ()), rcode=status)
+        summary = f"DNS Answer RCode: {_RCODE_NAMES.get(status, str(status))} (Proxy {dns.get('query', '')} {' '.join(dns.get('qtypes', ()))})"
+    elif "kafka" in request.l7:
+        kafka = request.l7["kafka"]
+        l7 = l7_kafka(api_key=kafka.get("api_key", ""), api_version=kafka.get("api_version", 0),
+                      correlation_id=kafka.get("correlation_id", 0), topics=[kafka["topic"]] if kafka.get("topic") else (),
+                      error_code=status)
+        summary = f"Kafka response {kafka.get('api_key', '')} error {status}"
+    else:
+        l7, summary = {}, f"refused {status}"
+    return Flow(context=request.context, verdict=FORWARDED, l7_type=RESPONSE, l7=l7, summary=summary, time_ns=time_ns,
+                latency_ns=latency)
+
+
+_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
+# --- records that came as JSON lines (from another worker) --------------------------------------------
+
+
+@dataclass(slots=True, kw_only=True)
+class RawFlow:
+    """A record received as a JSON line (another process's flow): kept as it came, parsed once."""
+
+    line: str
+    record: dict[str, Any]
+    time_ns: int
+
+    def to_json(self, node_name: str = "") -> dict[str, Any]:
+        flow = self.record.get("flow")
+        return flow if isinstance(flow, dict) else {}
+
+    def to_line(self, node_name: str = "") -> str:
+        return self.line
+
+
+class FlowStream(Protocol):
+    """Where a FlowSink writes: a text file, stdout, a `RotatingFile` or a `FlowPublisher`."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class FlowRecord(Protocol):
+    """What the ring holds: a `Flow` made here, or a `RawFlow` published by another worker."""
+
+    time_ns: int
+
+    def to_json(self, node_name: str = "") -> dict[str, Any]: ...
+
+    def to_line(self, node_name: str = "") -> str: ...
+
+
+# --- files that rotate by size --------------------------------------------------------------------------
+
+
+class RotatingFile:
+    """A flows file that rotates by size, as hubble-exporter's files do: `name` -> `name.1` -> ... `name.N`.
+
+    At most `max_backups` old files are kept (the oldest is removed). `max_bytes` 0 never rotates.
+    Several processes (gateway workers) may append to one path: a rotation is done under an exclusive
+    `flock` of the current file by whichever writer finds it full, and every writer reopens `name` when
+    it sees that the file it holds is no longer `name` (another process rotated it).
+    """
+
+    def __init__(self, path: str, *, max_bytes: int = 0, max_backups: int = 5) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_backups = max_backups
+        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.rotations = 0
+
+    def write(self, text: str) -> int:
+        if self.max_bytes:
+            self._reopen_if_moved()
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self.max_bytes and os.fstat(self._file.fileno()).st_size >= self.max_bytes:
+            self._rotate()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def _is_current(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _reopen_if_moved(self) -> None:
+        if not self._is_current():
+            self._file.close()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _rotate(self) -> None:
+        fd = self._file.fileno()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if self._is_current() and os.fstat(fd).st_size >= self.max_bytes:
+                if self.max_backups <= 0:
+                    os.unlink(self.path)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{self.path}.{self.max_backups}")
+                    for n in range(self.max_backups - 1, 0, -1):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+                    os.rename(self.path, f"{self.path}.1")
+                self.rotations += 1
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._reopen_if_moved()
+
+
+def rotated_paths(path: str) -> list[str]:
+    """The files of a rotated flows file that exist, oldest first: `name.N` ... `name.1`, `name`."""
+    backups: list[tuple[int, str]] = []
+    directory = os.path.dirname(path) or "."
+    base = os.path.basename(path)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(directory):
+            if entry.startswith(base + "."):
+                suffix = entry[len(base) + 1:]
+                if suffix.isdigit():
+                    backups.append((int(suffix), os.path.join(directory, entry)))
+    out = [p for _, p in sorted(backups, reverse=True)]
+    if os.path.exists(path):
+        out.append(path)
+    return out
+
+
+# --- the sink -------------------------------------------------------------------------------------------
 
 
 class FlowSink:
-    """Where flow records go: JSON lines to `streams`, plus a bounded ring of the latest records.
+    """Where flow records go: JSON lines to `streams`, a bounded ring of the latest records, and listeners.
 
     Thread-safe enough for one event loop per process (the ring is a deque with maxlen). By default
     each record is written (and flushed) as it is emitted; after `defer_writes(loop.call_soon)` the
     records emitted on the loop's thread are queued and written together, one write and one flush per
     stream, when the scheduled `flush()` runs (or at once when `MAX_PENDING` are queued).
+    `node_name` goes into every record (None = `default_node_name()`).
     """
 
     MAX_PENDING = 512  # records queued before a write is forced (bounds memory and delay under load)
 
-    def __init__(self, streams: Iterable[IO[str]] = (), ring_size: int = 10_000) -> None:
+    def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None) -> None:
         self._streams = list(streams)
-        self._ring: collections.deque[Flow] = collections.deque(maxlen=ring_size)
+        self._ring: collections.deque[FlowRecord] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()
         self._pending: list[Flow] = []
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self._owner = 0  # the thread whose emits may be deferred
+        self._listeners: list[Callable[[FlowRecord], None]] = []
+        self.node_name = default_node_name() if node_name is None else node_name
         self.write_errors = 0
+        self.listener_errors = 0
         self.written = 0
 
     def defer_writes(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
@@ -310,10 +808,45 @@ class FlowSink:
         self._schedule = schedule if self._streams else None
         self._owner = threading.get_ident()
 
+    def add_listener(self, listener: Callable[[FlowRecord], None]) -> None:
+        """Call `listener(record)` for every record from now on (the flow server's followers). It must not block."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[FlowRecord], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _notify(self, record: FlowRecord) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(record)
+            except Exception:  # a broken follower must not break the data path
+                self.listener_errors += 1
+
+    def ingest(self, line: str) -> bool:
+        """Take a record another process wrote (one JSON line): into the ring and to listeners, not to streams.
+
+        Returns False (and keeps nothing) for a line that is not a flow record.
+        """
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(record, dict) or not isinstance(record.get("flow"), dict):
+            return False
+        raw = RawFlow(line=line if line.endswith("\n") else line + "\n", record=record,
+                      time_ns=parse_time_ns(str(record["flow"].get("time", ""))) or 0)
+        self._ring.append(raw)
+        if self._listeners:
+            self._notify(raw)
+        return True
+
     def emit(self, flow: Flow) -> None:
         """Record one flow. Never raises: a stream that fails is counted in `write_errors`."""
         self._ring.append(flow)
         self.written += 1
+        if self._listeners:
+            self._notify(flow)
         if not self._streams:
             return
         schedule = self._schedule
@@ -329,7 +862,7 @@ class FlowSink:
                 self.flush()
             return
         with self._lock:
-            self._write(flow.to_line())
+            self._write(flow.to_line(self.node_name))
 
     def flush(self) -> None:
         """Write the queued records now (one write and one flush per stream). Never raises."""
@@ -338,7 +871,8 @@ class FlowSink:
             if not pending:
                 return
             self._pending = []
-            self._write("".join([flow.to_line() for flow in pending]))
+            node = self.node_name
+            self._write("".join([flow.to_line(node) for flow in pending]))
 
     def _write(self, text: str) -> None:
         for stream in self._streams:
@@ -348,12 +882,16 @@ class FlowSink:
             except (OSError, ValueError):
                 self.write_errors += 1
 
-    def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The most recent records, oldest first (at most `limit`)."""
+    def records(self, limit: int | None = None) -> list[FlowRecord]:
+        """The most recent record objects, oldest first (at most `limit`)."""
         items = list(self._ring)
         if limit is not None:
-            items = items[-limit:]
-        return [flow.to_json() for flow in items]
+            items = items[-limit:] if limit > 0 else []
+        return items
+
+    def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The most recent records' `flow` objects, oldest first (at most `limit`)."""
+        return [record.to_json(self.node_name) for record in self.records(limit)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.recent())
@@ -366,3 +904,31 @@ class FlowSink:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+
+
+def parse_time_ns(text: str) -> int | None:
+    """ns since the epoch of an RFC 3339 timestamp (`2025-11-26T04:06:40.123Z`, any fraction, `Z` or an offset)."""
+    text = text.strip()
+    if not text:
+        return None
+    frac_ns = 0
+    main = text
+    tz = ""
+    if text.endswith(("Z", "z")):
+        main, tz = text[:-1], "+00:00"
+    else:
+        for sign in ("+", "-"):
+            idx = text.rfind(sign)
+            if idx > 10:
+                main, tz = text[:idx], text[idx:]
+                break
+    if "." in main:
+        main, frac = main.split(".", 1)
+        if not frac.isdigit() or len(frac) > 9:
+            return None
+        frac_ns = int(frac.ljust(9, "0"))
+    try:
+        moment = datetime.datetime.fromisoformat(main + (tz or "+00:00"))
+    except ValueError:
+        return None
+    return int(moment.timestamp()) * 1_000_000_000 + frac_ns

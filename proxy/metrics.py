@@ -1,7 +1,7 @@
 """Prometheus metrics named `membrane_*`, kept in process, exposed as text format 0.0.4.
 
 Owns counters and histograms and their exposition; `serve_metrics` runs a tiny asyncio HTTP endpoint
-that answers any GET with the exposition. No dependency: the text format is written by hand. Label
+that answers GET /metrics with the exposition (404 elsewhere). No dependency: the text format is written by hand. Label
 values are escaped; a metric never raises into the data path.
 """
 
@@ -11,7 +11,7 @@ import asyncio
 import bisect
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -215,11 +215,17 @@ class SharedMetrics:
         return self.metrics.merged(others).exposition()
 
 
-class _MetricsHttp(asyncio.Protocol):
-    """Answers every request with the exposition and closes (one request per connection is enough for Prometheus)."""
+Route = Callable[[], tuple[int, str, bytes]]  # () -> (status, content type, body)
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_MAX_HEAD_BYTES = 8192
 
-    def __init__(self, metrics: Metrics | SharedMetrics) -> None:
-        self._metrics = metrics
+
+class _Http(asyncio.Protocol):
+    """One GET per connection, answered from `routes` by path (query ignored); 404 elsewhere, 405 for
+    other methods. Enough for Prometheus scrapes and kubelet probes; nothing else is served."""
+
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self._routes = routes
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -227,22 +233,42 @@ class _MetricsHttp(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
         self._buffer += data
         if b"\r\n\r\n" not in self._buffer and b"\n\n" not in self._buffer:
-            if len(self._buffer) > 8192 and self._transport is not None:
+            if len(self._buffer) > _MAX_HEAD_BYTES:
                 self._transport.close()
             return
-        body = self._metrics.exposition().encode()
+        method, _, rest = self._buffer.split(b"\n", 1)[0].decode("latin-1").strip().partition(" ")
+        path = rest.split(" ", 1)[0].split("?", 1)[0]
+        route = self._routes.get(path)
+        if route is None:
+            status, ctype, body = 404, "text/plain; charset=utf-8", f"not found; try {', '.join(sorted(self._routes))}\n".encode()
+        elif method not in ("GET", "HEAD"):
+            status, ctype, body = 405, "text/plain; charset=utf-8", b"GET only\n"
+        else:
+            try:
+                status, ctype, body = route()
+            except Exception as e:  # an endpoint never takes the process down
+                status, ctype, body = 503, "text/plain; charset=utf-8", f"{type(e).__name__}: {e}\n".encode()
         head = (
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
-        assert self._transport is not None
-        self._transport.write(head + body)
+        self._transport.write(head + (body if method != "HEAD" else b""))
         self._transport.close()
 
 
-async def serve_metrics(metrics: Metrics | SharedMetrics, host: str, port: int) -> asyncio.Server:
-    """Start the `/metrics` endpoint. Returns the server (close it to stop). Raises OSError if it cannot bind."""
+async def serve_http(routes: Mapping[str, Route], host: str, port: int) -> asyncio.Server:
+    """A tiny HTTP endpoint for `routes`. Returns the server (close it to stop). Raises OSError if it cannot bind."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _MetricsHttp(metrics), host, port, reuse_address=True)
+    return await loop.create_server(lambda: _Http(routes), host, port, reuse_address=True)
+
+
+def metrics_route(metrics: Metrics | SharedMetrics) -> Route:
+    return lambda: (200, "text/plain; version=0.0.4; charset=utf-8", metrics.exposition().encode())
+
+
+async def serve_metrics(metrics: Metrics | SharedMetrics, host: str, port: int) -> asyncio.Server:
+    """Start the `/metrics` endpoint (only that path). Returns the server. Raises OSError if it cannot bind."""
+    return await serve_http({"/metrics": metrics_route(metrics)}, host, port)

@@ -68,16 +68,16 @@ class DnsJudge:
         self.outstanding: dict[int, _Outstanding] = {}
         self.upstream_failed: Reason | None = None
 
-    def query(self, raw: bytes, actions: list[Action]) -> None:
+    def query(self, query: dns.DnsEvent, actions: list[Action]) -> None:
         now = self.clock()
-        try:
-            query = dns.read_query(raw)
-        except ParseError as e:
-            reply = dns.error_reply(raw, dns.FORMERR)
+        if type(query) is dns.UnreadableMessage:
+            reply = dns.refusal(query, query.reason)
             if reply is not None:
                 actions.append(Reply(self.frame(reply)))
-            actions.append(self._flow(None, REQUEST, ERROR, now, reason=e.reason, summary=f"DNS query unreadable: {e}"))
+            actions.append(self._flow(None, REQUEST, ERROR, now, reason=query.reason,
+                                      summary=f"DNS query unreadable: {query.detail}"))
             return
+        assert type(query) is DnsQuery
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
         if allowed and self.upstream_failed is not None:
             allowed, verdict, reason = False, ERROR, self.upstream_failed
@@ -85,23 +85,20 @@ class DnsJudge:
             # Bound what one connection (or UDP peer) can keep waiting on the upstream: SERVFAIL beyond it.
             allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
         if allowed:
-            actions.append(Forward(C2S, self.frame(raw)))
+            actions.append(Forward(C2S, self.frame(query.raw)))
             self.outstanding[query.id] = _Outstanding(query, now)
             actions.append(self._flow(query, REQUEST, FORWARDED, now, rule=rule))
             return
         assert reason is not None
-        rcode = dns.dns_rcode(reason)
-        actions.append(Reply(self.frame(dns.refusal(raw, rcode))))
-        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode))
+        actions.append(Reply(self.frame(dns.refusal(query, reason))))
+        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=dns.dns_rcode(reason)))
 
-    def response(self, raw: bytes, actions: list[Action]) -> bool:
+    def response(self, response: dns.DnsEvent, actions: list[Action]) -> bool:
         """Relay one answer. Returns False when it cannot be read (the caller decides: drop or close)."""
-        try:
-            response = dns.read_response(raw)
-        except ParseError:
+        if type(response) is not DnsResponse:
             return False
         pending = self.outstanding.pop(response.id, None)
-        actions.append(Forward(S2C, self.frame(raw)))
+        actions.append(Forward(S2C, self.frame(response.raw)))
         now = self.clock()
         if self.fqdn is not None and response.addresses:
             self.fqdn.observe(response, now=time.monotonic())
@@ -113,7 +110,7 @@ class DnsJudge:
         """Answer every forwarded, unanswered query with SERVFAIL (upstream failed or timed out)."""
         rcode = dns.dns_rcode(reason)
         for item in self.outstanding.values():
-            actions.append(Reply(self.frame(dns.refusal(item.query.raw, rcode))))
+            actions.append(Reply(self.frame(dns.refusal(item.query, reason))))
             actions.append(
                 self._flow(item.query, RESPONSE, ERROR, self.clock(), reason=reason, rcode=rcode,
                            latency_ns=self.clock() - item.started_ns)
@@ -196,8 +193,8 @@ class DnsTcpSession(Session):
     ) -> None:
         super().__init__(context=context, clock=clock)
         self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp, fqdn=fqdn)
-        self.client = dns.DnsTcpFramer(C2S)
-        self.server = dns.DnsTcpFramer(S2C)
+        self.client = dns.DnsTcpParser(C2S)
+        self.server = dns.DnsTcpParser(S2C)
 
     @property
     def is_idle(self) -> bool:
@@ -205,15 +202,15 @@ class DnsTcpSession(Session):
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
-        framer = self.client if direction is C2S else self.server
+        parser = self.client if direction is C2S else self.server
         try:
-            messages = framer.feed(data)
+            events = parser.feed(data)
         except ParseError:
             return self.close()
-        for message in messages:
+        for event in events:
             if direction is C2S:
-                self.judge.query(message, actions)
-            elif not self.judge.response(message, actions):
+                self.judge.query(event, actions)
+            elif not self.judge.response(event, actions):
                 actions.extend(self.close())
                 return actions
         return actions
@@ -246,13 +243,16 @@ class DnsDatagramSession:
         fqdn: FqdnCache | None = None,
     ) -> None:
         self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=lambda m: m, fqdn=fqdn)
+        self.queries = dns.DnsParser(C2S)
+        self.answers = dns.DnsParser(S2C)
         self.last_activity_ns = clock()
         self.clock = clock
 
     def on_query(self, datagram: bytes) -> list[Action]:
         self.last_activity_ns = self.clock()
         actions: list[Action] = []
-        self.judge.query(datagram, actions)
+        for event in self.queries.feed(datagram):
+            self.judge.query(event, actions)
         return actions
 
     def on_answer(self, datagram: bytes) -> list[Action]:
@@ -260,7 +260,8 @@ class DnsDatagramSession:
         actions: list[Action] = []
         if len(datagram) >= 2 and int.from_bytes(datagram[:2], "big") not in self.judge.outstanding:
             return actions
-        self.judge.response(datagram, actions)
+        for event in self.answers.feed(datagram):
+            self.judge.response(event, actions)
         return actions
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:

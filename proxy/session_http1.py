@@ -1,6 +1,6 @@
 """HTTP/1.1 session: every request of a keep-alive or pipelined connection judged on its own.
 
-Owns the wiring of `parsers.http1.Http1Connection` to the policy: an allowed request goes upstream
+Owns the wiring of `parsers.http1.Http1Parser` (one per direction) to the policy: an allowed request goes upstream
 re-serialised by the parser (normalised target, header actions applied); a denied one is answered
 by the proxy (403 `Access denied`) and never reaches the upstream, and the connection lives on.
 Never parses bytes itself. Invariant: answers reach the client in request order, so a refusal of a
@@ -128,7 +128,7 @@ class Http1Session(Session):
     ) -> None:
         super().__init__(context=context, clock=clock)
         self.policy = policy
-        self.conn = http1.Http1Connection(max_header_bytes=max_header_bytes)
+        self.requests, self.responses = http1.Http1Parser.pair(max_header_bytes=max_header_bytes)
         self._order: deque[_Pending] = deque()  # requests in the order their answers are due
         self._current: _Pending | None = None  # the request whose body is being read
         self._current_allowed = False
@@ -143,12 +143,12 @@ class Http1Session(Session):
     def reading_head(self) -> bool:
         if self._tunnel:
             return False
-        state = self.conn.state(C2S)
+        state = self.requests.state
         return state is http1.State.HEAD or (state is http1.State.IDLE and not self._seen_request)
 
     @property
     def is_idle(self) -> bool:
-        return not self._tunnel and not self._order and self.conn.state(C2S) is http1.State.IDLE
+        return not self._tunnel and not self._order and self.requests.state is http1.State.IDLE
 
     # --- inputs -----------------------------------------------------------------------------------
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
@@ -158,7 +158,7 @@ class Http1Session(Session):
 
     def on_peer_closed(self, direction: Direction) -> list[Action]:
         try:
-            events = self.conn.feed_eof(direction)
+            events = (self.requests if direction is C2S else self.responses).feed_eof()
         except ParseError:
             return self.close()
         actions: list[Action] = []
@@ -175,9 +175,9 @@ class Http1Session(Session):
         return actions
 
     def on_timeout(self, kind: TimeoutKind) -> list[Action]:
-        if kind is TimeoutKind.HEADER and self.conn.state(C2S) is http1.State.HEAD and not self._order:
+        if kind is TimeoutKind.HEADER and self.requests.state is http1.State.HEAD and not self._order:
             self.closed = True
-            return [Reply(http1.refusal(408, keep_alive=False)), Close()]
+            return [Reply(http1.error_response(408, keep_alive=False)), Close()]
         return self.close()
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:
@@ -187,8 +187,8 @@ class Http1Session(Session):
         for pending in self._order:
             if pending.refusal is None and not pending.response_started:
                 # The first forwarded request without a response gets 503/504; nothing after it can follow.
-                actions.append(Reply(http1.refusal(http1.http_status(reason), keep_alive=False)))
-                actions.append(self._response_flow(pending, http1.http_status(reason), ERROR, reason))
+                actions.append(Reply(http1.error_response(http1.refusal_status(reason), keep_alive=False)))
+                actions.append(self._response_flow(pending, http1.refusal_status(reason), ERROR, reason))
                 answered = True
                 break
             if pending.refusal is not None:
@@ -203,10 +203,10 @@ class Http1Session(Session):
             return []
         actions: list[Action] = []
         try:
-            events = self.conn.feed(C2S, data)
+            events = self.requests.feed(data)
             self._client_events(events, actions)
-            while not self.closed and self.conn.has_held_input(C2S):
-                self._client_events(self.conn.feed(C2S, b""), actions)
+            while not self.closed and self.requests.has_held_input():
+                self._client_events(self.requests.feed(b""), actions)
         except ParseError as e:
             self._refuse_error(e, actions)
         return actions
@@ -225,7 +225,7 @@ class Http1Session(Session):
                     if event.data:
                         actions.append(Forward(C2S, event.data))
                 elif self._current_allowed:
-                    out = self.conn.forward(C2S, event)  # type: ignore[arg-type]
+                    out = self.requests.forward(event)  # type: ignore[arg-type]
                     if out:
                         actions.append(Forward(C2S, out))
                 if kind is EndOfMessage:
@@ -254,25 +254,25 @@ class Http1Session(Session):
             # Allowed, but there is no upstream: the client gets 503/504, and the flow says ERROR with that code.
             allowed, verdict, reason = False, ERROR, self._upstream_failed
             self._current_allowed = False
-            flow_l7 = l7_http(method=req.method, url=url, protocol=protocol, code=http1.http_status(reason),
+            flow_l7 = l7_http(method=req.method, url=url, protocol=protocol, code=http1.refusal_status(reason),
                               headers=req.headers)
         if allowed:
             headers = apply_header_actions(req.headers, result.header_actions) if result.header_actions else None
-            if self.conn.proposes_switch() and http2.is_h2c_upgrade(req):
+            if self.requests.proposes_switch() and http2.is_h2c_upgrade(req):
                 # Never an opaque relay after `Upgrade: h2c`: strip the upgrade, as Envoy does, and go on in HTTP/1.1.
                 headers = strip_h2c_upgrade(req.headers if headers is None else headers)
-            actions.append(Forward(C2S, self.conn.forward(C2S, req, headers=headers)))
+            actions.append(Forward(C2S, self.requests.forward(req, headers=headers)))
             self._order.append(pending)
             self.stats.forwarded += 1
             actions.append(self._flow(REQUEST, FORWARDED, flow_l7, rule=rule, time_ns=started, summary=summary))
             return
         assert reason is not None
-        status = http1.http_status(reason)
-        refusal = self.conn.refuse(status=status)
+        status = http1.refusal_status(reason)
+        refusal = self.requests.refusal(req, reason)
         pending.refusal = refusal.data
         pending.close_after = refusal.close
         if self._upstream_failed is not None:  # nothing more can be served on this connection
-            pending.refusal = http1.refusal(status, keep_alive=False, head_request=req.method == "HEAD")
+            pending.refusal = http1.error_response(status, keep_alive=False, head_request=req.method == "HEAD")
             pending.close_after = True
         pending.status = status
         self.stats.refused += 1
@@ -283,11 +283,11 @@ class Http1Session(Session):
     def _refuse_error(self, e: ParseError, actions: list[Action]) -> None:
         """A request the parser cannot read: 400/431 in its turn, then close (the stream is unusable)."""
         self.stats.errors += 1
-        status = http1.http_status(e.reason, e.direction)
+        status = http1.refusal_status(e.reason, e.direction)
         now = self.clock()
         # What the refused head said, when its request line could be read (the raw target, as sent).
         method, url = "", ""
-        rejected = self.conn.rejected_request() if e.direction is C2S else None
+        rejected = self.requests.rejected_request() if e.direction is C2S else None
         if rejected is not None:
             method, target, host = rejected
             url = f"http://{host or self.context.destination.ip}{target}" if target.startswith("/") else target
@@ -298,7 +298,7 @@ class Http1Session(Session):
             actions.extend(self.close())
             return
         self._order.append(_Pending(method=method, url=url, headers=(), started_ns=now,
-                                    refusal=http1.refusal(status, keep_alive=False), close_after=True, status=status))
+                                    refusal=http1.error_response(status, keep_alive=False), close_after=True, status=status))
         self._client_broken = True  # earlier responses may still be due; the refusal closes after them
         self._flush(actions)
 
@@ -306,13 +306,13 @@ class Http1Session(Session):
     def _server_data(self, data: bytes) -> list[Action]:
         actions: list[Action] = []
         try:
-            self._server_events(self.conn.feed(S2C, data), actions)
-            while not self.closed and self.conn.has_held_input(C2S):
-                self._client_events(self.conn.feed(C2S, b""), actions)
+            self._server_events(self.responses.feed(data), actions)
+            while not self.closed and self.requests.has_held_input():
+                self._client_events(self.requests.feed(b""), actions)
         except ParseError as e:
             front = self._order[0] if self._order else None
             if front is not None and front.refusal is None and not front.response_started:
-                actions.append(Reply(http1.refusal(502, keep_alive=False)))
+                actions.append(Reply(http1.error_response(502, keep_alive=False)))
                 actions.append(self._response_flow(front, 502, ERROR, e.reason))
             actions.extend(self.close())
         return actions
@@ -330,7 +330,7 @@ class Http1Session(Session):
                 continue
             if kind is HttpResponse:
                 assert isinstance(event, HttpResponse)
-                actions.append(Forward(S2C, self.conn.forward(S2C, event)))
+                actions.append(Forward(S2C, self.responses.forward(event)))
                 if event.status >= 200 or event.status == 101:
                     front = self._front_forwarded()
                     if front is not None:
@@ -343,11 +343,11 @@ class Http1Session(Session):
                 if self._order:
                     self._order.popleft()
             elif kind is Data or kind is Trailers:
-                out = self.conn.forward(S2C, event)  # type: ignore[arg-type]
+                out = self.responses.forward(event)  # type: ignore[arg-type]
                 if out:
                     actions.append(Forward(S2C, out))
             elif kind is EndOfMessage:
-                out = self.conn.forward(S2C, event)  # type: ignore[arg-type]
+                out = self.responses.forward(event)  # type: ignore[arg-type]
                 if out:
                     actions.append(Forward(S2C, out))
                 front = self._front_forwarded()

@@ -100,7 +100,7 @@ class Http2Session(Session):
     def on_peer_closed(self, direction: Direction) -> list[Action]:
         if direction is S2C:
             for stream_id in list(self.streams):
-                self.server.refuse(stream_id, Reason.UPSTREAM_FAILED)
+                self.server.refusal(stream_id, Reason.UPSTREAM_FAILED)
                 self.streams.pop(stream_id, None)
             actions: list[Action] = []
             self._pump(actions)
@@ -112,11 +112,11 @@ class Http2Session(Session):
         actions: list[Action] = []
         now = self.clock()
         for stream_id, info in list(self.streams.items()):
-            self.server.refuse(stream_id, reason)
+            self.server.refusal(stream_id, reason)
             self.streams.pop(stream_id, None)
             # The forwarded request never got its response: an ERROR flow with what the client got instead.
             actions.append(self._log(RESPONSE, ERROR, info.method, info.url, grpc=info.grpc, reason=reason,
-                                     code=200 if info.grpc else http1.http_status(reason), time_ns=now,
+                                     code=200 if info.grpc else http1.refusal_status(reason), time_ns=now,
                                      latency_ns=now - info.started_ns))
         self.server.close(http2.ErrorCode.NO_ERROR)
         self._pump(actions)
@@ -179,7 +179,7 @@ class Http2Session(Session):
                 return
             allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
         assert reason is not None
-        self.server.refuse(stream_id, reason)
+        self.server.refusal(stream_id, reason)
         actions.append(self._log(REQUEST, verdict, method, url, grpc=is_grpc, rule=rule, reason=reason, time_ns=now,
                                  headers=request.headers))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from membrane.parsers import kafka
 from membrane.parsers.errors import MessageTooLarge, ParseError
 from membrane.parsers.events import Direction, KafkaRequest, Reason
+from membrane.parsers.names import kafka_api_key_name
 from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_kafka
 from membrane.proxy.session import (
     C2S,
@@ -141,7 +142,7 @@ class KafkaSession(Session):
             actions.append(self._flow(request, REQUEST, FORWARDED, now, rule=rule))
             return
         assert reason is not None
-        refusal = kafka.build_refusal(request, reason, brokers=self.learned.brokers)
+        refusal = kafka.refusal(request, reason, brokers=self.learned.brokers)
         actions.append(
             self._flow(request, REQUEST, verdict, now, rule=rule, reason=reason, error_code=kafka.kafka_error_code(reason))
         )
@@ -171,7 +172,7 @@ class KafkaSession(Session):
         latency_ns: int = 0,
         error_code: int = 0,
     ) -> Log:
-        api = kafka.API_KEY_NAMES.get(request.api_key, str(request.api_key))
+        api = kafka_api_key_name(request.api_key)
         topics = request.topics or request.topic_ids
         l7 = l7_kafka(
             api_key=api,

@@ -15,7 +15,7 @@ naive (each JoinGroup starts a new generation led by the joiner): one consumer p
 It advertises `advertised_host:advertised_port` (default: its own listen address) in Metadata and
 FindCoordinator, so a proxy can sit in front. Every request frame received is kept in `requests`
 (the bytes the clients sent, for the parser captures). With `deny_topics`, requests naming those
-topics are answered with parsers.kafka.build_refusal() (what the proxy sends on a deny), so tests
+topics are answered with parsers.kafka.refusal() (what the proxy sends on a deny), so tests
 can check that real clients read our refusals as authorization errors. Runs an asyncio loop in a
 daemon thread:
 
@@ -35,7 +35,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from membrane.parsers.kafka import build_refusal, message_classes, parse_request
+from membrane.parsers import kafka as kafka_parser
+from membrane.parsers.events import Reason
+from membrane.parsers.kafka import message_classes, parse_request
 
 # What this broker answers, (min, max) per api key. Capped below kafka-python's schema maxima only
 # where this broker does not implement the newer semantics.
@@ -108,7 +110,7 @@ class KafkaTestBroker:
         self.advertised_port = advertised_port
         self.default_partitions = partitions
         self.supported = dict(SUPPORTED if supported is None else supported)
-        # Requests naming any of these topics get parsers.kafka.build_refusal()'s answer instead of
+        # Requests naming any of these topics get parsers.kafka.refusal()'s answer instead of
         # being served: what the proxy does on a policy deny, checked here against real clients.
         self.deny_topics = deny_topics
         self.requests: list[bytes] = []  # every request frame received, size prefix included
@@ -227,7 +229,7 @@ class KafkaTestBroker:
             parsed = parse_request(frame)
             if set(parsed.topics) & self.deny_topics:
                 host, port = self._adv
-                refusal = build_refusal(parsed, brokers=[(0, host, port, None)])
+                refusal = kafka_parser.refusal(parsed, Reason.POLICY_DENIED, brokers=[(0, host, port, None)])
                 if refusal is None:
                     raise ConnectionError("no refusal possible")
                 return refusal or None

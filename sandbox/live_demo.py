@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -280,7 +281,8 @@ class AgentProcess:
         out = []
         for line in self.flows_path.read_text().splitlines():
             with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
+                record = json.loads(line)
+                out.append(record.get("flow", record))  # Hubble's {"flow": ...} envelope
         return out
 
     def status(self) -> dict[str, Any]:
@@ -516,7 +518,8 @@ def build_cluster(cluster: Cluster, workdir: Path, say: Callable[[str], None]) -
 def _summary_of(flow: dict[str, Any]) -> str:
     src = flow.get("source", {})
     dst = flow.get("destination", {})
-    who = f"{src.get('pod_name') or src.get('ip')} -> {dst.get('pod_name') or dst.get('ip')}"
+    ip = flow.get("IP", {})
+    who = f"{src.get('pod_name') or ip.get('source')} -> {dst.get('pod_name') or ip.get('destination')}"
     return f"{flow.get('verdict', '?'):9} {flow.get('Type', '?'):5} {who:28} {flow.get('Summary', '')}"
 
 
@@ -525,22 +528,22 @@ def decided_by(flows: Sequence[dict[str, Any]]) -> str:
     requests = [f for f in flows if not f.get("is_reply")]
     for f in requests:
         if f.get("verdict") == "DROPPED":
-            if f.get("Type") == "L3_L4" and f.get("membrane_reason"):  # the kernel's drop, its own reason
-                return f"kernel: {f['membrane_reason']}"
+            kernel = re.search(r"dropped \((\w+)\)$", str(f.get("Summary", "")))
+            if f.get("Type") == "L3_L4" and kernel:  # the kernel's drop, its own reason in the summary
+                return f"kernel: {kernel.group(1)}"
             if f.get("Type") == "L3_L4":  # a connection the proxy refused before any L7 parsing
                 return f"proxy: {str(f.get('drop_reason_desc', '')).lower()} at L3/L4"
-            reason = str(f.get("drop_reason_desc", "")).lower()
-            return "proxy: no L7 rule matches" if reason == "policy_denied" else f"proxy: {reason}"
+            return "proxy: no L7 rule matches"  # an L7 request DROPPED is a policy denial (errors are ERROR)
     for f in requests:
-        if f.get("policy_rule"):
-            return f"proxy: {f['policy_rule']}"
+        for key in ("ingress_allowed_by", "egress_allowed_by"):
+            for policy in f.get(key) or ():
+                name = f"{policy['namespace']}/{policy['name']}" if policy.get("namespace") else policy["name"]
+                return f"proxy: {name} ({key.split('_')[0]})"
     return "kernel: allowed" if not requests else "proxy: allowed"
 
 
 def fold_flows(flows: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
     """One line per distinct request flow (client ports, correlation ids and latencies folded), first-seen order."""
-    import re
-
     counts: dict[str, int] = {}
     for flow in flows:
         if flow.get("is_reply"):

@@ -1,7 +1,7 @@
 """The folder rules: every product folder installs as `membrane.<folder>` and imports only point one way.
 
     parsers, bpf        -> nothing of ours
-    policies            -> membrane.parsers.events / membrane.parsers.errors (types only)
+    policies            -> membrane.parsers.events / errors / names (types and name tables only)
     proxy               -> policies, parsers (the data plane; never the kernel, never the control plane)
     control             -> proxy, policies, parsers, bpf (sources -> state -> plan -> kernel and proxy)
     cli                 -> everything of the product; sandbox only for the commands that run it
@@ -21,7 +21,7 @@ PRODUCT = ("proxy", "parsers", "policies", "bpf", "control", "cli", "sandbox")
 ALLOWED: dict[str, set[str]] = {
     "parsers": {"parsers"},
     "bpf": {"bpf"},
-    "policies": {"policies", "parsers.events", "parsers.errors"},
+    "policies": {"policies", "parsers.events", "parsers.errors", "parsers.names"},
     "proxy": {"proxy", "policies", "parsers"},
     "control": {"control", "proxy", "policies", "parsers", "bpf"},
     "cli": {"cli", "control", "proxy", "policies", "parsers", "bpf", "sandbox", "examples"},
@@ -85,3 +85,14 @@ def test_tools_import_the_product_by_its_installed_name(folder: str) -> None:
             continue
         for name in _imports(path):
             assert name.split(".")[0] not in PRODUCT, f"{path}: imports {name}; say membrane.{name}"
+
+
+def test_every_product_package_is_installed() -> None:
+    """Each folder with an __init__.py under a product folder is listed in pyproject's packages (or the wheel misses it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    for folder in PRODUCT:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            name = ".".join(("membrane", *init.parent.relative_to(ROOT).parts))
+            assert name in listed, f"{init.parent} is not in [tool.setuptools] packages"

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RR, A, DNSRecord
 from membrane.parsers.dns import DnsTcpParser, frame_tcp, read_query, read_response, refusal
-from membrane.parsers.events import Direction
+from membrane.parsers.events import Direction, Reason
 
 
 def _messages() -> tuple[bytes, bytes]:
@@ -52,11 +52,12 @@ def _dnslib_refusal(query: bytes) -> bytes:
 def run() -> list[dict[str, object]]:
     query, response = _messages()
     stream = frame_tcp(query) * 100
+    parsed = read_query(query)
     pairs: list[tuple[str, Callable[[], object], str, Callable[[], object], int, int]] = [
         ("query: hand reader", lambda: read_query(query), "query: dnslib DNSRecord.parse", lambda: DNSRecord.parse(query), len(query), 20000),
         ("response (CNAME + 5 addresses): hand reader", lambda: read_response(response),
          "response: dnslib DNSRecord.parse", lambda: DNSRecord.parse(response), len(response), 10000),
-        ("REFUSED from query bytes: refusal()", lambda: refusal(query),
+        ("REFUSED from query bytes: refusal()", lambda: refusal(parsed, Reason.POLICY_DENIED),
          "REFUSED: dnslib parse + reply + pack", lambda: _dnslib_refusal(query), len(query), 20000),
     ]
     rows: list[dict[str, object]] = []

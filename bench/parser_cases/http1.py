@@ -1,4 +1,4 @@
-"""HTTP/1.1 parser throughput: our httptools-based Http1Connection against h11 on the same bytes.
+"""HTTP/1.1 parser throughput: our httptools-based Http1Parser against h11 on the same bytes.
 
 Usage: .venv/bin/python bench/parsers/http1.py   (prints one row per measurement)
 `run()` returns rows {name, messages/s, MB/s, us/message} for bench/parsers_bench.py (process CPU time,
@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import h11
 import httptools
-from membrane.parsers.events import HttpRequest
-from membrane.parsers.http1 import C2S, Http1Connection
+from membrane.parsers.events import HttpRequest, Reason
+from membrane.parsers.http1 import C2S, Http1Parser
 
 CURL_GET = b"GET /v1/pets?limit=10 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
 HTTPX_POST = (
@@ -41,16 +41,16 @@ def _chunks(messages: list[bytes], pipelined: bool) -> list[bytes]:
 
 
 def _ours(chunks: list[bytes], forward: bool) -> int:
-    conn = Http1Connection()
+    conn = Http1Parser(C2S)
     done = 0
     for chunk in chunks:
-        for event in conn.feed(C2S, chunk):
+        for event in conn.feed(chunk):
             if type(event) is HttpRequest:
                 done += 1
                 if forward:
-                    conn.forward(C2S, event)
+                    conn.forward(event)
                 else:
-                    conn.refuse()
+                    conn.refusal(event, Reason.POLICY_DENIED)
     return done
 
 

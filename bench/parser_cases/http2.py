@@ -14,7 +14,7 @@ import h2.config
 import h2.connection
 import h2.settings
 from membrane.parsers.events import Data, GrpcCall, HttpRequest
-from membrane.parsers.grpc import GrpcMessageReader
+from membrane.parsers.grpc import GrpcParser
 from membrane.parsers.http2 import Http2ClientSide, Http2ServerSide
 
 STREAMS_PER_CONNECTION = 99  # under the default MAX_CONCURRENT_STREAMS of 100
@@ -139,7 +139,7 @@ def bench_grpc_framing(message_bytes: int = 1024) -> dict[str, object]:
     reads = [stream[i : i + 16_384] for i in range(0, len(stream), 16_384)]  # DATA-frame sized pieces
 
     def once() -> tuple[int, int]:
-        reader = GrpcMessageReader()
+        reader = GrpcParser()
         n = sum(len(reader.feed(r)) for r in reads)
         return n, len(stream)
 

@@ -20,7 +20,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parents[1]))
 
-from membrane.parsers.kafka import KafkaRequestParser, build_refusal, message_classes, parse_request  # noqa: E402
+from membrane.parsers.events import Reason  # noqa: E402
+from membrane.parsers.kafka import KafkaRequestParser, message_classes, parse_request, refusal  # noqa: E402
 
 
 def _frame(msg: Any) -> bytes:
@@ -76,8 +77,8 @@ def run() -> list[dict[str, object]]:
     rows.append({"name": "stream of 100 mixed requests: KafkaRequestParser.feed", "msg_per_s": feed["msg_per_s"] * 100,
                  "MB_per_s": feed["MB_per_s"], "us_per_msg": feed["us_per_msg"] / 100})
     produce = parse_request(_requests()[1][1])
-    refusal = _rate(lambda: build_refusal(produce), produce.size, 2000)
-    rows.append({"name": "refusal of Produce v9, 10 partitions: build_refusal", **refusal})
+    refused = _rate(lambda: refusal(produce, Reason.POLICY_DENIED), produce.size, 2000)
+    rows.append({"name": "refusal of Produce v9, 10 partitions: refusal", **refused})
     return rows
 
 

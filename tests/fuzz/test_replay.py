@@ -22,7 +22,8 @@ SMOKE_SECONDS = 3
 @functools.cache
 def _load(target: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"fuzz_{target.stem}", target)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -37,7 +38,8 @@ def test_every_target_has_a_seed_corpus() -> None:
     assert TARGETS, "no fuzz targets found"
     for target in TARGETS:
         corpus = FUZZ / "corpus" / target.stem
-        assert corpus.is_dir() and any(corpus.iterdir()), f"{target.stem} has no seed corpus"
+        assert corpus.is_dir(), f"{target.stem} has no seed corpus"
+        assert any(corpus.iterdir()), f"{target.stem} has no seed corpus"
 
 
 @pytest.mark.parametrize(("target", "case"), _corpus_cases(), ids=lambda p: p.name if isinstance(p, Path) else str(p))

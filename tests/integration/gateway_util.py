@@ -30,9 +30,10 @@ class Gateway:
     stderr_path: Path
 
     def flows(self) -> list[dict[str, Any]]:
+        """The `flow` objects of the records written so far (each line is Hubble's `{"flow": ...}` envelope)."""
         if not self.flows_path.exists():
             return []
-        return [json.loads(line) for line in self.flows_path.read_text().splitlines() if line.strip()]
+        return [json.loads(line)["flow"] for line in self.flows_path.read_text().splitlines() if line.strip()]
 
     def wait_flows(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

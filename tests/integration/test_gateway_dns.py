@@ -112,8 +112,9 @@ def test_refused_query_names_no_rule_of_the_allowing_side(tmp_path: Path) -> Non
         assert "status: NOERROR" in _dig(gw.port, "www.cilium.io")
         flows = gw.wait_flows(3)
         requests = {f["l7"]["dns"]["query"]: f for f in flows if f["l7"]["type"] == "REQUEST"}
-        assert requests["evil.example."]["verdict"] == "DROPPED" and "policy_rule" not in requests["evil.example."]
-        assert requests["www.cilium.io."]["policy_rule"] == "default/crawler-dns: egress[0].toPorts[0].rules.dns[0]"
+        assert requests["evil.example."]["verdict"] == "DROPPED"
+        assert "ingress_denied_by" not in requests["evil.example."]  # kube-dns's allowing rule did not decide it
+        assert [p["name"] for p in requests["www.cilium.io."]["egress_allowed_by"]] == ["crawler-dns"]
 
 
 def test_tcp_denied_then_allowed_on_the_same_connection(tmp_path: Path) -> None:

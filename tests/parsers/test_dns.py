@@ -23,10 +23,10 @@ from membrane.parsers.dns import (
     NXDOMAIN,
     REFUSED,
     SERVFAIL,
-    DnsTcpFramer,
+    DnsParser,
     DnsTcpParser,
+    UnreadableMessage,
     dns_rcode,
-    error_reply,
     frame_tcp,
     name_text,
     read_message,
@@ -389,6 +389,13 @@ def test_many_pointer_chain_stays_linear() -> None:
 # --- refusals ------------------------------------------------------------------------------------
 
 
+def refuse(raw: bytes, reason: Reason = Reason.POLICY_DENIED) -> bytes:
+    """The proxy's refusal of the query `raw` (read as the UDP parser reads it)."""
+    [query] = DnsParser(C2S).feed(raw)
+    assert isinstance(query, DnsQuery)
+    return refusal(query, reason)
+
+
 def dnslib_refusal(query_raw: bytes, rcode: int) -> bytes:
     """The reference: the same refusal built by dnslib from the parsed query."""
     q = DNSRecord.parse(query_raw)
@@ -400,74 +407,88 @@ def dnslib_refusal(query_raw: bytes, rcode: int) -> bytes:
     return bytes(r.pack())
 
 
-@pytest.mark.parametrize("rcode", [REFUSED, NXDOMAIN, SERVFAIL])
+@pytest.mark.parametrize("reason", list(Reason))
 @pytest.mark.parametrize("edns", [False, True])
-def test_refusal_shape(rcode: int, edns: bool) -> None:
+def test_refusal_shape(reason: Reason, edns: bool) -> None:
     """The refusal keeps ID, opcode, RD, CD and the question as sent; QR set; no answers (RFC 1035 §4.1.1)."""
     q = DNSRecord(DNSHeader(id=0xBEEF, rd=1, cd=1), q=DNSQuestion("Api.Example.ORG", QTYPE.AAAA))
     if edns:
         q.add_ar(EDNS0(udp_len=4096, flags="do"))
     raw = bytes(q.pack())
-    reply = refusal(raw, rcode)
+    rcode = dns_rcode(reason)
+    reply = refuse(raw, reason)
     assert reply == dnslib_refusal(raw, rcode)
 
     parsed = DNSRecord.parse(reply)
     assert (parsed.header.id, parsed.header.qr, parsed.header.rcode, parsed.header.rd, parsed.header.cd) == (0xBEEF, 1, rcode, 1, 1)
-    assert parsed.header.ra == 1 and parsed.header.aa == 0 and parsed.rr == []
-    assert str(parsed.q.qname) == "Api.Example.ORG." and parsed.q.qtype == QTYPE.AAAA
+    assert parsed.header.ra == 1
+    assert parsed.header.aa == 0
+    assert parsed.rr == []
+    assert str(parsed.q.qname) == "Api.Example.ORG."
+    assert parsed.q.qtype == QTYPE.AAAA
 
     m = dns.message.from_wire(reply)
-    assert m.id == 0xBEEF and m.rcode() == dns.rcode.Rcode(rcode) and m.opcode() == dns.opcode.QUERY
-    assert m.flags & dns.flags.QR and m.flags & dns.flags.RD and m.flags & dns.flags.CD and m.flags & dns.flags.RA
-    assert not m.answer and not m.authority
+    assert m.id == 0xBEEF
+    assert m.rcode() == dns.rcode.Rcode(rcode)
+    assert m.opcode() == dns.opcode.QUERY
+    assert m.flags & dns.flags.QR
+    assert m.flags & dns.flags.RD
+    assert m.flags & dns.flags.CD
+    assert m.flags & dns.flags.RA
+    assert not m.answer
+    assert not m.authority
     assert m.question[0].name.to_text() == "Api.Example.ORG."
     assert m.edns == (0 if edns else -1)
     if edns:
-        assert m.ednsflags & dns.flags.DO and m.payload == 1232
+        assert m.ednsflags & dns.flags.DO
+        assert m.payload == 1232
 
     resp = read_response(reply)
     assert (resp.id, resp.name, resp.rcode, resp.addresses) == (0xBEEF, "Api.Example.ORG.", rcode, ())
 
 
 @given(labels=NAMES, qid=st.integers(0, 0xFFFF), qtype=st.integers(0, 0xFFFF), rd=st.booleans(), cd=st.booleans(),
-       opcode=st.sampled_from([0, 1, 2, 4, 5]), do=st.sampled_from([None, False, True]), rcode=st.integers(0, 15))
+       opcode=st.sampled_from([0, 1, 2, 4, 5]), do=st.sampled_from([None, False, True]), reason=st.sampled_from(Reason))
 def test_refusal_equals_dnslib(labels: list[str], qid: int, qtype: int, rd: bool, cd: bool, opcode: int,
-                               do: bool | None, rcode: int) -> None:
+                               do: bool | None, reason: Reason) -> None:
     """The hand-built refusal is byte-for-byte what dnslib builds from the same query."""
     q = DNSRecord(DNSHeader(id=qid, rd=int(rd), cd=int(cd), opcode=opcode), q=DNSQuestion(".".join(labels), qtype))
     if do is not None:
         q.add_ar(EDNS0(udp_len=512, flags="do" if do else ""))
     raw = bytes(q.pack())
-    assert refusal(raw, rcode) == dnslib_refusal(raw, rcode)
+    assert refuse(raw, reason) == dnslib_refusal(raw, dns_rcode(reason))
 
 
 def test_refusal_without_rd_has_no_ra_and_keeps_opcode() -> None:
     """RA follows RD; the opcode is echoed (RFC 1035 §4.1.1)."""
     raw = bytes(DNSRecord(DNSHeader(id=1, rd=0, opcode=4), q=DNSQuestion("x.example", QTYPE.SOA)).pack())
-    h = DNSRecord.parse(refusal(raw)).header
+    h = DNSRecord.parse(refuse(raw)).header
     assert (h.ra, h.rd, h.opcode, h.rcode) == (0, 0, 4, REFUSED)
 
 
-def test_refusal_of_malformed_query_raises_and_bad_rcode() -> None:
-    """refusal() needs a readable query; error_reply() is the answer to unreadable ones."""
+def test_refusal_needs_the_query_bytes() -> None:
+    """A DnsQuery whose raw bytes are not the query it claims to be cannot be refused from them."""
+    forged = DnsQuery(id=1, name="a.", normalized_name="a.", qtype=1, raw=header(qd=0))
     with pytest.raises(MalformedMessage):
-        refusal(header(qd=0))
-    with pytest.raises(ValueError):
-        refusal(dnslib_query(), 16)
+        refusal(forged, Reason.POLICY_DENIED)
 
 
-def test_error_reply() -> None:
+def test_refusal_of_unreadable_message() -> None:
     """FORMERR answers keep ID/opcode/RD; nothing answers a short message or a response (no reply loops)."""
     data = header(qid=0x4242, flags=0x2100, qd=9) + b"junk"
-    reply = error_reply(data)
+    [unreadable] = DnsParser(C2S).feed(data)
+    assert isinstance(unreadable, UnreadableMessage)
+    reply = refusal(unreadable, Reason.MALFORMED)
     assert reply is not None
     m = dns.message.from_wire(reply)
     assert (m.id, m.rcode(), m.opcode(), bool(m.flags & dns.flags.RD), bool(m.flags & dns.flags.QR)) == (
         0x4242, dns.rcode.FORMERR, dns.opcode.NOTIFY, True, True,
     )
     assert len(m.question) == 0
-    assert error_reply(b"\x00" * 11) is None
-    assert error_reply(header(flags=0x8000)) is None
+    for short_or_response in (b"\x00" * 11, header(flags=0x8000)):
+        [event] = DnsParser(C2S).feed(short_or_response)
+        assert isinstance(event, UnreadableMessage)
+        assert refusal(event, Reason.MALFORMED) is None
 
 
 @pytest.mark.parametrize(
@@ -498,13 +519,13 @@ STREAM = frame_tcp(Q1) + frame_tcp(Q2)
 
 
 @pytest.mark.parametrize("chunks", all_chunkings(STREAM, trailing=b"\x00\x20\x12"))
-def test_tcp_framer_any_chunking(chunks: list[bytes]) -> None:
+def test_tcp_framing_any_chunking(chunks: list[bytes]) -> None:
     """Two messages on one connection split at any byte boundary come out whole, in order (RFC 7766 §8)."""
-    framer = DnsTcpFramer(C2S)
-    assert feed_all(framer.feed, chunks) == [Q1, Q2]
-    assert framer.buffered_bytes == 3  # the trailing partial message waits
+    parser = DnsTcpParser(C2S)
+    assert [e.raw for e in feed_all(parser.feed, chunks)] == [Q1, Q2]
+    assert parser.buffered_bytes == 3  # the trailing partial message waits
     with pytest.raises(MalformedMessage, match="stream ended 3 bytes into a message") as info:
-        framer.end_of_stream()
+        parser.end_of_stream()
     assert info.value.offset == len(STREAM)
 
 
@@ -523,33 +544,39 @@ def test_tcp_responses() -> None:
     r = DNSRecord.parse(Q1).reply()
     r.add_answer(RR("one.example", QTYPE.A, rdata=A("192.0.2.5"), ttl=9))
     events = DnsTcpParser(S2C).feed(frame_tcp(bytes(r.pack())))
-    assert len(events) == 1 and isinstance(events[0], DnsResponse) and events[0].addresses == ("192.0.2.5",)
+    assert len(events) == 1
+    assert isinstance(events[0], DnsResponse)
+    assert events[0].addresses == ("192.0.2.5",)
 
 
 def test_tcp_length_limits() -> None:
     """A length over the limit is MessageTooLarge before buffering; under 12 is malformed; the stream is dead after."""
-    framer = DnsTcpFramer(C2S, max_message_bytes=100)
-    assert framer.feed(frame_tcp(Q1)) == [Q1]
+    parser = DnsTcpParser(C2S, max_message_bytes=100)
+    assert [e.raw for e in parser.feed(frame_tcp(Q1))] == [Q1]
     with pytest.raises(MessageTooLarge) as too_large:
-        framer.feed(b"\x00\x65")
-    assert too_large.value.offset == len(Q1) + 2 and too_large.value.reason is Reason.TOO_LARGE
-    assert framer.buffered_bytes == 2
+        parser.feed(b"\x00\x65")
+    assert too_large.value.offset == len(Q1) + 2
+    assert too_large.value.reason is Reason.TOO_LARGE
+    assert parser.buffered_bytes == 2
     with pytest.raises(ProtocolViolation):
-        framer.feed(b"")
+        parser.feed(b"")
     with pytest.raises(MalformedMessage, match="shorter than a DNS header"):
-        DnsTcpFramer(C2S).feed(b"\x00\x0b")
+        DnsTcpParser(C2S).feed(b"\x00\x0b")
     with pytest.raises(MalformedMessage, match="shorter than a DNS header"):
-        DnsTcpFramer(C2S).feed(b"\x00\x00")
+        DnsTcpParser(C2S).feed(b"\x00\x00")
     with pytest.raises(ValueError):
-        DnsTcpFramer(C2S, max_message_bytes=70000)
+        DnsTcpParser(C2S, max_message_bytes=70000)
 
 
 def test_tcp_parser_error_offset_counts_from_stream_start() -> None:
-    """A malformed second message is reported at its stream offset, so logs point at the right byte."""
+    """An unreadable second message is reported at its stream offset, and the stream goes on (its frame was intact)."""
     bad = header(qd=0)
-    with pytest.raises(MalformedMessage) as info:
-        DnsTcpParser(C2S).feed(frame_tcp(Q1) + frame_tcp(bad))
-    assert info.value.offset == 2 + len(Q1) + 2 + 4
+    parser = DnsTcpParser(C2S)
+    first, unreadable, third = parser.feed(frame_tcp(Q1) + frame_tcp(bad) + frame_tcp(Q2))
+    assert isinstance(unreadable, UnreadableMessage)
+    assert unreadable.offset == 2 + len(Q1) + 2 + 4
+    assert unreadable.raw == bad
+    assert [first.raw, third.raw] == [Q1, Q2]
 
 
 def test_frame_tcp() -> None:
@@ -562,7 +589,7 @@ def test_frame_tcp() -> None:
 def test_read_message_dispatches_on_direction() -> None:
     """CLIENT_TO_SERVER reads a query, SERVER_TO_CLIENT a response."""
     assert isinstance(read_message(C2S, Q1), DnsQuery)
-    assert isinstance(read_message(S2C, refusal(Q1)), DnsResponse)
+    assert isinstance(read_message(S2C, refuse(Q1)), DnsResponse)
     with pytest.raises(MalformedMessage):
         read_message(S2C, Q1)
 
@@ -589,15 +616,16 @@ def test_refusal_keeps_binary_label_bytes() -> None:
     data = header(flags=0x2000) + b"\x04zone\x07examp\xff\xff\x00\x00\x06\x00\x01"
     q = read_query(data)
     assert q.name == "zone.examp\\255\\255."
-    m = dns.message.from_wire(refusal(data))
+    m = dns.message.from_wire(refuse(data))
     assert m.question[0].name.labels == (b"zone", b"examp\xff\xff", b"")
-    assert m.opcode() == dns.opcode.NOTIFY and m.rcode() == dns.rcode.REFUSED
+    assert m.opcode() == dns.opcode.NOTIFY
+    assert m.rcode() == dns.rcode.REFUSED
 
 
 def test_refusal_of_update_keeps_opcode_and_zone() -> None:
     """An UPDATE (RFC 2136 §2.3) with a non-SOA zone line is refused with its opcode and zone section echoed."""
     data = header(flags=0x2910, ar=1) + wire_name(b"api", b"svc") + b"\x00\x01\x00\x01" + OPT_RR
-    reply = refusal(data)
+    reply = refuse(data)
     h = DNSRecord.parse(reply).header
     assert (h.opcode, h.rcode, h.cd, h.q, h.ar) == (5, REFUSED, 1, 1, 1)
     assert read_response(reply).name == "api.svc."

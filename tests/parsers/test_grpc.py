@@ -19,14 +19,14 @@ from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseErro
 from membrane.parsers.events import Direction, Reason
 from membrane.parsers.grpc import (
     GrpcMessage,
-    GrpcMessageReader,
+    GrpcParser,
     GrpcStatus,
     grpc_status,
     is_grpc_content_type,
     percent_decode_message,
     percent_encode_message,
     split_path,
-    trailers_only_refusal,
+    status_trailers,
 )
 
 from tests.helpers.feed import all_chunkings, feed_all
@@ -62,7 +62,8 @@ def test_malformed_paths_are_refused(path: str) -> None:
     """Anything but /package.Service/Method made of identifiers is malformed, reported with its direction."""
     with pytest.raises(MalformedMessage) as info:
         split_path(path, direction=Direction.CLIENT_TO_SERVER)
-    assert info.value.reason is Reason.MALFORMED and info.value.direction is Direction.CLIENT_TO_SERVER
+    assert info.value.reason is Reason.MALFORMED
+    assert info.value.direction is Direction.CLIENT_TO_SERVER
 
 
 @pytest.mark.parametrize(("text", "encoded"), [
@@ -103,12 +104,12 @@ def test_every_reason_maps_to_a_grpc_status(reason: Reason, status: GrpcStatus) 
                                    Reason.UPSTREAM_FAILED, Reason.UPSTREAM_TIMEOUT}
 
 
-def test_trailers_only_refusal() -> None:
+def test_status_trailers() -> None:
     """A denied call is a trailers-only response: :status 200, application/grpc, grpc-status 7 (PROTOCOL-HTTP2.md, Trailers-Only)."""
-    assert trailers_only_refusal(Reason.POLICY_DENIED) == (
+    assert status_trailers(Reason.POLICY_DENIED) == (
         (":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "7"),
         ("grpc-message", "Access denied"))
-    assert trailers_only_refusal(Reason.TOO_LARGE, "größe 100%")[3] == ("grpc-message", "gr%C3%B6%C3%9Fe 100%25")
+    assert status_trailers(Reason.TOO_LARGE, "größe 100%")[3] == ("grpc-message", "gr%C3%B6%C3%9Fe 100%25")
 
 
 _STREAM = grpc_message(b"hello") + grpc_message(b"") + grpc_message(b"\x1f\x8b" + b"z" * 300, compressed=True)
@@ -119,7 +120,7 @@ _EXPECTED = [GrpcMessage(compressed=False, length=5), GrpcMessage(compressed=Fal
 @pytest.mark.parametrize("chunks", all_chunkings(_STREAM))
 def test_framing_survives_any_chunking(chunks: list[bytes]) -> None:
     """Length-Prefixed-Messages split at any byte boundary are read the same (PROTOCOL-HTTP2.md, Length-Prefixed-Message)."""
-    reader = GrpcMessageReader()
+    reader = GrpcParser()
     assert feed_all(reader.feed, chunks) == _EXPECTED
     reader.end()
     assert (reader.messages, reader.payload_bytes) == (3, 307)
@@ -134,18 +135,19 @@ def test_framing_property_arbitrary_splits(messages: list[tuple[bytes, bool]], c
         chunks.append(stream[pos : pos + cut])
         pos += cut
     chunks.append(stream[pos:])
-    reader = GrpcMessageReader()
+    reader = GrpcParser()
     assert feed_all(reader.feed, chunks) == [GrpcMessage(compressed=c, length=len(p)) for p, c in messages]
     reader.end()
 
 
 def test_message_over_the_limit_is_too_large() -> None:
     """A declared length beyond max_message_bytes raises MessageTooLarge before any payload is read (grpc's 4 MiB default)."""
-    reader = GrpcMessageReader(max_message_bytes=100)
+    reader = GrpcParser(max_message_bytes=100)
     assert reader.feed(grpc_message(b"x" * 100)) == [GrpcMessage(compressed=False, length=100)]
     with pytest.raises(MessageTooLarge) as info:
         reader.feed(b"\x00\x00\x00\x00\x65")
-    assert info.value.reason is Reason.TOO_LARGE and info.value.offset == 105
+    assert info.value.reason is Reason.TOO_LARGE
+    assert info.value.offset == 105
     with pytest.raises(ParseError):  # the reader stays failed
         reader.feed(b"")
 
@@ -153,13 +155,13 @@ def test_message_over_the_limit_is_too_large() -> None:
 def test_bad_compressed_flag_is_malformed() -> None:
     """The Compressed-Flag is 0 or 1; anything else means the stream is not gRPC-framed."""
     with pytest.raises(MalformedMessage):
-        GrpcMessageReader().feed(b"\x02\x00\x00\x00\x00")
+        GrpcParser().feed(b"\x02\x00\x00\x00\x00")
 
 
 @pytest.mark.parametrize("tail", [b"\x00\x00", grpc_message(b"abc")[:-1]])
 def test_stream_ending_inside_a_message_is_malformed(tail: bytes) -> None:
     """END_STREAM in the middle of a prefix or payload is a truncated message (PROTOCOL-HTTP2.md)."""
-    reader = GrpcMessageReader()
+    reader = GrpcParser()
     reader.feed(grpc_message(b"ok") + tail)
     with pytest.raises(MalformedMessage):
         reader.end()

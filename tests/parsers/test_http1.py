@@ -29,13 +29,13 @@ from membrane.parsers.http1 import (
     ACCESS_DENIED,
     C2S,
     S2C,
-    Http1Connection,
     Http1Event,
+    Http1Parser,
     Input,
+    Refusal,
     State,
-    _Reader,
-    http_status,
-    refusal,
+    error_response,
+    refusal_status,
     serialize_request_head,
 )
 
@@ -55,26 +55,42 @@ def merged(events: list[Http1Event]) -> list[Http1Event]:
     return out
 
 
-def read(direction: Direction, chunks: list[bytes], conn: Http1Connection | None = None) -> list[Http1Event]:
-    conn = conn or Http1Connection()
-    return merged([e for c in chunks for e in conn.feed(direction, c)])
+Parsers = tuple[Http1Parser, Http1Parser]
 
 
-def read_error(direction: Direction, chunks: list[bytes], conn: Http1Connection | None = None) -> ParseError:
-    conn = conn or Http1Connection()
+def _parser(direction: Direction, parsers: Parsers | None) -> Http1Parser:
+    client, server = parsers or Http1Parser.pair()
+    return client if direction is C2S else server
+
+
+def read(direction: Direction, chunks: list[bytes], parsers: Parsers | None = None) -> list[Http1Event]:
+    parser = _parser(direction, parsers)
+    return merged([e for c in chunks for e in parser.feed(c)])
+
+
+def read_error(direction: Direction, chunks: list[bytes], parsers: Parsers | None = None) -> ParseError:
+    parser = _parser(direction, parsers)
     with pytest.raises(ParseError) as info:
         for chunk in chunks:
-            conn.feed(direction, chunk)
+            parser.feed(chunk)
     return info.value
 
 
-def conversation(requests: bytes) -> Http1Connection:
-    """A connection that has read and forwarded every request in `requests`."""
-    conn = Http1Connection()
-    for event in conn.feed(C2S, requests):
+def refuse_first(data: bytes) -> Refusal:
+    """What a fresh connection answers when the proxy refuses the first request in `data`."""
+    c2s, _ = Http1Parser.pair()
+    request = c2s.feed(data)[0]
+    assert isinstance(request, HttpRequest)
+    return c2s.refusal(request, Reason.POLICY_DENIED)
+
+
+def conversation(requests: bytes) -> Parsers:
+    """A connection's two parsers after reading and forwarding every request in `requests`."""
+    client, server = Http1Parser.pair()
+    for event in client.feed(requests):
         if isinstance(event, HttpRequest):
-            conn.forward(C2S, event)
-    return conn
+            client.forward(event)
+    return client, server
 
 
 GET = b"GET /v1/pets?limit=10 HTTP/1.1\r\nHost: api\r\nAccept: */*\r\n\r\n"
@@ -147,20 +163,22 @@ def test_pipelined_requests_are_framed_one_by_one(chunks: list[bytes]) -> None:
         ("EndOfMessage", None),
     ]
     last = events[-2]
-    assert isinstance(last, HttpRequest) and not last.keep_alive
+    assert isinstance(last, HttpRequest)
+    assert not last.keep_alive
 
 
 def test_body_is_streamed_in_pieces_never_buffered() -> None:
     """Body bytes come out as they arrive: each Data is at most one read, and the head is never re-buffered."""
-    conn = Http1Connection()
+    c2s = Http1Parser(C2S)
     head = b"POST /u HTTP/1.1\r\nHost: h\r\nContent-Length: 300000\r\n\r\n"
-    assert [type(e) for e in conn.feed(C2S, head)] == [HttpRequest]
+    assert [type(e) for e in c2s.feed(head)] == [HttpRequest]
     pieces = []
     for _ in range(3):
-        events = conn.feed(C2S, b"x" * 100000)
+        events = c2s.feed(b"x" * 100000)
         assert all(isinstance(e, Data) and len(e.data) == 100000 for e in events[:1])
         pieces.extend(events)
-    assert pieces[-1] == EOM and sum(len(e.data) for e in pieces if isinstance(e, Data)) == 300000
+    assert pieces[-1] == EOM
+    assert sum(len(e.data) for e in pieces if isinstance(e, Data)) == 300000
 
 
 @pytest.mark.parametrize(
@@ -245,23 +263,26 @@ SMUGGLING = {
 def test_smuggling_case_is_rejected(name: str) -> None:
     """Each framing two parsers could read differently is a MalformedMessage, at any chunking (RFC 9112 §2.2, §3, §5, §6, §7.1)."""
     for chunks in all_chunkings(SMUGGLING[name], trailing=b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"):
-        conn = Http1Connection()
-        error = read_error(C2S, chunks, conn)
+        c2s, s2c = Http1Parser.pair()
+        error = read_error(C2S, chunks, (c2s, s2c))
         assert isinstance(error, MalformedMessage), (name, error)
-        assert error.direction is C2S and conn.state(C2S) is State.ERROR
+        assert error.direction is C2S
+        assert c2s.state is State.ERROR
         with pytest.raises(ProtocolViolation):
-            conn.feed(C2S, b"x")
+            c2s.feed(b"x")
 
 
 def test_http10_request_never_keeps_alive_and_more_bytes_are_a_violation() -> None:
     """A proxy must not persist an HTTP/1.0 client connection (RFC 9112 §9.3); bytes after the last message are an error."""
-    conn = Http1Connection()
-    events = conn.feed(C2S, b"GET / HTTP/1.0\r\n\r\n")
+    c2s = Http1Parser(C2S)
+    events = c2s.feed(b"GET / HTTP/1.0\r\n\r\n")
     request = events[0]
-    assert isinstance(request, HttpRequest) and not request.keep_alive and request.host is None
-    assert conn.state(C2S) is State.MUST_CLOSE
+    assert isinstance(request, HttpRequest)
+    assert not request.keep_alive
+    assert request.host is None
+    assert c2s.state is State.MUST_CLOSE
     with pytest.raises(ProtocolViolation):
-        conn.feed(C2S, b"GET / HTTP/1.0\r\n\r\n")
+        c2s.feed(b"GET / HTTP/1.0\r\n\r\n")
 
 
 # --- limits ---------------------------------------------------------------------------------------
@@ -278,37 +299,37 @@ def test_header_block_limit_is_exact() -> None:
         head = _head_of(size)
         assert len(head) == size
         for chunks in ([head], [head[:9000], head[9000:]], [head[:-1], head[-1:]]):
-            conn = Http1Connection(max_line_bytes=20000)
+            c2s, s2c = Http1Parser.pair(max_line_bytes=20000)
             if ok:
-                assert isinstance(read(C2S, chunks, conn)[0], HttpRequest)
+                assert isinstance(read(C2S, chunks, (c2s, s2c))[0], HttpRequest)
             else:
-                error = read_error(C2S, chunks, conn)
-                assert isinstance(error, MessageTooLarge) and http_status(error.reason) == 431
+                error = read_error(C2S, chunks, (c2s, s2c))
+                assert isinstance(error, MessageTooLarge)
+                assert refusal_status(error.reason) == 431
 
 
 def test_header_block_limit_holds_without_a_terminator() -> None:
     """An endless head is refused once it crosses the limit, and the parser never holds more than the limit."""
-    conn = Http1Connection(max_header_bytes=1024)
-    conn.feed(C2S, b"GET / HTTP/1.1\r\nX: ")
+    c2s = Http1Parser(C2S, max_header_bytes=1024)
+    c2s.feed(b"GET / HTTP/1.1\r\nX: ")
     with pytest.raises(MessageTooLarge):
         for _ in range(200):
-            conn.feed(C2S, b"a" * 10)
-    reader = conn._readers[C2S]
-    assert len(reader._buf) <= 1024
+            c2s.feed(b"a" * 10)
+    assert len(c2s._buf) <= 1024
 
 
 def test_header_count_line_and_chunk_line_limits() -> None:
     """Field count, one field line, the target and a chunk-size line each have their own ceiling (MessageTooLarge)."""
     many = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: y\r\n" * 10 + b"\r\n"
-    assert isinstance(read_error(C2S, [many], Http1Connection(max_headers=10)), MessageTooLarge)
-    assert isinstance(read(C2S, [many], Http1Connection(max_headers=11))[0], HttpRequest)
+    assert isinstance(read_error(C2S, [many], Http1Parser.pair(max_headers=10)), MessageTooLarge)
+    assert isinstance(read(C2S, [many], Http1Parser.pair(max_headers=11))[0], HttpRequest)
     long_line = b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"y" * 200 + b"\r\n\r\n"
-    assert isinstance(read_error(C2S, [long_line], Http1Connection(max_line_bytes=100)), MessageTooLarge)
+    assert isinstance(read_error(C2S, [long_line], Http1Parser.pair(max_line_bytes=100)), MessageTooLarge)
     long_target = b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
-    assert isinstance(read_error(C2S, [long_target], Http1Connection(max_line_bytes=100)), MessageTooLarge)
+    assert isinstance(read_error(C2S, [long_target], Http1Parser.pair(max_line_bytes=100)), MessageTooLarge)
     chunk_ext = H + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"e" * 100
     for chunks in all_chunkings(chunk_ext):
-        assert isinstance(read_error(C2S, chunks, Http1Connection(max_chunk_line_bytes=64)), MessageTooLarge)
+        assert isinstance(read_error(C2S, chunks, Http1Parser.pair(max_chunk_line_bytes=64)), MessageTooLarge)
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -346,39 +367,43 @@ def test_responses_are_framed_by_the_request_method() -> None:
 
 def test_response_without_framing_reads_until_close() -> None:
     """A response with neither Content-Length nor chunked ends when the server closes (RFC 9112 §6.3 (8))."""
-    conn = conversation(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-    events = conn.feed(S2C, b"HTTP/1.1 200 OK\r\n\r\nsome")
+    _, s2c = conversation(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    events = s2c.feed(b"HTTP/1.1 200 OK\r\n\r\nsome")
     response = events[0]
-    assert isinstance(response, HttpResponse) and response.has_body and not response.keep_alive
-    assert conn.feed(S2C, b" more") == [Data(data=b" more")]
-    assert conn.feed_eof(S2C) == [EOM]
+    assert isinstance(response, HttpResponse)
+    assert response.has_body
+    assert not response.keep_alive
+    assert s2c.feed(b" more") == [Data(data=b" more")]
+    assert s2c.feed_eof() == [EOM]
 
 
 def test_truncated_messages_are_malformed_at_eof() -> None:
     """EOF inside a head or a length-delimited body is a truncated message, never a silent end (RFC 9112 §8)."""
-    conn = Http1Connection()
-    conn.feed(C2S, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab")
+    c2s = Http1Parser(C2S)
+    c2s.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab")
     with pytest.raises(MalformedMessage):
-        conn.feed_eof(C2S)
-    conn = Http1Connection()
-    conn.feed(C2S, GET)
-    assert conn.feed_eof(C2S) == [] and conn.state(C2S) is State.CLOSED
+        c2s.feed_eof()
+    c2s = Http1Parser(C2S)
+    c2s.feed(GET)
+    assert c2s.feed_eof() == []
+    assert c2s.state is State.CLOSED
 
 
 def test_response_with_no_request_in_flight_is_a_violation() -> None:
     """A server may not answer what was never forwarded; a refused request has no upstream response."""
-    conn = Http1Connection()
-    conn.feed(C2S, GET)
-    conn.refuse()
+    c2s, s2c = Http1Parser.pair()
+    request = c2s.feed(GET)[0]
+    assert isinstance(request, HttpRequest)
+    c2s.refusal(request, Reason.POLICY_DENIED)
     with pytest.raises(ProtocolViolation):
-        conn.feed(S2C, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        s2c.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
 
 def test_unsolicited_101_is_a_violation() -> None:
     """101 Switching Protocols only answers a request that asked for an upgrade (RFC 9110 §15.2.2)."""
-    conn = conversation(GET)
+    _, s2c = conversation(GET)
     with pytest.raises(ProtocolViolation):
-        conn.feed(S2C, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        s2c.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
 
 
 @pytest.mark.parametrize(
@@ -400,7 +425,8 @@ def test_malformed_responses_are_rejected(response: bytes) -> None:
     """A response that frames ambiguously is a MalformedMessage, which the proxy answers with 502 (RFC 9112 §6.3)."""
     for chunks in all_chunkings(response):
         error = read_error(S2C, chunks, conversation(GET))
-        assert isinstance(error, MalformedMessage) and http_status(error.reason, error.direction) == 502
+        assert isinstance(error, MalformedMessage)
+        assert refusal_status(error.reason, error.direction) == 502
 
 
 # --- upgrades and CONNECT -------------------------------------------------------------------------
@@ -410,57 +436,64 @@ WS = b"GET /chat HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocke
 
 def test_websocket_upgrade_becomes_an_opaque_relay() -> None:
     """After 101 both directions carry opaque Data; client bytes sent early are held, then released (RFC 9110 §7.8)."""
-    conn = Http1Connection()
-    events = conn.feed(C2S, WS + b"\x81\x05early")
-    assert [type(e) for e in events] == [HttpRequest, EndOfMessage] and conn.state(C2S) is State.PAUSED
-    conn.forward(C2S, events[0])
-    assert conn.feed(C2S, b"more") == [] and not conn.has_held_input(C2S)
-    events = conn.feed(
-        S2C, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
+    c2s, s2c = Http1Parser.pair()
+    events = c2s.feed(WS + b"\x81\x05early")
+    assert [type(e) for e in events] == [HttpRequest, EndOfMessage]
+    assert c2s.state is State.PAUSED
+    c2s.forward(events[0])
+    assert c2s.feed(b"more") == []
+    assert not c2s.has_held_input()
+    events = s2c.feed(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi"
     )
     assert [type(e) for e in events] == [HttpResponse, ConnectionUpgraded, Data]
-    assert events[1] == ConnectionUpgraded(protocol="websocket") and events[2] == Data(data=b"\x81\x02hi")
-    assert conn.has_held_input(C2S) and conn.feed(C2S, b"") == [Data(data=b"\x81\x05earlymore")]
-    assert conn.feed(C2S, b"GET / HTTP/1.1\r\n\r\n") == [Data(data=b"GET / HTTP/1.1\r\n\r\n")]
-    assert conn.forward(C2S, Data(data=b"raw")) == b"raw"
+    assert events[1] == ConnectionUpgraded(protocol="websocket")
+    assert events[2] == Data(data=b"\x81\x02hi")
+    assert c2s.has_held_input()
+    assert c2s.feed(b"") == [Data(data=b"\x81\x05earlymore")]
+    assert c2s.feed(b"GET / HTTP/1.1\r\n\r\n") == [Data(data=b"GET / HTTP/1.1\r\n\r\n")]
+    assert c2s.forward(Data(data=b"raw")) == b"raw"
 
 
 def test_declined_upgrade_resumes_http() -> None:
     """A non-101 answer to an Upgrade request keeps HTTP/1.1; the held bytes are parsed as the next request."""
-    conn = Http1Connection()
-    events = conn.feed(C2S, WS + GET)
-    conn.forward(C2S, events[0])
-    events = conn.feed(S2C, b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    c2s, s2c = Http1Parser.pair()
+    events = c2s.feed(WS + GET)
+    c2s.forward(events[0])
+    events = s2c.feed(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
     assert [type(e) for e in events] == [HttpResponse, EndOfMessage]
-    assert conn.has_held_input(C2S)
-    assert conn.feed(C2S, b"") == [GET_EVENT, EOM]
+    assert c2s.has_held_input()
+    assert c2s.feed(b"") == [GET_EVENT, EOM]
 
 
 def test_refused_upgrade_resumes_http() -> None:
     """When the proxy refuses an upgrade, the connection stays HTTP and the next request is read."""
-    conn = Http1Connection()
-    conn.feed(C2S, WS + GET)
-    answer = conn.refuse()
-    assert not answer.close and answer.data.startswith(b"HTTP/1.1 403 Forbidden\r\n")
-    assert conn.feed(C2S, b"") == [GET_EVENT, EOM]
+    c2s = Http1Parser(C2S)
+    request = c2s.feed(WS + GET)[0]
+    assert isinstance(request, HttpRequest)
+    answer = c2s.refusal(request, Reason.POLICY_DENIED)
+    assert not answer.close
+    assert answer.data.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert c2s.feed(b"") == [GET_EVENT, EOM]
 
 
 def test_connect_2xx_is_a_tunnel_and_non_2xx_is_not() -> None:
     """A 2xx to CONNECT starts a tunnel with no body; any other status is an ordinary response (RFC 9110 §9.3.6)."""
     connect = b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n"
-    conn = Http1Connection()
-    events = conn.feed(C2S, connect)
+    c2s, s2c = Http1Parser.pair()
+    events = c2s.feed(connect)
     request = events[0]
-    assert isinstance(request, HttpRequest) and request.target == "db.internal:5432"
-    conn.forward(C2S, request)
-    events = conn.feed(S2C, b"HTTP/1.1 200 Connection established\r\nContent-Length: 99\r\n\r\nPGDATA")
+    assert isinstance(request, HttpRequest)
+    assert request.target == "db.internal:5432"
+    c2s.forward(request)
+    events = s2c.feed(b"HTTP/1.1 200 Connection established\r\nContent-Length: 99\r\n\r\nPGDATA")
     assert events[1:] == [ConnectionUpgraded(protocol="CONNECT"), Data(data=b"PGDATA")]
 
-    conn = Http1Connection()
-    conn.forward(C2S, conn.feed(C2S, connect + GET)[0])
-    events = conn.feed(S2C, b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 2\r\n\r\nno")
+    c2s, s2c = Http1Parser.pair()
+    c2s.forward(c2s.feed(connect + GET)[0])
+    events = s2c.feed(b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 2\r\n\r\nno")
     assert events[1:] == [Data(data=b"no"), EOM]
-    assert conn.feed(C2S, b"") == [GET_EVENT, EOM]
+    assert c2s.feed(b"") == [GET_EVENT, EOM]
 
 
 # --- refusals and forwarding ----------------------------------------------------------------------
@@ -473,77 +506,90 @@ def test_refusal_bytes_are_a_well_framed_response(status: int, keep_alive: bool)
     client = h11.Connection(h11.CLIENT)
     client.send(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
     client.send(h11.EndOfMessage())
-    client.receive_data(refusal(status, keep_alive=keep_alive))
+    client.receive_data(error_response(status, keep_alive=keep_alive))
     response = client.next_event()
-    assert isinstance(response, h11.Response) and response.status_code == status
+    assert isinstance(response, h11.Response)
+    assert response.status_code == status
     body = client.next_event()
     assert isinstance(body, h11.Data)
     assert body.data == (ACCESS_DENIED if status == 403 else response.reason + b"\r\n")
     assert isinstance(client.next_event(), h11.EndOfMessage)
     assert (b"connection", b"keep-alive" if keep_alive else b"close") in response.headers
-    assert refusal(403, keep_alive=True, body=b"nope").endswith(
+    assert error_response(403, keep_alive=True, body=b"nope").endswith(
         b"Content-Length: 4\r\nConnection: keep-alive\r\n\r\nnope"
     )
 
 
 def test_refused_request_keeps_the_connection_and_its_body_is_framed() -> None:
     """A denied request gets a 403 and the connection lives on: its body is still framed, and HEAD gets no body."""
-    conn = Http1Connection()
-    conn.feed(C2S, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")
-    answer = conn.refuse()
-    assert not answer.close and answer.data.endswith(b"\r\n\r\nAccess denied\r\n")
-    assert conn.feed(C2S, b"abc" + GET) == [Data(data=b"abc"), EOM, GET_EVENT, EOM]
-    conn.forward(C2S, GET_EVENT)
-    conn.feed(C2S, b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert conn.refuse().data.endswith(b"Content-Length: 15\r\nConnection: keep-alive\r\n\r\n")
+    c2s = Http1Parser(C2S)
+    post = c2s.feed(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")[0]
+    assert isinstance(post, HttpRequest)
+    answer = c2s.refusal(post, Reason.POLICY_DENIED)
+    assert not answer.close
+    assert answer.data.endswith(b"\r\n\r\nAccess denied\r\n")
+    assert c2s.feed(b"abc" + GET) == [Data(data=b"abc"), EOM, GET_EVENT, EOM]
+    c2s.forward(GET_EVENT)
+    head = c2s.feed(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")[0]
+    assert isinstance(head, HttpRequest)
+    assert c2s.refusal(head, Reason.POLICY_DENIED).data.endswith(b"Content-Length: 15\r\nConnection: keep-alive\r\n\r\n")
 
 
 def test_refusal_closes_when_the_body_may_never_come() -> None:
     """Expect: 100-continue with the body unread, Connection: close and HTTP/1.0 refusals close (RFC 9110 §10.1.1)."""
-    conn = Http1Connection()
-    conn.feed(C2S, b"PUT /big HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n")
-    assert conn.refuse().close
-    conn = Http1Connection()
-    conn.feed(C2S, b"PUT /big HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx")
-    assert not conn.refuse().close
+    assert refuse_first(b"PUT /big HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n").close
+    assert not refuse_first(b"PUT /big HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx").close
     for request in (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", b"GET / HTTP/1.0\r\n\r\n"):
-        conn = Http1Connection()
-        conn.feed(C2S, request)
-        answer = conn.refuse(status=403)
-        assert answer.close and b"Connection: close\r\n" in answer.data
+        answer = refuse_first(request)
+        assert answer.close
+        assert b"Connection: close\r\n" in answer.data
 
 
-def test_http_status_maps_every_reason() -> None:
+def test_refusal_of_a_request_out_of_order_is_an_error() -> None:
+    """refusal() names the request it refuses: only the oldest undecided one can be, and never twice."""
+    c2s, _ = Http1Parser.pair()
+    first, _, second, _ = c2s.feed(GET + b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert isinstance(first, HttpRequest)
+    assert isinstance(second, HttpRequest)
+    with pytest.raises(ValueError):
+        c2s.refusal(second, Reason.POLICY_DENIED)
+    c2s.refusal(first, Reason.POLICY_DENIED)
+    with pytest.raises(ValueError):
+        c2s.refusal(first, Reason.POLICY_DENIED)
+
+
+def test_refusal_status_maps_every_reason() -> None:
     """Every Reason has an HTTP answer; errors read from the upstream become 502 (STYLE.md §3.4)."""
-    assert {r: http_status(r) for r in Reason} == {
+    assert {r: refusal_status(r) for r in Reason} == {
         Reason.POLICY_DENIED: 403,
         Reason.MALFORMED: 400,
         Reason.TOO_LARGE: 431,
         Reason.UPSTREAM_FAILED: 503,
         Reason.UPSTREAM_TIMEOUT: 504,
     }
-    assert http_status(Reason.MALFORMED, S2C) == 502 and http_status(Reason.TOO_LARGE, S2C) == 502
+    assert refusal_status(Reason.MALFORMED, S2C) == 502
+    assert refusal_status(Reason.TOO_LARGE, S2C) == 502
 
 
 def test_forward_reframes_bodies_and_applies_header_actions() -> None:
     """Forwarded heads carry the normalised target and supplied headers, but the framing is always the parser's own."""
-    conn = Http1Connection()
-    events = conn.feed(
-        C2S,
+    c2s = Http1Parser(C2S)
+    events = c2s.feed(
         b"POST /a//b HTTP/1.1\r\nHost: h\r\nX-Drop: 1\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n0\r\nT: 1\r\n\r\n",
     )
     request = events[0]
     assert isinstance(request, HttpRequest)
     actions = (("Host", "h"), ("X-Added", "yes"), ("Content-Length", "999"))
-    wire = b"".join(conn.forward(C2S, e, headers=actions if e is request else None) for e in events)
+    wire = b"".join(c2s.forward(e, headers=actions if e is request else None) for e in events)
     assert wire == (
         b"POST /a/b HTTP/1.1\r\nHost: h\r\nX-Added: yes\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\n"
     )
-    server = h11.Connection(h11.SERVER)
-    server.receive_data(wire)
-    assert isinstance(server.next_event(), h11.Request)
-    body = server.next_event()
-    assert isinstance(body, h11.Data) and body.data == b"abc"
+    h11_server = h11.Connection(h11.SERVER)
+    h11_server.receive_data(wire)
+    assert isinstance(h11_server.next_event(), h11.Request)
+    body = h11_server.next_event()
+    assert isinstance(body, h11.Data)
+    assert body.data == b"abc"
 
 
 @pytest.mark.parametrize("bad", [("X-A", "v\r\nX-Injected: 1"), ("X A", "v"), ("X-A", "v\x00")])
@@ -555,13 +601,13 @@ def test_header_actions_cannot_inject(bad: tuple[str, str]) -> None:
 
 def test_forward_requires_a_decision_per_request_in_order() -> None:
     """Every request is forwarded or refused once; a second decision for it is a programming error."""
-    conn = Http1Connection()
-    conn.feed(C2S, GET)
-    conn.forward(C2S, GET_EVENT)
+    c2s = Http1Parser(C2S)
+    c2s.feed(GET)
+    c2s.forward(GET_EVENT)
     with pytest.raises(ValueError):
-        conn.forward(C2S, GET_EVENT)
+        c2s.forward(GET_EVENT)
     with pytest.raises(ValueError):
-        conn.refuse()
+        c2s.refusal(GET_EVENT, Reason.POLICY_DENIED)
 
 
 # --- real clients ---------------------------------------------------------------------------------
@@ -587,7 +633,7 @@ def test_requests_captured_from_real_clients_parse() -> None:
 @given(st.sampled_from(list(State)), st.lists(st.sampled_from(list(Input)), max_size=20))
 def test_every_state_input_pair_follows_the_table_or_errors(start: State, inputs: list[Input]) -> None:
     """Each (State, Input) moves per _TRANSITIONS or raises ProtocolViolation into ERROR, which absorbs (STYLE.md §4)."""
-    reader = _Reader(Http1Connection(), C2S)
+    reader = Http1Parser(C2S)
     reader.state = start
     for event in inputs:
         before = reader.state
@@ -643,16 +689,16 @@ def test_any_pipeline_at_any_split_reads_back_the_same_messages(
     wire, expected = generated
     points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
     chunks = [wire[a:b] for a, b in itertools.pairwise(points)]
-    conn = Http1Connection()
+    c2s = Http1Parser(C2S)
     got: list[tuple[str, str, bytes]] = []
-    for event in (e for c in chunks for e in conn.feed(C2S, c)):
+    for event in (e for c in chunks for e in c2s.feed(c)):
         if isinstance(event, HttpRequest):
             got.append((event.method, event.path, b""))
         elif isinstance(event, Data):
             method, path, body = got[-1]
             got[-1] = (method, path, body + event.data)
     assert got == expected
-    assert conn.state(C2S) is State.IDLE
+    assert c2s.state is State.IDLE
 
 
 _TARGET_CHARS = st.sampled_from([*list("/abcAZ09-._~!$&'()*+,;=:@%2F?#\\ "), "%2e", "%41", "//", "/./", "/../", "\x00"])
@@ -681,25 +727,26 @@ def test_transfer_coding_names_are_case_insensitive(chunks: list[bytes]) -> None
 def test_unchanged_heads_are_forwarded_byte_for_byte() -> None:
     """A head needing no change goes out exactly as received; a normalised target or header actions re-serialise it."""
     raw = b"GET /ok?x=1 HTTP/1.1\r\nHost: h\r\nX-Odd:   spaced  \r\n\r\n"
-    conn = Http1Connection()
-    request = conn.feed(C2S, raw)[0]
-    assert conn.forward(C2S, request) == raw
+    c2s, s2c = Http1Parser.pair()
+    request = c2s.feed(raw)[0]
+    assert c2s.forward(request) == raw
     response_head = b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\nX-Y:z\r\n\r\n"
-    response = conn.feed(S2C, response_head)[0]
-    assert conn.forward(S2C, response) == response_head
+    response = s2c.feed(response_head)[0]
+    assert s2c.forward(response) == response_head
 
-    conn = Http1Connection()
-    request = conn.feed(C2S, b"GET /a//b HTTP/1.1\r\nHost: h\r\n\r\n")[0]
-    assert conn.forward(C2S, request) == b"GET /a/b HTTP/1.1\r\nHost: h\r\n\r\n"
-    conn = Http1Connection()
-    request = conn.feed(C2S, raw)[0]
-    assert conn.forward(C2S, request, headers=(("Host", "h"),)) == b"GET /ok?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+    c2s, s2c = Http1Parser.pair()
+    request = c2s.feed(b"GET /a//b HTTP/1.1\r\nHost: h\r\n\r\n")[0]
+    assert c2s.forward(request) == b"GET /a/b HTTP/1.1\r\nHost: h\r\n\r\n"
+    c2s, s2c = Http1Parser.pair()
+    request = c2s.feed(raw)[0]
+    assert c2s.forward(request, headers=(("Host", "h"),)) == b"GET /ok?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
 
 
 def test_101_without_upgrade_field_uses_the_requested_protocol() -> None:
     """A 101 that omits Upgrade still switches to what the request asked for (RFC 9110 §7.8), and EOF ends the tunnel."""
-    conn = Http1Connection()
-    conn.forward(C2S, conn.feed(C2S, WS)[0])
-    events = conn.feed(S2C, b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    c2s, s2c = Http1Parser.pair()
+    c2s.forward(c2s.feed(WS)[0])
+    events = s2c.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
     assert events[1] == ConnectionUpgraded(protocol="websocket")
-    assert conn.feed_eof(S2C) == [] and conn.state(S2C) is State.CLOSED
+    assert s2c.feed_eof() == []
+    assert s2c.state is State.CLOSED

@@ -1,19 +1,23 @@
 """parsers/http2: per-stream events, refusals on one stream, flow control end to end, h2c upgrade (RFC 9113, RFC 7540 §3.2).
 
 Peers are real h2 state machines (python-hyper `h2`): a client facing `Http2ServerSide` and a server
-behind `Http2ClientSide`, bridged in memory by `Bridge`, which does what the proxy will do.
+behind `Http2ClientSide`; end to end, the proxy's real session (`membrane.proxy.session_http2`, via the
+gateway's session factory) sits between them, in memory (`SessionBridge`) or on loopback sockets
+(`LoopbackBridge`, with grpcio and httpx).
 """
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import h2.config
@@ -36,16 +40,21 @@ from membrane.parsers.events import (
     StreamReset,
     Trailers,
 )
+from membrane.parsers.http1 import refusal_status
 from membrane.parsers.http2 import (
+    DEFAULT_INITIAL_WINDOW,
     ErrorCode,
-    Event,
     GoAway,
     Http2ClientSide,
     Http2ServerSide,
     RequestRejected,
-    http_status,
     is_h2c_upgrade,
 )
+from membrane.policies import compile_policy, load_policies, parse_endpoints
+from membrane.proxy.gateway import GatewayPolicy, session_factory
+from membrane.proxy.server import ConnectionInfo
+from membrane.proxy.session import Action, DataReceived, Forward, Log, Reply, Session
+from membrane.proxy.session_http2 import Http2Session
 
 from tests.helpers.feed import all_chunkings, feed_all
 from tests.helpers.frames import (
@@ -119,7 +128,8 @@ def test_header_block_split_over_continuation_frames() -> None:
     wire = client_preface(b) + b.headers_split(1, request_headers("/c", extra=[("x-long", "v" * 300)]), pieces=3,
                                                 end_stream=True)
     events = Http2ServerSide().feed(wire)
-    assert isinstance(events[0], HttpRequest) and events[0].headers == (("x-long", "v" * 300),)
+    assert isinstance(events[0], HttpRequest)
+    assert events[0].headers == (("x-long", "v" * 300),)
 
 
 def test_path_is_normalised_before_it_is_reported() -> None:
@@ -164,7 +174,8 @@ def test_bad_path_is_refused_with_400_on_its_stream_only(path: str) -> None:
     assert [type(e) for e in events] == [RequestRejected, HttpRequest, EndOfMessage]
     assert events[0] == RequestRejected(stream_id=1, reason=Reason.MALFORMED, detail=events[0].detail)  # type: ignore[union-attr]
     seen = _client_reads(side.data_to_send(), client)
-    assert seen[1]["headers"][":status"] == "400" and seen[1]["ended"]  # type: ignore[index]
+    assert seen[1]["headers"][":status"] == "400"
+    assert seen[1]["ended"]  # type: ignore[index]
     assert 3 not in seen  # untouched: waiting for the proxy's forwarded response
 
 
@@ -207,11 +218,13 @@ def test_malformed_grpc_path_gets_grpc_internal() -> None:
     side = Http2ServerSide()
     client.send_headers(1, grpc_headers("/demo.Greeter/Say/Hello"))
     events = side.feed(client.data_to_send())
-    assert [type(e) for e in events] == [RequestRejected] and events[0].grpc  # type: ignore[union-attr]
+    assert [type(e) for e in events] == [RequestRejected]
+    assert events[0].grpc  # type: ignore[union-attr]
     seen = _client_reads(side.data_to_send(), client)[1]
     assert seen["headers"] == {":status": "200", "content-type": "application/grpc", "grpc-status": "13",
                                "grpc-message": "Malformed request"}
-    assert seen["ended"] and seen["body"] == b""
+    assert seen["ended"]
+    assert seen["body"] == b""
 
 
 def test_multiplexed_streams_one_refused_others_continue() -> None:
@@ -226,8 +239,8 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
     events = side.feed(client.data_to_send())
     assert [(type(e), e.stream_id) for e in events] == [
         (HttpRequest, 1), (HttpRequest, 3), (GrpcCall, 5), (Data, 1), (Data, 3), (Data, 5)]
-    side.refuse(3, Reason.POLICY_DENIED)
-    side.refuse(5, Reason.POLICY_DENIED)
+    side.refusal(3, Reason.POLICY_DENIED)
+    side.refusal(5, Reason.POLICY_DENIED)
     side.acknowledge(1, len(b"payload-1"))
     # The client keeps streaming on every stream; refused streams' bytes are dropped.
     for sid in (1, 3, 5):
@@ -238,12 +251,16 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
                                     has_body=True, http_version="2"))
     side.send_data(1, b"ok", end_stream=True)
     seen = _client_reads(side.data_to_send(), client)
-    assert seen[3]["headers"][":status"] == "403" and seen[3]["body"] == b"Access denied\r\n"  # type: ignore[index]
+    assert seen[3]["headers"][":status"] == "403"
+    assert seen[3]["body"] == b"Access denied\r\n"  # type: ignore[index]
     assert seen[3]["headers"]["content-length"] == "15"  # type: ignore[index]
     assert seen[5]["headers"] == {":status": "200", "content-type": "application/grpc", "grpc-status": "7",
                                   "grpc-message": "Access denied"}
-    assert seen[5]["body"] == b"" and seen[5]["ended"]
-    assert seen[1]["headers"][":status"] == "200" and seen[1]["body"] == b"ok" and seen[1]["ended"]  # type: ignore[index]
+    assert seen[5]["body"] == b""
+    assert seen[5]["ended"]
+    assert seen[1]["headers"][":status"] == "200"
+    assert seen[1]["body"] == b"ok"
+    assert seen[1]["ended"]  # type: ignore[index]
     assert all(s["reset"] is None for s in seen.values())
 
 
@@ -252,16 +269,17 @@ def test_multiplexed_streams_one_refused_others_continue() -> None:
     (Reason.UPSTREAM_FAILED, 503, "14"), (Reason.UPSTREAM_TIMEOUT, 504, "4")])
 def test_every_reason_has_an_http_and_a_grpc_refusal(reason: Reason, status: int, grpc_status: str) -> None:
     """Each Reason maps to one HTTP status and one grpc-status (STYLE.md §3.4)."""
-    assert http_status(reason) == status
+    assert refusal_status(reason) == status
     client = _peer(True)
     side = Http2ServerSide()
     client.send_headers(1, request_headers("/x"), end_stream=True)
     client.send_headers(3, grpc_headers())
     side.feed(client.data_to_send())
-    side.refuse(1, reason)
-    side.refuse(3, reason)
+    side.refusal(1, reason)
+    side.refusal(3, reason)
     seen = _client_reads(side.data_to_send(), client)
-    assert seen[1]["headers"][":status"] == str(status) and seen[1]["ended"]  # type: ignore[index]
+    assert seen[1]["headers"][":status"] == str(status)
+    assert seen[1]["ended"]  # type: ignore[index]
     assert seen[3]["headers"]["grpc-status"] == grpc_status  # type: ignore[index]
 
 
@@ -274,7 +292,7 @@ def test_refusal_after_grpc_response_started_ends_with_status_trailers() -> None
     side.send_response(HttpResponse(status=200, headers=(("content-type", "application/grpc"),), stream_id=1,
                                     has_body=True, http_version="2"))
     side.send_data(1, grpc_message(b"partial"))
-    side.refuse(1, Reason.TOO_LARGE, message="too big: 100%")
+    side.refusal(1, Reason.TOO_LARGE, message="too big: 100%")
     seen = _client_reads(side.data_to_send(), client)[1]
     assert seen["trailers"] == {"grpc-status": "8", "grpc-message": "too big: 100%25"}
     assert seen["ended"]
@@ -287,7 +305,7 @@ def test_refusal_after_plain_response_started_resets() -> None:
     client.send_headers(1, request_headers("/x"), end_stream=True)
     side.feed(client.data_to_send())
     side.send_response(HttpResponse(status=200, stream_id=1, has_body=True, http_version="2"))
-    side.refuse(1, Reason.UPSTREAM_FAILED)
+    side.refusal(1, Reason.UPSTREAM_FAILED)
     assert _client_reads(side.data_to_send(), client)[1]["reset"] == ErrorCode.INTERNAL_ERROR
 
 
@@ -297,7 +315,7 @@ def test_refused_stream_body_does_not_stall_the_connection() -> None:
     side = Http2ServerSide(initial_window_size=65_535, connection_window_size=65_535)
     client.send_headers(1, request_headers("/denied", method="POST"))
     side.feed(client.data_to_send())
-    side.refuse(1, Reason.POLICY_DENIED)
+    side.refusal(1, Reason.POLICY_DENIED)
     _client_reads(side.data_to_send(), client)
     sent = 0
     while sent < 300_000:  # far beyond every window: only works if the proxy keeps opening them
@@ -309,95 +327,121 @@ def test_refused_stream_body_does_not_stall_the_connection() -> None:
         _client_reads(side.data_to_send(), client)
 
 
-# --- the proxy's bridge -----------------------------------------------------------------------------
+# --- the proxy's real HTTP/2 session (membrane.proxy.session_http2), driven through its sans-I/O API ---
+
+_ENDPOINTS = """
+endpoints:
+  - {name: client, namespace: default, labels: {app: client}, ips: [10.244.7.10]}
+  - {name: server, namespace: default, labels: {app: server}, ips: [10.244.7.20]}
+"""
+_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: h2, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
+          rules:
+            http: [%s]
+"""
+ALLOW_ALL = "{}"
+# The real-client tests: grpcio's Say and Stream and the /v1 API pass; Drop and /admin are denied.
+ALLOW_ECHO_AND_V1 = '{path: "/membrane\\\\.test\\\\.Echo/(Say|Stream)"}, {path: "/v1/.*"}'
 
 
-class Bridge:
-    """Downstream h2 client <-> Http2ServerSide | proxy glue | Http2ClientSide <-> upstream h2 server."""
+def _proxy_session(http_rules: str) -> Session:
+    """The session the gateway makes for a client->server connection on port 80 under `http_rules`."""
+    loaded = load_policies(_POLICY % http_rules, "h2.yaml")
+    assert not loaded.errors, loaded.errors
+    pmap = compile_policy(loaded.policies, parse_endpoints(_ENDPOINTS))
+    gw = GatewayPolicy(pmap=pmap, dst="default/server", port=80, src="default/client")
+    info = ConnectionInfo(client=("127.0.0.1", 40000), original_dst=("127.0.0.1", 80))
+    return session_factory(gw, "10.244.7.20")(info)
 
-    def __init__(self, *, upstream_settings: dict[str, int] | None = None, **windows: int) -> None:
+
+class SessionBridge:
+    """Downstream h2 client <-> the proxy's real HTTP session (sans-I/O) <-> upstream h2 server, in memory."""
+
+    def __init__(self, *, upstream_settings: dict[str, int] | None = None, http_rules: str = ALLOW_ALL) -> None:
         self.client = _peer(True)
         self.server = _peer(False, **(upstream_settings or {}))
-        self.down = Http2ServerSide(**windows)
-        self.up = Http2ClientSide(**windows)
-        self.client_streams: dict[int, dict[str, object]] = {}
+        self.session = _proxy_session(http_rules)
+        self.flows: list[Log] = []
         self.server_events: list[h2.events.Event] = []
         self.server_body: dict[int, bytes] = {}
         self.server_acks = True  # the upstream reads (and acknowledges) what it receives
-        self.client_acks = True
-        self.down_events: list[Event] = []
-        self.up_events: list[Event] = []
+        self.client_streams: dict[int, dict[str, object]] = {}
+        self._to_server = self._to_client = b""
+        self._apply(self.session.start())
+
+    @property
+    def h2(self) -> Http2Session:
+        """The HTTP/2 session the sniffing session chose (after the client's preface)."""
+        inner = getattr(self.session, "inner", self.session)
+        assert isinstance(inner, Http2Session)
+        return inner
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Forward) and action.direction is Direction.CLIENT_TO_SERVER:
+                self._to_server += action.data
+            elif isinstance(action, Forward | Reply):
+                self._to_client += action.data
+            elif isinstance(action, Log):
+                self.flows.append(action)
+            else:
+                raise AssertionError(f"the session closed: {action}")
 
     def pump(self, rounds: int = 50) -> None:
         for _ in range(rounds):
             moved = False
-            data = self.client.data_to_send()
-            if data:
+            if data := self.client.data_to_send():
                 moved = True
-                for e in self.down.feed(data):
-                    self.down_events.append(e)
-                    if isinstance(e, HttpRequest | GrpcCall):
-                        assert self.up.send_request(e)
-                    elif isinstance(e, Data):
-                        self.up.send_data(e.stream_id or 0, e.data)
-                    elif isinstance(e, Trailers):
-                        self.up.send_trailers(e.stream_id or 0, e.headers)
-                    elif isinstance(e, EndOfMessage):
-                        self.up.end_stream(e.stream_id or 0)
-                    elif isinstance(e, StreamReset):
-                        self.up.reset_stream(e.stream_id)
-            data = self.server.data_to_send()
-            if data:
+                self._apply(self.session.handle(DataReceived(Direction.CLIENT_TO_SERVER, data)))
+            if data := self.server.data_to_send():
                 moved = True
-                for e in self.up.feed(data):
-                    self.up_events.append(e)
-                    if isinstance(e, HttpResponse):
-                        self.down.send_response(e)
-                    elif isinstance(e, Data):
-                        self.down.send_data(e.stream_id or 0, e.data)
-                    elif isinstance(e, Trailers):
-                        self.down.send_trailers(e.stream_id or 0, e.headers)
-                    elif isinstance(e, EndOfMessage):
-                        self.down.end_stream(e.stream_id or 0)
-                    elif isinstance(e, StreamReset):
-                        self.down.refuse(e.stream_id, Reason.UPSTREAM_FAILED)
-            for sid, n in self.up.pop_delivered():
-                self.down.acknowledge(sid, n)
-            for sid, n in self.down.pop_delivered():
-                self.up.acknowledge(sid, n)
-            data = self.up.data_to_send()
-            if data:
+                self._apply(self.session.handle(DataReceived(Direction.SERVER_TO_CLIENT, data)))
+            if self._to_server:
                 moved = True
-                for ev in self.server.receive_data(data):
-                    self.server_events.append(ev)
-                    if isinstance(ev, h2.events.DataReceived):
-                        sid = ev.stream_id or 0
-                        self.server_body[sid] = self.server_body.get(sid, b"") + bytes(ev.data or b"")
-                        if self.server_acks:
-                            self.server.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
-            data = self.down.data_to_send()
-            if data:
+                data, self._to_server = self._to_server, b""
+                self._server_reads(data)
+            if self._to_client:
                 moved = True
-                for ev in self.client.receive_data(data):
-                    sid = getattr(ev, "stream_id", None)
-                    if not sid:
-                        continue
-                    s = self.client_streams.setdefault(sid, {"headers": None, "body": b"", "trailers": None,
-                                                             "ended": False, "reset": None})
-                    if isinstance(ev, h2.events.ResponseReceived):
-                        s["headers"] = dict(ev.headers or [])
-                    elif isinstance(ev, h2.events.DataReceived):
-                        s["body"] = bytes(s["body"]) + bytes(ev.data or b"")  # type: ignore[arg-type]
-                        if self.client_acks:
-                            self.client.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
-                    elif isinstance(ev, h2.events.TrailersReceived):
-                        s["trailers"] = dict(ev.headers or [])
-                    elif isinstance(ev, h2.events.StreamEnded):
-                        s["ended"] = True
-                    elif isinstance(ev, h2.events.StreamReset):
-                        s["reset"] = ev.error_code
+                data, self._to_client = self._to_client, b""
+                self._client_reads(data)
             if not moved:
                 return
+
+    def _server_reads(self, data: bytes) -> None:
+        for ev in self.server.receive_data(data):
+            self.server_events.append(ev)
+            if isinstance(ev, h2.events.DataReceived):
+                sid = ev.stream_id or 0
+                self.server_body[sid] = self.server_body.get(sid, b"") + bytes(ev.data or b"")
+                if self.server_acks:
+                    self.server.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+
+    def _client_reads(self, data: bytes) -> None:
+        for ev in self.client.receive_data(data):
+            sid = getattr(ev, "stream_id", None)
+            if not sid:
+                continue
+            s = self.client_streams.setdefault(sid, {"headers": None, "body": b"", "trailers": None,
+                                                     "ended": False, "reset": None})
+            if isinstance(ev, h2.events.ResponseReceived):
+                s["headers"] = dict(ev.headers or [])
+            elif isinstance(ev, h2.events.DataReceived):
+                s["body"] = bytes(s["body"]) + bytes(ev.data or b"")  # type: ignore[arg-type]
+                self.client.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
+            elif isinstance(ev, h2.events.TrailersReceived):
+                s["trailers"] = dict(ev.headers or [])
+            elif isinstance(ev, h2.events.StreamEnded):
+                s["ended"] = True
+            elif isinstance(ev, h2.events.StreamReset):
+                s["reset"] = ev.error_code
 
     def send_body(self, conn: h2.connection.H2Connection, sid: int, body: bytes, sent: int, end: bool) -> int:
         """Send as much of body[sent:] as the peer's windows allow; returns the new offset."""
@@ -410,16 +454,14 @@ class Bridge:
         return sent
 
 
-@pytest.mark.parametrize("windows", [{}, {"initial_window_size": 65_535, "connection_window_size": 65_535},
-                                     {"initial_window_size": 1_000, "connection_window_size": 70_000}])
-def test_large_bodies_flow_both_ways_end_to_end(windows: dict[str, int]) -> None:
-    """Bodies far larger than 65,535 bytes cross the proxy both ways, byte-exact, within every window (RFC 9113 §5.2)."""
-    bridge = Bridge(**windows)
-    upload = bytes(range(256)) * 2_000  # 512,000 bytes
+def test_large_bodies_flow_both_ways_end_to_end() -> None:
+    """Bodies far larger than every window cross the proxy's session both ways, byte-exact (RFC 9113 §5.2)."""
+    bridge = SessionBridge()
+    upload = bytes(range(256)) * 4_000  # 1,024,000 bytes: past the proxy's 256 KiB stream and 1 MiB connection windows
     download = bytes(reversed(range(256))) * 1_500  # 384,000 bytes
     bridge.client.send_headers(1, request_headers("/upload", method="POST"))
     sent = 0
-    for _ in range(500):
+    for _ in range(1_000):
         sent = bridge.send_body(bridge.client, 1, upload, sent, end=True)
         bridge.pump()
         if sent == len(upload):
@@ -438,27 +480,31 @@ def test_large_bodies_flow_both_ways_end_to_end(windows: dict[str, int]) -> None
             break
     bridge.pump()
     got = bridge.client_streams[1]
-    assert got["body"] == download and got["trailers"] == {"x-done": "1"} and got["ended"]
-    assert bridge.down.open_stream_ids == () and bridge.up.open_stream_ids == ()
+    assert got["body"] == download
+    assert got["trailers"] == {"x-done": "1"}
+    assert got["ended"]
+    assert bridge.h2.server.open_stream_ids == ()
+    assert bridge.h2.client.open_stream_ids == ()
+    assert bridge.h2.is_idle
 
 
 def test_slow_upstream_reader_applies_backpressure_to_the_client() -> None:
     """An upstream that stops reading stalls the client at the proxy's windows; nothing grows beyond them (RFC 9113 §5.2.2)."""
-    bridge = Bridge(initial_window_size=65_535, connection_window_size=65_535)
+    bridge = SessionBridge()
     bridge.server_acks = False
     bridge.client.send_headers(1, request_headers("/upload", method="POST"))
-    upload = b"u" * 1_000_000
+    upload = b"u" * 2_000_000
     sent = 0
     for _ in range(100):
         sent = bridge.send_body(bridge.client, 1, upload, sent, end=True)
         bridge.pump()
-    # upstream window (65,535) + the proxy's own window (65,535) is all that could move.
-    assert sent <= 2 * 65_535
-    assert bridge.up.buffered_bytes() <= 65_535
+    # The upstream's window (65,535, h2's default) + the proxy's own stream window is all that could move.
+    assert sent <= 65_535 + DEFAULT_INITIAL_WINDOW
+    assert bridge.h2.client.buffered_bytes() <= DEFAULT_INITIAL_WINDOW
     assert len(bridge.server_body[1]) <= 65_535
     bridge.server_acks = True
     bridge.server.acknowledge_received_data(len(bridge.server_body[1]), 1)
-    for _ in range(200):
+    for _ in range(400):
         sent = bridge.send_body(bridge.client, 1, upload, sent, end=True)
         bridge.pump()
         if sent == len(upload) and len(bridge.server_body[1]) == len(upload):
@@ -468,15 +514,15 @@ def test_slow_upstream_reader_applies_backpressure_to_the_client() -> None:
 
 def test_upstream_max_concurrent_streams_queues_opens_in_order() -> None:
     """With upstream MAX_CONCURRENT_STREAMS=1 the next stream opens only after the first closes (RFC 9113 §5.1.2)."""
-    bridge = Bridge(upstream_settings={"max_concurrent_streams": 1})
-    bridge.pump()  # exchange SETTINGS first
+    bridge = SessionBridge(upstream_settings={"max_concurrent_streams": 1})
     bridge.client.send_headers(1, request_headers("/one"), end_stream=True)
+    bridge.pump()  # the client's preface makes the session HTTP/2; SETTINGS are exchanged
     bridge.client.send_headers(3, request_headers("/two", method="POST"))
     bridge.client.send_data(3, b"queued-body", end_stream=True)
     bridge.pump()
     requests = _events(bridge.server_events, h2.events.RequestReceived)
     assert [dict(r.headers or [])[":path"] for r in requests] == ["/one"]
-    assert bridge.up.buffered_bytes(3) == len(b"queued-body")
+    assert bridge.h2.client.buffered_bytes(3) == len(b"queued-body")
     bridge.server.send_headers(1, [(":status", "204")], end_stream=True)
     bridge.pump()
     requests = _events(bridge.server_events, h2.events.RequestReceived)
@@ -486,20 +532,32 @@ def test_upstream_max_concurrent_streams_queues_opens_in_order() -> None:
 
 
 def test_upstream_reset_reaches_the_client_and_releases_windows() -> None:
-    """RST_STREAM from upstream becomes StreamReset; buffered bytes count as delivered so the client is not starved."""
-    bridge = Bridge(initial_window_size=65_535, connection_window_size=65_535)
+    """RST_STREAM from upstream resets the client's stream; buffered bytes count as delivered so the client is not starved."""
+    bridge = SessionBridge()
     bridge.server_acks = False
     bridge.client.send_headers(1, request_headers("/a", method="POST"))
     bridge.send_body(bridge.client, 1, b"q" * 200_000, 0, end=False)
     bridge.pump()
     bridge.server.reset_stream(1, ErrorCode.INTERNAL_ERROR)
     bridge.pump()
-    assert StreamReset(stream_id=1, error_code=ErrorCode.INTERNAL_ERROR) in bridge.up_events
-    assert bridge.client_streams[1]["headers"][":status"] == "503"  # type: ignore[index]
-    assert bridge.up.buffered_bytes() == 0
+    assert bridge.client_streams[1]["reset"] == ErrorCode.INTERNAL_ERROR
+    assert bridge.h2.client.buffered_bytes() == 0
     bridge.client.send_headers(3, request_headers("/b"), end_stream=True)
     bridge.pump()
+    assert [dict(r.headers or [])[":path"] for r in _events(bridge.server_events, h2.events.RequestReceived)] == ["/a", "/b"]
     assert bridge.client.outbound_flow_control_window >= 65_535 - 16_384  # connection window came back
+
+
+def test_denied_stream_is_refused_while_others_flow() -> None:
+    """A request the policy denies is answered 403 on its stream by the session; the allowed one reaches upstream."""
+    bridge = SessionBridge(http_rules=ALLOW_ECHO_AND_V1)
+    bridge.client.send_headers(1, request_headers("/admin"), end_stream=True)
+    bridge.client.send_headers(3, request_headers("/v1/pets"), end_stream=True)
+    bridge.pump()
+    assert bridge.client_streams[1]["headers"][":status"] == "403"  # type: ignore[index]
+    assert bridge.client_streams[1]["body"] == b"Access denied\r\n"
+    paths = [dict(r.headers or [])[":path"] for r in _events(bridge.server_events, h2.events.RequestReceived)]
+    assert paths == ["/v1/pets"]
 
 
 def test_upstream_goaway_refuses_unprocessed_streams() -> None:
@@ -691,7 +749,7 @@ def test_any_frame_sequence_yields_events_or_parse_error(specs: list[tuple[objec
         for event in side.feed(wire):
             # Drive the API as the proxy would, so refusals and acknowledgements run in every state.
             if isinstance(event, HttpRequest | GrpcCall) and isinstance(side, Http2ServerSide):
-                side.refuse(event.stream_id or 0, Reason.POLICY_DENIED)
+                side.refusal(event.stream_id or 0, Reason.POLICY_DENIED)
             elif isinstance(event, Data):
                 side.acknowledge(event.stream_id or 0, len(event.data))
         side.data_to_send()
@@ -725,7 +783,9 @@ def test_h2c_upgrade_turns_the_request_into_stream_1() -> None:
     side.send_response(HttpResponse(status=200, stream_id=1, has_body=True, http_version="2"))
     side.send_data(1, b"upgraded", end_stream=True)
     seen = _client_reads(side.data_to_send(), client)[1]
-    assert seen["headers"] == {":status": "200"} and seen["body"] == b"upgraded" and seen["ended"]
+    assert seen["headers"] == {":status": "200"}
+    assert seen["body"] == b"upgraded"
+    assert seen["ended"]
 
 
 def test_h2c_upgrade_with_bad_path_is_refused_on_stream_1() -> None:
@@ -773,20 +833,26 @@ def test_captured_real_client_connections_parse(capture: Path) -> None:
 
 
 class LoopbackBridge:
-    """A minimal threaded proxy on 127.0.0.1: Http2ServerSide <-> Http2ClientSide per connection.
+    """A minimal threaded proxy on 127.0.0.1 running the proxy's real session per connection.
 
-    Does what proxy/ will do, with blocking sockets: refuse requests `deny(event)` selects, forward
-    the rest with the same stream id, relay acknowledgements. Records both directions' bytes.
+    Blocking sockets carry out the session's actions (Forward upstream or to the client, Reply, Log);
+    `http_rules` is the policy's HTTP rule list. Records both directions' bytes.
     """
 
-    def __init__(self, upstream: tuple[str, int], deny: Callable[[HttpRequest | GrpcCall], bool]) -> None:
-        self.upstream, self.deny = upstream, deny
+    def __init__(self, upstream: tuple[str, int], http_rules: str = ALLOW_ECHO_AND_V1) -> None:
+        self.upstream, self.http_rules = upstream, http_rules
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.records: list[tuple[bytearray, bytearray]] = []
         self.errors: list[BaseException] = []
-        self.upstream_paths: list[str] = []
+        self.flows: list[Log] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def upstream_paths(self) -> list[str]:
+        """The paths of the requests the session forwarded upstream (from its flow records)."""
+        return [urlsplit(log.flow.l7["http"]["url"]).path for log in self.flows
+                if log.flow.l7_type == "REQUEST" and log.flow.verdict == "FORWARDED"]
 
     def close(self) -> None:
         self.listener.close()
@@ -803,60 +869,32 @@ class LoopbackBridge:
         c2s, s2c = bytearray(), bytearray()
         self.records.append((c2s, s2c))
         server = socket.create_connection(self.upstream)
-        down, up = Http2ServerSide(), Http2ClientSide()
-        denied: set[int] = set()
+        session = _proxy_session(self.http_rules)
         sel = selectors.DefaultSelector()
-        sel.register(client, selectors.EVENT_READ, "down")
-        sel.register(server, selectors.EVENT_READ, "up")
+        sel.register(client, selectors.EVENT_READ, Direction.CLIENT_TO_SERVER)
+        sel.register(server, selectors.EVENT_READ, Direction.SERVER_TO_CLIENT)
+
+        def apply(actions: list[Action]) -> bool:
+            for action in actions:
+                if isinstance(action, Forward) and action.direction is Direction.CLIENT_TO_SERVER:
+                    server.sendall(action.data)
+                elif isinstance(action, Forward | Reply):
+                    client.sendall(action.data)
+                elif isinstance(action, Log):
+                    self.flows.append(action)
+                else:
+                    return False
+            return True
+
         try:
-            client.sendall(down.data_to_send())
-            server.sendall(up.data_to_send())
-            while True:
+            running = apply(session.start())
+            while running:
                 for key, _ in sel.select(timeout=10):
                     data = key.fileobj.recv(65_536)  # type: ignore[union-attr]
                     if not data:
                         return
-                    if key.data == "down":
-                        c2s.extend(data)
-                        for e in down.feed(data):
-                            sid = getattr(e, "stream_id", None) or 0
-                            if isinstance(e, HttpRequest | GrpcCall):
-                                if self.deny(e):
-                                    denied.add(sid)
-                                    down.refuse(sid, Reason.POLICY_DENIED)
-                                else:
-                                    self.upstream_paths.append(e.target if isinstance(e, HttpRequest) else e.path)
-                                    up.send_request(e)
-                            elif sid in denied:
-                                continue
-                            elif isinstance(e, Data):
-                                up.send_data(sid, e.data)
-                            elif isinstance(e, Trailers):
-                                up.send_trailers(sid, e.headers)
-                            elif isinstance(e, EndOfMessage):
-                                up.end_stream(sid)
-                            elif isinstance(e, StreamReset):
-                                up.reset_stream(sid)
-                    else:
-                        s2c.extend(data)
-                        for e in up.feed(data):
-                            sid = getattr(e, "stream_id", None) or 0
-                            if isinstance(e, HttpResponse):
-                                down.send_response(e)
-                            elif isinstance(e, Data):
-                                down.send_data(sid, e.data)
-                            elif isinstance(e, Trailers):
-                                down.send_trailers(sid, e.headers)
-                            elif isinstance(e, EndOfMessage):
-                                down.end_stream(sid)
-                            elif isinstance(e, StreamReset):
-                                down.refuse(sid, Reason.UPSTREAM_FAILED)
-                    for sid, n in up.pop_delivered():
-                        down.acknowledge(sid, n)
-                    for sid, n in down.pop_delivered():
-                        up.acknowledge(sid, n)
-                    server.sendall(up.data_to_send())
-                    client.sendall(down.data_to_send())
+                    (c2s if key.data is Direction.CLIENT_TO_SERVER else s2c).extend(data)
+                    running = apply(session.handle(DataReceived(key.data, data))) and running
         except BaseException as e:  # surfaced by the test through self.errors
             self.errors.append(e)
         finally:
@@ -888,7 +926,7 @@ def _grpc_echo_server() -> tuple[grpc.Server, int]:
 def test_real_grpcio_client_and_server_through_the_bridge() -> None:
     """grpcio unary (200 kB, past every window) and streaming calls pass byte-exact; a denied call is PERMISSION_DENIED."""
     server, port = _grpc_echo_server()
-    bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, GrpcCall) and e.method == "Drop")
+    bridge = LoopbackBridge(("127.0.0.1", port))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{bridge.port}") as channel:
             big = bytes(range(256)) * 800
@@ -903,6 +941,7 @@ def test_real_grpcio_client_and_server_through_the_bridge() -> None:
             # The connection lives on after the refusal.
             assert channel.unary_unary("/membrane.test.Echo/Say")(b"again", timeout=10) == b"niaga"
         assert "/membrane.test.Echo/Drop" not in bridge.upstream_paths
+        assert "/membrane.test.Echo/Say" in bridge.upstream_paths
         assert not bridge.errors, bridge.errors
     finally:
         bridge.close()
@@ -910,18 +949,18 @@ def test_real_grpcio_client_and_server_through_the_bridge() -> None:
 
 
 def test_real_httpx_client_through_the_bridge() -> None:
-    """httpx (prior-knowledge h2c) gets 403 `Access denied` for a denied path and normal answers otherwise."""
-    server, port = _grpc_echo_server()  # any HTTP/2 server: grpcio answers plain requests itself
-    bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, HttpRequest) and e.path == "/admin")
+    """httpx (prior-knowledge h2c) gets 403 `Access denied` for a denied path; an allowed one reaches the upstream."""
+    server, port = _grpc_echo_server()  # any HTTP/2 server: grpcio resets non-gRPC requests (INTERNAL_ERROR)
+    bridge = LoopbackBridge(("127.0.0.1", port))
     try:
         with httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{bridge.port}", timeout=10) as c:
             denied = c.get("/admin")
             assert (denied.status_code, denied.text, denied.http_version) == (403, "Access denied\r\n", "HTTP/2")
-            other = c.post("/membrane.test.Echo/Say", content=b"z" * 100_000,
-                           headers={"content-type": "text/plain"})
-            assert other.status_code != 403  # reached grpcio, which answers a non-gRPC POST itself
+            with pytest.raises(httpx.RemoteProtocolError, match="StreamReset"):
+                # Allowed: it reaches grpcio, which resets a non-gRPC POST; the session relays that reset as is.
+                c.post("/membrane.test.Echo/Say", content=b"z" * 100_000, headers={"content-type": "text/plain"})
             assert c.get("/a/../admin").status_code == 403  # judged after normalisation
-        assert "/admin" not in bridge.upstream_paths
+        assert bridge.upstream_paths == ["/membrane.test.Echo/Say"]
         assert not bridge.errors, bridge.errors
     finally:
         bridge.close()
@@ -958,16 +997,17 @@ def capture_real_clients(directory: Path) -> None:
 
     try:
         for name, case in (("grpcio_unary", unary), ("grpcio_streaming", streaming), ("grpcio_denied", denied)):
-            bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, GrpcCall) and e.method == "Drop")
+            bridge = LoopbackBridge(("127.0.0.1", port))
             with grpc.insecure_channel(f"127.0.0.1:{bridge.port}") as channel:
                 case(channel)
             save(name, bridge)
-        bridge = LoopbackBridge(("127.0.0.1", port), deny=lambda e: isinstance(e, HttpRequest) and e.path == "/admin")
+        bridge = LoopbackBridge(("127.0.0.1", port))
         with httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{bridge.port}", timeout=10) as c:
             assert c.get("/admin").status_code == 403
-            c.get("/v1/pets?limit=10", headers={"x-trace": "abc"})
-            c.post("/v1/upload", content=b"u" * 9_000)
-            c.delete("/v1/pets/7")
+            for send in (lambda: c.get("/v1/pets?limit=10", headers={"x-trace": "abc"}),
+                         lambda: c.post("/v1/upload", content=b"u" * 9_000), lambda: c.delete("/v1/pets/7")):
+                with contextlib.suppress(httpx.RemoteProtocolError):  # grpcio resets non-gRPC requests
+                    send()
         save("httpx_requests", bridge)
     finally:
         server.stop(0)
@@ -983,7 +1023,8 @@ def test_rapid_reset_closes_the_connection() -> None:
             client.send_headers(2 * i + 1, request_headers("/x"), end_stream=True)
             client.reset_stream(2 * i + 1)
             side.feed(client.data_to_send())
-    assert side.streams_opened == 500 and side.premature_resets == 500
+    assert side.streams_opened == 500
+    assert side.premature_resets == 500
     assert any(isinstance(e, h2.events.ConnectionTerminated) and e.error_code == ErrorCode.ENHANCE_YOUR_CALM
                for e in client.receive_data(side.data_to_send()))
 
@@ -999,7 +1040,8 @@ def test_many_answered_streams_are_not_rapid_reset() -> None:
         side.feed(client.data_to_send())
         side.send_response(HttpResponse(status=204, stream_id=sid, http_version="2"))
         client.receive_data(side.data_to_send())
-    assert side.streams_opened == 600 and side.premature_resets == 0
+    assert side.streams_opened == 600
+    assert side.premature_resets == 0
 
 
 def _serve_h2_directly(listener: socket.socket, errors: list[BaseException]) -> None:
@@ -1027,7 +1069,7 @@ def _serve_h2_directly(listener: socket.socket, errors: list[BaseException]) -> 
             for e in events:
                 if isinstance(e, HttpRequest):
                     if e.path == "/admin":
-                        side.refuse(e.stream_id or 0, Reason.POLICY_DENIED)
+                        side.refusal(e.stream_id or 0, Reason.POLICY_DENIED)
                     else:
                         body = f"answered {e.path} on stream {e.stream_id}\n".encode()
                         side.send_response(HttpResponse(status=200, stream_id=e.stream_id, has_body=True,

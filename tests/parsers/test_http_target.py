@@ -105,5 +105,6 @@ def test_normalisation_is_idempotent_and_leaves_no_dot_segments(target: str) -> 
         return
     assert normalize_target(once) == once
     path, _ = split_target(once)
-    assert path.startswith("/") and "//" not in path
+    assert path.startswith("/")
+    assert "//" not in path
     assert not {".", ".."} & set(path.split("/"))

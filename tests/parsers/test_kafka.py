@@ -33,11 +33,8 @@ from membrane.parsers._kafka_schema import (
 from membrane.parsers.errors import MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import Direction, KafkaRequest, Reason
 from membrane.parsers.kafka import (
-    API_KEY_NAMES,
-    API_KEYS_BY_NAME,
     KafkaRequestParser,
     KafkaResponseParser,
-    build_refusal,
     kafka_error_code,
     message_classes,
     metadata_brokers,
@@ -45,6 +42,9 @@ from membrane.parsers.kafka import (
     parse_request,
     resolve_topic_ids,
 )
+from membrane.parsers.kafka import refusal as kafka_refusal
+from membrane.parsers.names import KAFKA_API_KEY_NAMES
+from membrane.policies import kafka_keys
 
 from tests.helpers.feed import all_chunkings, feed_all
 
@@ -86,9 +86,11 @@ def test_captured_request_parses_at_its_version(name: str) -> None:
         req = events[0]
         assert (req.api_key, req.api_version) == (want["api_key"], want["api_version"])
         assert list(req.topics) == want["topics"]
-        assert req.topics_known and req.topic_ids == ()
+        assert req.topics_known
+        assert req.topic_ids == ()
         assert req.expects_response == want["expects_response"]
-        assert req.raw == frame and req.size == len(frame) - 4
+        assert req.raw == frame
+        assert req.size == len(frame) - 4
         assert events[1].correlation_id == 99
 
 
@@ -104,7 +106,7 @@ def test_captures_cover_all_three_clients_and_the_main_kinds() -> None:
 def test_captured_request_gets_a_decodable_refusal(name: str) -> None:
     """A refusal of a captured request decodes as the same kind and version, with its correlation id (KIP-482 for flexible)."""
     req = parse_request((CAPTURES / name).read_bytes())
-    refusal = build_refusal(req)
+    refusal = kafka_refusal(req, Reason.POLICY_DENIED)
     assert refusal
     decoded = RESPONSES[req.api_key].decode(refusal, version=req.api_version, header=True, framed=True)
     assert decoded.header.correlation_id == req.correlation_id
@@ -269,7 +271,7 @@ def test_refusal_for_every_kind_and_version(case: tuple[bytes, int, int, list[st
     """A refusal decodes as the same api key and version with the same correlation id, error 29 on named topics."""
     frame, api_key, version, topics, _ = case
     req = parse_request(frame)
-    refusal = build_refusal(req)
+    refusal = kafka_refusal(req, Reason.POLICY_DENIED)
     if not req.expects_response:
         assert refusal == b""
         return
@@ -296,7 +298,8 @@ def test_round_trip_survives_any_chunking(case: tuple[bytes, int, int, list[str]
     parser = KafkaRequestParser()
     cut = min(cut, len(frame) * 2)
     pieced = parser.feed((frame + frame)[:cut]) + parser.feed((frame + frame)[cut:])
-    assert whole == pieced and len(whole) == 2
+    assert whole == pieced
+    assert len(whole) == 2
 
 
 def _collect(struct_field: Any, version: int, obj: Any) -> tuple[set[str], list[int]]:
@@ -352,7 +355,9 @@ def test_fetch_by_topic_id_is_undecidable() -> None:
             session_epoch=-1, topics=[F.FetchTopic(version=13, topic_id=tid, partitions=[part])],
             forgotten_topics_data=[], rack_id="")
     req = parse_request(_encode(msg))
-    assert req.topics == () and req.topic_ids == (tid.hex,) and not req.topics_known
+    assert req.topics == ()
+    assert req.topic_ids == (tid.hex,)
+    assert not req.topics_known
 
 
 def test_metadata_for_all_topics_names_none() -> None:
@@ -360,7 +365,8 @@ def test_metadata_for_all_topics_names_none() -> None:
     M = REQUESTS[3]
     req = parse_request(_encode(M(version=12, topics=None, allow_auto_topic_creation=True,
                                   include_topic_authorized_operations=False)))
-    assert req.topics == () and req.topics_known
+    assert req.topics == ()
+    assert req.topics_known
 
 
 def test_metadata_by_name_with_zero_topic_id_is_known() -> None:
@@ -369,7 +375,9 @@ def test_metadata_by_name_with_zero_topic_id_is_known() -> None:
     msg = M(version=12, topics=[M.MetadataRequestTopic(version=12, topic_id=None, name="orders")],
             allow_auto_topic_creation=False, include_topic_authorized_operations=False)
     req = parse_request(_encode(msg))
-    assert req.topics == ("orders",) and req.topic_ids == () and req.topics_known
+    assert req.topics == ("orders",)
+    assert req.topic_ids == ()
+    assert req.topics_known
 
 
 def test_describe_configs_reports_topic_resources_only() -> None:
@@ -388,7 +396,8 @@ def test_produce_acks_zero_expects_no_response() -> None:
     msg = P(version=9, transactional_id=None, acks=0, timeout_ms=1,
             topic_data=[P.TopicProduceData(version=9, name="orders", partition_data=[part])])
     req = parse_request(_encode(msg))
-    assert not req.expects_response and build_refusal(req) == b""
+    assert not req.expects_response
+    assert kafka_refusal(req, Reason.POLICY_DENIED) == b""
     responses = KafkaResponseParser()
     responses.expect(req)
     assert responses.pending == 0
@@ -402,7 +411,8 @@ def test_frame_over_the_limit_is_refused_from_its_prefix() -> None:
     parser = KafkaRequestParser(max_frame_bytes=1000)
     with pytest.raises(MessageTooLarge) as e:
         parser.feed(struct.pack(">i", 1001))
-    assert e.value.reason is Reason.TOO_LARGE and e.value.direction is Direction.CLIENT_TO_SERVER
+    assert e.value.reason is Reason.TOO_LARGE
+    assert e.value.direction is Direction.CLIENT_TO_SERVER
     assert parser.buffered_bytes <= 4
 
 
@@ -451,19 +461,23 @@ def test_unknown_api_key_is_framed_and_reported() -> None:
         assert events[0] == KafkaRequest(api_key=9999, api_version=3, correlation_id=42, client_id="cid",
                                          topics_known=False, size=len(frame) - 4)
         assert events[1].correlation_id == 43
-    assert build_refusal(events[0]) is None
+    assert kafka_refusal(events[0], Reason.POLICY_DENIED) is None
 
 
 def test_unknown_version_of_topic_free_kind_stays_decidable() -> None:
     """ApiVersions at a version newer than known is reported; it never names topics so topics_known stays True."""
     req = parse_request(_frame(18, 99, 1, b"\x00\x00\x00", client_id=None, flexible=True))
-    assert req.api_version == 99 and req.client_id is None and req.topics_known
+    assert req.api_version == 99
+    assert req.client_id is None
+    assert req.topics_known
 
 
 def test_removed_version_of_topic_kind_is_undecidable() -> None:
     """Produce v2 (removed in Kafka 4) is framed but its topics are not read: topics_known is False."""
     req = parse_request(_frame(0, 2, 1, b"\x00\x01\x00\x00\x00\x10\x00\x00\x00\x00"))
-    assert req.topics == () and not req.topics_known and req.expects_response
+    assert req.topics == ()
+    assert not req.topics_known
+    assert req.expects_response
     fire = parse_request(_frame(0, 2, 1, b"\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00"))
     assert not fire.expects_response  # acks=0 is readable even there: nothing will answer it
 
@@ -546,9 +560,13 @@ def test_metadata_response_teaches_topic_ids() -> None:
     fetch = KafkaRequest(api_key=1, api_version=13, correlation_id=1, client_id=None,
                          topic_ids=(tid.hex, "ff" * 16), topics_known=False)
     partly = resolve_topic_ids(fetch, names)
-    assert partly.topics == ("orders",) and partly.topic_ids == ("ff" * 16,) and not partly.topics_known
+    assert partly.topics == ("orders",)
+    assert partly.topic_ids == ("ff" * 16,)
+    assert not partly.topics_known
     fully = resolve_topic_ids(fetch, {**names, "ff" * 16: "audit"})
-    assert fully.topics == ("orders", "audit") and fully.topic_ids == () and fully.topics_known
+    assert fully.topics == ("orders", "audit")
+    assert fully.topic_ids == ()
+    assert fully.topics_known
 
 
 # --- tables --------------------------------------------------------------------------------------------
@@ -561,18 +579,55 @@ def test_every_reason_has_a_kafka_error(reason: Reason) -> None:
     assert kafka_error_code(Reason.POLICY_DENIED) == 29
 
 
-def test_api_key_names_follow_cilium() -> None:
-    """Names are Cilium's apiKey spellings: produce=0, fetch=1, offsets=2, metadata=3, offsetcommit=8, ..."""
-    assert API_KEY_NAMES[0] == "produce" and API_KEY_NAMES[2] == "offsets" and API_KEY_NAMES[33] == "alterconfigs"
-    assert all(API_KEY_NAMES[v] == k for k, v in API_KEYS_BY_NAME.items())
-    assert all(k in API_KEY_NAMES for k in api_schemas())
+# Kafka protocol api keys that kafka-python ships no schema for (kafka.apache.org/protocol#protocol_api_keys).
+_SPEC_KEYS_WITHOUT_SCHEMA = {
+    "LeaderAndIsr": 4, "StopReplica": 5, "UpdateMetadata": 6, "ControlledShutdown": 7,
+    "CreateDelegationToken": 38, "RenewDelegationToken": 39, "ExpireDelegationToken": 40,
+    "DescribeDelegationToken": 41, "ConsumerGroupHeartbeat": 68, "ConsumerGroupDescribe": 69,
+    "GetTelemetrySubscriptions": 71, "PushTelemetry": 72, "ShareGroupHeartbeat": 76, "ShareGroupDescribe": 77,
+    "ShareFetch": 78, "ShareAcknowledge": 79, "StreamsGroupHeartbeat": 88, "StreamsGroupDescribe": 89,
+    "DescribeShareGroupOffsets": 90, "AlterShareGroupOffsets": 91, "DeleteShareGroupOffsets": 92,
+}
+# Cilium 1.19 pkg/policy/api/kafka.go KafkaAPIKeyMap, copied as literals.
+_CILIUM_KAFKA_API_KEY_MAP = {
+    "produce": 0, "fetch": 1, "offsets": 2, "metadata": 3, "leaderandisr": 4, "stopreplica": 5,
+    "updatemetadata": 6, "controlledshutdown": 7, "offsetcommit": 8, "offsetfetch": 9, "findcoordinator": 10,
+    "joingroup": 11, "heartbeat": 12, "leavegroup": 13, "syncgroup": 14, "describegroups": 15,
+    "listgroups": 16, "saslhandshake": 17, "apiversions": 18, "createtopics": 19, "deletetopics": 20,
+    "deleterecords": 21, "initproducerid": 22, "offsetforleaderepoch": 23, "addpartitionstotxn": 24,
+    "addoffsetstotxn": 25, "endtxn": 26, "writetxnmarkers": 27, "txnoffsetcommit": 28, "describeacls": 29,
+    "createacls": 30, "deleteacls": 31, "describeconfigs": 32, "alterconfigs": 33,
+}
+
+
+@pytest.mark.parametrize("api_key", sorted(api_schemas()))
+def test_api_key_name_matches_the_protocol_schema(api_key: int) -> None:
+    """Each api key kafka-python has a schema for is named as that schema (lower case), except Cilium's "offsets"."""
+    expected = "offsets" if api_key == 2 else api_schemas()[api_key].name.lower()
+    assert KAFKA_API_KEY_NAMES[api_key] == expected
+
+
+@pytest.mark.parametrize(("name", "api_key"), sorted(_SPEC_KEYS_WITHOUT_SCHEMA.items()))
+def test_api_key_name_matches_the_protocol_spec(name: str, api_key: int) -> None:
+    """Api keys without a kafka-python schema carry the Kafka protocol's number for that request name."""
+    assert KAFKA_API_KEY_NAMES[api_key] == name.lower()
+
+
+def test_name_table_has_no_key_beyond_schema_and_spec() -> None:
+    """Every key in the table is vouched for by kafka-python's schemas or the spec literals above."""
+    assert set(KAFKA_API_KEY_NAMES) == set(api_schemas()) | set(_SPEC_KEYS_WITHOUT_SCHEMA.values())
+
+
+def test_policy_api_key_names_are_cilium_key_map() -> None:
+    """The names a policy's `apiKey` accepts are exactly Cilium's KafkaAPIKeyMap, derived from the same table."""
+    assert kafka_keys.API_KEYS == _CILIUM_KAFKA_API_KEY_MAP
 
 
 def test_refusal_of_group_kind_uses_group_error() -> None:
     """A kind without topics (Heartbeat) is refused with 30 GROUP_AUTHORIZATION_FAILED."""
     H = REQUESTS[12]
     req = parse_request(_encode(H(version=4, group_id="g", generation_id=1, member_id="m", group_instance_id=None)))
-    decoded = RESPONSES[12].decode(build_refusal(req), version=4, header=True, framed=True)
+    decoded = RESPONSES[12].decode(kafka_refusal(req, Reason.POLICY_DENIED), version=4, header=True, framed=True)
     assert decoded.error_code == 30
 
 
@@ -580,7 +635,7 @@ def test_refusal_for_non_policy_reason_carries_its_code() -> None:
     """A refusal for UPSTREAM_TIMEOUT carries REQUEST_TIMED_OUT on every partition."""
     frame = (CAPTURES / "kcat-new-produce-v7-topic.bin").read_bytes()
     req = parse_request(frame)
-    decoded = RESPONSES[0].decode(build_refusal(req, Reason.UPSTREAM_TIMEOUT), version=7, header=True, framed=True)
+    decoded = RESPONSES[0].decode(kafka_refusal(req, Reason.UPSTREAM_TIMEOUT), version=7, header=True, framed=True)
     assert {p.error_code for t in decoded.responses for p in t.partition_responses} == {7}
 
 
@@ -595,7 +650,7 @@ def test_metadata_refusal_lists_the_brokers_it_is_given() -> None:
     """A Metadata refusal carries the brokers learned from an earlier response: clients drop one without brokers."""
     frame = (CAPTURES / "kafka-python-new-metadata-v13-topic.bin").read_bytes()
     req = parse_request(frame)
-    refusal = build_refusal(req, brokers=[(0, "10.244.0.7", 9092, None)])
+    refusal = kafka_refusal(req, Reason.POLICY_DENIED, brokers=[(0, "10.244.0.7", 9092, None)])
     assert refusal
     decoded = RESPONSES[3].decode(refusal, version=13, header=True, framed=True)
     assert [(b.node_id, b.host, b.port) for b in decoded.brokers] == [(0, "10.244.0.7", 9092)]

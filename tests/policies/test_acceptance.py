@@ -3,7 +3,8 @@
 Each case runs the installed CLI as a subprocess on the scenario files in `tests/policies/acceptance/`
 and asserts the verdict Cilium's documentation gives for it. Doc sections are named per case:
 language.rst = Documentation/security/policy/language.rst, deny.rst = .../policy/deny.rst,
-kafka = Documentation/security/kafka.rst ("Securing a Kafka Cluster"), matchpattern = pkg/fqdn/matchpattern.
+kafka = Documentation/security/kafka.rst ("Securing a Kafka Cluster"), matchpattern = pkg/fqdn/matchpattern,
+k8s-np = kubernetes.io "Network Policies" as Cilium translates it (pkg/k8s/network_policy.go).
 
 | scenario dir | what it covers                                                                 |
 |--------------|--------------------------------------------------------------------------------|
@@ -11,7 +12,8 @@ kafka = Documentation/security/kafka.rst ("Securing a Kafka Cluster"), matchpatt
 | scoping/     | CCNP vs CNP scoping, namespace label, namespace labels, NotIn, enableDefaultDeny |
 | l7/          | headerMatches, L7 wildcarding, `http: [{}]`, `**.` patterns, port 0, gRPC      |
 | edges/       | `ingress: [{}]`, `fromEndpoints: []` vs `[{}]`, CCNP `{}`, 0.0.0.0/0           |
-| visibility/  | enableDefaultDeny egress false + DNS rules, matchName case, toFQDNs "*"       |
+| visibility/  | enableDefaultDeny false + DNS rules (visibility only), matchName case, toFQDNs |
+| netpol/      | Kubernetes NetworkPolicy: podSelector, namespaceSelector, ipBlock, endPort    |
 | mixed/       | deny vs L7 allow, both sides, egress L7 to world, service accounts, apiVersion |
 | invalid/     | every validation error of issue 2, one line per object, exit 1                 |
 """
@@ -266,9 +268,13 @@ CASES = [
     c("language.rst enableDefaultDeny egress false: a query the DNS rules allow", "visibility",
       "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name www.cilium.io", "ALLOWED",
       egress="ALLOWED", l7="dns"),
-    c("language.rst enableDefaultDeny egress false: redirected queries are still judged by the DNS rules", "visibility",
-      "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name example.com", "L7_DENIED",
-      response={"dns_rcode": "REFUSED"}),
+    c("pkg/policy/l4.go ensureWildcard (PR #38841): with default deny off and no rule enforcing egress, the DNS rules "
+      "are visibility only: a query they do not match is allowed (and recorded), not refused", "visibility",
+      "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name example.com", "ALLOWED",
+      egress="ALLOWED", l7="dns", matched="default/dns-visibility: egress[0].toPorts[0] (visibility: enableDefaultDeny.egress is false)"),
+    c("l4.go ensureWildcard: ... but when another rule selecting the endpoint enforces egress, the same DNS rules judge",
+      "visibility", "--src default/crawler --dst kube-system/coredns --dport 53/UDP --dns-name example.com", "L7_DENIED",
+      egress="L7_DENIED", response={"dns_rcode": "REFUSED"}),
     c("language.rst enableDefaultDeny egress false: other egress is not default-denied", "visibility",
       "--src default/frontend --dst-ip 1.1.1.1 --dport 443/TCP", "ALLOWED"),
     c("matchpattern: matchName is case- and trailing-dot-insensitive", "visibility",
@@ -296,6 +302,42 @@ CASES = [
       "--src default/myservice --dst-ip 7.7.7.7 --dport 80/TCP", "ALLOWED"),
     c("language.rst IP/CIDR: toCIDR 0.0.0.0/0 does not cover IPv6", "edges",
       "--src default/myservice --dst-ip 2001:db8::1 --dport 80/TCP", "DROPPED"),
+    # --- netpol/ (Kubernetes NetworkPolicy) -----------------------------------------------------------
+    c("k8s-np: podSelector peer in the policy's namespace, port without protocol = TCP", "netpol",
+      "--src shop/web --dst shop/db --dport 5432/TCP", "ALLOWED", ingress="ALLOWED", egress="ALLOWED",
+      matched="shop/db: ingress[0].ports[0]"),
+    c("k8s-np: protocol absent means TCP only", "netpol", "--src shop/web --dst shop/db --dport 5432/UDP", "DROPPED"),
+    c("k8s-np: a pod the peer does not select is dropped (default deny of the selected pod)", "netpol",
+      "--src shop/batch --dst shop/db --dport 5432/TCP", "DROPPED", ingress="DROPPED"),
+    c("k8s-np: a podSelector peer never selects another namespace", "netpol",
+      "--src prod/client --dst shop/db --dport 5432/TCP", "DROPPED", ingress="DROPPED"),
+    c("k8s-np: namespaceSelector AND podSelector in one peer", "netpol",
+      "--src monitoring/prometheus --dst shop/db --dport 9187/TCP", "ALLOWED", matched="shop/db: ingress[1].ports[0]"),
+    c("k8s-np: ... another pod of that namespace is not selected", "netpol",
+      "--src monitoring/grafana --dst shop/db --dport 9187/TCP", "DROPPED"),
+    c("k8s-np: ... and the peer's ports only", "netpol",
+      "--src monitoring/prometheus --dst shop/db --dport 5432/TCP", "DROPPED"),
+    c("k8s-np: ipBlock with endPort (inclusive range)", "netpol",
+      "--src-ip 172.17.0.5 --dst shop/db --dport 30010/TCP", "ALLOWED", matched="shop/db: ingress[2].ports[0]"),
+    c("k8s-np: ipBlock: a port past endPort", "netpol", "--src-ip 172.17.0.5 --dst shop/db --dport 30011/TCP", "DROPPED"),
+    c("k8s-np: ipBlock except", "netpol", "--src-ip 172.17.1.5 --dst shop/db --dport 30005/TCP", "DROPPED"),
+    c("k8s-np: podSelector {} + policyTypes [Ingress] denies all ingress of the namespace", "netpol",
+      "--src shop/db --dst shop/web --dport 80/TCP", "DROPPED", ingress="DROPPED"),
+    c("k8s-np: `ingress: [{}]` (no from) allows every source, world included", "netpol",
+      "--src-ip 1.2.3.4 --dst shop/batch --dport 9999/UDP", "ALLOWED", ingress="ALLOWED", matched="shop/batch-allow-all: ingress[0]"),
+    c("k8s-np: egress rule without `to` allows every destination on its ports", "netpol",
+      "--src shop/web --dst-ip 8.8.8.8 --dport 53/UDP", "ALLOWED", egress="ALLOWED"),
+    c("k8s-np: policyTypes [Egress] with rules: other egress is denied", "netpol",
+      "--src shop/web --dst-ip 8.8.8.8 --dport 443/TCP", "DROPPED", egress="DROPPED"),
+    c("k8s-np: a pod no egress policy selects is not egress-enforced", "netpol",
+      "--src shop/db --dst-ip 8.8.8.8 --dport 443/TCP", "ALLOWED", egress="ALLOWED"),
+    c("k8s-np: an empty namespaceSelector selects pods of every namespace", "netpol",
+      "--src shop/batch --dst monitoring/grafana --dport 3000/TCP", "ALLOWED"),
+    c("k8s-np: ... but not world", "netpol", "--src-ip 1.2.3.4 --dst monitoring/grafana --dport 3000/TCP", "DROPPED"),
+    c("k8s-np: traced by labels without an endpoint (cilium policy trace -s)", "netpol",
+      "--src-labels k8s:app=web,k8s:io.kubernetes.pod.namespace=shop --dst shop/db --dport 5432/TCP", "ALLOWED"),
+    c("k8s-np: ... labels of another namespace", "netpol",
+      "--src-labels k8s:app=web -s k8s:io.kubernetes.pod.namespace=dev --dst shop/db --dport 5432/TCP", "DROPPED"),
 ]
 
 
@@ -310,13 +352,20 @@ def traced() -> dict[int, subprocess.CompletedProcess[str]]:
         return dict(zip(map(id, CASES), pool.map(lambda k: run(*trace_args(k)), CASES), strict=True))
 
 
+def test_visibility_only_reason() -> None:
+    """The trace says why a request no rule matches was allowed: the L7 rules are visibility only."""
+    proc = run(*trace_args(c("", "visibility", "--src default/frontend --dst kube-system/coredns --dport 53/UDP --dns-name example.com", "ALLOWED")))
+    out = json.loads(proc.stdout)
+    assert out["egress"]["reason"] == "no dns rule matches; allowed: visibility only (enableDefaultDeny is false)"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{i:02d}-{c.scenario}" for i, c in enumerate(CASES)])
 def test_trace_matches_cilium(case: Case, traced: dict[int, subprocess.CompletedProcess[str]]) -> None:
     """The CLI's verdict for each scenario is the one Cilium's documentation gives (doc named in the case)."""
     proc = traced[id(case)]
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"verdict", "egress", "ingress", "response", "header_actions"}
+    assert {"verdict", "egress", "ingress", "response", "header_actions", "reason", "identities"} <= set(out)
     assert out["verdict"] == case.verdict, (case.doc, out)
     if case.egress is not None:
         assert out["egress"]["verdict"] == case.egress, (case.doc, out)
@@ -352,6 +401,11 @@ INVALID = {
     "dnsingress": "spec.ingress[0].toPorts[0].rules.dns: DNS rules are not allowed on ingress",
     "roleapikey": "spec.ingress[0].toPorts[0].rules.kafka[0]: cannot set both role",
     "wrongtype": "spec.endpointSelector.matchLabels: expected a mapping",
+    "nosections": "spec: rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny",
+    "hostpolicy": "spec.nodeSelector: nodeSelector (a host policy) is not supported",
+    "icmp": "spec.ingress[0].icmps[0].fields[0].type: ICMP type 'PacketTooBig' not found in IPv4",
+    "npmixed": "spec.ingress[0].from[0]: ipBlock cannot be combined with podSelector",
+    "npnamedport": "spec.egress[0].ports[0].port: named port 'http' is not supported",
 }
 
 
@@ -372,7 +426,8 @@ def test_validate_reports_every_cilium_error() -> None:
 
 def test_acceptance_scenarios_validate() -> None:
     """Every scenario directory is valid Cilium policy (validate exits 0, one line per object)."""
-    for d in ("policies", "scoping", "l7", "edges", "mixed", "visibility"):
+    for d in ("policies", "scoping", "l7", "edges", "mixed", "visibility", "netpol"):
         proc = run("policy", "validate", d)
         assert proc.returncode == 0, proc.stdout
-        assert all(": ok (Cilium" in ln for ln in proc.stdout.splitlines())
+        kind = ": ok (NetworkPolicy" if d == "netpol" else ": ok (Cilium"
+        assert all(kind in ln for ln in proc.stdout.splitlines()), proc.stdout

@@ -13,6 +13,7 @@ entities, CIDR, toFQDNs, identities and the BPF-facing enumeration.
 | CIDR with except                                 | test_cidr_except                            |
 | toFQDNs selects learned IPs                      | test_to_fqdns                               |
 | enableDefaultDeny false                          | test_enable_default_deny_false              |
+| enableDefaultDeny false + L7 = visibility only   | test_default_deny_off_makes_l7_visibility_only |
 | identities: reserved numbers, stable allocation  | test_identities                             |
 """
 
@@ -28,7 +29,7 @@ from membrane.policies import (
     compile_policy,
     parse_endpoints,
 )
-from membrane.policies.identity import LOCAL_IDENTITY_BASE, MIN_ENDPOINT_IDENTITY
+from membrane.policies.identity import LOCAL_IDENTITY_BASE, MAX_ENDPOINT_IDENTITY, MIN_ENDPOINT_IDENTITY
 
 from tests.policies.util import ENDPOINTS, ccnp, cnp, compile_docs, dns, http, policies, verdict
 
@@ -326,9 +327,48 @@ def test_enable_default_deny_false() -> None:
     assert not pmap.direction(FRONTEND, PolicyDirection.INGRESS).enforced
     assert verdict(pmap, DEBUG, FRONTEND, 80) == "ALLOWED"
     assert verdict(pmap, BACKEND, FRONTEND, 81) == "ALLOWED"
-    assert verdict(pmap, BACKEND, FRONTEND, 80, request=http("POST", "/")) == "L7_DENIED"
     both = compile_docs(HTTP_RULE, cnp("o", "endpointSelector: {matchLabels: {app: frontend}}\nenableDefaultDeny: {ingress: false}\ningress: [{fromEndpoints: [{matchLabels: {app: debug}}]}]"))
     assert both.direction(FRONTEND, PolicyDirection.INGRESS).enforced  # another rule still enforces
+
+
+VISIBILITY = cnp(
+    "vis",
+    """
+    endpointSelector: {matchLabels: {app: frontend}}
+    enableDefaultDeny: {ingress: false}
+    ingress:
+      - fromEndpoints: [{matchLabels: {app: backend}}]
+        toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{method: GET}]}}]
+    """,
+)
+
+
+@pytest.mark.parametrize("order", ["vis-first", "vis-last"])
+def test_default_deny_off_makes_l7_visibility_only(order: str) -> None:
+    """enableDefaultDeny false + L7 rules, and no rule turning default deny on: every request on the port is
+    redirected, recorded and allowed (Cilium pkg/policy/l4.go ensureWildcard, PR #38841); with another
+    rule enforcing the direction, the L7 rules judge again. Both rule orders give the same result."""
+    pmap = compile_docs(VISIBILITY)
+    unmatched = flow_result = None
+    for peer in (BACKEND, DEBUG, "8.8.8.8"):
+        v = pmap.lookup(FRONTEND, PolicyDirection.INGRESS, pmap.peer_from_endpoint(peer).identity if "/" in peer else 2, 80, L4Proto.TCP)
+        assert v.kind is VerdictKind.REDIRECT, peer
+    unmatched = verdict(pmap, BACKEND, FRONTEND, 80, request=http("POST", "/"))
+    assert unmatched == "ALLOWED"
+    from tests.policies.util import flow
+
+    flow_result = flow(pmap, DEBUG, FRONTEND, 80, request=http("DELETE", "/x"))
+    assert flow_result.verdict.value == "ALLOWED"
+    assert flow_result.ingress.l7 is ParserType.HTTP
+    assert any("visibility" in m for m in flow_result.ingress.matched)
+    matched_rule = flow(pmap, BACKEND, FRONTEND, 80, request=http("GET", "/")).ingress.matched
+    assert "default/vis: ingress[0].toPorts[0].rules.http[0]" in matched_rule
+    enforcing = cnp("enf", "endpointSelector: {matchLabels: {app: frontend}}\ningress: [{fromEndpoints: [{matchLabels: {app: debug}}]}]")
+    docs = (VISIBILITY, enforcing) if order == "vis-first" else (enforcing, VISIBILITY)
+    enforced = compile_docs(*docs)
+    assert verdict(enforced, BACKEND, FRONTEND, 80, request=http("POST", "/")) == "L7_DENIED"
+    assert verdict(enforced, BACKEND, FRONTEND, 80, request=http("GET", "/")) == "ALLOWED"
+    assert verdict(enforced, DEBUG, FRONTEND, 80, request=http("POST", "/")) == "ALLOWED"
 
 
 def test_egress_and_ingress_both_judged() -> None:
@@ -349,7 +389,7 @@ def test_identities() -> None:
         "KUBE_APISERVER": 7, "INGRESS": 8, "WORLD_IPV4": 9, "WORLD_IPV6": 10,
     }
     assert a.endpoint_identity == b.endpoint_identity
-    assert all(MIN_ENDPOINT_IDENTITY <= n <= 65535 for n in a.endpoint_identity.values())
+    assert all(MIN_ENDPOINT_IDENTITY <= n <= MAX_ENDPOINT_IDENTITY for n in a.endpoint_identity.values())
     assert len(set(a.endpoint_identity.values())) == len(a.endpoint_identity)
     cidr = a.ipcache.lookup("192.0.2.9")
     assert cidr >= LOCAL_IDENTITY_BASE and cidr == b.ipcache.lookup("192.0.2.9")
@@ -408,10 +448,10 @@ def test_peer_from_ip_and_unknown_identity() -> None:
     assert not unknown.enforced and unknown.lookup(1, 1, L4Proto.TCP).kind is VerdictKind.ALLOW
 
 
-def test_rule_without_sections_enforces_nothing() -> None:
-    """A rule with no ingress/egress sections (or `ingress: []`) is valid and enables default deny for neither direction."""
-    for body in ("endpointSelector: {matchLabels: {app: frontend}}", "endpointSelector: {matchLabels: {app: frontend}}\ningress: []"):
-        pmap = compile_docs(cnp("empty", body))
-        assert not pmap.direction(FRONTEND, PolicyDirection.INGRESS).enforced
-        assert not pmap.direction(FRONTEND, PolicyDirection.EGRESS).enforced
-        assert verdict(pmap, DEBUG, FRONTEND, 80) == "ALLOWED"
+def test_empty_l7_rules_compile_to_plain_l4() -> None:
+    """`rules: {http: []}` on a port without protocol allows that port on TCP, UDP and SCTP, unproxied."""
+    pmap = compile_docs(cnp("l4", 'endpointSelector: {matchLabels: {app: frontend}}\ningress: [{toPorts: [{ports: [{port: "80"}], rules: {http: []}}]}]'))
+    for proto in ("TCP", "UDP", "SCTP"):
+        v = pmap.lookup(FRONTEND, PolicyDirection.INGRESS, pmap.endpoint_identity[DEBUG], 80, L4Proto(proto))
+        assert v.kind is VerdictKind.ALLOW, proto
+    assert verdict(pmap, DEBUG, FRONTEND, 81) == "DROPPED"

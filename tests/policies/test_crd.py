@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -51,9 +52,9 @@ def _port_rule(rule: str, ingress: bool = True, port: str = '"80"', proto: str =
 ERROR_CASES = [
     # (id, spec, expected path, expected message fragment)
     ("unknown-field", "endpointSelector: {}\ningress: [{toPort: []}]", "spec.ingress[0].toPort", 'unknown field "toPort" (did you mean "toPorts"?)'),
-    ("unknown-top-field", "endpointSelector: {}\ningres: []", "spec.ingres", 'unknown field "ingres"'),
+    ("unknown-top-field", "endpointSelector: {}\ningress: [{}]\ningres: []", "spec.ingres", 'unknown field "ingres"'),
     ("wrong-type-list", "endpointSelector: {}\ningress: {fromEndpoints: []}", "spec.ingress", "expected a list, got a mapping"),
-    ("wrong-type-string", "endpointSelector: {matchLabels: {app: [x]}}", "spec.endpointSelector.matchLabels.app", "expected a string"),
+    ("wrong-type-string", "endpointSelector: {matchLabels: {app: [x]}}\ningress: [{}]", "spec.endpointSelector.matchLabels.app", "expected a string"),
     ("lookahead", _port_rule('{http: [{path: "/a(?=b)"}]}'), "spec.ingress[0].toPorts[0].rules.http[0].path", "invalid regex"),
     ("lookbehind", _port_rule('{http: [{method: "(?<!P)GET"}]}'), "spec.ingress[0].toPorts[0].rules.http[0].method", "invalid regex"),
     ("backreference", _port_rule(r'{http: [{host: "(a)\\1"}]}'), "spec.ingress[0].toPorts[0].rules.http[0].host", "invalid regex"),
@@ -84,15 +85,17 @@ ERROR_CASES = [
     ("bad-entity", "endpointSelector: {}\ningress: [{fromEntities: [wrld]}]", "spec.ingress[0].fromEntities[0]", "unknown entity"),
     ("bad-cidr", "endpointSelector: {}\negress: [{toCIDR: [10.0.0.0/33]}]", "spec.egress[0].toCIDR[0]", "invalid CIDR"),
     ("except-outside", "endpointSelector: {}\negress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}]}]", "spec.egress[0].toCIDRSet[0].except[0]", "does not contain"),
-    ("bad-operator", "endpointSelector: {matchExpressions: [{key: app, operator: Has}]}", "spec.endpointSelector.matchExpressions[0].operator", "unknown operator"),
-    ("in-without-values", "endpointSelector: {matchExpressions: [{key: app, operator: In}]}", "spec.endpointSelector.matchExpressions[0].values", "must be non-empty"),
-    ("exists-with-values", "endpointSelector: {matchExpressions: [{key: app, operator: Exists, values: [a]}]}", "spec.endpointSelector.matchExpressions[0].values", "must be empty"),
-    ("no-selector", "ingress: []", "spec", "needs endpointSelector or nodeSelector"),
-    ("both-selectors", "endpointSelector: {}\nnodeSelector: {}", "spec", "cannot have both"),
-    ("cnp-node-selector", "nodeSelector: {}", "spec.nodeSelector", "cannot have nodeSelector"),
+    ("bad-operator", "endpointSelector: {matchExpressions: [{key: app, operator: Has}]}\ningress: [{}]", "spec.endpointSelector.matchExpressions[0].operator", "unknown operator"),
+    ("in-without-values", "endpointSelector: {matchExpressions: [{key: app, operator: In}]}\ningress: [{}]", "spec.endpointSelector.matchExpressions[0].values", "must be non-empty"),
+    ("exists-with-values", "endpointSelector: {matchExpressions: [{key: app, operator: Exists, values: [a]}]}\ningress: [{}]", "spec.endpointSelector.matchExpressions[0].values", "must be empty"),
+    ("no-selector", "ingress: [{}]", "spec", "needs endpointSelector or nodeSelector"),
+    ("no-sections", "endpointSelector: {}\ningress: []", "spec", "rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny"),
+        ("cnp-node-selector", "nodeSelector: {}\ningress: [{}]", "spec.nodeSelector", "cannot have nodeSelector"),
     ("fqdn-on-deny", "endpointSelector: {}\negressDeny: [{toFQDNs: [{matchName: a.com}]}]", "spec.egressDeny[0].toFQDNs", 'unknown field "toFQDNs"'),
     ("l7-on-deny", "endpointSelector: {}\ningressDeny: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{}]}}]}]", "spec.ingressDeny[0].toPorts[0].rules", 'unknown field "rules"'),
-    ("icmps-with-ports", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: 8}]}], toPorts: [{ports: [{port: '80'}]}]}]", "spec.ingress[0]", "icmps block"),
+    ("icmp-name-of-other-family", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: PacketTooBig}]}]}]", "spec.ingress[0].icmps[0].fields[0].type", "not found in IPv4"),
+    ("icmp-type-range", "endpointSelector: {}\negressDeny: [{icmps: [{fields: [{type: 256, family: IPv6}]}]}]", "spec.egressDeny[0].icmps[0].fields[0].type", "out of range"),
+    ("icmp-family", "endpointSelector: {}\negress: [{icmps: [{fields: [{type: 8, family: IPv5}]}]}]", "spec.egress[0].icmps[0].fields[0].family", "invalid family"),
     ("combining-peers", "endpointSelector: {}\ningress: [{fromEndpoints: [{}], fromEntities: [world]}]", "spec.ingress[0]", "combining fromEndpoints and fromEntities is not supported yet"),
     ("combining-cidr-kinds", "endpointSelector: {}\negress: [{toCIDR: [10.0.0.0/8], toCIDRSet: [{cidr: 11.0.0.0/8}]}]", "spec.egress[0]", "combining toCIDR and toCIDRSet is not supported yet"),
     ("port-missing", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{protocol: TCP}]}]}]", "spec.ingress[0].toPorts[0].ports[0].port", "port must be specified"),
@@ -105,15 +108,15 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize(("spec", "path", "message"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_invalid_field_is_a_located_error(spec: str, path: str, message: str) -> None:
-    """Each invalid field is one error naming file, document line, object and field path (issue 2 "Errors")."""
+    """Each invalid field is one error naming file, its field's line, object and field path (issue 2 "Errors")."""
     errors = _errors(cnp("web", spec))
     assert len(errors) == 1, errors
-    assert errors[0].startswith(f"web.yaml:1: default/web: {path}: "), errors[0]
+    assert re.match(rf"^web\.yaml:\d+: default/web: {re.escape(path)}: ", errors[0]), errors[0]
     assert message in errors[0]
 
 
 def test_issue_example_line_is_exact() -> None:
-    """The validate line of the issue's example: `file:line: ns/name: specs[0].ingress[0].toPorts[0]: L7 rules require protocol TCP`."""
+    """The validate line of the issue's example, at the line of the offending `toPorts` item (issue 12 item 4)."""
     text = """\
         ---
         apiVersion: cilium.io/v2
@@ -128,7 +131,7 @@ def test_issue_example_line_is_exact() -> None:
         """
     result = load_policies(textwrap.dedent(text), "policies/web.yaml")
     assert [str(e) for e in result.errors] == [
-        "policies/web.yaml:2: default/web: specs[0].ingress[0].toPorts[0]: L7 rules require protocol TCP"
+        "policies/web.yaml:9: default/web: specs[0].ingress[0].toPorts[0]: L7 rules require protocol TCP"
     ]
 
 
@@ -301,4 +304,83 @@ def test_endpoints_documents_are_skipped_only_on_request() -> None:
     skipped = load_policies(text, "dir.yaml", skip_endpoints_documents=True)
     assert [p.key for p in skipped.policies] == ["default/p"] and not skipped.errors
     strict = load_policies(text, "dir.yaml")
-    assert len(strict.errors) == 1 and "unknown field" in str(strict.errors[0])
+    assert any('unknown field "endpoints"' in str(e) for e in strict.errors), [str(e) for e in strict.errors]
+
+
+def test_every_problem_of_an_object_at_its_own_line() -> None:
+    """All problems of one object are reported at once, each at the line of its own field (issue 12 item 4)."""
+    text = textwrap.dedent(
+        """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        description: "top-level description, as in Cilium's examples"
+        metadata:
+          name: many
+        spec:
+          endpointSelector:
+            matchLabels: {app: web}
+          ingress:
+          - fromEntities: [wrld]
+            toPorts:
+            - ports:
+              - port: "80"
+                protocol: UDP
+              rules:
+                http:
+                - method: GET
+          - toPort: []
+          egress:
+          - toCIDRSet:
+            - cidr: 10.0.0.0/8
+              except: [192.168.0.0/16]
+        """
+    )
+    result = load_policies(text, "many.yaml")
+    assert not result.policies
+    assert [str(e) for e in result.errors] == [
+        "many.yaml:10: default/many: spec.ingress[0].fromEntities[0]: unknown entity 'wrld' (all, world, world-ipv4, "
+        "world-ipv6, cluster, host, remote-node, kube-apiserver, init, health, unmanaged, ingress, none)",
+        "many.yaml:12: default/many: spec.ingress[0].toPorts[0]: L7 rules require protocol TCP",
+        'many.yaml:18: default/many: spec.ingress[1].toPort: unknown field "toPort" (did you mean "toPorts"?)',
+        "many.yaml:22: default/many: spec.egress[0].toCIDRSet[0].except[0]: allow CIDR prefix 10.0.0.0/8 does not "
+        "contain exclude CIDR prefix 192.168.0.0/16",
+    ]
+
+
+def test_json_document_errors_have_field_lines() -> None:
+    """A JSON document (the fast path) reports its problems at their lines too."""
+    text = '{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",\n "metadata": {"name": "j"},\n "spec": {"endpointSelector": {},\n  "ingress": [{"toPort": 1}]}}\n'
+    (err,) = load_policies(text, "j.json").errors
+    assert str(err) == 'j.json:4: default/j: spec.ingress[0].toPort: unknown field "toPort" (did you mean "toPorts"?)'
+
+
+def test_top_level_description_is_accepted() -> None:
+    """A top-level `description` (used in Cilium's example policies) is free text, not an error."""
+    doc = 'description: "L3 policy"\n' + cnp("d", "endpointSelector: {}\ningress: [{}]")
+    assert [p.key for p in policies(doc)] == ["default/d"]
+
+
+def test_empty_l7_rules_are_plain_l4_on_any_protocol() -> None:
+    """`rules: {http: []}` with no protocol is valid L4 on TCP, UDP and SCTP (Cilium L7Rules.IsEmpty is Len() == 0)."""
+    (p,) = policies(cnp("l4", 'endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: "80"}], rules: {http: []}}]}]'))
+    port_rule = p.rules[0].ingress[0].to_ports[0]
+    assert port_rule.ports[0].protocol is L4Proto.ANY
+    assert port_rule.rules is not None
+    assert port_rule.rules.parser is None
+    (q,) = policies(cnp("l4u", 'endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: "80", protocol: UDP}], rules: {http: [], kafka: []}}]}]'))
+    assert q.rules[0].ingress[0].to_ports[0].rules is not None
+
+
+def test_rule_without_sections_is_invalid() -> None:
+    """A rule with none of ingress/ingressDeny/egress/egressDeny is invalid since Cilium 1.17 (Rule.Validate)."""
+    for body in ("endpointSelector: {}", "endpointSelector: {}\ningress: []\negress: []"):
+        errors = _errors(cnp("none", body))
+        assert errors == ["web.yaml:6: default/none: spec: rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny"]
+
+
+def test_ccnp_node_selector_is_rejected_with_what_to_use() -> None:
+    """A CCNP host policy (nodeSelector) is refused, saying Membrane enforces pods only and what to use instead."""
+    errors = _errors(ccnp("host", "nodeSelector: {matchLabels: {role: worker}}\ningress: [{fromEntities: [cluster]}]"))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("web.yaml:6: host: spec.nodeSelector: nodeSelector (a host policy) is not supported")
+    assert "select pods with endpointSelector" in errors[0]

@@ -93,6 +93,8 @@ def test_hundred_rules_pick_the_right_one() -> None:
         (MismatchAction.LOG, (("X-Token", "wrong"),), ("LOG", None)),
         (MismatchAction.ADD, (), ("ADD", "good")),
         (MismatchAction.DELETE, (("X-Token", "wrong"),), ("DELETE", None)),
+        (MismatchAction.LOG, (), ("LOG", None)),
+        (MismatchAction.REPLACE, (), ("REPLACE", "good")),
         (MismatchAction.REPLACE, (("X-Token", "wrong"),), ("REPLACE", "good")),
     ],
 )
@@ -104,6 +106,15 @@ def test_header_match_actions(action: MismatchAction, headers: tuple[tuple[str, 
     assert [(a.action.value, a.value) for a in d.header_actions] == [expected]
     ok = rules.evaluate(http("GET", "/", headers=(("x-token", "good"),)))
     assert ok.allowed and ok.header_actions == ()
+
+
+def test_delete_of_an_absent_header_is_no_action() -> None:
+    """mismatch DELETE on a request without the header does nothing: cilium/proxy HeaderMatch::allowed returns
+    early ("nothing to remove"); the request is allowed with no header action."""
+    rules = _http_set(HttpRule(path="/", header_matches=(HeaderMatch(name="X-Token", value="good", mismatch=MismatchAction.DELETE),)))
+    d = rules.evaluate(http("GET", "/"))
+    assert d.allowed
+    assert d.header_actions == ()
 
 
 def test_header_actions_from_every_matching_rule() -> None:

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
 from membrane.proxy.flows import (
     DROPPED,
     REQUEST,
     Flow,
     FlowContext,
     FlowSink,
+    L3L4Flow,
     Peer,
+    RotatingFile,
+    envelope,
     iso_time,
     l7_dns,
     l7_http,
     l7_kafka,
+    refusal_response,
+    rotated_paths,
 )
 from membrane.proxy.metrics import Metrics
+
+from tests.proxy.hubble_schema import schema_validator
 
 CTX = FlowContext(
     source=Peer(ip="10.244.1.20", port=40000, identity=1726, namespace="default", pod_name="backend", labels=("k8s:app=backend",)),
@@ -39,20 +49,135 @@ def _flow(n: int = 0) -> Flow:
 
 
 def test_hubble_shape_and_redaction() -> None:
-    """A record has Hubble's fields (time, uuid, verdict, source/destination, l4, l7, traffic_direction, Summary); credentials are redacted."""
-    record = _flow().to_json()
-    assert record["verdict"] == "DROPPED" and record["Type"] == "L7" and record["traffic_direction"] == "INGRESS"
-    assert record["time"] == "2025-11-26T04:06:40.000000Z"
+    """A record has flow.proto's fields (time, uuid, verdict, IP, l4, source/destination, Type, l7, event_type,
+    traffic_direction, is_reply, Summary); endpoints carry no ip/port; credentials are redacted."""
+    record = _flow().to_json("node-1")
+    assert record["verdict"] == "DROPPED"
+    assert record["Type"] == "L7"
+    assert record["traffic_direction"] == "INGRESS"
+    assert record["node_name"] == "node-1"
+    assert record["time"] == "2025-11-26T04:06:40Z"  # protojson: no fraction when there is none
     assert len(record["uuid"]) == 36
-    assert record["source"]["pod_name"] == "backend" and record["source"]["identity"] == 1726
+    assert record["source"] == {"identity": 1726, "namespace": "default", "labels": ["k8s:app=backend"], "pod_name": "backend"}
+    assert record["IP"] == {"source": "10.244.1.20", "destination": "10.244.1.10", "ipVersion": "IPv4"}
     assert record["l4"] == {"TCP": {"source_port": 40000, "destination_port": 80}}
-    assert record["l7"]["type"] == "REQUEST" and record["l7"]["http"]["method"] == "GET"
+    assert record["l7"]["type"] == "REQUEST"
+    assert "latency_ns" not in record["l7"]  # zero: left out, as protojson does
+    assert record["l7"]["http"]["method"] == "GET"
     assert {"key": "authorization", "value": "[REDACTED]"} in record["l7"]["http"]["headers"]
-    assert record["policy_rule"] == "default/p: ingress[0]" and record["drop_reason_desc"] == "POLICY_DENIED"
+    assert record["event_type"] == {"type": 129}
+    assert record["is_reply"] is False
+    assert "drop_reason_desc" not in record  # Hubble's L7 records carry no drop reason; L3/L4 drops do
+    assert "policy_rule" not in record
+    assert record["ingress_denied_by"] == [{
+        "name": "p", "namespace": "default",
+        "labels": ["k8s:io.cilium.k8s.policy.derived-from=CiliumNetworkPolicy", "k8s:io.cilium.k8s.policy.name=p",
+                   "k8s:io.cilium.k8s.policy.namespace=default"],
+        "kind": "CiliumNetworkPolicy",
+    }]
     flow = _flow()
     assert flow.to_json()["uuid"] == flow.to_json()["uuid"]  # stable once made
-    dns = l7_dns(query="www.cilium.io.", qtypes=["A"], rcode=0, ips=["192.0.2.1"], ttl=60)
-    assert dns == {"dns": {"query": "www.cilium.io.", "qtypes": ["A"], "ips": ["192.0.2.1"], "rcode": 0, "ttl": 60}}
+    dns = l7_dns(query="www.cilium.io.", qtypes=["A"], rcode=0, ips=["192.0.2.1"], ttl=60, cnames=["x.cilium.io."],
+                 rrtypes=["CNAME", "A"])
+    assert dns == {"dns": {"query": "www.cilium.io.", "qtypes": ["A"], "ips": ["192.0.2.1"], "rcode": 0, "ttl": 60,
+                           "cnames": ["x.cilium.io."], "rrtypes": ["CNAME", "A"], "observation_source": "proxy"}}
+
+
+def test_envelope_is_hubbles_get_flows_response() -> None:
+    """A written line is `hubble observe -o json`'s GetFlowsResponse: {"flow": ..., "node_name": ..., "time": ...}."""
+    line = json.loads(_flow().to_line("node-1"))
+    assert sorted(line) == ["flow", "node_name", "time"]
+    assert line["node_name"] == "node-1"
+    assert line["time"] == line["flow"]["time"]
+    assert line["flow"]["node_name"] == "node-1"
+
+
+def test_response_goes_from_server_to_client() -> None:
+    """An L7 response is recorded from the server to the client (Hubble swaps the ends and sets is_reply)."""
+    record = _variants()[1].to_json()
+    assert record["is_reply"] is True
+    assert record["reply"] is True  # the deprecated bool, still filled by Hubble
+    assert record["IP"]["source"] == "10.244.1.10"
+    assert record["source"]["pod_name"] == "frontend"
+    assert record["l4"] == {"TCP": {"source_port": 80, "destination_port": 40000}}
+    assert record["l7"]["latency_ns"] == "1234567"  # uint64: a string in protojson
+
+
+@pytest.mark.parametrize(
+    ("verdict", "rule", "key", "drop"),
+    [
+        ("FORWARDED", "default/api: ingress[0].toPorts[0].rules.http[1]", "ingress_allowed_by", None),
+        ("FORWARDED", "web: egress[2]", "egress_allowed_by", None),
+        ("DROPPED", "default/deny: specs[1].ingressDeny[0]", "ingress_denied_by", "POLICY_DENY"),
+        ("DROPPED", "default/api: ingress[0].toPorts[0]", "ingress_denied_by", "POLICY_DENIED"),
+        ("DROPPED", None, None, "POLICY_DENIED"),
+    ],
+)
+def test_policy_objects_and_drop_reasons(verdict: str, rule: str | None, key: str | None, drop: str | None) -> None:
+    """Rule references become flow.proto Policy objects in the list of their direction and outcome; a deny rule's
+    drop is POLICY_DENY (181), a default-deny drop POLICY_DENIED (133), as flow.proto's DropReason names them."""
+    flow = L3L4Flow(context=CTX, verdict=verdict, l7_type=REQUEST, l7={}, summary="s", time_ns=1, rule=rule,
+                    reason="policy_denied" if verdict == DROPPED else None, policy_revision=7)
+    record = flow.to_json()
+    lists = [k for k in ("egress_allowed_by", "ingress_allowed_by", "egress_denied_by", "ingress_denied_by") if k in record]
+    assert lists == ([key] if key else [])
+    if key is not None:
+        policy = record[key][0]
+        assert policy["revision"] == "7"
+        assert policy["kind"] == ("CiliumClusterwideNetworkPolicy" if rule and rule.startswith("web") else "CiliumNetworkPolicy")
+    assert record.get("drop_reason_desc") == drop
+    if drop is not None:
+        assert record["event_type"] == {"type": 1, "sub_type": {"POLICY_DENY": 181, "POLICY_DENIED": 133}[drop]}
+        assert record["drop_reason"] == record["event_type"]["sub_type"]
+
+
+def test_refusal_response_record() -> None:
+    """A refused request's response record is what Hubble shows after the DROPPED request: a FORWARDED
+    http-response with the refusal's status, from the server to the client."""
+    request = _flow()
+    response = refusal_response(request, time_ns=request.time_ns + 2_000_000, status=403)
+    record = response.to_json()
+    assert record["verdict"] == "FORWARDED"
+    assert record["is_reply"] is True
+    assert record["l7"]["type"] == "RESPONSE"
+    assert record["l7"]["http"]["code"] == 403
+    assert record["l7"]["http"]["url"] == "http://a/0"
+    assert record["Summary"] == "HTTP/1.1 403 2ms (GET http://a/0)"
+
+
+def test_every_record_shape_validates_against_hubbles_schema() -> None:
+    """Every record shape, as written, validates against the JSON Schema derived from flow.proto (v1.19.4):
+    nothing outside Hubble's schema, every enum a flow.proto name, 64-bit integers as strings."""
+    validator = schema_validator()
+    for flow in [*_variants(), refusal_response(_flow(), time_ns=2, status=403)]:
+        line = json.loads(flow.to_line("node-1"))
+        errors = sorted(str(e.message) for e in validator.iter_errors(line))
+        assert errors == [], (flow, errors)
+
+
+def test_schema_rejects_what_is_not_hubbles() -> None:
+    """The vendored schema is strict: an extra field, a wrong enum name and a numeric uint64 each fail."""
+    validator = schema_validator()
+    good = json.loads(_flow().to_line("n"))
+    assert not list(validator.iter_errors(good))
+    for mutate in (
+        lambda r: r["flow"].__setitem__("policy_rule", "x"),
+        lambda r: r["flow"]["source"].__setitem__("ip", "10.0.0.1"),
+        lambda r: r["flow"].__setitem__("drop_reason_desc", "MALFORMED"),
+        lambda r: r["flow"]["l7"].__setitem__("latency_ns", 5),
+    ):
+        bad = json.loads(json.dumps(good))
+        mutate(bad)
+        assert list(validator.iter_errors(bad)), bad
+
+
+def test_node_name_defaults_to_env_then_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sink without a node name uses $NODE_NAME (the DaemonSet sets it), else the hostname."""
+    monkeypatch.setenv("NODE_NAME", "worker-7")
+    assert FlowSink().node_name == "worker-7"
+    monkeypatch.delenv("NODE_NAME")
+    assert FlowSink().node_name == socket.gethostname()
+    assert FlowSink(node_name="n1").node_name == "n1"
 
 
 def test_sink_writes_json_lines_and_ring_is_bounded() -> None:
@@ -62,7 +187,7 @@ def test_sink_writes_json_lines_and_ring_is_bounded() -> None:
     for n in range(5):
         sink.emit(_flow(n))
     lines = out.getvalue().splitlines()
-    assert [json.loads(line)["l7"]["http"]["url"] for line in lines] == [f"http://a/{n}" for n in range(5)]
+    assert [json.loads(line)["flow"]["l7"]["http"]["url"] for line in lines] == [f"http://a/{n}" for n in range(5)]
     assert [r["l7"]["http"]["url"] for r in sink.recent()] == ["http://a/2", "http://a/3", "http://a/4"]
 
 
@@ -102,9 +227,11 @@ def _variants() -> list[Flow]:
 
 
 def test_json_line_is_exactly_the_record() -> None:
-    """to_line() is byte for byte json.dumps(to_json(), separators=(",", ":")) plus a newline, for every record shape."""
-    for flow in _variants():
-        assert flow.to_line() == json.dumps(flow.to_json(), separators=(",", ":")) + "\n"
+    """to_line() is byte for byte json.dumps(envelope(to_json()), separators=(",", ":")) plus a newline, for every
+    record shape, with and without a node name."""
+    for node in ("", "node-1"):
+        for flow in _variants():
+            assert flow.to_line(node) == json.dumps(envelope(flow.to_json(node), node), separators=(",", ":")) + "\n"
 
 
 def test_subclass_that_reshapes_the_record_is_written_as_reshaped() -> None:
@@ -120,8 +247,9 @@ def test_subclass_that_reshapes_the_record_is_written_as_reshaped() -> None:
 
     out = io.StringIO()
     FlowSink([out]).emit(L4Flow(context=CTX, verdict=DROPPED, l7_type=REQUEST, l7={}, summary="dropped", time_ns=0))
-    record = json.loads(out.getvalue())
-    assert record["Type"] == "L3_L4" and "l7" not in record
+    record = json.loads(out.getvalue())["flow"]
+    assert record["Type"] == "L3_L4"
+    assert "l7" not in record
 
 
 def test_flow_ids_are_unique_uuid4_strings() -> None:
@@ -131,12 +259,13 @@ def test_flow_ids_are_unique_uuid4_strings() -> None:
     assert all(len(i) == 36 and uuid.UUID(i).version == 4 for i in ids)
 
 
-def test_time_is_truncated_to_microseconds_in_utc() -> None:
-    """Timestamps are RFC 3339 UTC with microseconds, truncated (never rounded into the next second)."""
-    assert iso_time(1_764_130_000_999_999_999) == "2025-11-26T04:06:40.999999Z"
-    assert iso_time(1_764_130_001_000_000_000) == "2025-11-26T04:06:41.000000Z"
-    assert iso_time(0) == "1970-01-01T00:00:00.000000Z"
+def test_time_is_protojson_timestamp_in_utc() -> None:
+    """Timestamps are RFC 3339 UTC as protojson writes them: no fraction, or 3, 6 or 9 digits, never rounded."""
+    assert iso_time(1_764_130_000_999_999_999) == "2025-11-26T04:06:40.999999999Z"
+    assert iso_time(1_764_130_001_000_000_000) == "2025-11-26T04:06:41Z"
+    assert iso_time(0) == "1970-01-01T00:00:00Z"
     assert iso_time(1_764_130_000_000_001_000) == "2025-11-26T04:06:40.000001Z"
+    assert iso_time(1_764_130_000_120_000_000) == "2025-11-26T04:06:40.120Z"
 
 
 class _CountingStream(io.StringIO):
@@ -165,7 +294,7 @@ def test_deferred_writes_go_out_in_one_write_per_batch() -> None:
     assert out.getvalue() == "" and len(scheduled) == 1  # one flush scheduled for the whole batch
     assert [r["l7"]["http"]["url"] for r in sink.recent()] == [f"http://a/{n}" for n in range(5)]  # the ring has them now
     scheduled.pop()()
-    assert [json.loads(line)["l7"]["http"]["url"] for line in out.getvalue().splitlines()] == [f"http://a/{n}" for n in range(5)]
+    assert [json.loads(line)["flow"]["l7"]["http"]["url"] for line in out.getvalue().splitlines()] == [f"http://a/{n}" for n in range(5)]
     assert (out.writes, out.flushes) == (1, 1)
     sink.emit(_flow(5))
     assert len(scheduled) == 1  # the next batch schedules its own flush
@@ -191,14 +320,47 @@ def test_records_from_another_thread_are_written_at_once() -> None:
     worker = threading.Thread(target=sink.emit, args=(_flow(1),))
     worker.start()
     worker.join()
-    assert json.loads(out.getvalue())["l7"]["http"]["url"] == "http://a/1"
+    assert json.loads(out.getvalue())["flow"]["l7"]["http"]["url"] == "http://a/1"
 
 
 def test_kafka_topic_is_a_string_like_hubble() -> None:
-    """Hubble's flow.proto `Kafka.topic` is a string: one topic as `topic`, several as the first plus a `topics` list."""
+    """Hubble's flow.proto `Kafka.topic` is a string: the first topic; no `topics` list outside the schema."""
     one = l7_kafka(api_key="produce", api_version=3, correlation_id=9, topics=["payments"])["kafka"]
-    assert one["topic"] == "payments" and "topics" not in one
+    assert one["topic"] == "payments"
     many = l7_kafka(api_key="produce", api_version=3, correlation_id=9, topics=["a", "b"])["kafka"]
-    assert many["topic"] == "a" and many["topics"] == ["a", "b"]
+    assert many["topic"] == "a"
+    assert "topics" not in many
     none = l7_kafka(api_key="api_versions", api_version=3, correlation_id=1)["kafka"]
-    assert none["topic"] == "" and "topics" not in none
+    record = Flow(context=CTX, verdict="FORWARDED", l7_type=REQUEST, l7={"kafka": none}, summary="k", time_ns=1).to_json()
+    assert "topic" not in record["l7"]["kafka"]  # "" is protojson's zero value: left out
+
+
+# --- rotation ---------------------------------------------------------------------------------------------
+
+
+def test_rotating_file_keeps_bounded_backups_and_every_line(tmp_path: Path) -> None:
+    """Two writers on one path (two gateway workers) rotate it at max_bytes into name.1 ... name.N: no line is lost
+    or split while the backups last, and never more than max_backups old files exist."""
+    path = tmp_path / "flows.jsonl"
+    writers = [RotatingFile(str(path), max_bytes=4096, max_backups=50) for _ in range(2)]
+    sinks = [FlowSink([w], node_name="n") for w in writers]
+    sent = []
+    for n in range(200):
+        flow = _flow(n)
+        sinks[n % 2].emit(flow)
+        sent.append(flow.flow_id)
+    for w in writers:
+        w.close()
+    files = rotated_paths(str(path))
+    assert len(files) > 5  # it did rotate, many times
+    got = [json.loads(line)["flow"]["uuid"] for f in files for line in Path(f).read_text().splitlines()]
+    assert sorted(got) == sorted(sent)
+    assert all(Path(f).stat().st_size < 4096 + 2048 for f in files)
+
+    few = tmp_path / "few.jsonl"
+    writer = RotatingFile(str(few), max_bytes=2048, max_backups=2)
+    sink = FlowSink([writer])
+    for n in range(50):
+        sink.emit(_flow(n))
+    writer.close()
+    assert [Path(p).name for p in rotated_paths(str(few))] == ["few.jsonl.2", "few.jsonl.1", "few.jsonl"]

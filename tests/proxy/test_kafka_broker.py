@@ -127,7 +127,7 @@ def test_broker_traffic_parses_with_our_parsers() -> None:
 
 
 def test_real_clients_read_our_refusals_as_authorization_errors() -> None:
-    """build_refusal() answers, served for a denied topic, surface as TOPIC_AUTHORIZATION_FAILED (29) in all three clients."""
+    """kafka.refusal() answers, served for a denied topic, surface as TOPIC_AUTHORIZATION_FAILED (29) in all three clients."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import TopicAuthorizationFailedError as AioTopicAuthorizationFailedError
     from kafka.errors import TopicAuthorizationFailedError

@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from membrane.parsers.kafka import API_KEY_NAMES  # noqa: E402
+from membrane.parsers.names import KAFKA_API_KEY_NAMES  # noqa: E402
 from membrane.sandbox.kafka_broker import SUPPORTED, KafkaTestBroker  # noqa: E402
 
 # Maximum versions of an older (Kafka 2.x era) broker for the APIs the test broker implements.
@@ -160,7 +160,7 @@ def record() -> dict[str, dict[str, object]]:
                         continue
                     seen.add((api_key, version, names_topic, acks0))
                     suffix = ("-topic" if names_topic else "") + ("-acks0" if acks0 else "")
-                    name = f"{client}-{round_name}-{API_KEY_NAMES[api_key]}-v{version}{suffix}.bin"
+                    name = f"{client}-{round_name}-{KAFKA_API_KEY_NAMES[api_key]}-v{version}{suffix}.bin"
                     (HERE / name).write_bytes(frame)
                     expected[name] = {"api_key": api_key, "api_version": version,
                                       "topics": named, "expects_response": not acks0}
