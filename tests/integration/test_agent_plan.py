@@ -84,8 +84,9 @@ def test_port_ranges_expand_and_overwide_ranges_fail_closed(tmp_path: Path) -> N
     for port in (8000, 8001, 8002):
         assert plan.egress[bm.PolicyKey(endpoint_id=1, identity=backend, port=port, proto=bm.IPPROTO_TCP)] == pass_
     assert bm.PolicyKey(endpoint_id=1, identity=backend, port=8003, proto=bm.IPPROTO_TCP) not in plan.egress
-    for proto in (bm.IPPROTO_TCP, bm.IPPROTO_UDP):
-        assert plan.egress[bm.PolicyKey(endpoint_id=1, identity=debug, port=bm.ANY_PORT, proto=proto)] == pass_
+    # an L3-only allow is one key for every protocol (ICMP and GRE included), none per protocol
+    assert plan.egress[bm.PolicyKey(endpoint_id=1, identity=debug)] == pass_
+    assert not [k for k in plan.egress if k.identity == debug and k.proto != bm.ANY_PROTO]
     assert MAX_EXPANDED_PORTS < 65000 - 1024 + 1
     assert len(plan.problems) == 1 and "1024-65000" in plan.problems[0]
     assert plan.endpoints[11].enforce_egress and not plan.endpoints[11].enforce_ingress
