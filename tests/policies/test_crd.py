@@ -257,6 +257,30 @@ def test_ports_and_rules_model() -> None:
     assert p.rules[0].egress[1].entities == (Entity.WORLD, Entity.CLUSTER)
 
 
+def test_icmps_model() -> None:
+    """`icmps` parse as Cilium's ICMPField: family IPv4 by default, a number, a decimal string or a name of
+    that family's table (EchoRequest is 8 in IPv4 and 128 in IPv6); toPorts ICMP is not a protocol."""
+    (p,) = policies(
+        cnp(
+            "i",
+            """
+            endpointSelector: {}
+            ingress:
+              - icmps: [{fields: [{type: EchoRequest}, {type: "11"}, {type: EchoRequest, family: IPv6}, {type: 2, family: IPv6}]}]
+            egressDeny:
+              - icmps: [{fields: [{type: 0}]}]
+            """,
+        )
+    )
+    ing = p.rules[0].ingress[0]
+    assert ing.icmps == ((L4Proto.ICMP, 8), (L4Proto.ICMP, 11), (L4Proto.ICMPV6, 128), (L4Proto.ICMPV6, 2))
+    assert ing.has_icmps
+    assert not ing.selects_nothing  # an icmps entry without peers applies to every peer
+    assert p.rules[0].egress_deny[0].icmps == ((L4Proto.ICMP, 0),)
+    bad = load_policies(textwrap.dedent(cnp("x", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: '8', protocol: ICMP}]}]}]")), "t.yaml")
+    assert [e for e in bad.errors if "unsupported protocol" in str(e)]
+
+
 def test_explicit_empty_peer_list_selects_nothing() -> None:
     """`fromEndpoints: []` selects nothing, `[{}]` everything in scope, absent + toPorts = every peer."""
     (p,) = policies(
