@@ -211,7 +211,7 @@ class Steering:
 
         if self._keep or self._pin_dir is None:
             return
-        users = programs_using_pins(self._pin_dir, exclude={self._prog_id()})
+        users = programs_using_pins(self._pin_dir, exclude={self._prog_id(), self._host_prog_id()})
         if users:
             log.info("pins in %s kept: used by program(s) %s", self._pin_dir, sorted(users))
             return

@@ -2,12 +2,31 @@
  *
  * Theory of operation
  * -------------------
- * Attached at tc ingress (clsact, direct-action) on the host side of every pod veth, and optionally
- * on a node device. Every packet that comes FROM a pod is judged here, for both the source pod's
- * egress policy and (when the destination is a local endpoint) the destination pod's ingress policy:
- * bpf_sk_assign only works on ingress, so we never use the egress hook.
+ * mbr_tc_steer is attached at tc ingress (clsact, direct-action) on the host side of every pod veth,
+ * and optionally on a node device. Every packet that comes FROM a pod is judged here, for both the
+ * source pod's egress policy and (when the destination is a local endpoint) the destination pod's
+ * ingress policy: bpf_sk_assign only works on ingress, so redirection happens here only.
+ * mbr_tc_host (the same code, host_egress = 1) is attached at tc egress of the same veths: it judges
+ * what enters a pod without having left another local pod's veth -- traffic the node itself sends
+ * (the ipcache maps the node's addresses to identity 1, host) and traffic from other nodes (their
+ * identity from the ipcache, unknown = world) -- by the pod's ingress policy. Flows that conntrack
+ * knows (judged at a pod veth's ingress) pass; a host socket using a local pod's address is the
+ * proxy's upstream (judged by the proxy) and passes. An L7 (REDIRECT) verdict there cannot be
+ * sk_assigned (egress) and fails closed: dropped as PROXY_UNAVAILABLE.
  *
- *   1. Parse IPv4/IPv6 + TCP/UDP. Anything else (ARP, ICMP, extension headers, fragments) passes.
+ *   1. Parse IPv4/IPv6 (walking up to MBR_V6_EXT_MAX IPv6 extension headers: hop-by-hop, routing,
+ *      fragment, destination options, AH) to the L4 header. TCP/UDP/SCTP are judged by destination
+ *      port; ICMP/ICMPv6 by type (policy port ICMP_PORT_BASE | type), echo request/reply tracked
+ *      by identifier, errors (unreachable, PMTU, time exceeded, parameter problem) pass as
+ *      "related" when the packet they quote belongs to a tracked flow; every other protocol (GRE,
+ *      ESP, ...) is judged with port 0 for its protocol, so only an L3-only entry allows it.
+ *      ICMPv6 neighbour discovery (133-137) and non-IP frames (ARP) always pass. An IP packet that
+ *      cannot be parsed (truncated, longer extension chain) is dropped (UNPARSEABLE) when the
+ *      veth's endpoint has any enforcement, never passed unjudged.
+ *      Fragments: the first fragment's ports are remembered by (saddr, daddr, ID, proto) in
+ *      mbr_frags once it passes; a later fragment gets them back and is judged as its flow (the
+ *      conntrack entry decides). A later fragment with no entry is dropped (FRAG_NOT_FOUND) when
+ *      either side enforces (Cilium's IPV4_FRAG_DATAGRAMS_MAP idea, for IPv6 as well).
  *      A packet from an endpoint's veth whose source address the ipcache does not map to that same
  *      ifindex is dropped (SPOOFED): conntrack and identities rely on the source being the pod's own.
  *   2. Conntrack, keyed by the originator's 5-tuple:
@@ -31,7 +50,7 @@
  *
  * Policy entries live in two generations (key.gen); the active one is read once per packet from the
  * config map, so a whole-policy swap is one atomic write (see bpf/maps.py).
- * Compile-time knobs: -DMBR_CT_TCP_LIFETIME_S, -DMBR_CT_UDP_LIFETIME_S, -DMBR_CT_CLOSE_LIFETIME_S, -DMBR_CT_SIZE, -DMBR_POLICY_SIZE, -DMBR_IPCACHE_SIZE, -DMBR_EP_SIZE,
+ * Compile-time knobs: -DMBR_FRAG_SIZE, -DMBR_V6_EXT_MAX, -DMBR_CT_TCP_LIFETIME_S, -DMBR_CT_UDP_LIFETIME_S, -DMBR_CT_CLOSE_LIFETIME_S, -DMBR_CT_SIZE, -DMBR_POLICY_SIZE, -DMBR_IPCACHE_SIZE, -DMBR_EP_SIZE,
  * -DMBR_WORLD_ID, -DMBR_RINGBUF_PAGES, -DMBR_PIN_DIR (a string: pin the policy maps there).
  */
 #include <uapi/linux/bpf.h>
