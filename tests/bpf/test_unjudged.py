@@ -9,6 +9,7 @@ import subprocess
 import pytest
 from membrane.bpf.maps import (
     IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
     DropReason,
@@ -44,6 +45,11 @@ try:
 except (socket.timeout, TimeoutError):
     print("TIMEOUT")
 """
+
+# The same over IPv6 (the ping socket group range covers ICMPv6 too).
+PING6 = PING.replace("AF_INET,", "AF_INET6,").replace("IPPROTO_ICMP)", "IPPROTO_ICMPV6)").replace(
+    '"\\x08\\x00', '"\\x80\\x00'
+).replace("data[0] == 0", "data[0] == 129")
 
 # Send one IP datagram of protocol argv[2] with a raw socket (GRE, SCTP, ...).
 RAW_SEND = """
@@ -146,6 +152,27 @@ def test_ping_allowed_by_icmp_type_denied_otherwise(pods: Topology) -> None:
         assert st.maps.drop_counts()[DropReason.EGRESS_DENIED] >= 1
         events = st.read_drop_events(timeout_ms=300)
         assert [(e.proto, e.reason) for e in events][:1] == [(IPPROTO_ICMP, DropReason.EGRESS_DENIED)]
+
+
+def test_ping6_allowed_by_type_with_neighbour_discovery_passing(pods: Topology) -> None:
+    """Over IPv6, with only ICMPv6 echo request allowed on a's egress and nothing on b's, the ping is
+    answered: neighbour discovery (which the pods need first) always passes, the reply by conntrack.
+    Without the entry the echo request is dropped as ICMPv6."""
+    a, b = pods.pods["a"], pods.pods["b"]
+    assert "\\x80\\x00" in PING6 and "IPPROTO_ICMPV6" in PING6
+    with Steering() as st:
+        st.maps.set_policy(
+            egress={PolicyKey(endpoint_id=EP_A, identity=ID_B, port=icmp_port(128), proto=IPPROTO_ICMPV6): PASS},
+            ingress={},
+        )
+        register(st, pods, a_egress=True, b_egress=True)
+        assert py(a, PING6, b.ipv6, 3) == "REPLY"
+        assert st.maps.drop_counts()[DropReason.EGRESS_DENIED] == 0
+        st.maps.set_policy(egress={}, ingress={})
+        st.maps.flush_conntrack()
+        assert py(a, PING6, b.ipv6, 1) == "TIMEOUT"
+        events = st.read_drop_events(timeout_ms=300)
+        assert [(e.proto, e.reason) for e in events][:1] == [(IPPROTO_ICMPV6, DropReason.EGRESS_DENIED)]
 
 
 def test_l3_only_allow_covers_icmp_and_gre(pods: Topology) -> None:
