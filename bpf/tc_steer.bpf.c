@@ -78,6 +78,7 @@
 #ifndef MBR_WORLD_ID
 #define MBR_WORLD_ID 2
 #endif
+#define MBR_HOST_ID 1  /* reserved:host, the identity the ipcache gives the node's own addresses */
 #ifndef MBR_CT_TCP_LIFETIME_S
 #define MBR_CT_TCP_LIFETIME_S 21600
 #endif
@@ -219,7 +220,7 @@ struct frag_val {
     u16 dport;
     u16 pol_port;  /* host order: the policy key port of the datagram */
     u8 kind;
-    u8 pad;
+    u8 proto;      /* the L4 protocol (IPv6: extension headers may follow the fragment header) */
 };
 /* The ports of the first fragment of every datagram that passed: non-first fragments carry no L4
  * header and get the flow of their first fragment (Cilium's IPV4_FRAG_DATAGRAMS_MAP idea). Not
@@ -247,6 +248,7 @@ struct pkt {
     struct bpf_sock_tuple tuple;
     struct ct_key inner;      /* KIND_ICMP_ERR: the embedded packet's tuple (family 0 = none) */
     u32 frag_id;
+    u8 frag_proto;            /* IPv4: the protocol; IPv6: the fragment header's next header */
     u16 pol_port;             /* host order: the port policy is looked up with */
     u8 tcp_flags;
     u8 kind;
@@ -351,6 +353,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, u32 of
     p->pol_port = ICMP_PORT_BASE | type;
     if (v6icmp && type >= 133 && type <= 137)
         return P_SKIP;  /* neighbour discovery (RS, RA, NS, NA, redirect) always passes, as in Cilium */
+    if (v6icmp && ((type >= 130 && type <= 132) || type == 143))
+        return P_SKIP;  /* multicast listener discovery: link-local control traffic, never routed */
     if ((v4icmp && type == 8) || (v6icmp && type == 128)) {
         p->kind = KIND_ECHO;
         p->key.sport = ident;  /* request: the identifier is the "source port" */
@@ -390,6 +394,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
         p->tuple.ipv4.saddr = ip.saddr;
         p->tuple.ipv4.daddr = ip.daddr;
         u16 fo = bpf_ntohs(ip.frag_off);
+        p->frag_proto = ip.protocol;
         if (fo & 0x1fff) {  /* non-first fragment: no L4 header; its first fragment's flow decides */
             p->frag = FRAG_LATER;
             p->frag_id = bpf_ntohs(ip.id);
@@ -429,6 +434,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
             fo = bpf_ntohs(fo);
             p->frag_id = bpf_ntohl(id);
             nh = h[0];
+            p->frag_proto = nh;
             if (fo & 0xfff8) {  /* non-first fragment: the rest of the chain is not here */
                 p->frag = FRAG_LATER;
                 p->key.proto = nh;
@@ -724,9 +730,11 @@ static __always_inline int decide(struct __sk_buff *skb, struct pkt *p, int host
     if (!host_egress) {
         if (sockets && owned_by_local_socket(skb, p))
             return TC_ACT_OK;
-    } else if (src_ep && skb->sk) {
-        /* A host socket using a local pod's address: the transparent proxy's upstream connection,
-         * judged by the proxy (and at the client's veth) already. */
+    } else if (skb->sk && src_id != MBR_HOST_ID) {
+        /* A host socket sending from an address that is not the node's: only IP_TRANSPARENT allows
+         * that, i.e. the proxy's upstream connection bound to its client's address (a local pod's
+         * or a remote one's). The client's flow was judged where it entered and by the proxy. The
+         * node's own connections come from its addresses (identity host) and are judged below. */
         return TC_ACT_OK;
     }
 
@@ -828,7 +836,7 @@ static __always_inline int judge(struct __sk_buff *skb, int host_egress)
         __builtin_memcpy(fk.saddr, p.key.saddr, 16);
         __builtin_memcpy(fk.daddr, p.key.daddr, 16);
         fk.id = p.frag_id;
-        fk.proto = p.key.proto;
+        fk.proto = p.frag_proto;
         fk.family = p.key.family;
         struct frag_val *fv = mbr_frags.lookup(&fk);
         if (!fv) {
@@ -836,6 +844,7 @@ static __always_inline int judge(struct __sk_buff *skb, int host_egress)
                 return drop(skb, &p, REASON_FRAG_NOT_FOUND, src_id, dst_id);
             return TC_ACT_OK;
         }
+        p.key.proto = fv->proto;
         set_ports(&p, fv->sport, fv->dport);
         p.pol_port = fv->pol_port;
         p.kind = fv->kind;
@@ -847,13 +856,14 @@ static __always_inline int judge(struct __sk_buff *skb, int host_egress)
         __builtin_memcpy(fk.saddr, p.key.saddr, 16);
         __builtin_memcpy(fk.daddr, p.key.daddr, 16);
         fk.id = p.frag_id;
-        fk.proto = p.key.proto;
+        fk.proto = p.frag_proto;
         fk.family = p.key.family;
         struct frag_val fv = {};
         fv.sport = p.key.sport;
         fv.dport = p.key.dport;
         fv.pol_port = p.pol_port;
         fv.kind = p.kind;
+        fv.proto = p.key.proto;
         mbr_frags.update(&fk, &fv);
     }
     return verdict_ret;

@@ -185,6 +185,18 @@ def test_later_fragments_follow_the_first(st: Steering, family: int) -> None:
     assert verdict(st, later(unseen)) == "drop:FRAG_NOT_FOUND"
 
 
+def test_v6_fragment_followed_by_more_extension_headers(st: Steering) -> None:
+    """The first fragment's chain continues after the fragment header (destination options, then UDP);
+    its later fragments name destination options as the next header: they still find the datagram."""
+    ident = next(_ids)
+    first = v6(SRC6, DST6, [(FRAGMENT, frag6(ident, 0, True)), (DSTOPTS, opts())], IPPROTO_UDP, udp(ALLOWED, size=24))
+    later = ETH + b"\x86\xdd" + struct.pack("!IHBB16s16s", 6 << 28, 8 + 16, FRAGMENT, 64,
+        ipaddress.ip_address(SRC6).packed, ipaddress.ip_address(DST6).packed) + bytes([DSTOPTS]) + frag6(ident, 4, False) + b"x" * 16
+    assert verdict(st, first) == "pass"
+    assert verdict(st, later) == "pass"
+    assert verdict(st, later.replace(struct.pack("!I", ident), struct.pack("!I", ident + 1000))) == "drop:FRAG_NOT_FOUND"
+
+
 def _quote_v4(src: str, dst: str, sport: int, dport: int) -> bytes:
     """The IP header + 8 bytes of a TCP packet, as an ICMP error quotes it."""
     return v4(src, dst, IPPROTO_TCP, struct.pack("!HHI", sport, dport, 1))[14:]
