@@ -20,7 +20,7 @@
  *      by identifier, errors (unreachable, PMTU, time exceeded, parameter problem) pass as
  *      "related" when the packet they quote belongs to a tracked flow; every other protocol (GRE,
  *      ESP, ...) is judged with port 0 for its protocol, so only an L3-only entry allows it.
- *      ICMPv6 neighbour discovery (133-137) and non-IP frames (ARP) always pass. An IP packet that
+ *      ICMPv6 neighbour discovery (133-137), MLD (130-132, 143) and non-IP frames (ARP) always pass. An IP packet that
  *      cannot be parsed (truncated, longer extension chain) is dropped (UNPARSEABLE) when the
  *      veth's endpoint has any enforcement, never passed unjudged.
  *      Fragments: the first fragment's ports are remembered by (saddr, daddr, ID, proto) in
