@@ -106,6 +106,7 @@ class AgentConfig:
     status_path: Path = DEFAULT_STATUS_PATH
     drain_timeout_s: float = 2.0
     bpf_pin_dir: Path = DEFAULT_PIN_DIR  # where the kernel state lives between agents (on a bpffs)
+    allow_localhost: bool = False  # Cilium's allow-localhost=always: the node reaches every pod (else: judged as `host`)
 
 
 # --- pure translation: PolicyMap -> kernel content ---------------------------------------------------
@@ -717,7 +718,7 @@ class Agent:
         """Compile the last good inputs with what DNS taught us now, and apply the result."""
         policies, endpoints = self._inputs
         learned = self._learned()
-        pmap = compile_policy(policies, endpoints, learned)
+        pmap = compile_policy(policies, endpoints, learned, allow_localhost=self.config.allow_localhost)
         self._kernel(self.apply, pmap, endpoints)
         self._compiled_learned = learned
         self.reloads += 1
@@ -883,7 +884,7 @@ class Agent:
             stack.callback(self._kernel, lambda: steering.close(keep=True))  # SIGTERM: the kernel keeps enforcing
             stack.callback(setattr, self, "steering", None)
             self._adopt_endpoint_ids(steering)
-            self._kernel(self.apply, compile_policy(*self._inputs), self._inputs[1])
+            self._kernel(self.apply, compile_policy(*self._inputs, allow_localhost=self.config.allow_localhost), self._inputs[1])
             for item in self._kernel(steering.cleanup_stale):  # only now that our programs are in place
                 log.warning("removed stale %s", item)
             # --- end of restart wiring

@@ -129,6 +129,7 @@ _PORT_SPACE = {L4Proto.ICMP: 256, L4Proto.ICMPV6: 256}  # ICMP "ports" are types
 # Marks the reference of an allow-all L7 entry added for visibility (see _Compiler._visibility).
 VISIBILITY_MARK = "(visibility: enableDefaultDeny"
 _MAX_CACHE = 100_000
+ALLOW_LOCALHOST_REF = "(allow-localhost: the node may always reach its pods)"
 
 
 class DirectionPolicy:
@@ -349,6 +350,7 @@ class _Compiler:
     endpoints: Endpoints
     learned: Mapping[str, Iterable[str]]
     identities: IdentityAllocators
+    allow_localhost: bool = False
     pmap: PolicyMap = field(default_factory=PolicyMap)
     uids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -392,10 +394,18 @@ class _Compiler:
                             visibility.extend(self._visibility(got, direction))
                 if not enforced:
                     contributions.extend(visibility)
+                if enforced and direction is PolicyDirection.INGRESS and self.allow_localhost:
+                    contributions.append(self._localhost())
                 dp = DirectionPolicy(pmap, direction, enforced, contributions)
                 pmap._policies[(ident.id, direction)] = dp
                 self._check_conflicts(ident, dp)
         return pmap
+
+    def _localhost(self) -> Contribution:
+        """Cilium's allow-localhost=always (its default in Kubernetes mode): an L3-only allow from the
+        host identity in every enforced ingress policy. A deny for `host` still wins."""
+        bit = 1 << self.pmap.identity_index[int(ReservedIdentity.HOST)]
+        return Contribution(bit, False, _L3_PROTOS, 0, 65535, False, None, (), ALLOW_LOCALHOST_REF, next(self.uids), l3=True)
 
     # identities and ipcache
     def _identities(self) -> None:
@@ -611,8 +621,14 @@ def compile_policy(
     endpoints: Endpoints,
     learned: Mapping[str, Iterable[str]] | None = None,
     identities: IdentityAllocators | None = None,
+    *,
+    allow_localhost: bool = False,
 ) -> PolicyMap:
     """Compile validated policies for `endpoints`.
+
+    `allow_localhost`: Cilium's `--allow-localhost=always` (the default of its Kubernetes mode, for
+    kubelet probes): the `host` identity is allowed into every endpoint at L3 (a deny still wins).
+    False (Cilium's `policy`): host traffic needs a rule like `fromEntities: [host]`.
 
     `learned` maps DNS names to the IPs DNS answers gave for them (FqdnCache.snapshot()); toFQDNs
     selectors select those addresses' identities. `identities` are the node's allocators, kept
@@ -620,4 +636,4 @@ def compile_policy(
     Returns: the PolicyMap. Conflicts between rules are in `PolicyMap.errors` (the affected peers
         are dropped); compilation itself does not raise for valid policies.
     """
-    return _Compiler(list(policies), endpoints, learned or {}, identities or IdentityAllocators.new()).run()
+    return _Compiler(list(policies), endpoints, learned or {}, identities or IdentityAllocators.new(), allow_localhost).run()

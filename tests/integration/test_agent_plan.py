@@ -165,3 +165,38 @@ def test_node_addresses_are_the_host_identity() -> None:
     assert plan.identities[ipaddress.ip_network("192.0.2.7/32")] == (1, 0)
     assert plan.identities[ipaddress.ip_network("2001:db8::7/128")] == (1, 0)
     assert ipaddress.ip_network("fe80::1/128") not in plan.identities
+
+
+DENY_HOST_SSH = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-host-ssh, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  ingressDeny:
+    - fromEntities: [host]
+      toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: backend}}]
+      toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+def test_allow_localhost_always_is_an_l3_allow_for_host_that_a_deny_still_beats(tmp_path: Path) -> None:
+    """Cilium's allow-localhost=always: every enforced ingress gets (host, any, any) PASS, and a deny for
+    host is written under it as an explicit DROP; without the option host has no key (judged, dropped)."""
+    from membrane.control.agent import HOST_IDENTITY
+    from membrane.control.files import read_endpoints, read_policies
+
+    p = tmp_path / "deny.yaml"
+    p.write_text(DENY_HOST_SSH)
+    loaded = read_policies([str(p)])
+    eps = read_endpoints(str(ROOT / "examples" / "endpoints.yaml"))
+    judged = plan_kernel(compile_policy(loaded.policies, eps), ATTACHED, IDS)
+    assert [k for k in judged.ingress if k.identity == HOST_IDENTITY] == []
+    always = plan_kernel(compile_policy(loaded.policies, eps, allow_localhost=True), ATTACHED, IDS)
+    assert {k: v.verdict for k, v in always.ingress.items() if k.identity == HOST_IDENTITY} == {
+        bm.PolicyKey(endpoint_id=1, identity=HOST_IDENTITY): bm.Verdict.PASS,
+        bm.PolicyKey(endpoint_id=1, identity=HOST_IDENTITY, port=22, proto=bm.IPPROTO_TCP): bm.Verdict.DROP,
+    }
+    assert [k for k in always.ingress if k.endpoint_id != 1] == []  # only enforced ingress directions get it
