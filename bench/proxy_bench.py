@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from membrane.parsers import dns, http1, kafka
 from membrane.parsers.events import Direction
 from membrane.policies import compile_policy, load_policies, parse_endpoints
-from membrane.proxy.gateway import GatewayPolicy, session_factory
 from membrane.proxy.server import ConnectionInfo
 from membrane.proxy.session import DataReceived, Forward, Session
+from membrane.proxy.wiring import FixedPeers, gateway_factory
 
 C2S, S2C = Direction.CLIENT_TO_SERVER, Direction.SERVER_TO_CLIENT
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +35,8 @@ def _session(policy_file: str, src: str, dst: str, port: int) -> Callable[[], Se
     text = (ROOT / "examples" / "policies" / policy_file).read_text()
     loaded = load_policies(text, policy_file)
     pmap = compile_policy(loaded.policies, parse_endpoints((ROOT / "examples" / "endpoints.yaml").read_text()))
-    gw = GatewayPolicy(pmap=pmap, dst=dst, port=port, src=src)
-    factory = session_factory(gw, "127.0.0.1")
-    return lambda: factory(INFO)
+    factory = gateway_factory(pmap, FixedPeers(dst=dst, upstream=("127.0.0.1", port), src=src))
+    return lambda: factory.session(INFO)
 
 
 def per_op(n: int, fn: Callable[[], object]) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from membrane.bpf.pins import DEFAULT_PIN_DIR
-from membrane.control.agent import DEFAULT_STATUS_PATH, AgentConfig, run_agent
+from membrane.control.agent import DEFAULT_CNI_QUEUE, DEFAULT_SOCKET, DEFAULT_STATUS_PATH, AgentConfig, run_agent
 
 
 def register(sub: Any) -> None:
@@ -24,9 +24,21 @@ def register(sub: Any) -> None:
         help="run the node agent: eBPF steering + transparent L7 proxy",
         description="Enforce the policies for the endpoints on this node until SIGTERM/SIGINT.",
     )
-    p.add_argument("--policies", action="extend", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--policies", action="extend", nargs="+", default=[], metavar="PATH",
                    help="policy files or directories (repeatable; several may follow one --policies)")
-    p.add_argument("--endpoints", required=True, metavar="FILE", help="endpoints file; `interface:` names each host-side veth")
+    p.add_argument("--endpoints", metavar="FILE", help="endpoints file; `interface:` names each host-side veth")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="learn policies (CNP, CCNP), pods, namespaces and nodes from the Kubernetes API server instead of files")
+    p.add_argument("--kubeconfig", type=Path, metavar="PATH", help="with --kubernetes: this kubeconfig (default: in-cluster service account)")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""), metavar="NAME",
+                   help="this node's name in Kubernetes (default $NODE_NAME); its pods become endpoints")
+    p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "kube-system"), metavar="NS",
+                   help="namespace of the Lease that elects the one agent writing policy status (default $POD_NAMESPACE, else kube-system)")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
+                   help=f"the agent's local socket for membrane-cni and membrane observe (default {DEFAULT_SOCKET})")
+    p.add_argument("--cni-queue", type=Path, default=DEFAULT_CNI_QUEUE, metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    p.add_argument("--health", type=_addr, metavar="ADDR:PORT", help="serve /healthz and /readyz (every watch synced, every local endpoint attached)")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
     p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")
     p.add_argument("--workers", type=int, default=1, help="proxy processes sharing the listeners (default 1)")
@@ -66,13 +78,38 @@ def register(sub: Any) -> None:
     u.set_defaults(func=_uninstall)
 
 
+def _addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not ADDR:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("membrane run: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.kubernetes:
+        if args.policies or args.endpoints:
+            print("membrane run: --kubernetes reads policies and pods from the API server; drop --policies/--endpoints", file=sys.stderr)
+            return 2
+        if args.workers != 1:
+            print("membrane run: --kubernetes runs one proxy worker for now (--workers 1)", file=sys.stderr)
+            return 2
+    elif not args.policies or not args.endpoints:
+        print("membrane run: give --policies PATH... and --endpoints FILE, or --kubernetes", file=sys.stderr)
+        return 2
     config = AgentConfig(
         policies=tuple(args.policies),
         endpoints=args.endpoints,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        node_name=args.node_name,
+        lease_namespace=args.lease_namespace,
+        socket_path=args.socket,
+        cni_queue=args.cni_queue,
+        metrics=args.metrics,
+        health=args.health,
         flows=tuple(args.flows),
         sockmap=args.sockmap,
         workers=args.workers,

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from membrane.control.files import PathProblem, read_endpoints, read_policies
+from membrane.control.sources.files import PathProblem, read_endpoints, read_policies
 from membrane.policies import EndpointsError, L4Proto, PolicyDirection, PolicyMap, compile_policy
 from membrane.proxy.flows import FlowSink, FlowStream, RotatingFile, default_node_name
 from membrane.proxy.flowserver import FlowPublisher, FlowServer
-from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
 from membrane.proxy.metrics import Metrics, SharedMetrics, serve_metrics
 from membrane.proxy.server import Proxy, ProxyConfig, listening_socket
+from membrane.proxy.wiring import FixedPeers, gateway_factory
 
 log = logging.getLogger("membrane.gateway")
 
@@ -90,7 +90,8 @@ def register(sub: Any) -> None:
 
 @dataclass
 class _Plan:
-    gw: GatewayPolicy
+    pmap: PolicyMap
+    peers: FixedPeers
     upstream: tuple[str, int]
     config: ProxyConfig
     flows: list[str]
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     port_judged = args.dport if args.dport is not None else args.upstream[1]
     try:
-        gw = GatewayPolicy(pmap=pmap, dst=args.dst, port=port_judged, src=args.src)
+        peers = FixedPeers(dst=args.dst, upstream=args.upstream, src=args.src, port=port_judged)
+        peers.check(pmap)
     except ValueError as e:
         print(f"membrane gateway: {e}", file=sys.stderr)
         return 2
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"membrane gateway: cannot open --flows {path}: {e.strerror}", file=sys.stderr)
             return 2
-    plan = _Plan(gw=gw, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics,
+    plan = _Plan(pmap=pmap, peers=peers, upstream=args.upstream, config=config, flows=args.flows, metrics=args.metrics,
                  node_name=args.node_name or default_node_name(), flows_max_bytes=int(args.flows_max_size_mb * (1 << 20)),
                  flows_max_backups=args.flows_max_backups, socket=args.socket)
     host, port = args.listen
@@ -294,13 +296,14 @@ async def _worker(
         streams.append(FlowPublisher(plan.socket, loop=loop))
     metrics = Metrics()
     sink = FlowSink(streams, node_name=plan.node_name)
+    factory = gateway_factory(plan.pmap, plan.peers, sink)
     proxy = Proxy(
         config=plan.config,
-        factory=session_factory(plan.gw, plan.upstream[0]),
+        factory=factory.session,
         upstream=plan.upstream,
         flows=sink,
         metrics=metrics,
-        datagram_factory=datagram_factory(plan.gw, plan.upstream[0], sink),
+        datagram_factory=factory.datagram,
     )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # Each module exposes `register(subparsers)`, which adds its parser(s) and sets `func` on them:
 # `func(args) -> int` is the command's exit status.
-_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent", "membrane.cli.observe")
+_COMMAND_MODULES = ("membrane.cli.policy", "membrane.sandbox.demo", "membrane.cli.gateway", "membrane.cli.agent", "membrane.cli.observe", "membrane.cli.sandbox")
 # The module that registers each top-level command. Only that module is imported for a command, so
 # `membrane policy ...` does not pay for the proxy's and the agent's imports (bcc, pyroute2, kafka).
 _COMMAND_OWNERS = {
@@ -26,6 +26,7 @@ _COMMAND_OWNERS = {
     "cleanup-stale": "membrane.cli.agent",
     "observe": "membrane.cli.observe",
     "uninstall": "membrane.cli.agent",
+    "sandbox": "membrane.cli.sandbox",
 }
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from membrane.control.files import PathProblem, read_endpoints, read_policies
+from membrane.control.sources.files import PathProblem, read_endpoints, read_policies
 from membrane.parsers.errors import MalformedMessage
 from membrane.parsers.events import DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from membrane.parsers.http_target import normalize_target, split_target

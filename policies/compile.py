@@ -21,6 +21,7 @@ names change (compiling is fast; see bench/policy_bench.py).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
@@ -189,31 +190,59 @@ class DirectionPolicy:
         return Verdict(kind=VerdictKind.REDIRECT, enforced=self.enforced, parser=parser, rules=rules, matched=refs)
 
     def entries(self) -> list[MapEntry]:
-        """Resolved, non-overlapping entries that differ from `default`, for the BPF policy map."""
-        out: list[MapEntry] = []
+        """Resolved, non-overlapping entries that differ from `default`, for the BPF policy map.
+
+        Identities matched by exactly the same contributions get the same entries, so the peers are
+        first split into such groups (bitmap refinement, one pass per contribution) and each group
+        is resolved once: with thousands of identities and a few dozen contributions there are only
+        a handful of groups, where resolving every identity would cost a lookup per port boundary each.
+        """
         selected = 0
         for c in self.contributions:
             selected |= self._pmap.all_bits if c.all_peers else c.peers
-        for idx in iter_bits(selected):
-            ident = self._pmap.identities[idx].id
-            bit = 1 << idx
-            mine = [c for c in self.contributions if c.all_peers or c.peers & bit]
-            for proto in CONCRETE_PROTOS:
-                points = {0, 65536}
-                for c in mine:
-                    if proto in c.protos:
-                        points.update((c.lo, c.hi + 1))
-                bounds = sorted(points)
-                run: tuple[int, VerdictKind, ParserType | None] | None = None
-                for lo in bounds[:-1]:
-                    v = self.lookup(ident, lo, proto)
-                    if run is not None and (run[1], run[2]) == (v.kind, v.parser):
-                        continue
-                    if run is not None:
-                        self._emit(out, ident, proto, run, lo - 1)
-                    run = (lo, v.kind, v.parser)
+        groups: list[tuple[int, list[Contribution]]] = [(selected, [])] if selected else []
+        for c in self.contributions:
+            cbits = self._pmap.all_bits if c.all_peers else c.peers
+            split: list[tuple[int, list[Contribution]]] = []
+            for bits, members in groups:
+                inside = bits & cbits
+                if inside:
+                    split.append((inside, [*members, c]))
+                if bits & ~cbits:
+                    split.append((bits & ~cbits, members))
+            groups = split
+        by_index: list[tuple[int, list[MapEntry]]] = []
+        for bits, mine in groups:
+            indices = list(iter_bits(bits))
+            first = self._pmap.identities[indices[0]].id
+            runs = self._runs(first, mine)
+            for idx in indices:
+                ident = self._pmap.identities[idx].id
+                by_index.append((idx, [MapEntry(identity=ident, proto=p, port=lo, end_port=hi, verdict=v, parser=parser)
+                                       for p, lo, hi, v, parser in runs]))
+        by_index.sort(key=lambda item: item[0])  # ascending identity index, as callers and tests expect
+        return [entry for _, entries in by_index for entry in entries]
+
+    def _runs(self, ident: int, mine: Sequence[Contribution]) -> list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]]:
+        """(proto, first port, last port, verdict, parser) runs differing from `default` for one peer identity
+        that exactly the contributions `mine` match."""
+        out: list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]] = []
+        for proto in CONCRETE_PROTOS:
+            points = {0, 65536}
+            for c in mine:
+                if proto in c.protos:
+                    points.update((c.lo, c.hi + 1))
+            bounds = sorted(points)
+            run: tuple[int, VerdictKind, ParserType | None] | None = None
+            for lo in bounds[:-1]:
+                v = self.lookup(ident, lo, proto)
+                if run is not None and (run[1], run[2]) == (v.kind, v.parser):
+                    continue
                 if run is not None:
-                    self._emit(out, ident, proto, run, 65535)
+                    self._emit(out, proto, run, lo - 1)
+                run = (lo, v.kind, v.parser)
+            if run is not None:
+                self._emit(out, proto, run, 65535)
         return out
 
     def l3_verdict(self, peer_identity: int) -> VerdictKind:
@@ -232,40 +261,61 @@ class DirectionPolicy:
     def layered_entries(self) -> list[tuple[int, VerdictKind, list[MapEntry]]]:
         """For the kernel's layered lookup: per selected identity, its `l3_verdict` and EVERY run of
         (protocol, port range) in KERNEL_PROTOS with its verdict (ICMP ports are types 0-255), so the
-        caller can write what differs from the L3 verdict (a deny under an L3-only allow included)."""
-        out: list[tuple[int, VerdictKind, list[MapEntry]]] = []
+        caller can write what differs from the L3 verdict (a deny under an L3-only allow included).
+        Identities matched by exactly the same contributions are computed once (as in `entries`)."""
         selected = 0
         for c in self.contributions:
             selected |= self._pmap.all_bits if c.all_peers else c.peers
-        for idx in iter_bits(selected):
-            ident = self._pmap.identities[idx].id
-            bit = 1 << idx
-            mine = [c for c in self.contributions if c.all_peers or c.peers & bit]
-            runs: list[MapEntry] = []
-            for proto in KERNEL_PROTOS:
-                top = _PORT_SPACE.get(proto, 65536)
-                points = {0, top}
-                for c in mine:
-                    if proto in c.protos:
-                        points.update((min(c.lo, top), min(c.hi + 1, top)))
-                bounds = sorted(points)
-                run: tuple[int, VerdictKind, ParserType | None] | None = None
-                for lo in bounds[:-1]:
-                    v = self.lookup(ident, lo, proto)
-                    if run is not None and (run[1], run[2]) == (v.kind, v.parser):
-                        continue
-                    if run is not None:
-                        runs.append(MapEntry(identity=ident, proto=proto, port=run[0], end_port=lo - 1, verdict=run[1], parser=run[2]))
-                    run = (lo, v.kind, v.parser)
+        groups: list[tuple[int, list[Contribution]]] = [(selected, [])] if selected else []
+        for c in self.contributions:
+            cbits = self._pmap.all_bits if c.all_peers else c.peers
+            split: list[tuple[int, list[Contribution]]] = []
+            for bits, members in groups:
+                if bits & cbits:
+                    split.append((bits & cbits, [*members, c]))
+                if bits & ~cbits:
+                    split.append((bits & ~cbits, members))
+            groups = split
+        out: list[tuple[int, tuple[int, VerdictKind, list[MapEntry]]]] = []
+        for bits, mine in groups:
+            indices = list(iter_bits(bits))
+            first = self._pmap.identities[indices[0]].id
+            runs = self._all_runs(first, mine)
+            l3 = self.l3_verdict(first)
+            for idx in indices:
+                ident = self._pmap.identities[idx].id
+                entries = [MapEntry(identity=ident, proto=p, port=lo, end_port=hi, verdict=v, parser=parser) for p, lo, hi, v, parser in runs]
+                out.append((idx, (ident, l3, entries)))
+        out.sort(key=lambda item: item[0])
+        return [item for _, item in out]
+
+    def _all_runs(self, ident: int, mine: Sequence[Contribution]) -> list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]]:
+        """Every (proto, first port, last port, verdict, parser) run of KERNEL_PROTOS for one peer identity."""
+        out: list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]] = []
+        for proto in KERNEL_PROTOS:
+            top = _PORT_SPACE.get(proto, 65536)
+            points = {0, top}
+            for c in mine:
+                if proto in c.protos:
+                    points.update((min(c.lo, top), min(c.hi + 1, top)))
+            bounds = sorted(points)
+            run: tuple[int, VerdictKind, ParserType | None] | None = None
+            for lo in bounds[:-1]:
+                v = self.lookup(ident, lo, proto)
+                if run is not None and (run[1], run[2]) == (v.kind, v.parser):
+                    continue
                 if run is not None:
-                    runs.append(MapEntry(identity=ident, proto=proto, port=run[0], end_port=top - 1, verdict=run[1], parser=run[2]))
-            out.append((ident, self.l3_verdict(ident), runs))
+                    out.append((proto, run[0], lo - 1, run[1], run[2]))
+                run = (lo, v.kind, v.parser)
+            if run is not None:
+                out.append((proto, run[0], top - 1, run[1], run[2]))
         return out
 
-    def _emit(self, out: list[MapEntry], ident: int, proto: L4Proto, run: tuple[int, VerdictKind, ParserType | None], end: int) -> None:
+    def _emit(self, out: list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]], proto: L4Proto,
+              run: tuple[int, VerdictKind, ParserType | None], end: int) -> None:
         if run[1] is self.default:
             return
-        out.append(MapEntry(identity=ident, proto=proto, port=run[0], end_port=end, verdict=run[1], parser=run[2]))
+        out.append((proto, run[0], end, run[1], run[2]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +468,7 @@ class _Compiler:
             members.setdefault(e.label_set, []).append(e.key)
         for ls, n in sorted(ep_numbers.items(), key=lambda kv: kv[1]):
             idents.append(Identity(id=n, kind=IdentityKind.ENDPOINT, labels=ls, endpoints=tuple(members[ls])))
-        endpoint_ips = {ipaddress.ip_address(ip): e.key for e in self.endpoints.endpoints for ip in e.ips}
+        endpoint_ips = {_address(ip)[0]: e.key for e in self.endpoints.endpoints for ip in e.ips}
         prefixes: set[IPNetwork] = set()
         for policy in self.policies:
             for rule in policy.rules:
@@ -453,10 +503,13 @@ class _Compiler:
         ipc.extend((i.prefix, i.id) for i in idents if i.kind is IdentityKind.CIDR and i.prefix is not None)
         for e in self.endpoints.endpoints:
             n = ep_numbers[e.label_set]
-            pmap.endpoints[e.key] = e
-            pmap.endpoint_identity[e.key] = n
-            ipc.extend((ipaddress.ip_network(ip), n) for ip in e.ips)
-            pmap.endpoint_by_ip.update((ipaddress.ip_address(ip), e.key) for ip in e.ips)
+            key = e.key  # a property that formats a string: once per endpoint, not once per use
+            pmap.endpoints[key] = e
+            pmap.endpoint_identity[key] = n
+            for ip in e.ips:
+                addr, net = _address(ip)
+                ipc.append((net, n))
+                pmap.endpoint_by_ip[addr] = key
         pmap.ipcache = IpCache(ipc)
 
     def _entities(self) -> dict[Entity, int]:
@@ -614,6 +667,14 @@ class _Compiler:
                     )
                 )
                 return
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _address(ip: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, IPNetwork]:
+    """An endpoint IP parsed once and for all recompiles (a cluster's pods keep their IPs between them):
+    the address and its host prefix. Raises ValueError (endpoint IPs are validated before)."""
+    addr = ipaddress.ip_address(ip)
+    return addr, ipaddress.ip_network(addr)
 
 
 def compile_policy(

@@ -16,6 +16,7 @@ carry the labels beside the number. Cilium allocates cluster-wide through CRDs o
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable
@@ -142,10 +143,16 @@ class IdentityAllocators:
         )
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical(label_set: LabelSet) -> str:
+    """LabelSet.canonical(), remembered: a cluster's label sets outlive many recompiles."""
+    return label_set.canonical()
+
+
 def allocate_endpoint_identities(label_sets: Iterable[LabelSet], allocator: IdentityAllocator | None = None) -> dict[LabelSet, int]:
     """Numbers for label sets; a fresh allocator (the same input, the same numbers) unless one is kept."""
     alloc = allocator or IdentityAllocators.new().endpoints
-    by_text = {ls.canonical(): ls for ls in label_sets}
+    by_text = {_canonical(ls): ls for ls in label_sets}
     return {by_text[t]: n for t, n in alloc.assign(by_text).items()}
 
 

@@ -25,10 +25,11 @@ import itertools
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for str (ensure_ascii)
 from typing import IO, Any, Protocol
@@ -933,3 +934,23 @@ def parse_time_ns(text: str) -> int | None:
     except ValueError:
         return None
     return int(moment.timestamp()) * 1_000_000_000 + frac_ns
+
+
+def open_flow_streams(paths: Sequence[str]) -> list[IO[str]]:
+    """The streams of `--flows PATH...`: '-' is stdout, anything else a file opened for appending, line-buffered.
+    Raises OSError for a path that cannot be opened."""
+    streams: list[IO[str]] = []
+    for path in paths:
+        if path == "-":
+            streams.append(sys.stdout)
+        else:
+            streams.append(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115 - closed by close_flow_streams
+    return streams
+
+
+def close_flow_streams(streams: Iterable[IO[str]]) -> None:
+    """Close what open_flow_streams opened (never stdout). Never raises."""
+    for stream in streams:
+        if stream is not sys.stdout:
+            with contextlib.suppress(OSError):
+                stream.close()

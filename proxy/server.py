@@ -2,8 +2,9 @@
 
 Owns sockets (transparent or gateway), backpressure, timeouts and limits, and carries out the actions a
 `Session` returns; it never parses bytes or decides a verdict. Each connection runs its callbacks under
-one `except Exception` (`Connection._internal_error`): the traceback is logged with the connection id,
-`membrane_proxy_internal_errors_total` is bumped and only that connection is closed.
+one error boundary (`Connection._guard`, and `UdpListener._guard` per peer), which reports through
+`Proxy.internal_error`: the traceback is logged with the connection id, an ERROR flow is written,
+`membrane_proxy_internal_errors_total` is bumped and only that connection (or UDP peer) is closed.
 
 Rules: reading from one side pauses while the other side's write buffer is above `max_buffer_bytes`
 (asyncio's pause_writing/resume_writing), and before the upstream is connected at most
@@ -15,17 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 from membrane.parsers.events import Direction, Reason
-from membrane.proxy.flows import REQUEST, RESPONSE, FlowSink
+from membrane.proxy.flows import ERROR, REQUEST, RESPONSE, FlowContext, FlowSink, L3L4Flow
 from membrane.proxy.metrics import Metrics
 from membrane.proxy.session import (
     Action,
@@ -33,6 +35,8 @@ from membrane.proxy.session import (
     DatagramSession,
     DataReceived,
     Forward,
+    Input,
+    Learn,
     Log,
     PeerClosed,
     Reply,
@@ -83,10 +87,10 @@ class ConnectionInfo:
 
 SessionFactory = Callable[[ConnectionInfo], Session]
 DatagramFactory = Callable[[ConnectionInfo], DatagramSession | None]  # None: dropped at L3/L4
-
-
-def _now() -> float:
-    return time.monotonic()
+# Carries out a session's `Learn` (toFQDNs). None: done already, go on; an awaitable: the connection
+# (or UDP peer) that emitted it holds its later actions until it completes. Must not block.
+LearnHook = Callable[[Learn], Awaitable[None] | None]
+T = TypeVar("T")
 
 
 class _Upstream(asyncio.Protocol):
@@ -114,7 +118,12 @@ class _Upstream(asyncio.Protocol):
 
 
 class Connection(asyncio.Protocol):
-    """One client connection, its upstream connection and its session."""
+    """One client connection, its upstream connection and its session.
+
+    Every callback reaches the session through `_guard`, the connection's one error boundary: an
+    exception anywhere in a step becomes an abort of this connection only, an ERROR flow, a log line
+    with the connection id and `proxy_internal_errors_total` (mitmproxy's single dispatch point).
+    """
 
     _ids = itertools.count(1)
 
@@ -129,11 +138,28 @@ class Connection(asyncio.Protocol):
         self.upstream_eof_pending = False
         self.closed = False
         self.counted = False
-        self.last_activity = _now()
+        self.last_activity = proxy.clock()
         self.head_started: float | None = None
+        self.held: list[Action] | None = None  # actions waiting behind a Learn the proxy's hook is carrying out
         self._client_pauses: set[str] = set()
         self._upstream_pauses: set[str] = set()
         self._connect_task: asyncio.Task[None] | None = None
+        self._learn_task: asyncio.Task[None] | None = None
+
+    # --- the error boundary -----------------------------------------------------------------------
+    def _guard(self, step: Callable[[T], None], arg: T) -> None:
+        """Run one step of this connection; a failure closes this connection only (see the class doc)."""
+        try:
+            step(arg)
+        except Exception:
+            self.proxy.internal_error(f"connection {self.cid}", self.session.context if self.session else None)
+            self.close(abort=True)
+
+    def _input(self, event: Input) -> None:
+        session = self.session
+        if session is None or self.closed:
+            return
+        self.apply(session.handle(event))
 
     # --- client side ------------------------------------------------------------------------------
     def connection_made(self, base: asyncio.BaseTransport) -> None:
@@ -148,47 +174,48 @@ class Connection(asyncio.Protocol):
         proxy.connections.add(self)
         proxy.metrics.connections.inc("tcp")
         proxy.metrics.active_connections.set(len(proxy.connections))
-        try:
-            _set_nodelay(transport)
-            transport.set_write_buffer_limits(high=proxy.config.max_buffer_bytes)
-            peer = transport.get_extra_info("peername")
-            local = transport.get_extra_info("sockname")
-            info = ConnectionInfo(client=(peer[0], peer[1]), original_dst=(local[0], local[1]))
-            self.session = proxy.factory(info)
-            if self.session.reading_head:
-                self.head_started = self.last_activity
-            self.apply(self.session.start())
-            if not self.closed:
-                upstream = proxy.upstream or info.original_dst
-                self._connect_task = asyncio.get_running_loop().create_task(self._connect(info.client, upstream))
-        except Exception:
-            self._internal_error()
+        self._guard(self._open, transport)
+
+    def _open(self, transport: asyncio.Transport) -> None:
+        proxy = self.proxy
+        _set_nodelay(transport)
+        transport.set_write_buffer_limits(high=proxy.config.max_buffer_bytes)
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        info = ConnectionInfo(client=(peer[0], peer[1]), original_dst=(local[0], local[1]))
+        self.session = proxy.factory(info)
+        if self.session.reading_head:
+            self.head_started = self.last_activity
+        self.apply(self.session.start())
+        if not self.closed:
+            upstream = proxy.upstream or info.original_dst
+            task = self._connect_task = asyncio.get_running_loop().create_task(self._connect(info.client, upstream))
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self._guard(_result, task)
 
     def data_received(self, data: bytes) -> None:
+        self._guard(self._client_data, data)
+
+    def _client_data(self, data: bytes) -> None:
         session = self.session
         if session is None or self.closed:
             return
-        try:
-            self.last_activity = now = _now()
-            self.apply(session.handle(DataReceived(C2S, data)))
-            delegate = session.delegate
-            if delegate is not None:  # the protocol is known: talk to its session directly from now on
-                self.session = session = delegate
-            if session.reading_head:
-                if self.head_started is None:
-                    self.head_started = now
-            else:
-                self.head_started = None
-        except Exception:
-            self._internal_error()
+        self.last_activity = now = self.proxy.clock()
+        self.apply(session.handle(DataReceived(C2S, data)))
+        delegate = session.delegate
+        if delegate is not None:  # the protocol is known: talk to its session directly from now on
+            self.session = session = delegate
+        if session.reading_head:
+            if self.head_started is None:
+                self.head_started = now
+        else:
+            self.head_started = None
 
     def eof_received(self) -> bool:
-        if self.session is None or self.closed:
-            return False
-        try:
-            self.apply(self.session.handle(PeerClosed(C2S)))
-        except Exception:
-            self._internal_error()
+        self._guard(self._input, PeerClosed(C2S))
         return not self.closed  # keep our sending side open until the session closes it
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -202,71 +229,59 @@ class Connection(asyncio.Protocol):
 
     # --- upstream side ----------------------------------------------------------------------------
     async def _connect(self, client: Address, upstream: Address) -> None:
+        """Connect upstream; an expected failure (refused, unreachable, timeout) is the session's input.
+        Anything else propagates to `_task_done`, inside the error boundary."""
         loop = asyncio.get_running_loop()
         config = self.proxy.config
         try:
-            try:
-                if config.transparent:
-                    sock = _transparent_upstream_socket(client[0], upstream[0])
-                    try:
-                        await asyncio.wait_for(loop.sock_connect(sock, upstream), config.connect_timeout_s)
-                    except BaseException:
-                        sock.close()
-                        raise
-                    transport, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
-                else:
-                    transport, _ = await asyncio.wait_for(
-                        loop.create_connection(lambda: _Upstream(self), upstream[0], upstream[1]),
-                        config.connect_timeout_s,
-                    )
-            except TimeoutError:
-                self._upstream_failed(Reason.UPSTREAM_TIMEOUT, "timeout")
-                return
-            except OSError as e:
-                self._upstream_failed(Reason.UPSTREAM_FAILED, errno.errorcode.get(e.errno or 0, "oserror"))
-                return
-            if self.closed:
-                transport.close()
-                return
-            self.upstream = transport
-            _set_nodelay(transport)
-            transport.set_write_buffer_limits(high=config.max_buffer_bytes)
-            if self.pending:
-                transport.writelines(self.pending)
-                self.pending.clear()
-                self.pending_bytes = 0
-            if self.upstream_eof_pending and transport.can_write_eof():
-                transport.write_eof()
-            self.set_client_reading(True, "pending")
-            if self._upstream_pauses:
-                transport.pause_reading()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self._internal_error()
+            if config.transparent:
+                sock = _transparent_upstream_socket(client[0], upstream[0])
+                try:
+                    await asyncio.wait_for(loop.sock_connect(sock, upstream), config.connect_timeout_s)
+                except BaseException:
+                    sock.close()
+                    raise
+                transport, _ = await loop.create_connection(lambda: _Upstream(self), sock=sock)
+            else:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Upstream(self), upstream[0], upstream[1]),
+                    config.connect_timeout_s,
+                )
+        except TimeoutError:
+            self._upstream_failed(Reason.UPSTREAM_TIMEOUT, "timeout")
+            return
+        except OSError as e:
+            self._upstream_failed(Reason.UPSTREAM_FAILED, errno.errorcode.get(e.errno or 0, "oserror"))
+            return
+        self._connected(transport)
+
+    def _connected(self, transport: asyncio.Transport) -> None:
+        if self.closed:
+            transport.close()
+            return
+        self.upstream = transport
+        _set_nodelay(transport)
+        transport.set_write_buffer_limits(high=self.proxy.config.max_buffer_bytes)
+        if self.pending:
+            transport.writelines(self.pending)
+            self.pending.clear()
+            self.pending_bytes = 0
+        if self.upstream_eof_pending and transport.can_write_eof():
+            transport.write_eof()
+        self.set_client_reading(True, "pending")
+        if self._upstream_pauses:
+            transport.pause_reading()
 
     def _upstream_failed(self, reason: Reason, label: str) -> None:
         self.proxy.metrics.upstream_failures.inc(label)
-        if self.session is not None and not self.closed:
-            self.apply(self.session.handle(UpstreamFailed(reason)))
+        self._input(UpstreamFailed(reason))
 
     def upstream_data(self, data: bytes) -> None:
-        session = self.session
-        if session is None or self.closed:
-            return
-        try:
-            self.last_activity = _now()
-            self.apply(session.handle(DataReceived(S2C, data)))
-        except Exception:
-            self._internal_error()
+        self.last_activity = self.proxy.clock()
+        self._guard(self._input, DataReceived(S2C, data))
 
     def upstream_eof(self) -> bool:
-        if self.session is None or self.closed:
-            return False
-        try:
-            self.apply(self.session.handle(PeerClosed(S2C)))
-        except Exception:
-            self._internal_error()
+        self._guard(self._input, PeerClosed(S2C))
         return not self.closed
 
     def upstream_lost(self, exc: Exception | None) -> None:
@@ -275,15 +290,20 @@ class Connection(asyncio.Protocol):
             self.close(abort=exc is not None)
 
     # --- actions ----------------------------------------------------------------------------------
-    def apply(self, actions: Iterable[Action]) -> None:
+    def apply(self, actions: list[Action]) -> None:
         """Carry out a session's actions in order.
 
         Consecutive bytes for the same peer are joined into one write: a socket call costs more than
-        the copy (a response head and its body leave in one segment, as HAProxy sends them).
+        the copy (a response head and its body leave in one segment, as HAProxy sends them). A `Learn`
+        that the proxy's hook must wait for holds every later action of this connection (reading both
+        ways pauses) until the hook is done; other connections go on meanwhile.
         """
+        if self.held is not None:
+            self.held.extend(actions)
+            return
         up: list[bytes] = []
         down: list[bytes] = []
-        for action in actions:
+        for i, action in enumerate(actions):
             kind = type(action)
             if kind is Forward:
                 (up if action.direction is C2S else down).append(action.data)  # type: ignore[union-attr]
@@ -291,6 +311,12 @@ class Connection(asyncio.Protocol):
                 down.append(action.data)  # type: ignore[union-attr]
             elif kind is Log:
                 self.proxy.record(action)  # type: ignore[arg-type]
+            elif kind is Learn:
+                waiting = self.proxy.learning(action)  # type: ignore[arg-type]
+                if waiting is not None:
+                    self._flush(up, down)
+                    self._hold(waiting, actions[i + 1 :])
+                    return
             elif kind is Close:
                 self._flush(up, down)
                 up, down = [], []
@@ -307,6 +333,23 @@ class Connection(asyncio.Protocol):
                     self.client.write_eof()
         if up or down:
             self._flush(up, down)
+
+    def _hold(self, waiting: Awaitable[None], rest: list[Action]) -> None:
+        self.held = list(rest)
+        self.set_client_reading(False, "learn")
+        self.set_upstream_reading(False, "learn")
+        task = self._learn_task = asyncio.get_running_loop().create_task(self._release(waiting))
+        task.add_done_callback(self._task_done)
+
+    async def _release(self, waiting: Awaitable[None]) -> None:
+        # A hook that fails raises into the error boundary (`_task_done`): the held answer is never
+        # released, since the kernel may not know its IPs (fail closed; the client retries).
+        await waiting
+        held, self.held = self.held or [], None
+        self.set_client_reading(True, "learn")
+        self.set_upstream_reading(True, "learn")
+        if not self.closed:
+            self.apply(held)
 
     def _flush(self, up: list[bytes], down: list[bytes]) -> None:
         if up:
@@ -335,10 +378,7 @@ class Connection(asyncio.Protocol):
         if self.session is None or self.closed:
             return
         self.proxy.metrics.timeouts.inc(kind.value)
-        try:
-            self.apply(self.session.handle(TimedOut(kind)))
-        except Exception:
-            self._internal_error()
+        self._guard(self._input, TimedOut(kind))
 
     def close(self, abort: bool = False) -> None:
         """End both connections (flushing what is buffered unless `abort`)."""
@@ -366,10 +406,9 @@ class Connection(asyncio.Protocol):
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.close()
 
-    def _internal_error(self) -> None:
-        log.exception("internal error on connection %d; closing it", self.cid)
-        self.proxy.metrics.internal_errors.inc()
-        self.close(abort=True)
+
+def _result(task: asyncio.Task[None]) -> None:
+    task.result()  # re-raises the task's exception inside the caller's error boundary
 
 
 def _set_nodelay(transport: asyncio.Transport) -> None:
@@ -470,6 +509,8 @@ class Proxy:
     flows: FlowSink = field(default_factory=FlowSink)
     metrics: Metrics = field(default_factory=Metrics)
     datagram_factory: DatagramFactory | None = None
+    learn: LearnHook | None = None  # None: Learn actions are ignored (the gateway compiles its policy once)
+    clock: Callable[[], float] = time.monotonic  # seconds; timeouts and drain read it (tests inject their own)
 
     def __post_init__(self) -> None:
         self.connections: set[Connection] = set()
@@ -477,6 +518,22 @@ class Proxy:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[UdpListener] = []
         self._sweeper: asyncio.Task[None] | None = None
+
+    def learning(self, action: Learn) -> Awaitable[None] | None:
+        """Hand a session's Learn to the hook. Returns what the emitting connection must wait for, or None."""
+        return self.learn(action) if self.learn is not None else None
+
+    def internal_error(self, what: str, context: FlowContext | None) -> None:
+        """The one report of a failure inside the proxy: log with the traceback, count it, and an ERROR flow.
+        Called from the error boundaries (`Connection._guard`, `UdpListener._guard`) only."""
+        log.exception("internal error on %s; closing it", what)
+        self.metrics.internal_errors.inc()
+        if context is not None:
+            with contextlib.suppress(Exception):  # the report must not fail the boundary itself
+                self.flows.emit(
+                    L3L4Flow(context=context, verdict=ERROR, l7_type=REQUEST, l7={}, summary=f"internal error on {what}",
+                             time_ns=time.time_ns(), reason="internal_error")
+                )
 
     def record(self, action: Log) -> None:
         flow = action.flow
@@ -513,7 +570,7 @@ class Proxy:
         tick = self._tick_s()
         while True:
             await asyncio.sleep(tick)
-            now = _now()
+            now = self.clock()
             for listener in self._udp:
                 listener.sweep()
             for conn in list(self.connections):
@@ -532,8 +589,8 @@ class Proxy:
         self.draining = True
         for server in self._servers:
             server.close()
-        deadline = _now() + self.config.drain_timeout_s
-        while (self.connections or any(u.has_outstanding for u in self._udp)) and _now() < deadline:
+        deadline = self.clock() + self.config.drain_timeout_s
+        while (self.connections or any(u.has_outstanding for u in self._udp)) and self.clock() < deadline:
             for conn in list(self.connections):
                 if conn.session is not None and conn.session.is_idle:
                     conn.timeout(TimeoutKind.DRAIN)
@@ -560,6 +617,7 @@ class _UdpPeer:
     original_dst: Address
     session: DatagramSession
     upstream: socket.socket | None = None
+    held: list[Action] | None = None  # actions waiting behind a Learn (see Connection.apply)
 
 
 class UdpListener:
@@ -579,6 +637,7 @@ class UdpListener:
         self.factory = factory
         self.peers: dict[tuple[Address, Address], _UdpPeer] = {}
         self._reply_socks: dict[Address, socket.socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # held answers waiting for a Learn (strong references)
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -598,13 +657,21 @@ class UdpListener:
             except OSError:
                 log.exception("UDP listener receive failed")
                 return
-            try:
-                self._datagram(data, ancdata, (addr[0], addr[1]))
-            except Exception:
-                log.exception("internal error on a UDP datagram from %s:%d", addr[0], addr[1])
-                self.proxy.metrics.internal_errors.inc()
+            self._guard(None, self._datagram, (data, ancdata, (addr[0], addr[1])))
 
-    def _datagram(self, data: bytes, ancdata: list[tuple[int, int, bytes]], client: Address) -> None:
+    def _guard(self, peer: _UdpPeer | None, step: Callable[[T], None], arg: T) -> None:
+        """The UDP error boundary: a failure forgets that peer only (its sockets closed) and is reported once."""
+        try:
+            step(arg)
+        except Exception:
+            context = getattr(peer.session, "context", None) if peer is not None else None
+            what = f"UDP peer {peer.client[0]}:{peer.client[1]}" if peer is not None else "a UDP datagram"
+            self.proxy.internal_error(what, context)
+            if peer is not None:
+                self._forget((peer.client, peer.original_dst), peer)
+
+    def _datagram(self, item: tuple[bytes, list[tuple[int, int, bytes]], Address]) -> None:
+        data, ancdata, client = item
         if self.proxy.draining:
             return
         local = self.sock.getsockname()
@@ -619,7 +686,7 @@ class UdpListener:
             peer = _UdpPeer(client=client, original_dst=original_dst, session=session)
             self.peers[key] = peer
             self.proxy.metrics.connections.inc("udp")
-        self._apply(peer, peer.session.on_query(data))
+        self._guard(peer, lambda d: self._apply(peer, peer.session.on_query(d)), data)
 
     def _upstream(self, peer: _UdpPeer) -> socket.socket | None:
         if peer.upstream is not None:
@@ -656,13 +723,11 @@ class UdpListener:
                 return
             except OSError:  # e.g. ECONNREFUSED from an ICMP port unreachable: the upstream is not there
                 self.proxy.metrics.upstream_failures.inc("udp")
-                self._apply(peer, peer.session.on_upstream_failed(Reason.UPSTREAM_FAILED))
+                self._guard(peer, lambda r: self._apply(peer, peer.session.on_upstream_failed(r)), Reason.UPSTREAM_FAILED)
                 return
-            try:
-                self._apply(peer, peer.session.on_answer(data))
-            except Exception:
-                log.exception("internal error on a UDP answer for %s:%d", *peer.client)
-                self.proxy.metrics.internal_errors.inc()
+            self._guard(peer, lambda d: self._apply(peer, peer.session.on_answer(d)), data)
+            if peer.upstream is None:  # forgotten by the boundary
+                return
 
     def _reply_socket(self, peer: _UdpPeer) -> socket.socket:
         if not self.proxy.config.transparent:
@@ -681,8 +746,22 @@ class UdpListener:
             self._reply_socks[peer.original_dst] = sock
         return sock
 
-    def _apply(self, peer: _UdpPeer, actions: Iterable[Action]) -> None:
-        for action in actions:
+    def _apply(self, peer: _UdpPeer, actions: list[Action]) -> None:
+        if peer.held is not None:
+            peer.held.extend(actions)
+            return
+        for i, action in enumerate(actions):
+            if type(action) is Learn:
+                assert isinstance(action, Learn)
+                waiting = self.proxy.learning(action)
+                if waiting is not None:
+                    peer.held = list(actions[i + 1 :])
+                    task = self._loop.create_task(self._release(peer, waiting))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(lambda t: None if t.cancelled() else self._guard(peer, _result, t))
+                    return
+                continue
             if type(action) is Forward:
                 assert isinstance(action, Forward)
                 if action.direction is C2S:
@@ -704,6 +783,12 @@ class UdpListener:
             with contextlib.suppress(BlockingIOError):
                 self._reply_socket(peer).sendto(data, peer.client)
 
+    async def _release(self, peer: _UdpPeer, waiting: Awaitable[None]) -> None:
+        await waiting  # a failure reaches the boundary through the done callback: the answer stays held
+        held, peer.held = peer.held or [], None
+        if self.peers.get((peer.client, peer.original_dst)) is peer:
+            self._apply(peer, held)
+
     def sweep(self) -> None:
         """SERVFAIL for unanswered queries past dns_timeout_s; forget peers idle for idle_timeout_s."""
         config = self.proxy.config
@@ -711,9 +796,12 @@ class UdpListener:
         idle_ns = int(min(config.idle_timeout_s, 60.0) * 1e9)
         now = time.time_ns()
         for key, peer in list(self.peers.items()):
-            self._apply(peer, peer.session.expire(timeout_ns))
+            self._guard(peer, functools.partial(self._expire, peer), timeout_ns)
             if not peer.session.has_outstanding and now - peer.session.last_activity_ns > idle_ns:
                 self._forget(key, peer)
+
+    def _expire(self, peer: _UdpPeer, timeout_ns: int) -> None:
+        self._apply(peer, peer.session.expire(timeout_ns))
 
     def _forget(self, key: tuple[Address, Address], peer: _UdpPeer) -> None:
         self.peers.pop(key, None)

@@ -99,7 +99,19 @@ class Log:
     flow: Flow
 
 
-Action = Forward | Reply | Close | Log
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Learn:
+    """A relayed DNS answer taught these names these IPs (toFQDNs). Emitted before the answer's `Forward`:
+    the I/O layer hands it to its learning hook and holds the rest of this connection's (or UDP peer's)
+    actions until the hook is done, so the kernel knows the IPs before the client can use them
+    (Cilium's DNS proxy holds answers for the same reason). Other connections keep flowing."""
+
+    names: tuple[str, ...]  # the question's name and every CNAME on the way, normalized (trailing dot)
+    ips: tuple[str, ...]
+    ttl_s: float
+
+
+Action = Forward | Reply | Close | Log | Learn
 
 
 def wall_clock_ns() -> int:
@@ -301,6 +313,38 @@ class PassThroughSession(Session):
     """A port that policy allows at L3/L4 with no L7 rules: bytes are relayed untouched, nothing is judged."""
 
     protocol = "tcp"
+
+
+class PassThroughDatagramSession:
+    """A UDP port that policy allows at L3/L4 with no L7 rules: datagrams are relayed untouched both ways.
+
+    Cilium treats such a port as plain L4 (no DNS proxy). In the agent the kernel passes these flows
+    without redirecting them; a datagram still reaches the proxy only while a policy change is in flight.
+    """
+
+    protocol = "udp"
+
+    def __init__(self, *, clock: Callable[[], int] = wall_clock_ns) -> None:
+        self.clock = clock
+        self.last_activity_ns = clock()
+
+    def on_query(self, datagram: bytes) -> list[Action]:
+        self.last_activity_ns = self.clock()
+        return [Forward(C2S, datagram)]
+
+    def on_answer(self, datagram: bytes) -> list[Action]:
+        self.last_activity_ns = self.clock()
+        return [Forward(S2C, datagram)]
+
+    def on_upstream_failed(self, reason: Reason) -> list[Action]:
+        return []
+
+    def expire(self, timeout_ns: int) -> list[Action]:
+        return []
+
+    @property
+    def has_outstanding(self) -> bool:
+        return False
 
 
 class DeniedSession(Session):

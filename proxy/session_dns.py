@@ -3,19 +3,19 @@
 Owns the wiring of `parsers.dns` to the policy: an allowed query goes upstream byte for byte over
 the transport the client used; a denied one is answered REFUSED by the proxy (never forwarded); an
 unreadable one FORMERR; an upstream that fails or stays silent gives SERVFAIL. Every answer relayed
-is recorded (name, IPs, TTL) in an optional `FqdnCache` for toFQDNs. Never parses bytes itself.
+teaches toFQDNs its names and IPs through a `Learn` action emitted before the answer's `Forward`
+(the I/O layer holds the answer until the agent has pushed the IPs). Never parses bytes itself and
+never calls out: a session is pure.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from membrane.parsers import dns
 from membrane.parsers.errors import ParseError
 from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
-from membrane.policies import FqdnCache
 from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_dns
 from membrane.proxy.session import (
     C2S,
@@ -23,6 +23,7 @@ from membrane.proxy.session import (
     Action,
     ConnectionPolicy,
     Forward,
+    Learn,
     Log,
     Reply,
     Session,
@@ -58,13 +59,11 @@ class DnsJudge:
         policy: ConnectionPolicy,
         clock: Callable[[], int],
         frame: Callable[[bytes], bytes],
-        fqdn: FqdnCache | None = None,
     ) -> None:
         self.context = context
         self.policy = policy
         self.clock = clock
         self.frame = frame
-        self.fqdn = fqdn
         self.outstanding: dict[int, _Outstanding] = {}
         self.upstream_failed: Reason | None = None
 
@@ -98,10 +97,12 @@ class DnsJudge:
         if type(response) is not DnsResponse:
             return False
         pending = self.outstanding.pop(response.id, None)
+        if response.rcode == 0 and response.addresses:
+            ttl = response.min_ttl if response.min_ttl is not None else 0
+            names = (response.normalized_name, *response.cnames)
+            actions.append(Learn(names=names, ips=tuple(response.addresses), ttl_s=float(ttl)))
         actions.append(Forward(S2C, self.frame(response.raw)))
         now = self.clock()
-        if self.fqdn is not None and response.addresses:
-            self.fqdn.observe(response, now=time.monotonic())
         started = pending.started_ns if pending is not None else now
         actions.append(self._response_flow(response, now, now - started))
         return True
@@ -189,10 +190,9 @@ class DnsTcpSession(Session):
         context: FlowContext,
         policy: ConnectionPolicy,
         clock: Callable[[], int] = wall_clock_ns,
-        fqdn: FqdnCache | None = None,
     ) -> None:
         super().__init__(context=context, clock=clock)
-        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp, fqdn=fqdn)
+        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp)
         self.client = dns.DnsTcpParser(C2S)
         self.server = dns.DnsTcpParser(S2C)
 
@@ -240,9 +240,8 @@ class DnsDatagramSession:
         context: FlowContext,
         policy: ConnectionPolicy,
         clock: Callable[[], int] = wall_clock_ns,
-        fqdn: FqdnCache | None = None,
     ) -> None:
-        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=lambda m: m, fqdn=fqdn)
+        self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=lambda m: m)
         self.queries = dns.DnsParser(C2S)
         self.answers = dns.DnsParser(S2C)
         self.last_activity_ns = clock()

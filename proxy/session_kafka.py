@@ -9,7 +9,7 @@ sees exactly one answer per request that expects one, in correlation order.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from membrane.parsers import kafka
@@ -31,6 +31,7 @@ from membrane.proxy.session import (
 )
 
 _METADATA = 3
+MAX_TOPIC_IDS = 65536  # topic id -> name pairs remembered per upstream cluster
 MAX_IN_FLIGHT = 1024  # answers owed on one connection; beyond it the connection closes
 
 
@@ -42,6 +43,15 @@ class KafkaLearned:
 
     names_by_id: dict[str, str] = field(default_factory=dict)
     brokers: tuple[kafka.Broker, ...] = ()
+
+    def remember_topic_ids(self, ids: Mapping[str, str]) -> None:
+        """Add what one Metadata answer named; beyond MAX_TOPIC_IDS the oldest half is forgotten (a
+        hostile broker must not grow the proxy without bound; a forgotten id is judged as unknown)."""
+        names = self.names_by_id
+        names.update(ids)
+        if len(names) > MAX_TOPIC_IDS:
+            for key in list(names)[: len(names) - MAX_TOPIC_IDS // 2]:
+                del names[key]
 
 
 @dataclass(slots=True)
@@ -100,7 +110,7 @@ class KafkaSession(Session):
         for response in responses:
             actions.append(Forward(direction, response.raw))
             if response.api_key == _METADATA:
-                self.learned.names_by_id.update(kafka.metadata_topic_ids(response))
+                self.learned.remember_topic_ids(kafka.metadata_topic_ids(response))
                 self.learned.brokers = kafka.metadata_brokers(response) or self.learned.brokers
             due = self._due.popleft()
             self._forwarded_due -= 1

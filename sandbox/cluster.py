@@ -148,7 +148,8 @@ class Sandbox:
         argv = [sys.executable, "-m", "membrane.cli", "run", "--kubernetes", "--kubeconfig", str(self.kubeconfig),
                 "--node-name", self.config.node_name, "--socket", str(self.agent_socket),
                 "--status-file", str(self.status_file), *self.config.agent_args]
-        self.agent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        with open(self.dir / "agent.log", "a", encoding="utf-8") as log_file:  # the agent's log stays in DIR
+            self.agent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, text=True, start_new_session=True)
         line = await asyncio.wait_for(asyncio.to_thread(_wait_for, self.agent, "agent ready"), self.config.ready_timeout_s)
         log.info("%s", line.strip())
 

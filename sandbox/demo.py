@@ -24,7 +24,7 @@ from membrane.cli.policy import (
     run_trace,
     trace_json,
 )
-from membrane.control.files import PathProblem, read_policies
+from membrane.control.sources.files import PathProblem, read_policies
 
 EXAMPLES = Path(str(resources.files("membrane.examples")))  # shipped as package data
 
@@ -146,9 +146,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`membrane demo`: the live demo (pods, agent, real traffic) as root; `--policy-only` traces the examples."""
     if not args.policy_only:
         if os.geteuid() == 0:
+            from membrane.sandbox.k8s_demo import run_k8s_demo
             from membrane.sandbox.live_demo import run_live_demo
 
-            return run_live_demo()
+            live = run_live_demo()
+            if args.no_kubernetes:
+                return live
+            print("\n--- the same with Kubernetes: membrane sandbox up, driven with kubectl ---\n", flush=True)
+            k8s = run_k8s_demo()
+            return live or k8s
         print("membrane demo: the live demo needs root (network namespaces and eBPF); "
               "showing the policy-only demo instead\n", file=sys.stderr)
     return cmd_policy_demo(args)
@@ -189,6 +195,8 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument("--policy-only", action="store_true",
                       help="only validate and trace the example policies (no kernel, no root)")
+    demo.add_argument("--no-kubernetes", action="store_true",
+                      help="skip the second part (a sandbox cluster driven with kubectl)")
     demo.add_argument("--examples", default=str(EXAMPLES), metavar="DIR",
                       help="folder with policies/ and endpoints.yaml (policy-only demo)")
     demo.set_defaults(func=cmd_demo)

@@ -134,14 +134,21 @@ class Kubelet:
             log.warning("pod %s/%s: CNI DEL: %s", local.namespace, local.name, e)
         subprocess.run(["ip", "netns", "del", local.netns], capture_output=True, check=False)
 
+    def _spec_of(self, local: LocalPod) -> Mapping[str, Any]:
+        pod = self._reflector.store.get(f"{local.namespace}/{local.name}") if self._reflector is not None else None
+        return (pod or {}).get("spec") or {}
+
     async def _report(self, local: LocalPod) -> None:
         now = _now()
         if local.error is not None:
             status: dict[str, Any] = {"phase": "Pending", "conditions": [
                 {"type": "Ready", "status": "False", "reason": "NetworkNotReady", "message": local.error, "lastTransitionTime": now}]}
         else:
+            containers = [c.get("name", "main") for c in (self._spec_of(local).get("containers") or [{"name": "main"}])]
             status = {
                 "phase": "Running",
+                "containerStatuses": [{"name": n, "ready": True, "restartCount": 0, "started": True,
+                                       "state": {"running": {"startedAt": now}}} for n in containers],
                 "podIP": local.ips[0] if local.ips else None,
                 "podIPs": [{"ip": ip} for ip in local.ips],
                 "startTime": now,

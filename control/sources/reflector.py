@@ -57,6 +57,9 @@ class Kind:
     namespace: str | None = None  # a single namespace; None = all (for namespaced kinds)
     fields: dict[str, Any] | None = None  # fieldSelector
     labels: dict[str, Any] | None = None  # labelSelector
+    # What the store keeps of each object (it must keep metadata.name and .namespace); None = all of it.
+    # Applied to listed and watched objects alike, so a change to a dropped field is no change at all.
+    keep: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 class Reflector:
@@ -84,7 +87,7 @@ class Reflector:
         )
         fresh: dict[str, dict[str, Any]] = {}
         async for obj in listing:
-            d = _as_dict(obj)
+            d = self._keep(_as_dict(obj))
             fresh[object_key(d)] = d
         self.resource_version = str(listing.resourceVersion)  # set once the first page arrived, even if empty
         changed = fresh != self.store
@@ -93,6 +96,9 @@ class Reflector:
         self.synced.set()
         if changed or self.relists == 1:
             self.on_change(self.kind.name)
+
+    def _keep(self, d: dict[str, Any]) -> dict[str, Any]:
+        return d if self.kind.keep is None else self.kind.keep(d)
 
     def _on_watch_error(self, e: Exception, count: int) -> OnErrorResult:
         if isinstance(e, ApiError) and e.status.code == GONE:
@@ -111,6 +117,7 @@ class Reflector:
             self.resource_version = str(rv)
         if event == "BOOKMARK":
             return
+        d = self._keep(d)
         key = object_key(d)
         if event == "DELETED":
             if self.store.pop(key, None) is None:

@@ -1,7 +1,6 @@
 """The chart runs the membrane CLI: every command line it renders must parse with the CLI's own parser.
-The Kubernetes mode (`run --kubernetes ...`, `--health`, `uninstall --force`) lands with issue 10's
-agent work; until then these are strict xfails, so the day the CLI accepts them they XPASS and fail
-the suite: remove the marker then, and the chart is held to the real CLI from that day on."""
+The Kubernetes mode (`run --kubernetes ...`, `--health`, `--metrics`) and `uninstall --force` are held
+to the real CLI: a flag the chart renders that the CLI does not know fails here."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from membrane.cli.main import build_parser
 from tests.deploy.util import render
 
 AGENT = "mbr-membrane"
-PENDING = pytest.mark.xfail(strict=True, reason="membrane run --kubernetes / uninstall land with issue 10 items 1 and 4")
 
 
 def _parses(argv: list[str]) -> str:
@@ -39,14 +37,14 @@ def test_the_parser_rejects_an_unknown_flag() -> None:
     assert _parses(["run", "--no-such-flag"]) != ""
 
 
-@PENDING
+
 @pytest.mark.parametrize("values", [{}, {"flows.enabled": "true", "metrics.enabled": "false"}], ids=["default", "flows-no-metrics"])
 def test_agent_command_line_parses(values: dict[str, str]) -> None:
     """The agent container's args parse with `membrane`'s parser."""
     assert _parses(_agent_args(values)) == ""
 
 
-@PENDING
+
 def test_cleanup_command_line_parses() -> None:
     """The uninstall hook's `membrane uninstall --force` parses."""
     (ds,) = [d for d in render() if d["kind"] == "DaemonSet" and d["metadata"]["name"] == f"{AGENT}-cleanup"]

@@ -40,7 +40,8 @@ def test_udp_and_tcp_answer_with_cname_chain(server: DnsServer) -> None:
     host, port = server.address
     q = dns.message.make_query("WWW.Example.Test.", "A")
     for answer in (dns.query.udp(q, host, port=port, timeout=2), dns.query.tcp(q, host, port=port, timeout=2)):
-        assert answer.rcode() == dns.rcode.NOERROR and answer.flags & dns.flags.AA
+        assert answer.rcode() == dns.rcode.NOERROR
+        assert answer.flags & dns.flags.AA
         assert _addresses(answer) == ["192.0.2.10", "192.0.2.11"]
         assert answer.answer[0].rdtype == dns.rdatatype.CNAME
     assert [(x.transport, x.name) for x in server.queries] == [("udp", "WWW.Example.Test."), ("tcp", "WWW.Example.Test.")]
@@ -86,7 +87,8 @@ def test_large_udp_answer_is_truncated_then_complete_over_tcp() -> None:
         udp = dns.query.udp(q, host, port=port, timeout=2, ignore_trailing=True)
         assert udp.flags & dns.flags.TC
         tcp = dns.query.tcp(q, host, port=port, timeout=2)
-        assert not tcp.flags & dns.flags.TC and len(_addresses(tcp)) == 60
+        assert not tcp.flags & dns.flags.TC
+        assert len(_addresses(tcp)) == 60
 
 
 def test_dig_over_udp_and_tcp(server: DnsServer) -> None:

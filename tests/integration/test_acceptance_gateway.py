@@ -140,7 +140,7 @@ def test_header_rule_with_policies_given_as_file_and_directory(tmp_path: Path) -
         # README's `--policies PATH...`: several paths after one flag, and the flag repeated.
         extra = ["--policies", str(ROOT / "examples" / "policies" / "deny.yaml"), str(pdir)]
         empty = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: none, namespace: default}\n" \
-                "spec: {endpointSelector: {matchLabels: {app: nobody}}}\n"
+                "spec: {endpointSelector: {matchLabels: {app: nobody}}, ingress: [{fromEndpoints: [{matchLabels: {app: nobody}}]}]}\n"
         with gateway(tmp_path, empty, upstream_port=server.port, dst="default/frontend", src="default/backend",
                      extra=extra) as gw, httpx.Client(base_url=f"http://127.0.0.1:{gw.port}") as client:
             assert client.get("/tok").status_code == 403

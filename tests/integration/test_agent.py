@@ -286,9 +286,9 @@ def test_sigkill_fails_closed_and_restart_leaves_no_strays(
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and "worker_main" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+    while time.monotonic() < deadline and "membrane.control.workers" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
         time.sleep(0.1)  # workers notice their control socket closing and drain
-    assert "worker_main" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "membrane.control.workers" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert kernel.leftovers()  # the programs stay attached after a crash
     assert probe(dbg, fe.ipv4, 80) == "TIMEOUT"  # L3/L4 still enforced
     assert curl(be, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"  # no proxy: the L7 port fails closed
@@ -487,6 +487,53 @@ def test_invalid_policy_at_start_exits_1_and_touches_nothing(tmp_path: Path) -> 
     assert "agent ready" not in out.stdout
     assert not (tmp_path / "s.json").exists()
 
+
+def test_empty_policy_file_at_start_exits_1_saying_how_to_run_with_none(tmp_path: Path) -> None:
+    """A 0-byte policy file is not 'no policies' (issue 13): `membrane run` names the file, says how to write an
+    explicit empty List, and exits 1 before attaching anything."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    eps = tmp_path / "endpoints.yaml"
+    eps.write_text("endpoints: []\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "membrane.cli", "run", "--policies", str(empty), "--endpoints", str(eps), "--status-file", str(tmp_path / "s.json")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert out.returncode == 1
+    assert f"{empty}: policy file is empty" in out.stderr
+    assert "kind: List" in out.stderr
+    assert "agent ready" not in out.stdout
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_policy_file_truncated_while_running_keeps_enforcing(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess]
+) -> None:
+    """A policy file that turns empty while the agent runs keeps the last good policy in force (L7 denials still
+    403) and `membrane status` names the file; an explicit empty List then removes the policy."""
+    topo, eps = http_pods
+    fe, be = topo.pods["frontend"], topo.pods["backend"]
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(HTTP_POLICY.read_text())
+    agent = start_agent([pol], eps, tmp_path)
+    agent_box.append(agent)
+    assert curl(be, f"http://{fe.ipv4}/private")[0] == "403"
+    reloads = agent.status()["reloads"]
+    pol.write_text("")
+    doc = agent.wait_reloads(reloads + 1, timeout_s=5)
+    assert doc["reloads"] == reloads
+    assert any(e.startswith(f"{pol}: policy file is empty") for e in doc["errors"])
+    assert curl(be, f"http://{fe.ipv4}/private")[0] == "403"  # still enforced
+    assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+    pol.write_text("apiVersion: v1\nkind: List\nitems: []\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agent.status()["reloads"] == reloads:
+        time.sleep(0.1)
+    doc = agent.status()
+    assert doc["reloads"] == reloads + 1
+    assert doc["errors"] == []
+    assert curl(be, f"http://{fe.ipv4}/private")[0] == "200"  # no policy selects frontend any more
+    assert agent.stop() == 0
 
 HOST_AND_ICMP_POLICY = """
 apiVersion: cilium.io/v2

@@ -51,10 +51,10 @@ from membrane.parsers.http2 import (
     is_h2c_upgrade,
 )
 from membrane.policies import compile_policy, load_policies, parse_endpoints
-from membrane.proxy.gateway import GatewayPolicy, session_factory
 from membrane.proxy.server import ConnectionInfo
 from membrane.proxy.session import Action, DataReceived, Forward, Log, Reply, Session
 from membrane.proxy.session_http2 import Http2Session
+from membrane.proxy.wiring import FixedPeers, gateway_factory
 
 from tests.helpers.feed import all_chunkings, feed_all
 from tests.helpers.frames import (
@@ -357,9 +357,9 @@ def _proxy_session(http_rules: str) -> Session:
     loaded = load_policies(_POLICY % http_rules, "h2.yaml")
     assert not loaded.errors, loaded.errors
     pmap = compile_policy(loaded.policies, parse_endpoints(_ENDPOINTS))
-    gw = GatewayPolicy(pmap=pmap, dst="default/server", port=80, src="default/client")
+    factory = gateway_factory(pmap, FixedPeers(dst="default/server", upstream=("10.244.7.20", 80), src="default/client"))
     info = ConnectionInfo(client=("127.0.0.1", 40000), original_dst=("127.0.0.1", 80))
-    return session_factory(gw, "10.244.7.20")(info)
+    return factory.session(info)
 
 
 class SessionBridge:

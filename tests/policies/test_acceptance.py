@@ -417,7 +417,8 @@ def test_validate_reports_every_cilium_error() -> None:
     assert len(lines) == len(INVALID), lines
     for name, want in INVALID.items():
         hits = [ln for ln in lines if re.match(rf"^invalid/errors\.yaml:\d+: (\w+/)?{name}: ", ln)]
-        assert len(hits) == 1 and want in hits[0], (name, lines)
+        assert len(hits) == 1, (name, lines)
+        assert want in hits[0], (name, lines)
     # A trace over a path holding an invalid object refuses to run (exit 1), as the contract says.
     t = run("policy", "trace", "--policies", "invalid", "--endpoints", "endpoints.yaml",
             "--src", "default/frontend", "--dst", "default/backend", "--dport", "80/TCP")

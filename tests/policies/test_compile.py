@@ -98,7 +98,8 @@ def test_deny_wins_both_orders(docs: tuple[str, ...]) -> None:
     assert verdict(pmap, BACKEND, FRONTEND, 8080) == "DROPPED"
     assert verdict(pmap, BACKEND, FRONTEND, 8081) == "ALLOWED"
     res = pmap.lookup(FRONTEND, PolicyDirection.INGRESS, pmap.endpoint_identity[DEBUG], 80, L4Proto.TCP)
-    assert res.kind is VerdictKind.DROP and res.matched == ("default/deny-debug: ingressDeny[0]",)
+    assert res.kind is VerdictKind.DROP
+    assert res.matched == ("default/deny-debug: ingressDeny[0]",)
 
 
 def test_deny_applies_without_default_deny() -> None:
@@ -137,10 +138,12 @@ def test_wildcarding_both_orders(docs: tuple[str, str], voided_by: str) -> None:
     """An L3-only or L4-only allow for the same peer voids the port's L7 rules for that peer (still proxied)."""
     pmap = compile_docs(*docs)
     v = pmap.lookup(FRONTEND, PolicyDirection.INGRESS, pmap.endpoint_identity[BACKEND], 80, L4Proto.TCP)
-    assert v.kind is VerdictKind.REDIRECT and v.parser is ParserType.HTTP
+    assert v.kind is VerdictKind.REDIRECT
+    assert v.parser is ParserType.HTTP
     result = verdict(pmap, BACKEND, FRONTEND, 80, request=http("DELETE", "/admin"))
     assert result == "ALLOWED"
-    assert v.rules is not None and v.rules.evaluate(http("DELETE", "/admin")).rule == voided_by
+    assert v.rules is not None
+    assert v.rules.evaluate(http("DELETE", "/admin")).rule == voided_by
 
 
 def test_wildcarding_is_per_peer() -> None:
@@ -195,7 +198,8 @@ def test_cnp_subject_is_namespace_scoped() -> None:
     assert local.direction(BACKEND, PolicyDirection.INGRESS).enforced
     assert not local.direction(OTHER_BACKEND, PolicyDirection.INGRESS).enforced
     cw = compile_docs(ccnp("s", spec))
-    assert cw.direction(BACKEND, PolicyDirection.INGRESS).enforced and cw.direction(OTHER_BACKEND, PolicyDirection.INGRESS).enforced
+    assert cw.direction(BACKEND, PolicyDirection.INGRESS).enforced
+    assert cw.direction(OTHER_BACKEND, PolicyDirection.INGRESS).enforced
 
 
 def test_empty_vs_wildcard_selector() -> None:
@@ -306,7 +310,8 @@ def test_dns_rules_on_port_53_any() -> None:
     )
     for proto in ("UDP", "TCP"):
         v = pmap.lookup(FRONTEND, PolicyDirection.EGRESS, pmap.endpoint_identity["kube-system/coredns"], 53, L4Proto(proto))
-        assert v.kind is VerdictKind.REDIRECT and v.parser is ParserType.DNS
+        assert v.kind is VerdictKind.REDIRECT
+        assert v.parser is ParserType.DNS
     assert verdict(pmap, FRONTEND, "kube-system/coredns", 53, "UDP", dns("anything.example.org")) == "ALLOWED"
 
 
@@ -392,7 +397,8 @@ def test_identities() -> None:
     assert all(MIN_ENDPOINT_IDENTITY <= n <= MAX_ENDPOINT_IDENTITY for n in a.endpoint_identity.values())
     assert len(set(a.endpoint_identity.values())) == len(a.endpoint_identity)
     cidr = a.ipcache.lookup("192.0.2.9")
-    assert cidr >= LOCAL_IDENTITY_BASE and cidr == b.ipcache.lookup("192.0.2.9")
+    assert cidr >= LOCAL_IDENTITY_BASE
+    assert cidr == b.ipcache.lookup("192.0.2.9")
     assert a.ipcache.lookup("8.8.8.8") == ReservedIdentity.WORLD_IPV4
     assert a.ipcache.lookup("2001:db8::1") == ReservedIdentity.WORLD_IPV6
     assert a.ipcache.lookup("10.244.1.10") == a.endpoint_identity[FRONTEND]
@@ -419,7 +425,8 @@ def test_conflicting_parsers_are_reported_and_fail_closed() -> None:
     """Two L7 parsers on one port for one peer: a PolicyConflictError, and that peer is dropped."""
     kafka = cnp("k", "endpointSelector: {matchLabels: {app: frontend}}\ningress: [{fromEndpoints: [{matchLabels: {app: backend}}], toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {kafka: [{}]}}]}]")
     pmap = compile_docs(HTTP_RULE, kafka)
-    assert pmap.errors and "conflicting L7 parsers" in str(pmap.errors[0])
+    assert pmap.errors
+    assert "conflicting L7 parsers" in str(pmap.errors[0])
     assert verdict(pmap, BACKEND, FRONTEND, 80, request=http("GET", "/api")) == "DROPPED"
 
 
@@ -445,7 +452,8 @@ def test_peer_from_ip_and_unknown_identity() -> None:
     assert dp.lookup(123456, 80, L4Proto.TCP).kind is VerdictKind.DROP
     assert dp.lookup(123456, 443, L4Proto.TCP).kind is VerdictKind.ALLOW
     unknown = pmap.direction("default/nobody", PolicyDirection.INGRESS)
-    assert not unknown.enforced and unknown.lookup(1, 1, L4Proto.TCP).kind is VerdictKind.ALLOW
+    assert not unknown.enforced
+    assert unknown.lookup(1, 1, L4Proto.TCP).kind is VerdictKind.ALLOW
 
 
 def test_empty_l7_rules_compile_to_plain_l4() -> None:

@@ -141,7 +141,8 @@ def test_invalid_object_does_not_stop_the_others() -> None:
     bad = cnp("bad", "endpointSelector: {}\ningress: [{fromEntities: [world]}, {toPort: []}]")
     result = load_policies(good + "---\n" + bad + "---\n" + good.replace("good", "good2"), "f.yaml")
     assert [p.key for p in result.policies] == ["default/good", "default/good2"]
-    assert len(result.errors) == 1 and "default/bad" in str(result.errors[0])
+    assert len(result.errors) == 1
+    assert "default/bad" in str(result.errors[0])
 
 
 def test_yaml_syntax_error_names_the_line_and_document() -> None:
@@ -152,14 +153,18 @@ def test_yaml_syntax_error_names_the_line_and_document() -> None:
     assert [p.name for p in result.policies] == ["good", "later"]
     (err,) = result.errors
     assert isinstance(err, PolicyYamlError)
-    assert str(err).startswith("f.yaml:") and "document 2" in str(err) and "YAML syntax error" in str(err)
-    assert err.line is not None and err.line >= good.count("\n") + 2
+    assert str(err).startswith("f.yaml:")
+    assert "document 2" in str(err)
+    assert "YAML syntax error" in str(err)
+    assert err.line is not None
+    assert err.line >= good.count("\n") + 2
 
 
 def test_duplicate_key_is_an_error() -> None:
     """A mapping key given twice is an error (kubectl refuses it), not last-one-wins."""
     errors = _errors("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\nspec: {endpointSelector: {}}\nspec: {}\n")
-    assert len(errors) == 1 and "duplicate mapping key 'spec'" in errors[0]
+    assert len(errors) == 1
+    assert "duplicate mapping key 'spec'" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -176,14 +181,16 @@ def test_duplicate_key_is_an_error() -> None:
 def test_object_level_errors(doc: str, fragment: str) -> None:
     """Wrong kinds, versions and missing names are located errors, never tracebacks."""
     errors = _errors(doc)
-    assert len(errors) == 1 and fragment in errors[0], errors
+    assert len(errors) == 1, errors
+    assert fragment in errors[0], errors
 
 
 def test_duplicate_object_names_are_errors() -> None:
     """Two objects with the same kind scope and name: the second is rejected."""
     doc = cnp("same", "endpointSelector: {}\negress: [{}]")
     result = load_policies(doc + "---\n" + doc, "f.yaml")
-    assert len(result.policies) == 1 and "duplicate" in str(result.errors[0])
+    assert len(result.policies) == 1
+    assert "duplicate" in str(result.errors[0])
 
 
 def test_cnp_model_and_scoping() -> None:
@@ -204,7 +211,8 @@ def test_cnp_model_and_scoping() -> None:
             namespace="prod",
         )
     )
-    assert p.key == "prod/web" and not p.cluster_wide
+    assert p.key == "prod/web"
+    assert not p.cluster_wide
     rule = p.rules[0]
     ns_prod = Requirement("k8s", "io.kubernetes.pod.namespace", Operator.IN, frozenset({"prod"}))
     assert rule.endpoint_selector is not None
@@ -222,8 +230,10 @@ def test_cnp_model_and_scoping() -> None:
 def test_ccnp_scoping() -> None:
     """CCNP: the subject is cluster-wide; a peer selector without namespace selects pods of every namespace."""
     (p,) = policies(ccnp("cw", "endpointSelector: {}\ningress: [{fromEndpoints: [{}]}]"))
-    assert p.key == "cw" and p.cluster_wide
-    assert p.rules[0].endpoint_selector is not None and p.rules[0].endpoint_selector.requirements == ()
+    assert p.key == "cw"
+    assert p.cluster_wide
+    assert p.rules[0].endpoint_selector is not None
+    assert p.rules[0].endpoint_selector.requirements == ()
     sels = p.rules[0].ingress[0].endpoints
     assert sels is not None
     assert sels[0].requirements == (Requirement("k8s", "io.kubernetes.pod.namespace", Operator.EXISTS),)
@@ -248,12 +258,17 @@ def test_ports_and_rules_model() -> None:
         )
     )
     e0 = p.rules[0].egress[0]
-    assert e0.to_ports[0].ports[0].range == (8000, 8080) and e0.to_ports[0].ports[0].protocol is L4Proto.TCP
-    assert e0.to_ports[0].ports[1].protocol is L4Proto.ANY and e0.to_ports[0].ports[1].range == (53, 53)
-    assert e0.to_ports[1].rules is not None and e0.to_ports[1].rules.parser is None  # http: [] = plain L4
+    assert e0.to_ports[0].ports[0].range == (8000, 8080)
+    assert e0.to_ports[0].ports[0].protocol is L4Proto.TCP
+    assert e0.to_ports[0].ports[1].protocol is L4Proto.ANY
+    assert e0.to_ports[0].ports[1].range == (53, 53)
+    assert e0.to_ports[1].rules is not None
+    assert e0.to_ports[1].rules.parser is None
     kafka = e0.to_ports[2].rules
-    assert kafka is not None and kafka.parser is ParserType.KAFKA
-    assert kafka.kafka is not None and kafka.kafka[0].api_keys == frozenset({1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18})
+    assert kafka is not None
+    assert kafka.parser is ParserType.KAFKA
+    assert kafka.kafka is not None
+    assert kafka.kafka[0].api_keys == frozenset({1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18})
     assert p.rules[0].egress[1].entities == (Entity.WORLD, Entity.CLUSTER)
 
 
@@ -298,8 +313,10 @@ def test_explicit_empty_peer_list_selects_nothing() -> None:
     )
     ing = p.rules[0].ingress
     assert ing[0].selects_nothing
-    assert not ing[1].selects_nothing and not ing[1].is_wildcard_peer
-    assert ing[2].is_wildcard_peer and not ing[2].selects_nothing
+    assert not ing[1].selects_nothing
+    assert not ing[1].is_wildcard_peer
+    assert ing[2].is_wildcard_peer
+    assert not ing[2].selects_nothing
     assert ing[3].selects_nothing  # `ingress: [{}]` only turns on default deny
 
 
@@ -326,7 +343,8 @@ def test_endpoints_documents_are_skipped_only_on_request() -> None:
     """A directory may hold the endpoints file next to policies: its document is skipped when asked, an error otherwise."""
     text = "endpoints: [{name: a}]\n---\n" + cnp("p", "endpointSelector: {}\ningress: [{}]")
     skipped = load_policies(text, "dir.yaml", skip_endpoints_documents=True)
-    assert [p.key for p in skipped.policies] == ["default/p"] and not skipped.errors
+    assert [p.key for p in skipped.policies] == ["default/p"]
+    assert not skipped.errors
     strict = load_policies(text, "dir.yaml")
     assert any('unknown field "endpoints"' in str(e) for e in strict.errors), [str(e) for e in strict.errors]
 

@@ -14,7 +14,9 @@ def test_endpoint_labels() -> None:
         "endpoints: [{name: fe, namespace: web, labels: {app: fe}, ips: [10.244.1.1, 'fd00::1'], serviceAccount: sa, interface: mbr0}]\n"
     )
     (ep,) = eps.endpoints
-    assert ep.key == "web/fe" and ep.ips == ("10.244.1.1", "fd00::1") and ep.interface == "mbr0"
+    assert ep.key == "web/fe"
+    assert ep.ips == ("10.244.1.1", "fd00::1")
+    assert ep.interface == "mbr0"
     assert ep.label_set.labels == {
         Label("k8s", "app", "fe"),
         Label("k8s", "io.kubernetes.pod.namespace", "web"),
@@ -23,13 +25,15 @@ def test_endpoint_labels() -> None:
         Label("k8s", "io.cilium.k8s.policy.serviceaccount", "sa"),
         Label("k8s", "io.cilium.k8s.policy.cluster", "default"),
     }
-    assert eps.by_ip("fd00:0::1") is ep and eps.by_key("web/fe") is ep
+    assert eps.by_ip("fd00:0::1") is ep
+    assert eps.by_key("web/fe") is ep
 
 
 def test_defaults() -> None:
     """Namespace defaults to `default`, service account to `default`; namespaces exist implicitly."""
     eps = parse_endpoints("endpoints: [{name: a}]")
-    assert eps.endpoints[0].key == "default/a" and eps.endpoints[0].service_account == "default"
+    assert eps.endpoints[0].key == "default/a"
+    assert eps.endpoints[0].service_account == "default"
     assert [n.name for n in eps.namespaces] == ["default"]
     assert parse_endpoints("").endpoints == ()
 

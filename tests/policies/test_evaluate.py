@@ -74,7 +74,8 @@ def test_http_any_rule_allows_and_first_match_is_reported() -> None:
     """A request passes if at least one of the port's rules matches; the first matching rule is reported."""
     rules = _http_set(HttpRule(method="POST"), HttpRule(path="/a"), HttpRule(path="/a", method="GET"))
     d = rules.evaluate(http("GET", "/a"))
-    assert d.allowed and d.rule == "p: rules.http[1]"
+    assert d.allowed
+    assert d.rule == "p: rules.http[1]"
     assert not rules.evaluate(http("GET", "/b")).allowed
 
 
@@ -105,7 +106,8 @@ def test_header_match_actions(action: MismatchAction, headers: tuple[tuple[str, 
     assert d.allowed
     assert [(a.action.value, a.value) for a in d.header_actions] == [expected]
     ok = rules.evaluate(http("GET", "/", headers=(("x-token", "good"),)))
-    assert ok.allowed and ok.header_actions == ()
+    assert ok.allowed
+    assert ok.header_actions == ()
 
 
 def test_delete_of_an_absent_header_is_no_action() -> None:
@@ -238,7 +240,8 @@ def test_kafka_topic_coverage_both_orders(reverse: bool) -> None:
         rules.reverse()
     rs = _kafka_set(*rules)
     both = rs.evaluate(kafka(K["produce"], "orders", "invoices"))
-    assert both.allowed and len(both.matched) == 2
+    assert both.allowed
+    assert len(both.matched) == 2
     assert not rs.evaluate(kafka(K["produce"], "orders", "payments")).allowed
     assert rs.evaluate(kafka(K["produce"], "invoices")).allowed
 
@@ -290,12 +293,20 @@ def test_repeated_requests_get_the_same_answers_as_the_first() -> None:
     egress = Verdict(kind=VerdictKind.ALLOW, enforced=True, matched=("e",))
     for _ in range(3):
         ok = evaluate_request(egress, ingress, http("GET", "/api"), src_endpoint="d/a", dst_endpoint="d/b")
-        assert ok.verdict is FlowVerdict.ALLOWED and ok.decision is not None and ok.decision.rule == "p: rules.http[0]"
-        assert ok.ingress.endpoint == "d/b" and ok.egress.endpoint == "d/a" and ok.egress.verdict is FlowVerdict.ALLOWED
+        assert ok.verdict is FlowVerdict.ALLOWED
+        assert ok.decision is not None
+        assert ok.decision.rule == "p: rules.http[0]"
+        assert ok.ingress.endpoint == "d/b"
+        assert ok.egress.endpoint == "d/a"
+        assert ok.egress.verdict is FlowVerdict.ALLOWED
         no = evaluate_request(egress, ingress, http("POST", "/api"), src_endpoint="d/a", dst_endpoint="d/b")
-        assert no.verdict is FlowVerdict.L7_DENIED and no.decision is not None and no.decision.reason is Reason.POLICY_DENIED
+        assert no.verdict is FlowVerdict.L7_DENIED
+        assert no.decision is not None
+        assert no.decision.reason is Reason.POLICY_DENIED
         bad = evaluate_request(egress, ingress, http("GET", "/api"), request_error=Reason.MALFORMED, dst_endpoint="d/b")
-        assert bad.verdict is FlowVerdict.L7_DENIED and bad.decision is not None and bad.decision.reason is Reason.MALFORMED
+        assert bad.verdict is FlowVerdict.L7_DENIED
+        assert bad.decision is not None
+        assert bad.decision.reason is Reason.MALFORMED
         other_ends = evaluate_request(egress, ingress, http("GET", "/api"), src_endpoint="d/x", dst_endpoint="d/y")
         assert (other_ends.egress.endpoint, other_ends.ingress.endpoint) == ("d/x", "d/y")
         dropped = evaluate_request(Verdict(kind=VerdictKind.DROP, enforced=True), ingress, http("GET", "/api"))
@@ -309,7 +320,8 @@ def test_per_request_header_actions_are_never_reused() -> None:
         missing = evaluate_request(None, ingress, http("GET", "/"))
         assert [(a.action, a.name, a.value) for a in missing.header_actions] == [(MismatchAction.ADD, "X-Id", "7")]
         present = evaluate_request(None, ingress, http("GET", "/", headers=(("x-id", "7"),)))
-        assert present.verdict is FlowVerdict.ALLOWED and present.header_actions == ()
+        assert present.verdict is FlowVerdict.ALLOWED
+        assert present.header_actions == ()
 
 
 def test_different_rule_sets_never_share_an_answer() -> None:

@@ -50,9 +50,11 @@ def test_generation_bumps_only_when_live_pairs_grow() -> None:
     cache.observe(_answer("a.example", "192.0.2.1", ttl=30, cnames=("b.example.",)), now=0.0)
     assert cache.generation == 2
     cache.observe(_answer("a.example", "192.0.2.1", ttl=10, cnames=("b.example.",)), now=1.0)
-    assert cache.generation == 2 and cache.lookup("a.example", now=29.9) == {"192.0.2.1"}
+    assert cache.generation == 2
+    assert cache.lookup("a.example", now=29.9) == {"192.0.2.1"}
     cache.observe(_answer("a.example", "192.0.2.1", ttl=60, cnames=("b.example.",)), now=1.0)
-    assert cache.generation == 2 and cache.lookup("b.example", now=60.9) == {"192.0.2.1"}
+    assert cache.generation == 2
+    assert cache.lookup("b.example", now=60.9) == {"192.0.2.1"}
     cache.observe(_answer("a.example", "192.0.2.1", "192.0.2.2", ttl=5), now=61.0)
     assert cache.generation == 4  # a.example: 192.0.2.1 revived after expiry, 192.0.2.2 new
     assert cache.snapshot(now=62.0) == {"a.example.": {"192.0.2.1", "192.0.2.2"}}

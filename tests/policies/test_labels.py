@@ -57,7 +57,9 @@ def test_operators(op: Operator, values: set[str], matches_web: bool, matches_ho
 
 def test_empty_selector_matches_everything() -> None:
     """A selector without requirements matches every label set (then scoping narrows it)."""
-    assert Selector().matches(APP_WEB) and Selector().matches(HOST) and Selector().matches(LabelSet.of(()))
+    assert Selector().matches(APP_WEB)
+    assert Selector().matches(HOST)
+    assert Selector().matches(LabelSet.of(()))
 
 
 _sources = st.sampled_from(["k8s", "reserved", "cidr"])

@@ -291,7 +291,8 @@ def test_deferred_writes_go_out_in_one_write_per_batch() -> None:
     sink.defer_writes(scheduled.append)
     for n in range(5):
         sink.emit(_flow(n))
-    assert out.getvalue() == "" and len(scheduled) == 1  # one flush scheduled for the whole batch
+    assert out.getvalue() == ""
+    assert len(scheduled) == 1
     assert [r["l7"]["http"]["url"] for r in sink.recent()] == [f"http://a/{n}" for n in range(5)]  # the ring has them now
     scheduled.pop()()
     assert [json.loads(line)["flow"]["l7"]["http"]["url"] for line in out.getvalue().splitlines()] == [f"http://a/{n}" for n in range(5)]

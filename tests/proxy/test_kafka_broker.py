@@ -142,7 +142,8 @@ def test_real_clients_read_our_refusals_as_authorization_errors() -> None:
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
         producer.send("open", b"y").get(timeout=10)
         producer.close()
-        assert broker.messages("open") == [b"y"] and "secret" not in broker.topics
+        assert broker.messages("open") == [b"y"]
+        assert "secret" not in broker.topics
 
         async def aio() -> None:
             p = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -156,7 +157,8 @@ def test_real_clients_read_our_refusals_as_authorization_errors() -> None:
         asyncio.run(aio())
         kcat = subprocess.run(["kcat", "-b", broker.bootstrap, "-P", "-t", "secret"], input=b"k\n",
                               capture_output=True, timeout=30)
-        assert kcat.returncode != 0 and b"Topic authorization failed" in kcat.stderr
+        assert kcat.returncode != 0
+        assert b"Topic authorization failed" in kcat.stderr
 
 
 def test_topic_id_versions_round_trip_and_resolve() -> None:
@@ -191,7 +193,8 @@ def test_topic_id_versions_round_trip_and_resolve() -> None:
             P.TopicProduceData(version=13, topic_id=topic.topic_id,
                                partition_data=[PD(version=13, index=0, records=bytes(builder.buffer()))])]), 13, 2)
         produce = parse_request(frame)
-        assert not produce.topics_known and resolve_topic_ids(produce, names).topics == ("by-id",)
+        assert not produce.topics_known
+        assert resolve_topic_ids(produce, names).topics == ("by-id",)
         FP = F.FetchTopic.FetchPartition
         frame, raw = call(sock, F(version=13, replica_id=-1, max_wait_ms=10, min_bytes=1, max_bytes=1 << 20,
                                   isolation_level=0, session_id=0, session_epoch=-1, topics=[F.FetchTopic(
@@ -200,7 +203,8 @@ def test_topic_id_versions_round_trip_and_resolve() -> None:
                                           last_fetched_epoch=-1, log_start_offset=-1, partition_max_bytes=1 << 20)])],
                                   forgotten_topics_data=[], rack_id=""), 13, 3)
         fetched = responses[1].decode(raw, version=13, header=True, framed=True).responses[0]
-        assert fetched.topic_id == topic.topic_id and fetched.partitions[0].high_watermark == 1
+        assert fetched.topic_id == topic.topic_id
+        assert fetched.partitions[0].high_watermark == 1
         assert resolve_topic_ids(parse_request(frame), names).topics_known
         assert broker.messages("by-id") == [b"v13"]
 

@@ -25,5 +25,7 @@ def test_live_demo_runs_every_step_as_predicted_and_leaves_nothing() -> None:
     assert "15/15 steps as the policy predicts; agent exit status 0" in text
     for verdict in ("ALLOWED", "L7_DENIED", "DROPPED"):
         assert verdict in text
-    assert "L3_L4" in text and "Kafka request produce" in text and "DNS Query evil.example.com." in text
+    assert "L3_L4" in text
+    assert "Kafka request produce" in text
+    assert "DNS Query evil.example.com." in text
     kernel.assert_clean()

@@ -96,7 +96,9 @@ def test_validate_yaml_error_and_missing_path(tmp_path: Path) -> None:
     """A YAML syntax error is a located problem (exit 1); a missing PATH is a usage error (exit 2)."""
     (tmp_path / "bad.yaml").write_text("kind: [\n")
     proc = run("policy", "validate", str(tmp_path / "bad.yaml"))
-    assert proc.returncode == 1 and "YAML syntax error" in proc.stdout and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "YAML syntax error" in proc.stdout
+    assert "Traceback" not in proc.stderr
     assert run("policy", "validate", str(tmp_path / "nope.yaml")).returncode == 2
 
 
@@ -157,7 +159,8 @@ def test_trace_json_fqdn_and_world() -> None:
     assert trace(*args, "--dst-ip", "104.198.14.52")["verdict"] == "ALLOWED"
     assert trace(*args, "--dst-ip", "2a00::1")["verdict"] == "ALLOWED"
     out = trace(*args, "--dst-ip", "1.2.3.4")
-    assert out["verdict"] == "DROPPED" and out["egress"]["enforced"] is True
+    assert out["verdict"] == "DROPPED"
+    assert out["egress"]["enforced"] is True
     assert issue2(out)["ingress"] == {"verdict": "ALLOWED", "enforced": False, "l7": None, "matched": []}
 
 
@@ -209,10 +212,12 @@ def test_trace_invalid_policy_exits_1(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: b}\nspec: {endpointSelector: {}, egres: []}\n")
     proc = run("policy", "trace", "--policies", str(tmp_path / "bad.yaml"), "--endpoints", str(ENDPOINTS),
                "--src", "default/backend", "--dst", "default/frontend", "--dport", "80/TCP")
-    assert proc.returncode == 1 and 'unknown field "egres"' in proc.stderr
+    assert proc.returncode == 1
+    assert 'unknown field "egres"' in proc.stderr
     (tmp_path / "eps.yaml").write_text("endpoints: [{name: a, ips: [bad]}]\n")
     proc = run("policy", "trace", "--policies", str(POLICIES), "--endpoints", str(tmp_path / "eps.yaml"), "--src-ip", "10.0.0.1", "--dst-ip", "10.0.0.2", "--dport", "80/TCP")
-    assert proc.returncode == 1 and "endpoints[0].ips[0]" in proc.stderr
+    assert proc.returncode == 1
+    assert "endpoints[0].ips[0]" in proc.stderr
 
 
 def test_exit_code_flag() -> None:

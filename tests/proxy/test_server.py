@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,13 +14,14 @@ from typing import cast
 import pytest
 import uvloop
 from membrane.parsers.events import Direction, Reason
-from membrane.proxy.flows import FlowContext, Peer
+from membrane.proxy.flows import FlowContext, FlowSink, Peer
 from membrane.proxy.server import ConnectionInfo, Proxy, ProxyConfig, listening_socket
 from membrane.proxy.session import (
     Action,
     Close,
     DeniedSession,
     Forward,
+    Learn,
     PassThroughSession,
     Reply,
     Session,
@@ -276,26 +280,6 @@ def test_header_timeout_closes_slowloris() -> None:
     run(main)
 
 
-def test_idle_timeout() -> None:
-    """A connection where nothing moves for idle_timeout_s is closed; an active one is not."""
-
-    async def main() -> None:
-        config = ProxyConfig(idle_timeout_s=0.3, drain_timeout_s=0.5)
-        async with echo_server() as (eport, _), running_proxy(passthrough, ("127.0.0.1", eport), config) as (proxy, port):
-            r1, _w1 = await asyncio.open_connection("127.0.0.1", port)
-            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
-            for _ in range(8):
-                w2.write(b"k")
-                assert await r2.readexactly(1) == b"k"
-                await asyncio.sleep(0.1)
-            assert await asyncio.wait_for(r1.read(), 5) == b""
-            w2.write(b"k")
-            assert await r2.readexactly(1) == b"k"
-            assert proxy.metrics.timeouts.get("idle") == 1
-
-    run(main)
-
-
 def test_upstream_connect_timeout_and_refusal() -> None:
     """An upstream that never accepts gives UpstreamFailed(UPSTREAM_TIMEOUT); a closed port UPSTREAM_FAILED."""
 
@@ -522,5 +506,178 @@ def test_buffer_ceiling_before_upstream_connects() -> None:
         for s in fillers:
             s.close()
         full.close()
+
+    run(main)
+
+
+# --- one error boundary: a failure at any step of a connection closes that connection only ----------
+
+
+class _Failing(PassThroughSession):
+    """A session with a bug at one step: 'start', 'client_data', 'upstream_data' or 'client_eof'."""
+
+    def __init__(self, info: ConnectionInfo, where: str) -> None:
+        super().__init__(context=_ctx(info))
+        self.where = where
+
+    def start(self) -> list[Action]:
+        if self.where == "start":
+            raise RuntimeError("bug in start")
+        return []
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        if data == b"boom" and self.where == ("client_data" if direction is C2S else "upstream_data"):
+            raise RuntimeError(f"bug in {self.where}")
+        return super().on_data(direction, data)
+
+    def on_peer_closed(self, direction: Direction) -> list[Action]:
+        if self.where == "client_eof" and direction is C2S:
+            raise RuntimeError("bug in eof")
+        return super().on_peer_closed(direction)
+
+
+@pytest.mark.parametrize("where", ["factory", "start", "client_data", "upstream_data", "client_eof"])
+def test_error_boundary_turns_any_failure_into_close_flow_and_metric(where: str) -> None:
+    """Wherever a connection's step fails (factory, start, client bytes, upstream bytes, FIN), that connection is
+    closed, one ERROR flow (reason internal_error) is written, proxy_internal_errors_total counts 1, and another
+    connection keeps working."""
+    first = [True]
+
+    def factory(info: ConnectionInfo) -> Session:
+        if first[0]:
+            first[0] = False
+            if where == "factory":
+                raise RuntimeError("bug in factory")
+            return _Failing(info, where)
+        return PassThroughSession(context=_ctx(info))
+
+    async def main() -> None:
+        out = io.StringIO()
+        sock = listening_socket("127.0.0.1", 0)
+        async with echo_server() as (eport, _):
+            proxy = Proxy(config=ProxyConfig(drain_timeout_s=0.5), factory=factory, upstream=("127.0.0.1", eport),
+                          flows=FlowSink([out]))
+            await proxy.start([sock])
+            r1, w1 = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            if where == "client_eof":
+                w1.write_eof()
+            elif where in ("client_data", "upstream_data"):
+                w1.write(b"boom")  # the echo server sends it back: the upstream_data step sees it too
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(r1.read(), 5) == b""
+            r2, w2 = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            w2.write(b"fine")
+            assert await r2.readexactly(4) == b"fine"
+            assert proxy.metrics.internal_errors.get() == 1
+            w2.close()
+            await proxy.drain()
+        records = [json.loads(line)["flow"] for line in out.getvalue().splitlines()]
+        errors = [r for r in records if r.get("verdict") == "ERROR"]
+        if where == "factory":
+            assert errors == []  # no session, so no flow context to report with: the log line and metric remain
+        else:
+            assert len(errors) == 1
+            assert "internal error" in errors[0]["Summary"]  # flow.proto: only DROPPED records carry a drop reason
+
+    run(main)
+
+
+# --- Learn: a session's answer waits for the hook, its connection alone ---------------------------
+
+
+class _LearningSession(PassThroughSession):
+    """Upstream bytes starting with b'learn' teach a name: Learn first, then the Forward of those bytes."""
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        if direction is not C2S and data.startswith(b"learn"):
+            return [Learn(names=("a.test.",), ips=("192.0.2.1",), ttl_s=30.0), Forward(direction, data)]
+        return super().on_data(direction, data)
+
+
+def test_learn_holds_only_the_connection_that_emitted_it() -> None:
+    """While the Learn hook's awaitable is pending, that connection's answer is held and the other connections keep
+    flowing; when it completes, the answer is released in order, followed by what came after it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+        seen: list[Learn] = []
+
+        def hook(action: Learn) -> asyncio.Future[None]:
+            seen.append(action)
+            return gate
+
+        sock = listening_socket("127.0.0.1", 0)
+        async with echo_server() as (eport, _):
+            proxy = Proxy(config=ProxyConfig(drain_timeout_s=0.5), factory=lambda i: _LearningSession(context=_ctx(i)),
+                          upstream=("127.0.0.1", eport), learn=hook)
+            await proxy.start([sock])
+            port = sock.getsockname()[1]
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w1.write(b"learn!")
+            while not seen:
+                await asyncio.sleep(0)
+            w1.write(b"after")  # reading is paused: this waits behind the held answer
+            for _ in range(20):  # the other connection is served while the first one waits
+                w2.write(b"ping")
+                assert await r2.readexactly(4) == b"ping"
+            assert r1._buffer == bytearray()  # type: ignore[attr-defined]  # nothing released yet
+            gate.set_result(None)
+            assert await asyncio.wait_for(r1.readexactly(11), 5) == b"learn!after"
+            assert seen == [Learn(names=("a.test.",), ips=("192.0.2.1",), ttl_s=30.0)]
+            w1.close()
+            w2.close()
+            await proxy.drain()
+
+    run(main)
+
+
+def test_learn_without_anything_to_wait_for_does_not_hold() -> None:
+    """A hook that returns None (the names are known) lets the answer go on at once; no hook at all ignores Learn."""
+
+    async def main() -> None:
+        for hook in (lambda action: None, None):
+            sock = listening_socket("127.0.0.1", 0)
+            async with echo_server() as (eport, _):
+                proxy = Proxy(config=ProxyConfig(drain_timeout_s=0.5), factory=lambda i: _LearningSession(context=_ctx(i)),
+                              upstream=("127.0.0.1", eport), learn=hook)
+                await proxy.start([sock])
+                r, w = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+                w.write(b"learn")
+                assert await asyncio.wait_for(r.readexactly(5), 5) == b"learn"
+                w.close()
+                await proxy.drain()
+
+    run(main)
+
+
+def test_idle_timeout_follows_the_injected_clock() -> None:
+    """Idle time is measured on the proxy's clock: advancing a fake clock past idle_timeout_s closes the idle
+    connection at the next sweep, while one that moved since stays open (no real waiting for the timeout)."""
+
+    async def main() -> None:
+        now = [1000.0]
+        config = ProxyConfig(idle_timeout_s=0.3, drain_timeout_s=0.5)
+        sock = listening_socket("127.0.0.1", 0)
+        async with echo_server() as (eport, _):
+            proxy = Proxy(config=config, factory=passthrough, upstream=("127.0.0.1", eport), clock=lambda: now[0])
+            await proxy.start([sock])
+            port = sock.getsockname()[1]
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            for r, w in ((r1, w1), (r2, w2)):
+                w.write(b"k")
+                assert await r.readexactly(1) == b"k"
+            now[0] += 0.2
+            w2.write(b"k")
+            assert await r2.readexactly(1) == b"k"
+            now[0] += 0.2  # the first connection has been idle 0.4 s, the second 0.2 s
+            assert await asyncio.wait_for(r1.read(), 5) == b""
+            w2.write(b"k")
+            assert await r2.readexactly(1) == b"k"
+            assert proxy.metrics.timeouts.get("idle") == 1
+            w2.close()
+            await proxy.drain()
 
     run(main)

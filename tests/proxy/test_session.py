@@ -21,24 +21,30 @@ Case table (HTTP/1.1 unless named):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from membrane.parsers import dns, kafka
 from membrane.parsers.events import Direction, Reason
 from membrane.parsers.http1 import error_response
-from membrane.policies import compile_policy, load_policies, parse_endpoints
-from membrane.proxy.gateway import GatewayPolicy, datagram_factory, session_factory
+from membrane.policies import PolicyMap, compile_policy, load_policies, parse_endpoints
 from membrane.proxy.server import ConnectionInfo
 from membrane.proxy.session import (
     Close,
+    DatagramSession,
     DataReceived,
     Forward,
+    Learn,
     Log,
     PeerClosed,
     Reply,
+    Session,
     TimedOut,
     TimeoutKind,
     UpstreamFailed,
 )
 from membrane.proxy.session_dns import DnsDatagramSession
+from membrane.proxy.wiring import FixedPeers, SessionFactory, gateway_factory
 
 from tests.helpers.playbook import START, LogMatch, Playbook
 
@@ -106,11 +112,30 @@ INFO = ConnectionInfo(client=("127.0.0.1", 40000), original_dst=("127.0.0.1", 80
 FORBIDDEN = error_response(403, keep_alive=True)
 
 
-def _gateway(policy: str, *, src: str, dst: str, port: int) -> GatewayPolicy:
+@dataclass(frozen=True)
+class _Gateway:
+    pmap: PolicyMap
+    dst: str
+    port: int
+    src: str
+
+
+def _gateway(policy: str, *, src: str, dst: str, port: int) -> _Gateway:
     loaded = load_policies(policy, "test.yaml")
     assert not loaded.errors, loaded.errors
-    pmap = compile_policy(loaded.policies, parse_endpoints(ENDPOINTS))
-    return GatewayPolicy(pmap=pmap, dst=dst, port=port, src=src)
+    return _Gateway(compile_policy(loaded.policies, parse_endpoints(ENDPOINTS)), dst, port, src)
+
+
+def _factory(gw: _Gateway, upstream_ip: str) -> SessionFactory:
+    return gateway_factory(gw.pmap, FixedPeers(dst=gw.dst, upstream=(upstream_ip, gw.port), src=gw.src))
+
+
+def session_factory(gw: _Gateway, upstream_ip: str) -> Callable[[ConnectionInfo], Session]:
+    return _factory(gw, upstream_ip).session
+
+
+def datagram_factory(gw: _Gateway, upstream_ip: str) -> Callable[[ConnectionInfo], DatagramSession | None]:
+    return _factory(gw, upstream_ip).datagram
 
 
 def http_session():  # type: ignore[no-untyped-def]
@@ -360,18 +385,14 @@ def test_dns_tcp_refused_forwarded_and_servfail() -> None:
         << Reply(dns.frame_tcp(dns.refusal(dns.read_query(denied), Reason.POLICY_DENIED)))
         << Forward(C2S, dns.frame_tcp(allowed))
         >> DataReceived(S2C, dns.frame_tcp(answer))
+        << Learn(names=("www.cilium.io.",), ips=("192.0.2.10",), ttl_s=60.0)
         << Forward(S2C, dns.frame_tcp(answer))
         >> DataReceived(C2S, dns.frame_tcp(later))
         << Forward(C2S, dns.frame_tcp(later))
         >> UpstreamFailed(Reason.UPSTREAM_FAILED)
         << Reply(dns.frame_tcp(dns.refusal(dns.read_query(later), Reason.UPSTREAM_FAILED)))
     )
-    # The relayed answer taught the toFQDNs cache its name -> IP, until its TTL (60 s) runs out.
-    import time
-
-    now = time.monotonic()
-    assert gw.fqdn.lookup("www.cilium.io.", now=now) == frozenset({"192.0.2.10"})
-    assert gw.fqdn.lookup("www.cilium.io.", now=now + 61) == frozenset()
+    # The answer's Learn (name, IP, TTL for toFQDNs) comes before its Forward: the I/O layer holds it until learned.
 
 
 def test_dns_udp_unanswered_query_gets_servfail() -> None:

@@ -1,4 +1,4 @@
-"""How the agent translates a compiled policy into BPF map content (`plan_kernel`), without a kernel.
+"""control/plan.py: how a compiled policy becomes BPF map content (`plan_kernel`), pure, without a kernel.
 
 Case table (examples/policies + examples/endpoints.yaml, frontend on ifindex 11, backend 12, debug 13):
 | endpoint  | direction | expectation                                                          |
@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 from membrane.bpf import maps as bm
-from membrane.control.agent import MAX_EXPANDED_PORTS, drop_flow, plan_kernel
-from membrane.control.files import read_endpoints, read_policies
+from membrane.control.drops import drop_flow
+from membrane.control.plan import MAX_EXPANDED_PORTS, plan_kernel
+from membrane.control.sources.files import read_endpoints, read_policies
 from membrane.policies import PolicyMap, compile_policy
 
-pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (examples/)
 ATTACHED = {"default/frontend": 11, "default/backend": 12, "default/debug": 13}
 IDS = {"default/frontend": 1, "default/backend": 2, "default/debug": 3}
 
@@ -88,8 +87,10 @@ def test_port_ranges_expand_and_overwide_ranges_fail_closed(tmp_path: Path) -> N
     assert plan.egress[bm.PolicyKey(endpoint_id=1, identity=debug)] == pass_
     assert not [k for k in plan.egress if k.identity == debug and k.proto != bm.ANY_PROTO]
     assert MAX_EXPANDED_PORTS < 65000 - 1024 + 1
-    assert len(plan.problems) == 1 and "1024-65000" in plan.problems[0]
-    assert plan.endpoints[11].enforce_egress and not plan.endpoints[11].enforce_ingress
+    assert len(plan.problems) == 1
+    assert "1024-65000" in plan.problems[0]
+    assert plan.endpoints[11].enforce_egress
+    assert not plan.endpoints[11].enforce_ingress
 
 
 @pytest.mark.parametrize(
@@ -108,7 +109,9 @@ def test_kernel_drop_record_uses_hubble_drop_reasons(reason: bm.DropReason, dire
         proto=bm.IPPROTO_TCP, reason=reason, src_identity=2, dst_identity=1, ifindex=11,
     )
     record = drop_flow(_pmap(), event).to_json()
-    assert record["Type"] == "L3_L4" and "l7" not in record and record["verdict"] == "DROPPED"
+    assert record["Type"] == "L3_L4"
+    assert "l7" not in record
+    assert record["verdict"] == "DROPPED"
     assert record["drop_reason_desc"] == desc
     assert "membrane_reason" not in record  # not in flow.proto: the kernel's own reason stays in the Summary
     assert own in record["Summary"]
@@ -185,8 +188,8 @@ spec:
 def test_allow_localhost_always_is_an_l3_allow_for_host_that_a_deny_still_beats(tmp_path: Path) -> None:
     """Cilium's allow-localhost=always: every enforced ingress gets (host, any, any) PASS, and a deny for
     host is written under it as an explicit DROP; without the option host has no key (judged, dropped)."""
-    from membrane.control.agent import HOST_IDENTITY
-    from membrane.control.files import read_endpoints, read_policies
+    from membrane.control.plan import HOST_IDENTITY
+    from membrane.control.sources.files import read_endpoints, read_policies
 
     p = tmp_path / "deny.yaml"
     p.write_text(DENY_HOST_SSH)
