@@ -25,12 +25,26 @@ from typing import Any
 
 ANY_IDENTITY = 0  # in a PolicyKey: matches every peer identity
 ANY_PORT = 0  # in a PolicyKey: matches every destination port
-ANY_PROTO = 0  # in a PolicyKey: matches TCP and UDP
+ANY_PROTO = 0  # in a PolicyKey: matches every IP protocol (an L3-only allow or deny)
 WORLD_IDENTITY = 2  # identity of an address missing from the ipcache (Cilium's reserved:world)
 GRACE_S = 0.05  # a generation is rewritten only this long after it was last active
 
 IPPROTO_TCP = socket.IPPROTO_TCP
 IPPROTO_UDP = socket.IPPROTO_UDP
+IPPROTO_SCTP = 132
+IPPROTO_ICMP = socket.IPPROTO_ICMP
+IPPROTO_ICMPV6 = socket.IPPROTO_ICMPV6
+PORT_PROTOS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP)  # the kernel reads their destination port
+ICMP_PROTOS = (IPPROTO_ICMP, IPPROTO_ICMPV6)
+ICMP_PORT_BASE = 0x100  # an ICMP type's PolicyKey port is ICMP_PORT_BASE | type (0 stays "any type")
+
+
+def icmp_port(icmp_type: int) -> int:
+    """The PolicyKey port of an ICMP(v6) type. Cilium keys the type in the port field; the kernel
+    adds 0x100 so that type 0 (echo reply) does not collide with ANY_PORT."""
+    if not 0 <= icmp_type <= 255:
+        raise ValueError(f"ICMP type out of range: {icmp_type}")
+    return ICMP_PORT_BASE | icmp_type
 
 
 class Verdict(enum.IntEnum):
@@ -48,6 +62,8 @@ class DropReason(enum.IntEnum):
     INGRESS_DENIED = 2
     PROXY_UNAVAILABLE = 3
     SPOOFED = 4  # a source address the ipcache does not map to the veth the packet came from
+    FRAG_NOT_FOUND = 5  # a non-first fragment whose first fragment was not seen or was dropped
+    UNPARSEABLE = 6  # an IP packet whose headers cannot be parsed (truncated, too many IPv6 extension headers)
 
 
 class PolicyDirection(enum.Enum):
@@ -79,20 +95,27 @@ class PolicyKey:
     Lookup order in the kernel, first match wins: (identity, port, proto), (identity, ANY_PORT, proto),
     (identity, ANY_PORT, ANY_PROTO), then the same three with ANY_IDENTITY. A port with ANY_PROTO is
     never looked up. Port ranges are expanded by the caller. No match on an enforced direction = DROP.
+    Ports: TCP/UDP/SCTP destination ports; ICMP/ICMPv6 `icmp_port(type)`; every other protocol
+    (GRE, ESP, ...) is looked up with ANY_PORT only. (identity, ANY_PORT, ANY_PROTO) is the L3-only
+    entry: it covers every protocol without a more specific key, ICMP and GRE included.
     """
 
     endpoint_id: int  # the local endpoint whose policy this is (Endpoint.endpoint_id)
     identity: int = ANY_IDENTITY  # the peer's security identity; 0 = any
-    port: int = ANY_PORT  # destination port, host order; 0 = any
-    proto: int = ANY_PROTO  # IPPROTO_TCP / IPPROTO_UDP; 0 = any (only together with port 0)
+    port: int = ANY_PORT  # destination port (host order) or icmp_port(type); 0 = any
+    proto: int = ANY_PROTO  # IP protocol number; 0 = any (only together with port 0)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
             raise ValueError(f"port out of range: {self.port}")
-        if self.proto not in (ANY_PROTO, IPPROTO_TCP, IPPROTO_UDP):
-            raise ValueError(f"proto must be 0, TCP or UDP: {self.proto}")
+        if not 0 <= self.proto <= 255:
+            raise ValueError(f"proto must be an IP protocol number: {self.proto}")
         if self.proto == ANY_PROTO and self.port != ANY_PORT:
             raise ValueError("a port needs a protocol")
+        if self.port != ANY_PORT and self.proto not in PORT_PROTOS + ICMP_PROTOS:
+            raise ValueError(f"protocol {self.proto} has no ports: only ANY_PORT is looked up")
+        if self.proto in ICMP_PROTOS and self.port not in (ANY_PORT, *range(ICMP_PORT_BASE, ICMP_PORT_BASE + 256)):
+            raise ValueError(f"an ICMP key's port is icmp_port(type): {self.port}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,6 +12,7 @@ Never decides policy: the agent fills the maps through `Steering.maps` (bpf/maps
 from __future__ import annotations
 
 import errno as errno_mod
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("tc_steer.bpf.c")
 PROG_NAME = "mbr_tc_steer"
+HOST_PROG_NAME = "mbr_tc_host"  # the same object's program for tc egress of pod veths
 FILTER_PRIO = 77  # our tc filter's preference: cleanup deletes exactly this one
 FILTER_HANDLE = ":1"
 INGRESS_PARENT = "ffff:fff2"
+EGRESS_PARENT = "ffff:fff3"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +90,7 @@ class Steering:
         self._stack: ExitStack | None = None
         self._bpf: Any = None
         self._fd = -1
+        self._host_fd = -1
         self._maps: BpfMaps | None = None
         self._attached: dict[int, ExitStack] = {}
         self._events: list[DropEvent] = []
@@ -143,8 +147,10 @@ class Steering:
             if self._pin_dir is not None:
                 stack.callback(self._release_pins)
             self._fd = -1
+            self._host_fd = -1
             try:
                 self._fd = self._bpf.load_func(PROG_NAME, self._bpf.SCHED_CLS).fd
+                self._host_fd = self._bpf.load_func(HOST_PROG_NAME, self._bpf.SCHED_CLS).fd
             except Exception as e:
                 raise BpfLoadError(f"{PROG_NAME}: {e}") from e
             self._maps = BpfMaps(self._bpf)
@@ -178,6 +184,15 @@ class Steering:
         except OSError:
             return -1
 
+    def _host_prog_id(self) -> int:
+        """The kernel id of our host egress program; -1 before it is loaded."""
+        if self._host_fd < 0:
+            return -1
+        try:
+            return int(pins.fd_info(self._host_fd).get("prog_id", -1))
+        except OSError:
+            return -1
+
     def _release_routing(self) -> None:
         """Remove the host-wide routing unless another Steering (live, or attached and kept) still needs it."""
         from membrane.bpf.stale import steering_in_use
@@ -196,7 +211,7 @@ class Steering:
 
         if self._keep or self._pin_dir is None:
             return
-        users = programs_using_pins(self._pin_dir, exclude={self._prog_id()})
+        users = programs_using_pins(self._pin_dir, exclude={self._prog_id(), self._host_prog_id()})
         if users:
             log.info("pins in %s kept: used by program(s) %s", self._pin_dir, sorted(users))
             return
@@ -261,14 +276,19 @@ class Steering:
         """ifindexes we are attached to."""
         return sorted(self._attached)
 
-    def attach(self, interface: str | int) -> int:
-        """Put our program at tc ingress of `interface` (name or ifindex). Returns the ifindex.
+    def attach(self, interface: str | int, *, host_egress: bool = True) -> int:
+        """Put our program at tc ingress of `interface` (name or ifindex), and with `host_egress` (a pod's
+        host-side veth) the host program at its tc egress. Returns the ifindex.
 
-        The filter at our fixed priority/handle is *replaced* in one netlink request, so a filter
+        tc ingress judges what the pod sends; tc egress judges what enters the pod without having
+        been judged at another local pod's veth: traffic from the host itself (as the `host`
+        identity, from the ipcache) and from other nodes. Pass host_egress=False for a node device.
+        Each filter at our fixed priority/handle is *replaced* in one netlink request, so a filter
         already there (a previous agent's, or another Steering's) is swapped for ours atomically:
-        there is never an instant without a program on the interface, and never EEXIST. A clsact
-        qdisc already present is kept. Attaching twice is a no-op. Raises AttachError on failure
-        (the interface then carries what it carried before).
+        there is never an instant without a program on the interface, and never EEXIST. The egress
+        filter goes in first, so the ingress one never runs without it. A clsact qdisc already
+        present is kept. Attaching twice is a no-op. Raises AttachError on failure (the interface
+        then carries what it carried before).
         """
         if self._stack is None:
             raise RuntimeError("Steering is not open")
@@ -286,25 +306,30 @@ class Steering:
                         if e.code != errno_mod.EEXIST:  # someone added one just now: use it
                             raise AttachError("tc", str(interface), e.code, "clsact") from e
                     stack.callback(_quietly, f"clsact on {idx}", lambda: _del_clsact_if_empty(idx))
-                try:
-                    ipr.tc(
-                        "replace-filter",
-                        "bpf",
-                        idx,
-                        FILTER_HANDLE,
-                        fd=self._fd,
-                        name=PROG_NAME,
-                        parent=INGRESS_PARENT,
-                        classid=1,
-                        direct_action=True,
-                        prio=FILTER_PRIO,
-                    )
-                except NetlinkError as e:
-                    raise AttachError("tc", str(interface), e.code, "filter") from e
-                prog_id = self._prog_id()
+                hooks = [(EGRESS_PARENT, self._host_fd, HOST_PROG_NAME)] if host_egress else []
+                hooks.append((INGRESS_PARENT, self._fd, PROG_NAME))
+                replaced: list[tuple[str, int]] = []
+                for parent, fd, name in hooks:
+                    try:
+                        ipr.tc(
+                            "replace-filter",
+                            "bpf",
+                            idx,
+                            FILTER_HANDLE,
+                            fd=fd,
+                            name=name,
+                            parent=parent,
+                            classid=1,
+                            direct_action=True,
+                            prio=FILTER_PRIO,
+                        )
+                    except NetlinkError as e:
+                        raise AttachError("tc", str(interface), e.code, "filter") from e
+                    replaced.append((parent, self._prog_id() if parent == INGRESS_PARENT else self._host_prog_id()))
                 if not added:  # (when we added it, that callback is registered already)
                     stack.callback(_quietly, f"clsact on {idx}", lambda: _del_clsact_if_empty(idx))
-                stack.callback(_quietly, f"filter on {idx}", lambda: _del_filter_if(idx, prog_id))
+                for parent, prog_id in replaced:
+                    stack.callback(_quietly, f"filter on {idx}", functools.partial(_del_filter_if, idx, prog_id, parent))
                 self._attached[idx] = stack.pop_all()
         return idx
 
@@ -362,23 +387,24 @@ def _has_clsact(ipr: IPRoute, idx: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(idx))
 
 
-def ingress_prog_ids(idx: int) -> list[int]:
-    """Ids of the bpf programs in tc ingress filters of interface `idx` (bpftool's view)."""
+def ingress_prog_ids(idx: int, direction: str = "ingress") -> list[int]:
+    """Ids of the bpf programs in tc `direction` ("ingress"/"egress") filters of interface `idx` (bpftool's view)."""
     return [
         int(t.get("prog_id", t.get("id", 0)))
         for net in pins.bpftool("net", "show")
         for t in net.get("tc", [])
-        if int(t.get("ifindex", -1)) == idx and str(t.get("kind", "")).endswith("ingress")
+        if int(t.get("ifindex", -1)) == idx and str(t.get("kind", "")).endswith(direction)
     ]
 
 
-def _del_filter_if(idx: int, prog_id: int) -> None:
-    """Delete our priority's filter on `idx` only if it still runs `prog_id`."""
-    if prog_id not in ingress_prog_ids(idx):
-        log.info("filter on %s now runs another program: left in place", idx)
+def _del_filter_if(idx: int, prog_id: int, parent: str = INGRESS_PARENT) -> None:
+    """Delete our priority's filter at `parent` on `idx` only if it still runs `prog_id`."""
+    direction = "ingress" if parent == INGRESS_PARENT else "egress"
+    if prog_id not in ingress_prog_ids(idx, direction):
+        log.info("%s filter on %s now runs another program: left in place", direction, idx)
         return
     with IPRoute() as ipr:
-        ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=INGRESS_PARENT, prio=FILTER_PRIO)
+        ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=parent, prio=FILTER_PRIO)
 
 
 def _del_clsact_if_empty(idx: int) -> None:

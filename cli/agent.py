@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
     p.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
     p.add_argument("--bpf-pin-dir", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR",
                    help=f"where the kernel state is pinned between agents, on a bpffs (default {DEFAULT_PIN_DIR})")
+    p.add_argument("--allow-localhost", choices=("policy", "always"), default="policy",
+                   help="policy (default): traffic from this node to a pod is judged by the pod's ingress policy as "
+                        "the `host` entity; always: the node may always reach its pods (Cilium's default in Kubernetes mode)")
     p.set_defaults(func=_run)
 
     s = sub.add_parser("status", help="show the running agent's state")
@@ -117,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         status_path=args.status_file,
         bpf_pin_dir=args.bpf_pin_dir,
+        allow_localhost=args.allow_localhost == "always",
     )
     return run_agent(config)
 

@@ -99,7 +99,7 @@ def add_trace_arguments(p: argparse.ArgumentParser) -> None:
     dst.add_argument("--dst-labels", "-d", action="append", metavar="LABELS", help=labels_help)
     p.add_argument("--exit-code", action="store_true",
                    help=f"exit {EXIT_DROPPED} when the flow is DROPPED and {EXIT_L7_DENIED} when it is L7_DENIED")
-    p.add_argument("--dport", required=True, metavar="PORT/PROTO", help="e.g. 80/TCP, 53/UDP")
+    p.add_argument("--dport", required=True, metavar="PORT/PROTO", help="e.g. 80/TCP, 53/UDP, 8/ICMP (an ICMP type)")
     p.add_argument("--http-method", metavar="M")
     p.add_argument("--http-path", metavar="P")
     p.add_argument("--http-host", metavar="H")
@@ -171,16 +171,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def parse_port(text: str) -> tuple[int, L4Proto]:
+    """`80/TCP`, `53/UDP`, `9/SCTP`, or an ICMP type: `8/ICMP`, `128/ICMPv6` (as `icmps` key them)."""
     port_text, _, proto_text = text.partition("/")
     try:
         port = int(port_text, 10)
     except ValueError:
         raise UsageError(f"--dport {text!r}: expected PORT/PROTO, e.g. 80/TCP") from None
+    proto_name = (proto_text or "TCP").upper()
+    icmp = {"ICMP": L4Proto.ICMP, "ICMPV4": L4Proto.ICMP, "ICMPV6": L4Proto.ICMPV6}.get(proto_name)
+    if icmp is not None:
+        if not 0 <= port <= 255:
+            raise UsageError(f"--dport {text!r}: an ICMP type must be 0-255")
+        return port, icmp
     if not 0 < port <= 65535:
         raise UsageError(f"--dport {text!r}: port must be 1-65535")
-    proto_name = (proto_text or "TCP").upper()
     if proto_name not in ("TCP", "UDP", "SCTP"):
-        raise UsageError(f"--dport {text!r}: protocol must be TCP, UDP or SCTP")
+        raise UsageError(f"--dport {text!r}: protocol must be TCP, UDP, SCTP, ICMP or ICMPv6")
     return port, L4Proto(proto_name)
 
 

@@ -77,6 +77,7 @@ class AgentConfig:
     status_path: Path = DEFAULT_STATUS_PATH
     drain_timeout_s: float = 2.0
     bpf_pin_dir: Path = DEFAULT_PIN_DIR  # where the kernel state lives between agents (on a bpffs)
+    allow_localhost: bool = False  # Cilium's allow-localhost=always: the node reaches every pod (else: judged as `host`)
     kubernetes: bool = False  # learn policies, pods, namespaces and nodes from the API server (not files)
     kubeconfig: Path | None = None  # None: the pod's service account (in-cluster)
     node_name: str = ""  # this node, as Kubernetes names it (its pods become endpoints)
@@ -156,7 +157,7 @@ class Agent:
     def _compile_and_apply(self, inputs: Inputs, endpoint_ids: dict[str, int]) -> tuple[PolicyMap, Applied]:
         """On the kernel thread: compile the captured inputs and reconcile the kernel with them."""
         assert self.reconciler is not None
-        pmap = compile_inputs(inputs, self.state.identities)
+        pmap = compile_inputs(inputs, self.state.identities, allow_localhost=self.config.allow_localhost)
         return pmap, self.reconciler.apply(pmap, inputs.endpoints, endpoint_ids)
 
     async def _recompile_locked(self, *, reason: str, count: bool = True) -> None:

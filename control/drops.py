@@ -28,6 +28,8 @@ _HUBBLE_DROP_REASON = {
     bm.DropReason.EGRESS_DENIED: "policy_denied",
     bm.DropReason.INGRESS_DENIED: "policy_denied",
     bm.DropReason.SPOOFED: "invalid_source_ip",
+    bm.DropReason.FRAG_NOT_FOUND: "frag_not_found",  # Cilium's DROP_FRAG_NOT_FOUND (175)
+    bm.DropReason.UNPARSEABLE: "invalid_packet_dropped",
 }
 
 
@@ -37,7 +39,13 @@ def drop_flow(pmap: PolicyMap, event: bm.DropEvent) -> DropFlow:
     sp, dp = pmap.peer_from_ip(src), pmap.peer_from_ip(dst)
     src_peer = flow_peer(pmap, PolicyPeer(event.src_identity, sp.endpoint, src), (src, event.sport))
     dst_peer = flow_peer(pmap, PolicyPeer(event.dst_identity, dp.endpoint, dst), (dst, event.dport))
-    transport = {bm.IPPROTO_TCP: "TCP", bm.IPPROTO_UDP: "UDP"}.get(event.proto, str(event.proto))
+    transport = {
+        bm.IPPROTO_TCP: "TCP",
+        bm.IPPROTO_UDP: "UDP",
+        bm.IPPROTO_SCTP: "SCTP",
+        bm.IPPROTO_ICMP: "ICMPv4",
+        bm.IPPROTO_ICMPV6: "ICMPv6",
+    }.get(event.proto, str(event.proto))
     direction = INGRESS if event.reason is bm.DropReason.INGRESS_DENIED else EGRESS
     kernel_reason = event.reason.name.lower()
     return DropFlow(

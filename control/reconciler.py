@@ -34,6 +34,19 @@ class Applied:
     warnings: tuple[str, ...]  # compile conflicts and plan problems (their traffic is dropped)
 
 
+def node_addresses() -> list[str]:
+    """The host's own interface addresses (every device of this network namespace) for the ipcache's
+    `host` entries: traffic from the node to a pod is judged as `host`. [] when they cannot be read."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            return sorted({str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS")})
+    except OSError as e:
+        log.warning("cannot read the node's addresses: %s", e)
+        return []
+
+
 def ifindex(name: str) -> int | None:
     try:
         return socket.if_nametoindex(name)
@@ -65,7 +78,7 @@ class Reconciler:
         Raises what bpf/ raises on a map write (the caller keeps the last good policy in force)."""
         st = self.steering
         wanted, waiting = _resolve(endpoints, endpoint_ids, self.resolve)
-        plan = plan_kernel(pmap, wanted, endpoint_ids)
+        plan = plan_kernel(pmap, wanted, endpoint_ids, node_addresses())
         m = st.maps
         old = self.plan
         old_ids = old.identities if old is not None else {}

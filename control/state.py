@@ -107,10 +107,11 @@ class NodeState:
         return [line for key in sorted(self.errors) for line in self.errors[key]]
 
 
-def compile_inputs(inputs: Inputs, identities: IdentityAllocators | None = None) -> PolicyMap:
+def compile_inputs(inputs: Inputs, identities: IdentityAllocators | None = None, *, allow_localhost: bool = False) -> PolicyMap:
     """Compile one captured set of inputs (safe on any thread; `identities` are the node's allocators, which
-    keep a live label set's number across compilations: one compilation at a time may use them)."""
-    return compile_policy(inputs.policies, inputs.endpoints, inputs.learned, identities=identities)
+    keep a live label set's number across compilations: one compilation at a time may use them).
+    `allow_localhost`: Cilium's allow-localhost=always (see `compile_policy`)."""
+    return compile_policy(inputs.policies, inputs.endpoints, inputs.learned, identities=identities, allow_localhost=allow_localhost)
 
 
 def _with_namespaces(endpoints: Endpoints, namespaces: tuple[Namespace, ...]) -> Endpoints:

@@ -119,12 +119,18 @@ class Contribution:
     l7: tuple[tuple[L7Rule, str], ...]
     ref: str
     uid: int
+    l3: bool = False  # an entry without toPorts/icmps: covers every IP protocol, ICMP and GRE included
 
 
 _ALL_PROTOS = frozenset(CONCRETE_PROTOS)
+# What the kernel judges per port (ICMP: per type, 0-255); every other protocol only by L3-only entries.
+KERNEL_PROTOS = (L4Proto.TCP, L4Proto.UDP, L4Proto.SCTP, L4Proto.ICMP, L4Proto.ICMPV6)
+_L3_PROTOS = frozenset(KERNEL_PROTOS)
+_PORT_SPACE = {L4Proto.ICMP: 256, L4Proto.ICMPV6: 256}  # ICMP "ports" are types; others 65536
 # Marks the reference of an allow-all L7 entry added for visibility (see _Compiler._visibility).
 VISIBILITY_MARK = "(visibility: enableDefaultDeny"
 _MAX_CACHE = 100_000
+ALLOW_LOCALHOST_REF = "(allow-localhost: the node may always reach its pods)"
 
 
 class DirectionPolicy:
@@ -239,6 +245,72 @@ class DirectionPolicy:
                 self._emit(out, proto, run, 65535)
         return out
 
+    def l3_verdict(self, peer_identity: int) -> VerdictKind:
+        """What an L3-only key says for this peer: every protocol without ports (GRE, ESP, ...) and
+        every port of the others that no more specific entry covers. DROP by an L3-only deny, ALLOW
+        by an L3-only allow, else the default."""
+        idx = self._pmap.identity_index.get(peer_identity)
+        bit = 0 if idx is None else 1 << idx
+        kinds = {c.deny for c in self.contributions if c.l3 and (c.all_peers or c.peers & bit)}
+        if True in kinds:
+            return VerdictKind.DROP
+        if False in kinds:
+            return VerdictKind.ALLOW
+        return self.default
+
+    def layered_entries(self) -> list[tuple[int, VerdictKind, list[MapEntry]]]:
+        """For the kernel's layered lookup: per selected identity, its `l3_verdict` and EVERY run of
+        (protocol, port range) in KERNEL_PROTOS with its verdict (ICMP ports are types 0-255), so the
+        caller can write what differs from the L3 verdict (a deny under an L3-only allow included).
+        Identities matched by exactly the same contributions are computed once (as in `entries`)."""
+        selected = 0
+        for c in self.contributions:
+            selected |= self._pmap.all_bits if c.all_peers else c.peers
+        groups: list[tuple[int, list[Contribution]]] = [(selected, [])] if selected else []
+        for c in self.contributions:
+            cbits = self._pmap.all_bits if c.all_peers else c.peers
+            split: list[tuple[int, list[Contribution]]] = []
+            for bits, members in groups:
+                if bits & cbits:
+                    split.append((bits & cbits, [*members, c]))
+                if bits & ~cbits:
+                    split.append((bits & ~cbits, members))
+            groups = split
+        out: list[tuple[int, tuple[int, VerdictKind, list[MapEntry]]]] = []
+        for bits, mine in groups:
+            indices = list(iter_bits(bits))
+            first = self._pmap.identities[indices[0]].id
+            runs = self._all_runs(first, mine)
+            l3 = self.l3_verdict(first)
+            for idx in indices:
+                ident = self._pmap.identities[idx].id
+                entries = [MapEntry(identity=ident, proto=p, port=lo, end_port=hi, verdict=v, parser=parser) for p, lo, hi, v, parser in runs]
+                out.append((idx, (ident, l3, entries)))
+        out.sort(key=lambda item: item[0])
+        return [item for _, item in out]
+
+    def _all_runs(self, ident: int, mine: Sequence[Contribution]) -> list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]]:
+        """Every (proto, first port, last port, verdict, parser) run of KERNEL_PROTOS for one peer identity."""
+        out: list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]] = []
+        for proto in KERNEL_PROTOS:
+            top = _PORT_SPACE.get(proto, 65536)
+            points = {0, top}
+            for c in mine:
+                if proto in c.protos:
+                    points.update((min(c.lo, top), min(c.hi + 1, top)))
+            bounds = sorted(points)
+            run: tuple[int, VerdictKind, ParserType | None] | None = None
+            for lo in bounds[:-1]:
+                v = self.lookup(ident, lo, proto)
+                if run is not None and (run[1], run[2]) == (v.kind, v.parser):
+                    continue
+                if run is not None:
+                    out.append((proto, run[0], lo - 1, run[1], run[2]))
+                run = (lo, v.kind, v.parser)
+            if run is not None:
+                out.append((proto, run[0], top - 1, run[1], run[2]))
+        return out
+
     def _emit(self, out: list[tuple[L4Proto, int, int, VerdictKind, ParserType | None]], proto: L4Proto,
               run: tuple[int, VerdictKind, ParserType | None], end: int) -> None:
         if run[1] is self.default:
@@ -328,6 +400,7 @@ class _Compiler:
     endpoints: Endpoints
     learned: Mapping[str, Iterable[str]]
     identities: IdentityAllocators
+    allow_localhost: bool = False
     pmap: PolicyMap = field(default_factory=PolicyMap)
     uids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -371,10 +444,18 @@ class _Compiler:
                             visibility.extend(self._visibility(got, direction))
                 if not enforced:
                     contributions.extend(visibility)
+                if enforced and direction is PolicyDirection.INGRESS and self.allow_localhost:
+                    contributions.append(self._localhost())
                 dp = DirectionPolicy(pmap, direction, enforced, contributions)
                 pmap._policies[(ident.id, direction)] = dp
                 self._check_conflicts(ident, dp)
         return pmap
+
+    def _localhost(self) -> Contribution:
+        """Cilium's allow-localhost=always (its default in Kubernetes mode): an L3-only allow from the
+        host identity in every enforced ingress policy. A deny for `host` still wins."""
+        bit = 1 << self.pmap.identity_index[int(ReservedIdentity.HOST)]
+        return Contribution(bit, False, _L3_PROTOS, 0, 65535, False, None, (), ALLOW_LOCALHOST_REF, next(self.uids), l3=True)
 
     # identities and ipcache
     def _identities(self) -> None:
@@ -527,8 +608,11 @@ class _Compiler:
         out: list[Contribution] = []
         if not entry.to_ports:
             if entry.has_icmps:
-                return []  # ICMP only: no TCP/UDP/SCTP port
-            out.append(Contribution(peers, all_peers, _ALL_PROTOS, 0, 65535, entry.deny, None, (), prefix + entry.path, next(self.uids)))
+                # ICMP only: Cilium keys each type as the port of proto ICMP/ICMPv6 (api.ICMPField.PortProtocol)
+                for proto, icmp_type in entry.icmps:
+                    out.append(Contribution(peers, all_peers, frozenset({proto}), icmp_type, icmp_type, entry.deny, None, (), prefix + entry.path, next(self.uids)))
+                return out
+            out.append(Contribution(peers, all_peers, _L3_PROTOS, 0, 65535, entry.deny, None, (), prefix + entry.path, next(self.uids), l3=True))
             return out
         for pr in entry.to_ports:
             parser = pr.rules.parser if pr.rules is not None else None
@@ -603,8 +687,14 @@ def compile_policy(
     endpoints: Endpoints,
     learned: Mapping[str, Iterable[str]] | None = None,
     identities: IdentityAllocators | None = None,
+    *,
+    allow_localhost: bool = False,
 ) -> PolicyMap:
     """Compile validated policies for `endpoints`.
+
+    `allow_localhost`: Cilium's `--allow-localhost=always` (the default of its Kubernetes mode, for
+    kubelet probes): the `host` identity is allowed into every endpoint at L3 (a deny still wins).
+    False (Cilium's `policy`): host traffic needs a rule like `fromEntities: [host]`.
 
     `learned` maps DNS names to the IPs DNS answers gave for them (FqdnCache.snapshot()); toFQDNs
     selectors select those addresses' identities. `identities` are the node's allocators, kept
@@ -612,4 +702,4 @@ def compile_policy(
     Returns: the PolicyMap. Conflicts between rules are in `PolicyMap.errors` (the affected peers
         are dropped); compilation itself does not raise for valid policies.
     """
-    return _Compiler(list(policies), endpoints, learned or {}, identities or IdentityAllocators.new()).run()
+    return _Compiler(list(policies), endpoints, learned or {}, identities or IdentityAllocators.new(), allow_localhost).run()

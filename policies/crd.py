@@ -6,7 +6,8 @@ rule_validation.go: Rule.Validate, PortRule.Validate, L7Rules.Validate), and sel
 Cilium scopes them (CNP subjects and peers to the policy's namespace, CCNP peers cluster-wide).
 Never does I/O. One invalid field rejects the whole object, and every problem of the object is
 reported: `parse_policy` raises `PolicyValidationError` whose `problems` hold one error per field.
-What Membrane cannot enforce (host policies, ICMP rules) is rejected with a message saying so.
+What Membrane cannot enforce (host policies) is rejected with a message saying so; `icmps` is
+enforced in the kernel (ICMP/ICMPv6 type as the port, as Cilium keys it).
 The model is frozen dataclasses; empty, absent and zero are documented per field.
 """
 
@@ -74,6 +75,8 @@ class L4Proto(enum.Enum):
     UDP = "UDP"
     SCTP = "SCTP"
     ANY = "ANY"  # TCP, UDP and SCTP
+    ICMP = "ICMP"  # only from `icmps` (family IPv4): the port is the ICMP type
+    ICMPV6 = "ICMPv6"  # only from `icmps` (family IPv6)
 
 
 CONCRETE_PROTOS = (L4Proto.TCP, L4Proto.UDP, L4Proto.SCTP)
@@ -239,7 +242,8 @@ class PeerRule:
     cidrs: tuple[CidrRule, ...] | None = None  # fromCIDR + fromCIDRSet
     fqdns: tuple[FqdnSelector, ...] | None = None  # egress allow only
     to_ports: tuple[PortRule, ...] = ()
-    has_icmps: bool = False  # ICMP-only entry; never set today (`icmps` is rejected: ICMP is not enforced)
+    has_icmps: bool = False  # ICMP-only entry: covers no TCP/UDP/SCTP port
+    icmps: tuple[tuple[L4Proto, int], ...] = ()  # (ICMP or ICMPV6, type) of every `icmps[].fields[]`
     deny: bool = False
     path: str = ""  # e.g. "ingress[0]" or "specs[1].egressDeny[0]"
 
@@ -564,10 +568,9 @@ def _parse_proto(value: object, path: str) -> L4Proto:
     text = as_str(value, path).upper()
     if text == "":
         return L4Proto.ANY
-    try:
-        return L4Proto(text)
-    except ValueError:
+    if text not in ("TCP", "UDP", "SCTP", "ANY"):
         fail(path, f"unsupported protocol {value!r} (TCP, UDP, SCTP or ANY)")
+    return L4Proto(text)
 
 
 def _parse_port_protocol(value: object, path: str) -> PortProtocol:
@@ -833,15 +836,9 @@ _INGRESS_L3 = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities")
 _EGRESS_L3 = ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities", "toFQDNs")
 _INGRESS_UNSUPPORTED = ("fromRequires", "fromGroups", "fromNodes")
 _EGRESS_UNSUPPORTED = ("toRequires", "toGroups", "toNodes", "toServices")
-ICMP_UNSUPPORTED = (
-    "icmps is not supported: ICMP is not enforced by Membrane yet, so an icmps rule would allow or deny "
-    "nothing; remove it, or use an L3-only rule (a peer without toPorts), which covers ICMP in Cilium too"
-)
-
-
 def _peer_unsupported(ingress: bool) -> dict[str, str]:
     names = _INGRESS_UNSUPPORTED if ingress else _EGRESS_UNSUPPORTED
-    return {**{n: f"{n} is not supported by membrane" for n in names}, "icmps": ICMP_UNSUPPORTED}
+    return {n: f"{n} is not supported by membrane" for n in names}
 
 
 def _parse_peer_rule(
@@ -855,7 +852,7 @@ def _parse_peer_rule(
     m = as_mapping(value, path)
     pre = "from" if ingress else "to"
     l3 = _l3_fields(ingress=ingress, deny=deny)
-    check_fields(m, path, (*l3, "toPorts") + (() if deny else ("authentication",)), unsupported=_peer_unsupported(ingress))
+    check_fields(m, path, (*l3, "toPorts", "icmps") + (() if deny else ("authentication",)), unsupported=_peer_unsupported(ingress))
     present = [k for k in l3 if isinstance(opt(m, k), list) and len(m[k]) > 0]
     if len(present) > 1:
         report(FieldError(path, f"combining {present[0]} and {present[1]} is not supported yet"))
@@ -868,6 +865,12 @@ def _parse_peer_rule(
         ports = tuple(
             each(m["toPorts"], tp, lambda v, p: _parse_port_rule(v, p, ref + p[len(path):], ingress, deny))
         )
+    icmps: list[tuple[L4Proto, int]] = []
+    if opt(m, "icmps") is not None:
+        for got in each(m["icmps"], join(path, "icmps"), _parse_icmp):
+            icmps.extend(got)
+        if as_list(m["icmps"], join(path, "icmps")) and ports:
+            report(FieldError(path, "the icmps block may only be present without toPorts; define a separate rule for toPorts"))
     cls = IngressRule if ingress else EgressRule
     return cls(
         endpoints=_peer_endpoints(m, path, pre, namespace),
@@ -875,9 +878,91 @@ def _parse_peer_rule(
         cidrs=_peer_cidrs(m, path, pre),
         fqdns=fqdns,
         to_ports=ports,
+        has_icmps=bool(opt(m, "icmps")),
+        icmps=tuple(dict.fromkeys(icmps)),
         deny=deny,
         path=ref,
     )
+
+
+# Cilium's ICMP type names (pkg/policy/api/icmp.go, accepted since 1.15), per family.
+ICMP_TYPES: dict[str, int] = {
+    "EchoReply": 0,
+    "DestinationUnreachable": 3,
+    "Redirect": 5,
+    "Echo": 8,
+    "EchoRequest": 8,
+    "RouterAdvertisement": 9,
+    "RouterSelection": 10,
+    "TimeExceeded": 11,
+    "ParameterProblem": 12,
+    "Timestamp": 13,
+    "TimestampReply": 14,
+    "Photuris": 40,
+    "ExtendedEchoRequest": 42,
+    "ExtendedEchoReply": 43,
+}
+ICMPV6_TYPES: dict[str, int] = {
+    "DestinationUnreachable": 1,
+    "PacketTooBig": 2,
+    "TimeExceeded": 3,
+    "ParameterProblem": 4,
+    "EchoRequest": 128,
+    "EchoReply": 129,
+    "MulticastListenerQuery": 130,
+    "MulticastListenerReport": 131,
+    "MulticastListenerDone": 132,
+    "RouterSolicitation": 133,
+    "RouterAdvertisement": 134,
+    "NeighborSolicitation": 135,
+    "NeighborAdvertisement": 136,
+    "RedirectMessage": 137,
+    "RouterRenumbering": 138,
+    "ICMPNodeInformationQuery": 139,
+    "ICMPNodeInformationResponse": 140,
+    "InverseNeighborDiscoverySolicitation": 141,
+    "InverseNeighborDiscoveryAdvertisement": 142,
+    "HomeAgentAddressDiscoveryRequest": 144,
+    "HomeAgentAddressDiscoveryReply": 145,
+    "MobilePrefixSolicitation": 146,
+    "MobilePrefixAdvertisement": 147,
+    "DuplicateAddressRequestCodeSuffix": 157,
+    "DuplicateAddressConfirmationCodeSuffix": 158,
+    "ExtendedEchoRequest": 160,
+    "ExtendedEchoReply": 161,
+}
+
+
+def _parse_icmp(value: object, path: str) -> list[tuple[L4Proto, int]]:
+    """One `icmps[i]`: (ICMP or ICMPV6, type) per field. Family defaults to IPv4 (as in Cilium); the
+    type is 0-255, a decimal string of it, or a name of that family's table."""
+    m = as_mapping(value, path)
+    check_fields(m, path, ("fields",))
+    fp = join(path, "fields")
+    out: list[tuple[L4Proto, int]] = []
+    for i, f in enumerate(as_list(opt(m, "fields") or [], fp)):
+        p = f"{fp}[{i}]"
+        fm = as_mapping(f, p)
+        check_fields(fm, p, ("type", "family"))
+        t = opt(fm, "type")
+        tp = join(p, "type")
+        if isinstance(t, bool) or not isinstance(t, int | str):
+            fail(tp, f"expected an ICMP type (number or name), got {_type_name(t)}")
+        fam = opt(fm, "family")
+        family = "IPv4" if fam is None else as_str(fam, join(p, "family"))
+        if family not in ("IPv4", "IPv6"):
+            fail(join(p, "family"), f"invalid family {fam!r} (IPv4 or IPv6)")
+        names = ICMP_TYPES if family == "IPv4" else ICMPV6_TYPES
+        if isinstance(t, str) and t.isdigit():
+            t = int(t, 10)
+        if isinstance(t, str):
+            if t not in names:
+                fail(tp, f"ICMP type {t!r} not found in {family} ({', '.join(names)})")
+            t = names[t]
+        if not 0 <= t <= 255:
+            fail(tp, f"ICMP type {t} out of range (0-255)")
+        out.append((L4Proto.ICMP if family == "IPv4" else L4Proto.ICMPV6, t))
+    return out
 
 
 def _l3_fields(*, ingress: bool, deny: bool) -> tuple[str, ...]:

@@ -77,10 +77,11 @@ def test_cleanup_stale_after_sigkill(pods: Topology) -> None:
     assert any(x.startswith("prog") and "mbr_tc_steer" in x for x in left), left
     assert any(x.startswith("cgroup prog") for x in left), left
     assert routing.routing_present(), "the dead agent's routing should still be there"
-    assert sum("tc filter" in x for x in left) == 2, left
+    assert sum("tc filter" in x for x in left) == 4, left  # ingress and host egress on both veths
     assert call(a, b.ipv4, 8080) == f"from {a.ipv4} got hi"  # no policy in the orphaned maps: allow
     removed = cleanup_stale()
     assert sum("filter mbr_tc_steer" in r for r in removed) == 2, removed
+    assert sum("filter mbr_tc_host" in r for r in removed) == 2, removed
     assert sum(r.startswith("clsact") for r in removed) == 2, removed
     assert any(r.startswith("cgroup") for r in removed), removed
     ours = [x for x in kernel.leftovers() if not x.startswith(("netns", "link"))]

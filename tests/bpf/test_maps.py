@@ -261,8 +261,14 @@ def test_endpoint_and_config_round_trip(st: Steering) -> None:
 
 
 def test_policy_key_validation() -> None:
-    """A port needs a protocol, protocols are TCP/UDP/any, ports fit 16 bits."""
-    for bad in ({"port": 80}, {"port": 70000, "proto": IPPROTO_TCP}, {"proto": 1}):
+    """A port needs a protocol with ports, ICMP ports are icmp_port(type), ports fit 16 bits."""
+    for bad in (
+        {"port": 80},
+        {"port": 70000, "proto": IPPROTO_TCP},
+        {"proto": 256},
+        {"port": 80, "proto": 47},  # GRE has no ports
+        {"port": 8, "proto": 1},  # an ICMP type must be icmp_port(8)
+    ):
         with pytest.raises(ValueError):
             PolicyKey(endpoint_id=1, **bad)
 

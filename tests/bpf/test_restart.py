@@ -239,6 +239,7 @@ def test_keep_enforces_without_an_agent_and_uninstall_removes_everything(abc: To
 
     removed = uninstall(pin_dir)
     assert sum("filter mbr_tc_steer" in r for r in removed) == 3, removed
+    assert sum("egress filter mbr_tc_host" in r for r in removed) == 3, removed
     assert sum(r.startswith("clsact") for r in removed) == 3, removed
     assert sum(r.startswith("pin") for r in removed) == 9, removed  # eight maps and the directory
     assert any("routing" in r for r in removed), removed
@@ -287,6 +288,7 @@ def test_cleanup_stale_removes_what_the_new_plan_dropped(abc: Topology, pin_dir:
         assert sorted(removed) == sorted(
             [
                 f"tc ingress filter mbr_tc_steer on {c.host_if}",
+                f"tc egress filter mbr_tc_host on {c.host_if}",
                 f"clsact on {c.host_if}",
                 f"endpoint ifindex {c.host_ifindex}",
                 f"identity {c.ipv4}/32",

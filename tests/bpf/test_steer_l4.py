@@ -163,7 +163,7 @@ def test_from_non_endpoint_device_judged_by_ingress(pods: Topology) -> None:
             egress={},
         )
         register(st, pods, b_ingress=True)
-        st.attach(node.host_if)
+        st.attach(node.host_if, host_egress=False)
         assert call(node, b.ipv4, PORT) == f"from {node.ipv4} got hi"
         assert call(node, b.ipv4, PORT, proto="udp", timeout_s=1) == "TIMEOUT"
         assert call(a, b.ipv4, PORT, timeout_s=1) == "TIMEOUT"  # identity 1001 is not allowed in

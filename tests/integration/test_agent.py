@@ -534,3 +534,55 @@ def test_policy_file_truncated_while_running_keeps_enforcing(
     assert doc["errors"] == []
     assert curl(be, f"http://{fe.ipv4}/private")[0] == "200"  # no policy selects frontend any more
     assert agent.stop() == 0
+
+HOST_AND_ICMP_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: frontend-ingress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  ingress:
+    - fromEntities: [host]
+      toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+    - fromEndpoints: [{matchLabels: {app: backend}}]
+      icmps: [{fields: [{type: EchoRequest, family: IPv4}]}]
+"""
+
+
+def _host_get(url_host: object, port: int, timeout_s: float) -> str:
+    """An HTTP GET from the node itself (this process, in the host namespace); "TIMEOUT" or "REFUSED"."""
+    import socket
+
+    try:
+        with socket.create_connection((str(url_host), port), timeout=timeout_s) as s:
+            s.sendall(b"GET /api HTTP/1.0\r\n\r\n")
+            return s.recv(200).decode(errors="replace").split("\r\n", 1)[0]
+    except TimeoutError:
+        return "TIMEOUT"
+    except ConnectionRefusedError:
+        return "REFUSED"
+
+
+def test_host_traffic_and_icmp_are_judged(tmp_path: Path, agent_box: list[AgentProcess]) -> None:
+    """Through the agent: the node's own connection to a pod is judged as `host` (fromEntities: [host]
+    allows port 80; another port is dropped, not refused), and ping is allowed by `icmps` for backend
+    only (debug's echo request is dropped)."""
+    from tests.bpf.test_unjudged import PING
+
+    with topology("frontend", "backend", "debug") as topo:
+        fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+        start_server(topo, fe, HTTP_SERVER, "80")
+        start_server(topo, fe, HTTP_SERVER, "8081")
+        eps = tmp_path / "endpoints.yaml"
+        eps.write_text(endpoints_yaml(topo, {}))
+        pol = tmp_path / "policy.yaml"
+        pol.write_text(HOST_AND_ICMP_POLICY)
+        agent = start_agent([pol], eps, tmp_path)
+        agent_box.append(agent)
+        assert _host_get(fe.ipv4, 80, 3) == "HTTP/1.1 200 OK"
+        assert _host_get(fe.ipv4, 8081, 1.5) == "TIMEOUT"  # judged as host: no allow on 8081
+        assert be.run([sys.executable, "-c", PING, str(fe.ipv4), "3"]).stdout.strip() == "REPLY"
+        assert dbg.run([sys.executable, "-c", PING, str(fe.ipv4), "1"]).stdout.strip() == "TIMEOUT"
+        assert probe(be, fe.ipv4, 80) == "TIMEOUT"  # icmps allow no port
+        assert agent.status()["drops"]["ingress_denied"] >= 3
+        assert agent.stop() == 0

@@ -403,7 +403,7 @@ INVALID = {
     "wrongtype": "spec.endpointSelector.matchLabels: expected a mapping",
     "nosections": "spec: rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny",
     "hostpolicy": "spec.nodeSelector: nodeSelector (a host policy) is not supported",
-    "icmp": "spec.ingress[0].icmps: icmps is not supported: ICMP is not enforced by Membrane yet",
+    "icmp": "spec.ingress[0].icmps[0].fields[0].type: ICMP type 'PacketTooBig' not found in IPv4",
     "npmixed": "spec.ingress[0].from[0]: ipBlock cannot be combined with podSelector",
     "npnamedport": "spec.egress[0].ports[0].port: named port 'http' is not supported",
 }
@@ -432,3 +432,38 @@ def test_acceptance_scenarios_validate() -> None:
         assert proc.returncode == 0, proc.stdout
         kind = ": ok (NetworkPolicy" if d == "netpol" else ": ok (Cilium"
         assert all(kind in ln for ln in proc.stdout.splitlines()), proc.stdout
+
+
+ICMP_TRACE_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: icmps, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: backend}}]
+      icmps: [{fields: [{type: EchoRequest}, {type: EchoReply, family: IPv6}]}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("dport", "verdict"),
+    [("8/ICMP", "ALLOWED"), ("0/ICMP", "DROPPED"), ("129/ICMPv6", "ALLOWED"), ("128/ICMPv6", "DROPPED"), ("80/TCP", "DROPPED")],
+)
+def test_trace_icmp_types(tmp_path: Path, dport: str, verdict: str) -> None:
+    """`trace --dport TYPE/ICMP` judges an ICMP type as the `icmps` rule keys it (names resolved per family)."""
+    pol = tmp_path / "icmps.yaml"
+    pol.write_text(ICMP_TRACE_POLICY)
+    proc = run("policy", "trace", "--policies", str(pol), "--endpoints", str(ROOT / "examples" / "endpoints.yaml"),
+               "--src", "default/backend", "--dst", "default/frontend", "--dport", dport)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"verdict: {verdict}"
+
+
+def test_trace_rejects_an_icmp_type_out_of_range(tmp_path: Path) -> None:
+    pol = tmp_path / "icmps.yaml"
+    pol.write_text(ICMP_TRACE_POLICY)
+    proc = run("policy", "trace", "--policies", str(pol), "--endpoints", str(ROOT / "examples" / "endpoints.yaml"),
+               "--src", "default/backend", "--dst", "default/frontend", "--dport", "256/ICMP")
+    assert proc.returncode == 2
+    assert "an ICMP type must be 0-255" in proc.stderr

@@ -93,8 +93,9 @@ ERROR_CASES = [
         ("cnp-node-selector", "nodeSelector: {}\ningress: [{}]", "spec.nodeSelector", "cannot have nodeSelector"),
     ("fqdn-on-deny", "endpointSelector: {}\negressDeny: [{toFQDNs: [{matchName: a.com}]}]", "spec.egressDeny[0].toFQDNs", 'unknown field "toFQDNs"'),
     ("l7-on-deny", "endpointSelector: {}\ningressDeny: [{toPorts: [{ports: [{port: '80', protocol: TCP}], rules: {http: [{}]}}]}]", "spec.ingressDeny[0].toPorts[0].rules", 'unknown field "rules"'),
-    ("icmps", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: 8}]}]}]", "spec.ingress[0].icmps", "ICMP is not enforced by Membrane yet"),
-    ("icmps-deny", "endpointSelector: {}\negressDeny: [{icmps: [{fields: [{type: 8}]}]}]", "spec.egressDeny[0].icmps", "use an L3-only rule"),
+    ("icmp-name-of-other-family", "endpointSelector: {}\ningress: [{icmps: [{fields: [{type: PacketTooBig}]}]}]", "spec.ingress[0].icmps[0].fields[0].type", "not found in IPv4"),
+    ("icmp-type-range", "endpointSelector: {}\negressDeny: [{icmps: [{fields: [{type: 256, family: IPv6}]}]}]", "spec.egressDeny[0].icmps[0].fields[0].type", "out of range"),
+    ("icmp-family", "endpointSelector: {}\negress: [{icmps: [{fields: [{type: 8, family: IPv5}]}]}]", "spec.egress[0].icmps[0].fields[0].family", "invalid family"),
     ("combining-peers", "endpointSelector: {}\ningress: [{fromEndpoints: [{}], fromEntities: [world]}]", "spec.ingress[0]", "combining fromEndpoints and fromEntities is not supported yet"),
     ("combining-cidr-kinds", "endpointSelector: {}\negress: [{toCIDR: [10.0.0.0/8], toCIDRSet: [{cidr: 11.0.0.0/8}]}]", "spec.egress[0]", "combining toCIDR and toCIDRSet is not supported yet"),
     ("port-missing", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{protocol: TCP}]}]}]", "spec.ingress[0].toPorts[0].ports[0].port", "port must be specified"),
@@ -269,6 +270,30 @@ def test_ports_and_rules_model() -> None:
     assert kafka.kafka is not None
     assert kafka.kafka[0].api_keys == frozenset({1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18})
     assert p.rules[0].egress[1].entities == (Entity.WORLD, Entity.CLUSTER)
+
+
+def test_icmps_model() -> None:
+    """`icmps` parse as Cilium's ICMPField: family IPv4 by default, a number, a decimal string or a name of
+    that family's table (EchoRequest is 8 in IPv4 and 128 in IPv6); toPorts ICMP is not a protocol."""
+    (p,) = policies(
+        cnp(
+            "i",
+            """
+            endpointSelector: {}
+            ingress:
+              - icmps: [{fields: [{type: EchoRequest}, {type: "11"}, {type: EchoRequest, family: IPv6}, {type: 2, family: IPv6}]}]
+            egressDeny:
+              - icmps: [{fields: [{type: 0}]}]
+            """,
+        )
+    )
+    ing = p.rules[0].ingress[0]
+    assert ing.icmps == ((L4Proto.ICMP, 8), (L4Proto.ICMP, 11), (L4Proto.ICMPV6, 128), (L4Proto.ICMPV6, 2))
+    assert ing.has_icmps
+    assert not ing.selects_nothing  # an icmps entry without peers applies to every peer
+    assert p.rules[0].egress_deny[0].icmps == ((L4Proto.ICMP, 0),)
+    bad = load_policies(textwrap.dedent(cnp("x", "endpointSelector: {}\ningress: [{toPorts: [{ports: [{port: '8', protocol: ICMP}]}]}]")), "t.yaml")
+    assert [e for e in bad.errors if "unsupported protocol" in str(e)]
 
 
 def test_explicit_empty_peer_list_selects_nothing() -> None:
