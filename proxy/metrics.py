@@ -108,6 +108,13 @@ class Histogram:
         return lines
 
 
+_SAFE_ALPHABET = frozenset("bcdfghjklmnpqrstvwxz2456789")  # k8s.io/apimachinery rand.SafeEncodeString
+
+
+def _is_hash(part: str, shortest: int, longest: int) -> bool:
+    return shortest <= len(part) <= longest and not part.isdigit() and set(part) <= _SAFE_ALPHABET
+
+
 def workload_name(namespace: str, pod_name: str, labels: Sequence[str], workloads: Sequence[Any]) -> str:
     """The workload a peer belongs to, for metric labels: its owning controller's name when known
     (flow `workloads`), else its `app` (or `app.kubernetes.io/name`) label, else the pod name with a
@@ -124,10 +131,11 @@ def workload_name(namespace: str, pod_name: str, labels: Sequence[str], workload
             reserved = key
     if pod_name:
         parts = pod_name.split("-")
-        # deploy-<rs hash>-<pod hash> (hash: 5 lowercase alphanumerics, and 8-10 for the ReplicaSet)
-        if len(parts) >= 3 and len(parts[-1]) == 5 and 5 <= len(parts[-2]) <= 10 and parts[-2].isalnum():
+        # <deployment>-<ReplicaSet hash>-<pod suffix>, or <daemonset|job>-<pod suffix>: Kubernetes draws both
+        # from its "safe" alphabet (no vowels, no 0/1/3), so a word like "exporter" is never mistaken for one.
+        if len(parts) >= 3 and _is_hash(parts[-1], 5, 5) and _is_hash(parts[-2], 6, 10):
             return "-".join(parts[:-2])
-        if len(parts) >= 2 and len(parts[-1]) == 5 and parts[-1].isalnum() and not parts[-1].isdigit():
+        if len(parts) >= 2 and _is_hash(parts[-1], 5, 5):
             return "-".join(parts[:-1])
         return pod_name
     return reserved or ("world" if not namespace else "")
