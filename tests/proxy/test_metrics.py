@@ -9,7 +9,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from membrane.proxy.flows import DROPPED, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, Peer, Workload, l7_dns, l7_http
+from membrane.proxy.flows import (
+    DROPPED,
+    FORWARDED,
+    REQUEST,
+    RESPONSE,
+    Flow,
+    FlowContext,
+    Peer,
+    Workload,
+    l7_dns,
+    l7_http,
+)
 from membrane.proxy.metrics import Metrics, workload_name
 from membrane.proxy.server import Proxy, ProxyConfig
 from membrane.proxy.session import Log
