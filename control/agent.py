@@ -151,6 +151,7 @@ class Agent:
                 for line in change.errors:
                     log.error("policy reload (%s) rejected, keeping the last good policy: %s", reason, line)
             changed = self.state.apply(change) or changed
+        self.metrics.policy_import_errors.set(float(len(self.state.error_lines)))
         return changed
 
     # --- policy -> kernel -------------------------------------------------------------------------

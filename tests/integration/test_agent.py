@@ -570,6 +570,17 @@ def sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def wait_for_metric(port: int, name: str, timeout_s: float = 10) -> str:
+    """Scrape until `name` has a non-zero sample; returns that scrape. Fails the test at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = scrape(f"http://127.0.0.1:{port}/metrics")[1]
+        if sample(text, name) > 0:
+            return text
+        assert time.monotonic() < deadline, f"{name} stayed 0:\n{text}"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
 def test_metrics_scrape_has_the_families_with_traffic(
     http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], workers: int
@@ -581,7 +592,9 @@ def test_metrics_scrape_has_the_families_with_traffic(
     topo, eps = http_pods
     fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
     port = free_port()
-    agent = start_agent([HTTP_POLICY], eps, tmp_path, workers=workers, extra_args=["--metrics", f"127.0.0.1:{port}"])
+    pol = tmp_path / "http.yaml"
+    pol.write_text(HTTP_POLICY.read_text())
+    agent = start_agent([pol], eps, tmp_path, workers=workers, extra_args=["--metrics", f"127.0.0.1:{port}"])
     agent_box.append(agent)
     for _ in range(4):  # several connections: with two workers both get some
         assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
@@ -607,4 +620,12 @@ def test_metrics_scrape_has_the_families_with_traffic(
             for name in re.findall(r"\bmembrane_[a-z0-9_]+", target["expr"]):
                 assert re.sub(r"_bucket$", "", name) in exposed, f"{panel['title']}: {name}"
     assert scrape(f"http://127.0.0.1:{port}/")[0] == 404  # /metrics only
+    assert sample(text, "membrane_policy_implementation_delay_seconds_count") == 0  # the start is not a change
+    pol.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: 7}\n")
+    text = wait_for_metric(port, "membrane_policy_import_errors_total")
+    assert sample(text, "membrane_policy_import_errors") >= 1
+    pol.write_text(HTTP_POLICY.read_text() + "\n# edited\n")
+    text = wait_for_metric(port, "membrane_policy_implementation_delay_seconds_count")
+    assert sample(text, "membrane_policy_import_errors") == 0
+    assert curl(be, f"http://{fe.ipv4}/admin")[0] == "403"  # still enforcing the same policy
     assert agent.stop() == 0
