@@ -674,7 +674,7 @@ class Agent:
         for event in await self._kernel_async(self.steering.read_drop_events):
             self.drops += 1
             flow = drop_flow(pmap, event)
-            self.metrics.drops.inc(flow.reason or "unknown", flow.context.traffic_direction)
+            self.metrics.drops.inc((flow.reason or "unknown").upper(), flow.context.traffic_direction)  # hubble_drop_total spelling
             self.sink.emit(flow)
 
     # --- metrics (--metrics) ------------------------------------------------------------------------

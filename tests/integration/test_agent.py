@@ -608,7 +608,7 @@ def test_metrics_scrape_has_the_families_with_traffic(
     assert sample(text, "membrane_l7_requests_total", protocol="http", verdict="DROPPED", method="GET", **wl) == 4
     assert sample(text, "membrane_l7_responses_total", protocol="http", code="200", **wl) == 4
     assert sample(text, "membrane_proxy_request_duration_seconds_count", protocol="http") >= 4
-    assert sample(text, "membrane_drop_count_total", direction="INGRESS") >= 1
+    assert sample(text, "membrane_drop_count_total", reason="POLICY_DENIED", direction="INGRESS") >= 1
     assert sample(text, "membrane_policy") == 1
     assert sample(text, "membrane_endpoint_state", state="ready") == 3
     assert sample(text, "membrane_policy_reloads_total") >= 1
