@@ -38,6 +38,9 @@ def register(sub: Any) -> None:
                    help=f"the agent's local socket for membrane-cni and membrane observe (default {DEFAULT_SOCKET})")
     p.add_argument("--cni-queue", type=Path, default=DEFAULT_CNI_QUEUE, metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    p.add_argument("--metrics-workload-labels", type=_bool, default=True, metavar="true|false",
+                   help="label L7 metrics with source/destination namespace and workload (default true; at most "
+                        "500 workload pairs, later ones count as 'other')")
     p.add_argument("--health", type=_addr, metavar="ADDR:PORT", help="serve /healthz and /readyz (every watch synced, every local endpoint attached)")
     p.add_argument("--flows", action="append", default=[], metavar="PATH", help="append flow JSON lines here ('-' = stdout)")
     p.add_argument("--flows-max-size-mb", type=float, default=10.0, metavar="MB",
@@ -88,6 +91,14 @@ def _addr(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("membrane run: --workers must be at least 1", file=sys.stderr)
@@ -112,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         socket_path=args.socket,
         cni_queue=args.cni_queue,
         metrics=args.metrics,
+        metrics_workload_labels=args.metrics_workload_labels,
         health=args.health,
         flows_max_bytes=int(max(0.0, args.flows_max_size_mb) * (1 << 20)),
         flows_max_backups=max(0, args.flows_max_backups),

@@ -87,6 +87,7 @@ class AgentConfig:
     flows_max_bytes: int = 10 << 20  # rotate a --flows file at this size (0 = never)
     flows_max_backups: int = 5  # rotated flows files kept (name.1 ... name.N)
     metrics: tuple[str, int] | None = None  # serve Prometheus /metrics here
+    metrics_workload_labels: bool = True  # source/destination workload labels on the L7 families
     health: tuple[str, int] | None = None  # serve /healthz and /readyz here
 
 
@@ -107,7 +108,9 @@ class Agent:
         self._resolver: Any = None  # control.interfaces.InterfaceResolver, made on the kernel thread
         self.flow_server: FlowServer | None = None
         self.state = NodeState()
-        self.metrics = Metrics()
+        self.metrics = Metrics(workload_labels=config.metrics_workload_labels)
+        self._worker_metrics: dict[int, dict[str, Any]] = {}  # worker index -> its latest snapshot
+        self._change_seen: float | None = None  # monotonic time the oldest unenforced policy change was seen
         self.listeners: Listeners | None = None
         self.steering: Steering | None = None
         self.reconciler: Reconciler | None = None
@@ -148,9 +151,12 @@ class Agent:
         changed = False
         for change in changes:
             if isinstance(change, SourceProblem):
+                if change.errors:
+                    self.metrics.policy_import_errors_total.inc()
                 for line in change.errors:
                     log.error("policy reload (%s) rejected, keeping the last good policy: %s", reason, line)
             changed = self.state.apply(change) or changed
+        self.metrics.policy_import_errors.set(float(len(self.state.error_lines)))
         return changed
 
     # --- policy -> kernel -------------------------------------------------------------------------
@@ -173,6 +179,7 @@ class Agent:
             running.set_result(None)  # waiting answers go on; if the kernel write failed, the kernel drops them
         if count:
             self.reloads += 1
+        self._policy_metrics(reason)
         log.info("policy applied (%s): %d endpoints attached", reason, len(applied.attached))
         self._broadcast()
 
@@ -194,6 +201,7 @@ class Agent:
         self.applied = applied
         for w in applied.warnings:
             log.warning("%s", w)
+        self._endpoint_metrics()
 
     # --- learning toFQDNs names (the proxy's Learn hook) --------------------------------------------
     def learn(self, action: Learn) -> Awaitable[None] | None:
@@ -239,6 +247,7 @@ class Agent:
                     i, policies=self.config.policies, endpoints=self.config.endpoints, flows=self.config.flows,
                     drain_timeout_s=self.config.drain_timeout_s, listeners=self.listeners,
                     learned=self.state.compiled_learned, on_message=self._from_worker,
+                    metrics_workload_labels=self.config.metrics_workload_labels,
                 )
             )
         deadline = time.monotonic() + WORKER_START_S
@@ -250,6 +259,8 @@ class Agent:
     def _from_worker(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
         if msg.get("type") == "ready":
             w.ready = True
+        elif msg.get("type") == "metrics" and isinstance(msg.get("snapshot"), dict):
+            self._worker_metrics[w.index] = msg["snapshot"]
         elif msg.get("type") == "learned":
             names = tuple(str(n) for n in msg.get("names", ()))
             action = Learn(names=names, ips=tuple(str(ip) for ip in msg.get("ips", ())), ttl_s=float(msg.get("ttl", 0)))
@@ -418,12 +429,12 @@ class Agent:
 
     async def _start_local_services(self) -> None:
         """Metrics and health endpoints, the policy-status writer; DELs the CNI plugin queued meanwhile."""
-        from membrane.proxy.metrics import serve_http, serve_metrics
+        from membrane.proxy.metrics import serve_http
 
         for call in DelQueue(self.config.cni_queue).drain():  # DELs that came while no agent listened
             self._forget_cni(call)
         if self.config.metrics is not None:
-            self._servers.append(await serve_metrics(self.metrics, *self.config.metrics))
+            self._servers.append(await serve_http({"/metrics": self._metrics_route}, *self.config.metrics))
         if self.config.health is not None:
             routes = {"/healthz": self._healthz, "/readyz": self._readyz}
             self._servers.append(await serve_http(routes, *self.config.health))
@@ -636,6 +647,9 @@ class Agent:
             await self.proxy.drain()
             raise
 
+    def _metrics_route(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics_exposition().encode()
+
     def _announce(self) -> None:
         assert self.listeners is not None and self.applied is not None
         ports = self.listeners.ports
@@ -668,6 +682,8 @@ class Agent:
     async def _poll(self) -> None:
         changes = self.source.poll()
         if changes:
+            if self._change_seen is None:
+                self._change_seen = time.monotonic()
             reason = "kubernetes change" if self.k8s is not None else "file change"
             self._submit_policy_status()
             if self._take(changes, reason=reason):
@@ -686,7 +702,36 @@ class Agent:
             return
         for event in await self._kernel_async(self.steering.read_drop_events):
             self.drops += 1
-            self.sink.emit(drop_flow(pmap, event))
+            flow = drop_flow(pmap, event)
+            self.metrics.drops.inc((flow.reason or "unknown").upper(), flow.context.traffic_direction)  # hubble_drop_total spelling
+            self.sink.emit(flow)
+
+    # --- metrics (--metrics) ------------------------------------------------------------------------
+    def _policy_metrics(self, reason: str) -> None:
+        """After a reload: policies in force, invalid objects, the reload, and the change-to-enforcement delay."""
+        m = self.metrics
+        m.policies.set(float(sum(len(p) for p in self.state.policies.values())))
+        m.policy_import_errors.set(float(len(self.state.error_lines)))
+        m.policy_reloads.inc(reason)
+        if self._change_seen is not None and reason in ("file change", "kubernetes change"):
+            m.policy_delay.observe(time.monotonic() - self._change_seen)
+            self._change_seen = None
+
+    def _endpoint_metrics(self) -> None:
+        """Endpoints by state: ready (attached), waiting-for-interface, not-local (known, not on this node)."""
+        applied = self.applied
+        attached = applied.attached if applied is not None else {}
+        waiting = applied.waiting if applied is not None else {}
+        known = len(self.state.endpoints.endpoints)
+        self.metrics.endpoints.set(float(len(attached)), "ready")
+        self.metrics.endpoints.set(float(len(waiting)), "waiting-for-interface")
+        self.metrics.endpoints.set(float(max(known - len(attached) - len(waiting), 0)), "not-local")
+
+    def metrics_exposition(self) -> str:
+        """This process's metrics plus every worker's latest snapshot (sent over the control channel)."""
+        if not self._worker_metrics:
+            return self.metrics.exposition()
+        return self.metrics.merged(list(self._worker_metrics.values())).exposition()
 
     async def _stop(self) -> None:
         assert self.proxy is not None

@@ -35,6 +35,7 @@ from membrane.control.sources import SourceError
 from membrane.control.sources.files import FileSource
 from membrane.control.state import Inputs, NodeState, compile_inputs
 from membrane.proxy.flows import FlowSink, close_flow_streams, open_flow_streams
+from membrane.proxy.metrics import Metrics
 from membrane.proxy.server import Proxy, ProxyConfig
 from membrane.proxy.session import Learn
 from membrane.proxy.wiring import IpcachePeers, SessionFactory
@@ -42,6 +43,7 @@ from membrane.proxy.wiring import IpcachePeers, SessionFactory
 log = logging.getLogger("membrane.agent")
 
 ACK_TIMEOUT_S = 2.0  # a learned name without an ack by then is relayed anyway (the agent is stuck or gone)
+METRICS_PUBLISH_S = 1.0  # how stale a worker's share of /metrics may be
 
 
 class ControlChannel:
@@ -121,6 +123,7 @@ class WorkerSpec:
     udp_fds: tuple[int, ...]
     own_ports: tuple[int, ...]
     learned: Mapping[str, Sequence[str]]
+    metrics_workload_labels: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -132,6 +135,7 @@ class WorkerSpec:
             index=int(d["index"]), policies=tuple(d["policies"]), endpoints=d["endpoints"], flows=tuple(d["flows"]),
             drain_timeout_s=float(d["drain_timeout_s"]), ctl=int(d["ctl"]), tcp_fds=tuple(d["tcp_fds"]),
             udp_fds=tuple(d["udp_fds"]), own_ports=tuple(d["own_ports"]), learned=d["learned"],
+            metrics_workload_labels=bool(d.get("metrics_workload_labels", True)),
         )
 
 
@@ -156,6 +160,7 @@ class WorkerHandle:
         listeners: Listeners,
         learned: Mapping[str, Iterable[str]],
         on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+        metrics_workload_labels: bool = True,
     ) -> WorkerHandle:
         """Start worker `index` on the shared listeners and start reading its control socket."""
         ours, theirs = socket.socketpair()
@@ -167,6 +172,7 @@ class WorkerHandle:
             udp_fds=tuple(s.fileno() for s in (listeners.udp4, listeners.udp6) if s is not None),
             own_ports=tuple(sorted({ports.tcp4, ports.tcp6, ports.udp4, ports.udp6})),
             learned={k: sorted(v) for k, v in learned.items()},
+            metrics_workload_labels=metrics_workload_labels,
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "membrane.control.workers", spec.to_json()],
@@ -258,6 +264,12 @@ class _Worker:
         elif msg.get("type") == "ack":
             self.learner.acked(int(msg.get("id", 0)))
 
+    async def _publish_metrics(self, metrics: Metrics) -> None:
+        """Send this worker's metric snapshot to the agent (which serves /metrics) every METRICS_PUBLISH_S."""
+        while True:
+            await asyncio.sleep(METRICS_PUBLISH_S)
+            self.channel.send({"type": "metrics", "snapshot": metrics.snapshot()})
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         spec = self.spec
@@ -272,6 +284,7 @@ class _Worker:
             factory=factory.session,
             upstream=None,
             flows=sink,
+            metrics=Metrics(workload_labels=spec.metrics_workload_labels),
             datagram_factory=factory.datagram,
             learn=self.learner,
         )
@@ -281,10 +294,11 @@ class _Worker:
         await proxy.start([socket.socket(fileno=fd) for fd in spec.tcp_fds], [socket.socket(fileno=fd) for fd in spec.udp_fds])
         self.channel.start()
         self.channel.send({"type": "ready"})
+        publisher = asyncio.ensure_future(self._publish_metrics(proxy.metrics))
         closed = asyncio.ensure_future(self.channel.closed.wait())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([closed, stopped], return_when=asyncio.FIRST_COMPLETED)
-        for task in (closed, stopped):
+        for task in (closed, stopped, publisher):
             task.cancel()
         self.learner.release_all()
         await proxy.drain()

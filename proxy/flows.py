@@ -212,6 +212,8 @@ class FlowContext:
     destination_names: tuple[str, ...] = ()
     # The JSON of the fixed fields (IP..destination, and names), made on first use, for each orientation.
     _json: dict[bool, tuple[str, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Metric workload label values, computed once per connection (proxy.metrics.Metrics.workloads).
+    metric_labels: list[tuple[str, ...]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def json_parts(self, reply: bool = False) -> tuple[str, str]:
         """(`"IP":...,"l4":...,"source":...,"destination":...`, `,"source_names":...` or ""), serialised once.

@@ -19,6 +19,15 @@ _DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 LabelValues = tuple[str, ...]
 
+# Workload labels: at most this many distinct (source, destination) workload pairs get their own series;
+# later pairs are counted under "other" so a scan across many pods cannot grow the exposition without bound.
+MAX_WORKLOAD_PAIRS = 500
+OTHER = "other"
+WORKLOAD_LABELS = ("source_namespace", "source_workload", "destination_namespace", "destination_workload")
+_NO_WORKLOADS: LabelValues = ("", "", "", "")
+_OVERFLOW: LabelValues = (OTHER, OTHER, OTHER, OTHER)  # empty label values: Prometheus treats them as absent
+_DNS_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -99,10 +108,48 @@ class Histogram:
         return lines
 
 
-class Metrics:
-    """Every metric the proxy exports. One instance per worker process."""
+_SAFE_ALPHABET = frozenset("bcdfghjklmnpqrstvwxz2456789")  # k8s.io/apimachinery rand.SafeEncodeString
 
-    def __init__(self) -> None:
+
+def _is_hash(part: str, shortest: int, longest: int) -> bool:
+    return shortest <= len(part) <= longest and not part.isdigit() and set(part) <= _SAFE_ALPHABET
+
+
+def workload_name(namespace: str, pod_name: str, labels: Sequence[str], workloads: Sequence[Any]) -> str:
+    """The workload a peer belongs to, for metric labels: its owning controller's name when known
+    (flow `workloads`), else its `app` (or `app.kubernetes.io/name`) label, else the pod name with a
+    ReplicaSet/pod hash stripped, else its reserved identity (`world`, `host`, ...)."""
+    if workloads:
+        return str(workloads[0].name)
+    reserved = ""
+    for label in labels:
+        source, _, kv = label.partition(":")
+        key, _, value = kv.partition("=")
+        if key in ("app", "app.kubernetes.io/name") and value:
+            return value
+        if source == "reserved" and not reserved:
+            reserved = key
+    if pod_name:
+        parts = pod_name.split("-")
+        # <deployment>-<ReplicaSet hash>-<pod suffix>, or <daemonset|job>-<pod suffix>: Kubernetes draws both
+        # from its "safe" alphabet (no vowels, no 0/1/3), so a word like "exporter" is never mistaken for one.
+        if len(parts) >= 3 and _is_hash(parts[-1], 5, 5) and _is_hash(parts[-2], 6, 10):
+            return "-".join(parts[:-2])
+        if len(parts) >= 2 and _is_hash(parts[-1], 5, 5):
+            return "-".join(parts[:-1])
+        return pod_name
+    return reserved or ("world" if not namespace else "")
+
+
+class Metrics:
+    """Every metric the proxy (and, in `membrane run`, the agent) exports. One instance per process.
+
+    `workload_labels=False` leaves the source/destination workload labels empty (absent in PromQL)."""
+
+    def __init__(self, *, workload_labels: bool = True, max_workload_pairs: int = MAX_WORKLOAD_PAIRS) -> None:
+        self.workload_labels = workload_labels
+        self.max_workload_pairs = max_workload_pairs
+        self._pairs: dict[LabelValues, LabelValues] = {}  # interned workload label tuples
         self.requests = Counter(
             "membrane_proxy_requests_total", "L7 requests judged, by protocol and verdict.", ("protocol", "verdict")
         )
@@ -134,6 +181,42 @@ class Metrics:
             ("protocol", "limit"),
         )
         self.flows_dropped = Counter("membrane_flows_write_errors_total", "Flow records that a sink failed to write.")
+        # Hubble/Cilium-like families (hubble_http_requests_total, cilium_policy_l7_total, ...).
+        self.l7_requests = Counter(
+            "membrane_l7_requests_total",
+            "L7 requests judged, by protocol, verdict, method (HTTP) and source/destination workload.",
+            ("protocol", "verdict", "method", *WORKLOAD_LABELS),
+        )
+        self.l7_responses = Counter(
+            "membrane_l7_responses_total",
+            "L7 responses (from the upstream or made by the proxy, e.g. 403), by protocol, status code and workload.",
+            ("protocol", "code", *WORKLOAD_LABELS),
+        )
+        self.dns_queries = Counter(
+            "membrane_dns_queries_total", "DNS queries judged, by verdict and query type.", ("verdict", "qtype")
+        )
+        self.dns_responses = Counter(
+            "membrane_dns_responses_total", "DNS responses relayed or made, by rcode and query type.", ("rcode", "qtype")
+        )
+        self.drops = Counter(
+            "membrane_drop_count_total", "Packets dropped in the kernel, by Hubble drop reason and direction.",
+            ("reason", "direction"),
+        )
+        self.policies = Gauge("membrane_policy", "Policy objects in force.")
+        self.policy_import_errors = Gauge(
+            "membrane_policy_import_errors", "Policy objects currently rejected as invalid."
+        )
+        self.policy_import_errors_total = Counter(
+            "membrane_policy_import_errors_total", "Policy reloads rejected (the last good policy stayed in force)."
+        )
+        self.policy_reloads = Counter("membrane_policy_reloads_total", "Policies compiled and applied, by trigger.", ("reason",))
+        self.policy_delay = Histogram(
+            "membrane_policy_implementation_delay_seconds",
+            "Time from a policy change (file change or watch event seen) to its enforcement in the kernel and proxy.",
+            (),
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        self.endpoints = Gauge("membrane_endpoint_state", "Endpoints of this node by state.", ("state",))
 
     def all(self) -> list[Counter | Histogram]:
         return [
@@ -148,7 +231,38 @@ class Metrics:
             self.parse_errors,
             self.limits_exceeded,
             self.flows_dropped,
+            self.l7_requests,
+            self.l7_responses,
+            self.dns_queries,
+            self.dns_responses,
+            self.drops,
+            self.policies,
+            self.policy_import_errors,
+            self.policy_import_errors_total,
+            self.policy_reloads,
+            self.policy_delay,
+            self.endpoints,
         ]
+
+    def workloads(self, source: Any, destination: Any) -> LabelValues:
+        """The four workload label values of a flow's peers (interned; cached by the caller per connection)."""
+        if not self.workload_labels:
+            return _NO_WORKLOADS
+        key = (
+            source.namespace,
+            workload_name(source.namespace, source.pod_name, source.labels, source.workloads),
+            destination.namespace,
+            workload_name(destination.namespace, destination.pod_name, destination.labels, destination.workloads),
+        )
+        interned = self._pairs.get(key)
+        if interned is None:
+            if len(self._pairs) >= self.max_workload_pairs:
+                return _OVERFLOW  # not stored: the table stays bounded too
+            interned = self._pairs[key] = key
+        return interned
+
+    def dns_rcode(self, rcode: int) -> str:
+        return _DNS_RCODES.get(rcode) or str(rcode)
 
     def exposition(self) -> str:
         return "\n".join(line for metric in self.all() for line in metric.expose()) + "\n"
@@ -168,7 +282,7 @@ class Metrics:
 
     def merged(self, snapshots: Iterable[dict[str, Any]]) -> Metrics:
         """A new Metrics holding this one's values plus those of `snapshots` (other workers)."""
-        total = Metrics()
+        total = Metrics(workload_labels=self.workload_labels, max_workload_pairs=self.max_workload_pairs)
         by_name = {m.name: m for m in total.all()}
         for snap in [self.snapshot(), *snapshots]:
             for name, data in snap.items():

@@ -24,10 +24,10 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from membrane.parsers.events import Direction, Reason
-from membrane.proxy.flows import ERROR, REQUEST, RESPONSE, FlowContext, FlowSink, L3L4Flow
+from membrane.proxy.flows import ERROR, REQUEST, RESPONSE, Flow, FlowContext, FlowSink, L3L4Flow
 from membrane.proxy.metrics import Metrics
 from membrane.proxy.session import (
     Action,
@@ -499,6 +499,19 @@ def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Address | None:
     return None
 
 
+_CODES: dict[int, str] = {}
+
+
+def _code_text(code: Any) -> str:
+    """A status code as a label value, interned (no formatting per request)."""
+    if not isinstance(code, int):
+        return str(code)
+    text = _CODES.get(code)
+    if text is None:
+        text = _CODES[code] = str(code) if len(_CODES) < 1000 else "other"
+    return text
+
+
 @dataclass
 class Proxy:
     """One worker's listeners and connections."""
@@ -549,7 +562,37 @@ class Proxy:
                             flow.summary)
         elif flow.l7_type == RESPONSE and flow.latency_ns:
             self.metrics.request_duration.observe(flow.latency_ns / 1e9, next(iter(flow.l7), "tcp"))
+        if flow.l7:
+            self._count_l7(flow)
         self.flows.emit(flow)
+
+    def _count_l7(self, flow: Flow) -> None:
+        """The workload-labelled L7 families: plain dict increments; the label tuple is made once per connection."""
+        metrics = self.metrics
+        context = flow.context
+        cached = context.metric_labels
+        workloads = cached[0] if cached else None
+        if workloads is None:
+            workloads = metrics.workloads(context.source, context.destination)
+            cached.append(workloads)
+        protocol, body = next(iter(flow.l7.items()))
+        if flow.l7_type == REQUEST:
+            method = body.get("method", "") if protocol == "http" else ""
+            metrics.l7_requests.inc(protocol, flow.verdict, method, *workloads)
+            if protocol == "dns":
+                for qtype in body.get("qtypes") or ("",):
+                    metrics.dns_queries.inc(flow.verdict, qtype)
+        elif flow.l7_type == RESPONSE:
+            if protocol == "http":
+                code = _code_text(body.get("code", 0))
+            elif protocol == "dns":
+                rcode = body.get("rcode")
+                code = metrics.dns_rcode(rcode) if isinstance(rcode, int) else ""
+                for qtype in body.get("qtypes") or ("",):
+                    metrics.dns_responses.inc(code, qtype)
+            else:
+                code = _code_text(body.get("error_code", 0)) if protocol == "kafka" else ""
+            metrics.l7_responses.inc(protocol, code, *workloads)
 
     async def start(self, tcp_sockets: Iterable[socket.socket], udp_sockets: Iterable[socket.socket] = ()) -> None:
         loop = asyncio.get_running_loop()

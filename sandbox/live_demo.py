@@ -331,8 +331,9 @@ def start_agent(
     workers: int = 1,
     timeout_s: float = 60,
     pin_dir: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> AgentProcess:
-    """Start `membrane run` and wait for `agent ready`. Raises RuntimeError if it never gets there.
+    """Start `membrane run` (with `extra_args`, e.g. `--metrics ADDR:PORT`) and wait for `agent ready`. Raises RuntimeError if it never gets there.
 
     `pin_dir` (on a bpffs, see private_bpffs()) keeps this agent's kernel state apart from any other
     agent's on the machine; the caller runs `agent.uninstall()` after `agent.stop()`.
@@ -350,6 +351,7 @@ def start_agent(
         cmd += ["--workers", str(workers)]
     if pin_dir is not None:
         cmd += ["--bpf-pin-dir", str(pin_dir)]
+    cmd += list(extra_args)
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     agent = AgentProcess(proc=proc, flows_path=flows, status_path=status, stderr_path=stderr_path, pin_dir=pin_dir)

@@ -586,3 +586,98 @@ def test_host_traffic_and_icmp_are_judged(tmp_path: Path, agent_box: list[AgentP
         assert probe(be, fe.ipv4, 80) == "TIMEOUT"  # icmps allow no port
         assert agent.status()["drops"]["ingress_denied"] >= 3
         assert agent.stop() == 0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 when none)."""
+    import re
+
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
+        if m is None or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+def wait_for_metric(port: int, name: str, timeout_s: float = 10) -> str:
+    """Scrape until `name` has a non-zero sample; returns that scrape. Fails the test at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = scrape(f"http://127.0.0.1:{port}/metrics")[1]
+        if sample(text, name) > 0:
+            return text
+        assert time.monotonic() < deadline, f"{name} stayed 0:\n{text}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
+def test_metrics_scrape_has_the_families_with_traffic(
+    http_pods: tuple[Topology, Path], tmp_path: Path, agent_box: list[AgentProcess], workers: int
+) -> None:
+    """`--metrics`: L7 by verdict/method/workload (workers folded in), kernel drops, policy, endpoints; the dashboard's names exist."""
+    import json
+    import re
+
+    topo, eps = http_pods
+    fe, be, dbg = topo.pods["frontend"], topo.pods["backend"], topo.pods["debug"]
+    port = free_port()
+    pol = tmp_path / "http.yaml"
+    pol.write_text(HTTP_POLICY.read_text())
+    agent = start_agent([pol], eps, tmp_path, workers=workers, extra_args=["--metrics", f"127.0.0.1:{port}"])
+    agent_box.append(agent)
+    for _ in range(4):  # several connections: with two workers both get some
+        assert curl(be, f"http://{fe.ipv4}/api")[0] == "200"
+        assert curl(be, f"http://{fe.ipv4}/admin")[0] == "403"
+    assert curl(dbg, f"http://{fe.ipv4}/api", timeout_s=1.5)[0] == "000"
+    time.sleep(2.5)  # workers publish every second; the agent reads drop events every EVENTS_S
+    status, text = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    wl = {"source_workload": "backend", "destination_workload": "frontend"}
+    assert sample(text, "membrane_l7_requests_total", protocol="http", verdict="FORWARDED", method="GET", **wl) == 4
+    assert sample(text, "membrane_l7_requests_total", protocol="http", verdict="DROPPED", method="GET", **wl) == 4
+    assert sample(text, "membrane_l7_responses_total", protocol="http", code="200", **wl) == 4
+    assert sample(text, "membrane_proxy_request_duration_seconds_count", protocol="http") >= 4
+    assert sample(text, "membrane_drop_count_total", reason="POLICY_DENIED", direction="INGRESS") >= 1
+    assert sample(text, "membrane_policy") == 1
+    assert sample(text, "membrane_endpoint_state", state="ready") == 3
+    assert sample(text, "membrane_policy_reloads_total") >= 1
+    assert sample(text, "membrane_policy_import_errors") == 0
+    exposed = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "membrane-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\bmembrane_[a-z0-9_]+", target["expr"]):
+                assert re.sub(r"_bucket$", "", name) in exposed, f"{panel['title']}: {name}"
+    assert scrape(f"http://127.0.0.1:{port}/")[0] == 404  # /metrics only
+    assert sample(text, "membrane_policy_implementation_delay_seconds_count") == 0  # the start is not a change
+    pol.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: 7}\n")
+    text = wait_for_metric(port, "membrane_policy_import_errors_total")
+    assert sample(text, "membrane_policy_import_errors") >= 1
+    pol.write_text(HTTP_POLICY.read_text() + "\n# edited\n")
+    text = wait_for_metric(port, "membrane_policy_implementation_delay_seconds_count")
+    assert sample(text, "membrane_policy_import_errors") == 0
+    assert curl(be, f"http://{fe.ipv4}/admin")[0] == "403"  # still enforcing the same policy
+    assert agent.stop() == 0
