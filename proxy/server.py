@@ -75,6 +75,9 @@ class ProxyConfig:
     # (DNS over TCP) and the connection is closed; 0 turns it off. Envoy's route timeout default.
     upstream_timeout_s: float = 15.0
     max_connections: int = 10_000  # per worker; beyond it new connections are closed at once
+    # per worker and client IP (a pod): one client opening thousands of connections cannot take every
+    # slot from the others. 0 = a quarter of max_connections (all of it up to 64).
+    max_connections_per_client: int = 0
     max_buffer_bytes: int = 1 << 20  # per direction per connection: write-buffer high-water mark
     drain_timeout_s: float = 10.0  # on SIGTERM: how long in-flight requests may finish
     transparent: bool = False  # IP_TRANSPARENT listeners; upstream = original dst, bound to the client's IP
@@ -143,6 +146,7 @@ class Connection(asyncio.Protocol):
         self.upstream_eof_sent = False  # the client half-closed and the upstream was told: nothing more goes up
         self.awaiting_since: float | None = None  # when the sweep first saw a request waiting for its response
         self.info: ConnectionInfo | None = None
+        self.client_ip = ""
         self.closed = False
         self.counted = False
         self.last_activity = proxy.clock()
@@ -177,6 +181,16 @@ class Connection(asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        per_client = proxy.per_client
+        if per_client.get(self.client_ip, 0) >= proxy.client_limit:
+            proxy.metrics.connections_rejected.inc("max_connections_per_client")
+            proxy.client_limit_hit(self.client_ip, "connections", proxy.client_limit)
+            self.closed = True
+            transport.abort()
+            return
+        per_client[self.client_ip] = per_client.get(self.client_ip, 0) + 1
         self.counted = True
         proxy.connections.add(self)
         proxy.metrics.connections.inc("tcp")
@@ -439,6 +453,12 @@ class Connection(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.proxy.connections.discard(self)
+            per_client = self.proxy.per_client
+            left = per_client.get(self.client_ip, 1) - 1
+            if left > 0:
+                per_client[self.client_ip] = left
+            else:
+                per_client.pop(self.client_ip, None)
             self.proxy.metrics.active_connections.set(len(self.proxy.connections))
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.close()
@@ -569,6 +589,19 @@ class Proxy:
         self._udp: list[UdpListener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._fd_logged = -1e9
+        self._limit_logged = -1e9
+        self.per_client: dict[str, int] = {}  # open connections by client IP
+        configured = self.config.max_connections_per_client
+        most = self.config.max_connections
+        self.client_limit = configured if configured > 0 else max(most // 4, min(most, 64))
+
+    def client_limit_hit(self, client_ip: str, what: str, limit: int) -> None:
+        """One client IP holds its share of connections or UDP peers: more are refused (logged at most every 10 s)."""
+        now = self.clock()
+        if now - self._limit_logged >= 10.0:
+            self._limit_logged = now
+            log.warning("client %s holds %d %s (the per-client limit of this worker): refusing more",
+                        client_ip, limit, what)
 
     def out_of_descriptors(self, what: str, error: OSError) -> None:
         """Running out of file descriptors is logged (at most every 10 s) and counted, never silent."""
@@ -750,6 +783,7 @@ class UdpListener:
     BATCH = 64  # datagrams per wakeup, so one busy client cannot starve the loop
     PEER_IDLE_S = 10.0
     MAX_PEERS = 16384
+    MAX_PEERS_PER_CLIENT = 4096  # one client IP cannot take every peer slot from the others
     MAX_IDS = 32768  # queries in flight through one shared upstream socket (half the ID space)
 
     def __init__(self, proxy: Proxy, sock: socket.socket, factory: DatagramFactory) -> None:
@@ -757,6 +791,7 @@ class UdpListener:
         self.sock = sock
         self.factory = factory
         self.peers: dict[tuple[Address, Address], _UdpPeer] = {}
+        self.peers_by_ip: dict[str, int] = {}
         self.upstreams: dict[tuple[str, Address], _UdpUpstream] = {}
         self._reply_socks: dict[Address, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # held answers waiting for a Learn (strong references)
@@ -802,10 +837,15 @@ class UdpListener:
         key = (client, original_dst)
         peer = self.peers.get(key)
         if peer is None:
-            if len(self.peers) >= self.MAX_PEERS:
+            if len(self.peers) >= self.MAX_PEERS or self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
                 self._forget_idle(0)
                 if len(self.peers) >= self.MAX_PEERS:
                     self.proxy.metrics.connections_rejected.inc("udp_peers")
+                    return
+                if self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
+                    self.proxy.metrics.connections_rejected.inc("udp_peers_per_client")
+                    self.proxy.client_limit_hit(client[0], "UDP source ports with queries in flight",
+                                                self.MAX_PEERS_PER_CLIENT)
                     return
             session = self.factory(ConnectionInfo(client=client, original_dst=original_dst, transport="UDP"))
             if session is None:
@@ -813,6 +853,7 @@ class UdpListener:
                 return
             peer = _UdpPeer(client=client, original_dst=original_dst, session=session)
             self.peers[key] = peer
+            self.peers_by_ip[client[0]] = self.peers_by_ip.get(client[0], 0) + 1
             self.proxy.metrics.connections.inc("udp")
         self._guard(peer, lambda d: self._apply(peer, peer.session.on_query(d)), data)
 
@@ -995,7 +1036,12 @@ class UdpListener:
         self._apply(peer, peer.session.expire(timeout_ns))
 
     def _forget(self, key: tuple[Address, Address], peer: _UdpPeer) -> None:
-        self.peers.pop(key, None)
+        if self.peers.pop(key, None) is not None:
+            left = self.peers_by_ip.get(peer.client[0], 1) - 1
+            if left > 0:
+                self.peers_by_ip[peer.client[0]] = left
+            else:
+                self.peers_by_ip.pop(peer.client[0], None)
         upstream, peer.upstream = peer.upstream, None
         if upstream is None:
             return

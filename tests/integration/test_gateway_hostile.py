@@ -184,3 +184,28 @@ def test_out_of_descriptors_is_503_and_logged_then_recovers(tmp_path: Path) -> N
         code, _ = _curl(f"http://127.0.0.1:{gw.port}/api/again")
         assert code == "200"
         assert gw.proc.poll() is None
+
+
+def test_one_client_cannot_take_every_connection(tmp_path: Path) -> None:
+    """--max-connections-per-client: a client IP holding its share is refused more (counted, logged), while another
+    client IP is still served."""
+    with http_backend() as backend, gateway(
+        tmp_path, http_policy(backend.port, RULES), upstream_port=backend.port, dst="default/frontend",
+        src="default/backend", extra=["--max-connections", "40", "--max-connections-per-client", "10"],
+    ) as gw:
+        hog = [socket.create_connection(("127.0.0.1", gw.port), source_address=("127.0.0.2", 0)) for _ in range(30)]
+        time.sleep(0.3)
+        refused = 0
+        for sock in hog:
+            sock.settimeout(2)
+            try:
+                sock.sendall(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+                refused += sock.recv(100) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                refused += 1
+        assert refused == 20  # 10 served, the other 20 were closed at once
+        code, _ = _curl(f"http://127.0.0.1:{gw.port}/api/other")  # from 127.0.0.1: still served
+        assert code == "200"
+        assert "client 127.0.0.2 holds 10 connections" in gw.stderr_path.read_text()
+        for sock in hog:
+            sock.close()
