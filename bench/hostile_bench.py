@@ -38,7 +38,6 @@ import os
 import re
 import selectors
 import socket
-import statistics
 import struct
 import subprocess
 import sys
