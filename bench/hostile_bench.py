@@ -111,6 +111,11 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -195,12 +200,18 @@ class Legit:
         self.kind, self.port = kind, port
         ctx = multiprocessing.get_context("fork")
         self._stop = ctx.Event()
+        self._ready = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=self._run, args=(send,), daemon=True)
 
     def _run(self, send: Any) -> None:
         with ExitStack() as stack:
             request = legit_request(self.kind, self.port, stack)
+            try:
+                request()  # not counted: the client's own set-up (connection pool, imports)
+            except Exception:
+                pass
+            self._ready.set()
             latencies: list[float] = []
             failed = 0
             while not self._stop.is_set():
@@ -217,7 +228,9 @@ class Legit:
         send.send((latencies, failed))
 
     def start(self) -> Legit:
+        """Start the child; returns once it has sent its first (uncounted) request."""
         self._proc.start()
+        self._ready.wait(10)
         return self
 
     def stop(self) -> dict[str, float]:
@@ -730,6 +743,7 @@ class _FailingHandler(BaseHTTPRequestHandler):
 def failing_http_server() -> Iterator[Any]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FailingHandler)
     server.daemon_threads = True
+    server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
     server.port = server.server_address[1]  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -738,6 +752,14 @@ def failing_http_server() -> Iterator[Any]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def quiet_http_backend() -> Iterator[Any]:
+    """gateway_util's recording HTTP/1.1 server, without tracebacks for connections the proxy resets."""
+    with http_backend() as server:
+        server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
+        yield server
 
 
 @contextmanager
@@ -789,9 +811,9 @@ SCENARIOS = [
              "default/backend", "http2", attack_settings_flood),
     Scenario("h2-rapid-reset", "HTTP/2 rapid reset spread over many connections", h2_upstream, _http,
              "default/frontend", "default/backend", "http2", attack_rapid_reset),
-    Scenario("slowloris", "Slowloris: connections trickling a request head", http_backend, _http, "default/frontend",
+    Scenario("slowloris", "Slowloris: connections trickling a request head", quiet_http_backend, _http, "default/frontend",
              "default/backend", "http1", attack_slowloris, ["--header-timeout", "2"], ctx={"header_timeout": 2.0}),
-    Scenario("per-client-connections", "One client IP opening thousands of connections", http_backend, _http,
+    Scenario("per-client-connections", "One client IP opening thousands of connections", quiet_http_backend, _http,
              "default/frontend", "default/backend", "http1", attack_hog_connections,
              quick_extra=["--max-connections", "400"]),
     Scenario("dns-udp-fresh-ports", "A stub resolver using a fresh UDP source port per query", dns_upstream, dns_policy,
@@ -837,6 +859,8 @@ def run_scenario(sc: Scenario, scale: Scale, workdir: Path) -> dict[str, Any]:
         time.sleep(0.3)
         metrics_before = scrape(metrics_port)
         log_offset = len(gw.stderr_path.read_text())
+        flows_before = len(gw.flows())
+        cpu_before = _cpu_s(pid)
         with Sampler(pid) as sampler:
             rss_before, fds_before = sampler.now()
             legit = Legit(sc.legit, gw.port).start()
@@ -848,7 +872,9 @@ def run_scenario(sc: Scenario, scale: Scale, workdir: Path) -> dict[str, Any]:
             during = legit.stop()
             time.sleep(1.0)
             rss_after, fds_after = sampler.now()
+        cpu = _cpu_s(pid) - cpu_before
         metrics_after = scrape(metrics_port)
+        flows = gw.flows()[flows_before:]
         logs = new_log_lines(gw, log_offset)
         alive = gw.proc.poll() is None
     if result.get("connections"):
@@ -858,6 +884,10 @@ def run_scenario(sc: Scenario, scale: Scale, workdir: Path) -> dict[str, Any]:
         "attack_s": attack_s, "window_s": window_s,
         "counters": counter_deltas(metrics_before, metrics_after),
         "log_lines": len(logs), "logs": summarize_logs(logs),
+        "error_flows": sum(f.get("verdict") == "ERROR" for f in flows),
+        "error_flow_summaries": summarize_logs(["- - - " + str(f.get("Summary", "")) for f in flows
+                                                if f.get("verdict") == "ERROR"])[:3],
+        "gateway_cpu_s": cpu,
         "rss_mib": [rss_before, sampler.peak_rss, rss_after],
         "fds": [fds_before, sampler.peak_fds, fds_after],
         "legit_baseline": baseline, "legit_during": during,
@@ -879,6 +909,8 @@ def scenario_table(r: dict[str, Any]) -> str:
         ("limit fired after", fmt_s(r["fired_after"]) + (f" (last: {fmt_s(r['last_after'])})" if r.get("last_after") else "")),
         ("counters (/metrics delta)", counters),
         (f"log ({r['log_lines']} warning/error lines)", logs),
+        (f"flows ({r['error_flows']} ERROR)", "<br>".join(f"`{x[:160]}`" for x in r["error_flow_summaries"]) or "none"),
+        ("gateway CPU during the attack and 1 s after", f"{r['gateway_cpu_s']:.2f} s"),
         ("gateway RSS before / peak / 1 s after", f"{rss[0]:.1f} / {rss[1]:.1f} / {rss[2]:.1f} MiB"),
         ("gateway descriptors before / peak / 1 s after", f"{fds[0]} / {fds[1]} / {fds[2]}"
          + (f" ({r['fds_per_connection']:.2f} per attacker connection at the peak)" if "fds_per_connection" in r else "")),
@@ -891,14 +923,14 @@ def scenario_table(r: dict[str, Any]) -> str:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| scenario | attacker got | fired after | counters | log lines | descriptors before / peak / after | "
+    lines = ["| scenario | attacker got | fired after | counters | log lines | ERROR flows | descriptors before / peak / after | "
              "RSS MiB before / peak / after | legitimate answered (failed), p99: baseline -> attack |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, d = r["legit_baseline"], r["legit_during"]
         counters = ", ".join(f"{k.removeprefix('membrane_proxy_')} +{v:,.0f}" for k, v in r["counters"].items()) or "none"
         lines.append(
-            f"| {r['name']} | {r['got']} | {fmt_s(r['fired_after'])} | {counters} | {r['log_lines']} | "
+            f"| {r['name']} | {r['got']} | {fmt_s(r['fired_after'])} | {counters} | {r['log_lines']} | {r['error_flows']} | "
             f"{' / '.join(str(x) for x in r['fds'])} | {' / '.join(f'{x:.0f}' for x in r['rss_mib'])} | "
             f"{b['ok']:.0f} ({b['failed']:.0f}), {b['p99_ms']:.1f} ms -> {d['ok']:.0f} ({d['failed']:.0f}), {d['p99_ms']:.1f} ms |")
     return "\n".join(lines)
