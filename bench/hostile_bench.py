@@ -402,18 +402,26 @@ def attack_settings_flood(port: int, scale: Scale, ctx: dict[str, Any]) -> dict[
     return h2_flood(port, raw_frame(4, 0, 0, struct.pack(">HI", 3, 100)), "SETTINGS")
 
 
+def rapid_reset_bursts(scale: Scale) -> dict[str, Any]:
+    """Each connection's preface and HEADERS+RST_STREAM pairs, encoded before the attack (the attack is the sending)."""
+    def build() -> bytes:
+        b = FrameBuilder()
+        return client_preface(b) + b"".join(b.headers(sid, request_headers("/api/x"), end_stream=True)
+                                            + b.rst_stream(sid) for sid in range(1, 2 * scale.rapid_streams, 2))
+
+    return {"bursts": [build() for _ in range(scale.rapid_conns)]}
+
+
 def attack_rapid_reset(port: int, scale: Scale, ctx: dict[str, Any]) -> dict[str, Any]:
     results: list[tuple[bool, float]] = []
     lock = threading.Lock()
+    bursts = ctx["bursts"]
     start = time.monotonic()
 
-    def one() -> None:
-        b = FrameBuilder()
-        burst = b"".join(b.headers(sid, request_headers("/api/x"), end_stream=True) + b.rst_stream(sid)
-                         for sid in range(1, 2 * scale.rapid_streams, 2))
+    def one(burst: bytes) -> None:
         try:
             with attacker_socket(port) as sock:
-                sock.sendall(client_preface(b) + burst)
+                sock.sendall(burst)
                 sock.shutdown(socket.SHUT_WR)
                 cut = "ENHANCE_YOUR_CALM" in goaway_codes(read_to_eof(sock))
         except OSError:
@@ -421,7 +429,7 @@ def attack_rapid_reset(port: int, scale: Scale, ctx: dict[str, Any]) -> dict[str
         with lock:
             results.append((cut, time.monotonic() - start))
 
-    threads = [threading.Thread(target=one) for _ in range(scale.rapid_conns)]
+    threads = [threading.Thread(target=one, args=(burst,)) for burst in bursts]
     for t in threads:
         t.start()
     for t in threads:
@@ -790,6 +798,7 @@ class Scenario:
     ctx: dict[str, Any] = field(default_factory=dict)
     quick_extra: list[str] = field(default_factory=list)  # flags added with --quick (a smaller limit to cross)
     upstream_saw: Callable[[Any], int] | None = None  # attacker requests the upstream received so far
+    prepare: Callable[[Scale], dict[str, Any]] | None = None  # attack material made before the clock starts
 
 
 def _http(port: int) -> str:
@@ -802,7 +811,7 @@ SCENARIOS = [
     Scenario("h2-settings-flood", "HTTP/2 SETTINGS flood on one connection", h2_upstream, _http, "default/frontend",
              "default/backend", "http2", attack_settings_flood),
     Scenario("h2-rapid-reset", "HTTP/2 rapid reset spread over many connections", h2_upstream, _http,
-             "default/frontend", "default/backend", "http2", attack_rapid_reset,
+             "default/frontend", "default/backend", "http2", attack_rapid_reset, prepare=rapid_reset_bursts,
              upstream_saw=lambda server: sum(path == "/api/x" for _m, path in list(server.seen))),
     Scenario("slowloris", "Slowloris: connections trickling a request head", quiet_http_backend, _http, "default/frontend",
              "default/backend", "http1", attack_slowloris, ["--header-timeout", "2"], ctx={"header_timeout": 2.0}),
@@ -838,7 +847,7 @@ def legit_request(kind: str, port: int, stack: ExitStack) -> Callable[[], bool]:
     return kafka_metadata(port)
 
 
-def attack_in_child(sc: Scenario, port: int, scale: Scale) -> dict[str, Any]:
+def attack_in_child(sc: Scenario, port: int, scale: Scale, prepared: dict[str, Any]) -> dict[str, Any]:
     """Run the attack in a forked process of its own: its sockets and threads then share no interpreter lock with
     the upstream servers (threads of this process), which would slow them and blame the gateway."""
     ctx = multiprocessing.get_context("fork")
@@ -846,7 +855,7 @@ def attack_in_child(sc: Scenario, port: int, scale: Scale) -> dict[str, Any]:
 
     def run() -> None:
         try:
-            send.send(sc.attack(port, scale, dict(sc.ctx)))
+            send.send(sc.attack(port, scale, {**sc.ctx, **prepared}))
         except BaseException as e:
             send.send({"error": repr(e)})
             raise
@@ -873,6 +882,7 @@ def run_scenario(sc: Scenario, scale: Scale, workdir: Path) -> dict[str, Any]:
         Legit(sc.legit, gw.port).run_for(0.3)  # warm-up: first connections, imports, caches
         baseline = Legit(sc.legit, gw.port).run_for(scale.baseline_s)
         time.sleep(0.3)
+        prepared = sc.prepare(scale) if sc.prepare else {}
         metrics_before = scrape(metrics_port)
         log_offset = len(gw.stderr_path.read_text())
         flows_before = len(gw.flows())
@@ -882,7 +892,7 @@ def run_scenario(sc: Scenario, scale: Scale, workdir: Path) -> dict[str, Any]:
             legit = Legit(sc.legit, gw.port).start()
             started = time.monotonic()
             saw_before = sc.upstream_saw(upstream) if sc.upstream_saw else 0
-            result = attack_in_child(sc, gw.port, scale)
+            result = attack_in_child(sc, gw.port, scale, prepared)
             attack_s = time.monotonic() - started
             time.sleep(max(0.0, scale.min_attack_s - attack_s))
             window_s = time.monotonic() - started
