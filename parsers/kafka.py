@@ -223,8 +223,9 @@ def parse_request(frame: bytes, *, offset: int | None = None) -> KafkaRequest:
             raise MalformedMessage(f"{len(frame) - pos} bytes after the request body", direction=d, offset=offset)
     except SchemaError as e:
         raise MalformedMessage(f"api key {api_key} v{version}: {e}", direction=d, offset=offset) from e
-    except (struct.error, IndexError, ValueError) as e:  # belt and braces: the readers check bounds
-        raise MalformedMessage(f"unreadable request: {e}", direction=d, offset=offset) from e
+    except (struct.error, IndexError, ValueError) as err:  # belt and braces: the readers check bounds
+        # (its own name: compiled with mypyc, one name bound by two except clauses keeps the first one's type)
+        raise MalformedMessage(f"unreadable request: {err}", direction=d, offset=offset) from err
     ids = tuple(dict.fromkeys(i for i in found.topic_ids if i != _ZERO_UUID))
     return KafkaRequest(
         api_key=api_key,
