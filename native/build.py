@@ -73,7 +73,7 @@ def install_hook() -> None:
 def compile_modules(tree: Path, sources: list[str]) -> None:
     # Imported here: `--pure` needs neither mypy nor a C compiler.
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import setup  # type: ignore[import-untyped]
 
     links = []
     for src in sources:
