@@ -52,7 +52,7 @@ import dataclasses
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any, ClassVar, assert_never
 
 from membrane.parsers._kafka_schema import Found as _Found
 from membrane.parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
@@ -248,7 +248,7 @@ class KafkaRequestParser:
     which responses are due from `expect()`, called for each request forwarded upstream.
     """
 
-    direction = Direction.CLIENT_TO_SERVER
+    direction: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.CLIENT_TO_SERVER, max_frame_bytes)
@@ -287,7 +287,7 @@ class KafkaRequestParser:
 class KafkaResponseParser:
     """Server-to-client byte stream -> KafkaResponse events, matched to the requests sent, in order."""
 
-    direction = Direction.SERVER_TO_CLIENT
+    direction: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.SERVER_TO_CLIENT, max_frame_bytes)
