@@ -68,6 +68,7 @@ class DnsJudge:
         self.outstanding: dict[int, _Outstanding] = {}
         self.upstream_failed: Reason | None = None
         self.max_outstanding = max_outstanding
+        self.limit_noted = False  # the bound's first crossing on this connection / peer is counted and logged
 
     def query(self, query: dns.DnsEvent, actions: list[Action]) -> None:
         now = self.clock()
@@ -80,19 +81,30 @@ class DnsJudge:
             return
         assert type(query) is DnsQuery
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
+        crossed = False
         if allowed and self.upstream_failed is not None:
             allowed, verdict, reason = False, ERROR, self.upstream_failed
         elif allowed and len(self.outstanding) >= self.max_outstanding:
             # Bound what one connection (or UDP peer) can keep waiting on the upstream: SERVFAIL beyond it.
             allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
+            crossed = not self.limit_noted
+            self.limit_noted = True
         if allowed:
             actions.append(Forward(C2S, self.frame(query.raw)))
             self.outstanding[query.id] = _Outstanding(query, now)
             actions.append(self._flow(query, REQUEST, FORWARDED, now, rule=rule))
             return
         assert reason is not None
+        rcode = dns.dns_rcode(reason)
         actions.append(Reply(self.frame(dns.refusal(query, reason))))
-        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=dns.dns_rcode(reason)))
+        refused = self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode)
+        if crossed:  # counted in membrane_proxy_limits_exceeded_total and logged once per connection, not per query
+            refused.flow.limit = "dns_queries_outstanding"
+        actions.append(refused)
+        # The answer the client got, as Hubble shows it after a dropped query: a response record with the RCODE.
+        actions.append(self._flow(query, RESPONSE, FORWARDED, self.clock(), rcode=rcode,
+                                  summary=f"DNS Answer RCode: {_RCODE_NAMES.get(rcode, str(rcode))} (Query {query.normalized_name} "
+                                          f"{qtype_name(query.qtype)})"))
 
     def response(self, response: dns.DnsEvent, actions: list[Action]) -> bool:
         """Relay one answer. Returns False when it cannot be read (the caller decides: drop or close)."""
@@ -157,7 +169,7 @@ class DnsJudge:
                 l7_type=RESPONSE,
                 l7=l7_dns(
                     query=response.normalized_name, qtypes=qtypes, rcode=response.rcode, ips=response.addresses,
-                    ttl=response.min_ttl,
+                    ttl=response.min_ttl, cnames=response.cnames, rrtypes=[qtype_name(t) for t in response.rrtypes],
                 ),
                 summary=_answer_summary(response, qtypes),
                 time_ns=time_ns,
@@ -208,6 +220,12 @@ class DnsTcpSession(Session):
     @property
     def is_idle(self) -> bool:
         return not self.judge.outstanding and self.client.buffered_bytes == 0
+
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        return bool(self.judge.outstanding)
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
@@ -265,6 +283,7 @@ class DnsDatagramSession:
     """
 
     protocol = "dns"
+    message_ids = True  # the server may share an upstream socket between client ports, rewriting IDs
 
     def __init__(
         self,

@@ -84,6 +84,10 @@ class ResetLedger:
         entry[1] += resets
         return entry[0] >= self.min_streams and 2 * entry[1] >= entry[0]
 
+    def over(self, ip: str, now_ns: int) -> bool:
+        """Whether the address is past the rule now (counts decayed to `now_ns`), adding nothing; no entry is made."""
+        return ip in self._by_ip and self.note(ip, 0, 0, now_ns)
+
 
 @dataclass(slots=True)
 class _StreamInfo:
@@ -91,7 +95,7 @@ class _StreamInfo:
     url: str
     grpc: bool
     started_ns: int
-
+    responded: bool = False  # the response head arrived
 
 class Http2Session(Session):
     """HTTP/2 with prior knowledge on both sides (h2c), judged per stream."""
@@ -113,6 +117,13 @@ class Http2Session(Session):
     def is_idle(self) -> bool:
         return not self.streams
 
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        # gRPC streams may wait on purpose (server streaming, the client's own deadline decides)
+        return any(not info.grpc and not info.responded for info in self.streams.values())
+
     @property
     def reading_head(self) -> bool:
         # A header block left without END_HEADERS blocks the whole connection (RFC 9113 §6.10): the
@@ -126,6 +137,10 @@ class Http2Session(Session):
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
+        if direction is C2S and self.resets is not None and self.resets.over(self.context.source.ip, self.clock()):
+            # The address crossed the rule on its other connections: cut before parsing (or forwarding) anything, so
+            # a burst spread over many connections costs one parse of the streams that crossed it, not all of them.
+            return self._cut_for_resets(actions)
         side = self.server if direction is C2S else self.client
         try:
             events = side.feed(data, now_s=self.clock() / 1e9)  # the time refills the control-frame budget
@@ -140,15 +155,19 @@ class Http2Session(Session):
             else:
                 self._server_event(event, actions)
         if direction is C2S and self.resets is not None and self._over_reset_rule():
-            self.server.close(http2.ErrorCode.ENHANCE_YOUR_CALM)
-            self._pump(actions)
-            flow = self._log(REQUEST, ERROR, "", "HTTP/2 rapid reset across this client's connections", grpc=False,
-                             reason=Reason.TOO_LARGE)
-            flow.flow.limit = "rapid_reset_across_connections"
-            actions.append(flow)
-            actions.extend(self.close())
-            return actions
+            return self._cut_for_resets(actions)
         self._pump(actions)
+        return actions
+
+    def _cut_for_resets(self, actions: list[Action]) -> list[Action]:
+        """GOAWAY ENHANCE_YOUR_CALM, the ERROR flow carrying the limit (counted and logged), close."""
+        self.server.close(http2.ErrorCode.ENHANCE_YOUR_CALM)
+        self._pump(actions)
+        flow = self._log(REQUEST, ERROR, "", "HTTP/2 rapid reset across this client's connections", grpc=False,
+                         reason=Reason.TOO_LARGE)
+        flow.flow.limit = "rapid_reset_across_connections"
+        actions.append(flow)
+        actions.extend(self.close())
         return actions
 
     def _over_reset_rule(self) -> bool:
@@ -245,6 +264,9 @@ class Http2Session(Session):
         self.server.refusal(stream_id, reason)
         actions.append(self._log(REQUEST, verdict, method, url, grpc=is_grpc, rule=rule, reason=reason, time_ns=now,
                                  headers=request.headers))
+        # The refusal the client got, as Hubble shows it after the DROPPED request (gRPC: HTTP 200, grpc-status in trailers).
+        actions.append(self._log(RESPONSE, FORWARDED, method, url, grpc=is_grpc,
+                                 code=200 if is_grpc else http1.refusal_status(reason), time_ns=self.clock()))
 
     # --- upstream -> client -----------------------------------------------------------------------
     def _server_event(self, event: http2.Event, actions: list[Action]) -> None:
@@ -254,6 +276,7 @@ class Http2Session(Session):
             self.server.send_response(event)
             info = self.streams.get(event.stream_id or 0)
             if info is not None and event.status >= 200:
+                info.responded = True
                 now = self.clock()
                 actions.append(
                     self._log(RESPONSE, FORWARDED, info.method, info.url, grpc=info.grpc, code=event.status,
@@ -351,6 +374,12 @@ class HttpSession(Session):
     @property
     def is_idle(self) -> bool:
         return (self.inner is None and not self._buffer) or (self.inner is not None and self.inner.is_idle)
+
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        return self.inner is not None and self.inner.awaiting_response
 
     @property
     def delegate(self) -> Session | None:
