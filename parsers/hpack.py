@@ -16,6 +16,10 @@ class HpackError(Exception):
     """The header block cannot be decoded (RFC 7541 §6, §5.2; a COMPRESSION_ERROR in HTTP/2)."""
 
 
+class HpackTableSizeError(HpackError):
+    """A dynamic table size update above the size we allowed (RFC 7541 §6.3)."""
+
+
 class HpackTooLarge(HpackError):
     """The decoded header list exceeds the limit (SETTINGS_MAX_HEADER_LIST_SIZE, RFC 9113 §6.5.2)."""
 
@@ -282,7 +286,8 @@ class Decoder:
 
     def _resize(self, size: int) -> None:
         if size > self.max_allowed_table_size:
-            raise HpackError(f"dynamic table size update to {size} over the {self.max_allowed_table_size} allowed")
+            raise HpackTableSizeError(f"dynamic table size update to {size} over the max allowable table size "
+                                      f"{self.max_allowed_table_size}")
         self._size_limit = size
         entries = self._entries
         while self._size > size:

@@ -20,7 +20,7 @@ Rules / theory of operation
 
 from __future__ import annotations
 
-from membrane.parsers.hpack import Decoder, Encoder, HpackError, HpackTooLarge
+from membrane.parsers.hpack import Decoder, Encoder, HpackError, HpackTableSizeError, HpackTooLarge
 
 __all__ = [
     "FlowChanged",
@@ -246,6 +246,8 @@ class LeanConnection:
             payload = base64.urlsafe_b64decode(settings_header)
         except (binascii.Error, ValueError) as e:
             raise WireError(f"HTTP2-Settings does not decode: {e}", kind="compression") from e
+        if len(payload) % 6:
+            raise WireError("HTTP2-Settings is not a SETTINGS payload", FRAME_SIZE_ERROR, "compression")
         self._apply_settings(payload)
         self._out.append(self._settings_frame())
         stream = _Stream(self.local_initial_window, self.remote_initial_window)
@@ -309,6 +311,9 @@ class LeanConnection:
         except HpackTooLarge as e:
             self.close_connection(PROTOCOL_ERROR)
             raise WireError(str(e), PROTOCOL_ERROR, "header_list") from e
+        except HpackTableSizeError as e:
+            self.close_connection(COMPRESSION_ERROR)
+            raise WireError(str(e), COMPRESSION_ERROR, "protocol") from e
         except HpackError as e:
             self.close_connection(COMPRESSION_ERROR)
             raise WireError(str(e), COMPRESSION_ERROR, "compression") from e
