@@ -44,6 +44,7 @@ ENHANCE_YOUR_CALM = 11
 
 # Frame types (§6) and flags
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+ALTSVC = 10
 END_STREAM = 0x1
 ACK = 0x1
 END_HEADERS = 0x4
@@ -57,6 +58,7 @@ SETTINGS_MAX_CONCURRENT_STREAMS = 3
 SETTINGS_INITIAL_WINDOW_SIZE = 4
 SETTINGS_MAX_FRAME_SIZE = 5
 SETTINGS_MAX_HEADER_LIST_SIZE = 6
+SETTINGS_ENABLE_CONNECT_PROTOCOL = 8  # RFC 8441
 
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65_535
@@ -219,6 +221,7 @@ class LeanConnection:
         self.highest_outbound_stream_id = 0
         self._out: list[bytes] = []
         self._closed_state = False  # a GOAWAY was sent or received (h2's CLOSED connection state)
+        self._idle = True  # no HEADERS sent or received yet (h2's IDLE: RST_STREAM/DATA are errors then)
         self._preface_left = 0 if client_side else len(PREFACE)
         self._preface_seen = b""
         self._block: bytearray | None = None  # header block awaiting CONTINUATION
@@ -254,6 +257,7 @@ class LeanConnection:
         stream.remote_open = False
         stream.headers_received = True
         self.streams[1] = stream
+        self._idle = False
         self.highest_inbound_stream_id = 1
 
     def update_initial_window(self, size: int) -> None:
@@ -337,9 +341,20 @@ class LeanConnection:
                 return self._push_promise(self._block_stream, self._block_promised, block)
             return self._headers(self._block_stream, self._block_flags, block)
         if ftype > CONTINUATION:
+            if ftype == ALTSVC:  # RFC 7838: parsed (and judged) as h2 does, then ignored; a proxy has no use for it
+                if length < 2 or int.from_bytes(payload[:2], "big") > length - 2:
+                    raise WireError("Invalid ALTSVC frame body", FRAME_SIZE_ERROR, "frame_size")
+                if self._closed_state:
+                    raise WireError("frame received after GOAWAY")
+                self._idle = False
             return []  # unknown frame types are ignored (§5.5)
         if self._closed_state and ftype != GOAWAY:
             raise WireError("frame received after GOAWAY")
+        if self._idle:
+            if ftype in (DATA, RST_STREAM, PUSH_PROMISE):
+                raise WireError("frame received before any stream was opened")
+            if ftype == HEADERS:
+                self._idle = False
         if ftype == DATA:
             return self._data(stream_id, flags, payload)
         if ftype == HEADERS:
@@ -480,6 +495,8 @@ class LeanConnection:
             if how != _BY_RESET_SENT or stream is None:
                 self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
             return []
+        if self.client_side and not stream.final_response:
+            raise WireError("cannot receive data before headers")
         stream.inbound_window -= flow
         if stream.inbound_window < 0:
             raise WireError("DATA over the stream window", FLOW_CONTROL_ERROR, "flow")
@@ -589,8 +606,11 @@ class LeanConnection:
             if key == SETTINGS_HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
             elif key == SETTINGS_ENABLE_PUSH:
-                if value > 1:
+                if value > 1 or (self.client_side and value):  # a server may not enable push (§6.5.2)
                     raise WireError(f"SETTINGS_ENABLE_PUSH {value}")
+            elif key == SETTINGS_ENABLE_CONNECT_PROTOCOL:
+                if value > 1:
+                    raise WireError(f"SETTINGS_ENABLE_CONNECT_PROTOCOL {value}")
             elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
                 self.remote_max_concurrent_streams = value
             elif key == SETTINGS_INITIAL_WINDOW_SIZE:
@@ -653,6 +673,7 @@ class LeanConnection:
             stream = _Stream(self.local_initial_window, self.remote_initial_window)
             self.streams[stream_id] = stream
             self.highest_outbound_stream_id = stream_id
+            self._idle = False
             for name, value in headers:
                 if name == b":method":
                     stream.method_head = value == b"HEAD"
