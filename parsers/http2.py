@@ -148,7 +148,7 @@ ErrorCode = h2.errors.ErrorCodes
 # Which HTTP/2 engine the sides use unless told (`lean=`): the lean frame layer of parsers.http2_wire
 # (HPACK and frames of our own, issue 11 item 4) or python-hyper h2, kept as the reference that the
 # differential fuzz target and the parametrized tests check the lean layer against.
-LEAN_BY_DEFAULT = False
+LEAN_BY_DEFAULT = True
 _GRPC_ANY_MESSAGE_SIZE = 0xFFFFFFFF  # the 4-byte length's own maximum: size is the upstream's limit
 
 # Frame types and flags (RFC 9113 §6), read from frame headers before h2 sees the frame.

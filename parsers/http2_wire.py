@@ -215,7 +215,8 @@ class LeanConnection:
         self.inbound_window = DEFAULT_WINDOW
         self._inbound_max = DEFAULT_WINDOW
         self._inbound_owed = 0
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, _Stream] = {}  # open and half-closed streams only: closing one removes it
+        self._open_streams = [0, 0]  # len(self.streams) by stream id parity (even, odd)
         self._closed: dict[int, int] = {}
         self.highest_inbound_stream_id = 0
         self.highest_outbound_stream_id = 0
@@ -256,7 +257,7 @@ class LeanConnection:
         stream = _Stream(self.local_initial_window, self.remote_initial_window)
         stream.remote_open = False
         stream.headers_received = True
-        self.streams[1] = stream
+        self._add_stream(1, stream)
         self._idle = False
         self.highest_inbound_stream_id = 1
 
@@ -286,12 +287,14 @@ class LeanConnection:
 
     @property
     def open_outbound_streams(self) -> int:
-        parity = 1 if self.client_side else 0
-        return sum(1 for sid, s in self.streams.items() if sid % 2 == parity and not s.closed)
+        return self._open_streams[1 if self.client_side else 0]
 
     def _open_inbound_streams(self) -> int:
-        parity = 0 if self.client_side else 1
-        return sum(1 for sid, s in self.streams.items() if sid % 2 == parity and not s.closed)
+        return self._open_streams[0 if self.client_side else 1]
+
+    def _add_stream(self, stream_id: int, stream: _Stream) -> None:
+        self.streams[stream_id] = stream
+        self._open_streams[stream_id & 1] += 1
 
     def local_flow_control_window(self, stream_id: int) -> int:
         stream = self.streams.get(stream_id)
@@ -516,7 +519,8 @@ class LeanConnection:
             self._forget(stream_id, _BY_END)
 
     def _forget(self, stream_id: int, how: int) -> None:
-        self.streams.pop(stream_id, None)
+        if self.streams.pop(stream_id, None) is not None:
+            self._open_streams[stream_id & 1] -= 1
         closed = self._closed
         closed[stream_id] = how
         if len(closed) > _CLOSED_MEMORY:
@@ -544,7 +548,7 @@ class LeanConnection:
             headers = self.decoder.decode(block)
             self.highest_inbound_stream_id = stream_id
             stream = _Stream(self.local_initial_window, self.remote_initial_window)
-            self.streams[stream_id] = stream
+            self._add_stream(stream_id, stream)
             _validate(headers, REQUEST)
             stream.headers_received = True
             stream.expected_length = _content_length(headers)
@@ -671,7 +675,7 @@ class LeanConnection:
             if not self.client_side or stream_id % 2 == 0 or stream_id <= self.highest_outbound_stream_id:
                 raise WireError(f"cannot open stream {stream_id}")
             stream = _Stream(self.local_initial_window, self.remote_initial_window)
-            self.streams[stream_id] = stream
+            self._add_stream(stream_id, stream)
             self.highest_outbound_stream_id = stream_id
             self._idle = False
             for name, value in headers:
