@@ -1,8 +1,10 @@
 """HTTP/2 (h2c) for the proxy: a server side facing the client and a client side facing the upstream.
 
-Owns HTTP/2 framing, HPACK, per-stream request/response events, flow control and refusal bytes,
-on top of python-hyper `h2` (sans-I/O). Never does I/O or policy. Raises only `ParseError`
-subclasses: every h2/hpack/hyperframe exception is translated in `_h2_errors` (one `except`).
+Owns per-stream request/response events, flow control and refusal bytes over an HTTP/2 connection
+engine: the lean frame layer `parsers.http2_wire` (+ `parsers.hpack`, the default) or python-hyper `h2`,
+the reference (`lean=False`, or `LEAN_BY_DEFAULT`); fuzz/http2_frames.py holds them to the same events.
+Never does I/O or policy. Raises only `ParseError` subclasses: every engine exception (WireError, and
+h2/hpack/hyperframe's) is translated in `_h2_errors` (one `except`).
 
 Theory of operation
 -------------------
