@@ -77,6 +77,7 @@ class _Due:
     started_ns: int
     refusal: bytes | None = None
     split: kafka_split.TopicSplit | None = None  # forwarded in part: merge the broker's answer with 29s
+    error_code: int = 0  # the refusal's error code, for its response record
 
 
 class KafkaSession(Session):
@@ -108,6 +109,8 @@ class KafkaSession(Session):
     @property
     def is_idle(self) -> bool:
         return not self._due and self.requests.buffered_bytes == 0
+
+    client_speaks_first = True  # awaiting_response stays False: JoinGroup and Fetch wait on purpose
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
@@ -187,6 +190,7 @@ class KafkaSession(Session):
         for due in self._due:
             if due.refusal is not None:
                 actions.append(Reply(due.refusal))
+                actions.append(self._refusal_flow(due, now))
                 continue
             answer = due.split.failure(reason) if due.split is not None \
                 else kafka.refusal(due.request, reason, brokers=self.learned.brokers)
@@ -251,7 +255,7 @@ class KafkaSession(Session):
             return
         if not refusal:  # Produce acks=0: the client reads no answer
             return
-        self._due.append(_Due(request=request, started_ns=now, refusal=refusal))
+        self._due.append(_Due(request=request, started_ns=now, refusal=refusal, error_code=kafka.kafka_error_code(reason)))
         self._flush(actions)
 
     def _split(self, split: kafka_split.TopicSplit, actions: list[Action], now: int, rule: str | None) -> None:
@@ -273,6 +277,12 @@ class KafkaSession(Session):
             due = self._due.popleft()
             assert due.refusal is not None
             actions.append(Reply(due.refusal))
+            actions.append(self._refusal_flow(due, self.clock()))
+
+    def _refusal_flow(self, due: _Due, now: int) -> Log:
+        """The response record of a refused request (Hubble shows the refusal the client got after the DROPPED request)."""
+        # no latency: the proxy answered, the upstream latency histogram must not count it
+        return self._flow(due.request, RESPONSE, FORWARDED, now, error_code=due.error_code)
 
     def _flow(
         self,
