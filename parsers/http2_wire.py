@@ -353,7 +353,7 @@ class LeanConnection:
         if ftype > CONTINUATION:
             if ftype == ALTSVC:  # RFC 7838: parsed (and judged) as h2 does, then ignored; a proxy has no use for it
                 if length < 2 or int.from_bytes(payload[:2], "big") > length - 2:
-                    raise WireError("Invalid ALTSVC frame body", FRAME_SIZE_ERROR, "frame_size")
+                    raise WireError("Invalid ALTSVC frame body", FRAME_SIZE_ERROR)
                 if self._closed_state:
                     raise WireError("frame received after GOAWAY")
                 self._idle = False
