@@ -447,9 +447,11 @@ class LeanConnection:
         if ftype == WINDOW_UPDATE:
             if length != 4:
                 raise WireError("WINDOW_UPDATE must be 4 bytes", FRAME_SIZE_ERROR, "frame_size")
-            increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+            increment = int.from_bytes(payload, "big")
             if not increment:
                 raise WireError("WINDOW_UPDATE of 0")
+            if increment > MAX_WINDOW:  # the reserved bit set: h2 (hyperframe) refuses it, and so do we
+                raise WireError("WINDOW_UPDATE with the reserved bit set")
             if not stream_id:
                 self.outbound_window += increment
                 if self.outbound_window > MAX_WINDOW:
