@@ -236,6 +236,7 @@ class LeanConnection:
         self._block_stream = 0
         self._block_flags = 0
         self._block_promised = 0
+        self._block_self_dependent = False
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -371,12 +372,13 @@ class LeanConnection:
             if not stream_id:
                 raise WireError("HEADERS on stream 0")
             body = self._unpad(flags, payload)
+            self_dependent = False
             if flags & PRIORITY_FLAG:
                 if len(body) < 5:
                     raise WireError("HEADERS priority fields truncated", FRAME_SIZE_ERROR, "frame_size")
-                if int.from_bytes(body[:4], "big") & 0x7FFFFFFF == stream_id:
-                    raise WireError(f"stream {stream_id} may not depend on itself")
+                self_dependent = int.from_bytes(body[:4], "big") & 0x7FFFFFFF == stream_id
                 body = body[5:]
+            self._block_self_dependent = self_dependent  # judged once the block is whole, as h2 does
             if not flags & END_HEADERS:
                 self._block = bytearray(body)
                 self._block_stream = stream_id
@@ -536,6 +538,8 @@ class LeanConnection:
             del closed[next(iter(closed))]
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> list[WireEvent]:
+        if self._block_self_dependent:
+            raise WireError(f"stream {stream_id} may not depend on itself")
         ended = bool(flags & END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
