@@ -362,7 +362,7 @@ class LeanConnection:
         if self._closed_state and ftype != GOAWAY:
             raise WireError("frame received after GOAWAY")
         if self._idle:
-            if ftype in (DATA, RST_STREAM, PUSH_PROMISE):
+            if ftype in (DATA, RST_STREAM):  # (PUSH_PROMISE is refused when its block completes)
                 raise WireError("frame received before any stream was opened")
             if ftype == HEADERS:
                 self._idle = False
@@ -419,9 +419,9 @@ class LeanConnection:
             body = self._unpad(flags, payload)
             if len(body) < 4:
                 raise WireError("PUSH_PROMISE truncated", FRAME_SIZE_ERROR, "frame_size")
-            if not self.client_side or not self.enable_push:
-                raise WireError("Received pushed stream")
             promised = int.from_bytes(body[:4], "big") & 0x7FFFFFFF
+            if promised == 0 or promised % 2:
+                raise WireError(f"invalid PUSH_PROMISE promised stream id {promised}")
             if not flags & END_HEADERS:
                 self._block = bytearray(body[4:])
                 self._block_stream = stream_id
@@ -606,6 +606,10 @@ class LeanConnection:
         return [HeadersReceived(kind, stream_id, headers, False)]
 
     def _push_promise(self, stream_id: int, promised: int, block: bytes) -> list[WireEvent]:
+        # Judged once the block is whole, as h2 does. Push is disabled on the client side (SETTINGS_ENABLE_PUSH
+        # 0) and a client may not push at all (RFC 9113 §8.4): always a connection error here.
+        if not self.client_side or not self.enable_push:
+            raise WireError("Received pushed stream")
         self.decoder.decode(block)
         return [PushedStreamReceived(promised)]
 
