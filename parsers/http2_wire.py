@@ -20,6 +20,8 @@ Rules / theory of operation
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 
 from membrane.parsers.hpack import Decoder, Encoder, HpackError, HpackTableSizeError, HpackTooLarge
@@ -251,9 +253,6 @@ class LeanConnection:
 
     def initiate_upgrade_connection(self, settings_header: bytes) -> None:
         """Server side of an h2c upgrade (RFC 7540 §3.2): apply the client's HTTP2-Settings, open stream 1."""
-        import base64
-        import binascii
-
         try:
             payload = base64.urlsafe_b64decode(settings_header)
         except (binascii.Error, ValueError) as e:
