@@ -347,6 +347,8 @@ class LeanConnection:
             if not flags & END_HEADERS:
                 return []
             block, self._block = bytes(self._block), None
+            if self._closed_state:  # h2 judges a header block's frame type against its state once it is whole
+                raise WireError("frame received after GOAWAY")
             if self._block_promised:
                 return self._push_promise(self._block_stream, self._block_promised, block)
             return self._headers(self._block_stream, self._block_flags, block)
@@ -358,7 +360,7 @@ class LeanConnection:
                     raise WireError("frame received after GOAWAY")
                 self._idle = False
             return []  # unknown frame types are ignored (§5.5)
-        if self._closed_state and ftype != GOAWAY:
+        if self._closed_state and ftype != GOAWAY and not (ftype in (HEADERS, PUSH_PROMISE) and not flags & END_HEADERS):
             raise WireError("frame received after GOAWAY")
         if self._idle:
             if ftype in (DATA, RST_STREAM):  # (PUSH_PROMISE is refused when its block completes)
