@@ -622,9 +622,10 @@ class LeanConnection:
         return [StreamReset(stream_id, error_code)]
 
     def _apply_settings(self, payload: bytes) -> None:
+        values: dict[int, int] = {}  # a setting repeated in one frame: the last value counts (as in h2)
         for i in range(0, len(payload) - len(payload) % 6, 6):
-            key = int.from_bytes(payload[i : i + 2], "big")
-            value = int.from_bytes(payload[i + 2 : i + 6], "big")
+            values[int.from_bytes(payload[i : i + 2], "big")] = int.from_bytes(payload[i + 2 : i + 6], "big")
+        for key, value in values.items():
             if key == SETTINGS_HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
             elif key == SETTINGS_ENABLE_PUSH:
