@@ -11,7 +11,10 @@ api/v1/observer/observer.proto at v1.19.4, protojson with UseProtoNames): one `G
 zero values are left out, 64-bit integers are strings, enums are their names: so `hubble observe
 --input-file` reads our files. Nothing outside flow.proto is written. A record is cheap to make (the ring
 keeps the object); its JSON is built only when written or read, with the connection's fixed part
-serialised once, and a proxy's sink writes in batches (`defer_writes`: one write + flush per loop pass).
+serialised once. A proxy's sink formats and writes on a thread of its own (`start_writer`): the event
+loop only appends the record object to a bounded queue, and records beyond the bound are dropped and
+counted (`dropped`, `membrane_flows_dropped_total`) rather than slowing traffic down, as Hubble's ring
+loses events under load.
 """
 
 from __future__ import annotations
@@ -788,12 +791,21 @@ class FlowSink:
     each record is written (and flushed) as it is emitted; after `defer_writes(loop.call_soon)` the
     records emitted on the loop's thread are queued and written together, one write and one flush per
     stream, when the scheduled `flush()` runs (or at once when `MAX_PENDING` are queued).
+    After `start_writer()` (what a proxy uses) every record is put on a bounded queue and a thread of
+    the sink's own turns batches of them into JSON lines and writes them: `emit` costs two deque
+    appends on the data path, and a record that finds `max_queue` records waiting is dropped and
+    counted in `dropped` (and through `on_dropped`), never waited for. The ring and the listeners
+    (`membrane observe`) still get every record at once, on the emitting thread.
     `node_name` goes into every record (None = `default_node_name()`).
     """
 
     MAX_PENDING = 512  # records queued before a write is forced (bounds memory and delay under load)
+    MAX_QUEUE = 65_536  # records waiting for the writer thread; more are dropped (about 10 s of a busy worker)
+    BATCH_S = 0.005  # the writer thread lets records gather this long after the first one of a batch
+    MAX_BATCH = 2048  # records per write
 
-    def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None) -> None:
+    def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None,
+                 max_queue: int = MAX_QUEUE) -> None:
         self._streams = list(streams)
         self._ring: collections.deque[FlowRecord] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()
@@ -805,6 +817,67 @@ class FlowSink:
         self.write_errors = 0
         self.listener_errors = 0
         self.written = 0
+        self.max_queue = max_queue
+        self.dropped = 0  # records the writer thread's queue had no room for
+        self.on_dropped: Callable[[], object] | None = None  # called once per dropped record (a metric's inc)
+        self._queue: collections.deque[Flow] | None = None  # the writer thread's input, once started
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start_writer(self) -> None:
+        """Format and write records on a thread of this sink's own from now on (see the class doc).
+        Does nothing without streams (the ring alone needs no writer) or when already started."""
+        if not self._streams or self._thread is not None:
+            return
+        self.flush()
+        self._schedule = None
+        self._stop = False
+        self._queue = collections.deque()
+        self._thread = threading.Thread(target=self._writer, name="membrane-flows", daemon=True)
+        self._thread.start()
+
+    def _writer(self) -> None:
+        wake = self._wake
+        while True:
+            wake.wait()
+            wake.clear()
+            if self._stop:
+                return
+            time.sleep(self.BATCH_S)  # let a batch gather: one write (and one GIL hand-over) per batch
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write everything queued for the writer thread, in order, a batch per write. Never raises."""
+        with self._lock:
+            queue = self._queue
+            if not queue:
+                return
+            node = self.node_name
+            popleft = queue.popleft
+            while queue:
+                batch: list[str] = []
+                try:
+                    while len(batch) < self.MAX_BATCH:
+                        batch.append(popleft().to_line(node))
+                except IndexError:  # emptied
+                    pass
+                except Exception:  # a record that cannot be serialised is lost, not the writer
+                    self.write_errors += 1
+                if batch:
+                    self._write("".join(batch))
+
+    def stop_writer(self) -> None:
+        """Stop the writer thread after it wrote what is queued; later records are written as they come."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop = True
+        self._wake.set()
+        thread.join(timeout=5.0)
+        self._thread = None
+        self._drain()
+        self._queue = None
 
     def defer_writes(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
         """Batch the writes of records emitted on this thread: `schedule(flush)` runs once per batch
@@ -854,6 +927,17 @@ class FlowSink:
             self._notify(flow)
         if not self._streams:
             return
+        queue = self._queue
+        if queue is not None:
+            if len(queue) >= self.max_queue:
+                self.dropped += 1
+                if self.on_dropped is not None:
+                    self.on_dropped()
+                return
+            queue.append(flow)
+            if len(queue) == 1:  # the writer may be asleep: the first record of a batch wakes it
+                self._wake.set()
+            return
         schedule = self._schedule
         if schedule is not None and threading.get_ident() == self._owner:
             pending = self._pending
@@ -871,6 +955,8 @@ class FlowSink:
 
     def flush(self) -> None:
         """Write the queued records now (one write and one flush per stream). Never raises."""
+        if self._queue is not None:
+            self._drain()
         with self._lock:
             pending = self._pending
             if not pending:
@@ -902,7 +988,9 @@ class FlowSink:
         return iter(self.recent())
 
     def close(self) -> None:
-        """Write what is queued and flush every stream (they stay open: their owner closes them)."""
+        """Stop the writer thread, write what is queued and flush every stream (they stay open: their owner
+        closes them)."""
+        self.stop_writer()
         self.flush()
         for stream in self._streams:
             try:
