@@ -1,13 +1,18 @@
 """Run every fuzz target in this folder for a while each (`make fuzz`, FUZZ_SECONDS=60 by default).
 
-Each target gets a scratch copy of its committed corpus (so a run never rewrites fuzz/corpus), its
-dictionary when fuzz/dict has one, and writes crashes to fuzz/ as crash-* files. Exit status 1 if
-any target crashed.
+Each target gets a scratch copy of its committed corpus, its dictionary when fuzz/dict has one, and
+writes crashes to fuzz/ as crash-* files. Exit status 1 if any target crashed.
+
+`--keep-corpus` merges what a clean run found back into fuzz/corpus/<target> (libFuzzer's `-merge=1`:
+only inputs that add coverage), so the corpora grow from run to run and the replay tests cover them.
+`--log FILE` appends one line per target run (UTC time, commit, target, seconds, executions, ok), from
+which BENCHMARKS.md sums each target's total fuzzing time.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +27,7 @@ def targets() -> list[Path]:
     return sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_") and p.name != "run_all.py")
 
 
-def run_target(target: Path, seconds: float, quiet: bool = False) -> tuple[bool, float, str]:
+def run_target(target: Path, seconds: float, quiet: bool = False, keep_corpus: bool = False) -> tuple[bool, float, str]:
     """Fuzz one target for `seconds`. Returns (ok, elapsed seconds, tail of its output)."""
     corpus = HERE / "corpus" / target.stem
     with tempfile.TemporaryDirectory(prefix=f"mbr-fuzz-{target.stem}-") as scratch:
@@ -40,6 +45,12 @@ def run_target(target: Path, seconds: float, quiet: bool = False) -> tuple[bool,
         start = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
         elapsed = time.monotonic() - start
+        if keep_corpus and proc.returncode == 0:
+            corpus.mkdir(parents=True, exist_ok=True)
+            merge = subprocess.run([sys.executable, str(target), "-merge=1", "-rss_limit_mb=2048", "-timeout=10",
+                                    str(corpus), str(work)], capture_output=True, text=True, errors="replace")
+            if merge.returncode != 0:
+                return False, elapsed, "corpus merge failed:\n" + "\n".join((merge.stdout + merge.stderr).splitlines()[-15:])
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     return proc.returncode == 0, elapsed, tail
 
@@ -47,14 +58,24 @@ def run_target(target: Path, seconds: float, quiet: bool = False) -> tuple[bool,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0, help="time per target")
+    parser.add_argument("--keep-corpus", action="store_true", help="merge new coverage into fuzz/corpus/<target>")
+    parser.add_argument("--log", type=Path, help="append one line per target run to this file")
     parser.add_argument("only", nargs="*", help="target names (default: all)")
     args = parser.parse_args()
     failed = []
     for target in targets():
         if args.only and target.stem not in args.only:
             continue
-        ok, elapsed, tail = run_target(target, args.seconds)
+        ok, elapsed, tail = run_target(target, args.seconds, keep_corpus=args.keep_corpus)
         print(f"{target.stem:24s} {'ok' if ok else 'CRASH':5s} {elapsed:7.1f} s", flush=True)
+        if args.log is not None:
+            runs = re.findall(r"Done (\d+) runs|#(\d+)\s+DONE", tail)
+            count = next((int(a or b) for a, b in reversed(runs)), 0)
+            commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            with args.log.open("a") as log:
+                log.write(f"{stamp}\t{commit}\t{target.stem}\t{elapsed:.0f}\t{count}\t{'ok' if ok else 'CRASH'}\n")
         if not ok:
             failed.append(target.stem)
             print(tail)

@@ -392,6 +392,7 @@ def _read_response(data: bytes) -> DnsResponse:
         rcode=rcode,
         addresses=tuple(answers.addresses),
         cnames=tuple(answers.cnames),
+        rrtypes=tuple(answers.rrtypes),
         min_ttl=answers.min_ttl,
         raw=data,
     )
@@ -408,11 +409,12 @@ def _read_question(data: bytes, cache: NameCache) -> tuple[str, int, int]:
 class _Answers:
     """What the answer section taught toFQDNs, and where the walk over it ended."""
 
-    __slots__ = ("addresses", "cnames", "cut", "end", "min_ttl")
+    __slots__ = ("addresses", "cnames", "cut", "end", "min_ttl", "rrtypes")
 
     def __init__(self) -> None:
         self.addresses: list[str] = []
         self.cnames: list[str] = []
+        self.rrtypes: list[int] = []  # the TYPE of every answer record, in order (Hubble's `rrtypes`)
         self.min_ttl: int | None = None
         self.end = 0  # offset after the last record read
         self.cut = False  # a record was cut off by the end of a TC message: the walk stopped there
@@ -459,6 +461,7 @@ def _read_answers(data: bytes, pos: int, count: int, tc: bool, cache: NameCache,
         rdstart, pos = pos, pos + rdlength
         if rtype == TYPE_OPT:
             raise _WireError("OPT record outside the additional section", start)
+        out.rrtypes.append(rtype)
         if rclass != CLASS_IN or rtype not in _LEARNED_TYPES:
             continue
         if owner is None:

@@ -171,6 +171,7 @@ class DnsResponse:
     rcode: int
     addresses: tuple[str, ...] = ()  # A and AAAA rdata, text form
     cnames: tuple[str, ...] = ()  # CNAME targets in answer order, normalised
+    rrtypes: tuple[int, ...] = ()  # the TYPE of every answer record read, in answer order
     min_ttl: int | None = None  # None when no address/CNAME answers
     raw: bytes = field(default=b"", repr=False, compare=False)
 

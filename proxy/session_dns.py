@@ -91,8 +91,13 @@ class DnsJudge:
             actions.append(self._flow(query, REQUEST, FORWARDED, now, rule=rule))
             return
         assert reason is not None
+        rcode = dns.dns_rcode(reason)
         actions.append(Reply(self.frame(dns.refusal(query, reason))))
-        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=dns.dns_rcode(reason)))
+        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode))
+        # The answer the client got, as Hubble shows it after a dropped query: a response record with the RCODE.
+        actions.append(self._flow(query, RESPONSE, FORWARDED, self.clock(), rcode=rcode,
+                                  summary=f"DNS Answer RCode: {_RCODE_NAMES.get(rcode, str(rcode))} (Query {query.normalized_name} "
+                                          f"{qtype_name(query.qtype)})"))
 
     def response(self, response: dns.DnsEvent, actions: list[Action]) -> bool:
         """Relay one answer. Returns False when it cannot be read (the caller decides: drop or close)."""
@@ -157,7 +162,7 @@ class DnsJudge:
                 l7_type=RESPONSE,
                 l7=l7_dns(
                     query=response.normalized_name, qtypes=qtypes, rcode=response.rcode, ips=response.addresses,
-                    ttl=response.min_ttl,
+                    ttl=response.min_ttl, cnames=response.cnames, rrtypes=[qtype_name(t) for t in response.rrtypes],
                 ),
                 summary=_answer_summary(response, qtypes),
                 time_ns=time_ns,

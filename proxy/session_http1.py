@@ -169,6 +169,7 @@ class Http1Session(Session):
                 pending = self._order.popleft()
                 assert pending.refusal is not None
                 actions.append(Reply(pending.refusal))
+                actions.append(self._response_flow(pending, pending.status, FORWARDED, None))
         if self.closed:
             return actions
         actions.extend(super().on_peer_closed(direction))
@@ -193,6 +194,7 @@ class Http1Session(Session):
                 break
             if pending.refusal is not None:
                 actions.append(Reply(pending.refusal))
+                actions.append(self._response_flow(pending, pending.status, FORWARDED, None))
         if answered or self._order:
             actions.extend(self.close())
         return actions
@@ -372,6 +374,8 @@ class Http1Session(Session):
             pending = self._order.popleft()
             assert pending.refusal is not None
             actions.append(Reply(pending.refusal))
+            # The refusal the client got, as Hubble shows it after the DROPPED request.
+            actions.append(self._response_flow(pending, pending.status, FORWARDED, None))
             if pending.close_after:
                 actions.extend(self.close())
                 return

@@ -245,6 +245,9 @@ class Http2Session(Session):
         self.server.refusal(stream_id, reason)
         actions.append(self._log(REQUEST, verdict, method, url, grpc=is_grpc, rule=rule, reason=reason, time_ns=now,
                                  headers=request.headers))
+        # The refusal the client got, as Hubble shows it after the DROPPED request (gRPC: HTTP 200, grpc-status in trailers).
+        actions.append(self._log(RESPONSE, FORWARDED, method, url, grpc=is_grpc,
+                                 code=200 if is_grpc else http1.refusal_status(reason), time_ns=self.clock()))
 
     # --- upstream -> client -----------------------------------------------------------------------
     def _server_event(self, event: http2.Event, actions: list[Action]) -> None:

@@ -77,6 +77,7 @@ class _Due:
     started_ns: int
     refusal: bytes | None = None
     split: kafka_split.TopicSplit | None = None  # forwarded in part: merge the broker's answer with 29s
+    error_code: int = 0  # the refusal's error code, for its response record
 
 
 class KafkaSession(Session):
@@ -187,6 +188,7 @@ class KafkaSession(Session):
         for due in self._due:
             if due.refusal is not None:
                 actions.append(Reply(due.refusal))
+                actions.append(self._refusal_flow(due, now))
                 continue
             answer = due.split.failure(reason) if due.split is not None \
                 else kafka.refusal(due.request, reason, brokers=self.learned.brokers)
@@ -251,7 +253,7 @@ class KafkaSession(Session):
             return
         if not refusal:  # Produce acks=0: the client reads no answer
             return
-        self._due.append(_Due(request=request, started_ns=now, refusal=refusal))
+        self._due.append(_Due(request=request, started_ns=now, refusal=refusal, error_code=kafka.kafka_error_code(reason)))
         self._flush(actions)
 
     def _split(self, split: kafka_split.TopicSplit, actions: list[Action], now: int, rule: str | None) -> None:
@@ -273,6 +275,12 @@ class KafkaSession(Session):
             due = self._due.popleft()
             assert due.refusal is not None
             actions.append(Reply(due.refusal))
+            actions.append(self._refusal_flow(due, self.clock()))
+
+    def _refusal_flow(self, due: _Due, now: int) -> Log:
+        """The response record of a refused request (Hubble shows the refusal the client got after the DROPPED request)."""
+        return self._flow(due.request, RESPONSE, FORWARDED, now, latency_ns=max(0, now - due.started_ns),
+                          error_code=due.error_code)
 
     def _flow(
         self,

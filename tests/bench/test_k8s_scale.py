@@ -36,7 +36,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "k8s_scale.py"
 @pytest.fixture(scope="module")
 def scale() -> ModuleType:
     spec = importlib.util.spec_from_file_location("k8s_scale", BENCH)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["k8s_scale"] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)

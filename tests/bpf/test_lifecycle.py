@@ -43,7 +43,8 @@ def test_attach_to_missing_interface_raises(pods: Topology) -> None:
     """Attaching to an interface that does not exist raises AttachError with ENODEV."""
     with Steering() as st, pytest.raises(AttachError) as info:
         st.attach("mbrnosuchif0")
-    assert info.value.kind == "tc" and info.value.errno == 19
+    assert info.value.kind == "tc"
+    assert info.value.errno == 19
 
 
 AGENT = """

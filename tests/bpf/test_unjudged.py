@@ -159,7 +159,8 @@ def test_ping6_allowed_by_type_with_neighbour_discovery_passing(pods: Topology) 
     answered: neighbour discovery (which the pods need first) always passes, the reply by conntrack.
     Without the entry the echo request is dropped as ICMPv6."""
     a, b = pods.pods["a"], pods.pods["b"]
-    assert "\\x80\\x00" in PING6 and "IPPROTO_ICMPV6" in PING6
+    assert "\\x80\\x00" in PING6
+    assert "IPPROTO_ICMPV6" in PING6
     with Steering() as st:
         st.maps.set_policy(
             egress={PolicyKey(endpoint_id=EP_A, identity=ID_B, port=icmp_port(128), proto=IPPROTO_ICMPV6): PASS},
@@ -185,7 +186,8 @@ def test_l3_only_allow_covers_icmp_and_gre(pods: Topology) -> None:
         register(st, pods, a_egress=True)
         assert py(a, PING, b.ipv4, 3) == "REPLY"
         recv = pods.track(b.python_popen(RAW_RECV.replace("sys.argv[1]", "47").replace("sys.argv[2]", "3")))
-        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        assert recv.stdout is not None
+        assert recv.stdout.readline().strip() == "ready"
         py(a, RAW_SEND, b.ipv4, 47, gre)
         assert recv.stdout.readline().strip() == "GOT 47"
 
@@ -193,7 +195,8 @@ def test_l3_only_allow_covers_icmp_and_gre(pods: Topology) -> None:
         st.maps.flush_conntrack()
         st.read_drop_events()
         recv = pods.track(b.python_popen(RAW_RECV.replace("sys.argv[1]", "47").replace("sys.argv[2]", "1.5")))
-        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        assert recv.stdout is not None
+        assert recv.stdout.readline().strip() == "ready"
         py(a, RAW_SEND, b.ipv4, 47, gre)
         assert recv.stdout.readline().strip() == "TIMEOUT"
         assert py(a, PING, b.ipv4, 1) == "TIMEOUT"

@@ -114,7 +114,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorded]:
         assert curl(f"http://127.0.0.1:{gw.port}/admin", "--interface", "127.0.0.2") == "403"
         assert curl(f"http://127.0.0.1:{gw.port}/api/items", "--interface", "127.0.0.2", "-X", "POST") == "403"
         assert curl(f"http://127.0.0.1:{gw.port}/api/items") == "000"  # the world: refused at L3/L4
-        wait_lines(shared, 5)
+        wait_lines(shared, 7)
         assert "warning" not in gw.stderr_path.read_text()  # --dport names the policy's port: nothing to warn about
     with DnsServer(ZONE) as dns_server, gateway(
         tmp, dns_policy(dns_server.port), upstream_port=dns_server.port, dst="kube-system/coredns",
@@ -122,20 +122,24 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorded]:
     ) as gw:
         assert "status: NOERROR" in dig(gw.port, "www.cilium.io")
         assert "status: REFUSED" in dig(gw.port, "evil.example")
-        wait_lines(shared, 8)
+        wait_lines(shared, 11)
     yield Recorded(path=shared, lines=records(shared))
 
 
 def test_recorded_flows_are_hubble_flow_json(recorded: Recorded) -> None:
     """Every line the gateways wrote, HTTP and DNS, allowed and denied, L7 and L3/L4, is valid Hubble flow JSON."""
     validator = schema_validator()
-    assert len(recorded.lines) == 8
+    assert len(recorded.lines) == 11
     for line in recorded.lines:
         assert [e.message for e in validator.iter_errors(line)] == [], line
     kinds = sorted((f["Type"], f["verdict"], f.get("l7", {}).get("type", "")) for f in recorded.flows())
+    # every refused request (two HTTP 403s, one DNS REFUSED) is followed by the response record of its refusal
     assert kinds == sorted([("L7", "FORWARDED", "REQUEST"), ("L7", "FORWARDED", "RESPONSE"), ("L7", "DROPPED", "REQUEST"),
-                            ("L7", "DROPPED", "REQUEST"), ("L3_L4", "DROPPED", ""), ("L7", "FORWARDED", "REQUEST"),
-                            ("L7", "FORWARDED", "RESPONSE"), ("L7", "DROPPED", "REQUEST")])
+                            ("L7", "FORWARDED", "RESPONSE"), ("L7", "DROPPED", "REQUEST"), ("L7", "FORWARDED", "RESPONSE"),
+                            ("L3_L4", "DROPPED", ""), ("L7", "FORWARDED", "REQUEST"), ("L7", "FORWARDED", "RESPONSE"),
+                            ("L7", "DROPPED", "REQUEST"), ("L7", "FORWARDED", "RESPONSE")])
+    codes = sorted(f["l7"]["http"]["code"] for f in recorded.flows() if f.get("l7", {}).get("type") == "RESPONSE" and "http" in f["l7"])
+    assert codes == [200, 403, 403]
     assert {line["node_name"] for line in recorded.lines} == {"node-a", "node-b"}
 
 

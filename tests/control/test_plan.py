@@ -142,7 +142,8 @@ def test_icmps_are_keyed_by_type_and_l3_only_is_layered(tmp_path: Path) -> None:
 
     pmap = _pmap(ICMPS, tmp_path)
     backend, debug = pmap.identity_of("default/backend"), pmap.identity_of("default/debug")
-    assert backend is not None and debug is not None
+    assert backend is not None
+    assert debug is not None
     dp = pmap.direction("default/frontend", PolicyDirection.INGRESS)
     assert dp.lookup(backend, 8, L4Proto.ICMP).kind is VerdictKind.ALLOW
     assert dp.lookup(backend, 13, L4Proto.ICMP).kind is VerdictKind.DROP

@@ -213,7 +213,8 @@ def test_dns_answer_flow_summaries_name_the_rcode(tmp_path: Path) -> None:
     assert summaries.count("DNS Answer RCode: NXDOMAIN (Query nope.cilium.io. A)") == 2, summaries
     assert not any("None" in s for s in summaries), summaries
     nx = [f for f in flows if f["l7"]["type"] == "RESPONSE" and f["l7"]["dns"]["query"] == "nope.cilium.io."]
-    assert len(nx) == 2 and all(f["l7"]["dns"]["rcode"] == 3 for f in nx)
+    assert len(nx) == 2
+    assert all(f["l7"]["dns"]["rcode"] == 3 for f in nx)
 
 
 def test_http2_request_flows_carry_the_request_headers(tmp_path: Path) -> None:
@@ -243,7 +244,8 @@ def test_ipv6_listen_address_is_printed_as_typed(tmp_path: Path) -> None:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             match = re.search(r"listening on \[::1\]:(\d+) -> 127\.0\.0\.1:(\d+) ", line)
-            assert match and int(match.group(2)) == server.port, line
+            assert match, line
+            assert int(match.group(2)) == server.port, line
             with httpx.Client() as client:
                 assert client.get(f"http://[::1]:{match.group(1)}/api").status_code == 200
             proc.send_signal(signal.SIGINT)
@@ -266,7 +268,8 @@ def test_agent_cli_loads_and_reports_no_agent(tmp_path: Path) -> None:
         assert out.returncode == 1, out.stderr
         assert "no agent is running" in out.stderr
     usage = subprocess.run([*MEMBRANE, "run", "--endpoints", "x.yaml"], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert usage.returncode == 2 and "--policies" in usage.stderr
+    assert usage.returncode == 2
+    assert "--policies" in usage.stderr
 
 
 def test_unwritable_flows_path_is_a_clear_usage_error(tmp_path: Path) -> None:

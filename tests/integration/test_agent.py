@@ -153,7 +153,8 @@ def test_http_allowed_denied_and_source_preserved(
     assert all(f["source"]["pod_name"] == ("frontend" if f["is_reply"] else "backend") for f in flows if f.get("Type") == "L7")
     stats = agent.status()["sockmap_stats"]
     if sockmap:
-        assert stats["sockets_added"] > 0 and stats["redirected"] > 0  # the accelerator really carried bytes
+        assert stats["sockets_added"] > 0
+        assert stats["redirected"] > 0  # the accelerator really carried bytes
     else:
         assert stats == {}
     assert agent.stop() == 0
@@ -218,7 +219,8 @@ def test_dns_steered_refused_and_tofqdns(tmp_path: Path, agent_box: list[AgentPr
         agent_box.append(agent)
         assert probe(client, web.ipv4, 80) == "TIMEOUT"  # not learned yet
         out = dig(client, dns.ipv4, "www.allowed.test")
-        assert status_word(out) == "NOERROR" and str(web.ipv4) in out
+        assert status_word(out) == "NOERROR"
+        assert str(web.ipv4) in out
         assert probe(client, web.ipv4, 80) == "CONNECTED"  # learned from the answer
         assert probe(client, web.ipv4, 81) == "TIMEOUT"  # only the port the rule names
         assert status_word(dig(client, dns.ipv4, "www.denied.test")) == "REFUSED"
@@ -267,7 +269,8 @@ def test_policy_edit_applies_to_live_connection(
     assert curl(be, f"http://{fe.ipv4}/v2/items")[0] == "200"
     pol.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, ingress: [{toPort: []}]}\n")
     doc = agent.wait_reloads(reloads + 5, timeout_s=5)
-    assert doc["errors"] and "toPort" in " ".join(doc["errors"])
+    assert doc["errors"]
+    assert "toPort" in " ".join(doc["errors"])
     assert curl(be, f"http://{fe.ipv4}/v2/items")[0] == "200"  # last good policy still enforced
     assert curl(be, f"http://{fe.ipv4}/api")[0] == "403"
     assert agent.stop() == 0
@@ -397,12 +400,15 @@ def test_status_and_endpoint_list(http_pods: tuple[Topology, Path], tmp_path: Pa
     agent_box.append(agent)
     cli = [sys.executable, "-m", "membrane.cli"]
     st = subprocess.run([*cli, "status", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
-    assert st.returncode == 0 and "agent ready" in st.stdout and "3/3 ready" in st.stdout
+    assert st.returncode == 0
+    assert "agent ready" in st.stdout
+    assert "3/3 ready" in st.stdout
     el = subprocess.run([*cli, "endpoint", "list", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
     assert el.returncode == 0
     rows = {line.split()[1]: line for line in el.stdout.splitlines()[1:] if line.split() and line.split()[0].isdigit()}
     assert set(rows) == {"default/frontend", "default/backend", "default/debug"}
-    assert "Enabled" in rows["default/frontend"] and topo.pods["frontend"].host_if in rows["default/frontend"]
+    assert "Enabled" in rows["default/frontend"]
+    assert topo.pods["frontend"].host_if in rows["default/frontend"]
     assert rows["default/backend"].count("Disabled") == 2
     assert agent.stop() == 0
     gone = subprocess.run([*cli, "status", "--status-file", str(agent.status_path)], capture_output=True, text=True, cwd=ROOT)
@@ -440,7 +446,8 @@ def test_grpc_and_kafka_through_the_steering(tmp_path: Path, agent_box: list[Age
         assert ok == "OK produced"
         assert denied.startswith("ERROR")
         kafka_drops = [f for f in agent.flows() if f["verdict"] == "DROPPED" and "kafka" in f.get("l7", {})]
-        assert kafka_drops and all(f["l7"]["kafka"]["topic"] == "payments" for f in kafka_drops)
+        assert kafka_drops
+        assert all(f["l7"]["kafka"]["topic"] == "payments" for f in kafka_drops)
         assert all(f["l7"]["kafka"]["error_code"] == 29 for f in kafka_drops)
         assert agent.stop() == 0
 
@@ -483,7 +490,8 @@ def test_invalid_policy_at_start_exits_1_and_touches_nothing(tmp_path: Path) -> 
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert out.returncode == 1
-    assert "bad.yaml" in out.stderr and "toPort" in out.stderr
+    assert "bad.yaml" in out.stderr
+    assert "toPort" in out.stderr
     assert "agent ready" not in out.stdout
     assert not (tmp_path / "s.json").exists()
 

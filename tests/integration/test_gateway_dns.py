@@ -87,15 +87,21 @@ def test_dig_udp_and_tcp_allowed_and_refused(tmp_path: Path) -> None:
     ) as gw:
         for extra in ((), ("+tcp",)):
             out = _dig(gw.port, "www.cilium.io", *extra)
-            assert "status: NOERROR" in out and "192.0.2.10" in out, out
+            assert "status: NOERROR" in out, out
+            assert "192.0.2.10" in out, out
             out = _dig(gw.port, "evil.example", *extra)
             assert "status: REFUSED" in out, out
         names = [(q.transport, q.name.lower()) for q in server.queries]
         assert names == [("udp", "www.cilium.io."), ("tcp", "www.cilium.io.")]
-        flows = gw.wait_flows(6)
-        answers = [f for f in flows if f["l7"]["type"] == "RESPONSE"]
-        assert answers and sorted(answers[0]["l7"]["dns"]["ips"]) == ["192.0.2.10", "192.0.2.11"]
+        flows = gw.wait_flows(8)
+        answers = [f for f in flows if f["l7"]["type"] == "RESPONSE" and f["l7"]["dns"]["query"] == "www.cilium.io."]
+        assert answers
+        assert sorted(answers[0]["l7"]["dns"]["ips"]) == ["192.0.2.10", "192.0.2.11"]
         assert answers[0]["l7"]["dns"]["ttl"] == 120
+        assert answers[0]["l7"]["dns"]["rrtypes"] == ["A", "A"]
+        # each refused query has the response record of the REFUSED answer the client got
+        refusals = [f for f in flows if f["l7"]["type"] == "RESPONSE" and f["l7"]["dns"]["query"] == "evil.example."]
+        assert [(f["verdict"], f["l7"]["dns"]["rcode"]) for f in refusals] == [("FORWARDED", 5)] * 2
         refused = [f for f in flows if f["verdict"] == "DROPPED"]
         assert {f["l7"]["dns"]["query"] for f in refused} == {"evil.example."}
         assert {f["l4"].get("UDP") is not None for f in refused} == {True, False}

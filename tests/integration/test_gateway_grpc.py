@@ -110,7 +110,8 @@ def test_grpc_unary_allowed_denied_then_allowed_on_one_channel(tmp_path: Path) -
         assert greeter.calls == ["SayHello", "SayHello"]
         flows = gw.wait_flows(5)
         denied = [f for f in flows if f["verdict"] == "DROPPED"]
-        assert len(denied) == 1 and denied[0]["l7"]["http"]["url"].endswith("/helloworld.Greeter/Secret")
+        assert len(denied) == 1
+        assert denied[0]["l7"]["http"]["url"].endswith("/helloworld.Greeter/Secret")
         assert denied[0]["Summary"].startswith("gRPC POST")
 
 
@@ -124,5 +125,6 @@ def test_grpc_streaming_both_ways(tmp_path: Path) -> None:
         assert out == [f"MSG-{i}".encode() for i in range(200)]
         download = channel.unary_stream("/helloworld.Greeter/Download", _raw, _raw)
         chunks = list(download(b"256", timeout=30))
-        assert len(chunks) == 256 and all(c == bytes([i % 256]) * 65536 for i, c in enumerate(chunks))
+        assert len(chunks) == 256
+        assert all(c == bytes([i % 256]) * 65536 for i, c in enumerate(chunks))
         assert greeter.calls == ["Chat", "Download"]

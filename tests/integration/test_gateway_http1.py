@@ -49,7 +49,8 @@ def test_curl_denied_then_allowed_on_the_same_connection(tmp_path: Path) -> None
         assert ("FORWARDED", "REQUEST", "x") in verdicts
         assert any(f["l7"]["type"] == "RESPONSE" and f["l7"]["http"].get("code") == 200 for f in flows)
         denied = next(f for f in flows if f["verdict"] == "DROPPED")
-        assert denied["source"]["pod_name"] == "backend" and denied["destination"]["pod_name"] == "frontend"
+        assert denied["source"]["pod_name"] == "backend"
+        assert denied["destination"]["pod_name"] == "frontend"
         assert denied["traffic_direction"] == "INGRESS"
         allowed = next(f for f in flows if f["verdict"] == "FORWARDED" and f["l7"]["type"] == "REQUEST")
         assert [(p["namespace"], p["name"], p["kind"]) for p in allowed["ingress_allowed_by"]] == [
@@ -195,8 +196,10 @@ def test_http10_keep_alive_request_is_closed_after_its_response(tmp_path: Path) 
                     received += chunk
             finally:
                 sock.close()
-            assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\nok"), received
-            assert len(heads) == 1 and heads[0].startswith(b"GET /api/one HTTP/1.0\r\n")
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+            assert received.endswith(b"\r\n\r\nok"), received
+            assert len(heads) == 1
+            assert heads[0].startswith(b"GET /api/one HTTP/1.0\r\n")
             assert not [f for f in gw.flows() if f["verdict"] != "FORWARDED"]
     finally:
         upstream_open.set()
@@ -220,7 +223,8 @@ def test_upstream_down_gives_503(tmp_path: Path) -> None:
         errors = [f for f in gw.flows() if f["verdict"] == "ERROR"]
         assert [f["l7"]["http"]["code"] for f in errors] == [503], gw.flows()
         assert "drop_reason_desc" not in errors[0]  # flow.proto has no drop reason for an upstream failure
-        assert errors[0]["l7"]["http"]["url"].endswith("/api") and errors[0]["l7"]["http"]["method"] == "GET"
+        assert errors[0]["l7"]["http"]["url"].endswith("/api")
+        assert errors[0]["l7"]["http"]["method"] == "GET"
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
@@ -298,7 +302,8 @@ def test_flows_to_stdout(tmp_path: Path) -> None:
             port = int(re.search(r":(\d+) ->", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
             assert httpx.get(f"http://127.0.0.1:{port}/nope").status_code == 403
             record = json.loads(proc.stdout.readline())["flow"]  # Hubble's {"flow": ...} envelope
-            assert record["verdict"] == "DROPPED" and record["l7"]["http"]["url"].endswith("/nope")
+            assert record["verdict"] == "DROPPED"
+            assert record["l7"]["http"]["url"].endswith("/nope")
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0

@@ -29,13 +29,18 @@ def test_httpx_http2_denied_stream_and_others_continue(tmp_path: Path) -> None:
         tmp_path, http_policy(server.port, RULES), upstream_port=server.port, dst="default/frontend", src="default/backend"
     ) as gw, httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{gw.port}", timeout=20) as client:
         r = client.get("/api/one")
-        assert r.http_version == "HTTP/2" and r.status_code == 200 and r.json()["path"] == "/api/one"
+        assert r.http_version == "HTTP/2"
+        assert r.status_code == 200
+        assert r.json()["path"] == "/api/one"
         denied = client.get("/admin")
-        assert denied.status_code == 403 and denied.text == "Access denied\r\n"
+        assert denied.status_code == 403
+        assert denied.text == "Access denied\r\n"
         r = client.post("/api/upload", content=b"x" * (3 << 20))
-        assert r.status_code == 200 and r.json()["body_len"] == 3 << 20
+        assert r.status_code == 200
+        assert r.json()["body_len"] == 3 << 20
         big = client.get(f"/big/{8 << 20}")
-        assert len(big.content) == 8 << 20 and big.content[:256] == bytes(range(256))
+        assert len(big.content) == 8 << 20
+        assert big.content[:256] == bytes(range(256))
         assert [p for _, p in server.seen] == ["/api/one", "/api/upload", f"/big/{8 << 20}"]
         flows = gw.wait_flows(7)
         assert any(f["verdict"] == "DROPPED" and f["l7"]["http"]["url"].endswith("/admin") for f in flows)
@@ -65,8 +70,10 @@ def test_curl_h2c_upgrade_is_stripped(tmp_path: Path) -> None:
             ["curl", "-sS", "-v", "--http2", f"http://127.0.0.1:{gw.port}/api/up", f"http://127.0.0.1:{gw.port}/admin"],
             capture_output=True, text=True, timeout=30,
         )
-        assert "< HTTP/1.1 200" in out.stderr and "< HTTP/1.1 403" in out.stderr, out.stderr
+        assert "< HTTP/1.1 200" in out.stderr, out.stderr
+        assert "< HTTP/1.1 403" in out.stderr, out.stderr
         _, path, headers, _ = backend.seen[0]
         assert path == "/api/up"
-        assert "upgrade" not in headers and "http2-settings" not in headers
+        assert "upgrade" not in headers
+        assert "http2-settings" not in headers
         assert backend.paths() == ["/api/up"]

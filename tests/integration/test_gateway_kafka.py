@@ -152,7 +152,8 @@ def test_kafka_python_produce_and_consume(tmp_path: Path) -> None:
             consumer.close()
         assert got == [f"order-{i}".encode() for i in range(10)]
         refused = [f for f in gw.flows() if f["verdict"] == "DROPPED"]
-        assert refused and all("secret" in f["l7"]["kafka"].get("topics", [f["l7"]["kafka"]["topic"]]) for f in refused)
+        assert refused
+        assert all("secret" in f["l7"]["kafka"].get("topics", [f["l7"]["kafka"]["topic"]]) for f in refused)
         assert all(isinstance(f["l7"]["kafka"]["topic"], str) for f in refused)  # flow.proto: string topic
         assert all(f["l7"]["kafka"]["error_code"] == TOPIC_AUTHORIZATION_FAILED for f in refused)
 

@@ -161,7 +161,8 @@ def test_response_cname_chain_addresses_and_min_ttl() -> None:
     resp = read_response(raw)
     assert resp == DnsResponse(
         id=q.header.id, name="WWW.example.com.", normalized_name="www.example.com.", qtype=1, rcode=NOERROR,
-        addresses=("192.0.2.1", "2001:db8::1"), cnames=("edge.cdn.net.", "a1.cdn.net."), min_ttl=60,
+        addresses=("192.0.2.1", "2001:db8::1"), cnames=("edge.cdn.net.", "a1.cdn.net."), rrtypes=(5, 5, 1, 28),
+        min_ttl=60,
     )
     assert resp.raw is raw
 

@@ -189,9 +189,11 @@ def test_backpressure_bounds_buffering() -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             await asyncio.sleep(1.0)
             # The upstream could push 64 MiB; the proxy must have stopped long before.
-            assert hoses and hoses[0].sent < 16 << 20
+            assert hoses
+            assert hoses[0].sent < 16 << 20
             (conn,) = proxy.connections
-            assert conn.client is not None and conn.client.get_write_buffer_size() <= 2 * config.max_buffer_bytes + 65536
+            assert conn.client is not None
+            assert conn.client.get_write_buffer_size() <= 2 * config.max_buffer_bytes + 65536
             # Reading resumes the flow.
             sock.setblocking(False)
             got = 0
@@ -456,7 +458,8 @@ def test_transparent_udp_reply_leaves_from_the_original_destination() -> None:
                 raise AssertionError("no reply")
             assert data == b"QUERY"
             assert addr == ("127.0.0.1", port)  # from the address the client asked
-            assert seen and seen[0][1][0] == "127.0.0.1"  # upstream socket bound to the client's IP
+            assert seen
+            assert seen[0][1][0] == "127.0.0.1"  # upstream socket bound to the client's IP
             (listener,) = proxy._udp
             (peer,) = listener.peers.values()
             assert peer.original_dst == ("127.0.0.1", port)

@@ -161,6 +161,7 @@ def test_denied_request_answered_and_connection_lives_on() -> None:
         >> DataReceived(C2S, get("/secret"))
         << LogMatch(verdict="DROPPED", l7_type="REQUEST", reason="policy_denied", json={"l7.http.url": "http://a/secret"})
         << Reply(FORBIDDEN)
+        << LogMatch(verdict="FORWARDED", l7_type="RESPONSE", reason=None, json={"l7.http.code": 403, "l7.http.url": "http://a/secret"})
         >> DataReceived(C2S, get("/api/x"))
         << Forward(C2S, get("/api/x"))
         << LogMatch(verdict="FORWARDED", rule="default/frontend-api: ingress[0].toPorts[0].rules.http[0]")
@@ -210,11 +211,13 @@ def test_malformed_target_flow_carries_method_and_raw_target() -> None:
         << LogMatch(verdict="ERROR", l7_type="REQUEST", reason="malformed",
                     json={"l7.http.method": "GET", "l7.http.url": "http://a/api/..%2Fsecret", "l7.http.code": 400})
         << Reply(error_response(400, keep_alive=False))
+        << LogMatch(verdict="FORWARDED", l7_type="RESPONSE", json={"l7.http.code": 400, "l7.http.url": "http://a/api/..%2Fsecret"})
         << Close()
     )
     unreadable = [a.flow.to_json() for a in http_session().handle(DataReceived(C2S, b"GET\r\n\r\n")) if isinstance(a, Log)]
     # protojson leaves empty strings out: an unreadable request line gives no method and no url
-    assert [(f["verdict"], f["l7"]["http"].get("method", ""), f["l7"]["http"].get("url", "")) for f in unreadable] == [("ERROR", "", "")]
+    assert [(f["verdict"], f["l7"]["http"].get("method", ""), f["l7"]["http"].get("url", "")) for f in unreadable] == [("ERROR", "", ""), ("FORWARDED", "", "")]
+    assert unreadable[1]["l7"]["http"]["code"] == 400  # the response record of the 400 the client got
 
 
 def test_http10_response_without_keep_alive_closes_the_client_connection() -> None:
@@ -236,7 +239,8 @@ def test_http10_response_without_keep_alive_closes_the_client_connection() -> No
     h11, b11 = response(b"ok")
     session = http_session()
     actions = session.handle(DataReceived(C2S, get("/api/x"))) + session.handle(DataReceived(S2C, h11 + b11))
-    assert not any(isinstance(a, Close) for a in actions) and not session.closed
+    assert not any(isinstance(a, Close) for a in actions)
+    assert not session.closed
 
 
 def test_upstream_failure_answers_503_and_504() -> None:
@@ -344,6 +348,7 @@ def test_kafka_refusal_waits_for_correlation_order() -> None:
         << Forward(S2C, _metadata_response(1))
         << LogMatch(verdict="FORWARDED", l7_type="RESPONSE")
         << Reply(refusal_bytes)
+        << LogMatch(verdict="FORWARDED", l7_type="RESPONSE", json={"l7.kafka.correlation_id": 2, "l7.kafka.error_code": 29})
     )
 
 
@@ -428,8 +433,11 @@ def test_l3_l4_denial_is_an_l3_l4_record() -> None:
     logs = [a.flow.to_json() for a in session_factory(gw, "10.244.1.10")(INFO).start() if isinstance(a, Log)]
     assert len(logs) == 1
     record = logs[0]
-    assert record["Type"] == "L3_L4" and "l7" not in record and record["is_reply"] is False
-    assert record["verdict"] == "DROPPED" and record["drop_reason_desc"] == "POLICY_DENIED"
+    assert record["Type"] == "L3_L4"
+    assert "l7" not in record
+    assert record["is_reply"] is False
+    assert record["verdict"] == "DROPPED"
+    assert record["drop_reason_desc"] == "POLICY_DENIED"
 
 
 WS_UPGRADE = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -496,7 +504,8 @@ def test_http2_denied_stream_refused_others_forwarded() -> None:
     events = client.receive_data(downstream_bytes)
     responses = {e.stream_id: dict(e.headers)[":status"] for e in events if isinstance(e, h2.events.ResponseReceived)}
     body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived) and e.stream_id == 3)
-    assert responses == {3: "403"} and body == b"Access denied\r\n"
+    assert responses == {3: "403"}
+    assert body == b"Access denied\r\n"
     # The upstream answers stream 1: the client gets it.
     server.send_headers(1, [(":status", "200"), ("content-length", "2")])
     server.send_data(1, b"ok", end_stream=True)
@@ -520,7 +529,9 @@ def test_upstream_failure_is_an_error_flow_with_the_status_sent() -> None:
     before = http_session()
     actions = before.handle(UpstreamFailed(Reason.UPSTREAM_FAILED)) + before.handle(DataReceived(C2S, get("/api/x")))
     assert error_flows(actions) == [("REQUEST", "http://a/api/x", 503, "UPSTREAM_FAILED")]
-    assert not [a for a in actions if isinstance(a, Log) and a.flow.verdict == "FORWARDED"]
+    # nothing went upstream; the only FORWARDED record is the 503 response the client got
+    assert [(a.flow.l7_type, a.flow.l7["http"]["code"]) for a in actions if isinstance(a, Log) and a.flow.verdict == "FORWARDED"] == [
+        ("RESPONSE", 503)]
     after = http_session()
     actions = after.handle(DataReceived(C2S, get("/api/x"))) + after.handle(UpstreamFailed(Reason.UPSTREAM_TIMEOUT))
     assert error_flows(actions) == [("RESPONSE", "http://a/api/x", 504, "UPSTREAM_TIMEOUT")]
@@ -547,7 +558,8 @@ def test_actions_do_not_depend_on_read_boundaries() -> None:
         return upstream, replies
 
     expected = run([stream])
-    assert expected[0] == get("/api/1") + get("/api/3") and expected[1] == b""  # the POST is denied (GET-only rule)
+    assert expected[0] == get("/api/1") + get("/api/3")
+    assert expected[1] == b""  # the POST is denied (GET-only rule)
     for chunks in all_chunkings(stream):
         assert run(chunks) == expected
 
@@ -570,7 +582,26 @@ def test_denied_flow_names_the_denying_sides_rule_only() -> None:
     gw = _gateway(DNS_POLICY + "---" + KUBE_DNS_INGRESS, src="default/crawler", dst="kube-system/coredns", port=53)
     session = session_factory(gw, "10.244.0.10")(INFO)
     denied = [a.flow for a in session.handle(DataReceived(C2S, dns.frame_tcp(_query("evil.com", 1)))) if isinstance(a, Log)]
-    assert [(f.verdict, f.rule) for f in denied] == [("DROPPED", None)]
+    assert [(f.verdict, f.l7_type, f.rule) for f in denied] == [("DROPPED", "REQUEST", None), ("FORWARDED", "RESPONSE", None)]
+    assert denied[1].to_json()["l7"]["dns"]["rcode"] == 5  # the REFUSED answer the client got
     assert "policy_rule" not in denied[0].to_json()
     allowed = [a.flow for a in session.handle(DataReceived(C2S, dns.frame_tcp(_query("www.cilium.io", 2)))) if isinstance(a, Log)]
     assert [(f.verdict, f.rule) for f in allowed] == [("FORWARDED", "default/crawler-dns: egress[0].toPorts[0].rules.dns[0]")]
+
+
+def test_dns_answer_flow_has_cnames_and_record_types() -> None:
+    """The response record of an answer carries Hubble's `cnames` (the chain's targets) and `rrtypes` (every answer record's type)."""
+    from dnslib import CNAME, QTYPE, RR, A, DNSRecord
+
+    gw = _gateway(DNS_POLICY, src="default/crawler", dst="kube-system/coredns", port=53)
+    session = session_factory(gw, "10.244.0.10")(INFO)
+    query = _query("www.cilium.io", 4)
+    reply = DNSRecord.parse(query).reply()
+    reply.add_answer(RR("www.cilium.io", QTYPE.CNAME, rdata=CNAME("edge.cilium.io"), ttl=300))
+    reply.add_answer(RR("edge.cilium.io", QTYPE.A, rdata=A("192.0.2.7"), ttl=30))
+    answer = bytes(reply.pack())
+    session.handle(DataReceived(C2S, dns.frame_tcp(query)))
+    flows = [a.flow.to_json() for a in session.handle(DataReceived(S2C, dns.frame_tcp(answer))) if isinstance(a, Log)]
+    assert [f["l7"]["type"] for f in flows] == ["RESPONSE"]
+    got = flows[0]["l7"]["dns"]
+    assert (got["cnames"], got["rrtypes"], got["ips"], got["ttl"]) == (["edge.cilium.io."], ["CNAME", "A"], ["192.0.2.7"], 30)

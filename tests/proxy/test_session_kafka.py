@@ -128,9 +128,10 @@ def test_unsplittable_kind_is_refused_whole_with_the_reason() -> None:
     frame = bytes(req.encode(header=True, framed=True))
     actions = _session().handle(DataReceived(C2S, frame))
     assert _forwards(actions, C2S) == []
-    (flow,) = [a.flow for a in actions if isinstance(a, Log)]
+    flow, answered = [a.flow for a in actions if isinstance(a, Log)]
     assert flow.verdict == "DROPPED"
     assert "no per-topic errors" in flow.summary
+    assert (answered.verdict, answered.l7_type, answered.l7["kafka"]["error_code"]) == ("FORWARDED", "RESPONSE", 29)
     assert [type(a) for a in actions if not isinstance(a, Log)] == [Reply]
 
 
