@@ -306,6 +306,23 @@ class Flow:
         out.update(_render_l7(self.l7))
         return out
 
+    def _l7_line(self) -> str:
+        """`_encode(self._l7_json())`, with the HTTP record's JSON made once per distinct (code, method, url,
+        protocol, headers): a keep-alive client repeats its requests and a server its response heads."""
+        http = self.l7.get("http") if len(self.l7) == 1 else None
+        headers = http.get("headers", ()) if http is not None else None
+        if http is None or type(headers) is not tuple or len(http) > 5:
+            return _encode(self._l7_json())
+        key = (http.get("code", 0), http.get("method", ""), http.get("url", ""), http.get("protocol", ""), headers)
+        body = _HTTP_JSON.get(key)
+        if body is None:
+            body = _encode(_render_l7(self.l7))[1:-1]
+            if len(_HTTP_JSON) >= _HTTP_JSON_MAX:
+                _HTTP_JSON.clear()
+            _HTTP_JSON[key] = body
+        latency = f',"latency_ns":"{self.latency_ns}"' if self.latency_ns else ""
+        return f'{{"type":{_json_str(self.l7_type)}{latency},{body}}}'
+
     def _policy_refs(self) -> tuple[tuple[str, ...], int, str] | None:
         if self.verdict == FORWARDED:
             outcome = "allowed_by"
@@ -391,7 +408,7 @@ class Flow:
         ]
         if node_name:
             parts += (',"node_name":', _json_str(node_name))
-        parts += (names, ',"l7":', _encode(self._l7_json()), ',"reply":true' if reply else "",
+        parts += (names, ',"l7":', self._l7_line(), ',"reply":true' if reply else "",
                   ',"event_type":{"type":129},"traffic_direction":', _json_str(self.context.traffic_direction))
         if self.policy_match_type:
             parts += (',"policy_match_type":', str(self.policy_match_type))
@@ -524,6 +541,11 @@ def policy_object(ref: str, *, revision: int = 0, kind: str | None = None) -> tu
         policy["revision"] = str(revision)
     policy["kind"] = kind
     return direction, policy
+
+
+# The `"http":{...}` JSON of recent HTTP records by (code, method, url, protocol, headers); see Flow._l7_line.
+_HTTP_JSON: dict[tuple[Any, ...], str] = {}
+_HTTP_JSON_MAX = 4096
 
 
 def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:
