@@ -74,7 +74,11 @@ def register(sub: Any) -> None:
     p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="nothing moved either way")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="upstream connect (then 503/504)")
     p.add_argument("--dns-timeout", type=float, default=5.0, metavar="S", help="UDP DNS answer (then SERVFAIL)")
+    p.add_argument("--upstream-timeout", type=float, default=15.0, metavar="S",
+                   help="a forwarded HTTP request's response head / DNS-over-TCP answer (then 504/SERVFAIL); 0 = off")
     p.add_argument("--max-connections", type=int, default=10_000, help="per worker")
+    p.add_argument("--max-connections-per-client", type=int, default=0, metavar="N",
+                   help="per worker and client IP (default: a quarter of --max-connections)")
     p.add_argument("--max-buffer-bytes", type=int, default=1 << 20, help="per direction per connection")
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="S", help="on SIGTERM, for requests in flight")
     # Flows and observability (issue 12): node name, rotation, the `membrane observe` socket, the judged port.
@@ -145,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         connect_timeout_s=args.connect_timeout,
         dns_timeout_s=args.dns_timeout,
+        upstream_timeout_s=args.upstream_timeout,
         max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
         max_buffer_bytes=args.max_buffer_bytes,
         drain_timeout_s=args.drain_timeout,
     )

@@ -172,6 +172,10 @@ class Metrics:
         self.upstream_failures = Counter(
             "membrane_proxy_upstream_failures_total", "Upstream connects that failed, by reason.", ("reason",)
         )
+        self.resource_exhausted = Counter(
+            "membrane_proxy_resource_exhausted_total",
+            "Sockets the proxy could not open for lack of a resource (file descriptors), by resource.", ("resource",),
+        )
         self.parse_errors = Counter(
             "membrane_proxy_parse_errors_total", "Messages refused as unparsable, by protocol and reason.",
             ("protocol", "reason"),
@@ -232,6 +236,7 @@ class Metrics:
             self.active_connections,
             self.timeouts,
             self.upstream_failures,
+            self.resource_exhausted,
             self.parse_errors,
             self.limits_exceeded,
             self.flow_write_errors,

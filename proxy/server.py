@@ -19,6 +19,7 @@ import errno
 import functools
 import itertools
 import logging
+import random
 import socket
 import struct
 import time
@@ -70,7 +71,13 @@ class ProxyConfig:
     idle_timeout_s: float = 300.0  # nothing moved either way (Envoy's idle_timeout default is 1 h)
     connect_timeout_s: float = 5.0  # upstream TCP connect (Envoy's default)
     dns_timeout_s: float = 5.0  # a forwarded UDP DNS query without an answer gets SERVFAIL
+    # A forwarded request whose response has not started after this long gets 504 (HTTP) or SERVFAIL
+    # (DNS over TCP) and the connection is closed; 0 turns it off. Envoy's route timeout default.
+    upstream_timeout_s: float = 15.0
     max_connections: int = 10_000  # per worker; beyond it new connections are closed at once
+    # per worker and client IP (a pod): one client opening thousands of connections cannot take every
+    # slot from the others. 0 = a quarter of max_connections (all of it up to 64).
+    max_connections_per_client: int = 0
     max_buffer_bytes: int = 1 << 20  # per direction per connection: write-buffer high-water mark
     drain_timeout_s: float = 10.0  # on SIGTERM: how long in-flight requests may finish
     transparent: bool = False  # IP_TRANSPARENT listeners; upstream = original dst, bound to the client's IP
@@ -136,6 +143,10 @@ class Connection(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.upstream_eof_pending = False
+        self.upstream_eof_sent = False  # the client half-closed and the upstream was told: nothing more goes up
+        self.awaiting_since: float | None = None  # when the sweep first saw a request waiting for its response
+        self.info: ConnectionInfo | None = None
+        self.client_ip = ""
         self.closed = False
         self.counted = False
         self.last_activity = proxy.clock()
@@ -170,6 +181,16 @@ class Connection(asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        per_client = proxy.per_client
+        if per_client.get(self.client_ip, 0) >= proxy.client_limit:
+            proxy.metrics.connections_rejected.inc("max_connections_per_client")
+            proxy.client_limit_hit(self.client_ip, "connections", proxy.client_limit)
+            self.closed = True
+            transport.abort()
+            return
+        per_client[self.client_ip] = per_client.get(self.client_ip, 0) + 1
         self.counted = True
         proxy.connections.add(self)
         proxy.metrics.connections.inc("tcp")
@@ -183,14 +204,22 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         info = ConnectionInfo(client=(peer[0], peer[1]), original_dst=(local[0], local[1]))
+        self.info = info
         self.session = proxy.factory(info)
         if self.session.reading_head:
             self.head_started = self.last_activity
         self.apply(self.session.start())
-        if not self.closed:
-            upstream = proxy.upstream or info.original_dst
-            task = self._connect_task = asyncio.get_running_loop().create_task(self._connect(info.client, upstream))
-            task.add_done_callback(self._task_done)
+        if not self.closed and not self.session.client_speaks_first:
+            self._start_connect()
+
+    def _start_connect(self) -> None:
+        """Open the upstream connection: at once for a relay, at the first forwarded bytes when the
+        client speaks first (an idle or slowloris client then costs one descriptor, not two)."""
+        if self._connect_task is not None or self.closed or self.info is None:
+            return
+        upstream = self.proxy.upstream or self.info.original_dst
+        task = self._connect_task = asyncio.get_running_loop().create_task(self._connect(self.info.client, upstream))
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled():
@@ -251,6 +280,8 @@ class Connection(asyncio.Protocol):
             self._upstream_failed(Reason.UPSTREAM_TIMEOUT, "timeout")
             return
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self.proxy.out_of_descriptors("an upstream connection", e)
             self._upstream_failed(Reason.UPSTREAM_FAILED, errno.errorcode.get(e.errno or 0, "oserror"))
             return
         self._connected(transport)
@@ -278,6 +309,7 @@ class Connection(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         self.last_activity = self.proxy.clock()
+        self.awaiting_since = None
         self._guard(self._input, DataReceived(S2C, data))
 
     def upstream_eof(self) -> bool:
@@ -325,6 +357,11 @@ class Connection(asyncio.Protocol):
                     self.close()
                     return
                 if direction is C2S:
+                    if self.upstream is None and self._connect_task is None:
+                        # The client is done before anything went upstream: no upstream to tell, nothing owed.
+                        self.close()
+                        return
+                    self.upstream_eof_sent = True
                     if self.upstream is None:
                         self.upstream_eof_pending = True
                     elif self.upstream.can_write_eof():
@@ -358,9 +395,15 @@ class Connection(asyncio.Protocol):
             self.client.write(down[0] if len(down) == 1 else b"".join(down))
 
     def _to_upstream(self, data: bytes) -> None:
+        if self.upstream_eof_sent:
+            # The upstream was told the client is done (write_eof): protocol chatter after it (an HTTP/2
+            # SETTINGS ACK or WINDOW_UPDATE) has nowhere to go. Dropped, never written after the EOF.
+            return
         if self.upstream is not None:
             self.upstream.write(data)
             return
+        if self._connect_task is None:
+            self._start_connect()
         self.pending.append(data)
         self.pending_bytes += len(data)
         if self.pending_bytes > self.proxy.config.max_buffer_bytes:
@@ -378,6 +421,14 @@ class Connection(asyncio.Protocol):
         if self.session is None or self.closed:
             return
         self.proxy.metrics.timeouts.inc(kind.value)
+        if kind is TimeoutKind.UPSTREAM:
+            # The upstream took too long to start answering: 504 (HTTP) / SERVFAIL (DNS), then close.
+            info = self.info
+            log.warning("upstream %s did not answer connection %d within %.0f s; answering 504/SERVFAIL and closing",
+                        f"{info.original_dst[0]}:{info.original_dst[1]}" if info is not None else "?", self.cid,
+                        self.proxy.config.upstream_timeout_s)
+            self._guard(self._input, UpstreamFailed(Reason.UPSTREAM_TIMEOUT))
+            return
         self._guard(self._input, TimedOut(kind))
 
     def close(self, abort: bool = False) -> None:
@@ -402,6 +453,12 @@ class Connection(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.proxy.connections.discard(self)
+            per_client = self.proxy.per_client
+            left = per_client.get(self.client_ip, 1) - 1
+            if left > 0:
+                per_client[self.client_ip] = left
+            else:
+                per_client.pop(self.client_ip, None)
             self.proxy.metrics.active_connections.set(len(self.proxy.connections))
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.close()
@@ -531,6 +588,29 @@ class Proxy:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[UdpListener] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._fd_logged = -1e9
+        self._limit_logged = -1e9
+        self.per_client: dict[str, int] = {}  # open connections by client IP
+        configured = self.config.max_connections_per_client
+        most = self.config.max_connections
+        self.client_limit = configured if configured > 0 else max(most // 4, min(most, 64))
+
+    def client_limit_hit(self, client_ip: str, what: str, limit: int) -> None:
+        """One client IP holds its share of connections or UDP peers: more are refused (logged at most every 10 s)."""
+        now = self.clock()
+        if now - self._limit_logged >= 10.0:
+            self._limit_logged = now
+            log.warning("client %s holds %d %s (the per-client limit of this worker): refusing more",
+                        client_ip, limit, what)
+
+    def out_of_descriptors(self, what: str, error: OSError) -> None:
+        """Running out of file descriptors is logged (at most every 10 s) and counted, never silent."""
+        self.metrics.resource_exhausted.inc("descriptors")
+        now = self.clock()
+        if now - self._fd_logged >= 10.0:
+            self._fd_logged = now
+            log.error("out of file descriptors opening %s (%s): raise the limit (ulimit -n / LimitNOFILE) or "
+                      "shed load; affected requests get 503/SERVFAIL", what, error.strerror or error)
 
     def learning(self, action: Learn) -> Awaitable[None] | None:
         """Hand a session's Learn to the hook. Returns what the emitting connection must wait for, or None."""
@@ -612,7 +692,8 @@ class Proxy:
 
     def _tick_s(self) -> float:
         c = self.config
-        return max(0.02, min(1.0, c.header_timeout_s / 4, c.idle_timeout_s / 4))
+        upstream = c.upstream_timeout_s / 4 if c.upstream_timeout_s > 0 else 1.0
+        return max(0.02, min(1.0, c.header_timeout_s / 4, c.idle_timeout_s / 4, upstream))
 
     async def _sweep(self) -> None:
         """One timer per worker: header, idle and drain deadlines are checked here, not per connection."""
@@ -633,6 +714,13 @@ class Proxy:
                     conn.timeout(TimeoutKind.HEADER)
                 elif now - conn.last_activity > config.idle_timeout_s:
                     conn.timeout(TimeoutKind.IDLE)
+                elif config.upstream_timeout_s > 0 and session.awaiting_response:
+                    if conn.awaiting_since is None:
+                        conn.awaiting_since = now
+                    elif now - conn.awaiting_since > config.upstream_timeout_s:
+                        conn.timeout(TimeoutKind.UPSTREAM)
+                else:
+                    conn.awaiting_since = None
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout_s), then close everything."""
@@ -661,35 +749,58 @@ class Proxy:
 
 @dataclass(eq=False)
 class _UdpPeer:
-    """One (client address, original destination) pair: its session and its connected upstream socket."""
+    """One (client address, original destination) pair: its session and the upstream socket it sends through."""
 
     client: Address
     original_dst: Address
     session: DatagramSession
-    upstream: socket.socket | None = None
+    upstream: _UdpUpstream | None = None
     held: list[Action] | None = None  # actions waiting behind a Learn (see Connection.apply)
 
 
+@dataclass(eq=False)
+class _UdpUpstream:
+    """A connected upstream UDP socket. For DNS it is shared by every port of one client IP (per
+    original destination): each query leaves with a fresh random ID, mapped back to its peer and the
+    client's own ID when the answer comes, as dnsdist does. A stub resolver that uses a new source
+    port per query then costs one descriptor per client IP, not one per query for a minute."""
+
+    key: tuple[str, Address] | None  # (bind IP, target) of a shared socket; None: one peer's own socket
+    sock: socket.socket
+    users: set[_UdpPeer] = field(default_factory=set)
+    # upstream ID -> (peer, the client's ID, when sent in ns)
+    ids: dict[int, tuple[_UdpPeer, bytes, int]] = field(default_factory=dict)
+
+
 class UdpListener:
-    """A UDP listener (DNS): datagrams read with recvmsg (for IP_ORIGDSTADDR), one upstream socket per peer pair.
+    """A UDP listener (DNS): datagrams read with recvmsg (for IP_ORIGDSTADDR); upstream sockets shared per client IP.
 
     In transparent mode each reply leaves from a transparent socket bound to the original
     destination, so the client sees the answer come from the server it asked; the upstream socket
     is bound to the client's own IP. In gateway mode replies leave from the listener itself.
+    A peer pair without outstanding queries is forgotten after PEER_IDLE_S; at most MAX_PEERS exist.
     """
 
     MAX_DATAGRAM = 65535
     BATCH = 64  # datagrams per wakeup, so one busy client cannot starve the loop
+    PEER_IDLE_S = 10.0
+    MAX_PEERS = 16384
+    MAX_PEERS_PER_CLIENT = 4096  # one client IP cannot take every peer slot from the others
+    MAX_IDS = 32768  # queries in flight through one shared upstream socket (half the ID space)
 
     def __init__(self, proxy: Proxy, sock: socket.socket, factory: DatagramFactory) -> None:
         self.proxy = proxy
         self.sock = sock
         self.factory = factory
         self.peers: dict[tuple[Address, Address], _UdpPeer] = {}
+        self.peers_by_ip: dict[str, int] = {}
+        self.upstreams: dict[tuple[str, Address], _UdpUpstream] = {}
         self._reply_socks: dict[Address, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # held answers waiting for a Learn (strong references)
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        local = sock.getsockname()
+        self._local: Address = (local[0], local[1])
 
     @property
     def has_outstanding(self) -> bool:
@@ -724,28 +835,53 @@ class UdpListener:
         data, ancdata, client = item
         if self.proxy.draining:
             return
-        local = self.sock.getsockname()
-        original_dst = (parse_origdst(ancdata) if self.proxy.config.transparent else None) or (local[0], local[1])
+        original_dst = (parse_origdst(ancdata) if self.proxy.config.transparent else None) or self._local
         key = (client, original_dst)
         peer = self.peers.get(key)
         if peer is None:
+            if len(self.peers) >= self.MAX_PEERS or self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
+                self._forget_idle(0)
+                if len(self.peers) >= self.MAX_PEERS:
+                    self.proxy.metrics.connections_rejected.inc("udp_peers")
+                    return
+                if self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
+                    self.proxy.metrics.connections_rejected.inc("udp_peers_per_client")
+                    self.proxy.client_limit_hit(client[0], "UDP source ports with queries in flight",
+                                                self.MAX_PEERS_PER_CLIENT)
+                    return
             session = self.factory(ConnectionInfo(client=client, original_dst=original_dst, transport="UDP"))
             if session is None:
                 self.proxy.metrics.connections_rejected.inc("udp_denied")
                 return
             peer = _UdpPeer(client=client, original_dst=original_dst, session=session)
             self.peers[key] = peer
+            self.peers_by_ip[client[0]] = self.peers_by_ip.get(client[0], 0) + 1
             self.proxy.metrics.connections.inc("udp")
         self._guard(peer, lambda d: self._apply(peer, peer.session.on_query(d)), data)
 
-    def _upstream(self, peer: _UdpPeer) -> socket.socket | None:
+    def _upstream(self, peer: _UdpPeer) -> _UdpUpstream | None:
         if peer.upstream is not None:
             return peer.upstream
         target = self.proxy.upstream or peer.original_dst
+        transparent = self.proxy.config.transparent
+        shared_key = (peer.client[0] if transparent else "", target) if peer.session.message_ids else None
+        if shared_key is not None:
+            shared = self.upstreams.get(shared_key)
+            if shared is not None:
+                shared.users.add(peer)
+                peer.upstream = shared
+                return shared
         family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            if self.proxy.config.transparent:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self.proxy.out_of_descriptors("an upstream UDP socket", e)
+            self.proxy.metrics.upstream_failures.inc("udp")
+            self._apply(peer, peer.session.on_upstream_failed(Reason.UPSTREAM_FAILED))
+            return None
+        try:
+            if transparent:
                 if family == socket.AF_INET6:
                     sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
                 else:
@@ -758,14 +894,37 @@ class UdpListener:
             self.proxy.metrics.upstream_failures.inc("udp")
             self._apply(peer, peer.session.on_upstream_failed(Reason.UPSTREAM_FAILED))
             return None
-        peer.upstream = sock
-        self._loop.add_reader(sock.fileno(), self._answers, peer)
-        return sock
+        upstream = _UdpUpstream(key=shared_key, sock=sock, users={peer})
+        if shared_key is not None:
+            self.upstreams[shared_key] = upstream
+        peer.upstream = upstream
+        self._loop.add_reader(sock.fileno(), self._answers, upstream)
+        return upstream
 
-    def _answers(self, peer: _UdpPeer) -> None:
-        sock = peer.upstream
-        if sock is None:
+    def _failed(self, peer: _UdpPeer, reason: Reason) -> None:
+        self._apply(peer, peer.session.on_upstream_failed(reason))
+
+    def _answer(self, peer: _UdpPeer, data: bytes) -> None:
+        self._apply(peer, peer.session.on_answer(data))
+
+    def _send_up(self, peer: _UdpPeer, data: bytes) -> None:
+        upstream = self._upstream(peer)
+        if upstream is None:
             return
+        if upstream.key is not None and len(data) >= 2:
+            ids = upstream.ids
+            if len(ids) >= self.MAX_IDS:
+                self._expire_ids(upstream, 0)
+            new_id = random.getrandbits(16)
+            while new_id in ids:
+                new_id = random.getrandbits(16)
+            ids[new_id] = (peer, data[:2], time.monotonic_ns())
+            data = new_id.to_bytes(2, "big") + data[2:]
+        with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+            upstream.sock.send(data)
+
+    def _answers(self, upstream: _UdpUpstream) -> None:
+        sock = upstream.sock
         for _ in range(self.BATCH):
             try:
                 data = sock.recv(self.MAX_DATAGRAM)
@@ -773,10 +932,24 @@ class UdpListener:
                 return
             except OSError:  # e.g. ECONNREFUSED from an ICMP port unreachable: the upstream is not there
                 self.proxy.metrics.upstream_failures.inc("udp")
-                self._guard(peer, lambda r: self._apply(peer, peer.session.on_upstream_failed(r)), Reason.UPSTREAM_FAILED)
+                waiting = {entry[0] for entry in upstream.ids.values()} if upstream.key is not None else set(upstream.users)
+                upstream.ids.clear()
+                for failed in waiting:
+                    self._guard(failed, functools.partial(self._failed, failed), Reason.UPSTREAM_FAILED)
                 return
-            self._guard(peer, lambda d: self._apply(peer, peer.session.on_answer(d)), data)
-            if peer.upstream is None:  # forgotten by the boundary
+            target: _UdpPeer | None
+            if upstream.key is None:
+                target = next(iter(upstream.users), None)
+            else:
+                entry = upstream.ids.pop(int.from_bytes(data[:2], "big"), None) if len(data) >= 2 else None
+                if entry is None:  # late, unasked for or forged: no client is waiting for it
+                    continue
+                target, client_id, _sent = entry
+                data = client_id + data[2:]
+            if target is None or self.peers.get((target.client, target.original_dst)) is not target:
+                continue
+            self._guard(target, functools.partial(self._answer, target), data)
+            if sock.fileno() < 0:  # closed by the boundary
                 return
 
     def _reply_socket(self, peer: _UdpPeer) -> socket.socket:
@@ -815,10 +988,7 @@ class UdpListener:
             if type(action) is Forward:
                 assert isinstance(action, Forward)
                 if action.direction is C2S:
-                    sock = self._upstream(peer)
-                    if sock is not None:
-                        with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
-                            sock.send(action.data)
+                    self._send_up(peer, action.data)
                     continue
                 data = action.data
             elif type(action) is Reply:
@@ -840,25 +1010,50 @@ class UdpListener:
             self._apply(peer, held)
 
     def sweep(self) -> None:
-        """SERVFAIL for unanswered queries past dns_timeout_s; forget peers idle for idle_timeout_s."""
+        """SERVFAIL for unanswered queries past dns_timeout_s; forget peers idle for PEER_IDLE_S."""
         config = self.proxy.config
         timeout_ns = int(config.dns_timeout_s * 1e9)
-        idle_ns = int(min(config.idle_timeout_s, 60.0) * 1e9)
+        for peer in list(self.peers.values()):
+            self._guard(peer, functools.partial(self._expire, peer), timeout_ns)
+        for upstream in list(self.upstreams.values()):
+            self._expire_ids(upstream, 2 * timeout_ns)
+        self._forget_idle(int(min(config.idle_timeout_s, self.PEER_IDLE_S) * 1e9))
+
+    def _forget_idle(self, idle_ns: int) -> None:
         now = time.time_ns()
         for key, peer in list(self.peers.items()):
-            self._guard(peer, functools.partial(self._expire, peer), timeout_ns)
-            if not peer.session.has_outstanding and now - peer.session.last_activity_ns > idle_ns:
+            if not peer.session.has_outstanding and now - peer.session.last_activity_ns >= idle_ns and peer.held is None:
                 self._forget(key, peer)
+
+    @staticmethod
+    def _expire_ids(upstream: _UdpUpstream, older_ns: int) -> None:
+        """Forget upstream IDs whose answer is overdue (their clients had SERVFAIL already)."""
+        if not upstream.ids:
+            return
+        cutoff = time.monotonic_ns() - older_ns
+        for qid in [qid for qid, (_p, _c, sent) in upstream.ids.items() if sent <= cutoff]:
+            del upstream.ids[qid]
 
     def _expire(self, peer: _UdpPeer, timeout_ns: int) -> None:
         self._apply(peer, peer.session.expire(timeout_ns))
 
     def _forget(self, key: tuple[Address, Address], peer: _UdpPeer) -> None:
-        self.peers.pop(key, None)
-        if peer.upstream is not None:
-            self._loop.remove_reader(peer.upstream.fileno())
-            peer.upstream.close()
-            peer.upstream = None
+        if self.peers.pop(key, None) is not None:
+            left = self.peers_by_ip.get(peer.client[0], 1) - 1
+            if left > 0:
+                self.peers_by_ip[peer.client[0]] = left
+            else:
+                self.peers_by_ip.pop(peer.client[0], None)
+        upstream, peer.upstream = peer.upstream, None
+        if upstream is None:
+            return
+        upstream.users.discard(peer)
+        if upstream.users:
+            return
+        if upstream.key is not None:
+            self.upstreams.pop(upstream.key, None)
+        self._loop.remove_reader(upstream.sock.fileno())
+        upstream.sock.close()
 
     def close(self) -> None:
         if self._closed:

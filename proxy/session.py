@@ -10,7 +10,8 @@ Theory of operation: a `Session` is created per accepted connection after the po
 `start()` returns the first actions (a session for a port that denies at L3/L4 returns a DROPPED
 `Log` of an `L3_L4` record and `Close()` at once: fail closed). Every later input goes through `handle()`.
 `Close(direction)` half-closes one way (the peer sent FIN); `Close()` ends the whole connection.
-The server keeps `reading_head` (a request head is being read: the header-timeout clock runs) and
+The server keeps `reading_head` (a request head is being read: the header-timeout clock runs),
+`awaiting_response` (a forwarded request waits for its response: the upstream-timeout clock runs) and
 `is_idle` (no request in flight: drain may close it now) in step with these properties.
 """
 
@@ -36,7 +37,7 @@ class TimeoutKind(enum.Enum):
     HEADER = "header"  # a request head took longer than header_timeout_s (slowloris)
     IDLE = "idle"  # nothing moved either way for idle_timeout_s
     DRAIN = "drain"  # the proxy is shutting down and this connection is idle, or drain time ran out
-    UPSTREAM = "upstream"  # a forwarded DNS query got no answer in time
+    UPSTREAM = "upstream"  # a forwarded request got no answer in time (DNS query, HTTP response head)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -243,6 +244,18 @@ class Session:
         return False
 
     @property
+    def awaiting_response(self) -> bool:
+        """True while a forwarded request waits for the start of its response: the server's upstream
+        response timeout runs (504 / SERVFAIL when it fires). Sessions whose requests may wait on
+        purpose (Kafka's JoinGroup and long-poll Fetch, gRPC streams) leave it False."""
+        return False
+
+    # The client speaks first (HTTP, DNS, Kafka): the server opens the upstream connection only when
+    # the first request has been judged and is forwarded, so an idle or slowloris client holds one
+    # descriptor, not two. A relay of unknown bytes connects at once (the server may speak first).
+    client_speaks_first = False
+
+    @property
     def delegate(self) -> Session | None:
         """A session that takes over from this one (a sniffing session, once it knows the protocol):
         the server may feed it directly from then on. None = keep using this one."""
@@ -296,6 +309,9 @@ class DatagramSession(Protocol):
     """
 
     last_activity_ns: int
+    # True when every datagram starts with a 16-bit message ID that answers echo (DNS): the server may
+    # then send the queries of many client ports through one upstream socket, rewriting the ID.
+    message_ids: bool
 
     def on_query(self, datagram: bytes) -> list[Action]: ...
 
@@ -323,6 +339,7 @@ class PassThroughDatagramSession:
     """
 
     protocol = "udp"
+    message_ids = False  # opaque datagrams: one upstream socket per client port
 
     def __init__(self, *, clock: Callable[[], int] = wall_clock_ns) -> None:
         self.clock = clock

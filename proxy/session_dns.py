@@ -214,6 +214,12 @@ class DnsTcpSession(Session):
     def is_idle(self) -> bool:
         return not self.judge.outstanding and self.client.buffered_bytes == 0
 
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        return bool(self.judge.outstanding)
+
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
         if direction is C2S:
@@ -270,6 +276,7 @@ class DnsDatagramSession:
     """
 
     protocol = "dns"
+    message_ids = True  # the server may share an upstream socket between client ports, rewriting IDs
 
     def __init__(
         self,

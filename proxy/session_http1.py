@@ -150,6 +150,15 @@ class Http1Session(Session):
     def is_idle(self) -> bool:
         return not self._tunnel and not self._order and self.requests.state is http1.State.IDLE
 
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        if self._tunnel or not self._order:
+            return False
+        front = self._order[0]
+        return front.refusal is None and not front.response_started
+
     # --- inputs -----------------------------------------------------------------------------------
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         if direction is C2S:
@@ -164,12 +173,20 @@ class Http1Session(Session):
         actions: list[Action] = []
         if direction is S2C:
             self._server_events(events, actions)
+            front = self._front_forwarded()
+            if front is not None and not front.response_started and not self._tunnel:
+                # The upstream closed before answering a forwarded request: 502, as a proxy answers it
+                # (RFC 9110 §15.6.3), never an empty reply; nothing after it can be served.
+                actions.append(Reply(http1.error_response(502, keep_alive=False)))
+                actions.append(self._response_flow(front, 502, ERROR, Reason.UPSTREAM_FAILED))
+                actions.extend(self.close())
+                return actions
             # Whatever is still due gets no response now: refusals queued behind it are sent, then FIN.
             while self._order and self._order[0].refusal is not None:
                 pending = self._order.popleft()
                 assert pending.refusal is not None
                 actions.append(Reply(pending.refusal))
-                actions.append(self._response_flow(pending, pending.status, FORWARDED, None))
+                actions.append(self._response_flow(pending, pending.status, FORWARDED, None, proxy_answer=True))
         if self.closed:
             return actions
         actions.extend(super().on_peer_closed(direction))
@@ -194,7 +211,7 @@ class Http1Session(Session):
                 break
             if pending.refusal is not None:
                 actions.append(Reply(pending.refusal))
-                actions.append(self._response_flow(pending, pending.status, FORWARDED, None))
+                actions.append(self._response_flow(pending, pending.status, FORWARDED, None, proxy_answer=True))
         if answered or self._order:
             actions.extend(self.close())
         return actions
@@ -375,7 +392,7 @@ class Http1Session(Session):
             assert pending.refusal is not None
             actions.append(Reply(pending.refusal))
             # The refusal the client got, as Hubble shows it after the DROPPED request.
-            actions.append(self._response_flow(pending, pending.status, FORWARDED, None))
+            actions.append(self._response_flow(pending, pending.status, FORWARDED, None, proxy_answer=True))
             if pending.close_after:
                 actions.extend(self.close())
                 return
@@ -406,11 +423,14 @@ class Http1Session(Session):
         )
 
     def _response_flow(
-        self, pending: _Pending, status: int, verdict: str, reason: Reason | None, headers: Headers = ()
+        self, pending: _Pending, status: int, verdict: str, reason: Reason | None, headers: Headers = (),
+        proxy_answer: bool = False,
     ) -> Log:
+        """A response record; `proxy_answer`: the proxy's own refusal (no latency: the upstream latency
+        histogram counts only what upstreams answered)."""
         now = self.clock()
         self.stats.responses += 1
         l7 = l7_http(method=pending.method, url=pending.url, protocol="HTTP/1.1", code=status, headers=headers)
-        latency_ns = max(0, now - pending.started_ns)
+        latency_ns = 0 if proxy_answer else max(0, now - pending.started_ns)
         summary = f"HTTP/1.1 {status} {latency_ns // 1_000_000}ms ({pending.method} {pending.url})"
         return self._flow(RESPONSE, verdict, l7, time_ns=now, latency_ns=latency_ns, reason=reason, summary=summary)

@@ -91,7 +91,7 @@ class _StreamInfo:
     url: str
     grpc: bool
     started_ns: int
-
+    responded: bool = False  # the response head arrived
 
 class Http2Session(Session):
     """HTTP/2 with prior knowledge on both sides (h2c), judged per stream."""
@@ -112,6 +112,13 @@ class Http2Session(Session):
     @property
     def is_idle(self) -> bool:
         return not self.streams
+
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        # gRPC streams may wait on purpose (server streaming, the client's own deadline decides)
+        return any(not info.grpc and not info.responded for info in self.streams.values())
 
     @property
     def reading_head(self) -> bool:
@@ -257,6 +264,7 @@ class Http2Session(Session):
             self.server.send_response(event)
             info = self.streams.get(event.stream_id or 0)
             if info is not None and event.status >= 200:
+                info.responded = True
                 now = self.clock()
                 actions.append(
                     self._log(RESPONSE, FORWARDED, info.method, info.url, grpc=info.grpc, code=event.status,
@@ -354,6 +362,12 @@ class HttpSession(Session):
     @property
     def is_idle(self) -> bool:
         return (self.inner is None and not self._buffer) or (self.inner is not None and self.inner.is_idle)
+
+    client_speaks_first = True
+
+    @property
+    def awaiting_response(self) -> bool:
+        return self.inner is not None and self.inner.awaiting_response
 
     @property
     def delegate(self) -> Session | None:

@@ -110,6 +110,8 @@ class KafkaSession(Session):
     def is_idle(self) -> bool:
         return not self._due and self.requests.buffered_bytes == 0
 
+    client_speaks_first = True  # awaiting_response stays False: JoinGroup and Fetch wait on purpose
+
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
         if direction is C2S:
@@ -279,8 +281,8 @@ class KafkaSession(Session):
 
     def _refusal_flow(self, due: _Due, now: int) -> Log:
         """The response record of a refused request (Hubble shows the refusal the client got after the DROPPED request)."""
-        return self._flow(due.request, RESPONSE, FORWARDED, now, latency_ns=max(0, now - due.started_ns),
-                          error_code=due.error_code)
+        # no latency: the proxy answered, the upstream latency histogram must not count it
+        return self._flow(due.request, RESPONSE, FORWARDED, now, error_code=due.error_code)
 
     def _flow(
         self,

@@ -174,7 +174,7 @@ def test_compact_output_is_hubbles_line(recorded: Recorded) -> None:
     out = observe("--flows", str(recorded.path))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 11
     parsed = [COMPACT.match(line) for line in lines]
     assert all(parsed), lines
     first = parsed[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -55,6 +56,13 @@ class Gateway:
             raise
 
 
+def _limit_files(n: int) -> None:
+    """In the child before exec: at most `n` open descriptors (RLIMIT_NOFILE), to drive descriptor exhaustion."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 @contextmanager
 def gateway(
     tmp_path: Path,
@@ -66,6 +74,7 @@ def gateway(
     udp: bool = False,
     extra: list[str] | None = None,
     workers: int = 1,
+    nofile: int | None = None,
 ) -> Iterator[Gateway]:
     """Start `membrane gateway` with a policy on 127.0.0.1:0 and wait for its `listening` line."""
     policy = tmp_path / f"policy-{time.monotonic_ns()}.yaml"
@@ -83,7 +92,8 @@ def gateway(
         cmd.append("--udp")
     cmd += extra or []
     with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=None if nofile is None else functools.partial(_limit_files, nofile))
     assert proc.stdout is not None
     line = proc.stdout.readline()
     match = re.search(r"listening on [^ ]+:(\d+)", line)

@@ -403,6 +403,7 @@ class _Relay:
     """A DatagramSession that relays every datagram both ways (to test the UDP listener's I/O alone)."""
 
     has_outstanding = False
+    message_ids = False
 
     def __init__(self) -> None:
         self.last_activity_ns = 0
