@@ -823,7 +823,7 @@ class FlowSink:
 
     MAX_PENDING = 512  # records queued before a write is forced (bounds memory and delay under load)
     MAX_QUEUE = 65_536  # records waiting for the writer thread; more are dropped (about 10 s of a busy worker)
-    BATCH_S = 0.005  # the writer thread lets records gather this long after the first one of a batch
+    BATCH_S = 0.002  # the writer thread lets records gather this long after the first one of a batch
     MAX_BATCH = 2048  # records per write
     YIELD_EVERY = 32  # the writer thread lets the event loop run after formatting this many (~0.2 ms)
 
