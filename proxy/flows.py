@@ -843,22 +843,67 @@ class FlowSink:
         self.max_queue = max_queue
         self.dropped = 0  # records the writer thread's queue had no room for
         self.on_dropped: Callable[[], object] | None = None  # called once per dropped record (a metric's inc)
-        self._queue: collections.deque[Flow] | None = None  # the writer thread's input, once started
+        self._queue: collections.deque[Flow] | None = None  # the writer thread's records to format, once started
+        self._chunks: collections.deque[tuple[str, int]] | None = None  # or its formatted lines (and their count)
+        self._queued = 0  # records in _chunks
+        self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def start_writer(self) -> None:
-        """Format and write records on a thread of this sink's own from now on (see the class doc).
+    def start_writer(self, schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
+        """Write records on a thread of this sink's own from now on (see the class doc).
+
+        Without `schedule` the thread also formats them (JSON). With it (the server passes its loop's
+        `call_soon`) the records emitted on this thread are formatted once per loop pass here, as
+        `defer_writes` does, and only the writing (file, pipe, socket) is the thread's: measured on a
+        busy 2-core machine, formatting on a second thread costs the loop more than formatting on it,
+        because the two threads hand the GIL back and forth (BENCHMARKS.md, issue 11 run 4).
         Does nothing without streams (the ring alone needs no writer) or when already started."""
         if not self._streams or self._thread is not None:
             return
         self.flush()
-        self._schedule = None
         self._stop = False
-        self._queue = collections.deque()
+        if schedule is None:
+            self._schedule = None
+            self._queue = collections.deque()
+        else:
+            self._schedule = schedule
+            self._owner = threading.get_ident()
+            self._chunks = collections.deque()
         self._thread = threading.Thread(target=self._writer, name="membrane-flows", daemon=True)
         self._thread.start()
+
+    def _hand_pending(self) -> None:
+        """Format the records this loop pass emitted (one string) and queue it for the writer thread."""
+        if self._chunks is None:  # the writer stopped since this was scheduled
+            self.flush()
+            return
+        pending = self._pending
+        if pending:
+            self._pending = []
+            node = self.node_name
+            self._hand_over("".join([flow.to_line(node) for flow in pending]), len(pending))
+
+    def _hand_over(self, text: str, records: int) -> None:
+        """Queue formatted lines for the writer thread, or drop them (counted) when it is `max_queue` records behind."""
+        chunks = self._chunks
+        assert chunks is not None
+        with self._count_lock:
+            if self._queued + records > self.max_queue:
+                full = True
+            else:
+                full = False
+                self._queued += records
+                chunks.append((text, records))
+        if full:
+            self.dropped += records
+            if self.on_dropped is not None:
+                for _ in range(records):
+                    self.on_dropped()
+            return
+        if len(chunks) == 1:
+            self._wake.set()
 
     def _writer(self) -> None:
         wake = self._wake
@@ -874,6 +919,19 @@ class FlowSink:
         """Write everything queued for the writer thread, in order, a batch per write. Never raises."""
         yielding = threading.current_thread() is self._thread
         with self._lock:
+            chunks = self._chunks
+            while chunks:  # lines formatted on the loop: just write them, many chunks per write
+                texts: list[str] = []
+                taken = 0
+                with contextlib.suppress(IndexError):
+                    while len(texts) < 64:
+                        text, records = chunks.popleft()
+                        texts.append(text)
+                        taken += records
+                if texts:
+                    self._write("".join(texts))
+                with self._count_lock:  # after the write: lines being written still count as behind
+                    self._queued -= taken
             queue = self._queue
             if not queue:
                 return
@@ -902,8 +960,10 @@ class FlowSink:
         self._wake.set()
         thread.join(timeout=5.0)
         self._thread = None
+        self.flush()  # what the loop still holds goes to the queue, then the queue to the streams
         self._drain()
         self._queue = None
+        self._chunks = None
 
     def defer_writes(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
         """Batch the writes of records emitted on this thread: `schedule(flush)` runs once per batch
@@ -970,11 +1030,14 @@ class FlowSink:
             pending.append(flow)
             if len(pending) == 1:
                 try:
-                    schedule(self.flush)
+                    schedule(self.flush if self._chunks is None else self._hand_pending)
                 except RuntimeError:  # the loop is closed: nothing will run the flush
                     self.flush()
             elif len(pending) >= self.MAX_PENDING:
-                self.flush()
+                if self._chunks is None:
+                    self.flush()
+                else:
+                    self._hand_pending()
             return
         with self._lock:
             self._write(flow.to_line(self.node_name))
@@ -983,6 +1046,10 @@ class FlowSink:
         """Write the queued records now (one write and one flush per stream). Never raises."""
         if self._queue is not None:
             self._drain()
+        if self._chunks is not None:
+            self._hand_pending()
+            self._drain()
+            return
         with self._lock:
             pending = self._pending
             if not pending:

@@ -399,6 +399,37 @@ def test_writer_queue_is_bounded_and_drops_are_counted() -> None:
     assert urls == [f"http://a/{n}" for n in range(11)]
 
 
+def test_writer_thread_writes_lines_formatted_on_the_loop() -> None:
+    """start_writer(schedule), as the server runs it: a loop pass's records become one string when the scheduled
+    callback runs, the writer thread writes it; when the writer is max_queue records behind, a pass's lines are
+    dropped and counted, and emit() never waits."""
+    out = _GatedStream()
+    out.gate.clear()  # the disk stalls
+    sink = FlowSink([out], max_queue=4)
+    dropped: list[int] = []
+    sink.on_dropped = lambda: dropped.append(1)
+    scheduled: list[Callable[[], None]] = []
+    sink.start_writer(scheduled.append)
+    for n in range(3):
+        sink.emit(_flow(n))
+    assert len(scheduled) == 1 and out.getvalue() == ""
+    scheduled.pop()()  # the loop pass ends: 3 records go to the writer as one chunk
+    assert out.entered.wait(30)
+    assert threading.get_ident() not in out.threads
+    for n in range(3, 6):  # the next pass: 3 more would make 6 queued > 4: dropped, counted
+        sink.emit(_flow(n))
+    scheduled.pop()()
+    assert sink.dropped == 3 and len(dropped) == 3
+    sink.emit(_flow(6))
+    scheduled.pop()()  # 3 + 1 <= 4: kept
+    assert sink.dropped == 3
+    out.gate.set()
+    sink.close()
+    urls = [json.loads(line)["flow"]["l7"]["http"]["url"] for line in out.getvalue().splitlines()]
+    assert urls == ["http://a/0", "http://a/1", "http://a/2", "http://a/6"]
+    assert len(sink.records()) == 7  # the ring (and `membrane observe`) had every record
+
+
 def test_kafka_topic_is_a_string_like_hubble() -> None:
     """Hubble's flow.proto `Kafka.topic` is a string: the first topic; no `topics` list outside the schema."""
     one = l7_kafka(api_key="produce", api_version=3, correlation_id=9, topics=["payments"])["kafka"]
