@@ -11,10 +11,10 @@ api/v1/observer/observer.proto at v1.19.4, protojson with UseProtoNames): one `G
 zero values are left out, 64-bit integers are strings, enums are their names: so `hubble observe
 --input-file` reads our files. Nothing outside flow.proto is written. A record is cheap to make (the ring
 keeps the object); its JSON is built only when written or read, with the connection's fixed part
-serialised once. A proxy's sink formats and writes on a thread of its own (`start_writer`): the event
-loop only appends the record object to a bounded queue, and records beyond the bound are dropped and
-counted (`dropped`, `membrane_flows_dropped_total`) rather than slowing traffic down, as Hubble's ring
-loses events under load.
+serialised once and the HTTP record's JSON reused for a repeated head. A proxy's sink formats a loop
+pass's records once, after the reads it handled, and a thread of its own writes them (`start_writer`) from
+a bounded queue: lines beyond the bound are dropped and counted (`dropped`, `membrane_flows_dropped_total`)
+rather than blocking traffic on a slow disk or pipe, as Hubble's ring loses events under load.
 """
 
 from __future__ import annotations
@@ -813,11 +813,11 @@ class FlowSink:
     each record is written (and flushed) as it is emitted; after `defer_writes(loop.call_soon)` the
     records emitted on the loop's thread are queued and written together, one write and one flush per
     stream, when the scheduled `flush()` runs (or at once when `MAX_PENDING` are queued).
-    After `start_writer()` (what a proxy uses) every record is put on a bounded queue and a thread of
-    the sink's own turns batches of them into JSON lines and writes them: `emit` costs two deque
-    appends on the data path, and a record that finds `max_queue` records waiting is dropped and
-    counted in `dropped` (and through `on_dropped`), never waited for. The ring and the listeners
-    (`membrane observe`) still get every record at once, on the emitting thread.
+    After `start_writer(schedule)` (what a proxy uses) the batch is formatted as with `defer_writes`
+    and handed to a thread of the sink's own, which writes it; after `start_writer()` that thread
+    formats the records too. Either way, records that find the writer `max_queue` records behind are
+    dropped and counted in `dropped` (and through `on_dropped`), never waited for. The ring and the
+    listeners (`membrane observe`) still get every record at once, on the emitting thread.
     `node_name` goes into every record (None = `default_node_name()`).
     """
 
