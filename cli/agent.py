@@ -47,7 +47,8 @@ def register(sub: Any) -> None:
                    help="rotate a --flows file at this size (0 = never; default 10)")
     p.add_argument("--flows-max-backups", type=int, default=5, metavar="N", help="rotated flows files kept (name.1 ... name.N)")
     p.add_argument("--sockmap", action="store_true", help="accelerate proxy<->pod legs with sockmap")
-    p.add_argument("--workers", type=int, default=1, help="proxy processes sharing the listeners (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="proxy processes sharing the listeners (default: one per core; 1 with --kubernetes)")
     p.add_argument("--status-file", type=Path, default=DEFAULT_STATUS_PATH, help=argparse.SUPPRESS)
     p.add_argument("--bpf-pin-dir", type=Path, default=DEFAULT_PIN_DIR, metavar="DIR",
                    help=f"where the kernel state is pinned between agents, on a bpffs (default {DEFAULT_PIN_DIR})")
@@ -100,6 +101,8 @@ def _bool(value: str) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.workers is None:  # one per core, as the gateway; --kubernetes runs one for now
+        args.workers = 1 if args.kubernetes else (os.cpu_count() or 1)
     if args.workers < 1:
         print("membrane run: --workers must be at least 1", file=sys.stderr)
         return 2

@@ -11,7 +11,10 @@ api/v1/observer/observer.proto at v1.19.4, protojson with UseProtoNames): one `G
 zero values are left out, 64-bit integers are strings, enums are their names: so `hubble observe
 --input-file` reads our files. Nothing outside flow.proto is written. A record is cheap to make (the ring
 keeps the object); its JSON is built only when written or read, with the connection's fixed part
-serialised once, and a proxy's sink writes in batches (`defer_writes`: one write + flush per loop pass).
+serialised once and the HTTP record's JSON reused for a repeated head. A proxy's sink formats a loop
+pass's records once, after the reads it handled, and a thread of its own writes them (`start_writer`) from
+a bounded queue: lines beyond the bound are dropped and counted (`dropped`, `membrane_flows_dropped_total`)
+rather than blocking traffic on a slow disk or pipe, as Hubble's ring loses events under load.
 """
 
 from __future__ import annotations
@@ -303,6 +306,23 @@ class Flow:
         out.update(_render_l7(self.l7))
         return out
 
+    def _l7_line(self) -> str:
+        """`_encode(self._l7_json())`, with the HTTP record's JSON made once per distinct (code, method, url,
+        protocol, headers): a keep-alive client repeats its requests and a server its response heads."""
+        http = self.l7.get("http") if len(self.l7) == 1 else None
+        headers = http.get("headers", ()) if http is not None else None
+        if http is None or type(headers) is not tuple or len(http) > 5:
+            return _encode(self._l7_json())
+        key = (http.get("code", 0), http.get("method", ""), http.get("url", ""), http.get("protocol", ""), headers)
+        body = _HTTP_JSON.get(key)
+        if body is None:
+            body = _encode(_render_l7(self.l7))[1:-1]
+            if len(_HTTP_JSON) >= _HTTP_JSON_MAX:
+                _HTTP_JSON.clear()
+            _HTTP_JSON[key] = body
+        latency = f',"latency_ns":"{self.latency_ns}"' if self.latency_ns else ""
+        return f'{{"type":{_json_str(self.l7_type)}{latency},{body}}}'
+
     def _policy_refs(self) -> tuple[tuple[str, ...], int, str] | None:
         if self.verdict == FORWARDED:
             outcome = "allowed_by"
@@ -388,7 +408,7 @@ class Flow:
         ]
         if node_name:
             parts += (',"node_name":', _json_str(node_name))
-        parts += (names, ',"l7":', _encode(self._l7_json()), ',"reply":true' if reply else "",
+        parts += (names, ',"l7":', self._l7_line(), ',"reply":true' if reply else "",
                   ',"event_type":{"type":129},"traffic_direction":', _json_str(self.context.traffic_direction))
         if self.policy_match_type:
             parts += (',"policy_match_type":', str(self.policy_match_type))
@@ -521,6 +541,11 @@ def policy_object(ref: str, *, revision: int = 0, kind: str | None = None) -> tu
         policy["revision"] = str(revision)
     policy["kind"] = kind
     return direction, policy
+
+
+# The `"http":{...}` JSON of recent HTTP records by (code, method, url, protocol, headers); see Flow._l7_line.
+_HTTP_JSON: dict[tuple[Any, ...], str] = {}
+_HTTP_JSON_MAX = 4096
 
 
 def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:
@@ -788,12 +813,22 @@ class FlowSink:
     each record is written (and flushed) as it is emitted; after `defer_writes(loop.call_soon)` the
     records emitted on the loop's thread are queued and written together, one write and one flush per
     stream, when the scheduled `flush()` runs (or at once when `MAX_PENDING` are queued).
+    After `start_writer(schedule)` (what a proxy uses) the batch is formatted as with `defer_writes`
+    and handed to a thread of the sink's own, which writes it; after `start_writer()` that thread
+    formats the records too. Either way, records that find the writer `max_queue` records behind are
+    dropped and counted in `dropped` (and through `on_dropped`), never waited for. The ring and the
+    listeners (`membrane observe`) still get every record at once, on the emitting thread.
     `node_name` goes into every record (None = `default_node_name()`).
     """
 
     MAX_PENDING = 512  # records queued before a write is forced (bounds memory and delay under load)
+    MAX_QUEUE = 65_536  # records waiting for the writer thread; more are dropped (about 10 s of a busy worker)
+    BATCH_S = 0.002  # the writer thread lets records gather this long after the first one of a batch
+    MAX_BATCH = 2048  # records per write
+    YIELD_EVERY = 32  # the writer thread lets the event loop run after formatting this many (~0.2 ms)
 
-    def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None) -> None:
+    def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None,
+                 max_queue: int = MAX_QUEUE) -> None:
         self._streams = list(streams)
         self._ring: collections.deque[FlowRecord] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()
@@ -805,6 +840,130 @@ class FlowSink:
         self.write_errors = 0
         self.listener_errors = 0
         self.written = 0
+        self.max_queue = max_queue
+        self.dropped = 0  # records the writer thread's queue had no room for
+        self.on_dropped: Callable[[], object] | None = None  # called once per dropped record (a metric's inc)
+        self._queue: collections.deque[Flow] | None = None  # the writer thread's records to format, once started
+        self._chunks: collections.deque[tuple[str, int]] | None = None  # or its formatted lines (and their count)
+        self._queued = 0  # records in _chunks
+        self._count_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start_writer(self, schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
+        """Write records on a thread of this sink's own from now on (see the class doc).
+
+        Without `schedule` the thread also formats them (JSON). With it (the server passes its loop's
+        `call_soon`) the records emitted on this thread are formatted once per loop pass here, as
+        `defer_writes` does, and only the writing (file, pipe, socket) is the thread's: measured on a
+        busy 2-core machine, formatting on a second thread costs the loop more than formatting on it,
+        because the two threads hand the GIL back and forth (BENCHMARKS.md, issue 11 run 4).
+        Does nothing without streams (the ring alone needs no writer) or when already started."""
+        if not self._streams or self._thread is not None:
+            return
+        self.flush()
+        self._stop = False
+        if schedule is None:
+            self._schedule = None
+            self._queue = collections.deque()
+        else:
+            self._schedule = schedule
+            self._owner = threading.get_ident()
+            self._chunks = collections.deque()
+        self._thread = threading.Thread(target=self._writer, name="membrane-flows", daemon=True)
+        self._thread.start()
+
+    def _hand_pending(self) -> None:
+        """Format the records this loop pass emitted (one string) and queue it for the writer thread."""
+        if self._chunks is None:  # the writer stopped since this was scheduled
+            self.flush()
+            return
+        pending = self._pending
+        if pending:
+            self._pending = []
+            node = self.node_name
+            self._hand_over("".join([flow.to_line(node) for flow in pending]), len(pending))
+
+    def _hand_over(self, text: str, records: int) -> None:
+        """Queue formatted lines for the writer thread, or drop them (counted) when it is `max_queue` records behind."""
+        chunks = self._chunks
+        assert chunks is not None
+        with self._count_lock:
+            if self._queued + records > self.max_queue:
+                full = True
+            else:
+                full = False
+                self._queued += records
+                chunks.append((text, records))
+        if full:
+            self.dropped += records
+            if self.on_dropped is not None:
+                for _ in range(records):
+                    self.on_dropped()
+            return
+        if len(chunks) == 1:
+            self._wake.set()
+
+    def _writer(self) -> None:
+        wake = self._wake
+        while True:
+            wake.wait()
+            wake.clear()
+            if self._stop:
+                return
+            time.sleep(self.BATCH_S)  # let a batch gather: one write (and one GIL hand-over) per batch
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write everything queued for the writer thread, in order, a batch per write. Never raises."""
+        yielding = threading.current_thread() is self._thread
+        with self._lock:
+            chunks = self._chunks
+            while chunks:  # lines formatted on the loop: just write them, many chunks per write
+                texts: list[str] = []
+                taken = 0
+                with contextlib.suppress(IndexError):
+                    while len(texts) < 64:
+                        text, records = chunks.popleft()
+                        texts.append(text)
+                        taken += records
+                if texts:
+                    self._write("".join(texts))
+                with self._count_lock:  # after the write: lines being written still count as behind
+                    self._queued -= taken
+            queue = self._queue
+            if not queue:
+                return
+            node = self.node_name
+            popleft = queue.popleft
+            while queue:
+                batch: list[str] = []
+                try:
+                    while len(batch) < self.MAX_BATCH:
+                        batch.append(popleft().to_line(node))
+                        if yielding and len(batch) % self.YIELD_EVERY == 0:
+                            time.sleep(0)  # hand the GIL back: the event loop waits at most this many records
+                except IndexError:  # emptied
+                    pass
+                except Exception:  # a record that cannot be serialised is lost, not the writer
+                    self.write_errors += 1
+                if batch:
+                    self._write("".join(batch))
+
+    def stop_writer(self) -> None:
+        """Stop the writer thread after it wrote what is queued; later records are written as they come."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop = True
+        self._wake.set()
+        thread.join(timeout=5.0)
+        self._thread = None
+        self.flush()  # what the loop still holds goes to the queue, then the queue to the streams
+        self._drain()
+        self._queue = None
+        self._chunks = None
 
     def defer_writes(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
         """Batch the writes of records emitted on this thread: `schedule(flush)` runs once per batch
@@ -854,23 +1013,43 @@ class FlowSink:
             self._notify(flow)
         if not self._streams:
             return
+        queue = self._queue
+        if queue is not None:
+            if len(queue) >= self.max_queue:
+                self.dropped += 1
+                if self.on_dropped is not None:
+                    self.on_dropped()
+                return
+            queue.append(flow)
+            if len(queue) == 1:  # the writer may be asleep: the first record of a batch wakes it
+                self._wake.set()
+            return
         schedule = self._schedule
         if schedule is not None and threading.get_ident() == self._owner:
             pending = self._pending
             pending.append(flow)
             if len(pending) == 1:
                 try:
-                    schedule(self.flush)
+                    schedule(self.flush if self._chunks is None else self._hand_pending)
                 except RuntimeError:  # the loop is closed: nothing will run the flush
                     self.flush()
             elif len(pending) >= self.MAX_PENDING:
-                self.flush()
+                if self._chunks is None:
+                    self.flush()
+                else:
+                    self._hand_pending()
             return
         with self._lock:
             self._write(flow.to_line(self.node_name))
 
     def flush(self) -> None:
         """Write the queued records now (one write and one flush per stream). Never raises."""
+        if self._queue is not None:
+            self._drain()
+        if self._chunks is not None:
+            self._hand_pending()
+            self._drain()
+            return
         with self._lock:
             pending = self._pending
             if not pending:
@@ -902,7 +1081,9 @@ class FlowSink:
         return iter(self.recent())
 
     def close(self) -> None:
-        """Write what is queued and flush every stream (they stay open: their owner closes them)."""
+        """Stop the writer thread, write what is queued and flush every stream (they stay open: their owner
+        closes them)."""
+        self.stop_writer()
         self.flush()
         for stream in self._streams:
             try:

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from typing import Any
 
 from membrane.proxy.flowfilter import FilterError, FlowMatcher
@@ -248,7 +249,8 @@ class FlowPublisher:
     Never blocks and never raises into the sink: the socket is non-blocking, unsent bytes wait (at most
     `max_buffer_bytes`, beyond that records are dropped and counted in `dropped_bytes`) and go out when
     the socket is writable (with `loop`) or at the next write. Not connected yet (the server starts at the
-    same time): it retries every `retry_s` with `loop`, else at the next write.
+    same time): it retries every `retry_s` with `loop`, else at the next write. Written from another thread
+    (the sink's writer thread), the bytes are handed to `loop`'s thread, which alone owns the socket.
     """
 
     def __init__(self, path: str, *, loop: asyncio.AbstractEventLoop | None = None,
@@ -263,18 +265,28 @@ class FlowPublisher:
         self._retry: asyncio.TimerHandle | None = None
         self.dropped_bytes = 0
         self.closed = False
+        self._owner = threading.get_ident()  # the loop's thread: the only one that touches the socket
 
     def write(self, text: str) -> int:
         data = text.encode()
+        loop = self.loop
+        if loop is not None and threading.get_ident() != self._owner:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing can send it any more
+                loop.call_soon_threadsafe(self._append, data)
+            return len(text)
+        self._append(data)
+        return len(text)
+
+    def _append(self, data: bytes) -> None:
         if len(self._buf) + len(data) > self.max_buffer_bytes:
             self.dropped_bytes += len(data)
         else:
             self._buf += data
         self._pump()
-        return len(text)
 
     def flush(self) -> None:
-        self._pump()
+        if self.loop is None or threading.get_ident() == self._owner:
+            self._pump()
 
     def close(self) -> None:
         self.closed = True

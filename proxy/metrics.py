@@ -184,7 +184,11 @@ class Metrics:
             "membrane_proxy_limits_exceeded_total", "Connections closed for crossing a limit, by protocol and limit.",
             ("protocol", "limit"),
         )
-        self.flows_dropped = Counter("membrane_flows_write_errors_total", "Flow records that a sink failed to write.")
+        self.flow_write_errors = Counter("membrane_flows_write_errors_total", "Flow records that a sink failed to write.")
+        self.flows_dropped = Counter(
+            "membrane_flows_dropped_total",
+            "Flow records not written because the flows writer was behind (its queue full), as Hubble's lost events.",
+        )
         # Hubble/Cilium-like families (hubble_http_requests_total, cilium_policy_l7_total, ...).
         self.l7_requests = Counter(
             "membrane_l7_requests_total",
@@ -235,6 +239,7 @@ class Metrics:
             self.resource_exhausted,
             self.parse_errors,
             self.limits_exceeded,
+            self.flow_write_errors,
             self.flows_dropped,
             self.l7_requests,
             self.l7_responses,

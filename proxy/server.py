@@ -690,8 +690,10 @@ class Proxy:
 
     async def start(self, tcp_sockets: Iterable[socket.socket], udp_sockets: Iterable[socket.socket] = ()) -> None:
         loop = asyncio.get_running_loop()
-        # Flow lines are written once per loop pass (after the reads it handled), not once per record.
-        self.flows.defer_writes(loop.call_soon)
+        # Flow lines are formatted once per loop pass (after the reads it handled) and written by the sink's
+        # own thread; lines the writer has no room for are dropped and counted, never waited for.
+        self.flows.on_dropped = self.metrics.flows_dropped.inc
+        self.flows.start_writer(loop.call_soon)
         for sock in tcp_sockets:
             self._servers.append(await loop.create_server(lambda: Connection(self), sock=sock, backlog=1024))
         for sock in udp_sockets:

@@ -347,8 +347,7 @@ def start_agent(
     cmd += ["--endpoints", str(endpoints), "--flows", str(flows), "--status-file", str(status)]
     if sockmap:
         cmd.append("--sockmap")
-    if workers != 1:
-        cmd += ["--workers", str(workers)]
+    cmd += ["--workers", str(workers)]  # always: the agent's default is one per core
     if pin_dir is not None:
         cmd += ["--bpf-pin-dir", str(pin_dir)]
     cmd += list(extra_args)

@@ -16,6 +16,7 @@ import pytest
 from membrane.proxy.flows import (
     DROPPED,
     REQUEST,
+    RESPONSE,
     Flow,
     FlowContext,
     FlowSink,
@@ -234,6 +235,20 @@ def test_json_line_is_exactly_the_record() -> None:
             assert flow.to_line(node) == json.dumps(envelope(flow.to_json(node), node), separators=(",", ":")) + "\n"
 
 
+def test_json_line_of_a_repeated_http_record_is_exact() -> None:
+    """The HTTP record's JSON is reused for a record with the same code, method, url, protocol and headers:
+    a request and a response, another latency or verdict, still give exactly the record's own JSON."""
+    headers = (("Authorization", "Bearer x"), ("Content-Type", "text/plain"))
+    for n, (l7_type, latency, verdict, code) in enumerate(
+        [(REQUEST, 0, DROPPED, 0), (REQUEST, 0, "FORWARDED", 0), (RESPONSE, 1_234_567, "FORWARDED", 200),
+         (RESPONSE, 7, "FORWARDED", 200), (RESPONSE, 7, "FORWARDED", 403)] * 2
+    ):
+        flow = Flow(context=CTX, verdict=verdict, l7_type=l7_type, latency_ns=latency, time_ns=1_764_130_000_000_000_000 + n,
+                    l7=l7_http(method="GET", url="http://a/", protocol="HTTP/1.1", code=code, headers=headers),
+                    summary=f"s{n}", rule="default/p: ingress[0]")
+        assert flow.to_line("n") == json.dumps(envelope(flow.to_json("n"), "n"), separators=(",", ":")) + "\n"
+
+
 def test_subclass_that_reshapes_the_record_is_written_as_reshaped() -> None:
     """A Flow subclass overriding to_json() (the agent's L3_L4 drop record) reaches the stream in its own shape."""
 
@@ -322,6 +337,97 @@ def test_records_from_another_thread_are_written_at_once() -> None:
     worker.start()
     worker.join()
     assert json.loads(out.getvalue())["flow"]["l7"]["http"]["url"] == "http://a/1"
+
+
+class _GatedStream(io.StringIO):
+    """A stream whose writes record their thread and can be held (a flows disk that fell behind)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def write(self, s: str) -> int:
+        self.threads.add(threading.get_ident())
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().write(s)
+
+
+def test_writer_thread_formats_and_writes_off_the_emitting_thread() -> None:
+    """After start_writer() the records reach the stream from the sink's own thread, in order, all of them."""
+    out = _GatedStream()
+    sink = FlowSink([out])
+    sink.start_writer()
+    for n in range(300):
+        sink.emit(_flow(n))
+    assert [r["l7"]["http"]["url"] for r in sink.recent()][-1] == "http://a/299"  # the ring has them at once
+    assert out.entered.wait(30)
+    assert threading.get_ident() not in out.threads  # the first batch was written by the writer thread
+    sink.close()  # writes the rest and stops the thread
+    urls = [json.loads(line)["flow"]["l7"]["http"]["url"] for line in out.getvalue().splitlines()]
+    assert urls == [f"http://a/{n}" for n in range(300)]
+    assert sink.dropped == 0
+    sink.emit(_flow(300))  # after close the sink writes synchronously again
+    assert json.loads(out.getvalue().splitlines()[-1])["flow"]["l7"]["http"]["url"] == "http://a/300"
+
+
+def test_writer_queue_is_bounded_and_drops_are_counted() -> None:
+    """A writer that is behind never holds up emit(): records beyond max_queue are dropped and counted
+    (the metric membrane_flows_dropped_total through on_dropped); the ring and listeners still get them."""
+    out = _GatedStream()
+    out.gate.clear()  # the disk stalls
+    metrics = Metrics()
+    sink = FlowSink([out], max_queue=10)
+    sink.on_dropped = metrics.flows_dropped.inc
+    followed: list[Any] = []
+    sink.add_listener(followed.append)
+    sink.start_writer()
+    sink.emit(_flow(0))
+    assert out.entered.wait(30)  # the writer took record 0 and is stuck writing it
+    for n in range(1, 16):
+        sink.emit(_flow(n))
+    assert sink.dropped == 5
+    assert metrics.flows_dropped.get() == 5
+    assert "membrane_flows_dropped_total 5" in metrics.exposition()
+    assert len(followed) == 16 and len(sink.records()) == 16
+    out.gate.set()
+    sink.close()
+    urls = [json.loads(line)["flow"]["l7"]["http"]["url"] for line in out.getvalue().splitlines()]
+    assert urls == [f"http://a/{n}" for n in range(11)]
+
+
+def test_writer_thread_writes_lines_formatted_on_the_loop() -> None:
+    """start_writer(schedule), as the server runs it: a loop pass's records become one string when the scheduled
+    callback runs, the writer thread writes it; when the writer is max_queue records behind, a pass's lines are
+    dropped and counted, and emit() never waits."""
+    out = _GatedStream()
+    out.gate.clear()  # the disk stalls
+    sink = FlowSink([out], max_queue=4)
+    dropped: list[int] = []
+    sink.on_dropped = lambda: dropped.append(1)
+    scheduled: list[Callable[[], None]] = []
+    sink.start_writer(scheduled.append)
+    for n in range(3):
+        sink.emit(_flow(n))
+    assert len(scheduled) == 1 and out.getvalue() == ""
+    scheduled.pop()()  # the loop pass ends: 3 records go to the writer as one chunk
+    assert out.entered.wait(30)
+    assert threading.get_ident() not in out.threads
+    for n in range(3, 6):  # the next pass: 3 more would make 6 queued > 4: dropped, counted
+        sink.emit(_flow(n))
+    scheduled.pop()()
+    assert sink.dropped == 3 and len(dropped) == 3
+    sink.emit(_flow(6))
+    scheduled.pop()()  # 3 + 1 <= 4: kept
+    assert sink.dropped == 3
+    out.gate.set()
+    sink.close()
+    urls = [json.loads(line)["flow"]["l7"]["http"]["url"] for line in out.getvalue().splitlines()]
+    assert urls == ["http://a/0", "http://a/1", "http://a/2", "http://a/6"]
+    assert len(sink.records()) == 7  # the ring (and `membrane observe`) had every record
 
 
 def test_kafka_topic_is_a_string_like_hubble() -> None:
