@@ -173,6 +173,14 @@ class Http1Session(Session):
         actions: list[Action] = []
         if direction is S2C:
             self._server_events(events, actions)
+            front = self._front_forwarded()
+            if front is not None and not front.response_started and not self._tunnel:
+                # The upstream closed before answering a forwarded request: 502, as a proxy answers it
+                # (RFC 9110 §15.6.3), never an empty reply; nothing after it can be served.
+                actions.append(Reply(http1.error_response(502, keep_alive=False)))
+                actions.append(self._response_flow(front, 502, ERROR, Reason.UPSTREAM_FAILED))
+                actions.extend(self.close())
+                return actions
             # Whatever is still due gets no response now: refusals queued behind it are sent, then FIN.
             while self._order and self._order[0].refusal is not None:
                 pending = self._order.popleft()

@@ -209,3 +209,28 @@ def test_one_client_cannot_take_every_connection(tmp_path: Path) -> None:
         assert "client 127.0.0.2 holds 10 connections" in gw.stderr_path.read_text()
         for sock in hog:
             sock.close()
+
+
+def test_upstream_that_closes_before_answering_gets_502(tmp_path: Path) -> None:
+    """An upstream that reads the request and closes without a response: the client gets 502 (not an empty reply),
+    with an ERROR flow carrying 502."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with gateway(tmp_path, http_policy(port, RULES), upstream_port=port, dst="default/frontend",
+                     src="default/backend") as gw:
+            code, _ = _curl(f"http://127.0.0.1:{gw.port}/api/x")
+            assert code == "502"
+            flows = gw.wait_flows(2)
+            assert [(f["verdict"], f["l7"]["http"]["code"]) for f in flows if f["l7"]["type"] == "RESPONSE"] == [("ERROR", 502)]
+    finally:
+        thread.join(5)
+        listener.close()
