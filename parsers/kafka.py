@@ -52,7 +52,7 @@ import dataclasses
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any, ClassVar, assert_never
 
 from membrane.parsers._kafka_schema import Found as _Found
 from membrane.parsers._kafka_schema import SchemaError, api_schemas, request_reader, skip_tagged
@@ -223,8 +223,9 @@ def parse_request(frame: bytes, *, offset: int | None = None) -> KafkaRequest:
             raise MalformedMessage(f"{len(frame) - pos} bytes after the request body", direction=d, offset=offset)
     except SchemaError as e:
         raise MalformedMessage(f"api key {api_key} v{version}: {e}", direction=d, offset=offset) from e
-    except (struct.error, IndexError, ValueError) as e:  # belt and braces: the readers check bounds
-        raise MalformedMessage(f"unreadable request: {e}", direction=d, offset=offset) from e
+    except (struct.error, IndexError, ValueError) as err:  # belt and braces: the readers check bounds
+        # (its own name: compiled with mypyc, one name bound by two except clauses keeps the first one's type)
+        raise MalformedMessage(f"unreadable request: {err}", direction=d, offset=offset) from err
     ids = tuple(dict.fromkeys(i for i in found.topic_ids if i != _ZERO_UUID))
     return KafkaRequest(
         api_key=api_key,
@@ -247,7 +248,7 @@ class KafkaRequestParser:
     which responses are due from `expect()`, called for each request forwarded upstream.
     """
 
-    direction = Direction.CLIENT_TO_SERVER
+    direction: ClassVar[Direction] = Direction.CLIENT_TO_SERVER
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.CLIENT_TO_SERVER, max_frame_bytes)
@@ -286,7 +287,7 @@ class KafkaRequestParser:
 class KafkaResponseParser:
     """Server-to-client byte stream -> KafkaResponse events, matched to the requests sent, in order."""
 
-    direction = Direction.SERVER_TO_CLIENT
+    direction: ClassVar[Direction] = Direction.SERVER_TO_CLIENT
 
     def __init__(self, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._framer = _Framer(Direction.SERVER_TO_CLIENT, max_frame_bytes)

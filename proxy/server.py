@@ -197,6 +197,7 @@ class Connection(asyncio.Protocol):
             proxy.client_limit_hit(self.client_ip, "connections", proxy.client_limit)
             self.closed = True
             self._abort_client(transport)
+            self._refused_flow(peer, transport.get_extra_info("sockname"), "max_connections_per_client")
             return
         per_client[self.client_ip] = per_client.get(self.client_ip, 0) + 1
         self.counted = True
@@ -204,6 +205,19 @@ class Connection(asyncio.Protocol):
         proxy.metrics.connections.inc("tcp")
         proxy.metrics.active_connections.set(len(proxy.connections))
         self._guard(self._open, transport)
+
+    def _refused_flow(self, peer: Any, local: Any, reason: str) -> None:
+        """The ERROR flow of a connection refused at accept for a limit (who, to where, which limit)."""
+        if not peer or not local:
+            return
+        info = ConnectionInfo(client=(peer[0], peer[1]), original_dst=(local[0], local[1]))
+        try:
+            context = self.proxy.factory(info).context
+        except Exception:  # the refusal stands; only its record is lost
+            return
+        self.proxy.flows.emit(L3L4Flow(context=context, verdict=ERROR, l7_type=REQUEST, l7={},
+                                       summary=f"TCP connection refused at accept: {reason}", time_ns=time.time_ns(),
+                                       reason=reason))
 
     def _open(self, transport: asyncio.Transport) -> None:
         proxy = self.proxy
@@ -715,13 +729,13 @@ class Proxy:
             self.metrics.requests.inc(protocol, flow.verdict)
             if flow.reason in ("malformed", "too_large"):
                 self.metrics.parse_errors.inc(protocol, flow.reason)
-            if flow.limit is not None:
-                self.metrics.limits_exceeded.inc(protocol, flow.limit)
-                source = flow.context.source
-                log.warning("%s limit %s crossed by %s:%d: %s", protocol, flow.limit, source.ip, source.port,
-                            flow.summary)
         elif flow.l7_type == RESPONSE and flow.latency_ns:
             self.metrics.request_duration.observe(flow.latency_ns / 1e9, next(iter(flow.l7), "tcp"))
+        if flow.limit is not None:
+            protocol = flow.context.transport.lower() if not flow.l7 else next(iter(flow.l7))
+            self.metrics.limits_exceeded.inc(protocol, flow.limit)
+            source = flow.context.source
+            log.warning("%s limit %s crossed by %s:%d: %s", protocol, flow.limit, source.ip, source.port, flow.summary)
         if flow.l7:
             self._count_l7(flow)
         self.flows.emit(flow)

@@ -68,6 +68,7 @@ class DnsJudge:
         self.outstanding: dict[int, _Outstanding] = {}
         self.upstream_failed: Reason | None = None
         self.max_outstanding = max_outstanding
+        self.limit_noted = False  # the bound's first crossing on this connection / peer is counted and logged
 
     def query(self, query: dns.DnsEvent, actions: list[Action]) -> None:
         now = self.clock()
@@ -80,11 +81,14 @@ class DnsJudge:
             return
         assert type(query) is DnsQuery
         allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
+        crossed = False
         if allowed and self.upstream_failed is not None:
             allowed, verdict, reason = False, ERROR, self.upstream_failed
         elif allowed and len(self.outstanding) >= self.max_outstanding:
             # Bound what one connection (or UDP peer) can keep waiting on the upstream: SERVFAIL beyond it.
             allowed, verdict, reason = False, ERROR, Reason.UPSTREAM_FAILED
+            crossed = not self.limit_noted
+            self.limit_noted = True
         if allowed:
             actions.append(Forward(C2S, self.frame(query.raw)))
             self.outstanding[query.id] = _Outstanding(query, now)
@@ -93,7 +97,10 @@ class DnsJudge:
         assert reason is not None
         rcode = dns.dns_rcode(reason)
         actions.append(Reply(self.frame(dns.refusal(query, reason))))
-        actions.append(self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode))
+        refused = self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode)
+        if crossed:  # counted in membrane_proxy_limits_exceeded_total and logged once per connection, not per query
+            refused.flow.limit = "dns_queries_outstanding"
+        actions.append(refused)
         # The answer the client got, as Hubble shows it after a dropped query: a response record with the RCODE.
         actions.append(self._flow(query, RESPONSE, FORWARDED, self.clock(), rcode=rcode,
                                   summary=f"DNS Answer RCode: {_RCODE_NAMES.get(rcode, str(rcode))} (Query {query.normalized_name} "

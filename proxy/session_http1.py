@@ -30,7 +30,7 @@ from membrane.parsers.events import (
 )
 from membrane.policies import HeaderAction
 from membrane.policies.crd import MismatchAction
-from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, FlowContext, l7_http
+from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_http
 from membrane.proxy.session import (
     C2S,
     S2C,
@@ -178,7 +178,9 @@ class Http1Session(Session):
                 # The upstream closed before answering a forwarded request: 502, as a proxy answers it
                 # (RFC 9110 §15.6.3), never an empty reply; nothing after it can be served.
                 actions.append(Reply(http1.error_response(502, keep_alive=False)))
-                actions.append(self._response_flow(front, 502, ERROR, Reason.UPSTREAM_FAILED))
+                closed_early = self._response_flow(front, 502, ERROR, Reason.UPSTREAM_FAILED)
+                closed_early.flow.limit = "upstream_closed"  # counted and logged by the server
+                actions.append(closed_early)
                 actions.extend(self.close())
                 return actions
             # Whatever is still due gets no response now: refusals queued behind it are sent, then FIN.
@@ -195,7 +197,13 @@ class Http1Session(Session):
     def on_timeout(self, kind: TimeoutKind) -> list[Action]:
         if kind is TimeoutKind.HEADER and self.requests.state is http1.State.HEAD and not self._order:
             self.closed = True
-            return [Reply(http1.error_response(408, keep_alive=False)), Close()]
+            # A head not complete in time (slowloris): 408, an ERROR flow naming the limit (counted and
+            # logged by the server), then close.
+            flow = Flow(context=self.context, verdict=ERROR, l7_type=REQUEST,
+                        l7=l7_http(method="", url="", protocol="HTTP/1.1", code=408),
+                        summary="HTTP/1.1 408 request head not complete within the header timeout",
+                        time_ns=self.clock(), reason="header_timeout", limit="header_timeout")
+            return [Reply(http1.error_response(408, keep_alive=False)), Log(flow), Close()]
         return self.close()
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:

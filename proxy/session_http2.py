@@ -84,6 +84,10 @@ class ResetLedger:
         entry[1] += resets
         return entry[0] >= self.min_streams and 2 * entry[1] >= entry[0]
 
+    def over(self, ip: str, now_ns: int) -> bool:
+        """Whether the address is past the rule now (counts decayed to `now_ns`), adding nothing; no entry is made."""
+        return ip in self._by_ip and self.note(ip, 0, 0, now_ns)
+
 
 @dataclass(slots=True)
 class _StreamInfo:
@@ -133,6 +137,10 @@ class Http2Session(Session):
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         actions: list[Action] = []
+        if direction is C2S and self.resets is not None and self.resets.over(self.context.source.ip, self.clock()):
+            # The address crossed the rule on its other connections: cut before parsing (or forwarding) anything, so
+            # a burst spread over many connections costs one parse of the streams that crossed it, not all of them.
+            return self._cut_for_resets(actions)
         side = self.server if direction is C2S else self.client
         try:
             events = side.feed(data, now_s=self.clock() / 1e9)  # the time refills the control-frame budget
@@ -147,15 +155,19 @@ class Http2Session(Session):
             else:
                 self._server_event(event, actions)
         if direction is C2S and self.resets is not None and self._over_reset_rule():
-            self.server.close(http2.ErrorCode.ENHANCE_YOUR_CALM)
-            self._pump(actions)
-            flow = self._log(REQUEST, ERROR, "", "HTTP/2 rapid reset across this client's connections", grpc=False,
-                             reason=Reason.TOO_LARGE)
-            flow.flow.limit = "rapid_reset_across_connections"
-            actions.append(flow)
-            actions.extend(self.close())
-            return actions
+            return self._cut_for_resets(actions)
         self._pump(actions)
+        return actions
+
+    def _cut_for_resets(self, actions: list[Action]) -> list[Action]:
+        """GOAWAY ENHANCE_YOUR_CALM, the ERROR flow carrying the limit (counted and logged), close."""
+        self.server.close(http2.ErrorCode.ENHANCE_YOUR_CALM)
+        self._pump(actions)
+        flow = self._log(REQUEST, ERROR, "", "HTTP/2 rapid reset across this client's connections", grpc=False,
+                         reason=Reason.TOO_LARGE)
+        flow.flow.limit = "rapid_reset_across_connections"
+        actions.append(flow)
+        actions.extend(self.close())
         return actions
 
     def _over_reset_rule(self) -> bool:

@@ -390,13 +390,14 @@ def membrane_gateway_help() -> str:
 
 def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: str, src: str = "bench/client",
                    workers: int | None = 1, udp: bool = False, profile_to: Path | None = None,
-                   flows_to: Path | None = None) -> Proc:
+                   flows_to: Path | None = None, pure: bool = False) -> Proc:
     """`membrane gateway` on 127.0.0.1:listen_port in front of 127.0.0.1:upstream_port, with bench/peers/policy.yaml.
 
     profile_to: run it (one worker, in-process) under cProfile with a CPU-time clock (peers/cpu_profile.py), which
     writes its stats there when it exits.
     flows_to: `--flows FILE`, flow records written as JSON lines to a real file, the way a Hubble user runs; without
     it flow records are built and kept in the in-memory ring only.
+    pure: with MEMBRANE_PURE=1, the pure Python modules instead of the mypyc-compiled ones (native/modules.txt).
     """
     help_text = membrane_gateway_help()
     exe = [membrane_bin()]
@@ -413,7 +414,8 @@ def start_membrane(stack: Stack, *, listen_port: int, upstream_port: int, dst: s
         if "--workers" not in help_text:
             raise Unavailable("`membrane gateway` has no --workers option yet")
         argv += ["--workers", str(workers)]
-    proc = stack.spawn(f"membrane-{listen_port}", argv, stdout_to_log=False)
+    env = {**os.environ, "MEMBRANE_PURE": "1"} if pure else None
+    proc = stack.spawn(f"membrane-{listen_port}", argv, stdout_to_log=False, env=env)
     if udp:
         wait_udp_dns(proc, listen_port, timeout_s=30)
     else:

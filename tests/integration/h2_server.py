@@ -14,6 +14,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 
 class _H2Protocol(asyncio.Protocol):
@@ -45,7 +46,10 @@ class _H2Protocol(asyncio.Protocol):
                 self.requests[event.stream_id]["body"] += len(event.data)
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
-                self._respond(event.stream_id)
+                try:
+                    self._respond(event.stream_id)
+                except h2.exceptions.ProtocolError:  # reset later in the same read (rapid reset): nothing to answer
+                    self.outbox.pop(event.stream_id, None)
             elif isinstance(event, h2.events.WindowUpdated):
                 for stream_id in list(self.outbox):
                     self._flush(stream_id)

@@ -4,7 +4,7 @@ Case table
 | what | expected |
 |---|---|
 | two valid queries then a frame whose length is under a header, in one write | both answered, then EOF |
-| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING in one write | every query answered: the extra ones SERVFAIL, the rest NOERROR |
+| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING in one write | every query answered: the extra ones SERVFAIL, the rest NOERROR; the limit logged |
 """
 
 from __future__ import annotations
@@ -82,3 +82,5 @@ def test_pipelined_queries_beyond_the_bound_get_servfail(tmp_path: Path) -> None
         servfail = [i for i, r in rcodes.items() if r == dns.rcode.SERVFAIL]
         assert len(servfail) >= 8
         assert len(server.queries) <= len(queries) - 8
+        gw.stop()
+        assert "dns limit dns_queries_outstanding crossed" in gw.stderr_path.read_text()

@@ -207,6 +207,10 @@ def test_one_client_cannot_take_every_connection(tmp_path: Path) -> None:
         code, _ = _curl(f"http://127.0.0.1:{gw.port}/api/other")  # from 127.0.0.1: still served
         assert code == "200"
         assert "client 127.0.0.2 holds 10 connections" in gw.stderr_path.read_text()
+        refusals = [f for f in gw.wait_flows(21) if f["verdict"] == "ERROR"]
+        assert len(refusals) == 20
+        assert {f["Summary"] for f in refusals} == {"TCP connection refused at accept: max_connections_per_client"}
+        assert {f["IP"]["source"] for f in refusals} == {"127.0.0.2"}
         for sock in hog:
             sock.close()
 
@@ -231,6 +235,7 @@ def test_upstream_that_closes_before_answering_gets_502(tmp_path: Path) -> None:
             assert code == "502"
             flows = gw.wait_flows(2)
             assert [(f["verdict"], f["l7"]["http"]["code"]) for f in flows if f["l7"]["type"] == "RESPONSE"] == [("ERROR", 502)]
+            assert "limit upstream_closed crossed by 127.0.0.1" in gw.stderr_path.read_text()
     finally:
         thread.join(5)
         listener.close()

@@ -50,6 +50,9 @@ def test_header_timeout_flag_stops_slowloris(tmp_path: Path) -> None:
         assert data.startswith(b"HTTP/1.1 408 ")
         assert 0.4 < elapsed < 3.0
         assert backend.paths() == []
+        # the limit has its flow (ERROR, 408) and its log line
+        assert [(f["verdict"], f["l7"]["http"]["code"]) for f in gw.wait_flows(1)] == [("ERROR", 408)]
+        assert "limit header_timeout crossed by 127.0.0.1" in gw.stderr_path.read_text()
 
 
 def test_idle_timeout_flag_closes_quiet_keep_alive_connections(tmp_path: Path) -> None:

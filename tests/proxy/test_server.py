@@ -692,7 +692,7 @@ class _AnswerAndClose(Session):
 
     protocol = "tcp"
     client_speaks_first = True
-    BODY = b"x" * 200_000
+    BODY = b"x" * 20_000  # fits the socket buffers: all of it is acknowledged while the client sleeps
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(self.BODY)
@@ -706,12 +706,13 @@ def _time_wait(port: int) -> list[str]:
     return out.stdout.splitlines()
 
 
-def _read_all(sock: socket.socket) -> tuple[bytes, str]:
+async def _read_all(sock: socket.socket) -> tuple[bytes, str]:
     """Everything the client can read, and how the stream ended ("eof" or "reset")."""
     chunks = []
+    loop = asyncio.get_running_loop()
     while True:
         try:
-            data = sock.recv(65536)
+            data = await loop.sock_recv(sock, 65536)
         except ConnectionResetError:
             return b"".join(chunks), "reset"
         if not data:
@@ -736,9 +737,8 @@ def test_transparent_client_leg_closed_first_leaves_no_time_wait() -> None:
                 try:
                     await loop.sock_connect(client, ("127.0.0.1", port))
                     await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                    await asyncio.sleep(0.3)  # the reset has arrived before the client reads anything
-                    client.setblocking(True)
-                    data, end = _read_all(client)
+                    await asyncio.sleep(0.3)  # the client reads nothing yet: the reset can arrive first
+                    data, end = await _read_all(client)
                 finally:
                     client.close()
                 assert data.endswith(b"\r\n\r\n" + _AnswerAndClose.BODY)  # all of it, though read after the reset
@@ -774,8 +774,7 @@ def test_transparent_upstream_eof_still_reaches_the_client_as_eof() -> None:
             await loop.sock_connect(client, sock.getsockname()[:2])
             await loop.sock_sendall(client, b"GET / HTTP/1.0\r\n\r\n")
             await asyncio.sleep(0.3)
-            client.setblocking(True)
-            assert _read_all(client) == (b"HTTP/1.0 200 OK\r\n\r\nuntil close", "eof")
+            assert await _read_all(client) == (b"HTTP/1.0 200 OK\r\n\r\nuntil close", "eof")
         finally:
             client.close()
             await proxy.drain()

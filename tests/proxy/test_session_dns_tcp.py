@@ -5,7 +5,7 @@ Case table
 |---|---|
 | an allowed query, then a frame shorter than a DNS header | the query is forwarded and its answer relayed, then the connection closes |
 | a broken frame with nothing owed | ERROR flow, close at once |
-| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING | the extra ones get SERVFAIL without going upstream |
+| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING | the extra ones get SERVFAIL without going upstream; the first of them carries the limit (counted, logged) |
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from membrane.parsers import dns
 from membrane.parsers.events import Direction, Reason
-from membrane.proxy.session import Close, DataReceived, Forward, Learn, Reply
+from membrane.proxy.session import Close, DataReceived, Forward, Learn, Log, Reply
 
 from tests.helpers.playbook import LogMatch, Playbook
 from tests.proxy.test_session import DNS_POLICY, INFO, _answer, _gateway, _query, session_factory
@@ -68,3 +68,6 @@ def test_pipelined_queries_beyond_the_bound_get_servfail() -> None:
     assert forwarded == [dns.frame_tcp(q) for q in queries[:n]]
     replies = [a.data for a in actions if isinstance(a, Reply)]
     assert replies == [dns.frame_tcp(dns.refusal(dns.read_query(q), Reason.UPSTREAM_FAILED)) for q in queries[n:]]
+    refused = [a.flow for a in actions if isinstance(a, Log) and a.flow.verdict == "ERROR"]
+    assert len(refused) == 2
+    assert [f.limit for f in refused] == ["dns_queries_outstanding", None]  # one count and log line per connection

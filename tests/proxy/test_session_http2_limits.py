@@ -6,6 +6,7 @@ Case table
 | a PING flood on one connection | GOAWAY ENHANCE_YOUR_CALM forwarded to the client, an ERROR flow naming the limit, close |
 | HEADERS without END_HEADERS | reading_head True (the header timeout runs) until the CONTINUATION ends the block |
 | rapid reset spread over connections from one address | the connection that crosses the summed rule is cut with ENHANCE_YOUR_CALM |
+| a further connection from that address, preface and a burst in one read | cut before anything is parsed: GOAWAY, the limit's flow, nothing forwarded upstream |
 | ResetLedger | the rule on sums; counts halve each window; other addresses untouched |
 """
 
@@ -96,14 +97,26 @@ def test_rapid_reset_across_connections_is_cut() -> None:
             assert [a.flow.limit for a in actions if isinstance(a, Log) and a.flow.limit] == \
                 ["rapid_reset_across_connections"]
     assert cut == [False, False, False, True]
+    assert ledger.over(session.context.source.ip, 10**9)
+    session = _h2_session(resets=ledger, clock=lambda: 10**9)
+    b = FrameBuilder()
+    burst = b"".join(b.headers(sid, request_headers("/api"), end_stream=True) + b.rst_stream(sid) for sid in range(1, 301, 2))
+    actions = session.handle(DataReceived(C2S, client_preface(b) + burst))
+    assert session.closed
+    assert _goaway_codes(actions) == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+    assert [a for a in actions if isinstance(a, Forward) and a.direction is C2S] == []  # no stream went upstream
+    assert [a.flow.limit for a in actions if isinstance(a, Log)] == ["rapid_reset_across_connections"]
 
 
 def test_reset_ledger_rule_decay_and_isolation() -> None:
     """The rule holds on sums per address; counts halve every window; another address is not affected."""
     ledger = ResetLedger(min_streams=100)
+    assert not ledger.over("10.0.0.1", 0)
     assert not ledger.note("10.0.0.1", 60, 60, 0)
     assert ledger.note("10.0.0.1", 40, 40, 1)
     assert not ledger.note("10.0.0.2", 10, 10, 2)
     later = int(3 * RESET_WINDOW_S * 1e9)
     assert not ledger.note("10.0.0.1", 0, 1, later)  # 100 opened / 100 reset halved three times: 12 and 12 (+1)
     assert not ledger.note("10.0.0.1", 100, 0, later)  # 112 opened, 13 reset: well under half
+    assert not ledger.over("10.0.0.3", later)  # an address never seen is not over, and asking adds no entry
+    assert "10.0.0.3" not in ledger._by_ip
