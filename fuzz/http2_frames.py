@@ -1,9 +1,10 @@
-# Invariant: for any bytes, Http2ServerSide (mode byte even: bytes after a client preface) and
+# Invariant: the lean frame layer (parsers.http2_wire) and h2, the reference, agree: the same bytes give
+# the same events, or both raise ParseError. For each of them: for any bytes, Http2ServerSide (mode byte even: bytes after a client preface) and
 # Http2ClientSide (mode byte odd: the upstream's bytes, after requests on streams 1-7) return events
 # or raise ParseError, never anything else; feeding whole and in small pieces (byte by byte up to
 # 256 bytes, then ~64 pieces) gives the same events (or both raise); driving the proxy API on the
 # events (refuse, acknowledge, send_*) raises nothing but ParseError; outbound buffers stay bounded.
-"""Fuzz target for parsers/http2.py. `python fuzz/http2_frames.py [libFuzzer args]` fuzzes with atheris;
+"""Differential fuzz target for parsers/http2.py (lean layer vs h2). `python fuzz/http2_frames.py [libFuzzer args]` fuzzes with atheris;
 `python fuzz/http2_frames.py --capture DIR` re-captures the real-client seeds (httpx[http2] and grpcio
 over loopback through tests' LoopbackBridge) into DIR."""
 
@@ -23,10 +24,10 @@ _REASONS = list(Reason)
 _MAX_BUFFER = 16 * 1024 * 1024  # no outbound buffer may exceed what any window could have allowed
 
 
-def _side(mode: int) -> Http2ServerSide | Http2ClientSide:
+def _side(mode: int, lean: bool) -> Http2ServerSide | Http2ClientSide:
     if mode % 2 == 0:
-        return Http2ServerSide()
-    side = Http2ClientSide()
+        return Http2ServerSide(lean=lean)
+    side = Http2ClientSide(lean=lean)
     for sid in (1, 3, 5, 7):
         side.send_request(HttpRequest(method="POST", target="/x", path="/x", host="a", stream_id=sid,
                                       http_version="2", has_body=sid != 7))
@@ -34,8 +35,8 @@ def _side(mode: int) -> Http2ServerSide | Http2ClientSide:
     return side
 
 
-def _observe(mode: int, chunks: list[bytes]) -> tuple[list[object], bool]:
-    side = _side(mode)
+def _observe(mode: int, chunks: list[bytes], lean: bool) -> tuple[list[object], bool]:
+    side = _side(mode, lean)
     events: list[object] = []
     try:
         for chunk in chunks:
@@ -45,8 +46,8 @@ def _observe(mode: int, chunks: list[bytes]) -> tuple[list[object], bool]:
     return events, False
 
 
-def _drive(mode: int, chunks: list[bytes]) -> None:
-    side = _side(mode)
+def _drive(mode: int, chunks: list[bytes], lean: bool) -> None:
+    side = _side(mode, lean)
     count = 0
     try:
         for chunk in chunks:
@@ -79,16 +80,20 @@ def check(data: bytes) -> None:
         return
     mode, body = data[0], data[1:]
     wire = PREFACE + body if mode % 2 == 0 and not body.startswith(PREFACE[:4]) else body
-    whole, whole_failed = _observe(mode, [wire])
     # Byte by byte where affordable; long inputs (real-client seeds) in ~64 pieces, since h2 re-parses
     # a partial frame on every call and the fuzzer's speed is what finds bugs.
     step = 1 if len(wire) <= 256 else max(7, len(wire) // 64)
-    pieces, pieces_failed = _observe(mode, [wire[i : i + step] for i in range(0, len(wire), step)])
-    assert whole_failed == pieces_failed, (whole_failed, pieces_failed)
-    if not whole_failed:
-        assert whole == pieces, (whole, pieces)
     chunk = max((16, 97, 1000, 16_384)[(mode >> 1) % 4], len(wire) // 64)
-    _drive(mode, [wire[i : i + chunk] for i in range(0, len(wire), chunk)])
+    outcomes = []
+    for lean in (True, False):
+        whole, whole_failed = _observe(mode, [wire], lean)
+        pieces, pieces_failed = _observe(mode, [wire[i : i + step] for i in range(0, len(wire), step)], lean)
+        assert whole_failed == pieces_failed, (lean, whole_failed, pieces_failed)
+        if not whole_failed:
+            assert whole == pieces, (lean, whole, pieces)
+        _drive(mode, [wire[i : i + chunk] for i in range(0, len(wire), chunk)], lean)
+        outcomes.append((whole, whole_failed))
+    assert outcomes[0] == outcomes[1], ("lean vs h2", outcomes[0], outcomes[1])
 
 
 def _capture(directory: str) -> None:

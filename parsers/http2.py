@@ -1,8 +1,10 @@
 """HTTP/2 (h2c) for the proxy: a server side facing the client and a client side facing the upstream.
 
-Owns HTTP/2 framing, HPACK, per-stream request/response events, flow control and refusal bytes,
-on top of python-hyper `h2` (sans-I/O). Never does I/O or policy. Raises only `ParseError`
-subclasses: every h2/hpack/hyperframe exception is translated in `_h2_errors` (one `except`).
+Owns per-stream request/response events, flow control and refusal bytes over an HTTP/2 connection
+engine: the lean frame layer `parsers.http2_wire` (+ `parsers.hpack`, the default) or python-hyper `h2`,
+the reference (`lean=False`, or `LEAN_BY_DEFAULT`); fuzz/http2_frames.py holds them to the same events.
+Never does I/O or policy. Raises only `ParseError` subclasses: every engine exception (WireError, and
+h2/hpack/hyperframe's) is translated in `_EngineErrors` (one `except`).
 
 Theory of operation
 -------------------
@@ -53,8 +55,8 @@ import binascii
 import enum
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import h2.config
@@ -65,7 +67,7 @@ import h2.exceptions
 import h2.settings
 import hpack.exceptions
 import hyperframe.exceptions
-from membrane.parsers import grpc, http1
+from membrane.parsers import grpc, http1, http2_wire
 from membrane.parsers.errors import LimitExceeded, MalformedMessage, MessageTooLarge, ParseError, ProtocolViolation
 from membrane.parsers.events import (
     Data,
@@ -79,6 +81,17 @@ from membrane.parsers.events import (
     Reason,
     StreamReset,
     Trailers,
+)
+from membrane.parsers.http2_wire import (
+    ConnectionTerminated,
+    DataReceived,
+    FlowChanged,
+    HeadersReceived,
+    LeanConnection,
+    PushedStreamReceived,
+    StreamEnded,
+    WireError,
+    WireEvent,
 )
 from membrane.parsers.http_target import normalize_target, split_target
 
@@ -134,6 +147,10 @@ PRIORITY_FRAMES_PER_STREAM = 100
 MAX_HPACK_TABLE_BYTES = 4096
 
 ErrorCode = h2.errors.ErrorCodes
+# Which HTTP/2 engine the sides use unless told (`lean=`): the lean frame layer of parsers.http2_wire
+# (HPACK and frames of our own, issue 11 item 4) or python-hyper h2, kept as the reference that the
+# differential fuzz target and the parametrized tests check the lean layer against.
+LEAN_BY_DEFAULT = True
 _GRPC_ANY_MESSAGE_SIZE = 0xFFFFFFFF  # the 4-byte length's own maximum: size is the upstream's limit
 
 # Frame types and flags (RFC 9113 §6), read from frame headers before h2 sees the frame.
@@ -206,14 +223,167 @@ def _translate(exc: Exception, direction: Direction) -> ParseError:
     return ProtocolViolation(message, direction=direction)
 
 
-@contextmanager
-def _h2_errors(direction: Direction) -> Iterator[None]:
-    """The one place where library exceptions become ParseError subclasses (STYLE.md §3.1)."""
-    try:
-        yield
-    except (h2.exceptions.H2Error, hpack.exceptions.HPACKError, hyperframe.exceptions.HyperframeError,
-            binascii.Error) as e:
-        raise _translate(e, direction) from e
+def _translate_wire(exc: WireError, direction: Direction) -> ParseError:
+    message = f"HTTP/2: {exc}"
+    if exc.kind == "streams":
+        return LimitExceeded(message, direction=direction, limit="max_concurrent_streams")
+    if exc.kind == "header_list":
+        return MessageTooLarge(message, direction=direction)
+    if exc.kind in ("compression", "frame_size"):
+        return MalformedMessage(message, direction=direction)
+    return ProtocolViolation(message, direction=direction)
+
+
+_LIBRARY_ERRORS = (h2.exceptions.H2Error, hpack.exceptions.HPACKError, hyperframe.exceptions.HyperframeError,
+                   binascii.Error)
+
+
+class _EngineErrors:
+    """The one place where engine exceptions become ParseError subclasses (STYLE.md §3.1).
+
+    A plain context manager rather than @contextmanager: it wraps every send on the hot path, and a
+    generator-based one costs several times more per use."""
+
+    __slots__ = ("direction",)
+
+    def __init__(self, direction: Direction) -> None:
+        self.direction = direction
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, WireError):
+            raise _translate_wire(exc, self.direction) from exc
+        if isinstance(exc, _LIBRARY_ERRORS):
+            raise _translate(exc, self.direction) from exc
+
+
+_H2_HEADER_KINDS: dict[type, int] = {
+    h2.events.RequestReceived: http2_wire.REQUEST,
+    h2.events.ResponseReceived: http2_wire.RESPONSE,
+    h2.events.InformationalResponseReceived: http2_wire.INFORMATIONAL,
+    h2.events.TrailersReceived: http2_wire.TRAILERS,
+}
+
+
+class _H2Connection:
+    """python-hyper h2 behind LeanConnection's interface: the reference the lean layer is checked against."""
+
+    def __init__(self, *, client_side: bool, max_concurrent_streams: int, max_header_list_size: int,
+                 header_table_size: int, initial_window_size: int | None) -> None:
+        config = h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_inbound_headers=True,
+            normalize_inbound_headers=True, validate_outbound_headers=True, normalize_outbound_headers=True,
+            split_outbound_cookies=False,
+        )
+        self.h2 = h2.connection.H2Connection(config)
+        initial: dict[h2.settings.SettingCodes, int] = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+            h2.settings.SettingCodes.HEADER_TABLE_SIZE: header_table_size,
+        }
+        if initial_window_size is not None:
+            initial[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = initial_window_size
+        if client_side:
+            initial[h2.settings.SettingCodes.ENABLE_PUSH] = 0  # a proxy never relays server push
+        self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values=initial)
+        self.h2.decoder.max_header_list_size = max_header_list_size
+        self.encoder = self.h2.encoder
+        self.client_side = client_side
+
+    @property
+    def max_inbound_frame_size(self) -> int:
+        return self.h2.max_inbound_frame_size
+
+    @property
+    def max_outbound_frame_size(self) -> int:
+        return self.h2.max_outbound_frame_size
+
+    @property
+    def highest_inbound_stream_id(self) -> int:
+        return self.h2.highest_inbound_stream_id
+
+    @property
+    def open_outbound_streams(self) -> int:
+        return self.h2.open_outbound_streams
+
+    @property
+    def remote_max_concurrent_streams(self) -> int:
+        return self.h2.remote_settings.max_concurrent_streams
+
+    def initiate_connection(self) -> None:
+        self.h2.initiate_connection()
+
+    def initiate_upgrade_connection(self, settings_header: bytes) -> None:
+        self.h2.initiate_upgrade_connection(settings_header)
+
+    def update_initial_window(self, size: int) -> None:
+        self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: size})
+
+    def increment_flow_control_window(self, increment: int) -> None:
+        self.h2.increment_flow_control_window(increment)
+
+    def receive_preface(self, data: bytes) -> None:
+        self.h2.receive_data(data)
+
+    def receive_frame(self, buf: bytes | bytearray, pos: int, length: int) -> list[WireEvent]:
+        out: list[WireEvent] = []
+        for event in self.h2.receive_data(bytes(buf[pos : pos + 9 + length])):
+            kind = _H2_HEADER_KINDS.get(type(event))
+            if kind is not None:
+                assert isinstance(event, h2.events.RequestReceived | h2.events.ResponseReceived
+                                  | h2.events.InformationalResponseReceived | h2.events.TrailersReceived)
+                ended = kind != http2_wire.INFORMATIONAL and event.stream_ended is not None  # type: ignore[union-attr]
+                out.append(HeadersReceived(kind, event.stream_id or 0, list(event.headers or []), ended))
+            elif isinstance(event, h2.events.DataReceived):
+                out.append(DataReceived(event.stream_id or 0, bytes(event.data or b""),
+                                        event.flow_controlled_length or 0, event.stream_ended is not None))
+            elif isinstance(event, h2.events.StreamEnded):
+                out.append(StreamEnded(event.stream_id or 0))
+            elif isinstance(event, h2.events.StreamReset):
+                out.append(http2_wire.StreamReset(event.stream_id or 0, int(event.error_code or 0)))
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                out.append(ConnectionTerminated(int(event.error_code or 0), int(event.last_stream_id or 0),
+                                                bytes(event.additional_data or b"")))
+            elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                out.append(FlowChanged())
+            elif isinstance(event, h2.events.PushedStreamReceived):
+                out.append(PushedStreamReceived(event.pushed_stream_id or 0))
+        return out
+
+    def data_to_send(self) -> bytes:
+        return self.h2.data_to_send()
+
+    def is_stream_open(self, stream_id: int) -> bool:
+        stream = self.h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    def knows_stream(self, stream_id: int) -> bool:
+        return stream_id in self.h2.streams
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        return self.h2.local_flow_control_window(stream_id)
+
+    def acknowledge_received_data(self, n: int, stream_id: int) -> None:
+        self.h2.acknowledge_received_data(n, stream_id)
+
+    def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False) -> None:
+        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+
+    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        self.h2.send_data(stream_id, data, end_stream=end_stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        self.h2.end_stream(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        self.h2.reset_stream(stream_id, error_code)
+
+    def close_connection(self, error_code: int = 0) -> None:
+        self.h2.close_connection(error_code)
 
 
 def _text(headers: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
@@ -290,33 +460,29 @@ class _Http2Side:
         connection_window_size: int = DEFAULT_CONNECTION_WINDOW,
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES,
+        lean: bool | None = None,
     ) -> None:
         client = self._CLIENT_SIDE
         self._inbound = Direction.SERVER_TO_CLIENT if client else Direction.CLIENT_TO_SERVER
         self._outbound = Direction.CLIENT_TO_SERVER if client else Direction.SERVER_TO_CLIENT
-        config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_inbound_headers=True,
-            normalize_inbound_headers=True, validate_outbound_headers=True, normalize_outbound_headers=True,
-            split_outbound_cookies=False,
-        )
-        self._conn = h2.connection.H2Connection(config)
-        initial: dict[h2.settings.SettingCodes, int] = {
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_bytes,
-            h2.settings.SettingCodes.HEADER_TABLE_SIZE: MAX_HPACK_TABLE_BYTES,
-        }
         # A window above the default may apply at once (the peer just sends less than we allow); a
         # smaller one only once the peer acknowledged our SETTINGS (RFC 9113 §6.9.2), so it is sent
         # as a settings update after the preface.
         self._window_update: int | None = None
-        if initial_window_size >= 65_535:
-            initial[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = initial_window_size
-        else:
+        if initial_window_size < 65_535:
             self._window_update = initial_window_size
-        if client:
-            initial[h2.settings.SettingCodes.ENABLE_PUSH] = 0  # a proxy never relays server push
-        self._conn.local_settings = h2.settings.Settings(client=client, initial_values=initial)
-        self._conn.decoder.max_header_list_size = max_header_list_bytes
+        self.is_lean = LEAN_BY_DEFAULT if lean is None else lean
+        self._conn: LeanConnection | _H2Connection
+        if self.is_lean:
+            self._conn = LeanConnection(
+                client_side=client, max_concurrent_streams=max_concurrent_streams,
+                max_header_list_size=max_header_list_bytes, header_table_size=MAX_HPACK_TABLE_BYTES,
+                initial_window_size=None if self._window_update is not None else initial_window_size)
+        else:
+            self._conn = _H2Connection(
+                client_side=client, max_concurrent_streams=max_concurrent_streams,
+                max_header_list_size=max_header_list_bytes, header_table_size=MAX_HPACK_TABLE_BYTES,
+                initial_window_size=None if self._window_update is not None else initial_window_size)
         self._connection_window_increment = max(0, connection_window_size - 65_535)
         self._streams: dict[int, _Stream] = {}
         self._delivered: dict[int, int] = {}
@@ -340,13 +506,13 @@ class _Http2Side:
         self.data_frames_sent = 0
 
     def _start(self, upgrade_settings: bytes | None = None) -> None:
-        with _h2_errors(self._inbound if upgrade_settings else self._outbound):
+        with _EngineErrors(self._inbound if upgrade_settings else self._outbound):
             if upgrade_settings is None:
                 self._conn.initiate_connection()
             else:
                 self._conn.initiate_upgrade_connection(upgrade_settings)
             if self._window_update is not None:
-                self._conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._window_update})
+                self._conn.update_initial_window(self._window_update)
             if self._connection_window_increment:
                 self._conn.increment_flow_control_window(self._connection_window_increment)
 
@@ -375,10 +541,15 @@ class _Http2Side:
         out: list[Event] = []
         reflow = False
         try:
-            with _h2_errors(self._inbound):
-                for unit in self._units(data):
-                    for event in self._conn.receive_data(unit):
-                        if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            with _EngineErrors(self._inbound):
+                conn = self._conn
+                buf = self._inbuf
+                for pos, length in self._units(data):
+                    if length < 0:
+                        conn.receive_preface(bytes(buf[pos : pos - length]))
+                        continue
+                    for event in conn.receive_frame(buf, pos, length):
+                        if type(event) is FlowChanged:
                             reflow = True
                         else:
                             self._handle(event, out)
@@ -393,8 +564,9 @@ class _Http2Side:
             raise
         return out
 
-    def _units(self, data: bytes) -> Iterator[bytes]:
-        """Cut the input at frame boundaries (the preface counts as one unit) and yield whole units.
+    def _units(self, data: bytes) -> Iterator[tuple[int, int]]:
+        """Cut the input at frame boundaries and yield (offset in self._inbuf, payload length) per whole
+        frame, or (offset, -n) for n bytes of the client preface.
 
         h2 acts on every complete frame it holds before returning its events, so a stream this module
         resets or refuses on frame N would still see frames N+1.. of the same read processed as if it
@@ -427,11 +599,13 @@ class _Http2Side:
             take = min(unit, len(buf) - pos)
             if take == 0:
                 break
-            chunk = bytes(buf[pos : pos + take])
+            start = pos
             pos += take
             if self._preface_left:
                 self._preface_left -= take
-            yield chunk
+                yield start, -take
+            else:
+                yield start, length
         del buf[:pos]
 
     # --- limits -----------------------------------------------------------------------------------
@@ -471,7 +645,7 @@ class _Http2Side:
                 self._empty_frames_in_a_row = 0
             if ftype == _HEADERS:
                 stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                if stream_id not in self._conn.streams and stream_id > self._conn.highest_inbound_stream_id:
+                if not self._conn.knows_stream(stream_id) and stream_id > self._conn.highest_inbound_stream_id:
                     self.peer_streams_opened += 1
                     self._control_tokens = min(float(CONTROL_FRAME_BURST),
                                                self._control_tokens + CONTROL_FRAMES_PER_STREAM)
@@ -514,23 +688,28 @@ class _Http2Side:
             self._flood("control_frames", f"control frames over budget ({self.control_frames} received: "
                         f"{CONTROL_FRAME_BURST} at once, {CONTROL_FRAMES_PER_SECOND}/s)")
 
-    def _handle(self, event: h2.events.Event, out: list[Event]) -> None:
-        if isinstance(event, h2.events.DataReceived):
+    def _handle(self, event: WireEvent, out: list[Event]) -> None:
+        kind = type(event)
+        if kind is DataReceived:
+            assert isinstance(event, DataReceived)
             self._on_data(event, out)
-        elif isinstance(event, h2.events.StreamEnded):
+        elif kind is HeadersReceived and event.kind == http2_wire.TRAILERS:  # type: ignore[union-attr]
+            assert isinstance(event, HeadersReceived)
+            stream = self._streams.get(event.stream_id)
+            if stream is not None and stream.is_relaying:
+                _, regular = _text(event.headers)
+                out.append(Trailers(headers=regular, stream_id=event.stream_id))
+        elif kind is StreamEnded:
+            assert isinstance(event, StreamEnded)
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:
                 stream.remote_ended = True
                 if stream.is_relaying:
                     out.append(EndOfMessage(stream_id=event.stream_id))
                 self._forget_if_finished(event.stream_id or 0)
-        elif isinstance(event, h2.events.TrailersReceived):
-            stream = self._streams.get(event.stream_id or 0)
-            if stream is not None and stream.is_relaying:
-                _, regular = _text(list(event.headers or []))
-                out.append(Trailers(headers=regular, stream_id=event.stream_id))
-        elif isinstance(event, h2.events.StreamReset):
-            stream_id = event.stream_id or 0
+        elif kind is http2_wire.StreamReset:
+            assert isinstance(event, http2_wire.StreamReset)
+            stream_id = event.stream_id
             stream = self._streams.get(stream_id)
             if stream is not None and not stream.reset:
                 relaying = stream.is_relaying
@@ -540,7 +719,8 @@ class _Http2Side:
                 if relaying:
                         out.append(StreamReset(stream_id=stream_id, error_code=int(event.error_code or 0)))
                 self._forget_if_finished(stream_id)
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif kind is ConnectionTerminated:
+            assert isinstance(event, ConnectionTerminated)
             self._on_goaway(event, out)
         else:
             self._handle_side(event, out)
@@ -548,17 +728,17 @@ class _Http2Side:
     def _on_premature_reset(self) -> None:
         """The peer reset a stream before its answer completed (a hook for the server side's limit)."""
 
-    def _handle_side(self, event: h2.events.Event, out: list[Event]) -> None:
+    def _handle_side(self, event: WireEvent, out: list[Event]) -> None:
         """Side-specific events (requests / responses); everything else (PING, SETTINGS ack,
         PRIORITY, unknown frames) is answered by h2 or has no meaning across the proxy."""
 
     def _after_feed(self) -> None:
         pass
 
-    def _on_data(self, event: h2.events.DataReceived, out: list[Event]) -> None:
-        stream_id = event.stream_id or 0
-        data = bytes(event.data or b"")
-        padding = (event.flow_controlled_length or 0) - len(data)
+    def _on_data(self, event: DataReceived, out: list[Event]) -> None:
+        stream_id = event.stream_id
+        data = event.data
+        padding = event.flow_controlled_length - len(data)
         if padding > 0:  # padding is never relayed, so it is consumed right here
             self._conn.acknowledge_received_data(padding, stream_id)
         stream = self._streams.get(stream_id)
@@ -577,11 +757,10 @@ class _Http2Side:
         """Whether a relayed stream's DATA may go on (the server side checks gRPC framing here)."""
         return True
 
-    def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
+    def _on_goaway(self, event: ConnectionTerminated, out: list[Event]) -> None:
         self._goaway_received = True
-        last = int(event.last_stream_id or 0)
-        out.append(GoAway(error_code=int(event.error_code or 0), last_stream_id=last,
-                          additional_data=bytes(event.additional_data or b"")))
+        out.append(GoAway(error_code=event.error_code, last_stream_id=event.last_stream_id,
+                          additional_data=event.additional_data))
 
     # --- output -----------------------------------------------------------------------------------
 
@@ -616,7 +795,7 @@ class _Http2Side:
         nbytes = min(nbytes, stream.unacked)
         if nbytes:
             stream.unacked -= nbytes
-            with _h2_errors(self._outbound):
+            with _EngineErrors(self._outbound):
                 self._conn.acknowledge_received_data(nbytes, stream_id)
         self._forget_if_finished(stream_id)
 
@@ -660,14 +839,13 @@ class _Http2Side:
 
     def _reset_h2(self, stream_id: int, error_code: int) -> None:
         """RST_STREAM if h2 still has the stream open (never for one never opened or already closed)."""
-        h2_stream = self._conn.streams.get(stream_id)
-        if h2_stream is not None and not h2_stream.closed:
-            with _h2_errors(self._outbound):
+        if self._conn.is_stream_open(stream_id):
+            with _EngineErrors(self._outbound):
                 self._conn.reset_stream(stream_id, error_code)
 
     def close(self, error_code: int = ErrorCode.NO_ERROR) -> None:
         """Queue GOAWAY (graceful when NO_ERROR: streams already open may finish)."""
-        with _h2_errors(self._outbound):
+        with _EngineErrors(self._outbound):
             self._conn.close_connection(error_code)
 
     @property
@@ -700,7 +878,7 @@ class _Http2Side:
         stream.trailers_after = None
         if stream.unacked:
             owed, stream.unacked = stream.unacked, 0
-            with _h2_errors(self._outbound):
+            with _EngineErrors(self._outbound):
                 self._conn.acknowledge_received_data(owed, stream_id)
 
     def _forget_if_finished(self, stream_id: int) -> None:
@@ -712,7 +890,7 @@ class _Http2Side:
         stream = self._streams.get(stream_id)
         if stream is None or stream.reset or stream.pending_headers is not None:
             return
-        with _h2_errors(self._outbound):
+        with _EngineErrors(self._outbound):
             while stream.out:
                 window = self._conn.local_flow_control_window(stream_id)
                 if window <= 0:
@@ -764,10 +942,12 @@ class Http2ServerSide(_Http2Side):
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES,
         denied_body: bytes = DENIED_BODY,
+        lean: bool | None = None,
         _upgrade_settings: str | None = None,
     ) -> None:
         super().__init__(initial_window_size=initial_window_size, connection_window_size=connection_window_size,
-                         max_concurrent_streams=max_concurrent_streams, max_header_list_bytes=max_header_list_bytes)
+                         max_concurrent_streams=max_concurrent_streams, max_header_list_bytes=max_header_list_bytes,
+                         lean=lean)
         self.denied_body = denied_body
         self.streams_opened = 0
         self.premature_resets = 0
@@ -792,6 +972,7 @@ class Http2ServerSide(_Http2Side):
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES,
         denied_body: bytes = DENIED_BODY,
+        lean: bool | None = None,
     ) -> tuple[Http2ServerSide, list[Event]]:
         """Switch an HTTP/1.1 `Upgrade: h2c` request (RFC 7540 §3.2) to HTTP/2; it becomes stream 1.
 
@@ -813,7 +994,7 @@ class Http2ServerSide(_Http2Side):
         value = next(v for n, v in request.headers if n.lower() == "http2-settings")
         side = cls(initial_window_size=initial_window_size, connection_window_size=connection_window_size,
                    max_concurrent_streams=max_concurrent_streams, max_header_list_bytes=max_header_list_bytes,
-                   denied_body=denied_body, _upgrade_settings=value)
+                   denied_body=denied_body, lean=lean, _upgrade_settings=value)
         pseudo = {":method": request.method, ":path": request.target, ":scheme": request.scheme or "http"}
         if request.host is not None:
             pseudo[":authority"] = request.host
@@ -831,11 +1012,11 @@ class Http2ServerSide(_Http2Side):
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def _handle_side(self, event: h2.events.Event, out: list[Event]) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            pseudo, regular = _text(list(event.headers or []))
-            self._on_request_fields(event.stream_id or 0, pseudo, regular,
-                                    ended=event.stream_ended is not None, out=out)
+    def _handle_side(self, event: WireEvent, out: list[Event]) -> None:
+        if type(event) is HeadersReceived and event.kind == http2_wire.REQUEST:  # type: ignore[union-attr]
+            assert isinstance(event, HeadersReceived)
+            pseudo, regular = _text(event.headers)
+            self._on_request_fields(event.stream_id, pseudo, regular, ended=event.stream_ended, out=out)
 
     def _on_request_fields(self, stream_id: int, pseudo: dict[str, str], regular: Headers, *, ended: bool,
                            out: list[Event]) -> None:
@@ -909,7 +1090,7 @@ class Http2ServerSide(_Http2Side):
         informational = 100 <= response.status < 200
         end = False if informational else (not response.has_body if end_stream is None else end_stream)
         fields = [(b":status", str(response.status).encode("ascii")), *_wire(response.headers)]
-        with _h2_errors(self._outbound):
+        with _EngineErrors(self._outbound):
             self._conn.send_headers(stream_id, fields, end_stream=end)
         if not informational:
             stream.headers_sent = True
@@ -939,7 +1120,7 @@ class Http2ServerSide(_Http2Side):
         # client; the stream stays writable for the refusal itself.
         self._release(stream_id, stream)
         stream.refused = True
-        with _h2_errors(self._outbound):
+        with _EngineErrors(self._outbound):
             if is_grpc and stream.headers_sent:
                 grpc_trailers = grpc.status_trailers(reason, message)[2:]
                 self._conn.send_headers(stream_id, _wire(grpc_trailers), end_stream=True)
@@ -979,10 +1160,11 @@ class Http2ClientSide(_Http2Side):
         initial_window_size: int = DEFAULT_INITIAL_WINDOW,
         connection_window_size: int = DEFAULT_CONNECTION_WINDOW,
         max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES,
+        lean: bool | None = None,
     ) -> None:
         super().__init__(initial_window_size=initial_window_size, connection_window_size=connection_window_size,
                          max_concurrent_streams=DEFAULT_MAX_CONCURRENT_STREAMS,
-                         max_header_list_bytes=max_header_list_bytes)
+                         max_header_list_bytes=max_header_list_bytes, lean=lean)
         self._pending: deque[int] = deque()
         self._start()
 
@@ -1021,7 +1203,7 @@ class Http2ClientSide(_Http2Side):
 
     def _open_pending(self) -> None:
         while self._pending and not self._goaway_received:
-            if self._conn.open_outbound_streams >= self._conn.remote_settings.max_concurrent_streams:
+            if self._conn.open_outbound_streams >= self._conn.remote_max_concurrent_streams:
                 return
             stream_id = self._pending.popleft()
             stream = self._streams.get(stream_id)
@@ -1029,7 +1211,7 @@ class Http2ClientSide(_Http2Side):
                 continue
             fields, stream.pending_headers = stream.pending_headers, None
             end = stream.end_after and not stream.out and stream.trailers_after is None
-            with _h2_errors(self._outbound):
+            with _EngineErrors(self._outbound):
                 self._conn.send_headers(stream_id, fields, end_stream=end)
             stream.headers_sent = True
             if end:
@@ -1049,13 +1231,14 @@ class Http2ClientSide(_Http2Side):
             return
         super().reset_stream(stream_id, error_code)
 
-    def _handle_side(self, event: h2.events.Event, out: list[Event]) -> None:
-        if isinstance(event, h2.events.ResponseReceived | h2.events.InformationalResponseReceived):
-            stream_id = event.stream_id or 0
+    def _handle_side(self, event: WireEvent, out: list[Event]) -> None:
+        if type(event) is HeadersReceived and event.kind != http2_wire.REQUEST:  # type: ignore[union-attr]
+            assert isinstance(event, HeadersReceived)
+            stream_id = event.stream_id
             stream = self._streams.get(stream_id)
             if stream is None or stream.reset:
                 return
-            pseudo, regular = _text(list(event.headers or []))
+            pseudo, regular = _text(event.headers)
             status = pseudo.get(":status", "")
             if not (len(status) == 3 and status.isascii() and status.isdigit()) or status == "101":
                 # Malformed response (RFC 9113 §8.3.2, §8.6): a stream error, reported like a reset.
@@ -1064,19 +1247,20 @@ class Http2ClientSide(_Http2Side):
                 out.append(StreamReset(stream_id=stream_id, error_code=int(ErrorCode.PROTOCOL_ERROR)))
                 self._forget_if_finished(stream_id)
                 return
-            informational = isinstance(event, h2.events.InformationalResponseReceived)
-            ended = not informational and event.stream_ended is not None  # type: ignore[union-attr]
+            informational = event.kind == http2_wire.INFORMATIONAL
+            ended = not informational and event.stream_ended
             out.append(HttpResponse(
                 status=int(status), headers=regular, http_version="2", stream_id=stream_id,
                 has_body=not informational and not ended, content_length=_content_length(regular),
             ))
-        elif isinstance(event, h2.events.PushedStreamReceived):  # push is disabled; refuse it anyway
-            with _h2_errors(self._inbound):
-                self._reset_h2(event.pushed_stream_id or 0, ErrorCode.REFUSED_STREAM)
+        elif type(event) is PushedStreamReceived:  # push is disabled; refuse it anyway
+            assert isinstance(event, PushedStreamReceived)
+            with _EngineErrors(self._inbound):
+                self._reset_h2(event.pushed_stream_id, ErrorCode.REFUSED_STREAM)
 
-    def _on_goaway(self, event: h2.events.ConnectionTerminated, out: list[Event]) -> None:
+    def _on_goaway(self, event: ConnectionTerminated, out: list[Event]) -> None:
         super()._on_goaway(event, out)
-        last = int(event.last_stream_id or 0)
+        last = event.last_stream_id
         for stream_id in sorted(self._streams):
             stream = self._streams[stream_id]
             if stream_id > last and not stream.reset:

@@ -1,5 +1,6 @@
 """HTTP/2 and gRPC parser throughput: requests/s through Http2ServerSide, DATA relayed between the two
-sides (MB/s), gRPC message framing, and raw h2 as the reference floor.
+sides (MB/s), gRPC message framing, and raw h2 as the reference floor; the requests and relay rows run on
+both engines, the lean frame layer (the default) and h2 (`lean=False`).
 
 Run alone: .venv/bin/python bench/parsers/http2.py   (or through bench/parsers_bench.py)
 Inputs are built once with python-hyper h2 as the peer; only our code's work is timed, in CPU seconds.
@@ -58,12 +59,12 @@ def _timed(fn: Callable[[], tuple[int, int]], min_seconds: float = 1.0) -> tuple
     return messages / elapsed, nbytes / elapsed / 1e6
 
 
-def bench_requests(grpc: bool) -> dict[str, object]:
+def bench_requests(grpc: bool, lean: bool = True) -> dict[str, object]:
     wire = _requests_wire(grpc)
     kind = GrpcCall if grpc else HttpRequest
 
     def once() -> tuple[int, int]:
-        side = Http2ServerSide()
+        side = Http2ServerSide(lean=lean)
         events = side.feed(wire)
         n = sum(1 for e in events if isinstance(e, kind))
         assert n == STREAMS_PER_CONNECTION
@@ -74,6 +75,7 @@ def bench_requests(grpc: bool) -> dict[str, object]:
 
     mps, mbps = _timed(once)
     name = "server side: gRPC unary calls (headers+message)" if grpc else "server side: GET requests (headers only)"
+    name += ", lean" if lean else ", h2"
     return {"name": name, "messages_per_s": mps, "mb_per_s": mbps}
 
 
@@ -91,7 +93,7 @@ def bench_h2_reference() -> dict[str, object]:
     return {"name": "reference: bare h2 H2Connection, same GETs", "messages_per_s": mps, "mb_per_s": mbps}
 
 
-def bench_relay(body_bytes: int = 8 * 1024 * 1024) -> dict[str, object]:
+def bench_relay(body_bytes: int = 8 * 1024 * 1024, lean: bool = True) -> dict[str, object]:
     """One request body relayed server side -> client side, with acknowledgements, as the proxy does."""
     down_preface = Http2ServerSide(initial_window_size=BIG, connection_window_size=BIG).data_to_send()
     client = _client(down_preface)
@@ -110,8 +112,8 @@ def bench_relay(body_bytes: int = 8 * 1024 * 1024) -> dict[str, object]:
     reads = [wire[i : i + 65_536] for i in range(0, len(wire), 65_536)]
 
     def once() -> tuple[int, int]:
-        down = Http2ServerSide(initial_window_size=BIG, connection_window_size=BIG)
-        up = Http2ClientSide(initial_window_size=BIG, connection_window_size=BIG)
+        down = Http2ServerSide(initial_window_size=BIG, connection_window_size=BIG, lean=lean)
+        up = Http2ClientSide(initial_window_size=BIG, connection_window_size=BIG, lean=lean)
         up.feed(upstream_preface)
         relayed = 0
         for read in reads:
@@ -129,7 +131,7 @@ def bench_relay(body_bytes: int = 8 * 1024 * 1024) -> dict[str, object]:
         return 1, relayed
 
     _, mbps = _timed(once, 2.0)
-    return {"name": "relay: 8 MiB DATA server side -> client side", "messages_per_s": mbps * 1e6 / 16_384,
+    return {"name": f"relay: 8 MiB DATA server side -> client side, {'lean' if lean else 'h2'}", "messages_per_s": mbps * 1e6 / 16_384,
             "mb_per_s": mbps}
 
 
@@ -148,7 +150,9 @@ def bench_grpc_framing(message_bytes: int = 1024) -> dict[str, object]:
 
 
 def run() -> list[dict[str, object]]:
-    return [bench_requests(False), bench_requests(True), bench_h2_reference(), bench_relay(), bench_grpc_framing()]
+    return [bench_requests(False), bench_requests(False, lean=False), bench_requests(True),
+            bench_requests(True, lean=False), bench_h2_reference(), bench_relay(), bench_relay(lean=False),
+            bench_grpc_framing()]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import httpx
+import membrane.parsers.http2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,6 +68,14 @@ from tests.helpers.frames import (
     render,
     request_headers,
 )
+
+
+@pytest.fixture(autouse=True, params=["lean", "h2"])
+def http2_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on the lean frame layer and on h2, the reference (issue 11 item 4)."""
+    monkeypatch.setattr(membrane.parsers.http2, "LEAN_BY_DEFAULT", request.param == "lean")
+    return str(request.param)
+
 
 CORPUS = Path(__file__).resolve().parents[2] / "fuzz" / "corpus" / "http2_frames"
 

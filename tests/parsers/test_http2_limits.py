@@ -21,6 +21,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import membrane.parsers.http2
 import pytest
 from membrane.parsers.errors import LimitExceeded, ProtocolViolation
 from membrane.parsers.events import Data, GrpcCall, HttpRequest, HttpResponse, StreamReset
@@ -37,6 +38,13 @@ from membrane.parsers.http2 import (
 )
 
 from tests.helpers.frames import FrameBuilder, client_preface, grpc_headers, raw_frame, request_headers
+
+
+@pytest.fixture(autouse=True, params=["lean", "h2"])
+def http2_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on the lean frame layer and on h2, the reference (issue 11 item 4)."""
+    monkeypatch.setattr(membrane.parsers.http2, "LEAN_BY_DEFAULT", request.param == "lean")
+    return str(request.param)
 
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 

@@ -18,6 +18,8 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import membrane.parsers.http2
+import pytest
 from membrane.parsers.events import Direction
 from membrane.parsers.http2 import CONTROL_FRAME_BURST
 from membrane.proxy.session import Close, DataReceived, Forward, Log
@@ -25,6 +27,14 @@ from membrane.proxy.session_http2 import RESET_WINDOW_S, Http2Session, ResetLedg
 
 from tests.helpers.frames import FrameBuilder, client_preface, request_headers
 from tests.proxy.test_session import HTTP_POLICY, INFO, _gateway, session_factory
+
+
+@pytest.fixture(autouse=True, params=["lean", "h2"])
+def http2_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on the lean frame layer and on h2, the reference (issue 11 item 4)."""
+    monkeypatch.setattr(membrane.parsers.http2, "LEAN_BY_DEFAULT", request.param == "lean")
+    return str(request.param)
+
 
 C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
