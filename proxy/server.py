@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import logging
 import random
 import socket
 import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,6 +63,10 @@ IPV6_RECVORIGDSTADDR = 74
 SOL_IPV6 = socket.IPPROTO_IPV6
 
 Address = tuple[str, int]
+
+# A pod-facing socket the proxy closes first waits this long for the client to acknowledge every byte
+# before it is reset (see `_close_client`); a client that has not acknowledged by then gets a FIN.
+CLIENT_ACK_WAIT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +150,8 @@ class Connection(asyncio.Protocol):
         self.pending_bytes = 0
         self.upstream_eof_pending = False
         self.upstream_eof_sent = False  # the client half-closed and the upstream was told: nothing more goes up
+        self.client_eof = False  # the client sent FIN
+        self.upstream_eof_seen = False  # the upstream sent FIN: our EOF to the client may carry meaning
         self.awaiting_since: float | None = None  # when the sweep first saw a request waiting for its response
         self.info: ConnectionInfo | None = None
         self.client_ip = ""
@@ -179,7 +187,7 @@ class Connection(asyncio.Protocol):
         if proxy.draining or len(proxy.connections) >= proxy.config.max_connections:
             proxy.metrics.connections_rejected.inc("draining" if proxy.draining else "max_connections")
             self.closed = True
-            transport.abort()
+            self._abort_client(transport)
             return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
@@ -188,7 +196,7 @@ class Connection(asyncio.Protocol):
             proxy.metrics.connections_rejected.inc("max_connections_per_client")
             proxy.client_limit_hit(self.client_ip, "connections", proxy.client_limit)
             self.closed = True
-            transport.abort()
+            self._abort_client(transport)
             self._refused_flow(peer, transport.get_extra_info("sockname"), "max_connections_per_client")
             return
         per_client[self.client_ip] = per_client.get(self.client_ip, 0) + 1
@@ -258,6 +266,7 @@ class Connection(asyncio.Protocol):
             self.head_started = None
 
     def eof_received(self) -> bool:
+        self.client_eof = True
         self._guard(self._input, PeerClosed(C2S))
         return not self.closed  # keep our sending side open until the session closes it
 
@@ -327,6 +336,7 @@ class Connection(asyncio.Protocol):
         self._guard(self._input, DataReceived(S2C, data))
 
     def upstream_eof(self) -> bool:
+        self.upstream_eof_seen = True
         self._guard(self._input, PeerClosed(S2C))
         return not self.closed
 
@@ -452,13 +462,50 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
-        for transport in (self.client, self.upstream):
-            if transport is not None and not transport.is_closing():
-                if abort:
-                    transport.abort()
-                else:
-                    transport.close()
+        client, upstream = self.client, self.upstream
+        if client is not None and not client.is_closing():
+            if abort:
+                self._abort_client(client)
+            else:
+                self._close_client(client)
+        if upstream is not None and not upstream.is_closing():
+            if abort:
+                upstream.abort()
+            else:
+                upstream.close()
         self._teardown()
+
+    # --- closing the client leg without TIME_WAIT -------------------------------------------------
+    # In transparent mode the accepted socket carries the pod's own tuple (server:port, pod:port). The
+    # side that closes first keeps a TIME_WAIT socket for 60 s; in the host namespace it has that
+    # tuple, and when the pod reuses the source port the kernel finds it when the new SYN (steered to
+    # our listener with bpf_sk_assign) creates its request socket: the SYN is dropped, the client's
+    # connect times out. A server closing first would have taken the SYN over from its TIME_WAIT
+    # socket (it has a listener on that address); the steered SYN cannot. So the proxy never leaves
+    # TIME_WAIT behind on a pod-facing socket unless the close itself carries meaning (docs/design.md).
+
+    def _abort_client(self, transport: asyncio.Transport) -> None:
+        if self.proxy.config.transparent:
+            _reset(transport)
+        else:
+            transport.abort()
+
+    def _close_client(self, transport: asyncio.Transport) -> None:
+        """Close the client leg, flushing what is buffered.
+
+        Transparent mode: once the client has acknowledged every byte it is reset (SO_LINGER 0): no
+        TIME_WAIT, and the client, which has everything in its receive queue, reads it all before
+        the reset shows. A FIN is sent instead when the client already sent its own (a passive close
+        leaves no TIME_WAIT) or the upstream closed first (the EOF may delimit the last response or
+        relay the server's end of a stream: it must arrive as EOF). While it waits, a client FIN
+        closes it normally (`eof_received` returns False once the connection is closed); later
+        client bytes are dropped.
+        """
+        if not self.proxy.config.transparent or self.client_eof or self.upstream_eof_seen:
+            transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        _reset_when_acked(transport, loop, loop.time() + CLIENT_ACK_WAIT_S, 0.001)
 
     def _teardown(self) -> None:
         if not self.closed:
@@ -480,6 +527,39 @@ class Connection(asyncio.Protocol):
 
 def _result(task: asyncio.Task[None]) -> None:
     task.result()  # re-raises the task's exception inside the caller's error boundary
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with an RST (SO_LINGER on, 0 s), discarding what is unsent: no TIME_WAIT socket is left."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _unacknowledged(transport: asyncio.Transport) -> int:
+    """Bytes buffered in the transport plus those the kernel sent or holds that the peer has not acknowledged."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return transport.get_write_buffer_size()
+    try:
+        out = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # SIOCOUTQ
+    except OSError:
+        return 0  # the socket is gone
+    return transport.get_write_buffer_size() + int(out)
+
+
+def _reset_when_acked(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, deadline: float, delay: float) -> None:
+    """Reset `transport` once the peer acknowledged every byte; FIN if that takes past `deadline`."""
+    if transport.is_closing():
+        return  # the client's FIN closed it meanwhile (passive close), or it was lost
+    if _unacknowledged(transport) == 0:
+        _reset(transport)
+    elif loop.time() >= deadline:
+        transport.close()  # a client that does not acknowledge: an ordinary close, TIME_WAIT and all
+    else:
+        loop.call_later(delay, _reset_when_acked, transport, loop, deadline, min(delay * 2, 0.1))
 
 
 def _set_nodelay(transport: asyncio.Transport) -> None:

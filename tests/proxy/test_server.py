@@ -685,3 +685,99 @@ def test_idle_timeout_follows_the_injected_clock() -> None:
             await proxy.drain()
 
     run(main)
+
+
+class _AnswerAndClose(Session):
+    """Answers the first bytes itself with a length-delimited response, then ends the connection."""
+
+    protocol = "tcp"
+    client_speaks_first = True
+    BODY = b"x" * 20_000  # fits the socket buffers: all of it is acknowledged while the client sleeps
+
+    def on_data(self, direction: Direction, data: bytes) -> list[Action]:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(self.BODY)
+        return [Reply(head + self.BODY), *self.close()]
+
+
+def _time_wait(port: int) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ss", "-Htan", "state", "time-wait", f"( sport = :{port} )"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+async def _read_all(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything the client can read, and how the stream ended ("eof" or "reset")."""
+    chunks = []
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data = await loop.sock_recv(sock, 65536)
+        except ConnectionResetError:
+            return b"".join(chunks), "reset"
+        if not data:
+            return b"".join(chunks), "eof"
+        chunks.append(data)
+
+
+def test_transparent_client_leg_closed_first_leaves_no_time_wait() -> None:
+    """Transparent mode: a pod-facing socket the proxy closes first is reset once the client acknowledged
+    everything (no TIME_WAIT with the pod's tuple); the client still reads the whole response, even late."""
+
+    async def main() -> None:
+        sock = listening_socket("127.0.0.1", 0, transparent=True)
+        port = sock.getsockname()[1]
+        proxy = Proxy(config=ProxyConfig(transparent=True, drain_timeout_s=0.2), factory=lambda info: _AnswerAndClose(context=_ctx(info)), upstream=None)
+        await proxy.start([sock])
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(3):
+                client = socket.socket()
+                client.setblocking(False)
+                try:
+                    await loop.sock_connect(client, ("127.0.0.1", port))
+                    await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    await asyncio.sleep(0.3)  # the client reads nothing yet: the reset can arrive first
+                    data, end = await _read_all(client)
+                finally:
+                    client.close()
+                assert data.endswith(b"\r\n\r\n" + _AnswerAndClose.BODY)  # all of it, though read after the reset
+                assert _time_wait(port) == []
+                assert end == "reset"
+        finally:
+            await proxy.drain()
+
+    run(main)
+
+
+def test_transparent_upstream_eof_still_reaches_the_client_as_eof() -> None:
+    """Transparent mode: when the upstream closed first, the client leg ends with a FIN (the EOF may end the message)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Once(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = cast(asyncio.Transport, transport)
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(b"HTTP/1.0 200 OK\r\n\r\nuntil close")
+                self.transport.close()
+
+        server = await loop.create_server(Once, "127.0.0.1", 0)
+        sock = listening_socket("127.0.0.1", 0, transparent=True)
+        proxy = Proxy(config=ProxyConfig(transparent=True, drain_timeout_s=0.2), factory=passthrough, upstream=server.sockets[0].getsockname()[:2])
+        await proxy.start([sock])
+        client = socket.socket()
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, sock.getsockname()[:2])
+            await loop.sock_sendall(client, b"GET / HTTP/1.0\r\n\r\n")
+            await asyncio.sleep(0.3)
+            assert await _read_all(client) == (b"HTTP/1.0 200 OK\r\n\r\nuntil close", "eof")
+        finally:
+            client.close()
+            await proxy.drain()
+            server.close()
+
+    run(main)

@@ -1,0 +1,97 @@
+"""Short connections through the agent reuse the pod's source ports without colliding with the
+proxy's TIME_WAIT sockets in the host namespace (issue 13).
+
+The client pod's ephemeral port range is narrowed to a few ports, so every port is reused within
+seconds, well inside the 60 s a TIME_WAIT socket lives. Root only, under the kernel lock.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from membrane.sandbox.live_demo import HTTP_SERVER, AgentProcess
+
+from tests.helpers.netns import Topology, topology
+from tests.integration.test_agent import (  # noqa: F401  (fixtures)
+    HTTP_POLICY,
+    _pins,
+    _root_and_clean,
+    agent_box,
+    endpoints_yaml,
+    start_agent,
+    start_server,
+)
+
+PORTS = 4  # the client pod's whole ephemeral port range
+ROUNDS = 5  # connections per port
+
+# argv: URL HOST N TIMEOUT MODE. One fresh connection per request; prints one line per request:
+# "<i> <local port> <status> <body length>" or "<i> ERR <exception>"; exit 0 when every request worked.
+CLIENT = """
+import http.client, socket, sys
+host, n, timeout, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+bad = 0
+for i in range(n):
+    try:
+        c = http.client.HTTPConnection(host, 80, timeout=timeout)
+        if mode == "http10":
+            c._http_vsn, c._http_vsn_str = 10, "HTTP/1.0"
+        c.request("GET", "/api", headers={"Connection": "close"} if mode == "close" else {})
+        port = c.sock.getsockname()[1]
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        print(i, port, r.status, len(body), flush=True)
+        if r.status != 200 or not body.startswith(b"hello"):
+            bad += 1
+    except Exception as e:
+        print(i, "ERR", repr(e), flush=True)
+        bad += 1
+sys.exit(1 if bad else 0)
+"""
+
+
+def _narrow_ports(topo: Topology, name: str) -> None:
+    lo = 40000
+    topo.pods[name].run(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={lo} {lo + PORTS - 1}"])
+
+
+def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: str) -> None:  # noqa: F811
+    fe, be = topo.pods["frontend"], topo.pods["backend"]
+    start_server(topo, fe, HTTP_SERVER, "80")
+    eps = tmp_path / "endpoints.yaml"
+    eps.write_text(endpoints_yaml(topo, {}))
+    agent = start_agent([HTTP_POLICY], eps, tmp_path)
+    agent_box.append(agent)
+    _narrow_ports(topo, "backend")
+    if mode == "curl":
+        # curl's own exit status per request (28 = timed out); every response body in full
+        script = f"for i in $(seq {PORTS * ROUNDS}); do curl -s -m 2 -H 'Connection: close' http://{fe.ipv4}/api; echo \" rc=$?\"; done"
+        out = be.run(["sh", "-c", script], check=False, timeout=120)
+        assert out.stdout == f"hello {be.ipv4} GET /api\n rc=0\n" * (PORTS * ROUNDS), out.stdout
+    else:
+        out = be.run([sys.executable, "-c", CLIENT, str(fe.ipv4), str(PORTS * ROUNDS), "2", mode], check=False, timeout=120)
+        lines = out.stdout.splitlines()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert len(lines) == PORTS * ROUNDS
+        assert len({line.split()[1] for line in lines}) <= PORTS  # the ports really were reused
+    assert agent.stop() == 0
+
+
+def test_connection_close_requests_reuse_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
+    """HTTP/1.1 with `Connection: close`, 5 connections per source port: every one is answered."""
+    with topology("frontend", "backend") as topo:
+        _run(topo, tmp_path, agent_box, "close")
+
+
+def test_curl_connection_close_reuses_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
+    """curl with `Connection: close`, 5 connections per source port: every one gets the whole body, exit 0."""
+    with topology("frontend", "backend") as topo:
+        _run(topo, tmp_path, agent_box, "curl")
+
+
+def test_http10_requests_reuse_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
+    """HTTP/1.0 requests (the connection ends after each response), 5 per source port: every one is answered."""
+    with topology("frontend", "backend") as topo:
+        _run(topo, tmp_path, agent_box, "http10")
