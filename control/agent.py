@@ -65,6 +65,7 @@ WORKER_START_S = 30.0
 DEFAULT_SOCKET = Path("/var/run/membrane/agent.sock")
 DEFAULT_CNI_QUEUE = Path("/var/run/membrane/cni-queue")
 K8S_SYNC_S = 60.0  # how long a start waits for every Kubernetes list before giving up
+HANDOVER_GRACE_S = 0.5  # after a hand-over: stop accepting, then wait this long before closing idle connections
 CNI_ATTACH_S = 20.0  # how long a CNI ADD waits for its pod to be attached (the plugin waits 30 s)
 
 
@@ -468,8 +469,11 @@ class Agent:
             line = b""
         with contextlib.suppress(ValueError):
             if json.loads(line or b"null") == {"type": "ready"}:
-                assert self.api is not None
+                assert self.api is not None and self.proxy is not None
                 self.api.stop_accepting()
+                self.proxy.stop_accepting()
+                for w in self.workers:
+                    w.channel.send({"type": "stop_accepting"})
                 for server in self._servers:  # --metrics and --health: the successor binds them next
                     server.close()
                 self._handed_over = True
@@ -868,6 +872,8 @@ class Agent:
 
     async def _stop(self) -> None:
         assert self.proxy is not None
+        if self._handed_over:  # connections accepted just before have their first request on the way: let it land
+            await asyncio.sleep(min(HANDOVER_GRACE_S, self.config.drain_timeout_s))
         log.info("stopping: draining %d connections", len(self.proxy.connections))
         await asyncio.gather(self._stop_workers(), self.proxy.drain())
         await self._read_drops()
