@@ -56,7 +56,8 @@ class Load:
         self.stop_file.touch()
         self.proc.communicate(timeout=20)
         out: dict[str, list[str]] = {}
-        for line in self.log.read_text().splitlines():
+        self.lines = self.log.read_text().splitlines()
+        for line in self.lines:
             kind, code, _t = line.split()
             out.setdefault(kind, []).append(code)
         return out
@@ -86,12 +87,19 @@ def test_handover_under_load_fails_no_request_and_keeps_denying(
     load = Load(topo, be, str(fe.ipv4), load_dir)
     try:
         time.sleep(1.0)
+        marks = {"start": time.monotonic()}
         second = _agent(eps, tmp_path, sock, workers)
+        marks["ready"] = time.monotonic()
         agent_box.append(second)
         assert first.proc.wait(30) == 0  # drained and exited by itself
+        marks["old_exit"] = time.monotonic()
         time.sleep(1.0)  # load on the second one alone
     finally:
         results = load.stop()
+    failed = [line for line in load.lines if line.split()[1] not in ("200", "403", "retry")]
+    if failed:
+        print("FAILED", failed, marks, "\n--- first\n", first.stderr_path.read_text()[-3000:],
+              "\n--- second\n", second.stderr_path.read_text()[-3000:])
     for kind in ("new", "keep", "denied"):
         assert len(results.get(kind, [])) > 20, results.keys()  # the load really ran throughout
     assert {c for c in results["new"]} == {"200"}, [c for c in results["new"] if c != "200"]
