@@ -22,7 +22,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "run",
         help="run the node agent: eBPF steering + transparent L7 proxy",
-        description="Enforce the policies for the endpoints on this node until SIGTERM/SIGINT.",
+        description="Enforce the policies for the endpoints on this node until SIGTERM/SIGINT. Started while an "
+                    "agent runs (same --socket), it takes over from it: the running agent hands over its listening "
+                    "sockets, drains and exits 0, and no connection is refused (see docs/guide.md).",
     )
     p.add_argument("--policies", action="extend", nargs="+", default=[], metavar="PATH",
                    help="policy files or directories (repeatable; several may follow one --policies)")
@@ -35,7 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "kube-system"), metavar="NS",
                    help="namespace of the Lease that elects the one agent writing policy status (default $POD_NAMESPACE, else kube-system)")
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, metavar="PATH",
-                   help=f"the agent's local socket for membrane-cni and membrane observe (default {DEFAULT_SOCKET})")
+                   help=f"the agent's local socket for membrane-cni, membrane observe and a successor's hand-over (default {DEFAULT_SOCKET})")
     p.add_argument("--cni-queue", type=Path, default=DEFAULT_CNI_QUEUE, metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--metrics", type=_addr, metavar="ADDR:PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics")
     p.add_argument("--metrics-workload-labels", type=_bool, default=True, metavar="true|false",

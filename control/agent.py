@@ -8,7 +8,8 @@ stop, so a DNS answer that teaches toFQDNs names holds only its own connection w
 learns them. Invariant: the node is never open: the policy maps are pinned (`--bpf-pin-dir`), a
 starting agent adopts them and replaces the programs in place, and removes what is stale only after
 that; SIGTERM leaves the kernel side enforcing (L7 ports fail closed) until the next agent or
-`membrane uninstall`.
+`membrane uninstall`. A second agent started while one runs takes over its listening sockets
+(control/handover.py): the running one drains and exits 0, and no connection is refused meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -34,6 +36,7 @@ from membrane.bpf.steer import ProxyPorts, Steering
 from membrane.control.api import AgentRunning, AgentSocket
 from membrane.control.cni import CniCall, CniCode, CniError, Command, DelQueue
 from membrane.control.drops import drop_flow
+from membrane.control.handover import Granted, HandoverError
 from membrane.control.listeners import Listeners, open_listeners
 from membrane.control.reconciler import Applied, Reconciler, ifindex, interfaces_changed
 from membrane.control.sources import Change, Source, SourceError, SourceProblem
@@ -62,6 +65,7 @@ WORKER_START_S = 30.0
 DEFAULT_SOCKET = Path("/var/run/membrane/agent.sock")
 DEFAULT_CNI_QUEUE = Path("/var/run/membrane/cni-queue")
 K8S_SYNC_S = 60.0  # how long a start waits for every Kubernetes list before giving up
+HANDOVER_GRACE_S = 0.5  # after a hand-over: stop accepting, then wait this long before closing idle connections
 CNI_ATTACH_S = 20.0  # how long a CNI ADD waits for its pod to be attached (the plugin waits 30 s)
 
 
@@ -102,6 +106,11 @@ class Agent:
         self.k8s_changes: Any = None
         self.status_writer: Any = None
         self.api: AgentSocket | None = None
+        self._successor = False  # another agent answers on the socket: we take over from it (hand-over)
+        self._granted: Granted | None = None  # the sockets it handed over, until we confirm
+        self._frozen = False  # we handed our sockets to a successor: it owns the kernel, we write nothing there
+        self._handed_over = False  # the successor serves: we drain and exit, leaving status and socket to it
+        self._stop_event = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self._wake = asyncio.Event()
         self._cni_pods: dict[str, str] = {}  # CNI attachment key (container/ifname) -> pod key
@@ -210,6 +219,8 @@ class Agent:
         now = time.monotonic()
         for name in action.names:
             self.state.fqdn.add(name, action.ips, ttl_s=action.ttl_s, now=now)
+        if self._frozen:
+            return None  # handed over: the successor owns the kernel (and relearns from the next answer)
         if self.reconciler is None or covers(self.state.compiled_learned, action):
             return None  # the kernel knows these already
         if self._running is not None and covers(self._captured, action):
@@ -341,13 +352,15 @@ class Agent:
         return out
 
     async def write_status(self) -> None:
+        if self._handed_over:
+            return  # the successor's file now
         write_status(self.config.status_path, await self.status())
 
     # --- lifetime ---------------------------------------------------------------------------------
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop)."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop_event
         def on_signal() -> None:
             stop.set()
             self._wake.set()
@@ -360,11 +373,18 @@ class Agent:
                 refused = await self._open_kubernetes()
             if refused is None:
                 refused = self._first_inputs()
+            if refused is None and self._successor:
+                refused = await self._request_handover()
             if refused is not None:
                 return refused
             with contextlib.ExitStack() as stack:
-                stack.callback(remove_status, self.config.status_path)
+                stack.callback(self._remove_status)
                 await self._start(stack)
+                if self._granted is not None:
+                    refused = await self._confirm_handover()
+                    if refused is not None:
+                        await self._stop()
+                        return refused
                 await self._start_local_services()
                 self.ready = True
                 await self.write_status()  # before `agent ready`: whoever waits for that line reads the status next
@@ -376,7 +396,107 @@ class Agent:
                     await self._stop()
             return 0
         finally:
+            if self._granted is not None:
+                self._granted.close()
+                self._granted = None
             await self._stop_local_services()
+
+    # --- planned hand-over (control/handover.py) ---------------------------------------------------------
+    async def _request_handover(self) -> int | None:
+        """Ask the running agent for its listening sockets; an exit status if it refuses or does not answer.
+        Nothing is touched before it answers, so a failure here leaves the node as the running agent keeps it."""
+        from membrane.control import handover
+
+        try:
+            granted = await asyncio.get_running_loop().run_in_executor(None, handover.request, self.config.socket_path)
+        except HandoverError as e:
+            print(f"membrane run: another agent runs on this node and the hand-over failed: {e}; it keeps enforcing. "
+                  "Stop it (SIGTERM keeps the kernel side enforcing) and start again.", file=sys.stderr)
+            return 1
+        self._granted = granted
+        log.info("hand-over: agent pid %d handed over %s", granted.pid, ", ".join(sorted(granted.sockets)))
+        return None
+
+    async def _confirm_handover(self) -> int | None:
+        """We serve: tell the running agent, which stops accepting; then serve the agent socket it handed over."""
+        granted = self._granted
+        assert granted is not None and self.api is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, granted.confirm)
+        except HandoverError as e:
+            print(f"membrane run: hand-over failed: {e}; the running agent keeps serving, the kernel side stays "
+                  "enforcing; this agent stops.", file=sys.stderr)
+            return 1
+        api_sock = granted.take("api")
+        self._granted = None
+        granted.close()
+        if api_sock is None:  # an agent that passed no socket for the path: take the path over
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
+            await self.api.start()
+        else:
+            await self.api.start(inherited=api_sock)
+        log.info("hand-over: agent pid %d stopped accepting; this agent serves", granted.pid)
+        return None
+
+    async def _handover(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: dict[str, Any]) -> None:
+        """A successor asks for our sockets: pass them, wait for its "ready", then stop accepting and drain.
+        If it goes away first, keep serving and write our policy to the kernel again (it may have written its own)."""
+        from membrane.control import handover
+
+        pid = request.get("pid")
+        busy = "the agent is still starting" if not self.ready else "a hand-over is under way" if self._frozen else None
+        api_sock = self.api.listening_socket() if self.api is not None else None
+        if busy is not None or self.listeners is None or api_sock is None:
+            if api_sock is not None:
+                api_sock.close()
+            writer.write((json.dumps({"ok": False, "msg": busy or "the agent is stopping"}) + "\n").encode())
+            await writer.drain()
+            return
+        self._frozen = True  # from here the successor owns the kernel
+        try:
+            handover.offer(writer.get_extra_info("socket").fileno(), [*self.listeners.named(), ("api", api_sock)])
+        except OSError as e:
+            log.warning("hand-over to pid %s: cannot pass the sockets: %s", pid, e)
+            self._frozen = False
+            return
+        finally:
+            api_sock.close()
+        log.info("hand-over: listening sockets passed to pid %s; serving until it is ready", pid)
+        try:
+            line = await asyncio.wait_for(reader.readline(), handover.READY_S)
+        except (TimeoutError, ValueError, ConnectionError):
+            line = b""
+        with contextlib.suppress(ValueError):
+            if json.loads(line or b"null") == {"type": "ready"}:
+                assert self.api is not None and self.proxy is not None
+                self.api.stop_accepting()
+                self.proxy.stop_accepting()
+                for w in self.workers:
+                    w.channel.send({"type": "stop_accepting"})
+                for server in self._servers:  # --metrics and --health: the successor binds them next
+                    server.close()
+                self._handed_over = True
+                writer.write(b'{"ok": true}\n')
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                log.info("hand-over: pid %s serves; this agent stops accepting, drains and exits", pid)
+                self._stop_event.set()
+                self._wake.set()
+                return
+        log.warning("hand-over to pid %s failed (it went away or sent %r); this agent keeps serving and writes its "
+                    "policy to the kernel again", pid, line[:100])
+        self._frozen = False
+        await self.recompile(reason="hand-over failed")
+
+    def _remove_status(self) -> None:
+        """Remove the status file if it is ours (after a hand-over it is the successor's; a failed one's is its predecessor's)."""
+        try:
+            doc = json.loads(self.config.status_path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(doc, dict) and doc.get("pid") == os.getpid():
+            remove_status(self.config.status_path)
 
     # --- Kubernetes, the local socket, metrics and health (--kubernetes, --socket, --metrics, --health) ------
     async def _open_kubernetes(self) -> int | None:
@@ -413,14 +533,12 @@ class Agent:
     async def _open_socket(self) -> int | None:
         """Listen on the agent socket before the kernel is touched: a second agent on the node stops here."""
         self.api = AgentSocket(self.config.socket_path, {"cni": self._cni, "status": self._status_request},
-                               stream=self._observe_stream)
+                               stream=self._observe_stream, takeover={"handover": self._handover})
         try:
             await self.api.start()
-        except AgentRunning:
-            self.api = None
-            print(f"membrane run: another agent is running on this node (it answers on {self.config.socket_path}); "
-                  "stop it first (a live hand-over is not supported yet)", file=sys.stderr)
-            return 1
+        except AgentRunning:  # a live agent: we take over from it once our inputs are read (_request_handover)
+            self._successor = True
+            return None
         except OSError as e:
             self.api = None
             print(f"membrane run: cannot listen on {self.config.socket_path}: {e.strerror or e}", file=sys.stderr)
@@ -433,11 +551,21 @@ class Agent:
 
         for call in DelQueue(self.config.cni_queue).drain():  # DELs that came while no agent listened
             self._forget_cni(call)
+        async def bind(routes: Any, addr: tuple[str, int]) -> asyncio.AbstractServer:
+            deadline = time.monotonic() + 2.0  # after a hand-over the predecessor closes its port a moment before
+            while True:
+                try:
+                    return await serve_http(routes, *addr)
+                except OSError:
+                    if not self._successor or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.02)
+
         if self.config.metrics is not None:
-            self._servers.append(await serve_http({"/metrics": self._metrics_route}, *self.config.metrics))
+            self._servers.append(await bind({"/metrics": self._metrics_route}, self.config.metrics))
         if self.config.health is not None:
             routes = {"/healthz": self._healthz, "/readyz": self._readyz}
-            self._servers.append(await serve_http(routes, *self.config.health))
+            self._servers.append(await bind(routes, self.config.health))
         if self.status_writer is not None:
             await self.status_writer.start()
             self._submit_policy_status()
@@ -450,7 +578,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await self.status_writer.stop()
         if self.api is not None:
-            await self.api.close()
+            await self.api.close(unlink=not self._handed_over)  # after a hand-over the path is the successor's
             self.api = None
         if self.k8s is not None:
             await self.k8s.stop()
@@ -594,11 +722,14 @@ class Agent:
         from membrane.bpf.maps import ConfigSlot
         from membrane.bpf.pins import pinned_config
 
-        previous = pinned_config(self.config.bpf_pin_dir)
-        self.listeners = open_listeners(ProxyPorts(
-            tcp4=previous.get(ConfigSlot.TCP4_PORT, 0), tcp6=previous.get(ConfigSlot.TCP6_PORT, 0),
-            udp4=previous.get(ConfigSlot.UDP4_PORT, 0), udp6=previous.get(ConfigSlot.UDP6_PORT, 0),
-        ))
+        if self._granted is not None:  # hand-over: the running agent's own listening sockets
+            self.listeners = Listeners.adopt(self._granted.sockets)
+        else:
+            previous = pinned_config(self.config.bpf_pin_dir)
+            self.listeners = open_listeners(ProxyPorts(
+                tcp4=previous.get(ConfigSlot.TCP4_PORT, 0), tcp6=previous.get(ConfigSlot.TCP6_PORT, 0),
+                udp4=previous.get(ConfigSlot.UDP4_PORT, 0), udp6=previous.get(ConfigSlot.UDP6_PORT, 0),
+            ))
         stack.callback(self.listeners.close)
         ports = self.listeners.ports
         inputs = self.state.inputs()
@@ -627,7 +758,9 @@ class Agent:
         )
         tcp = [s for s in (self.listeners.tcp4, self.listeners.tcp6) if s is not None]
         udp = [s for s in (self.listeners.udp4, self.listeners.udp6) if s is not None]
-        await self.proxy.start(tcp, udp)
+        handover = self._granted is not None
+        if not handover:  # after a crash nobody accepts: serve at once
+            await self.proxy.start(tcp, udp)
         try:
             # Restart (issue 13 item 6): adopt the pinned state, replace the programs in place, and keep
             # enforcing on stop; what is stale goes only once our programs run.
@@ -641,6 +774,8 @@ class Agent:
                 await self._recompile_locked(reason="start", count=False)
             for item in await self._kernel_async(steering.cleanup_stale):
                 log.warning("removed stale %s", item)
+            if handover:  # the running agent accepts meanwhile: we join once the kernel is ours
+                await self.proxy.start(tcp, udp)
             await self._start_workers(self.config.workers)
         except BaseException:
             await self._stop_workers()
@@ -673,6 +808,8 @@ class Agent:
             try:
                 await self._read_drops()
                 now = time.monotonic()
+                if self._frozen:
+                    continue  # a successor is taking over the kernel: no writes from us
                 if woken or now - last_poll >= POLL_S:
                     last_poll = now
                     await self._poll()
@@ -735,6 +872,8 @@ class Agent:
 
     async def _stop(self) -> None:
         assert self.proxy is not None
+        if self._handed_over:  # connections accepted just before have their first request on the way: let it land
+            await asyncio.sleep(min(HANDOVER_GRACE_S, self.config.drain_timeout_s))
         log.info("stopping: draining %d connections", len(self.proxy.connections))
         await asyncio.gather(self._stop_workers(), self.proxy.drain())
         await self._read_drops()

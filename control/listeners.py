@@ -2,6 +2,12 @@
 
 Owns binding them (free ports, IP_TRANSPARENT, IPV6_V6ONLY for the v6 ones so the v4 ones own IPv4)
 and their ports for the steering program. Workers inherit these sockets; nothing here accepts.
+
+One socket per family and protocol, shared by every worker (no SO_REUSEPORT group): one accept queue
+per port, so handing these four sockets to a successor agent (control/handover.py) hands over every
+connection not yet accepted, whichever worker would have taken it. With a SO_REUSEPORT group each
+member has its own queue, which the kernel resets when that member closes, and a successor binding
+members of its own would join the group and split the traffic; so the listeners stay unshared.
 """
 
 from __future__ import annotations
@@ -36,6 +42,26 @@ class Listeners:
         for s in (self.tcp4, self.tcp6, self.udp4, self.udp6):
             if s is not None:
                 s.close()
+
+    def named(self) -> list[tuple[str, socket.socket]]:
+        """The sockets by name, as a hand-over passes them."""
+        pairs = (("tcp4", self.tcp4), ("tcp6", self.tcp6), ("udp4", self.udp4), ("udp6", self.udp6))
+        return [(name, s) for name, s in pairs if s is not None]
+
+    @classmethod
+    def adopt(cls, sockets: dict[str, socket.socket]) -> Listeners:
+        """The listeners a running agent handed over (by name). Raises OSError when the IPv4 ones are missing."""
+        tcp4, udp4 = sockets.pop("tcp4", None), sockets.pop("udp4", None)
+        tcp6, udp6 = sockets.pop("tcp6", None), sockets.pop("udp6", None)
+        if tcp4 is None or udp4 is None:
+            for s in (tcp4, udp4, tcp6, udp6):
+                if s is not None:
+                    s.close()
+            raise OSError("the running agent handed over no IPv4 listeners")
+        for s in (tcp4, tcp6, udp4, udp6):
+            if s is not None:
+                s.setblocking(False)
+        return cls(tcp4=tcp4, tcp6=tcp6, udp4=udp4, udp6=udp6)
 
 
 def _v6_listener(port: int, *, udp: bool) -> socket.socket | None:

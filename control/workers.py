@@ -6,6 +6,7 @@ as fds) and only proxy. One control socket per worker carries JSON lines, read b
 `ControlChannel` at both ends, from the event loop, never blocking:
   agent -> worker  {"type": "policy", "learned": {name: [ip, ...]}}  recompile (re-reading the files) with these names
                    {"type": "ack", "id": n}                            the learned names of request n are in the kernel
+                   {"type": "stop_accepting"}                          handed over: a successor serves the listeners
   worker -> agent  {"type": "ready"}
                    {"type": "learned", "id": n, "names": [...], "ips": [...], "ttl": s}
 A worker's DNS answer that teaches a new name waits (that connection alone) for its ack; the agent
@@ -244,6 +245,7 @@ class _Worker:
         self._compile({k: frozenset(v) for k, v in spec.learned.items()})
         self.channel = ControlChannel(socket.socket(fileno=spec.ctl), self._message)
         self.learner = WorkerLearner(self.channel, self.state)
+        self.proxy: Proxy | None = None
 
     def _compile(self, learned: Mapping[str, frozenset[str]]) -> None:
         inputs = self.state.inputs()
@@ -263,6 +265,8 @@ class _Worker:
             self._compile({str(k): frozenset(str(ip) for ip in v) for k, v in learned.items()})
         elif msg.get("type") == "ack":
             self.learner.acked(int(msg.get("id", 0)))
+        elif msg.get("type") == "stop_accepting" and self.proxy is not None:
+            self.proxy.stop_accepting()
 
     async def _publish_metrics(self, metrics: Metrics) -> None:
         """Send this worker's metric snapshot to the agent (which serves /metrics) every METRICS_PUBLISH_S."""
@@ -279,7 +283,7 @@ class _Worker:
         factory = SessionFactory(
             policy=self.state.live, resolver=IpcachePeers(own_ports=frozenset(spec.own_ports)), flows=sink, follow_reloads=True
         )
-        proxy = Proxy(
+        proxy = self.proxy = Proxy(
             config=ProxyConfig(transparent=True, drain_timeout_s=spec.drain_timeout_s),
             factory=factory.session,
             upstream=None,

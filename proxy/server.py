@@ -816,6 +816,15 @@ class Proxy:
                 else:
                     conn.awaiting_since = None
 
+    def stop_accepting(self) -> None:
+        """Accept no new connection and read no new datagram; open ones go on (a successor agent serves the
+        same listening sockets now, see control/handover.py). `drain()` later closes what is open."""
+        for server in self._servers:
+            server.close()
+        for listener in self._udp:
+            with contextlib.suppress(OSError, ValueError):
+                listener._loop.remove_reader(listener.sock.fileno())
+
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish (up to drain_timeout_s), then close everything."""
         self.draining = True
