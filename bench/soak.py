@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -232,80 +233,43 @@ for t in threads: t.join()
 # --- the policy generations ---------------------------------------------------------------------------
 
 
+def _cnp(name: str, app: str, rule: dict[str, Any], direction: str = "ingress") -> dict[str, Any]:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": name},
+            "spec": {"endpointSelector": {"matchLabels": {"app": app}}, direction: [rule]}}
+
+
+def _ports(port: str, protocol: str, rules: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"ports": [{"port": port, "protocol": protocol}], "rules": rules}]
+
+
 def policy_text(gen: int, flip: bool) -> str:
     """Generation `gen`: churn rules named after gen's parity (and an extra CNP on even gens); `flip`
     adds GET /flip and flip.test."""
+    import yaml
+
     churn = "a" if gen % 2 == 0 else "b"
-    flip_http = '\n              - {method: GET, path: "/flip"}' if flip else ""
-    flip_dns = '\n              - matchName: "flip.test"' if flip else ""
-    extra = textwrap.dedent(f"""\
-        ---
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {{name: soak-churn-extra}}
-        spec:
-          endpointSelector: {{matchLabels: {{app: nobody}}}}
-          ingress:
-            - fromEndpoints: [{{matchLabels: {{app: nobody-{gen}}}}}]
-        """) if gen % 2 == 0 else ""
-    return textwrap.dedent(f"""\
-        # soak generation {gen} (churn {churn}, flip {'on' if flip else 'off'})
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {{name: soak-http}}
-        spec:
-          endpointSelector: {{matchLabels: {{app: frontend}}}}
-          ingress:
-            - fromEndpoints: [{{matchLabels: {{app: http-client}}}}]
-              toPorts:
-                - ports: [{{port: "80", protocol: TCP}}]
-                  rules:
-                    http:
-                      - {{method: GET, path: "/api"}}
-                      - {{method: GET, path: "/churn-{churn}"}}{flip_http}
-        ---
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {{name: soak-grpc}}
-        spec:
-          endpointSelector: {{matchLabels: {{app: greeter}}}}
-          ingress:
-            - fromEndpoints: [{{matchLabels: {{app: grpc-client}}}}]
-              toPorts:
-                - ports: [{{port: "50051", protocol: TCP}}]
-                  rules:
-                    http:
-                      - {{method: POST, path: "/helloworld\\\\.Greeter/SayHello"}}
-                      - {{method: POST, path: "/helloworld\\\\.Greeter/Churn{churn.upper()}"}}
-        ---
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {{name: soak-dns}}
-        spec:
-          endpointSelector: {{matchLabels: {{app: dns-client}}}}
-          egress:
-            - toEndpoints: [{{matchLabels: {{app: coredns}}}}]
-              toPorts:
-                - ports: [{{port: "53", protocol: ANY}}]
-                  rules:
-                    dns:
-                      - matchPattern: "*.allowed.test"
-                      - matchName: "churn-{churn}.example"{flip_dns}
-        ---
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {{name: soak-kafka}}
-        spec:
-          endpointSelector: {{matchLabels: {{app: kafka}}}}
-          ingress:
-            - fromEndpoints: [{{matchLabels: {{app: kafka-client}}}}]
-              toPorts:
-                - ports: [{{port: "9092", protocol: TCP}}]
-                  rules:
-                    kafka:
-                      - {{role: produce, topic: orders}}
-                      - {{role: produce, topic: churn-{churn}}}
-        """) + extra
+    http = [{"method": "GET", "path": "/api"}, {"method": "GET", "path": f"/churn-{churn}"}]
+    dns = [{"matchPattern": "*.allowed.test"}, {"matchName": f"churn-{churn}.example"}]
+    if flip:
+        http.append({"method": "GET", "path": "/flip"})
+        dns.append({"matchName": "flip.test"})
+    docs = [
+        _cnp("soak-http", "frontend", {"fromEndpoints": [{"matchLabels": {"app": "http-client"}}],
+                                       "toPorts": _ports("80", "TCP", {"http": http})}),
+        _cnp("soak-grpc", "greeter", {"fromEndpoints": [{"matchLabels": {"app": "grpc-client"}}],
+                                      "toPorts": _ports("50051", "TCP", {"http": [
+                                          {"method": "POST", "path": "/helloworld\\.Greeter/SayHello"},
+                                          {"method": "POST", "path": f"/helloworld\\.Greeter/Churn{churn.upper()}"}]})}),
+        _cnp("soak-dns", "dns-client", {"toEndpoints": [{"matchLabels": {"app": "coredns"}}],
+                                        "toPorts": _ports("53", "ANY", {"dns": dns})}, "egress"),
+        _cnp("soak-kafka", "kafka", {"fromEndpoints": [{"matchLabels": {"app": "kafka-client"}}],
+                                     "toPorts": _ports("9092", "TCP", {"kafka": [
+                                         {"role": "produce", "topic": "orders"},
+                                         {"role": "produce", "topic": f"churn-{churn}"}]})}),
+    ]
+    if gen % 2 == 0:
+        docs.append(_cnp("soak-churn-extra", "nobody", {"fromEndpoints": [{"matchLabels": {"app": f"nobody-{gen}"}}]}))
+    return f"# soak generation {gen} (churn {churn}, flip {'on' if flip else 'off'})\n" + yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -347,7 +311,6 @@ class Run:
     outages: list[Outage] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    reload_base: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -405,6 +368,19 @@ def _proc_tree(root: int) -> list[int]:
     return tree
 
 
+def socket_summary(pids: list[int]) -> dict[str, int]:
+    """The agent's sockets by protocol, state and the well-known port on either side (ss)."""
+    out = subprocess.run(["ss", "-tuanpH"], capture_output=True, text=True).stdout
+    marks = tuple(f"pid={p}," for p in pids)
+    counts: Counter[str] = Counter()
+    for line in out.splitlines():
+        if any(m in line for m in marks):
+            f = line.split()
+            ports = {a.rsplit(":", 1)[-1] for a in (f[4], f[5])} & {"80", "50051", "53", "9092"}
+            counts[f"{f[0]} {f[1]} {','.join(sorted(ports)) or 'other'}"] += 1
+    return dict(counts.most_common())
+
+
 def sample(pid: int, t: float) -> dict[str, Any]:
     procs = {}
     for p in _proc_tree(pid):
@@ -423,6 +399,13 @@ def _sampler(run: Run) -> None:
         run.stop.wait(SAMPLE_S)
 
 
+def applied_reloads(agent: AgentProcess) -> Counter[str]:
+    """The agent's applied policies so far by trigger, from its log ("policy applied (file change): ...").
+    The status' `reloads` counter also counts recompiles for learned DNS names, so it cannot tell
+    when one file generation is in force."""
+    return Counter(re.findall(r"policy applied \(([^)]*)\)", agent.stderr_path.read_text(errors="replace")))
+
+
 def _policy_churn(run: Run, policy: Path, period: float) -> None:
     assert run.agent is not None
     gen, flip = 0, False
@@ -435,13 +418,13 @@ def _policy_churn(run: Run, policy: Path, period: float) -> None:
         run.policy_events.append(event)
         deadline = event.written + RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
+            if applied_reloads(run.agent)["file change"] >= gen:
+                event.applied = time.monotonic() + APPLY_MARGIN_S
+                break
             doc = run.agent.status()
             if doc.get("errors"):
                 run.problems.append(f"gen {gen}: agent reports policy errors {doc['errors']}")
                 return
-            if int(doc.get("reloads", 0)) >= run.reload_base + gen:
-                event.applied = time.monotonic() + APPLY_MARGIN_S
-                break
             time.sleep(0.05)
         else:
             run.problems.append(f"gen {gen}: reload not seen within {RELOAD_TIMEOUT_S} s")
@@ -581,7 +564,7 @@ def _criteria(run: Run, results: dict[str, Any], memory: dict[str, Any], agent_e
     }
 
 
-def soak(minutes: float, policy_period: float, workers: int) -> dict[str, Any]:
+def soak(minutes: float, policy_period: float, workers: int, keep_log: Path | None = None) -> dict[str, Any]:
     duration = minutes * 60
     warmup = min(60.0, duration * 0.2)
     with tempfile.TemporaryDirectory(prefix="membrane-soak-") as tmp, topology(*PODS) as topo, bpffs.pin_dir() as pins:
@@ -597,7 +580,6 @@ def soak(minutes: float, policy_period: float, workers: int) -> dict[str, Any]:
         try:
             run.agent = start_agent([policy], eps, run.workdir, pin_dir=pins, workers=workers,
                                     extra_args=["--socket", str(run.workdir / "agent.sock")])
-            run.reload_base = int(run.agent.status().get("reloads", 0))
             t_start = time.monotonic()
             for protocol in PROTOCOLS:
                 start_driver(run, protocol)
@@ -626,10 +608,13 @@ def soak(minutes: float, policy_period: float, workers: int) -> dict[str, Any]:
             for th in threads:
                 th.join(30)
             time.sleep(6)  # the drivers finish their requests in flight (timeouts are 5 s)
-            reloads = int(run.agent.status().get("reloads", 0)) - run.reload_base
-            stderr = run.agent.stderr_path.read_text()
+            reloads = applied_reloads(run.agent)
+            sockets = socket_summary(_proc_tree(run.agent.proc.pid))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 agent_exit = run.agent.stop()
+            stderr = run.agent.stderr_path.read_text(errors="replace")
+            if keep_log is not None:
+                keep_log.write_text(stderr)
         finally:
             (run.workdir / "stop").touch()
             run.stop.set()
@@ -642,7 +627,8 @@ def soak(minutes: float, policy_period: float, workers: int) -> dict[str, Any]:
     left = kernel.leftovers()  # after the topology and the bpffs are gone
     applied = sum(1 for e in run.policy_events if e.applied < float("inf"))
     results["reloads"] = {"generations_written": len(run.policy_events), "applied_seen": applied,
-                          "agent_reloads": reloads, "unexpected": max(0, reloads - len(run.policy_events)),
+                          "agent_applied_by_reason": dict(reloads),
+                          "unexpected": max(0, reloads["file change"] - len(run.policy_events)),
                           "flips": sum(1 for e in run.policy_events if e.gen % FLIP_EVERY == 0),
                           "apply_latency_s": _latency(run.policy_events)}
     results["restarts"] = [{"protocol": o.protocol, "at_s": round(o.killed - t_start, 1),
@@ -653,7 +639,7 @@ def soak(minutes: float, policy_period: float, workers: int) -> dict[str, Any]:
     results.update({
         "minutes": minutes, "duration_s": round(t_end - t_start, 1), "warmup_s": warmup, "workers": workers,
         "policy_period_s": policy_period, "memory": memory, "samples": run.samples, "problems": run.problems,
-        "agent_exit": agent_exit, "left_behind": left,
+        "agent_exit": agent_exit, "left_behind": left, "agent_sockets_at_end": sockets,
         "agent_log": {"lines": len(log_lines), "errors": sum(" ERROR " in ln or "Traceback" in ln for ln in log_lines),
                       "warnings": sum(" WARNING " in ln for ln in log_lines),
                       "error_examples": [ln for ln in log_lines if " ERROR " in ln or "Traceback" in ln][:10]},
@@ -670,7 +656,7 @@ def _latency(events: list[PolicyEvent]) -> dict[str, float]:
 def print_report(r: dict[str, Any]) -> None:
     restarts = ", ".join(f"{x['protocol']}@{x['at_s']}s ({x['outage_s']} s)" for x in r["restarts"])
     print(f"\nsoak: {r['duration_s'] / 60:.1f} min, {r['workers']} workers, policy every {r['policy_period_s']} s "
-          f"({r['reloads']['generations_written']} generations, {r['reloads']['agent_reloads']} reloads seen by the agent, "
+          f"({r['reloads']['generations_written']} generations, applied by the agent: {r['reloads']['agent_applied_by_reason']}, "
           f"apply latency median {r['reloads']['apply_latency_s'].get('median', 0):.2f} s), "
           f"restarts: {restarts}")
     print("\n| protocol | allowed ok | allowed failed | denied refused | denied errored | wrong | flip judged / unjudged "
@@ -695,6 +681,7 @@ def print_report(r: dict[str, Any]) -> None:
             print(f"{p} errors: {v['errors']}")
         for line in v["wrong_examples"] + v["lost_examples"]:
             print(f"  {p}: {line}")
+    print(f"agent sockets at the end: {r['agent_sockets_at_end']}")
     if r["problems"]:
         print("problems:", r["problems"])
     if r["agent_log"]["errors"]:
@@ -708,14 +695,16 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--policy-period", type=float, default=3.0, help="seconds between policy generations")
     parser.add_argument("--workers", type=int, default=2, help="the agent's proxy processes (default 2)")
-    parser.add_argument("--out", type=Path, help="write the results (with every sample) here as JSON")
+    parser.add_argument("--out", type=Path, help="write the results (with every sample) here as JSON, the agent's log "
+                        "next to it (.agent.log)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("soak: needs root (network namespaces, eBPF)", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears down like Ctrl-C
     try:
-        results = soak(args.minutes, args.policy_period, args.workers)
+        keep_log = args.out.with_suffix(".agent.log") if args.out else None
+        results = soak(args.minutes, args.policy_period, args.workers, keep_log)
     except KeyboardInterrupt:
         print("interrupted: torn down", file=sys.stderr)
         return 130
