@@ -117,6 +117,10 @@ def new(method, path):
     def fn():
         c = http.client.HTTPConnection(host, 80, timeout=5)
         try:
+            try:
+                c.connect()
+            except OSError as e:
+                return "error:connect-" + type(e).__name__
             c.request(method, path); r = c.getresponse(); r.read(); return verdict(r.status)
         finally:
             c.close()
@@ -368,17 +372,20 @@ def _proc_tree(root: int) -> list[int]:
     return tree
 
 
-def socket_summary(pids: list[int]) -> dict[str, int]:
+def socket_summary(pids: list[int]) -> dict[str, Any]:
     """The agent's sockets by protocol, state and the well-known port on either side (ss)."""
     out = subprocess.run(["ss", "-tuanpH"], capture_output=True, text=True).stdout
     marks = tuple(f"pid={p}," for p in pids)
     counts: Counter[str] = Counter()
+    examples: list[str] = []
     for line in out.splitlines():
         if any(m in line for m in marks):
             f = line.split()
             ports = {a.rsplit(":", 1)[-1] for a in (f[4], f[5])} & {"80", "50051", "53", "9092"}
             counts[f"{f[0]} {f[1]} {','.join(sorted(ports)) or 'other'}"] += 1
-    return dict(counts.most_common())
+            if f[1] not in ("ESTAB", "LISTEN", "UNCONN") and len(examples) < 8:
+                examples.append(" ".join(f[:6]))
+    return {**dict(counts.most_common()), **{f"example {i}": e for i, e in enumerate(examples)}}
 
 
 def sample(pid: int, t: float) -> dict[str, Any]:
