@@ -30,8 +30,10 @@ load, medians so one burst does not decide). Criteria (exit status 1 if any fail
 - no lost allowed request outside the outage windows (an error or timeout instead of an answer);
 - every upstream restarted and serving allowed requests through the agent again afterwards;
 - every policy generation applied (reload seen in the status) and no reload the soak did not cause;
-- RSS: end - start <= max(RSS_GROWTH_PCT % of start, ...) -- see `_criteria`: growth <= 10% AND <= 20 MB;
-- fds: end <= start + 10;
+- RSS (agent + workers): end - start <= 10% of start and <= 20 MB;
+- fds: the agent's connected DNS-over-UDP upstream sockets (one per client port, kept 60 s after its
+  last query, so their number follows the query rate) end <= 1.25 x start; all other descriptors
+  end <= start + 10;
 - the agent ran to the end and exited 0 on SIGTERM; nothing of ours is left in the kernel after.
 
     .venv/bin/python bench/soak.py --minutes 30 [--out FILE.json]      (root; under the kernel lock)
@@ -79,7 +81,8 @@ GRACE_S = 3.0  # after an upstream is back: clients reconnect (gRPC backoff, Kaf
 RELOAD_TIMEOUT_S = 15.0
 RSS_GROWTH_PCT = 10.0
 RSS_GROWTH_MB = 20.0
-FD_GROWTH = 10
+FD_GROWTH = 10  # descriptors other than the DNS UDP peer sockets: end <= start + 10
+UDP_PEER_GROWTH = 1.25  # those follow the query rate (one per client port for 60 s): end <= 1.25 x start
 FLIP_EVERY = 4  # every 4th generation flips the requested rules
 
 # --- pod-side load drivers (python -c SCRIPT LOG STOP ARGS...) -----------------------------------------
@@ -395,8 +398,9 @@ def sample(pid: int, t: float) -> dict[str, Any]:
             rss = next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
                        if line.startswith("VmRSS:"))
             procs[str(p)] = {"rss_kb": rss, "fds": len(os.listdir(f"/proc/{p}/fd"))}
+    udp_peers = sum(v for k, v in socket_summary([int(p) for p in procs]).items() if k.startswith("udp ESTAB"))
     return {"t": t, "procs": procs, "rss_kb": sum(v["rss_kb"] for v in procs.values()),
-            "fds": sum(v["fds"] for v in procs.values())}
+            "fds": sum(v["fds"] for v in procs.values()), "udp_peer_sockets": udp_peers}
 
 
 def _sampler(run: Run) -> None:
@@ -539,6 +543,7 @@ def memory_report(samples: list[dict[str, Any]], warm_end: float, t_end: float) 
     after = [s for s in samples if s["t"] >= warm_end] or samples[-1:]
     rss0, rss1 = _median(first, "rss_kb") / 1024, _median(last, "rss_kb") / 1024
     fd0, fd1 = _median(first, "fds"), _median(last, "fds")
+    udp0, udp1 = _median(first, "udp_peer_sockets"), _median(last, "udp_peer_sockets")
     return {
         "window_s": window,
         "rss_mb": {"startup": samples[0]["rss_kb"] / 1024, "start": rss0, "end": rss1,
@@ -546,6 +551,9 @@ def memory_report(samples: list[dict[str, Any]], warm_end: float, t_end: float) 
                    "growth_pct": 100 * (rss1 - rss0) / rss0},
         "fds": {"startup": samples[0]["fds"], "start": fd0, "end": fd1, "max": max(s["fds"] for s in after),
                 "growth": fd1 - fd0},
+        # the proxy keeps one connected upstream socket per DNS client port for 60 s after its last query
+        "udp_peer_sockets": {"start": udp0, "end": udp1, "max": max(s["udp_peer_sockets"] for s in after)},
+        "other_fds": {"start": fd0 - udp0, "end": fd1 - udp1, "growth": (fd1 - udp1) - (fd0 - udp0)},
         "processes": len(samples[-1]["procs"]),
     }
 
@@ -565,7 +573,8 @@ def _criteria(run: Run, results: dict[str, Any], memory: dict[str, Any], agent_e
         and results["reloads"]["unexpected"] == 0 and not run.problems,
         "rss_growth_within_limits": memory["rss_mb"]["growth"] <= RSS_GROWTH_MB
         and memory["rss_mb"]["growth_pct"] <= RSS_GROWTH_PCT,
-        "fd_growth_within_limits": memory["fds"]["growth"] <= FD_GROWTH,
+        "fd_growth_within_limits": memory["other_fds"]["growth"] <= FD_GROWTH
+        and memory["udp_peer_sockets"]["end"] <= UDP_PEER_GROWTH * max(memory["udp_peer_sockets"]["start"], 100),
         "agent_ran_and_exited_cleanly": agent_exit == 0,
         "nothing_left_behind": not left,
     }
@@ -683,6 +692,10 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"| RSS (MB) | {rss['startup']:.1f} | {rss['start']:.1f} | {rss['end']:.1f} | {rss['max']:.1f} | "
           f"{rss['growth']:+.1f} ({rss['growth_pct']:+.1f}%) |")
     print(f"| open fds | {fds['startup']} | {fds['start']:.0f} | {fds['end']:.0f} | {fds['max']} | {fds['growth']:+.0f} |")
+    udp, other = m["udp_peer_sockets"], m["other_fds"]
+    print(f"| of which DNS UDP peer sockets | | {udp['start']:.0f} | {udp['end']:.0f} | {udp['max']} | "
+          f"{udp['end'] - udp['start']:+.0f} |")
+    print(f"| other fds | | {other['start']:.0f} | {other['end']:.0f} | | {other['growth']:+.0f} |")
     for p, v in r["protocols"].items():
         if v["errors"]:
             print(f"{p} errors: {v['errors']}")
