@@ -724,6 +724,8 @@ def main() -> int:
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears down like Ctrl-C
     try:
         keep_log = args.out.with_suffix(".agent.log") if args.out else None
+        if keep_log is not None:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
         results = soak(args.minutes, args.policy_period, args.workers, keep_log)
     except KeyboardInterrupt:
         print("interrupted: torn down", file=sys.stderr)
@@ -732,6 +734,7 @@ def main() -> int:
         signal.signal(signal.SIGTERM, previous)
     print_report(results)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0 if results["passed"] else 1
 
