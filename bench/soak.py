@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -328,6 +329,12 @@ def _endpoints(topo: Topology) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stderr_to_file(path: Path, argv: list[str]) -> list[str]:
+    """argv with its stderr appended to `path`: nobody reads the pipe Pod.popen gives it, and a full pipe
+    (tracebacks of reset connections, grpc core logs) would block the server or client mid-run."""
+    return ["sh", "-c", f'exec "$0" "$@" 2>>{shlex.quote(str(path))}', *argv]
+
+
 def start_server(run: Run, protocol: str) -> None:
     """(Re)start the upstream of `protocol` in its pod (the demo's server programs) and wait for `ready`."""
     pod = run.topo.pods[SERVER_POD[protocol]]
@@ -339,7 +346,8 @@ def start_server(run: Run, protocol: str) -> None:
                 f"flip.test={ip}"),
         "kafka": (KAFKA_BROKER, ip),
     }[protocol]
-    proc = run.topo.track(pod.popen([sys.executable, "-u", "-c", textwrap.dedent(args[0]), *args[1:]]))
+    proc = run.topo.track(pod.popen(_stderr_to_file(run.workdir / f"{protocol}-server.err",
+                                                    [sys.executable, "-u", "-c", textwrap.dedent(args[0]), *args[1:]])))
     wait_for_line(proc, "ready", timeout=30)
     run.servers[protocol] = proc
 
@@ -353,8 +361,9 @@ def start_driver(run: Run, protocol: str) -> None:
         "dns": (DNS_DRIVER, str(target)),
         "kafka": (KAFKA_DRIVER, f"{target}:9092"),
     }[protocol]
-    proc = run.topo.track(pod.popen([sys.executable, "-u", "-c", textwrap.dedent(script),
-                                     str(run.workdir / f"{protocol}.log"), str(run.workdir / "stop"), arg]))
+    proc = run.topo.track(pod.popen(_stderr_to_file(run.workdir / f"{protocol}-client.err", [
+        sys.executable, "-u", "-c", textwrap.dedent(script), str(run.workdir / f"{protocol}.log"),
+        str(run.workdir / "stop"), arg])))
     wait_for_line(proc, "running", timeout=30)
 
 
@@ -640,6 +649,8 @@ def soak(minutes: float, policy_period: float, workers: int, keep_log: Path | No
                 with contextlib.suppress(Exception):
                     run.agent.uninstall()
         results: dict[str, Any] = {"protocols": {p: judge(run, p) for p in PROTOCOLS}}
+        results["pod_stderr_lines"] = {f.name: len(f.read_text(errors="replace").splitlines())
+                                       for f in sorted(run.workdir.glob("*.err")) if not f.name.startswith("agent-")}
     left = kernel.leftovers()  # after the topology and the bpffs are gone
     applied = sum(1 for e in run.policy_events if e.applied < float("inf"))
     results["reloads"] = {"generations_written": len(run.policy_events), "applied_seen": applied,
