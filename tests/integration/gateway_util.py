@@ -36,11 +36,16 @@ class Gateway:
             return []
         return [json.loads(line)["flow"] for line in self.flows_path.read_text().splitlines() if line.strip()]
 
-    def wait_flows(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    def wait_flows(self, n: int, timeout: float = 5.0, settle: float = 0.3) -> list[dict[str, Any]]:
+        """The records written once there are at least `n` and no more arrived for `settle` seconds
+        (a writer thread writes them a few ms after the answers; a later record must not be missed)."""
         deadline = time.monotonic() + timeout
+        seen, since = -1, time.monotonic()
         while time.monotonic() < deadline:
             flows = self.flows()
-            if len(flows) >= n:
+            if len(flows) != seen:
+                seen, since = len(flows), time.monotonic()
+            elif len(flows) >= n and time.monotonic() - since >= settle:
                 return flows
             time.sleep(0.02)
         return self.flows()
