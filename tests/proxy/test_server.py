@@ -702,8 +702,9 @@ class _AnswerAndClose(Session):
 def _time_wait(port: int) -> list[str]:
     import subprocess
 
-    out = subprocess.run(["ss", "-Htan", "state", "time-wait", f"( sport = :{port} )"], capture_output=True, text=True, check=True)
-    return out.stdout.splitlines()
+    out = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True, text=True, check=True)
+    # filtered here by the local port: other sockets of the host (other tests, agents) may be in TIME_WAIT too
+    return [line for line in out.stdout.splitlines() if len(line.split()) >= 4 and line.split()[2] == f"127.0.0.1:{port}"]
 
 
 async def _read_all(sock: socket.socket) -> tuple[bytes, str]:
