@@ -684,27 +684,30 @@ class Proxy:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[UdpListener] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._fd_logged = -1e9
-        self._limit_logged = -1e9
+        self._logged_at: dict[str, float] = {}  # rate-limited log lines: kind -> when last written
         self.per_client: dict[str, int] = {}  # open connections by client IP
         configured = self.config.max_connections_per_client
         most = self.config.max_connections
         self.client_limit = configured if configured > 0 else max(most // 4, min(most, 64))
 
+    def _due_log(self, kind: str, every_s: float = 10.0) -> bool:
+        """True (and noted) when a rate-limited log line of `kind` may be written now."""
+        now = self.clock()
+        if now - self._logged_at.get(kind, -1e9) < every_s:
+            return False
+        self._logged_at[kind] = now
+        return True
+
     def client_limit_hit(self, client_ip: str, what: str, limit: int) -> None:
         """One client IP holds its share of connections or UDP peers: more are refused (logged at most every 10 s)."""
-        now = self.clock()
-        if now - self._limit_logged >= 10.0:
-            self._limit_logged = now
+        if self._due_log("client_limit"):
             log.warning("client %s holds %d %s (the per-client limit of this worker): refusing more",
                         client_ip, limit, what)
 
     def out_of_descriptors(self, what: str, error: OSError) -> None:
         """Running out of file descriptors is logged (at most every 10 s) and counted, never silent."""
         self.metrics.resource_exhausted.inc("descriptors")
-        now = self.clock()
-        if now - self._fd_logged >= 10.0:
-            self._fd_logged = now
+        if self._due_log("descriptors"):
             log.error("out of file descriptors opening %s (%s): raise the limit (ulimit -n / LimitNOFILE) or "
                       "shed load; affected requests get 503/SERVFAIL", what, error.strerror or error)
 
