@@ -82,6 +82,7 @@ class ConfigSlot(enum.IntEnum):
     TCP6_PORT = 3
     UDP4_PORT = 4
     UDP6_PORT = 5
+    TW_STEER = 6  # 1 = mbr_sk_lookup is attached: SYNs meeting a proxy TIME_WAIT socket are steered through it
 
 
 ENFORCE_INGRESS = 1

@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno as errno_mod
 import functools
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("tc_steer.bpf.c")
 PROG_NAME = "mbr_tc_steer"
 HOST_PROG_NAME = "mbr_tc_host"  # the same object's program for tc egress of pod veths
+SK_LOOKUP_PROG_NAME = "mbr_sk_lookup"  # the same object's program for the host netns's listener lookups
+SK_LOOKUP_LINK_PIN = "mbr_sk_lookup_link"  # its link, pinned in the pin directory (removed by uninstall)
 FILTER_PRIO = 77  # our tc filter's preference: cleanup deletes exactly this one
 FILTER_HANDLE = ":1"
 INGRESS_PARENT = "ffff:fff2"
@@ -235,6 +239,51 @@ class Steering:
         self._maps = None
         if keep:
             self._attached.clear()
+
+    def steer_time_wait(self, listeners: Iterable[socket.socket]) -> None:
+        """Let new connections reuse a tuple whose previous connection the proxy closed first.
+
+        The proxy's pod-facing socket that closed first sits in TIME_WAIT for 60 s with the pod's own
+        tuple; the pod, which closed second, reuses the port at once, and its SYN, assigned to the
+        listener, collides with that TIME_WAIT entry and is dropped. With this on, mbr_tc_steer assigns
+        such a SYN to the TIME_WAIT socket, the kernel's TIME_WAIT handling accepts it (RFC 6191) and
+        asks for a listener, and mbr_sk_lookup, attached to this netns with a bpf_link (pinned in the
+        pin directory, replaced in place by the next agent), answers with the proxy's listener from
+        `listeners` (TCP, bound to the default proxy ports). Raises BpfLoadError or AttachError (a kernel
+        without sk_lookup): the caller decides whether to run without it.
+        """
+        if self._stack is None:
+            raise RuntimeError("Steering is not open")
+        import bcc
+        from membrane.bpf import netns_link
+
+        try:
+            fn = self._bpf.load_func(SK_LOOKUP_PROG_NAME, netns_link.PROG_TYPE_SK_LOOKUP,
+                                     attach_type=netns_link.ATTACH_SK_LOOKUP)
+        except Exception as e:  # bcc raises bare Exception with the verifier's log
+            raise BpfLoadError(f"{SK_LOOKUP_PROG_NAME}: {e}") from e
+        map_fd = int(bcc.lib.bpf_table_fd(self._bpf.module, b"mbr_listen"))
+        for sock in listeners:
+            family = 4 if sock.family == socket.AF_INET else 6
+            netns_link.map_update_socket(map_fd, (family << 16) | int(sock.getsockname()[1]), sock.fileno())
+        pin = self._pin_dir / SK_LOOKUP_LINK_PIN if self._pin_dir is not None else None
+        link_fd = netns_link.attach_sk_lookup(fn.fd, pin)
+        prog_id = int(pins.fd_info(fn.fd).get("prog_id", -1))
+        self._stack.callback(self._release_sk_lookup, link_fd, pin, prog_id)
+        self.maps.set_config(ConfigSlot.TW_STEER, 1)
+
+    def _release_sk_lookup(self, link_fd: int, pin: Path | None, prog_id: int) -> None:
+        """keep: the pinned link stays (a successor replaces its program). Otherwise unpin it unless a
+        successor's program runs in it now; closing the fd then detaches a link nothing else holds."""
+        try:
+            if not self._keep and pin is not None:
+                current = int(pins.fd_info(link_fd).get("prog_id", -1))
+                if current == prog_id:
+                    pin.unlink(missing_ok=True)
+                else:
+                    log.info("sk_lookup link %s kept: it runs program %d now", pin, current)
+        finally:
+            os.close(link_fd)
 
     def cleanup_stale(self) -> list[str]:
         """Remove what is truly stale, now that this Steering's programs are attached. Returns what went.

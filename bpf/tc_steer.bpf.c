@@ -120,9 +120,11 @@
 #define CFG_TCP6_PORT 3
 #define CFG_UDP4_PORT 4
 #define CFG_UDP6_PORT 5
+#define CFG_TW_STEER 6   /* 1 = mbr_sk_lookup is attached to the host netns: SYNs hitting a TIME_WAIT go through it */
 #define CFG_MAX 8
 
 #define TCP_LISTEN_STATE 10
+#define TCP_TIME_WAIT_STATE 6
 
 struct ipc4_key {
     u32 prefixlen;
@@ -226,6 +228,24 @@ struct frag_val {
  * header and get the flow of their first fragment (Cilium's IPV4_FRAG_DATAGRAMS_MAP idea). Not
  * pinned: a datagram in flight during an agent restart loses its later fragments (the sender retries). */
 BPF_F_TABLE("lru_hash", struct frag_key, struct frag_val, mbr_frags, MBR_FRAG_SIZE, 0);
+
+/* SYNs of steered flows whose tuple still has a TIME_WAIT socket in the host netns (the proxy closed that
+ * pod-facing connection first): forward tuple -> the proxy listener's port. mbr_tc_steer assigns the
+ * TIME_WAIT socket, so the kernel's own TIME_WAIT handling accepts the SYN and looks up a listener for
+ * it, which mbr_sk_lookup (attached to the host netns) answers with the proxy's listener from
+ * mbr_listen: the TIME_WAIT socket is retired and the connection proceeds as a new one, as it would
+ * for a real server (and as netfilter TPROXY does by hand). Entries are consumed by mbr_sk_lookup. */
+#ifndef MBR_TW_SIZE
+#define MBR_TW_SIZE 16384
+#endif
+struct tw_val {
+    u16 port;  /* host order: the proxy listener's port */
+    u16 pad;
+};
+BPF_F_TABLE("lru_hash", struct ct_key, struct tw_val, mbr_tw, MBR_TW_SIZE, 0);
+/* The proxy's TCP listeners for mbr_sk_lookup: key (family << 16) | port, value the socket (the agent
+ * inserts its listener fds). */
+BPF_TABLE("sockhash", u32, int, mbr_listen, 8);  /* BPF_SOCKHASH has no lookup() */
 
 #define P_OK 0
 #define P_SKIP 1  /* not IP, or ICMPv6 neighbour discovery: never judged */
@@ -459,7 +479,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 
 #define NSEC 1000000000ULL
 #define TCP_FIN 0x01
+#define TCP_SYN 0x02
 #define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 /* An entry idle longer than its lifetime is dead: the packet is judged again as a new flow. */
 static __always_inline int ct_alive(struct ct_val *ct, const struct pkt *p, u64 now)
@@ -619,6 +641,38 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p,
     return TC_ACT_OK;
 }
 
+/* A new connection's SYN whose tuple has a TIME_WAIT socket of a previous connection in this netns (the
+ * proxy closed that one first): assigning the listener would make the kernel drop the SYN (the request
+ * socket collides with the TIME_WAIT entry), so assign the TIME_WAIT socket itself and let mbr_sk_lookup
+ * find the listener when the kernel's TIME_WAIT handling asks (see mbr_tw). Returns 1 when assigned. */
+static __always_inline int steer_time_wait(struct __sk_buff *skb, struct pkt *p, u16 port)
+{
+    if ((p->tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN || !cfg(CFG_TW_STEER))
+        return 0;
+    struct bpf_sock *tw;
+    if (p->key.family == 4)
+        tw = bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    else
+        tw = bpf_skc_lookup_tcp(skb, &p->tuple, sizeof(p->tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+    if (!tw)
+        return 0;
+    if (tw->state != TCP_TIME_WAIT_STATE) {
+        bpf_sk_release(tw);
+        return 0;
+    }
+    struct tw_val v = {};
+    v.port = port;
+    mbr_tw.update(&p->key, &v);
+    long err = bpf_sk_assign(skb, tw, 0);
+    bpf_sk_release(tw);
+    if (err) {
+        mbr_tw.delete(&p->key);
+        return 0;
+    }
+    skb->mark = cfg(CFG_MARK);
+    return 1;
+}
+
 /* A packet of a redirected flow in the originator's direction. */
 static __always_inline int steer_forward(struct __sk_buff *skb, struct pkt *p, u16 port, u32 src_id,
                                          u32 dst_id)
@@ -642,6 +696,8 @@ static __always_inline int steer_forward(struct __sk_buff *skb, struct pkt *p, u
                 return TC_ACT_OK;
             }
             bpf_sk_release(sk);  /* some other wildcard listener: not ours */
+        } else if (steer_time_wait(skb, p, port)) {
+            return TC_ACT_OK;
         }
     }
     return assign_listener(skb, p, port, src_id, dst_id);
@@ -879,4 +935,50 @@ int mbr_tc_steer(struct __sk_buff *skb)
 int mbr_tc_host(struct __sk_buff *skb)
 {
     return judge(skb, 1);
+}
+
+/* BPF_PROG_TYPE_SK_LOOKUP on the host netns: runs on every listener lookup of the node, acts only on a
+ * tuple mbr_tc_steer put in mbr_tw (a SYN that met a TIME_WAIT socket of the proxy) and selects the
+ * proxy's listener for it. Everything else: SK_PASS without a selection, the kernel's own lookup. */
+int mbr_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    struct ct_key k = {};
+    u32 family = ctx->family;
+    if (family == 2) {
+        u32 rip = ctx->remote_ip4, lip = ctx->local_ip4;
+        __builtin_memcpy(k.saddr, &rip, 4);
+        __builtin_memcpy(k.daddr, &lip, 4);
+        k.family = 4;
+    } else if (family == 10) {
+        u32 a[4];
+        a[0] = ctx->remote_ip6[0];
+        a[1] = ctx->remote_ip6[1];
+        a[2] = ctx->remote_ip6[2];
+        a[3] = ctx->remote_ip6[3];
+        __builtin_memcpy(k.saddr, a, 16);
+        a[0] = ctx->local_ip6[0];
+        a[1] = ctx->local_ip6[1];
+        a[2] = ctx->local_ip6[2];
+        a[3] = ctx->local_ip6[3];
+        __builtin_memcpy(k.daddr, a, 16);
+        k.family = 6;
+    } else {
+        return SK_PASS;
+    }
+    k.sport = (u16)ctx->remote_port;  /* network order */
+    k.dport = bpf_htons((u16)ctx->local_port);
+    k.proto = IPPROTO_TCP;
+    struct tw_val *v = mbr_tw.lookup(&k);
+    if (!v)
+        return SK_PASS;
+    u32 lkey = ((u32)k.family << 16) | v->port;
+    mbr_tw.delete(&k);
+    struct bpf_sock *sk = (struct bpf_sock *)mbr_listen.lookup(&lkey);
+    if (!sk)
+        return SK_PASS;
+    bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    return SK_PASS;
 }

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from membrane.bpf.errors import AttachError
+from membrane.bpf.errors import AttachError, BpfLoadError
 from membrane.bpf.pins import DEFAULT_PIN_DIR
 from membrane.bpf.steer import ProxyPorts, Steering
 from membrane.control.api import AgentRunning, AgentSocket
@@ -768,6 +768,11 @@ class Agent:
             self.steering = await self._kernel_async(steering.__enter__)
             stack.callback(self._kernel, lambda: steering.close(keep=True))  # SIGTERM: the kernel keeps enforcing
             stack.callback(setattr, self, "steering", None)
+            try:  # a tuple the proxy closed first (TIME_WAIT) can be reused by its pod at once
+                await self._kernel_async(steering.steer_time_wait, tcp)
+            except (BpfLoadError, AttachError) as e:
+                log.warning("sk_lookup not attached, so a pod reusing a port within 60 s of a connection the "
+                            "proxy closed first times out: %s", e)
             self._adopt_endpoint_ids(steering)
             self.reconciler = Reconciler(self.steering, resolve=self._resolve_ip)
             async with self._lock:
@@ -893,7 +898,6 @@ def covers(learned: Learned, action: Learn) -> bool:
 def run_agent(config: AgentConfig) -> int:
     """`membrane run`: returns 0 after a clean stop, 1 on invalid input, 2 on usage or attach errors."""
     import uvloop
-    from membrane.bpf.errors import BpfLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per API request would drown the agent's own

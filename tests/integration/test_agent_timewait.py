@@ -52,14 +52,41 @@ sys.exit(1 if bad else 0)
 """
 
 
+# A server that ends every response by closing (HTTP/1.0, no Content-Length: the body is close-delimited),
+# so the upstream closes first and the proxy's pod-facing socket closes first in turn: its TIME_WAIT
+# in the host netns holds the pod's tuple. argv: PORT.
+CLOSING_SERVER = """
+import socket, sys, threading
+def serve(c, peer):
+    with c:
+        data = b""
+        while b"\\r\\n\\r\\n" not in data:
+            chunk = c.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        path = data.split(b" ", 2)[1].decode()
+        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n" + f"hello {peer[0]} GET {path}\\n".encode())
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(128)
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
+"""
+
+
 def _narrow_ports(topo: Topology, name: str) -> None:
     lo = 40000
     topo.pods[name].run(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={lo} {lo + PORTS - 1}"])
 
 
-def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: str) -> None:  # noqa: F811
+def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: str,  # noqa: F811
+         server: str = HTTP_SERVER) -> None:
     fe, be = topo.pods["frontend"], topo.pods["backend"]
-    start_server(topo, fe, HTTP_SERVER, "80")
+    start_server(topo, fe, server, "80")
     eps = tmp_path / "endpoints.yaml"
     eps.write_text(endpoints_yaml(topo, {}))
     agent = start_agent([HTTP_POLICY], eps, tmp_path)
@@ -95,3 +122,12 @@ def test_http10_requests_reuse_ports(tmp_path: Path, agent_box: list[AgentProces
     """HTTP/1.0 requests (the connection ends after each response), 5 per source port: every one is answered."""
     with topology("frontend", "backend") as topo:
         _run(topo, tmp_path, agent_box, "http10")
+
+
+def test_server_closing_first_reuses_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
+    """The server ends each response by closing (a close-delimited HTTP/1.0 body), so the proxy has to
+    close its pod-facing socket first with a FIN (the EOF is the end of the body) and keeps a TIME_WAIT
+    with the pod's tuple: 5 connections per source port still all get their whole body (the SYN that
+    meets the TIME_WAIT goes through the kernel's TIME_WAIT handling and mbr_sk_lookup to the proxy)."""
+    with topology("frontend", "backend") as topo:
+        _run(topo, tmp_path, agent_box, "http10", server=CLOSING_SERVER)
