@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from membrane.sandbox.live_demo import HTTP_SERVER, AgentProcess
 
 from tests.helpers.netns import Topology, topology
@@ -66,10 +67,12 @@ def serve(c, peer):
                 return
             data += chunk
         path = data.split(b" ", 2)[1].decode()
-        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n" + f"hello {peer[0]} GET {path}\\n".encode())
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client = peer[0].removeprefix("::ffff:")
+        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n" + f"hello {client} GET {path}\\n".encode())
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
 s.listen(128)
 print("ready", flush=True)
 while True:
@@ -84,7 +87,7 @@ def _narrow_ports(topo: Topology, name: str) -> None:
 
 
 def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: str,  # noqa: F811
-         server: str = HTTP_SERVER) -> None:
+         server: str = HTTP_SERVER, family: int = 4) -> None:
     fe, be = topo.pods["frontend"], topo.pods["backend"]
     start_server(topo, fe, server, "80")
     eps = tmp_path / "endpoints.yaml"
@@ -98,7 +101,8 @@ def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: st
         out = be.run(["sh", "-c", script], check=False, timeout=120)
         assert out.stdout == f"hello {be.ipv4} GET /api\n rc=0\n" * (PORTS * ROUNDS), out.stdout
     else:
-        out = be.run([sys.executable, "-c", CLIENT, str(fe.ipv4), str(PORTS * ROUNDS), "2", mode], check=False, timeout=120)
+        host = str(fe.ipv4 if family == 4 else fe.ipv6)
+        out = be.run([sys.executable, "-c", CLIENT, host, str(PORTS * ROUNDS), "2", mode], check=False, timeout=120)
         lines = out.stdout.splitlines()
         assert out.returncode == 0, out.stdout + out.stderr
         assert len(lines) == PORTS * ROUNDS
@@ -124,10 +128,11 @@ def test_http10_requests_reuse_ports(tmp_path: Path, agent_box: list[AgentProces
         _run(topo, tmp_path, agent_box, "http10")
 
 
-def test_server_closing_first_reuses_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
+@pytest.mark.parametrize("family", [4, 6])
+def test_server_closing_first_reuses_ports(tmp_path: Path, agent_box: list[AgentProcess], family: int) -> None:  # noqa: F811
     """The server ends each response by closing (a close-delimited HTTP/1.0 body), so the proxy has to
     close its pod-facing socket first with a FIN (the EOF is the end of the body) and keeps a TIME_WAIT
     with the pod's tuple: 5 connections per source port still all get their whole body (the SYN that
     meets the TIME_WAIT goes through the kernel's TIME_WAIT handling and mbr_sk_lookup to the proxy)."""
     with topology("frontend", "backend") as topo:
-        _run(topo, tmp_path, agent_box, "http10", server=CLOSING_SERVER)
+        _run(topo, tmp_path, agent_box, "http10", server=CLOSING_SERVER, family=family)
