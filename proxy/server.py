@@ -1163,7 +1163,7 @@ class UdpListener:
         """SERVFAIL for unanswered queries past dns_timeout_s; forget peers idle for PEER_IDLE_S."""
         config = self.proxy.config
         timeout_ns = int(config.dns_timeout_s * 1e9)
-        for peer in list(self.peers.values()):
+        for peer in [p for p in self.peers.values() if p.session.has_outstanding]:  # nothing to expire elsewhere
             self._guard(peer, functools.partial(self._expire, peer), timeout_ns)
         for upstream in list(self.upstreams.values()):
             self._expire_ids(upstream, 2 * timeout_ns)
