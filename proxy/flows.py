@@ -312,7 +312,12 @@ class Flow:
         http = self.l7.get("http") if len(self.l7) == 1 else None
         headers = http.get("headers", ()) if http is not None else None
         if http is None or type(headers) is not tuple or len(http) > 5:
-            return _encode(self._l7_json())
+            reused = _REUSED_L7.get(id(self.l7))
+            if reused is None or reused[0] is not self.l7:
+                return _encode(self._l7_json())
+            body = reused[1] or _reused_body(reused)
+            latency = f',"latency_ns":"{self.latency_ns}"' if self.latency_ns else ""
+            return f'{{"type":{_json_str(self.l7_type)}{latency},{body}}}'
         key = (http.get("code", 0), http.get("method", ""), http.get("url", ""), http.get("protocol", ""), headers)
         body = _HTTP_JSON.get(key)
         if body is None:
@@ -546,6 +551,27 @@ def policy_object(ref: str, *, revision: int = 0, kind: str | None = None) -> tu
 # The `"http":{...}` JSON of recent HTTP records by (code, method, url, protocol, headers); see Flow._l7_line.
 _HTTP_JSON: dict[tuple[Any, ...], str] = {}
 _HTTP_JSON_MAX = 4096
+
+
+# l7 records a session reuses for many flows (DNS: one per distinct query or answer read), by id: the dict
+# (kept, so the id stays its own) and its `"dns":{...}` JSON once made. See `reused_l7`.
+_REUSED_L7: dict[int, list[Any]] = {}
+_REUSED_L7_MAX = 8192
+
+
+def reused_l7(l7: dict[str, Any]) -> dict[str, Any]:
+    """Mark `l7` (one non-empty record, never changed afterwards) as shared by many flows: its JSON is made
+    once, not per record. Returns `l7`. At most _REUSED_L7_MAX are remembered (then it starts afresh)."""
+    if len(_REUSED_L7) >= _REUSED_L7_MAX:
+        _REUSED_L7.clear()
+    _REUSED_L7[id(l7)] = [l7, ""]
+    return l7
+
+
+def _reused_body(reused: list[Any]) -> str:
+    body: str = _encode(_render_l7(reused[0]))[1:-1]
+    reused[1] = body
+    return body
 
 
 def _render_l7(l7: dict[str, Any]) -> dict[str, Any]:

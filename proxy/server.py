@@ -527,6 +527,11 @@ class Connection(asyncio.Protocol):
             self.upstream.close()
 
 
+def _random_id() -> bytes:
+    """A random 16-bit DNS message ID, as its 2 bytes (what the upstream echoes)."""
+    return random.randbytes(2)
+
+
 def _result(task: asyncio.Task[None]) -> None:
     task.result()  # re-raises the task's exception inside the caller's error boundary
 
@@ -864,6 +869,7 @@ class _UdpPeer:
     session: DatagramSession
     upstream: _UdpUpstream | None = None
     held: list[Action] | None = None  # actions waiting behind a Learn (see Connection.apply)
+    reply_sock: socket.socket | None = None  # where answers to the client leave from (see UdpListener._reply_socket)
 
 
 @dataclass(eq=False)
@@ -876,8 +882,9 @@ class _UdpUpstream:
     key: tuple[str, Address] | None  # (bind IP, target) of a shared socket; None: one peer's own socket
     sock: socket.socket
     users: set[_UdpPeer] = field(default_factory=set)
-    # upstream ID -> (peer, the client's ID, when sent in ns)
-    ids: dict[int, tuple[_UdpPeer, bytes, int]] = field(default_factory=dict)
+    # upstream ID (its 2 bytes) -> (peer, the client's ID, when sent in monotonic ns). In sending order:
+    # an ID is only added when new, so the oldest come first and expiry stops at the first one in time.
+    ids: dict[bytes, tuple[_UdpPeer, bytes, int]] = field(default_factory=dict)
 
 
 class UdpListener:
@@ -918,54 +925,78 @@ class UdpListener:
         self._loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
+        """Drain the listener (up to BATCH datagrams a wakeup): each is judged and carried out before the next."""
+        sock = self.sock
+        transparent = self.proxy.config.transparent
+        local = self._local
+        peers = self.peers
         for _ in range(self.BATCH):
             try:
-                data, ancdata, _flags, addr = self.sock.recvmsg(self.MAX_DATAGRAM, 256)
+                if transparent:  # the original destination comes with the datagram (IP_ORIGDSTADDR)
+                    data, ancdata, _flags, addr = sock.recvmsg(self.MAX_DATAGRAM, 256)
+                else:
+                    data, addr = sock.recvfrom(self.MAX_DATAGRAM)
+                    ancdata = None
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 log.exception("UDP listener receive failed")
                 return
-            self._guard(None, self._datagram, (data, ancdata, (addr[0], addr[1])))
+            try:
+                if self.proxy.draining:  # read and dropped: nothing new is judged while draining
+                    continue
+                original_dst = (parse_origdst(ancdata) or local) if ancdata is not None else local
+                client = addr if len(addr) == 2 else (addr[0], addr[1])
+                peer = peers.get((client, original_dst))
+                if peer is None:
+                    peer = self._new_peer(client, original_dst)
+                    if peer is None:
+                        continue
+            except Exception:
+                self.proxy.internal_error("a UDP datagram", None)
+                continue
+            try:
+                self._apply(peer, peer.session.on_query(data))
+            except Exception:
+                self._peer_failed(peer)
 
     def _guard(self, peer: _UdpPeer | None, step: Callable[[T], None], arg: T) -> None:
         """The UDP error boundary: a failure forgets that peer only (its sockets closed) and is reported once."""
         try:
             step(arg)
         except Exception:
-            context = getattr(peer.session, "context", None) if peer is not None else None
-            what = f"UDP peer {peer.client[0]}:{peer.client[1]}" if peer is not None else "a UDP datagram"
-            self.proxy.internal_error(what, context)
-            if peer is not None:
-                self._forget((peer.client, peer.original_dst), peer)
+            if peer is None:
+                self.proxy.internal_error("a UDP datagram", None)
+            else:
+                self._peer_failed(peer)
 
-    def _datagram(self, item: tuple[bytes, list[tuple[int, int, bytes]], Address]) -> None:
-        data, ancdata, client = item
-        if self.proxy.draining:
-            return
-        original_dst = (parse_origdst(ancdata) if self.proxy.config.transparent else None) or self._local
-        key = (client, original_dst)
-        peer = self.peers.get(key)
-        if peer is None:
-            if len(self.peers) >= self.MAX_PEERS or self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
-                self._forget_idle(0)
-                if len(self.peers) >= self.MAX_PEERS:
-                    self.proxy.metrics.connections_rejected.inc("udp_peers")
-                    return
-                if self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
-                    self.proxy.metrics.connections_rejected.inc("udp_peers_per_client")
-                    self.proxy.client_limit_hit(client[0], "UDP source ports with queries in flight",
-                                                self.MAX_PEERS_PER_CLIENT)
-                    return
-            session = self.factory(ConnectionInfo(client=client, original_dst=original_dst, transport="UDP"))
-            if session is None:
-                self.proxy.metrics.connections_rejected.inc("udp_denied")
-                return
-            peer = _UdpPeer(client=client, original_dst=original_dst, session=session)
-            self.peers[key] = peer
-            self.peers_by_ip[client[0]] = self.peers_by_ip.get(client[0], 0) + 1
-            self.proxy.metrics.connections.inc("udp")
-        self._guard(peer, lambda d: self._apply(peer, peer.session.on_query(d)), data)
+    def _peer_failed(self, peer: _UdpPeer) -> None:
+        """Called in an `except` around one step of `peer`: report it, and forget the peer (its sockets closed)."""
+        context = getattr(peer.session, "context", None)
+        self.proxy.internal_error(f"UDP peer {peer.client[0]}:{peer.client[1]}", context)
+        self._forget((peer.client, peer.original_dst), peer)
+
+    def _new_peer(self, client: Address, original_dst: Address) -> _UdpPeer | None:
+        """The peer of a datagram from a new (client, original destination) pair; None: refused (counted)."""
+        if len(self.peers) >= self.MAX_PEERS or self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
+            self._forget_idle(0)
+            if len(self.peers) >= self.MAX_PEERS:
+                self.proxy.metrics.connections_rejected.inc("udp_peers")
+                return None
+            if self.peers_by_ip.get(client[0], 0) >= self.MAX_PEERS_PER_CLIENT:
+                self.proxy.metrics.connections_rejected.inc("udp_peers_per_client")
+                self.proxy.client_limit_hit(client[0], "UDP source ports with queries in flight",
+                                            self.MAX_PEERS_PER_CLIENT)
+                return None
+        session = self.factory(ConnectionInfo(client=client, original_dst=original_dst, transport="UDP"))
+        if session is None:
+            self.proxy.metrics.connections_rejected.inc("udp_denied")
+            return None
+        peer = _UdpPeer(client=client, original_dst=original_dst, session=session)
+        self.peers[(client, original_dst)] = peer
+        self.peers_by_ip[client[0]] = self.peers_by_ip.get(client[0], 0) + 1
+        self.proxy.metrics.connections.inc("udp")
+        return peer
 
     def _upstream(self, peer: _UdpPeer) -> _UdpUpstream | None:
         if peer.upstream is not None:
@@ -1012,27 +1043,30 @@ class UdpListener:
     def _failed(self, peer: _UdpPeer, reason: Reason) -> None:
         self._apply(peer, peer.session.on_upstream_failed(reason))
 
-    def _answer(self, peer: _UdpPeer, data: bytes) -> None:
-        self._apply(peer, peer.session.on_answer(data))
-
     def _send_up(self, peer: _UdpPeer, data: bytes) -> None:
-        upstream = self._upstream(peer)
+        upstream = peer.upstream or self._upstream(peer)
         if upstream is None:
             return
         if upstream.key is not None and len(data) >= 2:
             ids = upstream.ids
             if len(ids) >= self.MAX_IDS:
                 self._expire_ids(upstream, 0)
-            new_id = random.getrandbits(16)
+            new_id = _random_id()
             while new_id in ids:
-                new_id = random.getrandbits(16)
+                new_id = _random_id()
             ids[new_id] = (peer, data[:2], time.monotonic_ns())
-            data = new_id.to_bytes(2, "big") + data[2:]
-        with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+            data = new_id + data[2:]
+        try:
             upstream.sock.send(data)
+        except (BlockingIOError, ConnectionRefusedError):
+            pass
 
     def _answers(self, upstream: _UdpUpstream) -> None:
+        """Drain an upstream socket (up to BATCH answers a wakeup), each relayed to the peer that asked."""
         sock = upstream.sock
+        ids = upstream.ids
+        shared = upstream.key is not None
+        peers = self.peers
         for _ in range(self.BATCH):
             try:
                 data = sock.recv(self.MAX_DATAGRAM)
@@ -1040,28 +1074,36 @@ class UdpListener:
                 return
             except OSError:  # e.g. ECONNREFUSED from an ICMP port unreachable: the upstream is not there
                 self.proxy.metrics.upstream_failures.inc("udp")
-                waiting = {entry[0] for entry in upstream.ids.values()} if upstream.key is not None else set(upstream.users)
-                upstream.ids.clear()
+                waiting = {entry[0] for entry in ids.values()} if shared else set(upstream.users)
+                ids.clear()
                 for failed in waiting:
                     self._guard(failed, functools.partial(self._failed, failed), Reason.UPSTREAM_FAILED)
                 return
             target: _UdpPeer | None
-            if upstream.key is None:
-                target = next(iter(upstream.users), None)
-            else:
-                entry = upstream.ids.pop(int.from_bytes(data[:2], "big"), None) if len(data) >= 2 else None
+            if shared:
+                entry = ids.pop(data[:2], None)  # a datagram under 2 bytes is no key (every key is 2 bytes)
                 if entry is None:  # late, unasked for or forged: no client is waiting for it
                     continue
                 target, client_id, _sent = entry
                 data = client_id + data[2:]
-            if target is None or self.peers.get((target.client, target.original_dst)) is not target:
+            else:
+                target = next(iter(upstream.users), None)
+                if target is None:
+                    continue
+            if peers.get((target.client, target.original_dst)) is not target:
                 continue
-            self._guard(target, functools.partial(self._answer, target), data)
-            if sock.fileno() < 0:  # closed by the boundary
-                return
+            try:
+                self._apply(target, target.session.on_answer(data))
+            except Exception:
+                self._peer_failed(target)
+                if sock.fileno() < 0:  # closed by the boundary
+                    return
 
     def _reply_socket(self, peer: _UdpPeer) -> socket.socket:
+        """The socket answers to `peer` leave from (kept on the peer): the listener in gateway mode, in
+        transparent mode one bound to the original destination (shared by the peers that asked it)."""
         if not self.proxy.config.transparent:
+            peer.reply_sock = self.sock
             return self.sock
         sock = self._reply_socks.get(peer.original_dst)
         if sock is None:
@@ -1075,15 +1117,26 @@ class UdpListener:
             sock.bind(peer.original_dst)
             sock.setblocking(False)
             self._reply_socks[peer.original_dst] = sock
+        peer.reply_sock = sock
         return sock
 
     def _apply(self, peer: _UdpPeer, actions: list[Action]) -> None:
         if peer.held is not None:
             peer.held.extend(actions)
             return
+        record = self.proxy.record
         for i, action in enumerate(actions):
-            if type(action) is Learn:
-                assert isinstance(action, Learn)
+            if type(action) is Forward:
+                if action.direction is C2S:
+                    self._send_up(peer, action.data)
+                    continue
+                data = action.data
+            elif type(action) is Log:
+                record(action)
+                continue
+            elif type(action) is Reply:
+                data = action.data
+            elif type(action) is Learn:
                 waiting = self.proxy.learning(action)
                 if waiting is not None:
                     peer.held = list(actions[i + 1 :])
@@ -1093,23 +1146,12 @@ class UdpListener:
                     task.add_done_callback(lambda t: None if t.cancelled() else self._guard(peer, _result, t))
                     return
                 continue
-            if type(action) is Forward:
-                assert isinstance(action, Forward)
-                if action.direction is C2S:
-                    self._send_up(peer, action.data)
-                    continue
-                data = action.data
-            elif type(action) is Reply:
-                assert isinstance(action, Reply)
-                data = action.data
-            elif type(action) is Log:
-                assert isinstance(action, Log)
-                self.proxy.record(action)
-                continue
             else:
                 continue
-            with contextlib.suppress(BlockingIOError):
-                self._reply_socket(peer).sendto(data, peer.client)
+            try:
+                (peer.reply_sock or self._reply_socket(peer)).sendto(data, peer.client)
+            except BlockingIOError:
+                pass
 
     async def _release(self, peer: _UdpPeer, waiting: Awaitable[None]) -> None:
         await waiting  # a failure reaches the boundary through the done callback: the answer stays held
@@ -1121,7 +1163,7 @@ class UdpListener:
         """SERVFAIL for unanswered queries past dns_timeout_s; forget peers idle for PEER_IDLE_S."""
         config = self.proxy.config
         timeout_ns = int(config.dns_timeout_s * 1e9)
-        for peer in list(self.peers.values()):
+        for peer in [p for p in self.peers.values() if p.session.has_outstanding]:  # nothing to expire elsewhere
             self._guard(peer, functools.partial(self._expire, peer), timeout_ns)
         for upstream in list(self.upstreams.values()):
             self._expire_ids(upstream, 2 * timeout_ns)
@@ -1135,12 +1177,19 @@ class UdpListener:
 
     @staticmethod
     def _expire_ids(upstream: _UdpUpstream, older_ns: int) -> None:
-        """Forget upstream IDs whose answer is overdue (their clients had SERVFAIL already)."""
-        if not upstream.ids:
+        """Forget upstream IDs whose answer is overdue (their clients had SERVFAIL already): the oldest come
+        first (see `_UdpUpstream.ids`), so this stops at the first one still in time, O(expired)."""
+        ids = upstream.ids
+        if not ids:
             return
         cutoff = time.monotonic_ns() - older_ns
-        for qid in [qid for qid, (_p, _c, sent) in upstream.ids.items() if sent <= cutoff]:
-            del upstream.ids[qid]
+        late = []
+        for qid, (_p, _c, sent) in ids.items():
+            if sent > cutoff:
+                break
+            late.append(qid)
+        for qid in late:
+            del ids[qid]
 
     def _expire(self, peer: _UdpPeer, timeout_ns: int) -> None:
         self._apply(peer, peer.session.expire(timeout_ns))

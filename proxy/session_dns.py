@@ -11,12 +11,12 @@ never calls out: a session is pure.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from membrane.parsers import dns
+from membrane.parsers.dns import HEADER_BYTES
 from membrane.parsers.errors import ParseError
 from membrane.parsers.events import Direction, DnsQuery, DnsResponse, Reason
-from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_dns
+from membrane.proxy.flows import ERROR, FORWARDED, REQUEST, RESPONSE, Flow, FlowContext, l7_dns, reused_l7
 from membrane.proxy.session import (
     C2S,
     S2C,
@@ -38,15 +38,121 @@ _QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT"
 
 MAX_OUTSTANDING = 1024  # forwarded, unanswered queries per TCP connection or UDP peer
 
+# Messages are read once per distinct content: a resolver or node-local cache repeats the same few
+# queries, and an authoritative server (or a cache within a TTL second) the same answers. The bytes after
+# the 2-byte ID key what was read from them (the ID is the only part that differs between repeats, and
+# nothing read depends on it). Messages over MAX_CACHED_MESSAGE_BYTES are read every time; each cache
+# holds at most MAX_CACHED_MESSAGES and starts afresh when full (no per-entry bookkeeping on the hot path).
+MAX_CACHED_MESSAGE_BYTES = 512
+MAX_CACHED_MESSAGES = 2048
+
 
 def qtype_name(qtype: int) -> str:
     return _QTYPES.get(qtype, f"TYPE{qtype}")
 
 
-@dataclass(slots=True)
+class _QueryInfo:
+    """What the bytes of a query say, read once (see MAX_CACHED_MESSAGES), and the last verdict on it.
+
+    `query` is the first query read with these bytes: its `id` and `raw` are that one's, every other
+    field holds for all (`_with_raw` makes the query of another ID). `l7`/`summary` are its REQUEST
+    record's. `judged_by` is the policy whose verdict `allowed`..`rule` hold (None: not judged yet): a
+    DNS verdict depends on the policy and the question only, so it is asked again only when another
+    policy (a reload, another peer's) judges the same bytes.
+    """
+
+    __slots__ = ("allowed", "judged_by", "l7", "query", "reason", "rule", "summary", "verdict")
+
+    def __init__(self, query: DnsQuery) -> None:
+        self.query = query
+        qtypes = [qtype_name(query.qtype)]
+        self.l7 = reused_l7(l7_dns(query=query.normalized_name, qtypes=qtypes))
+        self.summary = f"DNS Query {query.normalized_name} {qtypes[0]}"
+        self.judged_by: ConnectionPolicy | None = None
+        self.allowed = False
+        self.verdict = ERROR
+        self.reason: Reason | None = None
+        self.rule: str | None = None
+
+
+class _AnswerInfo:
+    """What the bytes of an answer say, read once: the response (its `id`/`raw` are the first one's), the
+    Learn it teaches toFQDNs (None: no addresses, or an error RCODE), and its RESPONSE record's l7/summary."""
+
+    __slots__ = ("l7", "learn", "response", "summary")
+
+    def __init__(self, response: DnsResponse) -> None:
+        self.response = response
+        self.learn: Learn | None = None
+        if response.rcode == 0 and response.addresses:
+            ttl = response.min_ttl if response.min_ttl is not None else 0
+            self.learn = Learn(names=(response.normalized_name, *response.cnames), ips=tuple(response.addresses),
+                               ttl_s=float(ttl))
+        qtypes = [qtype_name(response.qtype)] if response.qtype else []
+        self.l7 = reused_l7(l7_dns(
+            query=response.normalized_name, qtypes=qtypes, rcode=response.rcode, ips=response.addresses,
+            ttl=response.min_ttl, cnames=response.cnames, rrtypes=[qtype_name(t) for t in response.rrtypes],
+        ))
+        self.summary = _answer_summary(response, qtypes)
+
+
+_QUERIES: dict[bytes, _QueryInfo] = {}
+_ANSWERS: dict[bytes, _AnswerInfo] = {}
+
+
+def _query_info(query: DnsQuery) -> _QueryInfo:
+    """The (cached) reading of `query`'s bytes."""
+    raw = query.raw
+    cacheable = HEADER_BYTES <= len(raw) <= MAX_CACHED_MESSAGE_BYTES
+    if cacheable:
+        info = _QUERIES.get(raw[2:])
+        if info is not None:
+            return info
+    info = _QueryInfo(query)
+    if cacheable:
+        if len(_QUERIES) >= MAX_CACHED_MESSAGES:
+            _QUERIES.clear()
+        _QUERIES[raw[2:]] = info
+    return info
+
+
+def _answer_info(response: DnsResponse) -> _AnswerInfo:
+    """The (cached) reading of `response`'s bytes."""
+    raw = response.raw
+    cacheable = HEADER_BYTES <= len(raw) <= MAX_CACHED_MESSAGE_BYTES
+    if cacheable:
+        info = _ANSWERS.get(raw[2:])
+        if info is not None:
+            return info
+    info = _AnswerInfo(response)
+    if cacheable:
+        if len(_ANSWERS) >= MAX_CACHED_MESSAGES:
+            _ANSWERS.clear()
+        _ANSWERS[raw[2:]] = info
+    return info
+
+
+def _with_raw(query: DnsQuery, qid: int, raw: bytes) -> DnsQuery:
+    """`query` as read from `raw` (the same bytes but for the ID `qid`)."""
+    if query.raw is raw:
+        return query
+    return DnsQuery(id=qid, name=query.name, normalized_name=query.normalized_name, qtype=query.qtype,
+                    qclass=query.qclass, opcode=query.opcode, rd=query.rd, cd=query.cd, raw=raw)
+
+
 class _Outstanding:
-    query: DnsQuery
-    started_ns: int
+    """A forwarded query waiting for its answer: what was read from it, its bytes, when it was forwarded."""
+
+    __slots__ = ("info", "raw", "started_ns")
+
+    def __init__(self, info: _QueryInfo, raw: bytes, started_ns: int) -> None:
+        self.info = info
+        self.raw = raw
+        self.started_ns = started_ns
+
+    @property
+    def query(self) -> DnsQuery:
+        return _with_raw(self.info.query, (self.raw[0] << 8) | self.raw[1], self.raw)
 
 
 class DnsJudge:
@@ -63,6 +169,8 @@ class DnsJudge:
     ) -> None:
         self.context = context
         self.policy = policy
+        # A policy that follows reloads (proxy.wiring.LiveConnectionPolicy) names the policy current now.
+        self._resolve: Callable[[], ConnectionPolicy] | None = getattr(policy, "resolve", None)
         self.clock = clock
         self.frame = frame
         self.outstanding: dict[int, _Outstanding] = {}
@@ -80,7 +188,21 @@ class DnsJudge:
                                       summary=f"DNS query unreadable: {query.detail}"))
             return
         assert type(query) is DnsQuery
-        allowed, verdict, reason, rule = verdict_of(self.policy.judge(query))
+        self.judged(_query_info(query), query.id, query.raw, now, actions)
+
+    def _verdict(self, info: _QueryInfo) -> None:
+        """Fill `info`'s verdict for this connection's policy (asked only when another policy judged it last)."""
+        resolve = self._resolve
+        current = resolve() if resolve is not None else self.policy
+        if info.judged_by is current and type(current) is ConnectionPolicy:
+            return
+        info.allowed, info.verdict, info.reason, info.rule = verdict_of(current.judge(info.query))
+        info.judged_by = current
+
+    def judged(self, info: _QueryInfo, qid: int, raw: bytes, now: int, actions: list[Action]) -> None:
+        """The verdict on one readable query (`raw`, ID `qid`, read as `info`) and what follows from it."""
+        self._verdict(info)
+        allowed, verdict, reason, rule = info.allowed, info.verdict, info.reason, info.rule
         crossed = False
         if allowed and self.upstream_failed is not None:
             allowed, verdict, reason = False, ERROR, self.upstream_failed
@@ -90,11 +212,16 @@ class DnsJudge:
             crossed = not self.limit_noted
             self.limit_noted = True
         if allowed:
-            actions.append(Forward(C2S, self.frame(query.raw)))
-            self.outstanding[query.id] = _Outstanding(query, now)
-            actions.append(self._flow(query, REQUEST, FORWARDED, now, rule=rule))
+            actions.append(Forward(C2S, self.frame(raw)))
+            outstanding = self.outstanding
+            if qid in outstanding:  # a reused ID takes the older query's place, at the end (sending order)
+                del outstanding[qid]
+            outstanding[qid] = _Outstanding(info, raw, now)
+            actions.append(Log(Flow(context=self.context, verdict=FORWARDED, l7_type=REQUEST, l7=info.l7,
+                                    summary=info.summary, time_ns=now, rule=rule)))
             return
         assert reason is not None
+        query = _with_raw(info.query, qid, raw)
         rcode = dns.dns_rcode(reason)
         actions.append(Reply(self.frame(dns.refusal(query, reason))))
         refused = self._flow(query, REQUEST, verdict, now, rule=rule, reason=reason, rcode=rcode)
@@ -110,27 +237,35 @@ class DnsJudge:
         """Relay one answer. Returns False when it cannot be read (the caller decides: drop or close)."""
         if type(response) is not DnsResponse:
             return False
-        pending = self.outstanding.pop(response.id, None)
-        if response.rcode == 0 and response.addresses:
-            ttl = response.min_ttl if response.min_ttl is not None else 0
-            names = (response.normalized_name, *response.cnames)
-            actions.append(Learn(names=names, ips=tuple(response.addresses), ttl_s=float(ttl)))
-        actions.append(Forward(S2C, self.frame(response.raw)))
+        self.answered(_answer_info(response), response.id, response.raw, actions)
+        return True
+
+    def answered(self, info: _AnswerInfo, qid: int, raw: bytes, actions: list[Action]) -> None:
+        """Relay one readable answer (`raw`, ID `qid`, read as `info`): Learn first, then the answer and its record."""
+        pending = self.outstanding.pop(qid, None)
+        if info.learn is not None:
+            actions.append(info.learn)
+        actions.append(Forward(S2C, self.frame(raw)))
         now = self.clock()
         started = pending.started_ns if pending is not None else now
-        actions.append(self._response_flow(response, now, now - started))
-        return True
+        actions.append(Log(Flow(context=self.context, verdict=FORWARDED, l7_type=RESPONSE, l7=info.l7,
+                                summary=info.summary, time_ns=now, latency_ns=now - started)))
 
     def fail_outstanding(self, reason: Reason, actions: list[Action]) -> None:
         """Answer every forwarded, unanswered query with SERVFAIL (upstream failed or timed out)."""
+        self.fail(list(self.outstanding.values()), reason, actions)
+        self.outstanding.clear()
+
+    def fail(self, items: list[_Outstanding], reason: Reason, actions: list[Action]) -> None:
+        """Answer these forwarded queries with SERVFAIL (the caller takes them out of `outstanding`)."""
         rcode = dns.dns_rcode(reason)
-        for item in self.outstanding.values():
-            actions.append(Reply(self.frame(dns.refusal(item.query, reason))))
+        for item in items:
+            query = item.query
+            actions.append(Reply(self.frame(dns.refusal(query, reason))))
             actions.append(
-                self._flow(item.query, RESPONSE, ERROR, self.clock(), reason=reason, rcode=rcode,
+                self._flow(query, RESPONSE, ERROR, self.clock(), reason=reason, rcode=rcode,
                            latency_ns=self.clock() - item.started_ns)
             )
-        self.outstanding.clear()
 
     def stream_error_flow(self, reason: Reason, summary: str) -> Log:
         """The ERROR flow of a stream that cannot be read on (a broken TCP frame)."""
@@ -158,23 +293,6 @@ class DnsJudge:
         return flow_log(
             self.context, verdict=verdict, l7_type=l7_type, l7=l7_dns(query=name, qtypes=qtypes, rcode=rcode), summary=summary,
             time_ns=time_ns, latency_ns=latency_ns, rule=rule, reason=reason,
-        )
-
-    def _response_flow(self, response: DnsResponse, time_ns: int, latency_ns: int) -> Log:
-        qtypes = [qtype_name(response.qtype)] if response.qtype else []
-        return Log(
-            Flow(
-                context=self.context,
-                verdict=FORWARDED,
-                l7_type=RESPONSE,
-                l7=l7_dns(
-                    query=response.normalized_name, qtypes=qtypes, rcode=response.rcode, ips=response.addresses,
-                    ttl=response.min_ttl, cnames=response.cnames, rrtypes=[qtype_name(t) for t in response.rrtypes],
-                ),
-                summary=_answer_summary(response, qtypes),
-                time_ns=time_ns,
-                latency_ns=latency_ns,
-            )
         )
 
 
@@ -299,19 +417,38 @@ class DnsDatagramSession:
         self.clock = clock
 
     def on_query(self, datagram: bytes) -> list[Action]:
-        self.last_activity_ns = self.clock()
+        now = self.clock()
+        self.last_activity_ns = now
         actions: list[Action] = []
-        for event in self.queries.feed(datagram):
-            self.judge.query(event, actions)
+        n = len(datagram)
+        info = _QUERIES.get(datagram[2:]) if HEADER_BYTES <= n <= MAX_CACHED_MESSAGE_BYTES else None
+        if info is None:
+            for event in self.queries.feed(datagram):
+                if type(event) is not DnsQuery:
+                    self.judge.query(event, actions)
+                    return actions
+                info = _query_info(event)
+        if info is not None:
+            self.judge.judged(info, (datagram[0] << 8) | datagram[1], datagram, now, actions)
         return actions
 
     def on_answer(self, datagram: bytes) -> list[Action]:
         """An answer from the upstream; unreadable or unasked-for answers are dropped (UDP has no stream to close)."""
         actions: list[Action] = []
-        if len(datagram) >= 2 and int.from_bytes(datagram[:2], "big") not in self.judge.outstanding:
+        n = len(datagram)
+        if n < 2:
             return actions
-        for event in self.answers.feed(datagram):
-            self.judge.response(event, actions)
+        qid = (datagram[0] << 8) | datagram[1]
+        if qid not in self.judge.outstanding:
+            return actions
+        info = _ANSWERS.get(datagram[2:]) if n <= MAX_CACHED_MESSAGE_BYTES else None
+        if info is None:
+            for event in self.answers.feed(datagram):
+                if type(event) is not DnsResponse:
+                    return actions
+                info = _answer_info(event)
+        if info is not None:
+            self.judge.answered(info, qid, datagram, actions)
         return actions
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:
@@ -322,14 +459,12 @@ class DnsDatagramSession:
     def expire(self, timeout_ns: int) -> list[Action]:
         """SERVFAIL for each query older than `timeout_ns` that has no answer yet."""
         now = self.clock()
-        late = {qid: o for qid, o in self.judge.outstanding.items() if now - o.started_ns > timeout_ns}
+        outstanding = self.judge.outstanding
+        late = [qid for qid, o in outstanding.items() if now - o.started_ns > timeout_ns]
         if not late:
             return []
         actions: list[Action] = []
-        keep = {qid: o for qid, o in self.judge.outstanding.items() if qid not in late}
-        self.judge.outstanding = late
-        self.judge.fail_outstanding(Reason.UPSTREAM_TIMEOUT, actions)
-        self.judge.outstanding = keep
+        self.judge.fail([outstanding.pop(qid) for qid in late], Reason.UPSTREAM_TIMEOUT, actions)
         return actions
 
     @property

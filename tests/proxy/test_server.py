@@ -782,3 +782,28 @@ def test_transparent_upstream_eof_still_reaches_the_client_as_eof() -> None:
             server.close()
 
     run(main)
+
+
+def test_udp_upstream_ids_expire_oldest_first_and_only_when_overdue() -> None:
+    """A shared upstream socket forgets the IDs whose answers are overdue, and only those: answered ones are gone
+    already, and the walk stops at the first ID still in time (IDs are kept in sending order)."""
+    import time
+
+    from membrane.proxy.server import UdpListener, _UdpPeer, _UdpUpstream
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer = _UdpPeer(client=("127.0.0.1", 5353), original_dst=("127.0.0.1", 53), session=_Relay())
+        upstream = _UdpUpstream(key=("", ("127.0.0.1", 53)), sock=sock, users={peer})
+        now = time.monotonic_ns()
+        for n, age_s in enumerate((30, 20, 12, 5, 1)):
+            upstream.ids[bytes([0, n])] = (peer, bytes([1, n]), now - int(age_s * 1e9))
+        del upstream.ids[bytes([0, 1])]  # answered in the meantime
+        UdpListener._expire_ids(upstream, 10 * 1_000_000_000)
+        assert list(upstream.ids) == [bytes([0, 3]), bytes([0, 4])]
+        UdpListener._expire_ids(upstream, 10 * 1_000_000_000)
+        assert list(upstream.ids) == [bytes([0, 3]), bytes([0, 4])]
+        UdpListener._expire_ids(upstream, 0)
+        assert not upstream.ids
+    finally:
+        sock.close()

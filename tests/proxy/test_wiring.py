@@ -65,7 +65,7 @@ endpoints:
 """
 
 
-def _policy(http_path: str = "/ok") -> str:
+def _policy(http_path: str = "/ok", dns_pattern: str = "*.ok.test") -> str:
     return f"""
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -78,15 +78,15 @@ spec:
         - ports: [{{port: "80", protocol: TCP}}]
           rules: {{http: [{{method: GET, path: "{http_path}"}}]}}
         - ports: [{{port: "53", protocol: TCP}}, {{port: "53", protocol: UDP}}]
-          rules: {{dns: [{{matchPattern: "*.ok.test"}}]}}
+          rules: {{dns: [{{matchPattern: "{dns_pattern}"}}]}}
         - ports: [{{port: "9092", protocol: TCP}}]
           rules: {{kafka: [{{topic: orders}}]}}
         - ports: [{{port: "7000", protocol: TCP}}, {{port: "7001", protocol: UDP}}]
 """
 
 
-def _pmap(http_path: str = "/ok"):  # type: ignore[no-untyped-def]
-    loaded = load_policies(_policy(http_path), "wiring.yaml")
+def _pmap(http_path: str = "/ok", dns_pattern: str = "*.ok.test"):  # type: ignore[no-untyped-def]
+    loaded = load_policies(_policy(http_path, dns_pattern), "wiring.yaml")
     assert not loaded.errors, loaded.errors
     return compile_policy(loaded.policies, parse_endpoints(ENDPOINTS))
 
@@ -266,6 +266,50 @@ def test_transparent_mode_judges_each_request_by_the_policy_in_force() -> None:
     session.handle(DataReceived(S2C, response))
     live.replace(_pmap("/other"))
     assert _no_logs(session.handle(DataReceived(C2S, ok))) == [Reply(error_response(403, keep_alive=True))]
+
+
+def test_repeated_dns_queries_and_answers_are_judged_and_relayed_alike(mode: Callable[[int, FlowSink], SessionFactory]) -> None:
+    """The same query again (another ID, another peer) and the same answer again: read once, but every one is
+    forwarded as received, answered, learned from and recorded exactly as the first (only ID, time and latency differ)."""
+    first, second = mode(53, _sink()[0]).datagram(_info(53, "UDP")), mode(53, _sink()[0]).datagram(
+        ConnectionInfo(client=(CLIENT_IP, 40001), original_dst=(SERVER_IP, 53), transport="UDP"))
+    assert isinstance(first, DnsDatagramSession) and isinstance(second, DnsDatagramSession)
+    seen = []
+    for session, qid in ((first, 7), (first, 8), (second, 9)):
+        query = _query("www.ok.test", qid)
+        asked = session.on_query(query)
+        assert _no_logs(asked) == [Forward(C2S, query)]
+        answer = _answer(query, b"\x0a\x00\x00\x09")
+        answered = session.on_answer(answer)
+        assert _no_logs(answered) == [Learn(names=("www.ok.test.",), ips=("10.0.0.9",), ttl_s=60.0), Forward(S2C, answer)]
+        records = []
+        for action in asked + answered:
+            if isinstance(action, Log):
+                record = action.flow.to_json()
+                assert json.loads(action.flow.to_line())["flow"] == record  # the line made from the shared l7 JSON
+                del record["time"], record["uuid"]
+                record["l7"].pop("latency_ns", None)
+                records.append(record)
+        seen.append(records)
+    assert seen[0] == seen[1]
+    assert [r["l7"]["dns"] for r in seen[2]] == [r["l7"]["dns"] for r in seen[0]]
+    bad = _query("bad.test", 10)
+    assert _no_logs(first.on_query(bad)) == [Reply(_refused(bad))]
+    assert _no_logs(first.on_query(bad[:1] + b"\x0b" + bad[2:])) == [Reply(_refused(bad[:1] + b"\x0b" + bad[2:]))]
+
+
+def test_dns_over_udp_judges_each_query_by_the_policy_in_force() -> None:
+    """A DNS peer follows reloads: the same query bytes (read once) are judged again by the policy that replaced the first."""
+    live = LivePolicy(_pmap())
+    factory = SessionFactory(policy=live, resolver=IpcachePeers(), follow_reloads=True)
+    session = factory.datagram(_info(53, "UDP"))
+    assert isinstance(session, DnsDatagramSession)
+    allowed, again = _query("www.ok.test", 1), _query("www.ok.test", 2)
+    assert _no_logs(session.on_query(allowed)) == [Forward(C2S, allowed)]
+    live.replace(_pmap(dns_pattern="*.other.test"))
+    assert _no_logs(session.on_query(again)) == [Reply(_refused(again))]
+    live.replace(_pmap())
+    assert _no_logs(session.on_query(_query("www.ok.test", 3))) == [Forward(C2S, _query("www.ok.test", 3))]
 
 
 def test_gateway_refuses_an_unknown_dst() -> None:
