@@ -16,7 +16,8 @@ from membrane.proxy.session import wall_clock_ns
 from membrane.proxy.wiring import flow_peer
 
 
-@dataclass(slots=True, kw_only=True)
+# Not slots=True: an interpreted slotted dataclass cannot subclass the mypyc-compiled L3L4Flow (native/modules.txt).
+@dataclass(kw_only=True)
 class DropFlow(L3L4Flow):
     """A packet the kernel dropped at L3/L4: Hubble's `Type: L3_L4` record, `drop_reason_desc: POLICY_DENIED`
     (Hubble's name for a policy drop either way; the way is `traffic_direction`), the kernel's own

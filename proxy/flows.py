@@ -34,10 +34,11 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_str  # what json.dumps uses for str (ensure_ascii)
-from typing import IO, Any, Protocol
+from typing import IO, Any, ClassVar, Protocol
 
 from membrane.parsers.events import Headers
 from membrane.proxy.flowfilter import parse_time as _parse_time  # the one RFC 3339 reader (observe's)
+from mypy_extensions import mypyc_attr
 
 FORWARDED = "FORWARDED"
 DROPPED = "DROPPED"
@@ -253,6 +254,7 @@ class FlowContext:
         return out
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
 @dataclass(slots=True, kw_only=True)
 class Flow:
     """One L7 decision or observed response; `to_json()` is Hubble's `flow` object, `to_line()` the JSON line.
@@ -443,6 +445,7 @@ def envelope(flow_json: dict[str, Any], node_name: str = "") -> dict[str, Any]:
     return out
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # control/drops.py: DropFlow
 @dataclass(slots=True, kw_only=True)
 class L3L4Flow(Flow):
     """A connection or packet dropped at L3/L4: Hubble's drop event, `Type: L3_L4`, no `l7` object.
@@ -847,14 +850,15 @@ class FlowSink:
     `node_name` goes into every record (None = `default_node_name()`).
     """
 
-    MAX_PENDING = 512  # records queued before a write is forced (bounds memory and delay under load)
-    MAX_QUEUE = 65_536  # records waiting for the writer thread; more are dropped (about 10 s of a busy worker)
-    BATCH_S = 0.002  # the writer thread lets records gather this long after the first one of a batch
-    MAX_BATCH = 2048  # records per write
-    YIELD_EVERY = 32  # the writer thread lets the event loop run after formatting this many (~0.2 ms)
+    # ClassVar: class constants, not per-instance attributes, when mypyc compiles this module
+    MAX_PENDING: ClassVar[int] = 512  # records queued before a write is forced (bounds memory and delay under load)
+    MAX_QUEUE: ClassVar[int] = 65_536  # records waiting for the writer thread; more are dropped (about 10 s of a busy worker)
+    BATCH_S: ClassVar[float] = 0.002  # the writer thread lets records gather this long after the first one of a batch
+    MAX_BATCH: ClassVar[int] = 2048  # records per write
+    YIELD_EVERY: ClassVar[int] = 32  # the writer thread lets the event loop run after formatting this many (~0.2 ms)
 
     def __init__(self, streams: Iterable[FlowStream] = (), ring_size: int = 10_000, *, node_name: str | None = None,
-                 max_queue: int = MAX_QUEUE) -> None:
+                 max_queue: int | None = None) -> None:
         self._streams = list(streams)
         self._ring: collections.deque[FlowRecord] = collections.deque(maxlen=ring_size)
         self._lock = threading.Lock()
@@ -866,7 +870,8 @@ class FlowSink:
         self.write_errors = 0
         self.listener_errors = 0
         self.written = 0
-        self.max_queue = max_queue
+        # None = MAX_QUEUE (a default argument cannot name a class attribute when mypyc compiles this module)
+        self.max_queue = self.MAX_QUEUE if max_queue is None else max_queue
         self.dropped = 0  # records the writer thread's queue had no room for
         self.on_dropped: Callable[[], object] | None = None  # called once per dropped record (a metric's inc)
         self._queue: collections.deque[Flow] | None = None  # the writer thread's records to format, once started
@@ -875,7 +880,7 @@ class FlowSink:
         self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._writer_thread: threading.Thread | None = None  # not `_thread`: mypyc would name its C field `__thread`, a C keyword
 
     def start_writer(self, schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
         """Write records on a thread of this sink's own from now on (see the class doc).
@@ -886,7 +891,7 @@ class FlowSink:
         busy 2-core machine, formatting on a second thread costs the loop more than formatting on it,
         because the two threads hand the GIL back and forth (BENCHMARKS.md, issue 11 run 4).
         Does nothing without streams (the ring alone needs no writer) or when already started."""
-        if not self._streams or self._thread is not None:
+        if not self._streams or self._writer_thread is not None:
             return
         self.flush()
         self._stop = False
@@ -897,8 +902,8 @@ class FlowSink:
             self._schedule = schedule
             self._owner = threading.get_ident()
             self._chunks = collections.deque()
-        self._thread = threading.Thread(target=self._writer, name="membrane-flows", daemon=True)
-        self._thread.start()
+        self._writer_thread = threading.Thread(target=self._writer, name="membrane-flows", daemon=True)
+        self._writer_thread.start()
 
     def _hand_pending(self) -> None:
         """Format the records this loop pass emitted (one string) and queue it for the writer thread."""
@@ -943,7 +948,7 @@ class FlowSink:
 
     def _drain(self) -> None:
         """Write everything queued for the writer thread, in order, a batch per write. Never raises."""
-        yielding = threading.current_thread() is self._thread
+        yielding = threading.current_thread() is self._writer_thread
         with self._lock:
             chunks = self._chunks
             while chunks:  # lines formatted on the loop: just write them, many chunks per write
@@ -979,13 +984,13 @@ class FlowSink:
 
     def stop_writer(self) -> None:
         """Stop the writer thread after it wrote what is queued; later records are written as they come."""
-        thread = self._thread
+        thread = self._writer_thread
         if thread is None:
             return
         self._stop = True
         self._wake.set()
         thread.join(timeout=5.0)
-        self._thread = None
+        self._writer_thread = None
         self.flush()  # what the loop still holds goes to the queue, then the queue to the streams
         self._drain()
         self._queue = None

@@ -21,11 +21,12 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from membrane.parsers.events import Direction, DnsQuery, GrpcCall, HttpRequest, KafkaRequest, Reason
 from membrane.policies import FlowResult, FlowVerdict, ParserType, Verdict, VerdictKind, evaluate_request
 from membrane.proxy.flows import DROPPED, ERROR, FORWARDED, REQUEST, Flow, FlowContext, L3L4Flow
+from mypy_extensions import mypyc_attr
 
 L7Request = HttpRequest | GrpcCall | DnsQuery | KafkaRequest
 
@@ -119,6 +120,7 @@ def wall_clock_ns() -> int:
     return time.time_ns()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # proxy/wiring.py: LiveConnectionPolicy
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionPolicy:
     """The two L3/L4 verdicts of one connection (looked up once), judging each of its requests.
@@ -221,10 +223,12 @@ def flow_log(
     )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the HTTP/2 sessions and tests subclass it
 class Session:
     """Base class: bytes pass through unchanged, FIN is relayed, timeouts close. Subclasses judge requests."""
 
-    protocol = "tcp"
+    # ClassVar: each subclass names its own (a compiled class would make these per-instance attribute defaults)
+    protocol: ClassVar[str] = "tcp"
 
     def __init__(self, *, context: FlowContext, clock: Callable[[], int] = wall_clock_ns) -> None:
         self.context = context
@@ -253,7 +257,7 @@ class Session:
     # The client speaks first (HTTP, DNS, Kafka): the server opens the upstream connection only when
     # the first request has been judged and is forwarded, so an idle or slowloris client holds one
     # descriptor, not two. A relay of unknown bytes connects at once (the server may speak first).
-    client_speaks_first = False
+    client_speaks_first: ClassVar[bool] = False
 
     @property
     def delegate(self) -> Session | None:
@@ -325,6 +329,7 @@ class DatagramSession(Protocol):
     def has_outstanding(self) -> bool: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
 class PassThroughSession(Session):
     """A port that policy allows at L3/L4 with no L7 rules: bytes are relayed untouched, nothing is judged."""
 

@@ -37,7 +37,9 @@ from membrane.proxy.session import (
     Action,
     Close,
     ConnectionPolicy,
+    DataReceived,
     Forward,
+    Input,
     Log,
     Reply,
     Session,
@@ -160,6 +162,13 @@ class Http1Session(Session):
         return front.refusal is None and not front.response_started
 
     # --- inputs -----------------------------------------------------------------------------------
+    def handle(self, event: Input) -> list[Action]:
+        # Every read of the connection comes here: bytes go straight to their direction's parser, without
+        # the base class's dispatch (one call fewer, a direct one when compiled); the rest as the base does.
+        if type(event) is DataReceived and not self.closed:
+            return self._client_data(event.data) if event.direction is C2S else self._server_data(event.data)
+        return super().handle(event)
+
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         if direction is C2S:
             return self._client_data(data)

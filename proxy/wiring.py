@@ -135,7 +135,9 @@ def connection_policy(pmap: PolicyMap, peers: Peers, proto: L4Proto) -> Connecti
     return ConnectionPolicy(egress=egress, ingress=ingress, src_endpoint=src.endpoint, dst_endpoint=dst.endpoint)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# Not slots=True: an interpreted slotted dataclass cannot subclass the mypyc-compiled ConnectionPolicy (its
+# slots would shadow the compiled fields, which compiled code then finds unset; native/modules.txt).
+@dataclass(frozen=True, kw_only=True)
 class LiveConnectionPolicy(ConnectionPolicy):
     """A connection's policy that follows reloads: each request is judged by the policy current then.
 

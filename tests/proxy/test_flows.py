@@ -252,7 +252,7 @@ def test_json_line_of_a_repeated_http_record_is_exact() -> None:
 def test_subclass_that_reshapes_the_record_is_written_as_reshaped() -> None:
     """A Flow subclass overriding to_json() (the agent's L3_L4 drop record) reaches the stream in its own shape."""
 
-    @dataclass(slots=True, kw_only=True)
+    @dataclass(kw_only=True)  # not slots=True: Flow may be compiled (native/modules.txt)
     class L4Flow(Flow):
         def to_json(self) -> dict[str, Any]:
             out = Flow.to_json(self)
