@@ -499,17 +499,15 @@ class LeanConnection:
         if self.inbound_window < 0:
             raise WireError("DATA over the connection window", FLOW_CONTROL_ERROR, "flow")
         stream = self.streams.get(stream_id)
-        if stream is None or not stream.remote_open:
-            if stream is None:
-                self._check_not_idle(stream_id)
-            how = self._closed.get(stream_id, _BY_END) if stream is None else _BY_END
-            if stream is not None and stream.closed:
-                how = self._closed.get(stream_id, _BY_END)
+        if stream is None:
+            self._check_not_idle(stream_id)
             # Closed: give the connection window back at once, answer STREAM_CLOSED (h2 does both).
             self._ack_connection(flow)
-            if how != _BY_RESET_SENT or stream is None:
-                self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
+            self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
             return []
+        if not stream.remote_open:  # half-closed (remote): a stream error STREAM_CLOSED (§5.1)
+            self._ack_connection(flow)
+            return self._stream_closed_error(stream_id)
         if self.client_side and not stream.final_response:
             raise WireError("cannot receive data before headers")
         stream.inbound_window -= flow
@@ -524,6 +522,14 @@ class LeanConnection:
             return [DataReceived(stream_id, data, flow, False)]
         self._remote_end(stream_id, stream)
         return [DataReceived(stream_id, data, flow, True), StreamEnded(stream_id)]
+
+    def _stream_closed_error(self, stream_id: int) -> list[WireEvent]:
+        """A frame other than WINDOW_UPDATE, PRIORITY or RST_STREAM on a half-closed (remote) stream: RFC 9113
+        §5.1 makes it a stream error STREAM_CLOSED, so the stream is reset (as by us) and the connection lives
+        on. h2 and nghttp2 do the same; frames after a stream fully closed by END_STREAM stay connection errors."""
+        self._forget(stream_id, _BY_RESET_SENT)
+        self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
+        return [StreamReset(stream_id, STREAM_CLOSED)]
 
     def _remote_end(self, stream_id: int, stream: _Stream) -> None:
         stream.remote_open = False
@@ -573,10 +579,8 @@ class LeanConnection:
                 return [HeadersReceived(REQUEST, stream_id, headers, True), StreamEnded(stream_id)]
             return [HeadersReceived(REQUEST, stream_id, headers, False)]
         headers = self.decoder.decode(block)
-        if not stream.remote_open:
-            if stream.closed:
-                return []
-            raise WireError(f"HEADERS on half-closed stream {stream_id}", STREAM_CLOSED)
+        if not stream.remote_open:  # half-closed (remote): a stream error (§5.1), not a connection error
+            return self._stream_closed_error(stream_id)
         if self.client_side and not stream.final_response:
             status = b""
             for name, value in headers:
