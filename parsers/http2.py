@@ -346,7 +346,9 @@ class _H2Connection:
             elif isinstance(event, h2.events.StreamReset):
                 out.append(http2_wire.StreamReset(event.stream_id or 0, int(event.error_code or 0)))
             elif isinstance(event, h2.events.ConnectionTerminated):
-                out.append(ConnectionTerminated(int(event.error_code or 0), int(event.last_stream_id or 0),
+                # hyperframe keeps GOAWAY's reserved bit in last_stream_id; RFC 9113 §6.8 says to ignore it
+                # (fuzz/http2_frames: corpus diff_goaway_reserved_bit.bin)
+                out.append(ConnectionTerminated(int(event.error_code or 0), int(event.last_stream_id or 0) & 0x7FFFFFFF,
                                                 bytes(event.additional_data or b"")))
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 out.append(FlowChanged())

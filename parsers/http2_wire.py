@@ -322,17 +322,19 @@ class LeanConnection:
         """Handle the whole frame at buf[pos : pos + 9 + length]. Raises WireError (GOAWAY queued)."""
         try:
             return self._frame(buf, pos, length)
-        except HpackTooLarge as e:
+        # One name per clause: mypyc gives an `except ... as` name one type per function, so reusing `e`
+        # for another class makes the second clause fail its own type check (TypeError when compiled).
+        except HpackTooLarge as too_large:
             self.close_connection(PROTOCOL_ERROR)
-            raise WireError(str(e), PROTOCOL_ERROR, "header_list") from e
-        except HpackTableSizeError as e:
+            raise WireError(str(too_large), PROTOCOL_ERROR, "header_list") from too_large
+        except HpackTableSizeError as table_size:
             self.close_connection(COMPRESSION_ERROR)
-            raise WireError(str(e), COMPRESSION_ERROR, "protocol") from e
-        except HpackError as e:
+            raise WireError(str(table_size), COMPRESSION_ERROR, "protocol") from table_size
+        except HpackError as undecodable:
             self.close_connection(COMPRESSION_ERROR)
-            raise WireError(str(e), COMPRESSION_ERROR, "compression") from e
-        except WireError as e:
-            self.close_connection(e.error_code)
+            raise WireError(str(undecodable), COMPRESSION_ERROR, "compression") from undecodable
+        except WireError as wire:
+            self.close_connection(wire.error_code)
             raise
 
     def _frame(self, buf: bytes | bytearray, pos: int, length: int) -> list[WireEvent]:

@@ -710,6 +710,17 @@ def test_client_goaway_and_reset_become_events() -> None:
                                                 GoAway(error_code=0, last_stream_id=1)]
 
 
+def test_goaway_reserved_bit_is_ignored() -> None:
+    """GOAWAY's Last-Stream-ID is 31 bits; the reserved bit is ignored on receipt (RFC 9113 §6.8).
+
+    Found by fuzz/http2_frames (corpus diff_goaway_reserved_bit.bin): hyperframe keeps the bit, the
+    lean layer masks it; the h2 adapter now masks it too.
+    """
+    b = FrameBuilder()
+    wire = client_preface(b) + b.goaway(0xFFFFFFFF, 2)
+    assert Http2ServerSide().feed(wire) == [GoAway(error_code=2, last_stream_id=0x7FFFFFFF)]
+
+
 @pytest.mark.parametrize(("wire", "error", "goaway"), [
     (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", ProtocolViolation, False),  # not HTTP/2: nothing to say in HTTP/2
     (PREFACE + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00", ProtocolViolation, True),  # WINDOW_UPDATE 0
