@@ -89,6 +89,11 @@ _BAD_NAME = re.compile(rb"[^\x21-\x40\x5b-\x7e]|.:")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _GOOD_NAMES: set[bytes] = set()
 _GOOD_NAMES_MAX = 4096
+# Values repeat too (methods, schemes, authorities, user agents, content types); short ones seen valid
+# are remembered the same way (at most 4096 x 128 bytes). HPACK hands back its table's own bytes
+# objects for indexed fields, whose hashes are cached, so a hit is one set lookup.
+_GOOD_VALUES: set[bytes] = set()
+_GOOD_VALUE_LONGEST = 128
 
 
 class WireError(Exception):
@@ -786,6 +791,7 @@ def _validate(headers: list[tuple[bytes, bytes]], kind: int) -> None:
     authority: bytes | None = None
     host: bytes | None = None
     good_names = _GOOD_NAMES
+    good_values = _GOOD_VALUES
     for name, value in headers:
         if name not in good_names:
             if not name:
@@ -794,8 +800,11 @@ def _validate(headers: list[tuple[bytes, bytes]], kind: int) -> None:
                 raise WireError(f"illegal character in header name {name!r}")
             if len(good_names) < _GOOD_NAMES_MAX:
                 good_names.add(name)
-        if value and _BAD_VALUE.search(value) is not None:
-            raise WireError(f"illegal character or surrounding whitespace in header value of {name!r}")
+        if value and value not in good_values:  # a regex search per field was half of this function's time
+            if _BAD_VALUE.search(value) is not None:
+                raise WireError(f"illegal character or surrounding whitespace in header value of {name!r}")
+            if len(value) <= _GOOD_VALUE_LONGEST and len(good_values) < _GOOD_NAMES_MAX:
+                good_values.add(value)
         if name[0] == 0x3A:
             if name in pseudo:
                 raise WireError(f"duplicate pseudo-header {name!r}")
