@@ -346,7 +346,9 @@ class _H2Connection:
             elif isinstance(event, h2.events.StreamReset):
                 out.append(http2_wire.StreamReset(event.stream_id or 0, int(event.error_code or 0)))
             elif isinstance(event, h2.events.ConnectionTerminated):
-                out.append(ConnectionTerminated(int(event.error_code or 0), int(event.last_stream_id or 0),
+                # hyperframe keeps GOAWAY's reserved bit in last_stream_id; RFC 9113 §6.8 says to ignore it
+                # (fuzz/http2_frames: corpus diff_goaway_reserved_bit.bin)
+                out.append(ConnectionTerminated(int(event.error_code or 0), int(event.last_stream_id or 0) & 0x7FFFFFFF,
                                                 bytes(event.additional_data or b"")))
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 out.append(FlowChanged())
@@ -386,13 +388,35 @@ class _H2Connection:
         self.h2.close_connection(error_code)
 
 
+# Header names and short values as text, by their bytes: they repeat on every request and response (HPACK
+# hands back its table's own bytes objects, hashes cached), so a lookup replaces a decode. At most 4096
+# entries of at most 128 bytes; cleared when full.
+_TEXTS: dict[bytes, str] = {}
+_TEXTS_MAX = 4096
+_TEXT_LONGEST = 128
+
+
+def _remember_text(raw: bytes) -> str:
+    text = bytes(raw).decode("latin-1")
+    if len(raw) <= _TEXT_LONGEST:
+        if len(_TEXTS) >= _TEXTS_MAX:
+            _TEXTS.clear()
+        _TEXTS[bytes(raw)] = text
+    return text
+
+
 def _text(headers: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
     """Split an h2 header list into (pseudo-headers, regular headers) as latin-1 text (lossless)."""
     pseudo: dict[str, str] = {}
     regular: list[tuple[str, str]] = []
+    texts = _TEXTS
     for raw_name, raw_value in headers:
-        name = bytes(raw_name).decode("latin-1")
-        value = bytes(raw_value).decode("latin-1")
+        name = texts.get(raw_name) if type(raw_name) is bytes else None  # (h2 may hand back bytearray)
+        if name is None:
+            name = _remember_text(raw_name)
+        value = texts.get(raw_value) if type(raw_value) is bytes else None
+        if value is None:
+            value = _remember_text(raw_value)
         if name.startswith(":"):
             pseudo[name] = value
         else:

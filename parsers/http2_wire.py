@@ -89,6 +89,11 @@ _BAD_NAME = re.compile(rb"[^\x21-\x40\x5b-\x7e]|.:")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _GOOD_NAMES: set[bytes] = set()
 _GOOD_NAMES_MAX = 4096
+# Values repeat too (methods, schemes, authorities, user agents, content types); short ones seen valid
+# are remembered the same way (at most 4096 x 128 bytes). HPACK hands back its table's own bytes
+# objects for indexed fields, whose hashes are cached, so a hit is one set lookup.
+_GOOD_VALUES: set[bytes] = set()
+_GOOD_VALUE_LONGEST = 128
 
 
 class WireError(Exception):
@@ -322,17 +327,19 @@ class LeanConnection:
         """Handle the whole frame at buf[pos : pos + 9 + length]. Raises WireError (GOAWAY queued)."""
         try:
             return self._frame(buf, pos, length)
-        except HpackTooLarge as e:
+        # One name per clause: mypyc gives an `except ... as` name one type per function, so reusing `e`
+        # for another class makes the second clause fail its own type check (TypeError when compiled).
+        except HpackTooLarge as too_large:
             self.close_connection(PROTOCOL_ERROR)
-            raise WireError(str(e), PROTOCOL_ERROR, "header_list") from e
-        except HpackTableSizeError as e:
+            raise WireError(str(too_large), PROTOCOL_ERROR, "header_list") from too_large
+        except HpackTableSizeError as table_size:
             self.close_connection(COMPRESSION_ERROR)
-            raise WireError(str(e), COMPRESSION_ERROR, "protocol") from e
-        except HpackError as e:
+            raise WireError(str(table_size), COMPRESSION_ERROR, "protocol") from table_size
+        except HpackError as undecodable:
             self.close_connection(COMPRESSION_ERROR)
-            raise WireError(str(e), COMPRESSION_ERROR, "compression") from e
-        except WireError as e:
-            self.close_connection(e.error_code)
+            raise WireError(str(undecodable), COMPRESSION_ERROR, "compression") from undecodable
+        except WireError as wire:
+            self.close_connection(wire.error_code)
             raise
 
     def _frame(self, buf: bytes | bytearray, pos: int, length: int) -> list[WireEvent]:
@@ -499,17 +506,15 @@ class LeanConnection:
         if self.inbound_window < 0:
             raise WireError("DATA over the connection window", FLOW_CONTROL_ERROR, "flow")
         stream = self.streams.get(stream_id)
-        if stream is None or not stream.remote_open:
-            if stream is None:
-                self._check_not_idle(stream_id)
-            how = self._closed.get(stream_id, _BY_END) if stream is None else _BY_END
-            if stream is not None and stream.closed:
-                how = self._closed.get(stream_id, _BY_END)
+        if stream is None:
+            self._check_not_idle(stream_id)
             # Closed: give the connection window back at once, answer STREAM_CLOSED (h2 does both).
             self._ack_connection(flow)
-            if how != _BY_RESET_SENT or stream is None:
-                self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
+            self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
             return []
+        if not stream.remote_open:  # half-closed (remote): a stream error STREAM_CLOSED (§5.1)
+            self._ack_connection(flow)
+            return self._stream_closed_error(stream_id)
         if self.client_side and not stream.final_response:
             raise WireError("cannot receive data before headers")
         stream.inbound_window -= flow
@@ -524,6 +529,14 @@ class LeanConnection:
             return [DataReceived(stream_id, data, flow, False)]
         self._remote_end(stream_id, stream)
         return [DataReceived(stream_id, data, flow, True), StreamEnded(stream_id)]
+
+    def _stream_closed_error(self, stream_id: int) -> list[WireEvent]:
+        """A frame other than WINDOW_UPDATE, PRIORITY or RST_STREAM on a half-closed (remote) stream: RFC 9113
+        §5.1 makes it a stream error STREAM_CLOSED, so the stream is reset (as by us) and the connection lives
+        on. h2 and nghttp2 do the same; frames after a stream fully closed by END_STREAM stay connection errors."""
+        self._forget(stream_id, _BY_RESET_SENT)
+        self._out.append(frame(RST_STREAM, 0, stream_id, STREAM_CLOSED.to_bytes(4, "big")))
+        return [StreamReset(stream_id, STREAM_CLOSED)]
 
     def _remote_end(self, stream_id: int, stream: _Stream) -> None:
         stream.remote_open = False
@@ -573,10 +586,8 @@ class LeanConnection:
                 return [HeadersReceived(REQUEST, stream_id, headers, True), StreamEnded(stream_id)]
             return [HeadersReceived(REQUEST, stream_id, headers, False)]
         headers = self.decoder.decode(block)
-        if not stream.remote_open:
-            if stream.closed:
-                return []
-            raise WireError(f"HEADERS on half-closed stream {stream_id}", STREAM_CLOSED)
+        if not stream.remote_open:  # half-closed (remote): a stream error (§5.1), not a connection error
+            return self._stream_closed_error(stream_id)
         if self.client_side and not stream.final_response:
             status = b""
             for name, value in headers:
@@ -780,6 +791,7 @@ def _validate(headers: list[tuple[bytes, bytes]], kind: int) -> None:
     authority: bytes | None = None
     host: bytes | None = None
     good_names = _GOOD_NAMES
+    good_values = _GOOD_VALUES
     for name, value in headers:
         if name not in good_names:
             if not name:
@@ -788,8 +800,11 @@ def _validate(headers: list[tuple[bytes, bytes]], kind: int) -> None:
                 raise WireError(f"illegal character in header name {name!r}")
             if len(good_names) < _GOOD_NAMES_MAX:
                 good_names.add(name)
-        if value and _BAD_VALUE.search(value) is not None:
-            raise WireError(f"illegal character or surrounding whitespace in header value of {name!r}")
+        if value and value not in good_values:  # a regex search per field was half of this function's time
+            if _BAD_VALUE.search(value) is not None:
+                raise WireError(f"illegal character or surrounding whitespace in header value of {name!r}")
+            if len(value) <= _GOOD_VALUE_LONGEST and len(good_values) < _GOOD_NAMES_MAX:
+                good_values.add(value)
         if name[0] == 0x3A:
             if name in pseudo:
                 raise WireError(f"duplicate pseudo-header {name!r}")

@@ -650,6 +650,32 @@ def test_stream_reset_here_takes_effect_for_the_rest_of_the_same_read() -> None:
                           HttpResponse(status=204, http_version="2", stream_id=3), EndOfMessage(stream_id=3)]
 
 
+@pytest.mark.parametrize("late", ["headers", "data"])
+def test_frame_on_half_closed_remote_stream_resets_only_that_stream(late: str) -> None:
+    """HEADERS or DATA after the upstream ended a stream we still send on (half-closed (remote)) is a stream
+    error STREAM_CLOSED (RFC 9113 §5.1): RST_STREAM on that stream, the connection and other streams go on.
+
+    Found by fuzz/http2_frames (corpus diff_headers_on_half_closed_remote.bin): the lean layer made it a
+    connection error, h2 (and nghttp2) a stream error.
+    """
+    up = Http2ClientSide()
+    for sid in (1, 3):
+        up.send_request(HttpRequest(method="POST", target="/", path="/", host="a", stream_id=sid, http_version="2",
+                                    has_body=True))
+    up.data_to_send()
+    b = FrameBuilder()
+    late_frame = b.headers(1, [(":status", "200")]) if late == "headers" else b.data(1, b"late")
+    wire = (b.settings() + b.headers(1, [(":status", "204")], end_stream=True) + late_frame
+            + b.headers(3, [(":status", "204")], end_stream=True))
+    events = up.feed(wire)
+    assert events == [HttpResponse(status=204, http_version="2", stream_id=1), EndOfMessage(stream_id=1),
+                      StreamReset(stream_id=1, error_code=ErrorCode.STREAM_CLOSED),
+                      HttpResponse(status=204, http_version="2", stream_id=3), EndOfMessage(stream_id=3)]
+    sent = up.data_to_send()
+    assert b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x05" in sent  # RST_STREAM(1, STREAM_CLOSED)
+    assert b"\x07\x00\x00\x00\x00\x00" not in sent  # no GOAWAY
+
+
 def test_push_promise_from_upstream_is_a_protocol_error() -> None:
     """The client side disables push (SETTINGS_ENABLE_PUSH=0); a PUSH_PROMISE is then a connection error (RFC 9113 §8.4)."""
     up = Http2ClientSide()
@@ -682,6 +708,17 @@ def test_client_goaway_and_reset_become_events() -> None:
     wire = client_preface(b) + b.headers(1, request_headers("/a", method="POST")) + b.rst_stream(1, 8) + b.goaway(1)
     assert Http2ServerSide().feed(wire)[1:] == [StreamReset(stream_id=1, error_code=8),
                                                 GoAway(error_code=0, last_stream_id=1)]
+
+
+def test_goaway_reserved_bit_is_ignored() -> None:
+    """GOAWAY's Last-Stream-ID is 31 bits; the reserved bit is ignored on receipt (RFC 9113 §6.8).
+
+    Found by fuzz/http2_frames (corpus diff_goaway_reserved_bit.bin): hyperframe keeps the bit, the
+    lean layer masks it; the h2 adapter now masks it too.
+    """
+    b = FrameBuilder()
+    wire = client_preface(b) + b.goaway(0xFFFFFFFF, 2)
+    assert Http2ServerSide().feed(wire) == [GoAway(error_code=2, last_stream_id=0x7FFFFFFF)]
 
 
 @pytest.mark.parametrize(("wire", "error", "goaway"), [
