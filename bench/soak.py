@@ -47,6 +47,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -160,7 +161,10 @@ def outcome(stub):
     try:
         stub(b"soak", timeout=5); return "ok"
     except grpc.RpcError as e:
-        return "denied" if e.code() == grpc.StatusCode.PERMISSION_DENIED else "error:" + e.code().name
+        if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+            return "denied"
+        print(f"{time.monotonic():.4f} {e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+        return "error:" + e.code().name
 def on_shared(method):
     stub = shared.unary_unary(method)
     return lambda: outcome(stub)
@@ -640,6 +644,8 @@ def soak(minutes: float, policy_period: float, workers: int, keep_log: Path | No
             stderr = run.agent.stderr_path.read_text(errors="replace")
             if keep_log is not None:
                 keep_log.write_text(stderr)
+                for f in sorted(run.workdir.glob("*.log")) + sorted(run.workdir.glob("*.err")):
+                    shutil.copy(f, keep_log.with_name(f"{keep_log.stem}.{f.name}"))
         finally:
             (run.workdir / "stop").touch()
             run.stop.set()
@@ -664,7 +670,7 @@ def soak(minutes: float, policy_period: float, workers: int, keep_log: Path | No
     criteria = _criteria(run, results, memory, agent_exit, left)
     log_lines = stderr.splitlines()
     results.update({
-        "minutes": minutes, "duration_s": round(t_end - t_start, 1), "warmup_s": warmup, "workers": workers,
+        "t_start_monotonic": t_start, "minutes": minutes, "duration_s": round(t_end - t_start, 1), "warmup_s": warmup, "workers": workers,
         "policy_period_s": policy_period, "memory": memory, "samples": run.samples, "problems": run.problems,
         "agent_exit": agent_exit, "left_behind": left, "agent_sockets_at_end": sockets,
         "agent_log": {"lines": len(log_lines), "errors": sum(" ERROR " in ln or "Traceback" in ln for ln in log_lines),
