@@ -408,9 +408,12 @@ def sample(pid: int, t: float) -> dict[str, Any]:
     procs = {}
     for p in _proc_tree(pid):
         with contextlib.suppress(OSError, ValueError):
-            rss = next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))
-            procs[str(p)] = {"rss_kb": rss, "fds": len(os.listdir(f"/proc/{p}/fd"))}
+            status = {k: v.split()[0] for k, _, v in (line.partition(":") for line in
+                                                        Path(f"/proc/{p}/status").read_text().splitlines()) if v.strip()}
+            # RssAnon (heap: Python objects, malloc arenas, bcc/LLVM) apart from RssFile (mapped libraries)
+            procs[str(p)] = {"rss_kb": int(status["VmRSS"]), "anon_kb": int(status.get("RssAnon", 0)),
+                             "file_kb": int(status.get("RssFile", 0)), "threads": int(status.get("Threads", 0)),
+                             "fds": len(os.listdir(f"/proc/{p}/fd"))}
     udp_peers = sum(v for k, v in socket_summary([int(p) for p in procs]).items() if k.startswith("udp ESTAB"))
     return {"t": t, "procs": procs, "rss_kb": sum(v["rss_kb"] for v in procs.values()),
             "fds": sum(v["fds"] for v in procs.values()), "udp_peer_sockets": udp_peers}

@@ -498,12 +498,15 @@ class Connection(asyncio.Protocol):
         Transparent mode: once the client has acknowledged every byte it is reset (SO_LINGER 0): no
         TIME_WAIT, and the client, which has everything in its receive queue, reads it all before
         the reset shows. A FIN is sent instead when the client already sent its own (a passive close
-        leaves no TIME_WAIT) or the upstream closed first (the EOF may delimit the last response or
-        relay the server's end of a stream: it must arrive as EOF). While it waits, a client FIN
+        leaves no TIME_WAIT) or the upstream closed first and its EOF means something (it may delimit
+        the last response or relay the server's end of a stream: it must arrive as EOF; an HTTP/1
+        upstream closing between framed responses does not, `Session.upstream_eof_delimits`). While it waits, a client FIN
         closes it normally (`eof_received` returns False once the connection is closed); later
         client bytes are dropped.
         """
-        if not self.proxy.config.transparent or self.client_eof or self.upstream_eof_seen:
+        session = self.session
+        delimits = self.upstream_eof_seen and (session is None or session.upstream_eof_delimits)
+        if not self.proxy.config.transparent or self.client_eof or delimits:
             transport.close()
             return
         loop = asyncio.get_running_loop()
