@@ -47,6 +47,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -160,7 +161,10 @@ def outcome(stub):
     try:
         stub(b"soak", timeout=5); return "ok"
     except grpc.RpcError as e:
-        return "denied" if e.code() == grpc.StatusCode.PERMISSION_DENIED else "error:" + e.code().name
+        if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+            return "denied"
+        print(f"{time.monotonic():.4f} {e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+        return "error:" + e.code().name
 def on_shared(method):
     stub = shared.unary_unary(method)
     return lambda: outcome(stub)
@@ -404,9 +408,12 @@ def sample(pid: int, t: float) -> dict[str, Any]:
     procs = {}
     for p in _proc_tree(pid):
         with contextlib.suppress(OSError, ValueError):
-            rss = next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))
-            procs[str(p)] = {"rss_kb": rss, "fds": len(os.listdir(f"/proc/{p}/fd"))}
+            status = {k: v.split()[0] for k, _, v in (line.partition(":") for line in
+                                                        Path(f"/proc/{p}/status").read_text().splitlines()) if v.strip()}
+            # RssAnon (heap: Python objects, malloc arenas, bcc/LLVM) apart from RssFile (mapped libraries)
+            procs[str(p)] = {"rss_kb": int(status["VmRSS"]), "anon_kb": int(status.get("RssAnon", 0)),
+                             "file_kb": int(status.get("RssFile", 0)), "threads": int(status.get("Threads", 0)),
+                             "fds": len(os.listdir(f"/proc/{p}/fd"))}
     udp_peers = sum(v for k, v in socket_summary([int(p) for p in procs]).items() if k.startswith("udp ESTAB"))
     return {"t": t, "procs": procs, "rss_kb": sum(v["rss_kb"] for v in procs.values()),
             "fds": sum(v["fds"] for v in procs.values()), "udp_peer_sockets": udp_peers}
@@ -640,6 +647,8 @@ def soak(minutes: float, policy_period: float, workers: int, keep_log: Path | No
             stderr = run.agent.stderr_path.read_text(errors="replace")
             if keep_log is not None:
                 keep_log.write_text(stderr)
+                for f in sorted(run.workdir.glob("*.log")) + sorted(run.workdir.glob("*.err")):
+                    shutil.copy(f, keep_log.with_name(f"{keep_log.stem}.{f.name}"))
         finally:
             (run.workdir / "stop").touch()
             run.stop.set()
@@ -664,7 +673,7 @@ def soak(minutes: float, policy_period: float, workers: int, keep_log: Path | No
     criteria = _criteria(run, results, memory, agent_exit, left)
     log_lines = stderr.splitlines()
     results.update({
-        "minutes": minutes, "duration_s": round(t_end - t_start, 1), "warmup_s": warmup, "workers": workers,
+        "t_start_monotonic": t_start, "minutes": minutes, "duration_s": round(t_end - t_start, 1), "warmup_s": warmup, "workers": workers,
         "policy_period_s": policy_period, "memory": memory, "samples": run.samples, "problems": run.problems,
         "agent_exit": agent_exit, "left_behind": left, "agent_sockets_at_end": sockets,
         "agent_log": {"lines": len(log_lines), "errors": sum(" ERROR " in ln or "Traceback" in ln for ln in log_lines),

@@ -68,6 +68,10 @@ Address = tuple[str, int]
 # before it is reset (see `_close_client`); a client that has not acknowledged by then gets a FIN.
 CLIENT_ACK_WAIT_S = 2.0
 
+# Draining closes idle connections, but one accepted just before the listeners stopped (a hand-over) has its
+# first request on the way: it is given this long to arrive and be served instead of a reset.
+DRAIN_FIRST_REQUEST_S = 1.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProxyConfig:
@@ -158,7 +162,8 @@ class Connection(asyncio.Protocol):
         self.client_eof_sent = False  # write_eof() done on the client: nothing more can be written to it
         self.closed = False
         self.counted = False
-        self.last_activity = proxy.clock()
+        self.last_activity = self.accepted_at = proxy.clock()
+        self.client_spoke = False  # the client has sent bytes (drain: a silent new connection gets a grace)
         self.head_started: float | None = None
         self.held: list[Action] | None = None  # actions waiting behind a Learn the proxy's hook is carrying out
         self._client_pauses: set[str] = set()
@@ -256,6 +261,7 @@ class Connection(asyncio.Protocol):
         if session is None or self.closed:
             return
         self.last_activity = now = self.proxy.clock()
+        self.client_spoke = True
         self.apply(session.handle(DataReceived(C2S, data)))
         delegate = session.delegate
         if delegate is not None:  # the protocol is known: talk to its session directly from now on
@@ -443,6 +449,11 @@ class Connection(asyncio.Protocol):
         if not on and self.upstream is None:
             self._upstream_pauses.add(why)
 
+    def drain_may_close(self, now: float) -> bool:
+        """While draining, an idle connection closes at once, unless it is new and silent: its first request
+        may be on the way (accepted just before the listeners stopped), so it gets DRAIN_FIRST_REQUEST_S."""
+        return self.client_spoke or now - self.accepted_at >= DRAIN_FIRST_REQUEST_S
+
     def timeout(self, kind: TimeoutKind) -> None:
         if self.session is None or self.closed:
             return
@@ -498,12 +509,15 @@ class Connection(asyncio.Protocol):
         Transparent mode: once the client has acknowledged every byte it is reset (SO_LINGER 0): no
         TIME_WAIT, and the client, which has everything in its receive queue, reads it all before
         the reset shows. A FIN is sent instead when the client already sent its own (a passive close
-        leaves no TIME_WAIT) or the upstream closed first (the EOF may delimit the last response or
-        relay the server's end of a stream: it must arrive as EOF). While it waits, a client FIN
+        leaves no TIME_WAIT) or the upstream closed first and its EOF means something (it may delimit
+        the last response or relay the server's end of a stream: it must arrive as EOF; an HTTP/1
+        upstream closing between framed responses does not, `Session.upstream_eof_delimits`). While it waits, a client FIN
         closes it normally (`eof_received` returns False once the connection is closed); later
         client bytes are dropped.
         """
-        if not self.proxy.config.transparent or self.client_eof or self.upstream_eof_seen:
+        session = self.session
+        delimits = self.upstream_eof_seen and (session is None or session.upstream_eof_delimits)
+        if not self.proxy.config.transparent or self.client_eof or delimits:
             transport.close()
             return
         loop = asyncio.get_running_loop()
@@ -813,7 +827,8 @@ class Proxy:
                 if conn.closed or session is None:
                     continue
                 if self.draining and session.is_idle:
-                    conn.timeout(TimeoutKind.DRAIN)
+                    if conn.drain_may_close(now):
+                        conn.timeout(TimeoutKind.DRAIN)
                 elif conn.head_started is not None and now - conn.head_started > config.header_timeout_s:
                     conn.timeout(TimeoutKind.HEADER)
                 elif now - conn.last_activity > config.idle_timeout_s:
@@ -842,8 +857,9 @@ class Proxy:
             server.close()
         deadline = self.clock() + self.config.drain_timeout_s
         while (self.connections or any(u.has_outstanding for u in self._udp)) and self.clock() < deadline:
+            now = self.clock()
             for conn in list(self.connections):
-                if conn.session is not None and conn.session.is_idle:
+                if conn.session is not None and conn.session.is_idle and conn.drain_may_close(now):
                     conn.timeout(TimeoutKind.DRAIN)
             await asyncio.sleep(0.02)
         for conn in list(self.connections):

@@ -259,6 +259,12 @@ class Session:
     # descriptor, not two. A relay of unknown bytes connects at once (the server may speak first).
     client_speaks_first: ClassVar[bool] = False
 
+    # The upstream's EOF may mean something to the client (it ends a close-delimited body, or a
+    # stream the server finished), so the server relays it as a FIN. A session sets this False when
+    # the EOF ended nothing (HTTP/1 between framed responses): the server may then close the
+    # client leg without a FIN of its own, which would leave TIME_WAIT on the pod's tuple.
+    upstream_eof_delimits = True
+
     @property
     def delegate(self) -> Session | None:
         """A session that takes over from this one (a sniffing session, once it knows the protocol):

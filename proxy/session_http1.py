@@ -115,6 +115,9 @@ class _Stats:
     responses: int = 0
 
 
+_BETWEEN_RESPONSES = frozenset({http1.State.IDLE, http1.State.MUST_CLOSE})
+
+
 class Http1Session(Session):
     """HTTP/1.1 between one client and its upstream, judged per request."""
 
@@ -175,6 +178,8 @@ class Http1Session(Session):
         return self._server_data(data)
 
     def on_peer_closed(self, direction: Direction) -> list[Action]:
+        # The upstream closing between responses (after a `Connection: close` one) ends no message.
+        between = direction is S2C and not self._tunnel and self.responses.state in _BETWEEN_RESPONSES
         try:
             events = (self.requests if direction is C2S else self.responses).feed_eof()
         except ParseError:
@@ -199,6 +204,12 @@ class Http1Session(Session):
                 actions.append(Reply(pending.refusal))
                 actions.append(self._response_flow(pending, pending.status, FORWARDED, None, proxy_answer=True))
         if self.closed:
+            return actions
+        if between and not self._order:
+            # Every response is framed and delivered: the EOF carries nothing for the client, so the
+            # connection ends now without a FIN of ours first (see Session.upstream_eof_delimits).
+            self.upstream_eof_delimits = False
+            actions.extend(self.close())
             return actions
         actions.extend(super().on_peer_closed(direction))
         return actions

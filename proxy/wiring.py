@@ -24,6 +24,7 @@ from typing import Protocol
 from membrane.parsers.events import Reason
 from membrane.policies import FlowResult, L4Proto, ParserType, PolicyDirection, PolicyMap
 from membrane.policies.compile import Peer as PolicyPeer
+from membrane.policies.flow import forget_memo
 from membrane.proxy.flows import DROPPED, EGRESS, INGRESS, REQUEST, FlowContext, FlowSink, L3L4Flow, Peer
 from membrane.proxy.server import Address, ConnectionInfo
 from membrane.proxy.session import (
@@ -53,6 +54,7 @@ class LivePolicy:
     def replace(self, pmap: PolicyMap) -> None:
         self.pmap = pmap
         self.generation += 1
+        forget_memo()  # its entries would keep the old policy's verdicts alive
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -81,6 +81,26 @@ while True:
 """
 
 
+# A server that answers one framed keep-alive response per connection and then closes on its own
+# (an upstream's keep-alive timeout): its EOF ends no message. argv: PORT
+KEEPALIVE_CLOSING_SERVER = """
+import socket, sys
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=64)
+print("ready", flush=True)
+while True:
+    c, (ip, _) = srv.accept()
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    body = f"hello {ip} keep-alive".encode()
+    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+    c.close()
+"""
+
+
 def _narrow_ports(topo: Topology, name: str) -> None:
     lo = 40000
     topo.pods[name].run(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={lo} {lo + PORTS - 1}"])
@@ -95,7 +115,15 @@ def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: st
     agent = start_agent([HTTP_POLICY], eps, tmp_path)
     agent_box.append(agent)
     _narrow_ports(topo, "backend")
-    if mode == "curl":
+    if mode == "server-closes":
+        # keep-alive requests; the client reads the response and closes only after the server's EOF came
+        script = CLIENT.replace("c.close()", "time.sleep(0.05); c.close()").replace("import http.client", "import time, http.client")
+        out = be.run([sys.executable, "-c", script, str(fe.ipv4), str(PORTS * ROUNDS), "2", "keep"], check=False, timeout=120)
+        lines = out.stdout.splitlines()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert len(lines) == PORTS * ROUNDS
+        assert len({line.split()[1] for line in lines}) <= PORTS
+    elif mode == "curl":
         # curl's own exit status per request (28 = timed out); every response body in full
         script = f"for i in $(seq {PORTS * ROUNDS}); do curl -s -m 2 -H 'Connection: close' http://{fe.ipv4}/api; echo \" rc=$?\"; done"
         out = be.run(["sh", "-c", script], check=False, timeout=120)
@@ -136,3 +164,10 @@ def test_server_closing_first_reuses_ports(tmp_path: Path, agent_box: list[Agent
     meets the TIME_WAIT goes through the kernel's TIME_WAIT handling and mbr_sk_lookup to the proxy)."""
     with topology("frontend", "backend") as topo:
         _run(topo, tmp_path, agent_box, "http10", server=CLOSING_SERVER, family=family)
+
+
+def test_upstream_closing_keep_alive_connections_reuses_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
+    """The upstream closes each keep-alive connection after a framed response (its EOF ends nothing): the
+    proxy leaves no TIME_WAIT on the pod's tuple, so 5 connections per source port are all answered."""
+    with topology("frontend", "backend") as topo:
+        _run(topo, tmp_path, agent_box, "server-closes", server=KEEPALIVE_CLOSING_SERVER)

@@ -97,6 +97,8 @@ def test_handover_under_load_fails_no_request_and_keeps_denying(
     finally:
         results = load.stop()
     failed = [line for line in load.lines if line.split()[1] not in ("200", "403", "retry")]
+    print(f"hand-over ({workers} worker(s)): requests {({k: len(v) for k, v in results.items()})}, failed {len(failed)}, "
+          f"ready after {marks['ready'] - marks['start']:.2f} s, old exit after {marks['old_exit'] - marks['start']:.2f} s")
     if failed:
         print("FAILED", failed, marks, "\n--- first\n", first.stderr_path.read_text()[-3000:],
               "\n--- second\n", second.stderr_path.read_text()[-3000:])

@@ -346,6 +346,37 @@ def test_internal_error_closes_only_that_connection() -> None:
     run(main)
 
 
+def test_drain_serves_the_first_request_of_a_connection_accepted_just_before() -> None:
+    """A hand-over stops the old agent's listeners and drains it: a connection it accepted just before, whose
+    first request arrives after the drain began, is served (not reset as idle); a silent one closes after
+    DRAIN_FIRST_REQUEST_S."""
+
+    class IdleUntilSpoken(_HeadSession):  # as HTTP/1: idle before the first request and between exchanges
+        @property
+        def is_idle(self) -> bool:
+            return self.seen_head or not self.buf
+
+    async def main() -> None:
+        async with echo_server() as (eport, _):
+            sock = listening_socket("127.0.0.1", 0)
+            port = sock.getsockname()[1]
+            proxy = Proxy(config=ProxyConfig(drain_timeout_s=3.0), factory=IdleUntilSpoken, upstream=("127.0.0.1", eport))
+            await proxy.start([sock])
+            r_late, w_late = await asyncio.open_connection("127.0.0.1", port)
+            r_silent, _w_silent = await asyncio.open_connection("127.0.0.1", port)
+            while len(proxy.connections) < 2:
+                await asyncio.sleep(0.01)
+            drain = asyncio.get_running_loop().create_task(proxy.drain())
+            await asyncio.sleep(0.2)  # two drain rounds: an idle connection that had spoken would be closed by now
+            w_late.write(b"late\n")
+            assert await asyncio.wait_for(r_late.readexactly(5), 2) == b"late\n"
+            assert (await asyncio.wait_for(r_silent.read(), 3)).endswith(b"timeout drain\n")
+            await asyncio.wait_for(drain, 4)
+            assert not proxy.connections
+
+    run(main)
+
+
 def test_drain_waits_for_busy_connections_and_closes_idle_ones() -> None:
     """On drain, idle connections close at once, listeners stop, and a request in flight completes."""
 

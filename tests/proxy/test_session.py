@@ -292,6 +292,39 @@ def test_header_timeout_and_idle_timeout() -> None:
     assert not idle.reading_head
 
 
+def test_upstream_closing_between_responses_ends_the_connection_without_relaying_its_eof() -> None:
+    """An upstream that closes a keep-alive connection after a framed response ends nothing the client
+    reads: the session closes the whole connection and says the EOF meant nothing (the server then
+    resets the pod-facing leg once the client acknowledged everything, leaving no TIME_WAIT) instead
+    of relaying the FIN. A body read until close is ended by the EOF: that one still goes out as a FIN."""
+    head, body = response(b"ok")
+    framed = http_session()
+    assert (
+        Playbook(framed)
+        >> DataReceived(C2S, get("/api"))
+        << Forward(C2S, get("/api"))
+        >> DataReceived(S2C, head + body)
+        << Forward(S2C, head)
+        << Forward(S2C, body)
+        >> PeerClosed(S2C)
+        << Close()
+    )
+    assert (framed.delegate or framed).upstream_eof_delimits is False  # the HTTP/1 session the server talks to
+    until_close = http_session()
+    open_ended = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+    assert (
+        Playbook(until_close)
+        >> DataReceived(C2S, get("/api"))
+        << Forward(C2S, get("/api"))
+        >> DataReceived(S2C, open_ended + b"partial")
+        << Forward(S2C, open_ended)
+        << Forward(S2C, b"partial")
+        >> PeerClosed(S2C)
+        << Close()
+    )
+    assert (until_close.delegate or until_close).upstream_eof_delimits is True
+
+
 def test_header_match_replace_applied_to_forwarded_head() -> None:
     """`headerMatches` mismatch REPLACE rewrites the header in the forwarded request (Cilium header actions)."""
     assert (
