@@ -11,6 +11,7 @@ never calls out: a session is pure.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from membrane.parsers import dns
 from membrane.parsers.dns import HEADER_BYTES
@@ -36,6 +37,7 @@ from membrane.proxy.session import (
 _QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 65: "HTTPS", 255: "ANY"}
 
 
+_T = TypeVar("_T")
 MAX_OUTSTANDING = 1024  # forwarded, unanswered queries per TCP connection or UDP peer
 
 # Messages are read once per distinct content: a resolver or node-local cache repeats the same few
@@ -102,34 +104,38 @@ _ANSWERS: dict[bytes, _AnswerInfo] = {}
 
 def _query_info(query: DnsQuery) -> _QueryInfo:
     """The (cached) reading of `query`'s bytes."""
-    raw = query.raw
-    cacheable = HEADER_BYTES <= len(raw) <= MAX_CACHED_MESSAGE_BYTES
-    if cacheable:
-        info = _QUERIES.get(raw[2:])
-        if info is not None:
-            return info
-    info = _QueryInfo(query)
-    if cacheable:
-        if len(_QUERIES) >= MAX_CACHED_MESSAGES:
-            _QUERIES.clear()
-        _QUERIES[raw[2:]] = info
+    info = _cached(_QUERIES, query.raw)
+    if info is None:
+        info = _QueryInfo(query)
+        _remember(_QUERIES, query.raw, info)
     return info
 
 
 def _answer_info(response: DnsResponse) -> _AnswerInfo:
     """The (cached) reading of `response`'s bytes."""
-    raw = response.raw
-    cacheable = HEADER_BYTES <= len(raw) <= MAX_CACHED_MESSAGE_BYTES
-    if cacheable:
-        info = _ANSWERS.get(raw[2:])
-        if info is not None:
-            return info
-    info = _AnswerInfo(response)
-    if cacheable:
-        if len(_ANSWERS) >= MAX_CACHED_MESSAGES:
-            _ANSWERS.clear()
-        _ANSWERS[raw[2:]] = info
+    info = _cached(_ANSWERS, response.raw)
+    if info is None:
+        info = _AnswerInfo(response)
+        _remember(_ANSWERS, response.raw, info)
     return info
+
+
+def _cacheable(raw: bytes) -> bool:
+    return HEADER_BYTES <= len(raw) <= MAX_CACHED_MESSAGE_BYTES
+
+
+def _cached(table: dict[bytes, _T], raw: bytes) -> _T | None:
+    """What `table` holds for a message with these bytes after its ID (None: not cached or not cacheable)."""
+    return table.get(raw[2:]) if _cacheable(raw) else None
+
+
+def _remember(table: dict[bytes, _T], raw: bytes, info: _T) -> None:
+    """Keep `info` for these bytes after the ID; a full table starts afresh (bounded by MAX_CACHED_MESSAGES)."""
+    if not _cacheable(raw):
+        return
+    if len(table) >= MAX_CACHED_MESSAGES:
+        table.clear()
+    table[raw[2:]] = info
 
 
 def _with_raw(query: DnsQuery, qid: int, raw: bytes) -> DnsQuery:
