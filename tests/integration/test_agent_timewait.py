@@ -53,11 +53,14 @@ sys.exit(1 if bad else 0)
 """
 
 
-# A server that ends every response by closing (HTTP/1.0, no Content-Length: the body is close-delimited),
-# so the upstream closes first and the proxy's pod-facing socket closes first in turn: its TIME_WAIT
-# in the host netns holds the pod's tuple. argv: PORT.
+# A server that closes every connection after one response, so the upstream closes first. argv: PORT MODE.
+# MODE "delimited": HTTP/1.0 with no Content-Length, the EOF ends the body, so the proxy must pass it on as
+# a FIN and its pod-facing socket keeps a TIME_WAIT with the pod's tuple in the host netns. MODE "framed":
+# a keep-alive response with Content-Length, then the close (an upstream's keep-alive timeout): the EOF
+# ends no message.
 CLOSING_SERVER = """
 import socket, sys, threading
+framed = sys.argv[2] == "framed"
 def serve(c, peer):
     with c:
         data = b""
@@ -67,8 +70,11 @@ def serve(c, peer):
                 return
             data += chunk
         path = data.split(b" ", 2)[1].decode()
-        client = peer[0].removeprefix("::ffff:")
-        c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n" + f"hello {client} GET {path}\\n".encode())
+        body = f"hello {peer[0].removeprefix('::ffff:')} GET {path}\\n".encode()
+        if framed:
+            c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+        else:
+            c.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n" + body)
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -81,35 +87,15 @@ while True:
 """
 
 
-# A server that answers one framed keep-alive response per connection and then closes on its own
-# (an upstream's keep-alive timeout): its EOF ends no message. argv: PORT
-KEEPALIVE_CLOSING_SERVER = """
-import socket, sys
-srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=64)
-print("ready", flush=True)
-while True:
-    c, (ip, _) = srv.accept()
-    data = b""
-    while b"\\r\\n\\r\\n" not in data:
-        chunk = c.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    body = f"hello {ip} keep-alive".encode()
-    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
-    c.close()
-"""
-
-
 def _narrow_ports(topo: Topology, name: str) -> None:
     lo = 40000
     topo.pods[name].run(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={lo} {lo + PORTS - 1}"])
 
 
 def _run(topo: Topology, tmp_path: Path, agent_box: list[AgentProcess], mode: str,  # noqa: F811
-         server: str = HTTP_SERVER, family: int = 4) -> None:
+         server: tuple[str, ...] = (HTTP_SERVER,), family: int = 4) -> None:
     fe, be = topo.pods["frontend"], topo.pods["backend"]
-    start_server(topo, fe, server, "80")
+    start_server(topo, fe, server[0], "80", *server[1:])
     eps = tmp_path / "endpoints.yaml"
     eps.write_text(endpoints_yaml(topo, {}))
     agent = start_agent([HTTP_POLICY], eps, tmp_path)
@@ -163,11 +149,11 @@ def test_server_closing_first_reuses_ports(tmp_path: Path, agent_box: list[Agent
     with the pod's tuple: 5 connections per source port still all get their whole body (the SYN that
     meets the TIME_WAIT goes through the kernel's TIME_WAIT handling and mbr_sk_lookup to the proxy)."""
     with topology("frontend", "backend") as topo:
-        _run(topo, tmp_path, agent_box, "http10", server=CLOSING_SERVER, family=family)
+        _run(topo, tmp_path, agent_box, "http10", server=(CLOSING_SERVER, "delimited"), family=family)
 
 
 def test_upstream_closing_keep_alive_connections_reuses_ports(tmp_path: Path, agent_box: list[AgentProcess]) -> None:  # noqa: F811
     """The upstream closes each keep-alive connection after a framed response (its EOF ends nothing): the
     proxy leaves no TIME_WAIT on the pod's tuple, so 5 connections per source port are all answered."""
     with topology("frontend", "backend") as topo:
-        _run(topo, tmp_path, agent_box, "server-closes", server=KEEPALIVE_CLOSING_SERVER)
+        _run(topo, tmp_path, agent_box, "server-closes", server=(CLOSING_SERVER, "framed"))
