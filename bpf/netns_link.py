@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as errno_mod
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ PROG_TYPE_SK_LOOKUP = 30  # enum bpf_prog_type
 ATTACH_SK_LOOKUP = 36  # enum bpf_attach_type: BPF_SK_LOOKUP
 
 
+@functools.cache
 def _lib() -> Any:
+    """libbcc with the prototypes this module calls (set once)."""
     import bcc
 
     lib = bcc.lib
@@ -32,6 +35,8 @@ def _lib() -> Any:
     lib.bpf_obj_pin.restype = ctypes.c_int
     lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
     lib.bpf_obj_get.restype = ctypes.c_int
+    lib.bpf_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong]
+    lib.bpf_update_elem.restype = ctypes.c_int
     return lib
 
 
@@ -77,8 +82,6 @@ def map_update_socket(map_fd: int, key: int, sock_fd: int) -> None:
     lib = _lib()
     k = ctypes.c_uint32(key)
     v = ctypes.c_int(sock_fd)
-    lib.bpf_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong]
-    lib.bpf_update_elem.restype = ctypes.c_int
     rc = lib.bpf_update_elem(map_fd, ctypes.byref(k), ctypes.byref(v), 0)
     if rc != 0:
         raise AttachError("sockhash", f"key {key:#x}", _err(rc), "bpf_map_update_elem")
