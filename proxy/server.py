@@ -41,8 +41,10 @@ from membrane.proxy.session import (
     Input,
     Learn,
     Log,
+    PauseReading,
     PeerClosed,
     Reply,
+    ResumeReading,
     Session,
     TimedOut,
     TimeoutKind,
@@ -380,6 +382,12 @@ class Connection(asyncio.Protocol):
                     self._flush(up, down)
                     self._hold(waiting, actions[i + 1 :])
                     return
+            elif kind is PauseReading or kind is ResumeReading:
+                on = kind is ResumeReading
+                if action.direction is C2S:  # type: ignore[union-attr]
+                    self.set_client_reading(on, "session")
+                else:
+                    self.set_upstream_reading(on, "session")
             elif kind is Close:
                 self._flush(up, down)
                 up, down = [], []

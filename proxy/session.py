@@ -113,7 +113,21 @@ class Learn:
     ttl_s: float
 
 
-Action = Forward | Reply | Close | Log | Learn
+@dataclass(frozen=True, slots=True)
+class PauseReading:
+    """Stop reading from one peer (CLIENT_TO_SERVER: the client) until `ResumeReading`: the session's own flow
+    control when it holds all the requests it will take for now (DNS over TCP pipelining past its bound). The
+    kernel's socket buffers then push back on the peer, as TCP does; nothing is refused."""
+
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReading:
+    direction: Direction
+
+
+Action = Forward | Reply | Close | Log | Learn | PauseReading | ResumeReading
 
 
 def wall_clock_ns() -> int:

@@ -10,6 +10,7 @@ never calls out: a session is pure.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,7 +27,9 @@ from membrane.proxy.session import (
     Forward,
     Learn,
     Log,
+    PauseReading,
     Reply,
+    ResumeReading,
     Session,
     TimeoutKind,
     flow_log,
@@ -322,7 +325,14 @@ def _answer_summary(response: DnsResponse, qtypes: list[str]) -> str:
 
 
 class DnsTcpSession(Session):
-    """DNS over TCP (RFC 7766): several length-framed queries per connection, answered in any order."""
+    """DNS over TCP (RFC 7766): several length-framed queries per connection, answered in any order.
+
+    At most `dns.MAX_TCP_QUERIES_OUTSTANDING` forwarded queries wait for answers at a time. Queries read past
+    that bound wait here, in order, and the session pauses reading the client (`PauseReading`) until answers
+    free room (`ResumeReading`): a client pipelining more than the bound (a resolver, dnsperf) is slowed by
+    TCP, as dnsdist does by reading one query at a time, and never refused; what waits here is at most one
+    read's worth of queries.
+    """
 
     protocol = "dns"
 
@@ -334,16 +344,18 @@ class DnsTcpSession(Session):
         clock: Callable[[], int] = wall_clock_ns,
     ) -> None:
         super().__init__(context=context, clock=clock)
-        # Pipelined queries beyond dns.MAX_TCP_QUERIES_OUTSTANDING get SERVFAIL without going upstream.
         self.judge = DnsJudge(context=context, policy=policy, clock=clock, frame=dns.frame_tcp,
                               max_outstanding=dns.MAX_TCP_QUERIES_OUTSTANDING)
         self.client = dns.DnsTcpParser(C2S)
         self.server = dns.DnsTcpParser(S2C)
         self._client_failed = False  # the client's stream broke: answer what is owed, then close
+        self._waiting: collections.deque[dns.DnsEvent] = collections.deque()  # read past the bound, not yet judged
+        self._paused = False  # PauseReading(C2S) sent and not yet resumed
+        self._eof_deferred = False  # the client's FIN, passed on once the waiting queries have gone upstream
 
     @property
     def is_idle(self) -> bool:
-        return not self.judge.outstanding and self.client.buffered_bytes == 0
+        return not self.judge.outstanding and not self._waiting and self.client.buffered_bytes == 0
 
     client_speaks_first = True
 
@@ -361,38 +373,91 @@ class DnsTcpSession(Session):
             except ParseError as e:
                 # The queries before the broken frame are judged and answered; then nothing more is
                 # read, and the connection closes once their answers are relayed.
-                for event in e.events_before:
-                    self.judge.query(event, actions)  # type: ignore[arg-type]
+                self._take(list(e.events_before), actions)  # type: ignore[arg-type]
                 actions.append(self.judge.stream_error_flow(e.reason, f"DNS over TCP stream unreadable: {e}"))
                 self._client_failed = True
                 self._close_when_answered(actions)
                 return actions
-            for event in events:
-                self.judge.query(event, actions)
+            self._take(events, actions)
             return actions
         try:
             events = self.server.feed(data)
         except ParseError as e:
             for event in e.events_before:
                 self.judge.response(event, actions)  # type: ignore[arg-type]
+            self.judge.upstream_failed = Reason.UPSTREAM_FAILED
             self.judge.fail_outstanding(Reason.UPSTREAM_FAILED, actions)
+            self._judge_waiting(actions)
             actions.extend(self.close())
             return actions
         for event in events:
             if not self.judge.response(event, actions):
                 actions.extend(self.close())
                 return actions
+        if self._waiting:
+            self._judge_waiting(actions)
         self._close_when_answered(actions)
         return actions
 
+    def _take(self, events: list[dns.DnsEvent], actions: list[Action]) -> None:
+        """Judge the queries just read while the bound leaves room; the rest wait (and reading pauses)."""
+        judge = self.judge
+        if not self._waiting:
+            outstanding = judge.outstanding
+            bound = judge.max_outstanding
+            for i, event in enumerate(events):
+                if len(outstanding) >= bound and judge.upstream_failed is None:
+                    self._waiting.extend(events[i:])
+                    break
+                judge.query(event, actions)
+            else:
+                return
+        else:
+            self._waiting.extend(events)
+        self._judge_waiting(actions)
+
+    def _judge_waiting(self, actions: list[Action]) -> None:
+        """Judge waiting queries while there is room; pause or resume reading the client to match."""
+        judge = self.judge
+        waiting = self._waiting
+        outstanding = judge.outstanding
+        while waiting and (len(outstanding) < judge.max_outstanding or judge.upstream_failed is not None):
+            judge.query(waiting.popleft(), actions)
+        if waiting:
+            if not self._paused:
+                self._paused = True
+                actions.append(PauseReading(C2S))
+            return
+        if self._paused:
+            self._paused = False
+            actions.append(ResumeReading(C2S))
+        if self._eof_deferred:
+            self._eof_deferred = False
+            actions.extend(super().on_peer_closed(C2S))
+
+    def on_peer_closed(self, direction: Direction) -> list[Action]:
+        if direction is C2S and self._waiting:
+            self._eof_deferred = True  # the waiting queries still go upstream before it learns of the EOF
+            return []
+        if direction is S2C and self._waiting:
+            # The upstream is done: queries still waiting can no longer be forwarded; SERVFAIL them.
+            actions: list[Action] = []
+            self.judge.upstream_failed = Reason.UPSTREAM_FAILED
+            self._judge_waiting(actions)
+            actions.extend(super().on_peer_closed(direction))
+            return actions
+        return super().on_peer_closed(direction)
+
     def _close_when_answered(self, actions: list[Action]) -> None:
-        if self._client_failed and not self.judge.outstanding and not self.closed:
+        if self._client_failed and not self.judge.outstanding and not self._waiting and not self.closed:
             actions.extend(self.close())
 
     def on_upstream_failed(self, reason: Reason) -> list[Action]:
         self.judge.upstream_failed = reason
         actions: list[Action] = []
         self.judge.fail_outstanding(reason, actions)
+        self._judge_waiting(actions)
+        self._close_when_answered(actions)
         return actions  # later queries on this connection are answered SERVFAIL too
 
     def on_timeout(self, kind: TimeoutKind) -> list[Action]:

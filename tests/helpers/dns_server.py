@@ -72,6 +72,7 @@ class DnsServer:
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self.port = 0
+        self.max_tcp_unanswered = 0  # most complete queries ever read and not yet answered on one TCP connection
         self.add_records(zone)
 
     # --- configuration ---------------------------------------------------------------------------
@@ -210,6 +211,9 @@ class DnsServer:
                     return
                 buffer += chunk
                 idle_since = time.monotonic()
+                unanswered = _complete_frames(buffer)
+                with self._lock:
+                    self.max_tcp_unanswered = max(self.max_tcp_unanswered, unanswered)
 
     def _answer(self, data: bytes, transport: str, client: tuple[str, int]) -> bytes | None:
         try:
@@ -276,3 +280,14 @@ class DnsServer:
 def _key(name: str) -> str:
     name = name.lower()
     return name if name.endswith(".") else name + "."
+
+
+def _complete_frames(buffer: bytes) -> int:
+    """How many whole length-prefixed messages `buffer` starts with."""
+    count = offset = 0
+    while len(buffer) - offset >= 2:
+        end = offset + 2 + struct.unpack(">H", buffer[offset : offset + 2])[0]
+        if end > len(buffer):
+            break
+        count, offset = count + 1, end
+    return count

@@ -4,7 +4,7 @@ Case table
 | what | expected |
 |---|---|
 | two valid queries then a frame whose length is under a header, in one write | both answered, then EOF |
-| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING in one write | every query answered: the extra ones SERVFAIL, the rest NOERROR; the limit logged |
+| four times MAX_TCP_QUERIES_OUTSTANDING pipelined in one write (a resolver, dnsperf) | every query answered NOERROR by the server, never more than the bound outstanding upstream at once |
 """
 
 from __future__ import annotations
@@ -61,16 +61,17 @@ def test_answers_before_a_broken_frame_are_sent(tmp_path: Path) -> None:
         assert sorted((a.id, a.rcode()) for a in answers) == sorted([(q1.id, dns.rcode.NOERROR), (q2.id, dns.rcode.NOERROR)])
 
 
-def test_pipelined_queries_beyond_the_bound_get_servfail(tmp_path: Path) -> None:
-    """MAX_TCP_QUERIES_OUTSTANDING + 8 queries pipelined at once: each gets an answer; the ones past the
-    bound are SERVFAIL without reaching the server."""
+def test_pipelined_queries_beyond_the_bound_are_all_answered(tmp_path: Path) -> None:
+    """4 x MAX_TCP_QUERIES_OUTSTANDING queries pipelined at once: none is refused; the proxy holds the ones past
+    the bound (reading paused) and forwards them as answers come back, so every query reaches the server and
+    is answered NOERROR, and the server never sees more than the bound waiting on the proxy's connection."""
     with DnsServer(ZONE) as server, gateway(
         tmp_path, dns_policy(server.port), upstream_port=server.port, dst="kube-system/coredns", src="default/crawler"
     ) as gw:
-        queries = [dns.message.make_query("www.cilium.io", "A") for _ in range(MAX_TCP_QUERIES_OUTSTANDING + 8)]
+        queries = [dns.message.make_query("www.cilium.io", "A") for _ in range(4 * MAX_TCP_QUERIES_OUTSTANDING)]
         for i, q in enumerate(queries):
             q.id = i + 1
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
             sock.sendall(b"".join(_framed(q) for q in queries))
             data = b""
             while len(_answers(data)) < len(queries):
@@ -79,8 +80,6 @@ def test_pipelined_queries_beyond_the_bound_get_servfail(tmp_path: Path) -> None
                 data += chunk
         rcodes = {a.id: a.rcode() for a in _answers(data)}
         assert sorted(rcodes) == [q.id for q in queries]
-        servfail = [i for i, r in rcodes.items() if r == dns.rcode.SERVFAIL]
-        assert len(servfail) >= 8
-        assert len(server.queries) <= len(queries) - 8
-        gw.stop()
-        assert "dns limit dns_queries_outstanding crossed" in gw.stderr_path.read_text()
+        assert set(rcodes.values()) == {dns.rcode.NOERROR}
+        assert len(server.queries) == len(queries)
+        assert 0 < server.max_tcp_unanswered <= MAX_TCP_QUERIES_OUTSTANDING

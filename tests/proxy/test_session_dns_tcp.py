@@ -5,7 +5,9 @@ Case table
 |---|---|
 | an allowed query, then a frame shorter than a DNS header | the query is forwarded and its answer relayed, then the connection closes |
 | a broken frame with nothing owed | ERROR flow, close at once |
-| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING | the extra ones get SERVFAIL without going upstream; the first of them carries the limit (counted, logged) |
+| more pipelined queries than MAX_TCP_QUERIES_OUTSTANDING | the extra ones wait and reading pauses; each answer lets one more go upstream; reading resumes when none waits; nothing refused |
+| the client's FIN while queries wait | the FIN goes upstream only after the waiting queries |
+| the upstream fails while queries wait | forwarded and waiting queries all get SERVFAIL, reading resumes |
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ from typing import Any
 
 from membrane.parsers import dns
 from membrane.parsers.events import Direction, Reason
-from membrane.proxy.session import Close, DataReceived, Forward, Learn, Log, Reply
+from membrane.proxy.session import (
+    Close,
+    DataReceived,
+    Forward,
+    Learn,
+    Log,
+    PauseReading,
+    PeerClosed,
+    Reply,
+    ResumeReading,
+    UpstreamFailed,
+)
 
 from tests.helpers.playbook import LogMatch, Playbook
 from tests.proxy.test_session import DNS_POLICY, INFO, _answer, _gateway, _query, session_factory
@@ -58,16 +71,50 @@ def test_broken_frame_with_nothing_owed_closes_at_once() -> None:
     )
 
 
-def test_pipelined_queries_beyond_the_bound_get_servfail() -> None:
-    """Queries past MAX_TCP_QUERIES_OUTSTANDING unanswered ones are answered SERVFAIL and never forwarded."""
+def _pipelined(session: Any, extra: int) -> tuple[list[bytes], list[Any]]:
+    n = dns.MAX_TCP_QUERIES_OUTSTANDING
+    queries = [_query("www.cilium.io", i) for i in range(1, n + extra + 1)]
+    return queries, session.handle(DataReceived(C2S, b"".join(dns.frame_tcp(q) for q in queries)))
+
+
+def test_pipelined_queries_beyond_the_bound_wait_with_reading_paused() -> None:
+    """Queries past MAX_TCP_QUERIES_OUTSTANDING unanswered ones are not refused: they wait, reading from the
+    client pauses, each answer lets the next waiting query go upstream, and reading resumes when none waits."""
     session = _session()
     n = dns.MAX_TCP_QUERIES_OUTSTANDING
-    queries = [_query("www.cilium.io", i) for i in range(1, n + 3)]
-    actions = session.handle(DataReceived(C2S, b"".join(dns.frame_tcp(q) for q in queries)))
-    forwarded = [a.data for a in actions if isinstance(a, Forward)]
-    assert forwarded == [dns.frame_tcp(q) for q in queries[:n]]
+    queries, actions = _pipelined(session, 2)
+    assert [a.data for a in actions if isinstance(a, Forward)] == [dns.frame_tcp(q) for q in queries[:n]]
+    assert not [a for a in actions if isinstance(a, Reply)]
+    assert actions[-1] == PauseReading(C2S)
+    assert not session.is_idle
+    answered = [session.handle(DataReceived(S2C, dns.frame_tcp(_answer(queries[i], b"\xc0\x00\x02\x0a")))) for i in range(2)]
+    first = [a.data for a in answered[0] if isinstance(a, Forward) and a.direction is C2S]
+    assert first == [dns.frame_tcp(queries[n])]
+    assert not any(isinstance(a, ResumeReading) for a in answered[0])
+    second = [a.data for a in answered[1] if isinstance(a, Forward) and a.direction is C2S]
+    assert second == [dns.frame_tcp(queries[n + 1])]
+    assert answered[1][-1] == ResumeReading(C2S)
+    assert len(session.judge.outstanding) == n
+    assert not [a for a in actions if isinstance(a, Log) and a.flow.verdict == "ERROR"]
+
+
+def test_client_fin_waits_for_the_waiting_queries() -> None:
+    """The client's FIN, read while queries wait, is passed upstream only after they have been forwarded."""
+    session = _session()
+    n = dns.MAX_TCP_QUERIES_OUTSTANDING
+    queries, _ = _pipelined(session, 1)
+    assert session.handle(PeerClosed(C2S)) == []
+    actions = session.handle(DataReceived(S2C, dns.frame_tcp(_answer(queries[0], b"\xc0\x00\x02\x0a"))))
+    ups = [a for a in actions if (isinstance(a, Forward) and a.direction is C2S) or isinstance(a, Close)]
+    assert ups == [Forward(C2S, dns.frame_tcp(queries[n])), Close(C2S)]
+
+
+def test_upstream_failure_answers_waiting_queries_servfail() -> None:
+    """An upstream that fails while queries wait: every forwarded and every waiting query gets SERVFAIL."""
+    session = _session()
+    queries, _ = _pipelined(session, 3)
+    actions = session.handle(UpstreamFailed(Reason.UPSTREAM_FAILED))
     replies = [a.data for a in actions if isinstance(a, Reply)]
-    assert replies == [dns.frame_tcp(dns.refusal(dns.read_query(q), Reason.UPSTREAM_FAILED)) for q in queries[n:]]
-    refused = [a.flow for a in actions if isinstance(a, Log) and a.flow.verdict == "ERROR"]
-    assert len(refused) == 2
-    assert [f.limit for f in refused] == ["dns_queries_outstanding", None]  # one count and log line per connection
+    assert sorted(replies) == sorted(dns.frame_tcp(dns.refusal(dns.read_query(q), Reason.UPSTREAM_FAILED)) for q in queries)
+    assert ResumeReading(C2S) in actions
+    assert not [a for a in actions if isinstance(a, Forward)]
