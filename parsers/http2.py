@@ -333,6 +333,13 @@ class _H2Connection:
         out: list[WireEvent] = []
         for event in self.h2.receive_data(bytes(buf[pos : pos + 9 + length])):
             kind = _H2_HEADER_KINDS.get(type(event))
+            if kind == http2_wire.REQUEST and self.client_side:
+                # h2 lets a server open an even stream with HEADERS; a server may only push (RFC 9113 §8.4),
+                # so a client never receives a request: a connection error PROTOCOL_ERROR, as in nghttp2
+                # ("request HEADERS: client received request") and the lean layer (fuzz/http2_frames:
+                # corpus diff_request_headers_to_client.bin).
+                self.h2.close_connection(ErrorCode.PROTOCOL_ERROR)
+                raise h2.exceptions.ProtocolError("HEADERS opening a stream the peer may not open")
             if kind is not None:
                 assert isinstance(event, h2.events.RequestReceived | h2.events.ResponseReceived
                                   | h2.events.InformationalResponseReceived | h2.events.TrailersReceived)

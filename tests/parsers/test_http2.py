@@ -676,6 +676,29 @@ def test_frame_on_half_closed_remote_stream_resets_only_that_stream(late: str) -
     assert b"\x07\x00\x00\x00\x00\x00" not in sent  # no GOAWAY
 
 
+@pytest.mark.parametrize("end_stream", [True, False])
+def test_request_headers_from_upstream_are_a_protocol_error(end_stream: bool) -> None:
+    """HEADERS from the upstream on a stream it would open (even, idle) is a connection error PROTOCOL_ERROR:
+    a server opens streams only by PUSH_PROMISE (RFC 9113 §8.4, and push is disabled here), a client never
+    receives a request. nghttp2 refuses it the same way ("request HEADERS: client received request").
+
+    Found by fuzz/http2_frames (corpus diff_request_headers_to_client.bin): the lean layer refused it, h2
+    opened the stream and the adapter ignored its RequestReceived; the adapter now refuses it too.
+    """
+    up = Http2ClientSide()
+    up.send_request(HttpRequest(method="GET", target="/", path="/", host="a", stream_id=1, http_version="2"))
+    up.data_to_send()
+    b = FrameBuilder()
+    with pytest.raises(ProtocolViolation) as info:
+        up.feed(b.settings() + b.headers(4, request_headers("/pushed"), end_stream=end_stream))
+    assert info.value.direction is Direction.SERVER_TO_CLIENT
+    sent = up.data_to_send()
+    assert sent[-17:-8] == b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"  # GOAWAY (last stream id: 0 lean, 4 h2)
+    assert sent[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+    with pytest.raises(ProtocolViolation):
+        up.feed(b"")
+
+
 def test_push_promise_from_upstream_is_a_protocol_error() -> None:
     """The client side disables push (SETTINGS_ENABLE_PUSH=0); a PUSH_PROMISE is then a connection error (RFC 9113 §8.4)."""
     up = Http2ClientSide()
