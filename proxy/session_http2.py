@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from membrane.parsers import http1, http2
 from membrane.parsers.errors import LimitExceeded, ParseError
@@ -89,13 +88,16 @@ class ResetLedger:
         return ip in self._by_ip and self.note(ip, 0, 0, now_ns)
 
 
-@dataclass(slots=True)
 class _StreamInfo:
-    method: str
-    url: str
-    grpc: bool
-    started_ns: int
-    responded: bool = False  # the response head arrived
+    # A plain class: mypyc compiles its __init__ (a dataclass's stays interpreted)
+    __slots__ = ("grpc", "method", "responded", "started_ns", "url")
+
+    def __init__(self, *, method: str, url: str, grpc: bool, started_ns: int) -> None:
+        self.method = method
+        self.url = url
+        self.grpc = grpc
+        self.started_ns = started_ns
+        self.responded = False  # the response head arrived
 
 class Http2Session(Session):
     """HTTP/2 with prior knowledge on both sides (h2c), judged per stream."""
