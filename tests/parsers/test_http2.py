@@ -464,6 +464,32 @@ class SessionBridge:
         return sent
 
 
+def test_last_data_frame_carries_end_stream_through_the_proxy() -> None:
+    """A body whose last DATA frame carries END_STREAM is relayed the same way, both directions: one frame,
+    not the data and then an empty DATA frame to end the stream (RFC 9113 §6.1; a frame less per stream)."""
+    bridge = SessionBridge()
+    client_events: list[h2.events.Event] = []
+    receive = bridge.client.receive_data
+
+    def client_receives(data: bytes) -> list[h2.events.Event]:
+        events = receive(data)
+        client_events.extend(events)
+        return events
+
+    bridge.client.receive_data = client_receives  # type: ignore[method-assign]
+    bridge.client.send_headers(1, request_headers("/v1/pets", method="POST"))
+    bridge.client.send_data(1, b"ping", end_stream=True)
+    bridge.pump()
+    bridge.server.send_headers(1, [(":status", "200")])
+    bridge.server.send_data(1, b"pong", end_stream=True)
+    bridge.pump()
+    upstream = [e for e in bridge.server_events if isinstance(e, h2.events.DataReceived)]
+    downstream = [e for e in client_events if isinstance(e, h2.events.DataReceived)]
+    for received, body in ((upstream, b"ping"), (downstream, b"pong")):
+        assert [(e.data, e.stream_ended is not None) for e in received] == [(body, True)]  # type: ignore[attr-defined]
+    assert bridge.client_streams[1]["ended"]
+
+
 def test_large_bodies_flow_both_ways_end_to_end() -> None:
     """Bodies far larger than every window cross the proxy's session both ways, byte-exact (RFC 9113 §5.2)."""
     bridge = SessionBridge()
