@@ -270,8 +270,17 @@ class Decoder:
         self._size_limit = max_table_size  # the current size set by the peer's size updates
         self._entries: list[tuple[bytes, bytes]] = []  # oldest first; dynamic index 1 is the last
         self._size = 0
+        # The last block that left the table as it found it, and its header list: a peer repeating a head
+        # (every request of a load generator, every response of a server) sends the same table references,
+        # which decode to the same list while the table and the limit are unchanged (RFC 7541 §3.2).
+        self._changes = 0  # table changes so far (entries added or evicted, size updates)
+        self._last_block = b""
+        self._last_changes = -1
+        self._last_limit = -1
+        self._last_headers: list[tuple[bytes, bytes]] = []
 
     def _add(self, name: bytes, value: bytes) -> None:
+        self._changes += 1
         size = len(name) + len(value) + _ENTRY_OVERHEAD
         entries = self._entries
         if size > self._size_limit:  # §4.4: an entry larger than the table empties it
@@ -288,6 +297,7 @@ class Decoder:
         if size > self.max_allowed_table_size:
             raise HpackTableSizeError(f"dynamic table size update to {size} over the max allowable table size "
                                       f"{self.max_allowed_table_size}")
+        self._changes += 1
         self._size_limit = size
         entries = self._entries
         while self._size > size:
@@ -305,7 +315,19 @@ class Decoder:
         return self._entries[-dynamic]
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """Decode one complete header block. Raises HpackError / HpackTooLarge."""
+        """Decode one complete header block. Raises HpackError / HpackTooLarge.
+
+        The list returned is shared with later calls that decode the same block: do not change it."""
+        changes = self._changes
+        if changes == self._last_changes and block == self._last_block and self.max_header_list_size == self._last_limit:
+            return self._last_headers
+        headers = self._decode(block)
+        if self._changes == changes:  # the table is as it was: the same block decodes the same way next time
+            self._last_block, self._last_changes, self._last_headers = block, changes, headers
+            self._last_limit = self.max_header_list_size
+        return headers
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = []
         pos = 0
         end = len(block)
@@ -396,6 +418,12 @@ class Encoder:
         self._inserted = 0  # sequence of the newest entry
         self._exact: dict[tuple[bytes, bytes], int] = {}
         self._names: dict[bytes, int] = {}
+        # The last header list that encoded to table references only, and its block: valid while nothing
+        # was inserted since (a repeated request or response head is then one comparison, not a lookup
+        # per field).
+        self._last_headers: list[tuple[bytes, bytes]] = []
+        self._last_block = b""
+        self._last_inserted = -1
 
     def _evict_to(self, limit: int) -> None:
         entries = self._entries
@@ -414,8 +442,13 @@ class Encoder:
 
     def encode(self, headers: list[tuple[bytes, bytes]]) -> bytes:
         """Encode a header list (names must already be lower case)."""
+        inserted = self._inserted
+        resized = self.header_table_size != self._applied_size
+        if not resized and inserted == self._last_inserted and headers == self._last_headers:
+            return self._last_block
         out = bytearray()
-        if self.header_table_size != self._applied_size:
+        if resized:
+            self._last_inserted = -1  # evictions do not move self._inserted: the last block may name evicted entries
             size = self.header_table_size
             self._evict_to(size)
             out += _encode_int(size, 5, 0x20)
@@ -443,4 +476,7 @@ class Encoder:
             if not name_index:
                 out += _encode_str(name)
             out += _encode_str(value)
-        return bytes(out)
+        block = bytes(out)
+        if not resized and self._inserted == inserted:  # references only: the table did not change
+            self._last_headers, self._last_block, self._last_inserted = list(headers), block, inserted
+        return block

@@ -55,7 +55,7 @@ import binascii
 import enum
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -333,6 +333,13 @@ class _H2Connection:
         out: list[WireEvent] = []
         for event in self.h2.receive_data(bytes(buf[pos : pos + 9 + length])):
             kind = _H2_HEADER_KINDS.get(type(event))
+            if kind == http2_wire.REQUEST and self.client_side:
+                # h2 lets a server open an even stream with HEADERS; a server may only push (RFC 9113 §8.4),
+                # so a client never receives a request: a connection error PROTOCOL_ERROR, as in nghttp2
+                # ("request HEADERS: client received request") and the lean layer (fuzz/http2_frames:
+                # corpus diff_request_headers_to_client.bin).
+                self.h2.close_connection(ErrorCode.PROTOCOL_ERROR)
+                raise h2.exceptions.ProtocolError("HEADERS opening a stream the peer may not open")
             if kind is not None:
                 assert isinstance(event, h2.events.RequestReceived | h2.events.ResponseReceived
                                   | h2.events.InformationalResponseReceived | h2.events.TrailersReceived)
@@ -445,21 +452,26 @@ class _Kind(enum.Enum):
     GRPC = "grpc"
 
 
-@dataclass(slots=True)
 class _Stream:
-    kind: _Kind = _Kind.HTTP
-    unacked: int = 0  # DATA bytes emitted as events and not yet acknowledged
-    remote_ended: bool = False
-    local_ended: bool = False
-    reset: bool = False  # reset by either side: nothing more is sent or relayed
-    refused: bool = False  # answered by refuse(): inbound DATA is acknowledged and dropped
-    headers_sent: bool = False  # a final response (server) / the request (client) went out
-    trailers_sent: bool = False
-    out: deque[tuple[memoryview, bool]] = field(default_factory=deque)  # (bytes, counted as delivered)
-    end_after: bool = False  # END_STREAM once `out` drains
-    trailers_after: Headers | None = None  # trailers to send once `out` drains
-    pending_headers: list[tuple[bytes, bytes]] | None = None  # client side: not opened yet
-    grpc_framing: grpc.GrpcParser | None = None  # server side, gRPC streams: the request's message framing
+    # A plain class, not a dataclass: mypyc compiles its __init__ (a dataclass's generated __init__ stays
+    # interpreted Python, ~4% of the HTTP/2 session's CPU with two of these per proxied stream).
+    __slots__ = ("end_after", "grpc_framing", "headers_sent", "kind", "local_ended", "out", "pending_headers",
+                 "refused", "remote_ended", "reset", "trailers_after", "trailers_sent", "unacked")
+
+    def __init__(self, kind: _Kind = _Kind.HTTP) -> None:
+        self.kind = kind
+        self.unacked = 0  # DATA bytes emitted as events and not yet acknowledged
+        self.remote_ended = False
+        self.local_ended = False
+        self.reset = False  # reset by either side: nothing more is sent or relayed
+        self.refused = False  # answered by refuse(): inbound DATA is acknowledged and dropped
+        self.headers_sent = False  # a final response (server) / the request (client) went out
+        self.trailers_sent = False
+        self.out: deque[tuple[memoryview, bool]] = deque()  # (bytes, counted as delivered)
+        self.end_after = False  # END_STREAM once `out` drains
+        self.trailers_after: Headers | None = None  # trailers to send once `out` drains
+        self.pending_headers: list[tuple[bytes, bytes]] | None = None  # client side: not opened yet
+        self.grpc_framing: grpc.GrpcParser | None = None  # server side, gRPC streams: the request's message framing
 
     @property
     def is_finished(self) -> bool:
@@ -528,6 +540,8 @@ class _Http2Side:
         self.priority_frames = 0
         self.peer_streams_opened = 0  # HEADERS that opened a stream, as counted from frames
         self.data_frames_sent = 0
+        self._raw_fields: list[tuple[bytes, bytes]] | None = None  # the last header list made text, and its text
+        self._text_fields: tuple[dict[str, str], Headers] = ({}, ())
 
     def _start(self, upgrade_settings: bytes | None = None) -> None:
         with _EngineErrors(self._inbound if upgrade_settings else self._outbound):
@@ -721,7 +735,7 @@ class _Http2Side:
             assert isinstance(event, HeadersReceived)
             stream = self._streams.get(event.stream_id)
             if stream is not None and stream.is_relaying:
-                _, regular = _text(event.headers)
+                _, regular = self._fields(event.headers)
                 out.append(Trailers(headers=regular, stream_id=event.stream_id))
         elif kind is StreamEnded:
             assert isinstance(event, StreamEnded)
@@ -748,6 +762,13 @@ class _Http2Side:
             self._on_goaway(event, out)
         else:
             self._handle_side(event, out)
+
+    def _fields(self, headers: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], Headers]:
+        """_text(headers), once per list: the lean layer's decoder hands back the same list for a repeated head."""
+        if headers is not self._raw_fields:
+            self._text_fields = _text(headers)
+            self._raw_fields = headers
+        return self._text_fields
 
     def _on_premature_reset(self) -> None:
         """The peer reset a stream before its answer completed (a hook for the server side's limit)."""
@@ -973,6 +994,9 @@ class Http2ServerSide(_Http2Side):
                          max_concurrent_streams=max_concurrent_streams, max_header_list_bytes=max_header_list_bytes,
                          lean=lean)
         self.denied_body = denied_body
+        # The last response headers put on the wire (by identity) and their wire form (see _fields).
+        self._last_response_headers: Headers | None = None
+        self._last_response_wire: list[tuple[bytes, bytes]] = []
         self.streams_opened = 0
         self.premature_resets = 0
         if _upgrade_settings is None:
@@ -1039,7 +1063,7 @@ class Http2ServerSide(_Http2Side):
     def _handle_side(self, event: WireEvent, out: list[Event]) -> None:
         if type(event) is HeadersReceived and event.kind == http2_wire.REQUEST:  # type: ignore[union-attr]
             assert isinstance(event, HeadersReceived)
-            pseudo, regular = _text(event.headers)
+            pseudo, regular = self._fields(event.headers)
             self._on_request_fields(event.stream_id, pseudo, regular, ended=event.stream_ended, out=out)
 
     def _on_request_fields(self, stream_id: int, pseudo: dict[str, str], regular: Headers, *, ended: bool,
@@ -1113,7 +1137,10 @@ class Http2ServerSide(_Http2Side):
             return
         informational = 100 <= response.status < 200
         end = False if informational else (not response.has_body if end_stream is None else end_stream)
-        fields = [(b":status", str(response.status).encode("ascii")), *_wire(response.headers)]
+        if response.headers is not self._last_response_headers:
+            self._last_response_wire = _wire(response.headers)
+            self._last_response_headers = response.headers
+        fields = [(b":status", str(response.status).encode("ascii")), *self._last_response_wire]
         with _EngineErrors(self._outbound):
             self._conn.send_headers(stream_id, fields, end_stream=end)
         if not informational:
@@ -1190,6 +1217,11 @@ class Http2ClientSide(_Http2Side):
                          max_concurrent_streams=DEFAULT_MAX_CONCURRENT_STREAMS,
                          max_header_list_bytes=max_header_list_bytes, lean=lean)
         self._pending: deque[int] = deque()
+        # The last request head put on the wire (its headers, by identity, and pseudo-header fields) and its
+        # wire form: a client repeating a head hands over the same headers tuple (see _fields).
+        self._last_request_headers: Headers | None = None
+        self._last_request_pseudo: list[tuple[str, str]] = []
+        self._last_request_fields: list[tuple[bytes, bytes]] = []
         self._start()
 
     @property
@@ -1216,9 +1248,15 @@ class Http2ClientSide(_Http2Side):
         if authority is not None:
             pseudo.append((":authority", authority))
         pseudo.append((":path", path))
-        regular = tuple((n, v) for n, v in request.headers if not (authority is not None and n == "host"))
         stream = _Stream(kind=_Kind.GRPC if isinstance(request, GrpcCall) else _Kind.HTTP)
-        stream.pending_headers = _wire((*pseudo, *regular))
+        if request.headers is self._last_request_headers and pseudo == self._last_request_pseudo:
+            fields = self._last_request_fields  # a repeated head (shared, never changed once built)
+        else:
+            regular = tuple((n, v) for n, v in request.headers if not (authority is not None and n == "host"))
+            fields = _wire((*pseudo, *regular))
+            self._last_request_headers, self._last_request_pseudo, self._last_request_fields = \
+                request.headers, pseudo, fields
+        stream.pending_headers = fields
         stream.end_after = not request.has_body if end_stream is None else end_stream
         self._streams[stream_id] = stream
         self._pending.append(stream_id)
@@ -1262,7 +1300,7 @@ class Http2ClientSide(_Http2Side):
             stream = self._streams.get(stream_id)
             if stream is None or stream.reset:
                 return
-            pseudo, regular = _text(event.headers)
+            pseudo, regular = self._fields(event.headers)
             status = pseudo.get(":status", "")
             if not (len(status) == 3 and status.isascii() and status.isdigit()) or status == "101":
                 # Malformed response (RFC 9113 §8.3.2, §8.6): a stream error, reported like a reset.

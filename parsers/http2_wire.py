@@ -244,6 +244,8 @@ class LeanConnection:
         self._block_flags = 0
         self._block_promised = 0
         self._block_self_dependent = False
+        self._valid_headers: list[tuple[bytes, bytes]] | None = None  # the last list _validate passed, and as what
+        self._valid_kind = -1
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -576,7 +578,7 @@ class LeanConnection:
             self.highest_inbound_stream_id = stream_id
             stream = _Stream(self.local_initial_window, self.remote_initial_window)
             self._add_stream(stream_id, stream)
-            _validate(headers, REQUEST)
+            self._check_fields(headers, REQUEST)
             stream.headers_received = True
             stream.expected_length = _content_length(headers)
             if ended:
@@ -595,7 +597,7 @@ class LeanConnection:
                     status = value
                     break
             kind = INFORMATIONAL if status[:1] == b"1" else RESPONSE
-            _validate(headers, kind)
+            self._check_fields(headers, kind)
             if kind == INFORMATIONAL:
                 if ended:
                     raise WireError("informational response with END_STREAM")
@@ -607,7 +609,7 @@ class LeanConnection:
             kind = TRAILERS
             if not ended:
                 raise WireError("trailers without END_STREAM")
-            _validate(headers, TRAILERS)
+            self._check_fields(headers, TRAILERS)
         if ended:
             if kind != TRAILERS and stream.expected_length > 0:
                 raise WireError("response ended before its content-length")
@@ -616,6 +618,13 @@ class LeanConnection:
             self._remote_end(stream_id, stream)
             return [HeadersReceived(kind, stream_id, headers, True), StreamEnded(stream_id)]
         return [HeadersReceived(kind, stream_id, headers, False)]
+
+    def _check_fields(self, headers: list[tuple[bytes, bytes]], kind: int) -> None:
+        # The decoder hands back the same list for a repeated head (hpack.Decoder.decode), already judged.
+        if headers is self._valid_headers and kind == self._valid_kind:
+            return
+        _validate(headers, kind)
+        self._valid_headers, self._valid_kind = headers, kind
 
     def _push_promise(self, stream_id: int, promised: int, block: bytes) -> list[WireEvent]:
         # Judged once the block is whole, as h2 does. Push is disabled on the client side (SETTINGS_ENABLE_PUSH

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from membrane.parsers import http1, http2
 from membrane.parsers.errors import LimitExceeded, ParseError
@@ -89,13 +88,16 @@ class ResetLedger:
         return ip in self._by_ip and self.note(ip, 0, 0, now_ns)
 
 
-@dataclass(slots=True)
 class _StreamInfo:
-    method: str
-    url: str
-    grpc: bool
-    started_ns: int
-    responded: bool = False  # the response head arrived
+    # A plain class: mypyc compiles its __init__ (a dataclass's stays interpreted)
+    __slots__ = ("grpc", "method", "responded", "started_ns", "url")
+
+    def __init__(self, *, method: str, url: str, grpc: bool, started_ns: int) -> None:
+        self.method = method
+        self.url = url
+        self.grpc = grpc
+        self.started_ns = started_ns
+        self.responded = False  # the response head arrived
 
 class Http2Session(Session):
     """HTTP/2 with prior knowledge on both sides (h2c), judged per stream."""
@@ -149,11 +151,15 @@ class Http2Session(Session):
             actions.append(self._error_flow(e))
             actions.extend(self.close())
             return actions
-        for event in events:
+        last = len(events) - 1
+        for i, event in enumerate(events):
+            # DATA followed by the end of the same stream goes out as one DATA frame with END_STREAM, not two
+            after = events[i + 1] if i < last else None
+            ends = isinstance(event, Data) and isinstance(after, EndOfMessage) and after.stream_id == event.stream_id
             if direction is C2S:
-                self._client_event(event, actions)
+                self._client_event(event, actions, ends)
             else:
-                self._server_event(event, actions)
+                self._server_event(event, actions, ends)
         if direction is C2S and self.resets is not None and self._over_reset_rule():
             return self._cut_for_resets(actions)
         self._pump(actions)
@@ -216,14 +222,14 @@ class Http2Session(Session):
         return actions
 
     # --- client -> upstream -----------------------------------------------------------------------
-    def _client_event(self, event: http2.Event, actions: list[Action]) -> None:
+    def _client_event(self, event: http2.Event, actions: list[Action], ends: bool = False) -> None:
         kind = type(event)
         if kind is HttpRequest or kind is GrpcCall:
             assert isinstance(event, HttpRequest | GrpcCall)
             self._request(event, actions)
         elif kind is Data:
             assert isinstance(event, Data)
-            self.client.send_data(event.stream_id or 0, event.data)
+            self.client.send_data(event.stream_id or 0, event.data, end_stream=ends)
         elif kind is Trailers:
             assert isinstance(event, Trailers)
             self.client.send_trailers(event.stream_id or 0, event.headers)
@@ -269,7 +275,7 @@ class Http2Session(Session):
                                  code=200 if is_grpc else http1.refusal_status(reason), time_ns=self.clock()))
 
     # --- upstream -> client -----------------------------------------------------------------------
-    def _server_event(self, event: http2.Event, actions: list[Action]) -> None:
+    def _server_event(self, event: http2.Event, actions: list[Action], ends: bool = False) -> None:
         kind = type(event)
         if kind is HttpResponse:
             assert isinstance(event, HttpResponse)
@@ -286,7 +292,7 @@ class Http2Session(Session):
                     self.streams.pop(event.stream_id or 0, None)
         elif kind is Data:
             assert isinstance(event, Data)
-            self.server.send_data(event.stream_id or 0, event.data)
+            self.server.send_data(event.stream_id or 0, event.data, end_stream=ends)
         elif kind is Trailers:
             assert isinstance(event, Trailers)
             self.server.send_trailers(event.stream_id or 0, event.headers)

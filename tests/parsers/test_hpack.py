@@ -101,3 +101,33 @@ def test_header_list_over_the_limit() -> None:
     decoder = Decoder(max_header_list_size=100)
     with pytest.raises(HpackTooLarge):
         decoder.decode(Encoder().encode([(b"x-big", b"v" * 80)]))
+
+
+@given(st.lists(_fields, min_size=1, max_size=3), st.lists(st.tuples(st.integers(0, 2), st.sampled_from([None, 0, 64, 4096])),
+                                                           min_size=1, max_size=12))
+def test_repeated_heads_round_trip(pool: list[list[tuple[bytes, bytes]]], picks: list[tuple[int, int | None]]) -> None:
+    """Heads repeated in any order, with table size changes between them, survive our Encoder and Decoder (and
+    decode the same with hpack.Decoder): their reuse of the last block (Encoder) and of the last list (Decoder)
+    holds only while the table is unchanged (RFC 7541 §2.3, §4.2)."""
+    encoder, decoder, ours = Encoder(), reference.Decoder(), Decoder()
+    for index, table_size in picks:
+        if table_size is not None:
+            encoder.header_table_size = table_size
+        fields = pool[index % len(pool)]
+        block = encoder.encode(list(fields))
+        assert [(bytes(n), bytes(v)) for n, v in decoder.decode(block, raw=True)] == fields
+        assert ours.decode(block) == fields
+
+
+def test_a_repeated_block_follows_the_dynamic_table() -> None:
+    """The same bytes decode to what the table holds now: a block of table references is reused only while
+    nothing was added or evicted since, and re-checked against a lowered header-list limit (RFC 7541 §2.3.3)."""
+    decoder = Decoder()
+    decoder.decode(b"\x40\x01x\x011")  # literal with indexing: x: 1 becomes index 62
+    assert decoder.decode(b"\xbe") == [(b"x", b"1")]
+    assert decoder.decode(b"\xbe") == [(b"x", b"1")]
+    decoder.decode(b"\x40\x01y\x012")  # y: 2 is now index 62, x: 1 index 63
+    assert decoder.decode(b"\xbe") == [(b"y", b"2")]
+    decoder.max_header_list_size = 10
+    with pytest.raises(HpackTooLarge):
+        decoder.decode(b"\xbe")

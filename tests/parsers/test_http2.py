@@ -464,6 +464,32 @@ class SessionBridge:
         return sent
 
 
+def test_last_data_frame_carries_end_stream_through_the_proxy() -> None:
+    """A body whose last DATA frame carries END_STREAM is relayed the same way, both directions: one frame,
+    not the data and then an empty DATA frame to end the stream (RFC 9113 §6.1; a frame less per stream)."""
+    bridge = SessionBridge()
+    client_events: list[h2.events.Event] = []
+    receive = bridge.client.receive_data
+
+    def client_receives(data: bytes) -> list[h2.events.Event]:
+        events = receive(data)
+        client_events.extend(events)
+        return events
+
+    bridge.client.receive_data = client_receives  # type: ignore[method-assign]
+    bridge.client.send_headers(1, request_headers("/v1/pets", method="POST"))
+    bridge.client.send_data(1, b"ping", end_stream=True)
+    bridge.pump()
+    bridge.server.send_headers(1, [(":status", "200")])
+    bridge.server.send_data(1, b"pong", end_stream=True)
+    bridge.pump()
+    upstream = [e for e in bridge.server_events if isinstance(e, h2.events.DataReceived)]
+    downstream = [e for e in client_events if isinstance(e, h2.events.DataReceived)]
+    for received, body in ((upstream, b"ping"), (downstream, b"pong")):
+        assert [(e.data, e.stream_ended is not None) for e in received] == [(body, True)]  # type: ignore[attr-defined]
+    assert bridge.client_streams[1]["ended"]
+
+
 def test_large_bodies_flow_both_ways_end_to_end() -> None:
     """Bodies far larger than every window cross the proxy's session both ways, byte-exact (RFC 9113 §5.2)."""
     bridge = SessionBridge()
@@ -674,6 +700,29 @@ def test_frame_on_half_closed_remote_stream_resets_only_that_stream(late: str) -
     sent = up.data_to_send()
     assert b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x05" in sent  # RST_STREAM(1, STREAM_CLOSED)
     assert b"\x07\x00\x00\x00\x00\x00" not in sent  # no GOAWAY
+
+
+@pytest.mark.parametrize("end_stream", [True, False])
+def test_request_headers_from_upstream_are_a_protocol_error(end_stream: bool) -> None:
+    """HEADERS from the upstream on a stream it would open (even, idle) is a connection error PROTOCOL_ERROR:
+    a server opens streams only by PUSH_PROMISE (RFC 9113 §8.4, and push is disabled here), a client never
+    receives a request. nghttp2 refuses it the same way ("request HEADERS: client received request").
+
+    Found by fuzz/http2_frames (corpus diff_request_headers_to_client.bin): the lean layer refused it, h2
+    opened the stream and the adapter ignored its RequestReceived; the adapter now refuses it too.
+    """
+    up = Http2ClientSide()
+    up.send_request(HttpRequest(method="GET", target="/", path="/", host="a", stream_id=1, http_version="2"))
+    up.data_to_send()
+    b = FrameBuilder()
+    with pytest.raises(ProtocolViolation) as info:
+        up.feed(b.settings() + b.headers(4, request_headers("/pushed"), end_stream=end_stream))
+    assert info.value.direction is Direction.SERVER_TO_CLIENT
+    sent = up.data_to_send()
+    assert sent[-17:-8] == b"\x00\x00\x08\x07\x00\x00\x00\x00\x00"  # GOAWAY (last stream id: 0 lean, 4 h2)
+    assert sent[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+    with pytest.raises(ProtocolViolation):
+        up.feed(b"")
 
 
 def test_push_promise_from_upstream_is_a_protocol_error() -> None:
