@@ -255,7 +255,7 @@ class FlowContext:
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
-@dataclass(slots=True, kw_only=True)
+@dataclass(init=False, slots=True, kw_only=True)
 class Flow:
     """One L7 decision or observed response; `to_json()` is Hubble's `flow` object, `to_line()` the JSON line.
 
@@ -280,6 +280,29 @@ class Flow:
     policy_revision: int = 0  # the policy revision that judged (0 = unknown: left out)
     policy_match_type: int = 0  # Cilium's PolicyMatchType, for policy-verdict records only (0 = left out)
     limit: str | None = None  # the limit a peer crossed (control_frames, rapid_reset, ...): counted, never serialised
+
+    # Its own __init__ (every field, keyword-only, with its default): compiled, the dataclasses module's
+    # generated one stays interpreted, 3x the cost on every record (BENCHMARKS.md run 7). Subclasses that are
+    # dataclasses generate their own as usual.
+    def __init__(
+        self, *, context: FlowContext, verdict: str, l7_type: str, l7: dict[str, Any], summary: str, time_ns: int,
+        latency_ns: int = 0, rule: str | None = None, reason: str | None = None, flow_id: str = "",
+        matched: tuple[str, ...] = (), policy_revision: int = 0, policy_match_type: int = 0, limit: str | None = None,
+    ) -> None:
+        self.context = context
+        self.verdict = verdict
+        self.l7_type = l7_type
+        self.l7 = l7
+        self.summary = summary
+        self.time_ns = time_ns
+        self.latency_ns = latency_ns
+        self.rule = rule
+        self.reason = reason
+        self.flow_id = flow_id
+        self.matched = matched
+        self.policy_revision = policy_revision
+        self.policy_match_type = policy_match_type
+        self.limit = limit
 
     # --- the parts of the record -----------------------------------------------------------------
     def _is_l3l4(self) -> bool:
