@@ -57,7 +57,14 @@ class Parser(Protocol[Event_co]):
 # --- HTTP/1.1 and HTTP/2 -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# HttpRequest, HttpResponse and Data are made for every message: they carry their own __init__. A compiled
+# (mypyc) dataclass keeps the dataclasses module's generated __init__, which is interpreted: 3-8x the cost
+# of a compiled one (BENCHMARKS.md run 7), more for frozen ones (object.__setattr__ per field). So these are
+# not frozen but have a generated __hash__ (unsafe_hash), as proxy/session.py's actions: treat them as
+# immutable all the same. The __init__ must list every field with its default, keyword-only.
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True, kw_only=True)
 class HttpRequest:
     """A request head. `target` is the request target as sent (origin form: path + '?' + query)."""
 
@@ -74,8 +81,26 @@ class HttpRequest:
     content_length: int | None = None
     keep_alive: bool = True
 
+    def __init__(
+        self, *, method: str, target: str, path: str, query: str = "", host: str | None = None, headers: Headers = (),
+        scheme: str | None = None, http_version: str = "1.1", stream_id: int | None = None, has_body: bool = False,
+        content_length: int | None = None, keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query = query
+        self.host = host
+        self.headers = headers
+        self.scheme = scheme
+        self.http_version = http_version
+        self.stream_id = stream_id
+        self.has_body = has_body
+        self.content_length = content_length
+        self.keep_alive = keep_alive
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+
+@dataclass(init=False, slots=True, unsafe_hash=True, kw_only=True)
 class HttpResponse:
     """A response head (also each 1xx interim response)."""
 
@@ -88,13 +113,30 @@ class HttpResponse:
     content_length: int | None = None
     keep_alive: bool = True
 
+    def __init__(
+        self, *, status: int, reason: str = "", headers: Headers = (), http_version: str = "1.1",
+        stream_id: int | None = None, has_body: bool = False, content_length: int | None = None, keep_alive: bool = True,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.http_version = http_version
+        self.stream_id = stream_id
+        self.has_body = has_body
+        self.content_length = content_length
+        self.keep_alive = keep_alive
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+
+@dataclass(init=False, slots=True, unsafe_hash=True, kw_only=True)
 class Data:
     """A piece of a message body, streamed as it arrives (never buffered whole)."""
 
     data: bytes
     stream_id: int | None = None
+
+    def __init__(self, *, data: bytes, stream_id: int | None = None) -> None:
+        self.data = data
+        self.stream_id = stream_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -218,19 +218,34 @@ class Refusal:
     close: bool
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class _Exchange:
-    """One request's framing facts, from its head until its response is complete."""
+    """One request's framing facts, from its head until its response is complete. Its own __init__: a compiled
+    dataclass's generated one is interpreted (parsers/events.py)."""
 
     method: str
     keep_alive: bool
     switch: str | None  # Upgrade token, "CONNECT", or None
     expect_continue: bool
     has_body: bool
-    complete: bool = False  # the request's EndOfMessage was read
-    answered: bool = False  # its final response arrived, or the proxy refused it
-    request: HttpRequest | None = None  # the event, to recognise it in forward()
-    raw_head: bytes | None = None  # the head as received, when forwarding it unchanged is exact
+    complete: bool  # the request's EndOfMessage was read
+    answered: bool  # its final response arrived, or the proxy refused it
+    request: HttpRequest | None  # the event, to recognise it in forward()
+    raw_head: bytes | None  # the head as received, when forwarding it unchanged is exact
+
+    def __init__(
+        self, *, method: str, keep_alive: bool, switch: str | None, expect_continue: bool, has_body: bool,
+        complete: bool = False, answered: bool = False, request: HttpRequest | None = None, raw_head: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.keep_alive = keep_alive
+        self.switch = switch
+        self.expect_continue = expect_continue
+        self.has_body = has_body
+        self.complete = complete
+        self.answered = answered
+        self.request = request
+        self.raw_head = raw_head
 
 
 class _HeadDone:

@@ -255,7 +255,7 @@ class FlowContext:
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
-@dataclass(slots=True, kw_only=True)
+@dataclass(init=False, slots=True, kw_only=True)
 class Flow:
     """One L7 decision or observed response; `to_json()` is Hubble's `flow` object, `to_line()` the JSON line.
 
@@ -280,6 +280,29 @@ class Flow:
     policy_revision: int = 0  # the policy revision that judged (0 = unknown: left out)
     policy_match_type: int = 0  # Cilium's PolicyMatchType, for policy-verdict records only (0 = left out)
     limit: str | None = None  # the limit a peer crossed (control_frames, rapid_reset, ...): counted, never serialised
+
+    # Its own __init__ (every field, keyword-only, with its default): compiled, the dataclasses module's
+    # generated one stays interpreted, 3x the cost on every record (BENCHMARKS.md run 7). Subclasses that are
+    # dataclasses generate their own as usual.
+    def __init__(
+        self, *, context: FlowContext, verdict: str, l7_type: str, l7: dict[str, Any], summary: str, time_ns: int,
+        latency_ns: int = 0, rule: str | None = None, reason: str | None = None, flow_id: str = "",
+        matched: tuple[str, ...] = (), policy_revision: int = 0, policy_match_type: int = 0, limit: str | None = None,
+    ) -> None:
+        self.context = context
+        self.verdict = verdict
+        self.l7_type = l7_type
+        self.l7 = l7
+        self.summary = summary
+        self.time_ns = time_ns
+        self.latency_ns = latency_ns
+        self.rule = rule
+        self.reason = reason
+        self.flow_id = flow_id
+        self.matched = matched
+        self.policy_revision = policy_revision
+        self.policy_match_type = policy_match_type
+        self.limit = limit
 
     # --- the parts of the record -----------------------------------------------------------------
     def _is_l3l4(self) -> bool:
@@ -446,7 +469,7 @@ def envelope(flow_json: dict[str, Any], node_name: str = "") -> dict[str, Any]:
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # control/drops.py: DropFlow
-@dataclass(slots=True, kw_only=True)
+@dataclass(init=False, slots=True, kw_only=True)
 class L3L4Flow(Flow):
     """A connection or packet dropped at L3/L4: Hubble's drop event, `Type: L3_L4`, no `l7` object.
 
@@ -457,6 +480,18 @@ class L3L4Flow(Flow):
     """
 
     membrane_reason: str | None = None
+
+    # Its own __init__ as Flow's (mypyc would otherwise call Flow's with the wrong arguments).
+    def __init__(
+        self, *, context: FlowContext, verdict: str, l7_type: str, l7: dict[str, Any], summary: str, time_ns: int,
+        latency_ns: int = 0, rule: str | None = None, reason: str | None = None, flow_id: str = "",
+        matched: tuple[str, ...] = (), policy_revision: int = 0, policy_match_type: int = 0, limit: str | None = None,
+        membrane_reason: str | None = None,
+    ) -> None:
+        Flow.__init__(self, context=context, verdict=verdict, l7_type=l7_type, l7=l7, summary=summary, time_ns=time_ns,
+                      latency_ns=latency_ns, rule=rule, reason=reason, flow_id=flow_id, matched=matched,
+                      policy_revision=policy_revision, policy_match_type=policy_match_type, limit=limit)
+        self.membrane_reason = membrane_reason
 
     def _is_l3l4(self) -> bool:
         return True

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from membrane.parsers.events import Direction, Reason
-from membrane.proxy.flows import ERROR, REQUEST, RESPONSE, Flow, FlowContext, FlowSink, L3L4Flow
+from membrane.proxy.flows import ERROR, REQUEST, FlowContext, FlowSink, L3L4Flow
 from membrane.proxy.metrics import Metrics
+from membrane.proxy.relay import record, route
 from membrane.proxy.session import (
     Action,
     Close,
@@ -175,12 +176,17 @@ class Connection(asyncio.Protocol):
 
     # --- the error boundary -----------------------------------------------------------------------
     def _guard(self, step: Callable[[T], None], arg: T) -> None:
-        """Run one step of this connection; a failure closes this connection only (see the class doc)."""
+        """Run one step of this connection; a failure closes this connection only (see the class doc). The two
+        read callbacks (`data_received`, `upstream_data`) write the same boundary out inline."""
         try:
             step(arg)
         except Exception:
-            self.proxy.internal_error(f"connection {self.cid}", self.session.context if self.session else None)
-            self.close(abort=True)
+            self._failed()
+
+    def _failed(self) -> None:
+        """Called in an `except` clause of the boundary: report the exception being handled, abort this connection."""
+        self.proxy.internal_error(f"connection {self.cid}", self.session.context if self.session else None)
+        self.close(abort=True)
 
     def _input(self, event: Input) -> None:
         session = self.session
@@ -256,23 +262,24 @@ class Connection(asyncio.Protocol):
             self._guard(_result, task)
 
     def data_received(self, data: bytes) -> None:
-        self._guard(self._client_data, data)
-
-    def _client_data(self, data: bytes) -> None:
-        session = self.session
-        if session is None or self.closed:
-            return
-        self.last_activity = now = self.proxy.clock()
-        self.client_spoke = True
-        self.apply(session.handle(DataReceived(C2S, data)))
-        delegate = session.delegate
-        if delegate is not None:  # the protocol is known: talk to its session directly from now on
-            self.session = session = delegate
-        if session.reading_head:
-            if self.head_started is None:
-                self.head_started = now
-        else:
-            self.head_started = None
+        # The error boundary of `_guard`, written out: this runs for every read of every connection.
+        try:
+            session = self.session
+            if session is None or self.closed:
+                return
+            self.last_activity = now = self.proxy.clock()
+            self.client_spoke = True
+            self.apply(session.handle(DataReceived(C2S, data)))
+            delegate = session.delegate
+            if delegate is not None:  # the protocol is known: talk to its session directly from now on
+                self.session = session = delegate
+            if session.reading_head:
+                if self.head_started is None:
+                    self.head_started = now
+            else:
+                self.head_started = None
+        except Exception:
+            self._failed()
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -342,7 +349,12 @@ class Connection(asyncio.Protocol):
     def upstream_data(self, data: bytes) -> None:
         self.last_activity = self.proxy.clock()
         self.awaiting_since = None
-        self._guard(self._input, DataReceived(S2C, data))
+        try:  # `_guard(self._input, ...)` written out: this runs for every read of every upstream
+            session = self.session
+            if session is not None and not self.closed:
+                self.apply(session.handle(DataReceived(S2C, data)))
+        except Exception:
+            self._failed()
 
     def upstream_eof(self) -> bool:
         self.upstream_eof_seen = True
@@ -358,29 +370,30 @@ class Connection(asyncio.Protocol):
     def apply(self, actions: list[Action]) -> None:
         """Carry out a session's actions in order.
 
-        Consecutive bytes for the same peer are joined into one write: a socket call costs more than
-        the copy (a response head and its body leave in one segment, as HAProxy sends them). A `Learn`
-        that the proxy's hook must wait for holds every later action of this connection (reading both
-        ways pauses) until the hook is done; other connections go on meanwhile.
+        Records and bytes go through `relay.route` (compiled): consecutive bytes for the same peer are
+        joined into one write, since a socket call costs more than the copy (a response head and its body
+        leave in one segment, as HAProxy sends them). A `Learn` that the proxy's hook must wait for holds
+        every later action of this connection (reading both ways pauses) until the hook is done; other
+        connections go on meanwhile.
         """
         if self.held is not None:
             self.held.extend(actions)
             return
-        up: list[bytes] = []
-        down: list[bytes] = []
-        for i, action in enumerate(actions):
+        proxy = self.proxy
+        up, down, i = route(actions, 0, proxy.metrics, proxy.flows)
+        if up is not None:
+            self._to_upstream(up)
+        if down is not None:
+            self._to_client(down)
+        n = len(actions)
+        while i < n:
+            action = actions[i]
+            i += 1
             kind = type(action)
-            if kind is Forward:
-                (up if action.direction is C2S else down).append(action.data)  # type: ignore[union-attr]
-            elif kind is Reply:
-                down.append(action.data)  # type: ignore[union-attr]
-            elif kind is Log:
-                self.proxy.record(action)  # type: ignore[arg-type]
-            elif kind is Learn:
-                waiting = self.proxy.learning(action)  # type: ignore[arg-type]
+            if kind is Learn:
+                waiting = proxy.learning(action)  # type: ignore[arg-type]
                 if waiting is not None:
-                    self._flush(up, down)
-                    self._hold(waiting, actions[i + 1 :])
+                    self._hold(waiting, actions[i:])
                     return
             elif kind is PauseReading or kind is ResumeReading:
                 on = kind is ResumeReading
@@ -389,8 +402,6 @@ class Connection(asyncio.Protocol):
                 else:
                     self.set_upstream_reading(on, "session")
             elif kind is Close:
-                self._flush(up, down)
-                up, down = [], []
                 direction = action.direction  # type: ignore[union-attr]
                 if direction is None:
                     self.close()
@@ -408,8 +419,11 @@ class Connection(asyncio.Protocol):
                 elif self.client is not None and self.client.can_write_eof():
                     self.client.write_eof()
                     self.client_eof_sent = True
-        if up or down:
-            self._flush(up, down)
+            up, down, i = route(actions, i, proxy.metrics, proxy.flows)
+            if up is not None:
+                self._to_upstream(up)
+            if down is not None:
+                self._to_client(down)
 
     def _hold(self, waiting: Awaitable[None], rest: list[Action]) -> None:
         self.held = list(rest)
@@ -428,11 +442,10 @@ class Connection(asyncio.Protocol):
         if not self.closed:
             self.apply(held)
 
-    def _flush(self, up: list[bytes], down: list[bytes]) -> None:
-        if up:
-            self._to_upstream(up[0] if len(up) == 1 else b"".join(up))
-        if down and self.client is not None and not self.client.is_closing() and not self.client_eof_sent:
-            self.client.write(down[0] if len(down) == 1 else b"".join(down))
+    def _to_client(self, data: bytes) -> None:
+        client = self.client
+        if client is not None and not self.client_eof_sent and not client.is_closing():
+            client.write(data)
 
     def _to_upstream(self, data: bytes) -> None:
         if self.upstream_eof_sent:
@@ -679,19 +692,6 @@ def parse_origdst(ancdata: list[tuple[int, int, bytes]]) -> Address | None:
     return None
 
 
-_CODES: dict[int, str] = {}
-
-
-def _code_text(code: Any) -> str:
-    """A status code as a label value, interned (no formatting per request)."""
-    if not isinstance(code, int):
-        return str(code)
-    text = _CODES.get(code)
-    if text is None:
-        text = _CODES[code] = str(code) if len(_CODES) < 1000 else "other"
-    return text
-
-
 @dataclass
 class Proxy:
     """One worker's listeners and connections."""
@@ -755,50 +755,8 @@ class Proxy:
                 )
 
     def record(self, action: Log) -> None:
-        flow = action.flow
-        if flow.l7_type == REQUEST:
-            protocol = flow.context.transport.lower() if not flow.l7 else next(iter(flow.l7))
-            self.metrics.requests.inc(protocol, flow.verdict)
-            if flow.reason in ("malformed", "too_large"):
-                self.metrics.parse_errors.inc(protocol, flow.reason)
-        elif flow.l7_type == RESPONSE and flow.latency_ns:
-            self.metrics.request_duration.observe(flow.latency_ns / 1e9, next(iter(flow.l7), "tcp"))
-        if flow.limit is not None:
-            protocol = flow.context.transport.lower() if not flow.l7 else next(iter(flow.l7))
-            self.metrics.limits_exceeded.inc(protocol, flow.limit)
-            source = flow.context.source
-            log.warning("%s limit %s crossed by %s:%d: %s", protocol, flow.limit, source.ip, source.port, flow.summary)
-        if flow.l7:
-            self._count_l7(flow)
-        self.flows.emit(flow)
-
-    def _count_l7(self, flow: Flow) -> None:
-        """The workload-labelled L7 families: plain dict increments; the label tuple is made once per connection."""
-        metrics = self.metrics
-        context = flow.context
-        cached = context.metric_labels
-        workloads = cached[0] if cached else None
-        if workloads is None:
-            workloads = metrics.workloads(context.source, context.destination)
-            cached.append(workloads)
-        protocol, body = next(iter(flow.l7.items()))
-        if flow.l7_type == REQUEST:
-            method = body.get("method", "") if protocol == "http" else ""
-            metrics.l7_requests.inc(protocol, flow.verdict, method, *workloads)
-            if protocol == "dns":
-                for qtype in body.get("qtypes") or ("",):
-                    metrics.dns_queries.inc(flow.verdict, qtype)
-        elif flow.l7_type == RESPONSE:
-            if protocol == "http":
-                code = _code_text(body.get("code", 0))
-            elif protocol == "dns":
-                rcode = body.get("rcode")
-                code = metrics.dns_rcode(rcode) if isinstance(rcode, int) else ""
-                for qtype in body.get("qtypes") or ("",):
-                    metrics.dns_responses.inc(code, qtype)
-            else:
-                code = _code_text(body.get("error_code", 0)) if protocol == "kafka" else ""
-            metrics.l7_responses.inc(protocol, code, *workloads)
+        """A session's flow record: metrics, a log line for a crossed limit, the flow sink (`relay.record`)."""
+        record(self.metrics, self.flows, action.flow)
 
     async def start(self, tcp_sockets: Iterable[socket.socket], udp_sockets: Iterable[socket.socket] = ()) -> None:
         loop = asyncio.get_running_loop()

@@ -92,19 +92,34 @@ def strip_h2c_upgrade(headers: Headers) -> Headers:
     return tuple(out)
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class _Pending:
-    """One request in answer order: forwarded (awaiting its response) or refused (its reply waiting its turn)."""
+    """One request in answer order: forwarded (awaiting its response) or refused (its reply waiting its turn).
+    Its own __init__: a compiled dataclass's generated one is interpreted (parsers/events.py)."""
 
     method: str
     url: str
     headers: Headers
     started_ns: int
-    refusal: bytes | None = None  # set when the proxy answers it
-    close_after: bool = False
-    response_started: bool = False
-    status: int = 0
-    response_keep_alive: bool = True  # False: the client connection closes once this response is forwarded
+    refusal: bytes | None  # set when the proxy answers it
+    close_after: bool
+    response_started: bool
+    status: int
+    response_keep_alive: bool  # False: the client connection closes once this response is forwarded
+
+    def __init__(
+        self, *, method: str, url: str, headers: Headers, started_ns: int, refusal: bytes | None = None,
+        close_after: bool = False, response_started: bool = False, status: int = 0, response_keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.started_ns = started_ns
+        self.refusal = refusal
+        self.close_after = close_after
+        self.response_started = response_started
+        self.status = status
+        self.response_keep_alive = response_keep_alive
 
 
 @dataclass(slots=True)
