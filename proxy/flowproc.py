@@ -32,6 +32,7 @@ from membrane.proxy.flows import (
     WIRE_CONTEXT,
     WIRE_FLOW,
     WIRE_FORGET,
+    WIRE_L7,
     WIRE_LINE,
     WIRE_SYNC,
     FlowContext,
@@ -39,6 +40,7 @@ from membrane.proxy.flows import (
     RotatingFile,
     context_from_wire,
     flow_from_wire,
+    reused_l7,
 )
 
 _HEADER = struct.Struct("<I")  # each frame: its length, then one marshal'd list of WIRE_* tuples
@@ -195,6 +197,7 @@ class _Formatter:
         self.streams = [RotatingFile(path, max_bytes=max_bytes, max_backups=backups) for path, max_bytes, backups in files]
         self.node_name = node_name
         self.contexts: dict[int, FlowContext] = {}
+        self.l7s: dict[int, dict[str, Any]] = {}
         self.errors = 0
 
     def frames(self, buf: bytearray) -> list[Any]:
@@ -216,17 +219,23 @@ class _Formatter:
         lines: list[str] = []
         node = self.node_name
         contexts = self.contexts
+        l7s = self.l7s
         for item in items:
             kind = item[0]
             try:
                 if kind == WIRE_FLOW:
-                    lines.append(flow_from_wire(item, contexts[item[1]]).to_line(node))
+                    l7 = item[4]
+                    flow = flow_from_wire(item, contexts[item[1]], l7s[l7] if type(l7) is int else None)
+                    lines.append(flow.to_line(node))
                 elif kind == WIRE_CONTEXT:
                     contexts[item[1]] = context_from_wire(item[2])
+                elif kind == WIRE_L7:
+                    l7s[item[1]] = reused_l7(item[2])  # its JSON is made once here too
                 elif kind == WIRE_LINE:
                     lines.append(item[1])
                 elif kind == WIRE_FORGET:
                     contexts.clear()
+                    l7s.clear()
                 elif kind == WIRE_SYNC:
                     self.write(lines)
                     lines = []

@@ -842,7 +842,9 @@ WIRE_FLOW = 1
 WIRE_LINE = 2
 WIRE_FORGET = 3  # the sender forgot its context ids (its table was full): forget them too
 WIRE_SYNC = 4  # write and flush what came before, then answer with the token (FlowSink.flush)
+WIRE_L7 = 5  # (WIRE_L7, id, l7): an l7 record many flows share; a WIRE_FLOW then carries its id (an int) for l7
 WIRE_MAX_CONTEXTS = 16_384  # contexts the sender keeps an id for (it holds them: ids stay unique) before it starts afresh
+WIRE_MAX_L7 = 4096  # shared l7 records the sender keeps an id for before it starts afresh (with WIRE_FORGET)
 
 
 def peer_wire(peer: Peer) -> tuple[Any, ...]:
@@ -865,10 +867,11 @@ def context_from_wire(t: Sequence[Any]) -> FlowContext:
                        transport=t[3], source_names=tuple(t[4]), destination_names=tuple(t[5]))
 
 
-def flow_from_wire(t: Sequence[Any], context: FlowContext) -> Flow:
-    """The record of a WIRE_FLOW tuple (see FlowSink._wire_pending), on `context`."""
+def flow_from_wire(t: Sequence[Any], context: FlowContext, l7: dict[str, Any] | None = None) -> Flow:
+    """The record of a WIRE_FLOW tuple (see FlowSink._wire_pending), on `context`; `l7` when the tuple carries
+    the id of a shared one."""
     cls = L3L4Flow if t[14] else Flow
-    return cls(context=context, verdict=t[2], l7_type=t[3], l7=t[4], summary=t[5], time_ns=t[6], latency_ns=t[7],
+    return cls(context=context, verdict=t[2], l7_type=t[3], l7=t[4] if l7 is None else l7, summary=t[5], time_ns=t[6], latency_ns=t[7],
                rule=t[8], reason=t[9], flow_id=t[10], matched=tuple(t[11]), policy_revision=t[12],
                policy_match_type=t[13])
 
@@ -925,6 +928,9 @@ class FlowSink:
         self._process: Any = None  # the formatter process (proxy/flowproc.py FormatterProcess), once started
         self._context_ids: dict[int, tuple[FlowContext, int]] = {}  # id(context) -> (context, its wire id)
         self._next_context_id = 0
+        # a shared l7's key (HTTP head fields, or id() of a reused_l7) -> (its wire id, the l7: held, so an id stays its own)
+        self._l7_ids: dict[Any, tuple[int, dict[str, Any]]] = {}
+        self._wire_forget = False  # a dropped pass took definitions with it: the next pass starts the tables afresh
 
     def start_writer(self, schedule: Callable[[Callable[[], None]], object] | None = None, *,
                      process: bool | None = None) -> None:
@@ -958,6 +964,7 @@ class FlowSink:
                 self._schedule = schedule
                 self._owner = threading.get_ident()
                 self._context_ids = {}
+                self._l7_ids = {}
                 return
         self._stop = False
         if schedule is None:
@@ -990,6 +997,10 @@ class FlowSink:
         self._pending = []
         items: list[Any] = []
         ids = self._context_ids
+        l7_ids = self._l7_ids
+        if self._wire_forget:
+            self._wire_forget = False
+            items.append((WIRE_FORGET,))
         for flow in pending:
             kind = type(flow)
             if kind is Flow or kind is L3L4Flow:
@@ -998,6 +1009,7 @@ class FlowSink:
                 if entry is None:
                     if len(ids) >= WIRE_MAX_CONTEXTS:
                         ids.clear()
+                        l7_ids.clear()
                         items.append((WIRE_FORGET,))
                     cid = self._next_context_id
                     self._next_context_id = cid + 1
@@ -1007,7 +1019,38 @@ class FlowSink:
                     cid = entry[1]
                 if not flow.flow_id:  # made here, so the file and the ring (`membrane observe`) show one uuid
                     flow.flow_id = new_flow_id()
-                items.append((WIRE_FLOW, cid, flow.verdict, flow.l7_type, flow.l7, flow.summary, flow.time_ns,
+                # A keep-alive client repeats its request heads, a server its response heads, a DNS session its
+                # records: such an l7 crosses once, then by id (the formatter also makes its JSON once).
+                l7: Any = flow.l7
+                key: Any = None
+                http = l7.get("http") if len(l7) == 1 else None
+                if http is not None:
+                    headers = http.get("headers", ())
+                    if type(headers) is tuple and len(http) <= 5:
+                        key = (http.get("code", 0), http.get("method", ""), http.get("url", ""),
+                               http.get("protocol", ""), headers)
+                else:
+                    reused = _REUSED_L7.get(id(l7))
+                    if reused is not None and reused[0] is l7:
+                        key = id(l7)
+                if key is not None:
+                    known = l7_ids.get(key)
+                    if known is None:
+                        if len(l7_ids) >= WIRE_MAX_L7:
+                            ids.clear()
+                            l7_ids.clear()
+                            items.append((WIRE_FORGET,))
+                            cid = self._next_context_id
+                            self._next_context_id = cid + 1
+                            ids[id(ctx)] = (ctx, cid)
+                            items.append((WIRE_CONTEXT, cid, context_wire(ctx)))
+                        lid = len(l7_ids)
+                        l7_ids[key] = (lid, l7)
+                        items.append((WIRE_L7, lid, l7))
+                        l7 = lid
+                    else:
+                        l7 = known[0]
+                items.append((WIRE_FLOW, cid, flow.verdict, flow.l7_type, l7, flow.summary, flow.time_ns,
                               flow.latency_ns, flow.rule, flow.reason, flow.flow_id, flow.matched,
                               flow.policy_revision, flow.policy_match_type, kind is L3L4Flow))
             else:  # a subclass with a shape of its own (control/drops.py DropFlow): its line, made here
@@ -1020,6 +1063,7 @@ class FlowSink:
                 lost = process.send(items, len(pending))
             except ValueError:  # a record holding what marshal cannot carry: this pass goes as lines made here
                 ids.clear()
+                l7_ids.clear()
                 lines: list[Any] = [(WIRE_FORGET,)]
                 for flow in pending:
                     with contextlib.suppress(Exception):
@@ -1029,7 +1073,10 @@ class FlowSink:
             self.write_errors += len(pending)
             self._process_failed()
             return
-        if lost:
+        if lost:  # the contexts and l7 records this pass defined never arrive: define them again
+            ids.clear()
+            l7_ids.clear()
+            self._wire_forget = True
             self.dropped += lost
             if self.on_dropped is not None:
                 for _ in range(lost):
@@ -1132,6 +1179,7 @@ class FlowSink:
                 except OSError:
                     self.write_errors += 1
             self._context_ids = {}
+            self._l7_ids = {}
         thread = self._writer_thread
         if thread is None:
             return

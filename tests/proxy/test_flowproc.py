@@ -26,7 +26,9 @@ from membrane.proxy.flows import (
     Peer,
     RotatingFile,
     Workload,
+    l7_dns,
     l7_http,
+    reused_l7,
 )
 from membrane.proxy.metrics import Metrics
 
@@ -84,8 +86,11 @@ def _all_shapes() -> list[Flow]:
                     endpoint_id=12, workloads=(Workload(name="web", kind="Deployment"),), cluster_name="c1"),
         destination=Peer(ip="10.0.0.2", port=2), source_names=("x.example.",), destination_names=("y.example.",),
     )
+    answer = reused_l7(l7_dns(query="a.example.", qtypes=["A"], rcode=0, ips=["10.0.0.9"], ttl=30, rrtypes=["A"]))
     return [
         *_variants(),
+        Flow(context=wide, verdict="FORWARDED", l7_type="RESPONSE", l7=answer, summary="DNS Answer", time_ns=8),
+        Flow(context=wide, verdict="FORWARDED", l7_type="RESPONSE", l7=answer, summary="DNS Answer", time_ns=10),
         Flow(context=wide, verdict="FORWARDED", l7_type="RESPONSE", latency_ns=5, time_ns=7, summary="named",
              l7=l7_http(method="GET", url="/", protocol="HTTP/1.1", code=200), rule="a/p: ingress[0]",
              matched=("a/q: ingress[1]",), policy_revision=3),
@@ -147,8 +152,9 @@ def test_a_stalled_process_drops_and_counts_and_never_blocks(tmp_path: Path) -> 
         big = "x" * 2000  # ~2 kB a record: the 1 MiB pipe fills after a few hundred
         n = 0
         while sink.dropped == 0:
+            ctx = FlowContext(source=Peer(ip="10.0.0.1", port=n + 1), destination=CTX.destination)  # a connection a pass
             for _ in range(10):
-                sink.emit(Flow(context=CTX, verdict="FORWARDED", l7_type=REQUEST, l7={}, summary=f"{n} {big}", time_ns=n))
+                sink.emit(Flow(context=ctx, verdict="FORWARDED", l7_type=REQUEST, l7={}, summary=f"{n} {big}", time_ns=n))
                 n += 1
             _end_pass(scheduled)  # never blocks: the test would hang here otherwise
             assert n < 100_000, "nothing was ever dropped"
@@ -157,9 +163,14 @@ def test_a_stalled_process_drops_and_counts_and_never_blocks(tmp_path: Path) -> 
         assert len(sink.records()) == n
     finally:
         os.kill(process.pid, signal.SIGCONT)
+    sink.flush()
+    for k in range(n, n + 5):  # what the dropped pass defined (its connection's context) is sent again
+        sink.emit(Flow(context=ctx, verdict="FORWARDED", l7_type=REQUEST, l7={}, summary=f"{k} after", time_ns=k))
+    _end_pass(scheduled)
     sink.close()
     numbers = [int(json.loads(line)["flow"]["Summary"].split()[0]) for line in path.read_text().splitlines()]
-    assert numbers == [k for k in range(n) if k < n - 10]
+    assert numbers == [k for k in range(n + 5) if not n - 10 <= k < n]
+    assert sink.write_errors == 0
 
 
 def test_close_flushes_reaps_the_child_and_leaks_no_descriptor(tmp_path: Path) -> None:
