@@ -14,7 +14,9 @@ keeps the object); its JSON is built only when written or read, with the connect
 serialised once and the HTTP record's JSON reused for a repeated head. A proxy's sink formats a loop
 pass's records once, after the reads it handled, and a thread of its own writes them (`start_writer`) from
 a bounded queue: lines beyond the bound are dropped and counted (`dropped`, `membrane_flows_dropped_total`)
-rather than blocking traffic on a slow disk or pipe, as Hubble's ring loses events under load.
+rather than blocking traffic on a slow disk or pipe, as Hubble's ring loses events under load. With
+$MEMBRANE_FLOWS_PROCESS=1 a formatter process (proxy/flowproc.py) formats and writes the files instead, fed
+plain tuples once per loop pass (`WIRE_*`): less CPU in the worker, more in all (BENCHMARKS.md run 7b).
 """
 
 from __future__ import annotations
@@ -936,11 +938,13 @@ class FlowSink:
                      process: bool | None = None) -> None:
         """Write records on a thread or a process of this sink's own from now on (see the class doc).
 
-        With `schedule` and streams that are all `RotatingFile`s (`--flows FILE`), a formatter process
-        (proxy/flowproc.py) formats and writes them: once per loop pass the records go to it as plain tuples
-        over a pipe, so neither the JSON nor the writing takes this process's GIL. `process` False keeps
-        the thread (below); True asks for the process (still only for files); None is True unless
-        $MEMBRANE_FLOWS_PROCESS is "0". If the process cannot start, the thread is used.
+        With `process` True, `schedule` and streams that are all `RotatingFile`s (`--flows FILE`), a formatter
+        process (proxy/flowproc.py) formats and writes them: once per loop pass the records go to it as plain
+        tuples over a pipe, so neither the JSON nor the writing takes this process's GIL. None means True
+        when $MEMBRANE_FLOWS_PROCESS is set to anything but "" or "0". Off by default: it takes ~17 µs per
+        HTTP/1.1 request off the worker but costs ~22 µs in the formatter, and on a machine whose cores are
+        all busy (2 cores here) flows-on throughput was lower with it (BENCHMARKS.md run 7b). If the process
+        cannot start, the thread is used.
 
         Without `schedule` the thread also formats them (JSON). With it (the server passes its loop's
         `call_soon`) the records emitted on this thread are formatted once per loop pass here, as
@@ -952,7 +956,7 @@ class FlowSink:
             return
         self.flush()
         if process is None:
-            process = os.environ.get("MEMBRANE_FLOWS_PROCESS", "1") != "0"
+            process = os.environ.get("MEMBRANE_FLOWS_PROCESS", "") not in ("", "0")
         if process and schedule is not None and all(type(s) is RotatingFile for s in self._streams):
             from membrane.proxy.flowproc import FormatterProcess  # imports this module: not at the top
 

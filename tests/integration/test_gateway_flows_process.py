@@ -1,4 +1,4 @@
-"""`membrane gateway --flows FILE` writes its records through a formatter process (proxy/flowproc.py) that stops
+"""`membrane gateway --flows FILE` with MEMBRANE_FLOWS_PROCESS=1 writes its records through a formatter process (proxy/flowproc.py) that stops
 with the worker: after SIGTERM once every record is written, after SIGKILL at once, never left behind."""
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ def _requests(gw: Gateway, n: int) -> None:
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
-def test_formatter_process_writes_every_record_and_stops_with_the_gateway(tmp_path: Path, stop: str) -> None:
-    """A one-worker gateway has one formatter child; the flows file gets every request's records (allowed and
-    denied, request and response); SIGTERM (drain) and SIGKILL both end the child, SIGKILL without a reaper."""
+def test_formatter_process_writes_every_record_and_stops_with_the_gateway(
+    tmp_path: Path, stop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MEMBRANE_FLOWS_PROCESS=1 a one-worker gateway has one formatter child; the flows file gets every
+    request's records (allowed and denied, request and response); SIGTERM (drain) and SIGKILL both end the child."""
+    monkeypatch.setenv("MEMBRANE_FLOWS_PROCESS", "1")
     with http_backend() as backend, gateway(
         tmp_path, http_policy(backend.port, RULES), upstream_port=backend.port, dst="default/frontend", src="default/backend",
     ) as gw:
