@@ -8,8 +8,8 @@ caches do not carry over:
     loop    formatted and written on the loop, once per pass (`FlowSink.defer_writes`)
     thread  formatted on the loop once per pass, written by the sink's thread (`start_writer(schedule)`, what the server runs)
     thread-format   formatted and written by the sink's thread (`start_writer()`)
-    process formatted and written by a formatter process fed tuples once per pass (`start_writer(schedule)`, what
-            the server runs since run 7b; proxy/flowproc.py)
+    process formatted and written by a formatter process fed tuples once per pass (`start_writer(schedule,
+            process=True)`: the server's with MEMBRANE_FLOWS_PROCESS=1; proxy/flowproc.py, BENCHMARKS.md run 7b)
 Prints CPU per request: this process (all threads) plus, for `process`, the formatter process's (from /proc,
 10 ms ticks), and the two apart. The flows file is a real size-rotated file in a temporary directory.
 

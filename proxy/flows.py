@@ -890,7 +890,9 @@ class FlowSink:
     stream, when the scheduled `flush()` runs (or at once when `MAX_PENDING` are queued).
     After `start_writer(schedule)` (what a proxy uses) the batch is formatted as with `defer_writes`
     and handed to a thread of the sink's own, which writes it; after `start_writer()` that thread
-    formats the records too. Either way, records that find the writer `max_queue` records behind are
+    formats the records too; after `start_writer(schedule, process=True)` (MEMBRANE_FLOWS_PROCESS=1) the batch
+    goes as tuples to a formatter process that formats and writes it (`--flows FILE` only; proxy/flowproc.py).
+    Either way, records that find the writer `max_queue` records behind are
     dropped and counted in `dropped` (and through `on_dropped`), never waited for. The ring and the
     listeners (`membrane observe`) still get every record at once, on the emitting thread.
     `node_name` goes into every record (None = `default_node_name()`).
