@@ -14,7 +14,9 @@ keeps the object); its JSON is built only when written or read, with the connect
 serialised once and the HTTP record's JSON reused for a repeated head. A proxy's sink formats a loop
 pass's records once, after the reads it handled, and a thread of its own writes them (`start_writer`) from
 a bounded queue: lines beyond the bound are dropped and counted (`dropped`, `membrane_flows_dropped_total`)
-rather than blocking traffic on a slow disk or pipe, as Hubble's ring loses events under load.
+rather than blocking traffic on a slow disk or pipe, as Hubble's ring loses events under load. With
+$MEMBRANE_FLOWS_PROCESS=1 a formatter process (proxy/flowproc.py) formats and writes the files instead, fed
+plain tuples once per loop pass (`WIRE_*`): less CPU in the worker, more in all (BENCHMARKS.md run 7b).
 """
 
 from __future__ import annotations
@@ -867,6 +869,50 @@ def rotated_paths(path: str) -> list[str]:
     return out
 
 
+# --- records on the way to a formatter process (proxy/flowproc.py) ----------------------------------------
+# A loop pass's records cross a pipe as one marshal'd list of plain tuples: a connection's FlowContext once
+# (WIRE_CONTEXT, id, fields), then each record as (WIRE_FLOW, context id, its fields); a record of a class
+# the other side cannot rebuild goes as its JSON line (WIRE_LINE). The formatter rebuilds `Flow`s and calls
+# the same `to_line`, so the lines are the ones this process would have written.
+WIRE_CONTEXT = 0
+WIRE_FLOW = 1
+WIRE_LINE = 2
+WIRE_FORGET = 3  # the sender forgot its context ids (its table was full): forget them too
+WIRE_SYNC = 4  # write and flush what came before, then answer with the token (FlowSink.flush)
+WIRE_L7 = 5  # (WIRE_L7, id, l7): an l7 record many flows share; a WIRE_FLOW then carries its id (an int) for l7
+WIRE_MAX_CONTEXTS = 16_384  # contexts the sender keeps an id for (it holds them: ids stay unique) before it starts afresh
+WIRE_MAX_L7 = 4096  # shared l7 records the sender keeps an id for before it starts afresh (with WIRE_FORGET)
+
+
+def peer_wire(peer: Peer) -> tuple[Any, ...]:
+    return (peer.ip, peer.port, peer.identity, peer.namespace, peer.pod_name, tuple(peer.labels), peer.endpoint_id,
+            tuple([(w.name, w.kind) for w in peer.workloads]), peer.cluster_name)
+
+
+def peer_from_wire(t: Sequence[Any]) -> Peer:
+    return Peer(ip=t[0], port=t[1], identity=t[2], namespace=t[3], pod_name=t[4], labels=tuple(t[5]), endpoint_id=t[6],
+                workloads=tuple([Workload(name=n, kind=k) for n, k in t[7]]), cluster_name=t[8])
+
+
+def context_wire(ctx: FlowContext) -> tuple[Any, ...]:
+    return (peer_wire(ctx.source), peer_wire(ctx.destination), ctx.traffic_direction, ctx.transport,
+            tuple(ctx.source_names), tuple(ctx.destination_names))
+
+
+def context_from_wire(t: Sequence[Any]) -> FlowContext:
+    return FlowContext(source=peer_from_wire(t[0]), destination=peer_from_wire(t[1]), traffic_direction=t[2],
+                       transport=t[3], source_names=tuple(t[4]), destination_names=tuple(t[5]))
+
+
+def flow_from_wire(t: Sequence[Any], context: FlowContext, l7: dict[str, Any] | None = None) -> Flow:
+    """The record of a WIRE_FLOW tuple (see FlowSink._wire_pending), on `context`; `l7` when the tuple carries
+    the id of a shared one."""
+    cls = L3L4Flow if t[14] else Flow
+    return cls(context=context, verdict=t[2], l7_type=t[3], l7=t[4] if l7 is None else l7, summary=t[5], time_ns=t[6], latency_ns=t[7],
+               rule=t[8], reason=t[9], flow_id=t[10], matched=tuple(t[11]), policy_revision=t[12],
+               policy_match_type=t[13])
+
+
 # --- the sink -------------------------------------------------------------------------------------------
 
 
@@ -879,7 +925,9 @@ class FlowSink:
     stream, when the scheduled `flush()` runs (or at once when `MAX_PENDING` are queued).
     After `start_writer(schedule)` (what a proxy uses) the batch is formatted as with `defer_writes`
     and handed to a thread of the sink's own, which writes it; after `start_writer()` that thread
-    formats the records too. Either way, records that find the writer `max_queue` records behind are
+    formats the records too; after `start_writer(schedule, process=True)` (MEMBRANE_FLOWS_PROCESS=1) the batch
+    goes as tuples to a formatter process that formats and writes it (`--flows FILE` only; proxy/flowproc.py).
+    Either way, records that find the writer `max_queue` records behind are
     dropped and counted in `dropped` (and through `on_dropped`), never waited for. The ring and the
     listeners (`membrane observe`) still get every record at once, on the emitting thread.
     `node_name` goes into every record (None = `default_node_name()`).
@@ -916,9 +964,24 @@ class FlowSink:
         self._wake = threading.Event()
         self._stop = False
         self._writer_thread: threading.Thread | None = None  # not `_thread`: mypyc would name its C field `__thread`, a C keyword
+        self._process: Any = None  # the formatter process (proxy/flowproc.py FormatterProcess), once started
+        self._context_ids: dict[int, tuple[FlowContext, int]] = {}  # id(context) -> (context, its wire id)
+        self._next_context_id = 0
+        # a shared l7's key (HTTP head fields, or id() of a reused_l7) -> (its wire id, the l7: held, so an id stays its own)
+        self._l7_ids: dict[Any, tuple[int, dict[str, Any]]] = {}
+        self._wire_forget = False  # a dropped pass took definitions with it: the next pass starts the tables afresh
 
-    def start_writer(self, schedule: Callable[[Callable[[], None]], object] | None = None) -> None:
-        """Write records on a thread of this sink's own from now on (see the class doc).
+    def start_writer(self, schedule: Callable[[Callable[[], None]], object] | None = None, *,
+                     process: bool | None = None) -> None:
+        """Write records on a thread or a process of this sink's own from now on (see the class doc).
+
+        With `process` True, `schedule` and streams that are all `RotatingFile`s (`--flows FILE`), a formatter
+        process (proxy/flowproc.py) formats and writes them: once per loop pass the records go to it as plain
+        tuples over a pipe, so neither the JSON nor the writing takes this process's GIL. None means True
+        when $MEMBRANE_FLOWS_PROCESS is set to anything but "" or "0". Off by default: it takes ~17 µs per
+        HTTP/1.1 request off the worker but costs ~22 µs in the formatter, and on a machine whose cores are
+        all busy (2 cores here) flows-on throughput was lower with it (BENCHMARKS.md run 7b). If the process
+        cannot start, the thread is used.
 
         Without `schedule` the thread also formats them (JSON). With it (the server passes its loop's
         `call_soon`) the records emitted on this thread are formatted once per loop pass here, as
@@ -926,9 +989,24 @@ class FlowSink:
         busy 2-core machine, formatting on a second thread costs the loop more than formatting on it,
         because the two threads hand the GIL back and forth (BENCHMARKS.md, issue 11 run 4).
         Does nothing without streams (the ring alone needs no writer) or when already started."""
-        if not self._streams or self._writer_thread is not None:
+        if not self._streams or self._writer_thread is not None or self._process is not None:
             return
         self.flush()
+        if process is None:
+            process = os.environ.get("MEMBRANE_FLOWS_PROCESS", "") not in ("", "0")
+        if process and schedule is not None and all(type(s) is RotatingFile for s in self._streams):
+            from membrane.proxy.flowproc import FormatterProcess  # imports this module: not at the top
+
+            try:
+                self._process = FormatterProcess(self._streams, node_name=self.node_name, max_queue=self.max_queue)
+            except OSError as e:
+                sys.stderr.write(f"membrane: flows formatter process did not start ({e}); formatting on a thread\n")
+            else:
+                self._schedule = schedule
+                self._owner = threading.get_ident()
+                self._context_ids = {}
+                self._l7_ids = {}
+                return
         self._stop = False
         if schedule is None:
             self._schedule = None
@@ -939,6 +1017,119 @@ class FlowSink:
             self._chunks = collections.deque()
         self._writer_thread = threading.Thread(target=self._writer, name="membrane-flows", daemon=True)
         self._writer_thread.start()
+
+    def _pass_end(self) -> None:
+        """What the loop runs once per pass that emitted records: hand them to the formatter process or the
+        writer thread, or write them."""
+        if self._process is not None:
+            self._wire_pending()
+        elif self._chunks is not None:
+            self._hand_pending()
+        else:
+            self.flush()
+
+    def _wire_pending(self) -> None:
+        """Send this loop pass's records to the formatter process as plain tuples (the connection's fixed part
+        once per connection), one pipe write; drop and count them when it is `max_queue` records behind."""
+        process = self._process
+        pending = self._pending
+        if process is None or not pending:
+            return
+        self._pending = []
+        items: list[Any] = []
+        ids = self._context_ids
+        l7_ids = self._l7_ids
+        if self._wire_forget:
+            self._wire_forget = False
+            items.append((WIRE_FORGET,))
+        for flow in pending:
+            kind = type(flow)
+            if kind is Flow or kind is L3L4Flow:
+                ctx = flow.context
+                entry = ids.get(id(ctx))
+                if entry is None:
+                    if len(ids) >= WIRE_MAX_CONTEXTS:
+                        ids.clear()
+                        l7_ids.clear()
+                        items.append((WIRE_FORGET,))
+                    cid = self._next_context_id
+                    self._next_context_id = cid + 1
+                    ids[id(ctx)] = (ctx, cid)  # holding ctx keeps its id from being reused
+                    items.append((WIRE_CONTEXT, cid, context_wire(ctx)))
+                else:
+                    cid = entry[1]
+                if not flow.flow_id:  # made here, so the file and the ring (`membrane observe`) show one uuid
+                    flow.flow_id = new_flow_id()
+                # A keep-alive client repeats its request heads, a server its response heads, a DNS session its
+                # records: such an l7 crosses once, then by id (the formatter also makes its JSON once).
+                l7: Any = flow.l7
+                key: Any = None
+                http = l7.get("http") if len(l7) == 1 else None
+                if http is not None:
+                    headers = http.get("headers", ())
+                    if type(headers) is tuple and len(http) <= 5:
+                        key = (http.get("code", 0), http.get("method", ""), http.get("url", ""),
+                               http.get("protocol", ""), headers)
+                else:
+                    reused = _REUSED_L7.get(id(l7))
+                    if reused is not None and reused[0] is l7:
+                        key = id(l7)
+                if key is not None:
+                    known = l7_ids.get(key)
+                    if known is None:
+                        if len(l7_ids) >= WIRE_MAX_L7:
+                            ids.clear()
+                            l7_ids.clear()
+                            items.append((WIRE_FORGET,))
+                            cid = self._next_context_id
+                            self._next_context_id = cid + 1
+                            ids[id(ctx)] = (ctx, cid)
+                            items.append((WIRE_CONTEXT, cid, context_wire(ctx)))
+                        lid = len(l7_ids)
+                        l7_ids[key] = (lid, l7)
+                        items.append((WIRE_L7, lid, l7))
+                        l7 = lid
+                    else:
+                        l7 = known[0]
+                items.append((WIRE_FLOW, cid, flow.verdict, flow.l7_type, l7, flow.summary, flow.time_ns,
+                              flow.latency_ns, flow.rule, flow.reason, flow.flow_id, flow.matched,
+                              flow.policy_revision, flow.policy_match_type, kind is L3L4Flow))
+            else:  # a subclass with a shape of its own (control/drops.py DropFlow): its line, made here
+                try:
+                    items.append((WIRE_LINE, flow.to_line(self.node_name)))
+                except Exception:
+                    self.write_errors += 1
+        try:
+            try:
+                lost = process.send(items, len(pending))
+            except ValueError:  # a record holding what marshal cannot carry: this pass goes as lines made here
+                ids.clear()
+                l7_ids.clear()
+                lines: list[Any] = [(WIRE_FORGET,)]
+                for flow in pending:
+                    with contextlib.suppress(Exception):
+                        lines.append((WIRE_LINE, flow.to_line(self.node_name)))
+                lost = process.send(lines, len(pending))
+        except OSError:  # the formatter is gone: write in this process from now on
+            self.write_errors += len(pending)
+            self._process_failed()
+            return
+        if lost:  # the contexts and l7 records this pass defined never arrive: define them again
+            ids.clear()
+            l7_ids.clear()
+            self._wire_forget = True
+            self.dropped += lost
+            if self.on_dropped is not None:
+                for _ in range(lost):
+                    self.on_dropped()
+
+    def _process_failed(self) -> None:
+        process = self._process
+        self._process = None
+        sys.stderr.write("membrane: the flows formatter process is gone; writing flows in the worker\n")
+        if process is not None:
+            with contextlib.suppress(Exception):
+                process.close(timeout_s=1.0)
 
     def _hand_pending(self) -> None:
         """Format the records this loop pass emitted (one string) and queue it for the writer thread."""
@@ -1018,7 +1209,18 @@ class FlowSink:
                     self._write("".join(batch))
 
     def stop_writer(self) -> None:
-        """Stop the writer thread after it wrote what is queued; later records are written as they come."""
+        """Stop the writer thread (or process) after it wrote what is queued; later records are written as they come."""
+        if self._process is not None:
+            self._wire_pending()
+            process = self._process
+            self._process = None
+            if process is not None:
+                try:
+                    process.close()
+                except OSError:
+                    self.write_errors += 1
+            self._context_ids = {}
+            self._l7_ids = {}
         thread = self._writer_thread
         if thread is None:
             return
@@ -1096,20 +1298,26 @@ class FlowSink:
             pending.append(flow)
             if len(pending) == 1:
                 try:
-                    schedule(self.flush if self._chunks is None else self._hand_pending)
+                    schedule(self._pass_end)
                 except RuntimeError:  # the loop is closed: nothing will run the flush
                     self.flush()
             elif len(pending) >= self.MAX_PENDING:
-                if self._chunks is None:
-                    self.flush()
-                else:
-                    self._hand_pending()
+                self._pass_end()
             return
         with self._lock:
             self._write(flow.to_line(self.node_name))
 
     def flush(self) -> None:
         """Write the queued records now (one write and one flush per stream). Never raises."""
+        if self._process is not None:  # the formatter writes them: wait until it did
+            self._wire_pending()
+            process = self._process
+            if process is not None:
+                try:
+                    process.sync()
+                except OSError:
+                    self._process_failed()
+            return
         if self._queue is not None:
             self._drain()
         if self._chunks is not None:
