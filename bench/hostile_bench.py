@@ -698,7 +698,8 @@ def attack_dns_tcp_pipelining(port: int, scale: Scale, ctx: dict[str, Any]) -> d
             missing += n - got
     elapsed = time.monotonic() - start
     return {
-        "sent": f"4 connections, each {n} queries pipelined in one write (bound: {MAX_TCP_QUERIES_OUTSTANDING} in flight)",
+        "sent": f"4 connections, each {n} queries pipelined in one write (bound: {MAX_TCP_QUERIES_OUTSTANDING} in flight upstream; "
+                f"the rest wait with the client's reading paused)",
         "got": ", ".join(f"{v} {k}" for k, v in sorted(rcodes.items())) + f"; {missing} unanswered ({elapsed:.2f} s in all)",
         "fired_after": None,
         "rcodes": rcodes, "unanswered": missing, "upstream_could_see": 4 * n,

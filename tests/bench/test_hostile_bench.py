@@ -46,6 +46,7 @@ def test_quick_run_of_two_scenarios(tmp_path: Path) -> None:
     assert hang["statuses"] == {"504": 20}
     assert hang["counters"]['membrane_proxy_timeouts_total{kind="upstream"}'] == 20
     assert hang["fds"][2] <= hang["fds"][0]  # every abandoned request released
-    assert pipelined["rcodes"]["SERVFAIL"] >= 4 * 64
+    # Past the bound nothing is refused: the queries wait (the client's reading paused) and all reach the server.
+    assert pipelined["rcodes"] == {"NOERROR": pipelined["upstream_could_see"]}
     assert pipelined["unanswered"] == 0
-    assert pipelined["counters"]['membrane_proxy_limits_exceeded_total{protocol="dns",limit="dns_queries_outstanding"}'] == 4
+    assert pipelined["upstream_saw"] == pipelined["upstream_could_see"]

@@ -29,6 +29,7 @@ from membrane.proxy.session import (
 )
 
 C2S = Direction.CLIENT_TO_SERVER
+S2C = Direction.SERVER_TO_CLIENT
 
 
 def _ctx(info: ConnectionInfo) -> FlowContext:
@@ -237,6 +238,7 @@ class _HeadSession(PassThroughSession):
         super().__init__(context=_ctx(info))
         self.buf = b""
         self.seen_head = False
+        self.answered = False  # the upstream's echo of the head began: no request in flight any more
 
     @property
     def reading_head(self) -> bool:
@@ -244,13 +246,17 @@ class _HeadSession(PassThroughSession):
 
     @property
     def is_idle(self) -> bool:
-        return self.seen_head
+        # As HTTP/1's: idle once the exchange is answered, not while the request waits for its answer (a drain
+        # round in between must not close it; under load the echo can take longer than a round).
+        return self.seen_head and self.answered
 
     def on_data(self, direction: Direction, data: bytes) -> list[Action]:
         if direction is C2S and not self.seen_head:
             self.buf += data
             if b"\n" in self.buf:
                 self.seen_head = True
+        elif direction is S2C and self.seen_head:
+            self.answered = True
         return super().on_data(direction, data)
 
     def on_timeout(self, kind: TimeoutKind) -> list[Action]:
